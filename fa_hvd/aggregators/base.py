@@ -1,0 +1,174 @@
+"""The interface every aggregation rule implements.
+
+An aggregator maps a ``(p, n)`` matrix ``G`` (one row per worker's gradient) to
+an ``(n,)`` aggregate. Rules are pure tensor math: no communication, deterministic
+for the same input, so every rank computes the same aggregate bit for bit.
+
+Shared behaviour, implemented once here:
+
+* ``G`` must be a 2-D floating tensor with at least one row and one column.
+  fp16 and bf16 are computed in fp32; the result has ``G``'s dtype and device.
+* Non-finite rows. A row holding NaN or +/-Inf comes from a faulty worker that
+  has identified itself. A robust rule (``robust = True``) drops such rows before
+  aggregating and counts them against ``f``: with ``k`` such rows it aggregates
+  the remaining ``p - k`` rows with ``f' = max(f - k, 0)``. Every precondition
+  of the form ``p >= a f + b`` that held for ``(p, f)`` still holds for
+  ``(p - k, f')``. When every row is non-finite the aggregate is zero (the step
+  changes nothing). ``mean`` is not robust and stays the plain mean.
+* Preconditions on ``(p, f)`` are checked by :meth:`Aggregator.check`, which the
+  optimizer calls before training, and again on every call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Aggregator:
+    """Base class: subclasses set ``name`` and implement :meth:`aggregate`."""
+
+    name = "aggregator"
+    robust = True
+
+    def __init__(self, f: int = 0):
+        if isinstance(f, bool) or not isinstance(f, int) or f < 0:
+            raise ValueError(f"{self.name}: f must be a non-negative integer, got {f!r}")
+        self.f = f
+
+    # -- preconditions ---------------------------------------------------------
+    def min_workers(self, f: int) -> int:
+        """Smallest number of workers the rule accepts for ``f`` Byzantine ones."""
+        return 1
+
+    def check(self, p: int, f: int | None = None) -> None:
+        """Raise ``ValueError`` unless the rule can aggregate ``p`` workers."""
+        f = self.f if f is None else f
+        need = self.min_workers(f)
+        if p < need:
+            raise ValueError(
+                f"{self.name}: needs at least {need} workers for f={f} "
+                f"({self.precondition()}), got p={p}"
+            )
+
+    def precondition(self) -> str:
+        """The precondition in words, for error messages."""
+        return "p >= 1"
+
+    # -- aggregation -------------------------------------------------------------
+    def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
+        """Aggregate finite rows ``G`` (``(p, n)``, fp32 or fp64) with ``f`` Byzantine."""
+        raise NotImplementedError
+
+    def __call__(self, G: torch.Tensor) -> torch.Tensor:
+        G = check_matrix(G, self.name)
+        work = G if G.dtype in (torch.float32, torch.float64) else G.float()
+        f = self.f
+        if self.robust:
+            finite = finite_rows(work)
+            bad = int((~finite).sum())
+            if bad == work.shape[0]:
+                return torch.zeros(work.shape[1], dtype=G.dtype, device=G.device)
+            if bad:
+                work = work[finite]
+                f = max(f - bad, 0)
+        self.check(work.shape[0], f)
+        return self.aggregate(work, f).to(G.dtype)
+
+    # -- state (only stateful rules override) ---------------------------------------
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"{self.name}: has no state, got keys {sorted(state)}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(f={self.f})"
+
+
+class PreAggregator:
+    """A stage that maps ``(p, n)`` to ``(p', n)`` before a rule aggregates.
+
+    Subclasses implement :meth:`transform`; ``out_workers(p)`` gives ``p'``.
+    """
+
+    name = "pre"
+
+    def __init__(self, f: int = 0):
+        if isinstance(f, bool) or not isinstance(f, int) or f < 0:
+            raise ValueError(f"{self.name}: f must be a non-negative integer, got {f!r}")
+        self.f = f
+
+    def out_workers(self, p: int) -> int:
+        return p
+
+    def check(self, p: int, f: int) -> None:
+        """Raise ``ValueError`` unless the stage can take ``p`` workers."""
+
+    def transform(self, G: torch.Tensor, f: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"{self.name}: has no state, got keys {sorted(state)}")
+
+
+class Composed(Aggregator):
+    """Pre-aggregation stages followed by a rule: ``rule(pre_k(...pre_1(G)))``."""
+
+    def __init__(self, stages: list[PreAggregator], rule: Aggregator):
+        self.stages = list(stages)
+        self.rule = rule
+        self.name = "+".join([s.name for s in self.stages] + [rule.name])
+        self.robust = True
+        super().__init__(rule.f)
+
+    def check(self, p: int, f: int | None = None) -> None:
+        f = self.f if f is None else f
+        for stage in self.stages:
+            stage.check(p, f)
+            p = stage.out_workers(p)
+        self.rule.check(p, f)
+
+    def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
+        for stage in self.stages:
+            G = stage.transform(G, f)
+        return self.rule.aggregate(G, f)
+
+    def state_dict(self) -> dict:
+        state = {s.name: s.state_dict() for s in self.stages}
+        state[self.rule.name] = self.rule.state_dict()
+        return {k: v for k, v in state.items() if v}
+
+    def load_state_dict(self, state: dict) -> None:
+        parts = {s.name: s for s in self.stages}
+        parts[self.rule.name] = self.rule
+        unknown = set(state) - set(parts)
+        if unknown:
+            raise ValueError(f"{self.name}: no stage named {sorted(unknown)} in state")
+        for name, part in parts.items():
+            part.load_state_dict(state.get(name, {}))
+
+    def __repr__(self) -> str:
+        return f"Composed({self.stages!r}, {self.rule!r})"
+
+
+def finite_rows(G: torch.Tensor) -> torch.Tensor:
+    """``(p,)`` bool: rows without NaN or +/-Inf (two reductions; NaN propagates through both)."""
+    return G.amax(dim=1).isfinite() & G.amin(dim=1).isfinite()
+
+
+def check_matrix(G: torch.Tensor, name: str) -> torch.Tensor:
+    """Validate that ``G`` is a non-empty ``(p, n)`` floating tensor."""
+    if not isinstance(G, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor of shape (p, n), got {type(G).__name__}")
+    if G.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D (p, n) tensor, got shape {tuple(G.shape)}")
+    if G.shape[0] == 0 or G.shape[1] == 0:
+        raise ValueError(f"{name}: expected a non-empty (p, n) tensor, got shape {tuple(G.shape)}")
+    if not G.is_floating_point():
+        raise ValueError(f"{name}: expected a floating-point tensor, got {G.dtype}")
+    return G

@@ -1,0 +1,75 @@
+"""Centered clipping (Karimireddy, He, Jaggi, ICML 2021).
+
+Starting from a centre ``v``, repeat ``iterations`` times
+
+    v <- v + (1/p) sum_i clip(g_i - v, tau),    clip(x, tau) = x min(1, tau / ||x||).
+
+Each step moves ``v`` by at most ``tau``, and ``f`` Byzantine rows move it by at
+most ``f tau / p``. Precondition ``p >= 2f + 1``.
+
+State: the centre is the previous step's aggregate (zeros on the first call),
+kept in ``self.center``. :meth:`state_dict` returns ``{"center": tensor or None}``
+(a CPU copy) and :meth:`load_state_dict` restores it; the optimizer stores it in
+its own ``state_dict``, so a checkpoint resumes with the same centre. The centre
+is moved to ``G``'s device and dtype on use; a change of the gradient length ``n``
+between calls is an error.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from .base import Aggregator
+
+
+class CClip(Aggregator):
+    name = "cclip"
+
+    def __init__(self, f: int = 0, tau: float = 1.0, iterations: int = 3):
+        super().__init__(f)
+        if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not tau > 0:
+            raise ValueError(f"{self.name}: tau must be a positive number, got {tau!r}")
+        if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 1:
+            raise ValueError(f"{self.name}: iterations must be a positive integer, got {iterations!r}")
+        self.tau, self.iterations = float(tau), int(iterations)
+        self.center: torch.Tensor | None = None
+
+    def min_workers(self, f: int) -> int:
+        return 2 * f + 1
+
+    def precondition(self) -> str:
+        return "p >= 2f + 1"
+
+    def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
+        p, n = G.shape
+        if self.center is None:
+            v = torch.zeros(n, dtype=G.dtype, device=G.device)
+        elif self.center.numel() != n:
+            raise ValueError(f"{self.name}: gradient length changed from {self.center.numel()} to {n}")
+        else:
+            v = self.center.to(device=G.device, dtype=G.dtype)
+        for _ in range(self.iterations):
+            step = torch.zeros_like(v)
+            for g in G:
+                diff = g - v
+                step += diff * (self.tau / torch.linalg.vector_norm(diff)).clamp(max=1)
+            v = v + step / p
+        self.center = v
+        return v.clone()
+
+    def state_dict(self) -> dict:
+        return {"center": None if self.center is None else self.center.detach().cpu().clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        unknown = set(state) - {"center"}
+        if unknown:
+            raise ValueError(f"{self.name}: unknown state keys {sorted(unknown)}")
+        center = state.get("center")
+        if center is not None and (not isinstance(center, torch.Tensor) or center.dim() != 1):
+            raise ValueError(f"{self.name}: center must be None or a 1-D tensor, got {center!r}")
+        self.center = None if center is None else center.detach().clone()
+
+    def __repr__(self) -> str:
+        return f"CClip(f={self.f}, tau={self.tau}, iterations={self.iterations})"

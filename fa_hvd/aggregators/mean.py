@@ -1,0 +1,20 @@
+"""Mean: ``agg(G) = (1/p) sum_i g_i``.
+
+The baseline every robust rule is compared with. It is not robust: one
+Byzantine worker can move it anywhere, and a non-finite row makes it non-finite.
+Horovod's allreduce with ``op=hvd.Average`` computes the same thing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Aggregator
+
+
+class Mean(Aggregator):
+    name = "mean"
+    robust = False
+
+    def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
+        return G.mean(dim=0)

@@ -1,0 +1,1 @@
+"""Pre-aggregation stages ``(p, n) -> (p', n)`` applied before a rule (``"nnm+krum"``)."""

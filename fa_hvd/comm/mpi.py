@@ -1,0 +1,60 @@
+"""Transport over plain MPI through mpi4py (``mpirun``), for clusters without Horovod.
+
+Tensors travel as host buffers; CUDA tensors are staged through the CPU. Every
+rank must gather tensors of the same shape (the optimizer checks the model's
+shapes across ranks before the first step).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .base import Handle, Transport
+
+
+class _MPIHandle(Handle):
+    def __init__(self, request, send, recv, device):
+        # ``send`` is held so its buffer outlives the non-blocking call.
+        self.request, self.send, self.recv, self.device = request, send, recv, device
+
+
+class MPITransport(Transport):
+    name = "mpi"
+
+    def __init__(self, comm=None):
+        from mpi4py import MPI
+
+        self.comm = comm if comm is not None else MPI.COMM_WORLD
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        self.local_rank = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", os.environ.get("MPI_LOCALRANKID", 0)))
+
+    def allgather_async(self, tensor: torch.Tensor, name: str) -> Handle:
+        send = tensor.detach().to("cpu").contiguous()
+        recv = torch.empty((self.size * send.shape[0],) + tuple(send.shape[1:]), dtype=send.dtype)
+        request = self.comm.Iallgather(send.numpy(), recv.numpy())
+        return _MPIHandle(request, send, recv, tensor.device)
+
+    def wait(self, handle: Handle) -> torch.Tensor:
+        handle.request.Wait()
+        return handle.recv.to(handle.device)
+
+    def broadcast_(self, tensor: torch.Tensor, root: int, name: str) -> torch.Tensor:
+        buf = tensor.detach().to("cpu").contiguous()
+        self.comm.Bcast(buf.numpy(), root=root)
+        with torch.no_grad():
+            tensor.copy_(buf)
+        return tensor
+
+    def allreduce_sum(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        from mpi4py import MPI
+
+        send = tensor.detach().to("cpu").contiguous()
+        recv = torch.empty_like(send)
+        self.comm.Allreduce(send.numpy(), recv.numpy(), op=MPI.SUM)
+        return recv.to(tensor.device)
+
+    def allgather_object(self, obj, name: str) -> list:
+        return self.comm.allgather(obj)
