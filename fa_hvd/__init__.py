@@ -11,10 +11,10 @@ from .optimizer import DistributedOptimizer  # noqa: E402
 
 def broadcast_parameters(params, root_rank: int = 0, process_set=None):
     """Horovod's ``broadcast_parameters`` (a ``state_dict`` or ``named_parameters``)."""
-    import horovod.torch as hvd
+    from horovod.torch.functions import broadcast_parameters as horovod_broadcast_parameters
 
     kwargs = {"process_set": process_set} if process_set is not None else {}
-    return hvd.broadcast_parameters(params, root_rank, **kwargs)
+    return horovod_broadcast_parameters(params, root_rank, **kwargs)
 
 
 def broadcast_optimizer_state(optimizer, root_rank: int = 0, process_set=None):
@@ -23,18 +23,14 @@ def broadcast_optimizer_state(optimizer, root_rank: int = 0, process_set=None):
     Horovod initialises an empty optimizer state by a ``step()`` on zero
     gradients; for an fa_hvd optimizer that step skips the allgather.
     """
-    import horovod.torch as hvd
-
-    kwargs = {"process_set": process_set} if process_set is not None else {}
-    context = optimizer.skip_synchronize() if hasattr(optimizer, "skip_synchronize") else _nullcontext()
-    with context:
-        return hvd.broadcast_optimizer_state(optimizer, root_rank, **kwargs)
-
-
-def _nullcontext():
     import contextlib
 
-    return contextlib.nullcontext()
+    from horovod.torch.functions import broadcast_optimizer_state as horovod_broadcast_optimizer_state
+
+    kwargs = {"process_set": process_set} if process_set is not None else {}
+    skip = getattr(optimizer, "skip_synchronize", contextlib.nullcontext)
+    with skip():
+        return horovod_broadcast_optimizer_state(optimizer, root_rank, **kwargs)
 
 
 __all__ = ["DistributedOptimizer", "broadcast_parameters", "broadcast_optimizer_state", "__version__"]

@@ -24,6 +24,7 @@ and thread counts).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import zlib
 from typing import Callable, Iterable
 
@@ -33,6 +34,7 @@ from .aggregators import Aggregator, get as get_aggregator
 from .comm import Transport, get_transport
 
 DEFAULT_BUCKET_BYTES = 64 * 1024 * 1024  # Horovod's default fusion threshold
+_instances = itertools.count()  # same creation order on every rank -> same collective names
 
 
 class _Bucket:
@@ -61,10 +63,11 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         groups,
         sparse_as_dense: bool,
         bucket_bytes: int,
-        gradient_transform: Callable[[torch.Tensor, int], torch.Tensor] | None,
+        gradient_transform: Callable[[torch.Tensor, int, int], torch.Tensor] | None,
     ):
         super(self.__class__, self).__init__(params)
         self._transport = transport
+        self._prefix = f"fa_hvd.opt{next(_instances)}"
         self._aggregator = aggregator
         self._compression = compression
         self._passes = backward_passes_per_step
@@ -72,7 +75,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._sparse_as_dense = sparse_as_dense
         self._gradient_transform = gradient_transform
         self._names = _parameter_names(self.param_groups, named_parameters)
-        _check_same_model(self._transport, self.param_groups, self._names)
+        _check_same_model(self._transport, self.param_groups, self._names, f"{self._prefix}.model")
         self._buckets = _make_buckets(self.param_groups, groups, bucket_bytes)
         self._bucket_of = {id(p): b for b in self._buckets for p in b.params}
         self._pass_count = {id(p): 0 for b in self._buckets for p in b.params}
@@ -113,10 +116,10 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         if flat.dtype == torch.bfloat16:
             flat = flat.float()  # Horovod's allgather has no bf16
         if self._gradient_transform is not None:
-            flat = self._gradient_transform(flat, bucket.index)
+            flat = self._gradient_transform(flat, bucket.index, self.step_count)
         wire, bucket.ctx = self._compression.compress(flat)
         bucket.handle = self._transport.allgather_async(
-            wire.reshape(1, -1), name=f"fa_hvd.grad.bucket{bucket.index}"
+            wire.reshape(1, -1), name=f"{self._prefix}.bucket{bucket.index}"
         )
 
     def _dense_grad(self, p: torch.Tensor) -> torch.Tensor:
@@ -240,14 +243,14 @@ def _parameter_names(param_groups, named_parameters) -> dict[int, str]:
     return {id(p): by_id[id(p)] for p in params}
 
 
-def _check_same_model(transport: Transport, param_groups, names: dict[int, str]) -> None:
+def _check_same_model(transport: Transport, param_groups, names: dict[int, str], tag: str) -> None:
     """Every rank must train the same parameters, in the same order, with the same shapes."""
     signature = [
         (names[id(p)], tuple(p.shape), str(p.dtype), bool(p.requires_grad))
         for group in param_groups
         for p in group["params"]
     ]
-    everyone = transport.allgather_object(signature, name="fa_hvd.model_signature")
+    everyone = transport.allgather_object(signature, name=tag)
     reference = everyone[0]
     for rank, theirs in enumerate(everyone):
         if theirs == reference:
@@ -312,7 +315,7 @@ def DistributedOptimizer(
     aggregator_params: dict | None = None,
     transport: str | Transport = "horovod",
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-    gradient_transform: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+    gradient_transform: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
 ):
     """Wrap ``optimizer`` so that gradients are all-gathered and robustly aggregated.
 
@@ -334,8 +337,8 @@ def DistributedOptimizer(
     :func:`fa_hvd.aggregators.get`, or a callable ``(p, n) -> (n,)``),
     ``aggregator_params`` (e.g. ``{"f": 3}``), ``transport`` (``"horovod"``,
     ``"mpi"`` or a :class:`~fa_hvd.comm.Transport`), ``gradient_transform``
-    (``(flat_grad, bucket_index) -> tensor``, applied to what this rank sends;
-    fault injection uses it). An aggregator that cannot work with the world size
+    (``(flat_grad, bucket_index, step) -> tensor``, applied to what this rank
+    sends; fault injection uses it). An aggregator that cannot work with the world size
     fails here, before training starts.
     """
     if isinstance(backward_passes_per_step, bool) or not isinstance(backward_passes_per_step, int) \

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import horovod.torch as hvd
 import torch
 
@@ -37,4 +39,9 @@ class HorovodTransport(Transport):
         return hvd.allreduce(tensor, op=hvd.Sum, name=name, process_set=self.process_set)
 
     def allgather_object(self, obj, name: str) -> list:
-        return hvd.allgather_object(obj, name=name, process_set=self.process_set)
+        # Horovod's own allgather_object takes no process set; pickle through allgather.
+        payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+        sizes = hvd.allgather(torch.tensor([payload.numel()]), name=f"{name}.sizes", process_set=self.process_set)
+        data = hvd.allgather(payload, name=name, process_set=self.process_set)
+        pieces = torch.split(data, sizes.tolist())
+        return [pickle.loads(piece.numpy().tobytes()) for piece in pieces]

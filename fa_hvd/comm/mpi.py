@@ -15,9 +15,10 @@ from .base import Handle, Transport
 
 
 class _MPIHandle(Handle):
-    def __init__(self, request, send, recv, device):
+    def __init__(self, request, send, recv, device, dtype, shape):
         # ``send`` is held so its buffer outlives the non-blocking call.
-        self.request, self.send, self.recv, self.device = request, send, recv, device
+        self.request, self.send, self.recv = request, send, recv
+        self.device, self.dtype, self.shape = device, dtype, shape
 
 
 class MPITransport(Transport):
@@ -32,14 +33,16 @@ class MPITransport(Transport):
         self.local_rank = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", os.environ.get("MPI_LOCALRANKID", 0)))
 
     def allgather_async(self, tensor: torch.Tensor, name: str) -> Handle:
-        send = tensor.detach().to("cpu").contiguous()
-        recv = torch.empty((self.size * send.shape[0],) + tuple(send.shape[1:]), dtype=send.dtype)
+        # Sent as raw bytes: MPI has no fp16/bf16 datatype, bytes need none.
+        send = tensor.detach().to("cpu").contiguous().reshape(tensor.shape[0], -1).view(torch.uint8)
+        recv = torch.empty((self.size * send.shape[0], send.shape[1]), dtype=torch.uint8)
         request = self.comm.Iallgather(send.numpy(), recv.numpy())
-        return _MPIHandle(request, send, recv, tensor.device)
+        shape = (self.size * tensor.shape[0],) + tuple(tensor.shape[1:])
+        return _MPIHandle(request, send, recv, tensor.device, tensor.dtype, shape)
 
     def wait(self, handle: Handle) -> torch.Tensor:
         handle.request.Wait()
-        return handle.recv.to(handle.device)
+        return handle.recv.view(handle.dtype).reshape(handle.shape).to(handle.device)
 
     def broadcast_(self, tensor: torch.Tensor, root: int, name: str) -> torch.Tensor:
         buf = tensor.detach().to("cpu").contiguous()

@@ -1,0 +1,1 @@
+"""Benchmarks of fa_hvd, run by the ``fa-hvd-bench`` console script (:mod:`.cli`)."""

@@ -1,0 +1,292 @@
+"""``fa-hvd-bench aggregators``: wall-clock time of the aggregation rules.
+
+For every ``(n, p)`` one seeded ``G`` (``p`` honest gradients: a common mean plus
+noise) is generated and every rule is timed on it: ``warmup`` untimed calls, then
+``repeats`` timed ones (``time.perf_counter``, ``torch.cuda.synchronize`` around each
+on CUDA). One JSON line per rule goes to stdout with the median and the minimum.
+
+FA runs in both modes, ``flag[default]`` and ``flag[reference]``, and Multi-Krum is
+always timed with it: FA rows carry ``vs_multikrum`` (FA median / Multi-Krum
+median, same ``G``). With ``--direct`` the direct formulation of the released FA
+(:func:`fa_hvd.aggregators.flag_direct.flag_direct`) is timed once on the same ``G``
+(``direct_s``, ``direct_repeats``, ``speedup_vs_direct`` = direct / FA median), and
+``flag[reference]``, which computes the same aggregate, gets ``max_rel_diff`` =
+``||fa - direct|| / ||direct||`` from a second run of both on ``G.double()``. A
+summary line per ``(n, p)`` holds the bar checks for every FA mode measured:
+``fa_within_1_5x_multikrum`` and ``fa_100x_faster_than_direct``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from fa_hvd.aggregators import get, names
+from fa_hvd.aggregators.flag_direct import flag_direct
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float64": torch.float64, "fp64": torch.float64,
+    "float16": torch.float16, "fp16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}  # fmt: skip
+NOISE = 0.5
+"""Standard deviation of each worker's noise around the common N(0, 1) mean."""
+FLAG_MODES = ("default", "reference")
+DIRECT = {"lambda_": 1.0, "iterations": 4}
+"""FA's settings under ``--direct`` unless given."""
+CHECKS = (
+    ("vs_multikrum", "fa_within_1_5x_multikrum", lambda ratio: ratio <= 1.5),
+    ("speedup_vs_direct", "fa_100x_faster_than_direct", lambda speedup: speedup >= 100),
+)
+"""(FA row key, summary check, bar) for the summary line."""
+
+
+# -- command line ------------------------------------------------------------------------
+def add_parser(subparsers) -> None:
+    """Register the ``aggregators`` subcommand."""
+    parser = subparsers.add_parser(
+        "aggregators",
+        help="time the aggregation rules on generated (p, n) gradients",
+        description="Time every aggregation rule on seeded honest gradients G (p x n): one JSON "
+        "line per (rule, n, p) on stdout, then a summary line per (n, p) with FA's bar checks "
+        "(FA within 1.5x of Multi-Krum; with --direct, FA 100x faster than the direct FA); "
+        "progress and a table of median times on stderr.",
+    )
+    parser.add_argument(
+        "--rules", type=_rules, default=names(), metavar="LIST",
+        help="comma list of rules (default: all: %s); flag runs in both modes, "
+        "flag[default] and flag[reference], and brings multikrum along" % ",".join(names()),
+    )
+    parser.add_argument("--n", type=_sizes, default=[1_000_000], metavar="LIST",
+                        help="comma list of gradient lengths n, e.g. 1e5,1e6 (default: 1000000)")
+    parser.add_argument("--p", type=_sizes, default=[15], metavar="LIST", help="comma list of worker counts p (default: 15)")
+    parser.add_argument("--f", type=_count(0), default=3,
+                        help="Byzantine count f given to every rule; a rule whose precondition fails "
+                        "for a p is skipped with a note on stderr (default: 3)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", metavar="DTYPE",
+                        help="dtype of G: float32, float64, float16, bfloat16 or fp32, fp64, fp16, bf16 "
+                        "(default: float32; the rules compute fp16 and bf16 in fp32)")
+    parser.add_argument("--device", type=_device, default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--repeats", type=_count(1), default=5,
+                        help="timed calls per rule; rows report their median and minimum (default: 5)")
+    parser.add_argument("--warmup", type=_count(0), default=1,
+                        help="untimed calls per rule before the timed ones (default: 1)")
+    parser.add_argument("--direct", action="store_true",
+                        help="also run the direct, slow formulation of the released FA (an SVD of the "
+                        "n x (p + p(p-1)) stacked matrix per IRLS step; O(n p^2) memory) once per "
+                        "(n, p): its time and FA's speedup and fp64 accuracy against it (default: off)")
+    parser.add_argument("--lambda", dest="lambda_", type=float, default=None, metavar="LAMBDA",
+                        help="FA's pair weight lambda_ (default: 1.0 with --direct, else FA's own, 0)")
+    parser.add_argument("--iterations", type=_count(1), default=None, metavar="T",
+                        help="FA's IRLS step limit T (default: 4 with --direct, else FA's own: "
+                        "1 in reference mode, 100 in default mode)")
+    parser.add_argument("--r", type=_count(1), default=8, help="FA's subspace rank r (default: 8)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated gradients (default: 0)")
+    parser.set_defaults(run=run)
+
+
+def _rules(text: str) -> list[str]:
+    rules = list(dict.fromkeys(name.strip().lower() for name in text.split(",")))
+    unknown = [name for name in rules if name not in names()]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown rule(s) {unknown}; known: {','.join(names())}")
+    return rules
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        values = [float(item) for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of positive integers, got {text!r}")
+    if not all(value >= 1 and value == int(value) for value in values):
+        raise argparse.ArgumentTypeError(f"expected a comma list of positive integers, got {text!r}")
+    return [int(value) for value in values]
+
+
+def _count(low: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its error messages
+    return parse
+
+
+def _device(text: str) -> str:
+    if text not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda, got {text!r}")
+    if text == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("cuda is not available")
+    return text
+
+
+# -- the benchmark -----------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> int:
+    """Benchmark every (n, p): JSON lines on stdout, a table of medians on stderr."""
+    specs = rule_specs(args)
+    _log(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device}, {_dtype(args)}")
+    rows = []
+    for n in args.n:
+        for p in args.p:
+            rows += bench_size(n, p, specs, args)
+            gc.collect()
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+    _log(table(rows, args))
+    return 0
+
+
+def flag_settings(args: argparse.Namespace) -> dict:
+    """FA's ``r``, ``lambda_`` and ``iterations``: as given, else :data:`DIRECT` under ``--direct``."""
+    given = {"lambda_": args.lambda_, "iterations": args.iterations}
+    chosen = {**(DIRECT if args.direct else {}), **{k: v for k, v in given.items() if v is not None}}
+    return {"r": args.r, **chosen}
+
+
+def rule_specs(args: argparse.Namespace) -> list[tuple[str, dict]]:
+    """``(label, params)`` per timed rule: the rule is the label up to ``[``, built by ``get(rule, **params)``."""
+    rules = list(args.rules)
+    if "flag" in rules and "multikrum" not in rules:
+        _log("multikrum added: FA rows report vs_multikrum")
+        rules.append("multikrum")
+    specs = []
+    for name in rules:
+        if name == "flag":
+            specs += [(f"flag[{mode}]", {"f": args.f, "mode": mode, **flag_settings(args)}) for mode in FLAG_MODES]
+        else:
+            specs.append((name, {"f": args.f}))
+    return specs
+
+
+def gradients(n: int, p: int, args: argparse.Namespace) -> torch.Tensor:
+    """``G`` (``(p, n)``): a common N(0, 1) mean plus N(0, NOISE^2) noise per worker, seeded."""
+    generator = torch.Generator().manual_seed(args.seed)
+    mean = torch.randn(n, generator=generator)
+    G = torch.randn(p, n, generator=generator).mul_(NOISE).add_(mean)
+    return G.to(device=args.device, dtype=DTYPES[args.dtype])
+
+
+def bench_size(n: int, p: int, specs: list[tuple[str, dict]], args: argparse.Namespace) -> list[dict]:
+    """Time every rule on one ``G``; print the rows and the summary line, return the rows."""
+    _log(f"n={n} p={p}: generating G")
+    G = gradients(n, p, args)
+    rows = [row for label, params in specs if (row := bench_rule(G, label, params, args)) is not None]
+    fa = [row for row in rows if row["rule"].startswith("flag[")]
+    multikrum = next((row for row in rows if row["rule"] == "multikrum"), None)
+    for row in fa if multikrum else ():
+        row["vs_multikrum"] = row["median_s"] / multikrum["median_s"]
+    if args.direct and fa:
+        compare_direct(G, fa, args)
+    for row in rows:
+        _emit(row)
+    _emit({"bench": "aggregators", "summary": summary(n, p, fa, args)})
+    return rows
+
+
+def bench_rule(G: torch.Tensor, label: str, params: dict, args: argparse.Namespace) -> dict | None:
+    """Time one rule on ``G``; ``None`` (and a note on stderr) when its precondition fails."""
+    aggregator = get(label.split("[")[0], **params)
+    try:
+        aggregator.check(G.shape[0])
+    except ValueError as error:
+        _log(f"skip {label}: {error}")
+        return None
+    times = timed(aggregator, G, args.repeats, args.warmup)
+    row = {
+        "bench": "aggregators", "rule": label, "params": params,
+        "n": G.shape[1], "p": G.shape[0], "dtype": _dtype(args), "device": args.device,
+        "repeats": args.repeats, "warmup": args.warmup,
+        "median_s": statistics.median(times), "min_s": min(times),
+    }  # fmt: skip
+    _log(f"{label}: median {row['median_s'] * 1e3:.4g} ms")
+    return row
+
+
+def timed(fn, G: torch.Tensor, repeats: int, warmup: int) -> list[float]:
+    """Seconds of each of ``repeats`` calls ``fn(G)`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn(G)
+    times = []
+    for _ in range(repeats):
+        _synchronize(G)
+        start = time.perf_counter()
+        fn(G)
+        _synchronize(G)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def compare_direct(G: torch.Tensor, fa_rows: list[dict], args: argparse.Namespace) -> None:
+    """Time the direct FA once on ``G``; add its time, FA's speedup and (fp64) accuracy to the FA rows."""
+    settings = flag_settings(args)
+
+    def direct(X: torch.Tensor) -> torch.Tensor:
+        return flag_direct(X, settings["r"], settings["lambda_"], settings["iterations"])
+
+    _log("direct FA: one timed run, then one fp64 run of it and of flag[reference]")
+    work = G if G.dtype in (torch.float32, torch.float64) else G.float()  # as the rules compute fp16/bf16
+    (direct_s,) = timed(direct, work, repeats=1, warmup=0)
+    G64 = G.double()
+    expected = direct(G64)
+    for row in fa_rows:
+        row.update(direct_s=direct_s, direct_repeats=1, speedup_vs_direct=direct_s / row["median_s"])
+        if row["params"]["mode"] == "reference":
+            actual = get("flag", **row["params"])(G64)
+            row["max_rel_diff"] = float((actual - expected).norm() / expected.norm())
+    _log(f"direct FA: {direct_s * 1e3:.4g} ms")
+
+
+def summary(n: int, p: int, fa_rows: list[dict], args: argparse.Namespace) -> dict:
+    """The FA figures of one ``(n, p)`` by mode and each bar check over the modes measured."""
+    out = {"n": n, "p": p, "dtype": _dtype(args), "device": args.device}
+    for key, check, passes in CHECKS:
+        values = {row["rule"]: row[key] for row in fa_rows if key in row}
+        if values:
+            out[key] = values
+            out[check] = all(map(passes, values.values()))
+    return out
+
+
+def table(rows: list[dict], args: argparse.Namespace) -> str:
+    """Median milliseconds: one line per rule, one column per ``(n, p)``."""
+    sizes = list(dict.fromkeys((row["n"], row["p"]) for row in rows))
+    rules = list(dict.fromkeys(row["rule"] for row in rows))
+    ms = {(row["rule"], row["n"], row["p"]): f"{row['median_s'] * 1e3:.4g}" for row in rows}
+    lines = [[f"median ms ({_dtype(args)}, {args.device})"] + [f"n={_short(n)} p={p}" for n, p in sizes]]
+    lines += [[rule] + [ms.get((rule, n, p), "-") for n, p in sizes] for rule in rules]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join(
+        "  ".join([line[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(line[1:], widths[1:])])
+        for line in lines
+    )
+
+
+def _short(n: int) -> str:
+    """``100000`` -> ``1e5``, ``11000000`` -> ``1.1e7``."""
+    return f"{n:.3g}".replace("e+0", "e").replace("e+", "e")
+
+
+def _dtype(args: argparse.Namespace) -> str:
+    return str(DTYPES[args.dtype]).removeprefix("torch.")
+
+
+def _synchronize(G: torch.Tensor) -> None:
+    if G.device.type == "cuda":
+        torch.cuda.synchronize(G.device)
+
+
+def _emit(record: dict) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

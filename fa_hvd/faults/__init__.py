@@ -1,0 +1,68 @@
+"""Fault injection: Byzantine gradients, poisoned data, crashed, hung and slow ranks.
+
+Faults are listed in a config (``faults:``) or in ``FA_HVD_FAULTS`` (see
+:mod:`fa_hvd.faults.spec`), each with ``ranks``, ``start_step``, ``stop_step``
+(exclusive), ``probability`` and ``params``. All randomness is seeded by
+``(seed, rank, step, spec index)``. ``g`` is the flat gradient bucket the rank
+would send; ``mu``/``sigma`` the coordinate-wise mean/standard deviation of the
+honest ranks' buckets at that step.
+
+Gradient faults (what the faulty rank sends instead of ``g``):
+
+* ``gaussian``  -- N(0, sigma^2) noise replaces g (``sigma``, default 1.0)
+* ``uniform``   -- U[0, 1) noise replaces g (the paper's "random")
+* ``signflip``  -- -g
+* ``reverse``   -- -scale * g (``scale``, default 100)
+* ``zero``      -- 0
+* ``nan``       -- NaN everywhere
+* ``inf``       -- sign * Inf everywhere (``sign`` +1 or -1, default +1)
+* ``bitflip``   -- each element, with probability ``rate`` (default 1e-3), gets one
+  random bit of its binary representation flipped
+* ``alie``      -- mu + z * sigma; z = Phi^-1((n - f - s) / (n - f)), s = floor(n/2) + 1 - f,
+  n = world size, f = the spec's number of ranks (or ``params.z``)
+* ``ipm``       -- -eps * mu (``eps``, default 0.1)
+* ``mimic``     -- a copy of honest rank ``target``'s g (default the lowest rank without
+  gradient faults)
+
+``alie``, ``ipm`` and ``mimic`` are omniscient: they cost every rank one extra
+allgather per bucket per step while scheduled.
+
+Data faults (the whole run; ``probability`` = fraction of samples poisoned):
+
+* ``labelflip``       -- y -> C - 1 - y (``num_classes`` C, required)
+* ``lotka_volterra``  -- pixel coordinates flowed by dx/dt = alpha x - beta x y,
+  dy/dt = delta x y - gamma y (alpha = 2/3, beta = 4/3, gamma = delta = 1) for
+  ``dt * steps`` (defaults 0.1 * 10), image resampled there
+* ``catmap``          -- Arnold's cat map (x, y) -> (2x + y, x + y) mod N on N x N
+  images, ``iterations`` times (default 1)
+
+Process faults (at the start of a step's first bucket):
+
+* ``crash``  -- print "fa_hvd fault: rank R crashes at step S" to stderr, then
+  ``os._exit(exit_code)`` (default 13)
+* ``hang``   -- stop answering: sleep forever
+* ``slow``   -- sleep ``delay`` seconds (default 0.1) every active step
+"""
+
+from .data import PoisonedDataset, cat_map, label_flip, lotka_volterra, poison_for_rank
+from .gradient import ATTACKS, HonestView
+from .injector import FaultInjector
+from .spec import (
+    DATA_KINDS,
+    GRADIENT_KINDS,
+    KINDS,
+    OMNISCIENT_KINDS,
+    PROCESS_KINDS,
+    FaultSpec,
+    alie_z,
+    allow_exceeding_f_from_env,
+    faults_from_env,
+    parse_faults,
+)
+
+__all__ = [
+    "ATTACKS", "DATA_KINDS", "GRADIENT_KINDS", "KINDS", "OMNISCIENT_KINDS", "PROCESS_KINDS",
+    "FaultInjector", "FaultSpec", "HonestView", "PoisonedDataset",
+    "alie_z", "allow_exceeding_f_from_env", "cat_map", "faults_from_env", "label_flip",
+    "lotka_volterra", "parse_faults", "poison_for_rank",
+]

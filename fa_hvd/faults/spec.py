@@ -1,0 +1,279 @@
+"""Fault specifications: the ``faults:`` list of a config, parsed and validated.
+
+One entry (YAML)::
+
+    - kind: alie            # see fa_hvd.faults for every kind and its formula
+      ranks: [0, 1, 2]      # an int or a list of ints in [0, world_size)
+      start_step: 0         # first optimizer step it is active (default 0)
+      stop_step: null       # first step it is no longer active (exclusive; null = forever)
+      probability: 1.0      # chance that it fires at an active step (seeded per rank and step)
+      params: {z: 1.0}      # kind-specific, see PARAMS
+
+Data faults act on the whole run: they reject ``start_step``/``stop_step``,
+and their ``probability`` is the fraction of samples poisoned (seeded per sample).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import warnings
+from pathlib import Path
+from statistics import NormalDist
+from typing import Any, Callable, NamedTuple
+
+import yaml
+
+GRADIENT_KINDS = ("gaussian", "uniform", "signflip", "reverse", "zero", "nan", "inf", "bitflip",
+                  "alie", "ipm", "mimic")
+OMNISCIENT_KINDS = ("alie", "ipm", "mimic")
+DATA_KINDS = ("labelflip", "lotka_volterra", "catmap")
+PROCESS_KINDS = ("crash", "hang", "slow")
+KINDS = GRADIENT_KINDS + DATA_KINDS + PROCESS_KINDS
+
+_ENTRY_KEYS = ("kind", "ranks", "start_step", "stop_step", "probability", "params")
+_REQUIRED = object()
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+class Param(NamedTuple):
+    default: Any
+    check: Callable[[Any], bool]
+    requirement: str
+
+
+_POSITIVE = (lambda v: _is_real(v) and v > 0, "a number > 0")
+
+
+def _int_at_least(k: int):
+    return lambda v: _is_int(v) and v >= k, f"an integer >= {k}"
+
+
+PARAMS: dict[str, dict[str, Param]] = {
+    "gaussian": {"sigma": Param(1.0, *_POSITIVE)},
+    "uniform": {},
+    "signflip": {},
+    "reverse": {"scale": Param(100.0, *_POSITIVE)},
+    "zero": {},
+    "nan": {},
+    "inf": {"sign": Param(1, lambda v: _is_int(v) and v in (1, -1), "+1 or -1")},
+    "bitflip": {"rate": Param(1e-3, lambda v: _is_real(v) and 0 < v <= 1, "a number in (0, 1]")},
+    "alie": {"z": Param(None, lambda v: v is None or _is_real(v), "a finite number")},
+    "ipm": {"eps": Param(0.1, *_POSITIVE)},
+    "mimic": {"target": Param(None, lambda v: v is None or _is_int(v), "an integer rank")},
+    "labelflip": {"num_classes": Param(_REQUIRED, *_int_at_least(2))},
+    "lotka_volterra": {"dt": Param(0.1, *_POSITIVE), "steps": Param(10, *_int_at_least(1))},
+    "catmap": {"iterations": Param(1, *_int_at_least(1))},
+    "crash": {"exit_code": Param(13, lambda v: _is_int(v) and 0 <= v <= 255, "an integer in [0, 255]")},
+    "hang": {},
+    "slow": {"delay": Param(0.1, *_POSITIVE)},
+}
+
+
+@dataclasses.dataclass
+class FaultSpec:
+    """One fault: ``kind`` on ``ranks`` at steps [start_step, stop_step), each with ``probability``."""
+
+    kind: str
+    ranks: list[int]
+    start_step: int = 0
+    stop_step: int | None = None
+    probability: float = 1.0
+    params: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def category(self) -> str:
+        """``"gradient"``, ``"data"`` or ``"process"``."""
+        if self.kind in GRADIENT_KINDS:
+            return "gradient"
+        return "data" if self.kind in DATA_KINDS else "process"
+
+    @property
+    def omniscient(self) -> bool:
+        return self.kind in OMNISCIENT_KINDS
+
+    def in_window(self, step: int) -> bool:
+        return self.start_step <= step and (self.stop_step is None or step < self.stop_step)
+
+    def describe(self) -> str:
+        stop = "inf" if self.stop_step is None else self.stop_step
+        params = f" {self.params}" if self.params else ""
+        return f"{self.kind}{params} at steps [{self.start_step}, {stop}) with probability {self.probability}"
+
+
+def parse_faults(entries, world_size: int, f: int | None = None,
+                 allow_exceeding_f: bool = False) -> list[FaultSpec]:
+    """Validate the raw ``faults`` list and return specs with every default filled in.
+
+    Raises ``ValueError`` naming the entry at fault. ALIE's ``z`` and mimic's
+    ``target`` are resolved here (they depend on the world). More distinct ranks
+    with gradient or data faults than ``f`` is an error, or a warning with
+    ``allow_exceeding_f``.
+    """
+    if entries is None:
+        return []
+    if not isinstance(entries, list):
+        raise ValueError(f"faults must be a list of mappings, got {type(entries).__name__}")
+    specs = [_parse_entry(i, entry, world_size) for i, entry in enumerate(entries)]
+    specs = [_resolve(i, spec, specs, world_size) for i, spec in enumerate(specs)]
+    _check_f(specs, f, allow_exceeding_f)
+    return specs
+
+
+def _parse_entry(i: int, entry, world_size: int) -> FaultSpec:
+    where = f"faults[{i}]"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: must be a mapping with a 'kind', got {entry!r}")
+    kind = entry.get("kind")
+    if kind not in KINDS:
+        raise ValueError(f"{where}: unknown kind {kind!r}; known kinds: {', '.join(KINDS)}")
+    where = f"{where} (kind {kind!r})"
+    unknown = sorted(set(entry) - set(_ENTRY_KEYS), key=str)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {', '.join(_ENTRY_KEYS)}")
+    spec = FaultSpec(
+        kind=kind,
+        ranks=_parse_ranks(where, entry.get("ranks"), world_size),
+        start_step=entry.get("start_step", 0),
+        stop_step=entry.get("stop_step"),
+        probability=entry.get("probability", 1.0),
+        params=_parse_params(where, kind, entry.get("params")),
+    )
+    _check_schedule(where, spec)
+    return spec
+
+
+def _parse_ranks(where: str, ranks, world_size: int) -> list[int]:
+    ranks = [ranks] if _is_int(ranks) else ranks
+    if not isinstance(ranks, list) or not ranks or not all(_is_int(r) for r in ranks):
+        raise ValueError(f"{where}: 'ranks' must be an integer or a non-empty list of integers, got {ranks!r}")
+    for r in ranks:
+        if not 0 <= r < world_size:
+            raise ValueError(f"{where}: rank {r} is outside the world of {world_size} ranks")
+    if len(set(ranks)) != len(ranks):
+        raise ValueError(f"{where}: 'ranks' lists a rank twice: {ranks}")
+    return sorted(ranks)
+
+
+def _parse_params(where: str, kind: str, params) -> dict:
+    params = {} if params is None else params
+    if not isinstance(params, dict):
+        raise ValueError(f"{where}: 'params' must be a mapping, got {params!r}")
+    schema = PARAMS[kind]
+    unknown = sorted(set(params) - set(schema), key=str)
+    if unknown:
+        allowed = ", ".join(schema) or "none"
+        raise ValueError(f"{where}: unknown param(s) {unknown}; allowed: {allowed}")
+    resolved = {}
+    for name, param in schema.items():
+        value = params.get(name, param.default)
+        if value is _REQUIRED:
+            raise ValueError(f"{where}: params.{name} is required ({param.requirement})")
+        if not param.check(value):
+            raise ValueError(f"{where}: params.{name} must be {param.requirement}, got {value!r}")
+        resolved[name] = value
+    return resolved
+
+
+def _check_schedule(where: str, spec: FaultSpec) -> None:
+    if not _is_int(spec.start_step) or spec.start_step < 0:
+        raise ValueError(f"{where}: start_step must be an integer >= 0, got {spec.start_step!r}")
+    if spec.stop_step is not None and (not _is_int(spec.stop_step) or spec.stop_step <= spec.start_step):
+        raise ValueError(f"{where}: stop_step must be null or an integer > start_step "
+                         f"({spec.start_step}), got {spec.stop_step!r}")
+    if not _is_real(spec.probability) or not 0 <= spec.probability <= 1:
+        raise ValueError(f"{where}: probability must be a number in [0, 1], got {spec.probability!r}")
+    if spec.category == "data" and (spec.start_step != 0 or spec.stop_step is not None):
+        raise ValueError(f"{where}: data faults poison the dataset for the whole run; "
+                         f"start_step/stop_step do not apply (probability is the fraction of samples poisoned)")
+
+
+def _resolve(i: int, spec: FaultSpec, specs: list[FaultSpec], world_size: int) -> FaultSpec:
+    """Fill in what depends on the world: ALIE's z, mimic's target."""
+    if not spec.omniscient:
+        return spec
+    where = f"faults[{i}] (kind {spec.kind!r})"
+    faulty = {r for s in specs if s.category == "gradient" for r in s.ranks}
+    always_honest = sorted(set(range(world_size)) - faulty)
+    if not always_honest:
+        raise ValueError(f"{where}: an omniscient attack needs at least one rank without gradient faults")
+    params = dict(spec.params)
+    if spec.kind == "alie" and params["z"] is None:
+        params["z"] = alie_z(world_size, len(spec.ranks), where)
+    if spec.kind == "mimic":
+        target = params["target"]
+        if target is None:
+            params["target"] = always_honest[0]
+        elif target not in always_honest:
+            raise ValueError(f"{where}: params.target {target} must be a rank in the world without gradient "
+                             f"faults; candidates: {always_honest}")
+    return dataclasses.replace(spec, params=params)
+
+
+def alie_z(n: int, f: int, where: str = "alie") -> float:
+    """ALIE's z: s = floor(n/2) + 1 - f, z = Phi^-1((n - f - s) / (n - f))."""
+    s = n // 2 + 1 - f
+    q = (n - f - s) / (n - f) if n > f else math.nan
+    if not 0 < q < 1:
+        raise ValueError(f"{where}: cannot derive ALIE's z for n={n} ranks and f={f} attackers "
+                         f"((n - f - s)/(n - f) = {q} is not in (0, 1)); give params.z")
+    return NormalDist().inv_cdf(q)
+
+
+def _check_f(specs: list[FaultSpec], f: int | None, allow_exceeding_f: bool) -> None:
+    byzantine = sorted({r for s in specs if s.category != "process" for r in s.ranks})
+    if f is None or len(byzantine) <= f:
+        return
+    message = (f"faults make {len(byzantine)} ranks Byzantine {byzantine} (gradient or data faults) "
+               f"but the aggregator tolerates f={f}")
+    if not allow_exceeding_f:
+        raise ValueError(f"{message}; set allow_exceeding_f (FA_HVD_ALLOW_EXCEEDING_F=1) to run anyway")
+    warnings.warn(f"{message}; running anyway (allow_exceeding_f)", stacklevel=2)
+
+
+def faults_from_env(environ=os.environ) -> list:
+    """The raw ``faults`` entries from ``FA_HVD_FAULTS`` ([] when unset).
+
+    The variable holds a YAML (or JSON) list, or ``@path`` to a YAML file that
+    holds the list or a mapping with a ``faults:`` key (a whole config file).
+    Validate the result with :func:`parse_faults` once the world size is known.
+    """
+    text = environ.get("FA_HVD_FAULTS", "").strip()
+    if not text:
+        return []
+    source = "FA_HVD_FAULTS"
+    if text.startswith("@"):
+        source = f"FA_HVD_FAULTS file {text[1:]}"
+        try:
+            text = Path(text[1:]).read_text()
+        except OSError as exc:
+            raise ValueError(f"{source}: cannot read it: {exc}") from exc
+    try:
+        entries = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{source}: not valid YAML: {exc}") from exc
+    if isinstance(entries, dict) and "faults" in entries:
+        entries = entries["faults"]
+    if entries is None:
+        return []
+    if not isinstance(entries, list):
+        raise ValueError(f"{source}: must hold a list of faults, got {type(entries).__name__}")
+    return entries
+
+
+def allow_exceeding_f_from_env(environ=os.environ) -> bool:
+    """``FA_HVD_ALLOW_EXCEEDING_F``: 1/true/yes/on or 0/false/no/off (default off)."""
+    value = environ.get("FA_HVD_ALLOW_EXCEEDING_F", "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    raise ValueError(f"FA_HVD_ALLOW_EXCEEDING_F must be 1/true or 0/false, got {value!r}")

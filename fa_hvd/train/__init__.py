@@ -1,0 +1,1 @@
+"""Training components: data sets and models."""

@@ -1,0 +1,129 @@
+"""Run an unchanged Horovod script with fa_hvd's robust aggregation.
+
+    horovodrun -np 4 python -m fa_hvd.wrap [--aggregator NAME] [--f F]
+        [--param key=value ...] [--transport horovod|mpi] script.py [script args]
+
+Before the script runs, ``horovod.torch.DistributedOptimizer`` becomes
+:func:`fa_hvd.DistributedOptimizer` with the chosen aggregator (and
+``broadcast_optimizer_state`` the fa_hvd one, which skips the gradient exchange
+Horovod uses to initialise optimizer state). Every choice can come from the
+environment instead, which is how a batch system passes it:
+
+* ``FA_HVD_AGGREGATOR`` (default ``flag``), ``FA_HVD_F`` (default 0),
+  ``FA_HVD_PARAMS`` (``key=value,key=value``), ``FA_HVD_TRANSPORT``;
+* ``FA_HVD_FAULTS`` (a YAML list of faults, or ``@file.yaml``), ``FA_HVD_FAULT_SEED``
+  and ``FA_HVD_ALLOW_EXCEEDING_F``: fault injection (:mod:`fa_hvd.faults`).
+
+Command-line options win over the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import runpy
+import sys
+
+from .aggregators import get as get_aggregator
+
+
+def _value(text: str):
+    """``"3"`` -> 3, ``"0.5"`` -> 0.5, ``"true"`` -> True, anything else stays a string."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _pairs(items, source: str) -> dict:
+    params = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{source}: expected key=value, got {item!r}")
+        params[key.strip()] = _value(value.strip())
+    return params
+
+
+def parse_args(argv, environ=os.environ):
+    parser = argparse.ArgumentParser(
+        prog="python -m fa_hvd.wrap", description=__doc__.split("\n\n")[0],
+        epilog="Environment: FA_HVD_AGGREGATOR, FA_HVD_F, FA_HVD_PARAMS, FA_HVD_TRANSPORT, "
+               "FA_HVD_FAULTS, FA_HVD_FAULT_SEED, FA_HVD_ALLOW_EXCEEDING_F.",
+    )
+    parser.add_argument("--aggregator", default=environ.get("FA_HVD_AGGREGATOR", "flag"))
+    parser.add_argument("--f", type=int, default=None, help="Byzantine workers tolerated")
+    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="an aggregator parameter (repeatable), e.g. --param r=8")
+    parser.add_argument("--transport", default=environ.get("FA_HVD_TRANSPORT", "horovod"),
+                        choices=("horovod", "mpi"))
+    parser.add_argument("script", help="the Horovod training script")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments")
+    args = parser.parse_args(argv)
+    env_params = [p for p in environ.get("FA_HVD_PARAMS", "").split(",") if p.strip()]
+    try:
+        params = {**_pairs(env_params, "FA_HVD_PARAMS"), **_pairs(args.param, "--param")}
+        f = args.f if args.f is not None else environ.get("FA_HVD_F")
+        if f is not None:
+            params["f"] = _value(str(f))
+        get_aggregator(args.aggregator, **params)  # fail here, not inside the script
+    except ValueError as exc:
+        parser.error(str(exc))
+    return args, params
+
+
+def robust_optimizer(aggregator: str, params: dict, transport: str, environ=os.environ):
+    """``hvd.DistributedOptimizer``'s replacement, with faults from the environment."""
+    from . import optimizer as fa_optimizer
+    from .comm import get_transport
+
+    @functools.wraps(fa_optimizer.DistributedOptimizer)
+    def DistributedOptimizer(optimizer, *args, **kwargs):
+        kwargs.setdefault("aggregator", aggregator)
+        kwargs.setdefault("aggregator_params", dict(params))
+        link = get_transport(transport, **({"process_set": kwargs["process_set"]}
+                                           if kwargs.get("process_set") is not None else {}))
+        kwargs.pop("process_set", None)
+        kwargs["transport"] = link
+        kwargs.setdefault("gradient_transform", _fault_transform(link, kwargs["aggregator_params"], environ))
+        if link.rank == 0:
+            print(f"fa_hvd.wrap: hvd.DistributedOptimizer -> fa_hvd ({aggregator}, {params}) "
+                  f"on {link.size} ranks", file=sys.stderr, flush=True)
+        return fa_optimizer.DistributedOptimizer(optimizer, *args, **kwargs)
+
+    return DistributedOptimizer
+
+
+def _fault_transform(transport, aggregator_params: dict, environ):
+    from .faults import FaultInjector, allow_exceeding_f_from_env, faults_from_env, parse_faults
+
+    entries = faults_from_env(environ)
+    if not entries:
+        return None
+    specs = parse_faults(entries, transport.size, f=aggregator_params.get("f"),
+                         allow_exceeding_f=allow_exceeding_f_from_env(environ))
+    seed = int(environ.get("FA_HVD_FAULT_SEED", "0"))
+    return FaultInjector(specs, transport.rank, transport.size, seed=seed, transport=transport).gradient_transform
+
+
+def main(argv=None) -> None:
+    args, params = parse_args(sys.argv[1:] if argv is None else argv)
+    import horovod.torch as hvd
+
+    from . import broadcast_optimizer_state
+
+    hvd.DistributedOptimizer = robust_optimizer(args.aggregator, params, args.transport)
+    hvd.broadcast_optimizer_state = broadcast_optimizer_state
+    sys.argv = [args.script, *args.args]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(args.script)))
+    runpy.run_path(args.script, run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()

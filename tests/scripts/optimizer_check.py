@@ -1,0 +1,197 @@
+"""Multi-rank checks of fa_hvd.DistributedOptimizer; rank 0 prints RESULT {json}.
+
+python optimizer_check.py --transport horovod|mpi CHECK [CHECK ...]
+"""
+import argparse
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fa_hvd
+from fa_hvd.comm import get_transport
+from fa_hvd.optimizer import checksum
+
+RULES = {
+    "mean": {}, "median": {"f": 1}, "trimmed_mean": {"f": 1}, "krum": {"f": 0}, "multikrum": {"f": 0},
+    "geomed": {"f": 1}, "cclip": {"f": 1}, "mda": {"f": 1}, "nmean": {}, "flag": {"f": 1, "r": 2},
+    "nnm+krum": {"f": 0}, "bucketing+median": {"f": 0, "s": 2},
+}
+
+
+def model_and_data(rank, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    gen = torch.Generator().manual_seed(100 + rank)
+    x, y = torch.randn(32, 8, generator=gen), torch.randint(0, 3, (32,), generator=gen)
+    return model, x, y
+
+
+def train(model, opt, x, y, steps=4):
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def agree(transport, params):
+    sums = transport.allgather_object(checksum(params), name="check.crc")
+    return all(s == sums[0] for s in sums)
+
+
+def check_mean_vs_horovod(transport, rank):
+    import horovod.torch as hvd
+
+    hvd.init()  # a no-op under horovodrun; under plain mpirun Horovod joins the same MPI world
+    model, x, y = model_and_data(rank)
+    ours = fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), named_parameters=model.named_parameters(),
+                                       aggregator="mean", transport=transport)
+    train(model, ours, x, y)
+    theirs_model, _, _ = model_and_data(rank)
+    theirs = hvd.DistributedOptimizer(torch.optim.SGD(theirs_model.parameters(), lr=0.1),
+                                      named_parameters=theirs_model.named_parameters(), op=hvd.Average)
+    train(theirs_model, theirs, x, y)
+    diff = max(float((a - b).abs().max()) for a, b in zip(model.parameters(), theirs_model.parameters()))
+    moved = max(float((a - b).abs().max()) for a, b in zip(model.parameters(), model_and_data(rank)[0].parameters()))
+    return {"max_abs_diff": diff, "moved": moved}
+
+
+def check_rules(transport, rank):
+    out = {}
+    for name, params in RULES.items():
+        model, x, y = model_and_data(rank)
+        opt = fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), aggregator=name,
+                                          aggregator_params=params, transport=transport)
+        train(model, opt, x, y, steps=3)
+        finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+        out[name] = {"agree": agree(transport, model.parameters()), "finite": finite}
+    return out
+
+
+def check_features(transport, rank):
+    out = {}
+    # backward_passes_per_step=2 equals one pass on the summed loss of both halves.
+    model, x, y = model_and_data(rank)
+    opt = fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), aggregator="mean",
+                                      backward_passes_per_step=2, transport=transport)
+    opt.zero_grad()
+    F.cross_entropy(model(x[:16]), y[:16]).backward()
+    F.cross_entropy(model(x[16:]), y[16:]).backward()
+    opt.step()
+    ref, _, _ = model_and_data(rank)
+    ref_opt = fa_hvd.DistributedOptimizer(torch.optim.SGD(ref.parameters(), lr=0.1), aggregator="mean", transport=transport)
+    ref_opt.zero_grad()
+    (F.cross_entropy(ref(x[:16]), y[:16]) + F.cross_entropy(ref(x[16:]), y[16:])).backward()
+    ref_opt.step()
+    out["bpps2_diff"] = max(float((a - b).abs().max()) for a, b in zip(model.parameters(), ref.parameters()))
+
+    # fp16 compression (Horovod's Compression.fp16 when available, else an equivalent).
+    if transport.name == "horovod":
+        import horovod.torch as hvd
+        compression = hvd.Compression.fp16
+    else:
+        class compression:
+            compress = staticmethod(lambda t: (t.half(), t.dtype))
+            decompress = staticmethod(lambda t, ctx: t.to(ctx))
+    model, x, y = model_and_data(rank)
+    opt = fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), aggregator="flag",
+                                      aggregator_params={"f": 1, "r": 2}, compression=compression, transport=transport)
+    train(model, opt, x, y)
+    out["fp16_agree"] = agree(transport, model.parameters())
+
+    # A parameter that gets no gradient, and a frozen one.
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"used": nn.Linear(8, 3), "unused": nn.Linear(8, 3), "frozen": nn.Linear(8, 8)})
+    model["frozen"].requires_grad_(False)
+    frozen_before = model["frozen"].weight.clone()
+    unused_before = model["unused"].weight.clone()
+    opt = fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), named_parameters=model.named_parameters(),
+                                      aggregator="median", aggregator_params={"f": 1}, transport=transport)
+    _, x, y = model_and_data(rank)
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model["used"](model["frozen"](x)), y).backward()
+        opt.step()
+    out["frozen_unchanged"] = bool(torch.equal(model["frozen"].weight, frozen_before))
+    out["unused_unchanged"] = bool(torch.equal(model["unused"].weight, unused_before))
+    out["unused_agree"] = agree(transport, model.parameters())
+
+    # Two optimizers on one model, each over its own parameters.
+    model, x, y = model_and_data(rank)
+    first = fa_hvd.DistributedOptimizer(torch.optim.SGD(model[0].parameters(), lr=0.1), aggregator="flag",
+                                        aggregator_params={"f": 1, "r": 2}, transport=transport)
+    second = fa_hvd.DistributedOptimizer(torch.optim.Adam(model[2].parameters(), lr=0.01), aggregator="median",
+                                         aggregator_params={"f": 1}, transport=transport)
+    for _ in range(3):
+        first.zero_grad()
+        second.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        first.step()
+        second.step()
+    out["two_optimizers_agree"] = agree(transport, model.parameters())
+
+    # synchronize(), clipping, then step() under skip_synchronize().
+    model, x, y = model_and_data(rank)
+    opt = fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), aggregator="flag",
+                                      aggregator_params={"f": 1, "r": 2}, transport=transport)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.synchronize()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+    with opt.skip_synchronize():
+        opt.step()
+    clipped = torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters()))
+    out["clipped_norm"] = float(clipped)
+    out["clip_agree"] = agree(transport, model.parameters())
+    opt.zero_grad(set_to_none=False)
+    out["zero_grad_keeps_tensors"] = all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    opt.zero_grad(set_to_none=True)
+    out["zero_grad_sets_none"] = all(p.grad is None for p in model.parameters())
+
+    # Optimizer state (incl. the aggregator's) round-trips.
+    model, x, y = model_and_data(rank)
+    opt = fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), aggregator="cclip",
+                                      aggregator_params={"f": 1}, transport=transport)
+    train(model, opt, x, y, steps=2)
+    state = opt.state_dict()
+    out["aggregator_state_saved"] = "fa_hvd_aggregator" in state
+    opt.load_state_dict(state)
+    return out
+
+
+def check_mismatch(transport, rank):
+    width = 17 if rank == 1 else 16
+    model = nn.Sequential(nn.Linear(8, width), nn.Tanh(), nn.Linear(width, 3))
+    try:
+        fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), named_parameters=model.named_parameters(),
+                                    aggregator="mean", transport=transport)
+    except ValueError as exc:
+        return {"error": str(exc)}
+    return {"error": None}
+
+
+def check_bad_world(transport, rank):
+    model, _, _ = model_and_data(rank)
+    try:
+        fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), aggregator="bulyan",
+                                    aggregator_params={"f": 1}, transport=transport)
+    except ValueError as exc:
+        return {"error": str(exc)}
+    return {"error": None}
+
+
+CHECKS = {"mean_vs_horovod": check_mean_vs_horovod, "rules": check_rules, "features": check_features,
+          "mismatch": check_mismatch, "bad_world": check_bad_world}
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--transport", default="horovod")
+    parser.add_argument("checks", nargs="+", choices=sorted(CHECKS))
+    args = parser.parse_args()
+    transport = get_transport(args.transport)
+    report = {name: CHECKS[name](transport, transport.rank) for name in args.checks}
+    if transport.rank == 0:
+        print("RESULT " + json.dumps(report), flush=True)
+    sys.exit(0)

@@ -1,0 +1,67 @@
+"""``fa-hvd-bench aggregators`` at tiny sizes: the JSON lines, the skips, the FA-vs-direct accuracy."""
+
+import json
+
+import pytest
+
+from fa_hvd.bench.cli import main
+
+ROW_KEYS = {"bench", "rule", "params", "n", "p", "dtype", "device", "repeats", "median_s", "min_s"}
+DIRECT_KEYS = {"direct_s", "direct_repeats", "speedup_vs_direct"}
+
+
+def bench(capsys, *args):
+    """Run ``fa-hvd-bench aggregators ARGS``; return its stdout records and its stderr."""
+    assert main(["aggregators", "--repeats", "2", "--warmup", "1", *args]) == 0
+    captured = capsys.readouterr()
+    return [json.loads(line) for line in captured.out.splitlines()], captured.err
+
+
+def test_rows_summary_and_direct(capsys):
+    records, err = bench(capsys, "--n", "3000,1e3", "--p", "7", "--f", "1", "--rules", "flag,mean", "--direct")
+    rows = [r for r in records if "summary" not in r]
+    summaries = [r["summary"] for r in records if "summary" in r]
+    assert {(r["rule"], r["n"]) for r in rows} == {
+        (rule, n) for rule in ("flag[default]", "flag[reference]", "mean", "multikrum") for n in (3000, 1000)
+    }
+    for row in rows:
+        assert ROW_KEYS <= set(row) and row["bench"] == "aggregators"
+        assert (row["p"], row["dtype"], row["device"], row["repeats"]) == (7, "float32", "cpu", 2)
+        assert 0 < row["min_s"] <= row["median_s"]
+        if row["rule"].startswith("flag["):
+            assert row["params"]["mode"] in row["rule"]
+            assert (row["params"]["lambda_"], row["params"]["iterations"]) == (1.0, 4)
+            assert DIRECT_KEYS | {"vs_multikrum"} <= set(row) and row["direct_repeats"] == 1
+            assert row["direct_s"] > 0 and row["speedup_vs_direct"] > 0 and row["vs_multikrum"] > 0
+    reference = [r for r in rows if r["rule"] == "flag[reference]"]
+    assert all(r["max_rel_diff"] < 1e-6 for r in reference)
+    assert [(s["n"], s["p"]) for s in summaries] == [(3000, 7), (1000, 7)]
+    for s in summaries:
+        assert isinstance(s["fa_within_1_5x_multikrum"], bool)
+        assert isinstance(s["fa_100x_faster_than_direct"], bool)
+    assert "multikrum added" in err and "n=3e3 p=7" in err  # the note and the table
+
+
+def test_precondition_skip_and_defaults(capsys):
+    records, err = bench(capsys, "--n", "500", "--p", "6", "--f", "2", "--rules", "krum,median,flag", "--dtype", "bf16")
+    rows = [r for r in records if "summary" not in r]
+    assert [r["rule"] for r in rows] == ["median", "flag[default]", "flag[reference]"]
+    assert all(r["dtype"] == "bfloat16" for r in rows)
+    assert "skip krum" in err and "skip multikrum" in err
+    assert all(set(r["params"]) == {"f", "mode", "r"} for r in rows if r["rule"].startswith("flag["))
+    assert not DIRECT_KEYS & set().union(*rows) and "vs_multikrum" not in records[-1]["summary"]
+
+
+@pytest.mark.parametrize("argv", [["--rules", "nope"], ["--n", "1.5"], ["--repeats", "0"], ["--dtype", "int8"]])
+def test_bad_options(argv):
+    with pytest.raises(SystemExit):
+        main(["aggregators", *argv])
+
+
+def test_help_describes_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["aggregators", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--rules", "--n", "--p", "--f", "--dtype", "--device", "--repeats", "--warmup",
+                   "--direct", "--lambda", "--iterations", "--r", "--seed"):  # fmt: skip
+        assert f"  {option} " in text or f"  {option}\n" in text
