@@ -142,7 +142,13 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._launch_ready(force=True)
         gathered = []
         for bucket in self._buckets:
-            rows = self._transport.wait(bucket.handle)
+            try:
+                rows = self._transport.wait(bucket.handle)
+            except Exception as exc:
+                raise RuntimeError(
+                    f"fa_hvd: rank {self._transport.rank}: the gradient exchange failed at step "
+                    f"{self.step_count} (bucket {bucket.index}): {exc}"
+                ) from exc
             gathered.append(self._compression.decompress(rows, bucket.ctx))
             bucket.handle = bucket.ctx = None
         if gathered:

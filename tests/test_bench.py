@@ -18,7 +18,8 @@ def bench(capsys, *args):
 
 
 def test_rows_summary_and_direct(capsys):
-    records, err = bench(capsys, "--n", "3000,1e3", "--p", "7", "--f", "1", "--rules", "flag,mean", "--direct")
+    records, err = bench(capsys, "--n", "3000,1e3", "--p", "7", "--f", "1", "--rules", "flag,mean",
+                         "--direct")
     rows = [r for r in records if "summary" not in r]
     summaries = [r["summary"] for r in records if "summary" in r]
     assert {(r["rule"], r["n"]) for r in rows} == {
@@ -43,7 +44,8 @@ def test_rows_summary_and_direct(capsys):
 
 
 def test_precondition_skip_and_defaults(capsys):
-    records, err = bench(capsys, "--n", "500", "--p", "6", "--f", "2", "--rules", "krum,median,flag", "--dtype", "bf16")
+    records, err = bench(capsys, "--n", "500", "--p", "6", "--f", "2", "--rules", "krum,median,flag",
+                         "--dtype", "bf16")
     rows = [r for r in records if "summary" not in r]
     assert [r["rule"] for r in rows] == ["median", "flag[default]", "flag[reference]"]
     assert all(r["dtype"] == "bfloat16" for r in rows)
@@ -52,7 +54,10 @@ def test_precondition_skip_and_defaults(capsys):
     assert not DIRECT_KEYS & set().union(*rows) and "vs_multikrum" not in records[-1]["summary"]
 
 
-@pytest.mark.parametrize("argv", [["--rules", "nope"], ["--n", "1.5"], ["--repeats", "0"], ["--dtype", "int8"]])
+BAD = [["--rules", "nope"], ["--n", "1.5"], ["--repeats", "0"], ["--dtype", "int8"]]
+
+
+@pytest.mark.parametrize("argv", BAD)
 def test_bad_options(argv):
     with pytest.raises(SystemExit):
         main(["aggregators", *argv])

@@ -456,7 +456,7 @@ def test_crash_prints_and_exits_with_the_code(monkeypatch, capsys):
     assert capsys.readouterr().err == "fa_hvd fault: rank 2 crashes at step 4\n"
 
 
-def test_hang_sleeps_forever(monkeypatch):
+def test_hang_sleeps_forever(monkeypatch, capsys):
     sleeps = []
 
     def fake_sleep(seconds):
@@ -471,3 +471,4 @@ def test_hang_sleeps_forever(monkeypatch):
     with pytest.raises(Exited):
         send(inj, G, step=2)
     assert len(sleeps) == 3 and all(s > 0 for s in sleeps)
+    assert capsys.readouterr().err == "fa_hvd fault: rank 0 hangs at step 2\n"

@@ -11,7 +11,7 @@ import torch
 
 
 def flag_direct(G: torch.Tensor, r: int, lambda_: float, T: int, eps: float = 1e-7) -> torch.Tensor:
-    """The released FA on ``G`` (``(p, n)``): rank ``r``, pair weight ``lambda_``, at most ``T`` IRLS steps."""
+    """The released FA of ``G`` (``(p, n)``): rank ``r``, pair weight ``lambda_``, up to ``T`` IRLS steps."""
     p, n = G.shape
     H = (G / G.norm(dim=1, keepdim=True)).T  # (n, p)
     torch.manual_seed(1)

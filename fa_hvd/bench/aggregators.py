@@ -66,7 +66,8 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--n", type=_sizes, default=[1_000_000], metavar="LIST",
                         help="comma list of gradient lengths n, e.g. 1e5,1e6 (default: 1000000)")
-    parser.add_argument("--p", type=_sizes, default=[15], metavar="LIST", help="comma list of worker counts p (default: 15)")
+    parser.add_argument("--p", type=_sizes, default=[15], metavar="LIST",
+                        help="comma list of worker counts p (default: 15)")
     parser.add_argument("--f", type=_count(0), default=3,
                         help="Byzantine count f given to every rule; a rule whose precondition fails "
                         "for a p is skipped with a note on stderr (default: 3)")
@@ -93,6 +94,7 @@ def add_parser(subparsers) -> None:
 
 
 def _rules(text: str) -> list[str]:
+    """``--rules``: known rule names, in order, without repeats."""
     rules = list(dict.fromkeys(name.strip().lower() for name in text.split(",")))
     unknown = [name for name in rules if name not in names()]
     if unknown:
@@ -101,16 +103,19 @@ def _rules(text: str) -> list[str]:
 
 
 def _sizes(text: str) -> list[int]:
+    """``--n``, ``--p``: positive integers, ``1e6`` notation allowed."""
     try:
         values = [float(item) for item in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a comma list of positive integers, got {text!r}")
-    if not all(value >= 1 and value == int(value) for value in values):
+    if not all(value >= 1 and value.is_integer() for value in values):
         raise argparse.ArgumentTypeError(f"expected a comma list of positive integers, got {text!r}")
     return [int(value) for value in values]
 
 
 def _count(low: int):
+    """An argparse type: an integer >= ``low``."""
+
     def parse(text: str) -> int:
         value = int(text)
         if value < low:
@@ -122,6 +127,7 @@ def _count(low: int):
 
 
 def _device(text: str) -> str:
+    """``--device``: cpu, or cuda when available."""
     if text not in ("cpu", "cuda"):
         raise argparse.ArgumentTypeError(f"expected cpu or cuda, got {text!r}")
     if text == "cuda" and not torch.cuda.is_available():
@@ -153,7 +159,7 @@ def flag_settings(args: argparse.Namespace) -> dict:
 
 
 def rule_specs(args: argparse.Namespace) -> list[tuple[str, dict]]:
-    """``(label, params)`` per timed rule: the rule is the label up to ``[``, built by ``get(rule, **params)``."""
+    """``(label, params)`` per timed rule; the rule, the label up to ``[``, is ``get(rule, **params)``."""
     rules = list(args.rules)
     if "flag" in rules and "multikrum" not in rules:
         _log("multikrum added: FA rows report vs_multikrum")
@@ -161,7 +167,8 @@ def rule_specs(args: argparse.Namespace) -> list[tuple[str, dict]]:
     specs = []
     for name in rules:
         if name == "flag":
-            specs += [(f"flag[{mode}]", {"f": args.f, "mode": mode, **flag_settings(args)}) for mode in FLAG_MODES]
+            flag = {"f": args.f, **flag_settings(args)}
+            specs += [(f"flag[{mode}]", {**flag, "mode": mode}) for mode in FLAG_MODES]
         else:
             specs.append((name, {"f": args.f}))
     return specs

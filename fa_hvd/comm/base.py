@@ -7,7 +7,41 @@ bfloat16 allgather, so callers send bf16 as fp32 or fp16.
 
 from __future__ import annotations
 
+import os
+import time
+from typing import Callable
+
 import torch
+
+TIMEOUT_ENV = "FA_HVD_COLLECTIVE_TIMEOUT_SECONDS"
+
+
+def collective_timeout(environ=os.environ) -> float | None:
+    """Seconds a rank waits for a collective before giving up (None: forever).
+
+    ``FA_HVD_COLLECTIVE_TIMEOUT_SECONDS`` if set (0 = forever); otherwise Horovod's
+    stall shutdown time plus 30 s, a backstop for controllers whose stall inspector
+    does not shut the job down (Gloo in Horovod 0.28.1).
+    """
+    if TIMEOUT_ENV in environ:
+        value = float(environ[TIMEOUT_ENV])
+    else:
+        value = float(environ.get("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", "300")) + 30
+    return value if value > 0 else None
+
+
+def wait_until(done: Callable[[], bool], timeout: float | None, what: str) -> None:
+    """Poll ``done`` with a growing sleep (up to 10 ms); raise ``TimeoutError`` past ``timeout``."""
+    if timeout is None or done():
+        return
+    deadline = time.monotonic() + timeout
+    pause = 1e-5
+    while not done():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: no answer from every rank within {timeout:.0f} s "
+                               f"(a rank is hung or dead; {TIMEOUT_ENV} sets the limit)")
+        time.sleep(pause)
+        pause = min(2 * pause, 0.01)
 
 
 class Handle:

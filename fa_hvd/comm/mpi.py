@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from .base import Handle, Transport
+from .base import Handle, Transport, collective_timeout, wait_until
 
 
 class _MPIHandle(Handle):
@@ -30,6 +30,7 @@ class MPITransport(Transport):
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
+        self.timeout = collective_timeout()
         self.local_rank = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", os.environ.get("MPI_LOCALRANKID", 0)))
 
     def allgather_async(self, tensor: torch.Tensor, name: str) -> Handle:
@@ -41,7 +42,7 @@ class MPITransport(Transport):
         return _MPIHandle(request, send, recv, tensor.device, tensor.dtype, shape)
 
     def wait(self, handle: Handle) -> torch.Tensor:
-        handle.request.Wait()
+        wait_until(handle.request.Test, self.timeout, "allgather")
         return handle.recv.view(handle.dtype).reshape(handle.shape).to(handle.device)
 
     def broadcast_(self, tensor: torch.Tensor, root: int, name: str) -> torch.Tensor:

@@ -31,8 +31,9 @@ def crash(rank: int, step: int, exit_code: int) -> None:
     os._exit(exit_code)
 
 
-def hang() -> None:
-    """Stop answering: sleep forever."""
+def hang(rank: int, step: int) -> None:
+    """Stop answering: say so once, then sleep forever."""
+    print(f"fa_hvd fault: rank {rank} hangs at step {step}", file=sys.stderr, flush=True)
     while True:
         time.sleep(3600)
 
@@ -129,7 +130,7 @@ class FaultInjector:
             if spec.kind == "slow":
                 time.sleep(spec.params["delay"])
             elif spec.kind == "hang":
-                hang()
+                hang(self.rank, step)
             else:
                 crash(self.rank, step, spec.params["exit_code"])
 
