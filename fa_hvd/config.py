@@ -58,6 +58,30 @@ def load(cls, path: str | Path):
     return from_dict(cls, data)
 
 
+def parse_value(text: str):
+    """A command-line value: ``"3"`` -> 3, ``"0.5"`` -> 0.5, ``"true"`` -> True, else the string."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_key_values(items, source: str) -> dict:
+    """``["r=8", "mode=reference"]`` -> ``{"r": 8, "mode": "reference"}``; ``source`` names the origin in errors."""
+    params = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{source}: expected key=value, got {item!r}")
+        params[key.strip()] = parse_value(value.strip())
+    return params
+
+
 def _key(where: str, name: str) -> str:
     return f"{where}.{name}" if where else name
 

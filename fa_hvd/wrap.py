@@ -26,29 +26,7 @@ import runpy
 import sys
 
 from .aggregators import get as get_aggregator
-
-
-def _value(text: str):
-    """``"3"`` -> 3, ``"0.5"`` -> 0.5, ``"true"`` -> True, anything else stays a string."""
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def _pairs(items, source: str) -> dict:
-    params = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"{source}: expected key=value, got {item!r}")
-        params[key.strip()] = _value(value.strip())
-    return params
+from .config import parse_key_values, parse_value
 
 
 def parse_args(argv, environ=os.environ):
@@ -68,10 +46,10 @@ def parse_args(argv, environ=os.environ):
     args = parser.parse_args(argv)
     env_params = [p for p in environ.get("FA_HVD_PARAMS", "").split(",") if p.strip()]
     try:
-        params = {**_pairs(env_params, "FA_HVD_PARAMS"), **_pairs(args.param, "--param")}
+        params = {**parse_key_values(env_params, "FA_HVD_PARAMS"), **parse_key_values(args.param, "--param")}
         f = args.f if args.f is not None else environ.get("FA_HVD_F")
         if f is not None:
-            params["f"] = _value(str(f))
+            params["f"] = parse_value(str(f))
         get_aggregator(args.aggregator, **params)  # fail here, not inside the script
     except ValueError as exc:
         parser.error(str(exc))

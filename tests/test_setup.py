@@ -36,13 +36,25 @@ def test_four_rank_allgather(kind):
     assert "GATHERED [0.0, 1.0, 2.0, 3.0] SIZE 4" in proc.stdout.replace("\n", "").replace("[1,0]<stdout>:", ""), output(proc)
 
 
+def _final_accuracy(stdout: str, epochs: int) -> float:
+    return float(stdout.split(f"epoch {epochs}/{epochs}")[1].split("test accuracy")[1].split()[0])
+
+
 @pytest.mark.slow
-def test_demo_trains_and_ranks_agree():
-    proc = launch("gloo", 4, ["fa-hvd-demo", "--config", "configs/demo.yaml", "--epochs", "3"])
+def test_demo_survives_its_byzantine_rank_and_ranks_agree():
+    proc = launch("gloo", 4, ["fa-hvd-demo", "--config", "configs/demo.yaml"])
     assert proc.returncode == 0, output(proc)
-    assert "epoch 3/3" in proc.stdout and "bit-identical on every rank" in proc.stdout, output(proc)
-    accuracy = float(proc.stdout.split("epoch 3/3")[1].split("test accuracy")[1].split()[0])
-    assert accuracy > 0.8
+    assert "fault: reverse" in proc.stdout and "rank 3 injected: reverse x55" in proc.stdout, output(proc)
+    assert "bit-identical on every rank" in proc.stdout, output(proc)
+    assert _final_accuracy(proc.stdout, 5) > 0.85
+
+
+@pytest.mark.slow
+def test_demo_with_mean_falls_to_the_same_byzantine_rank():
+    proc = launch("gloo", 4, ["fa-hvd-demo", "--config", "configs/demo.yaml", "--aggregator", "mean", "--f", "1",
+                              "--epochs", "2"])
+    assert proc.returncode == 0, output(proc)
+    assert _final_accuracy(proc.stdout, 2) < 0.3
 
 
 def test_digits_is_the_embedded_default():
@@ -99,7 +111,8 @@ def test_data_dir_errors(tmp_path):
     ({"epochs": "many"}, "epochs: expected an integer"),
     ({"lr": -1.0}, "lr must be > 0"),
     ({"model": "resnet"}, "model: expected one of"),
-    ({"aggregator": "nosuch"}, "unknown rule"),
+    ({"aggregator": "nosuch"}, "unknown aggregation rule"),
+    ({"aggregator": "mean", "aggregator_params": {"r": 2}}, "mean: unknown parameter"),
     ({"learning_rate": 0.1}, "learning_rate: unknown key"),
     ({"data": "dir"}, "needs data_dir"),
 ])

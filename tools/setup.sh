@@ -77,7 +77,7 @@ if ! "$PY" -c "import horovod.torch, horovod; assert horovod.__version__ == '$HO
     say "building horovod $HOROVOD_VERSION against torch $torch_version ($flavour; a few minutes; log: $log)"
     # shellcheck source=tools/horovod-build.env
     source tools/horovod-build.env
-    if ! "$PY" -m pip wheel -v --no-deps --no-build-isolation --no-binary horovod \
+    if ! "$PY" -m pip wheel -v --no-cache-dir --no-deps --no-build-isolation --no-binary horovod \
          -w "$wheel_dir/tmp" "horovod==$HOROVOD_VERSION" >"$log" 2>&1; then
       tail -n 40 "$log" >&2
       rm -rf "$wheel_dir/tmp"
