@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 
-from . import aggregators
+from . import aggregators, step
 
-BENCHMARKS = (aggregators,)
+BENCHMARKS = (aggregators, step)
 
 
 def main(argv: list[str] | None = None) -> int:
