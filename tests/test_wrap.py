@@ -44,9 +44,9 @@ def test_mnist_style_script_unchanged_with_fp16_and_predivide():
 
 @pytest.mark.slow
 def test_synthetic_benchmark_style_script_with_faults_from_the_environment():
-    faults = "[{kind: signflip, ranks: [3]}, {kind: nan, ranks: [2], start_step: 2}]"
+    faults = "[{kind: signflip, ranks: [3], stop_step: 2}, {kind: nan, ranks: [3], start_step: 2}]"
     proc = launch("mpi", 4, ["python", "-m", "fa_hvd.wrap", str(SCRIPTS / "hvd_synthetic_style.py")],
-                  env={"FA_HVD_AGGREGATOR": "median", "FA_HVD_F": "2", "FA_HVD_FAULTS": faults})
+                  env={"FA_HVD_AGGREGATOR": "median", "FA_HVD_F": "1", "FA_HVD_FAULTS": faults})
     found = results(proc)
     assert proc.returncode == 0 and found, output(proc)
     assert found[0]["finite"] and found[0]["img_sec_per_rank"] > 0
