@@ -29,16 +29,16 @@ class Aggregator:
 
     name = "aggregator"
     robust = True
+    requires = (0, 1)  # (a, b): the rule needs p >= a f + b workers
 
     def __init__(self, f: int = 0):
-        if isinstance(f, bool) or not isinstance(f, int) or f < 0:
-            raise ValueError(f"{self.name}: f must be a non-negative integer, got {f!r}")
-        self.f = f
+        self.f = check_f(f, self.name)
 
     # -- preconditions ---------------------------------------------------------
     def min_workers(self, f: int) -> int:
         """Smallest number of workers the rule accepts for ``f`` Byzantine ones."""
-        return 1
+        a, b = self.requires
+        return a * f + b
 
     def check(self, p: int, f: int | None = None) -> None:
         """Raise ``ValueError`` unless the rule can aggregate ``p`` workers."""
@@ -52,7 +52,8 @@ class Aggregator:
 
     def precondition(self) -> str:
         """The precondition in words, for error messages."""
-        return "p >= 1"
+        a, b = self.requires
+        return f"p >= {a}f + {b}" if a else f"p >= {b}"
 
     # -- aggregation -------------------------------------------------------------
     def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
@@ -95,9 +96,7 @@ class PreAggregator:
     name = "pre"
 
     def __init__(self, f: int = 0):
-        if isinstance(f, bool) or not isinstance(f, int) or f < 0:
-            raise ValueError(f"{self.name}: f must be a non-negative integer, got {f!r}")
-        self.f = f
+        self.f = check_f(f, self.name)
 
     def out_workers(self, p: int) -> int:
         return p
@@ -154,6 +153,13 @@ class Composed(Aggregator):
 
     def __repr__(self) -> str:
         return f"Composed({self.stages!r}, {self.rule!r})"
+
+
+def check_f(f, name: str) -> int:
+    """``f`` must be a non-negative integer."""
+    if isinstance(f, bool) or not isinstance(f, int) or f < 0:
+        raise ValueError(f"{name}: f must be a non-negative integer, got {f!r}")
+    return f
 
 
 def finite_rows(G: torch.Tensor) -> torch.Tensor:

@@ -24,11 +24,7 @@ from .median import coordinatewise, sorted_median
 class Bulyan(Aggregator):
     name = "bulyan"
 
-    def min_workers(self, f: int) -> int:
-        return 4 * f + 3
-
-    def precondition(self) -> str:
-        return "p >= 4f + 3"
+    requires = (4, 3)  # p >= 4f + 3
 
     def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
         p = G.shape[0]

@@ -36,11 +36,7 @@ class CClip(Aggregator):
         self.tau, self.iterations = float(tau), int(iterations)
         self.center: torch.Tensor | None = None
 
-    def min_workers(self, f: int) -> int:
-        return 2 * f + 1
-
-    def precondition(self) -> str:
-        return "p >= 2f + 1"
+    requires = (2, 1)  # p >= 2f + 1
 
     def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
         p, n = G.shape

@@ -39,11 +39,7 @@ class GeoMed(Aggregator):
             raise ValueError(f"{self.name}: tol must be a non-negative number, got {tol!r}")
         self.iterations, self.nu, self.tol = int(iterations), float(nu), float(tol)
 
-    def min_workers(self, f: int) -> int:
-        return 2 * f + 1
-
-    def precondition(self) -> str:
-        return "p >= 2f + 1"
+    requires = (2, 1)  # p >= 2f + 1
 
     def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
         p = G.shape[0]

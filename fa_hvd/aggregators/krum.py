@@ -46,11 +46,7 @@ def krum_order(D: torch.Tensor, f: int) -> torch.Tensor:
 class Krum(Aggregator):
     name = "krum"
 
-    def min_workers(self, f: int) -> int:
-        return 2 * f + 3
-
-    def precondition(self) -> str:
-        return "p >= 2f + 3"
+    requires = (2, 3)  # p >= 2f + 3
 
     def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
         return G[int(krum_order(sq_distances(G), f)[0])].clone()

@@ -26,11 +26,7 @@ _BATCH_BUDGET = 1 << 22  # elements of the (batch, q, q) distance blocks
 class MDA(Aggregator):
     name = "mda"
 
-    def min_workers(self, f: int) -> int:
-        return 2 * f + 1
-
-    def precondition(self) -> str:
-        return "p >= 2f + 1"
+    requires = (2, 1)  # p >= 2f + 1
 
     def check(self, p: int, f: int | None = None) -> None:
         super().check(p, f)

@@ -39,11 +39,7 @@ def coordinatewise(G: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tenso
 class Median(Aggregator):
     name = "median"
 
-    def min_workers(self, f: int) -> int:
-        return 2 * f + 1
-
-    def precondition(self) -> str:
-        return "p >= 2f + 1"
+    requires = (2, 1)  # p >= 2f + 1
 
     def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
         return coordinatewise(G, sorted_median)

@@ -17,11 +17,7 @@ from .median import coordinatewise
 class TrimmedMean(Aggregator):
     name = "trimmed_mean"
 
-    def min_workers(self, f: int) -> int:
-        return 2 * f + 1
-
-    def precondition(self) -> str:
-        return "p >= 2f + 1"
+    requires = (2, 1)  # p >= 2f + 1
 
     def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
         p = G.shape[0]
