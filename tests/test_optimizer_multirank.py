@@ -43,6 +43,7 @@ def test_horovod_keywords_and_optimizer_features(report):
     assert r["clipped_norm"] == pytest.approx(1e-3, rel=1e-3) and r["clip_agree"]
     assert r["zero_grad_keeps_tensors"] and r["zero_grad_sets_none"]
     assert r["aggregator_state_saved"]
+    assert r["bf16_agree"] and r["bf16_dtype_kept"]
 
 
 def test_models_that_differ_across_ranks_fail_with_names(report):

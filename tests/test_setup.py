@@ -129,3 +129,49 @@ def test_shipped_config_loads():
 def test_demo_help():
     proc = subprocess.run([sys.executable, "-m", "fa_hvd.demo", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "--aggregator" in proc.stdout
+
+
+def _restricted_path(tmp_path, tools):
+    """A PATH holding only ``tools`` (symlinks), to play a machine that lacks the others."""
+    import shutil
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in tools:
+        # The interpreter behind the venv: a pyenv shim would need pyenv on PATH.
+        found = getattr(sys, "_base_executable", sys.executable) if tool == "python3" else shutil.which(tool)
+        assert found, tool
+        (bin_dir / tool).symlink_to(found)
+    return str(bin_dir)
+
+
+def _setup_copy(tmp_path):
+    import shutil
+
+    copy = tmp_path / "repo"
+    (copy / "tools").mkdir(parents=True)
+    for name in ("setup.sh", "requirements.txt", "horovod-build.env", "horovod-build.cmake"):
+        shutil.copy(ROOT / "tools" / name, copy / "tools" / name)
+    shutil.copy(ROOT / "pyproject.toml", copy / "pyproject.toml")
+    return copy
+
+
+BASIC = ["bash", "cat", "cut", "sha256sum", "dirname", "id", "python3"]
+
+
+def test_setup_names_a_missing_compiler(tmp_path):
+    copy = _setup_copy(tmp_path)
+    path = _restricted_path(tmp_path, BASIC + ["make", "cmake"])
+    proc = subprocess.run(["bash", "tools/setup.sh"], cwd=copy, capture_output=True, text=True,
+                          env={"PATH": path, "HOME": str(tmp_path)})
+    assert proc.returncode == 1
+    assert "missing: g++" in proc.stderr and "C++ compiler" in proc.stderr, proc.stderr
+
+
+def test_setup_names_missing_mpi_and_apt_get(tmp_path):
+    copy = _setup_copy(tmp_path)
+    path = _restricted_path(tmp_path, BASIC + ["make", "cmake", "g++"])
+    proc = subprocess.run(["bash", "tools/setup.sh"], cwd=copy, capture_output=True, text=True,
+                          env={"PATH": path, "HOME": str(tmp_path)})
+    assert proc.returncode == 1
+    assert "no MPI (mpirun/mpicxx) and no apt-get" in proc.stderr, proc.stderr

@@ -150,6 +150,15 @@ def check_features(transport, rank):
     opt.zero_grad(set_to_none=True)
     out["zero_grad_sets_none"] = all(p.grad is None for p in model.parameters())
 
+    # bf16 parameters: gradients travel as fp32 (Horovod's allgather has no bf16).
+    model, x, y = model_and_data(rank)
+    model = model.to(torch.bfloat16)
+    opt = fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), aggregator="flag",
+                                      aggregator_params={"f": 1, "r": 2}, transport=transport)
+    train(model, opt, x.to(torch.bfloat16), y, steps=2)
+    out["bf16_agree"] = agree(transport, model.parameters())
+    out["bf16_dtype_kept"] = all(p.dtype == torch.bfloat16 and p.grad.dtype == torch.bfloat16 for p in model.parameters())
+
     # Optimizer state (incl. the aggregator's) round-trips.
     model, x, y = model_and_data(rank)
     opt = fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), aggregator="cclip",
