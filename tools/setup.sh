@@ -23,8 +23,17 @@ STAMP="$VENV/.fa_hvd-setup"
 say() { printf '[setup] %s\n' "$*"; }
 die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
 
-flavour="cpu"
-[ "${HOROVOD_GPU_OPERATIONS:-}" = "NCCL" ] && flavour="nccl"
+# The Horovod flavour: nccl when HOROVOD_GPU_OPERATIONS=NCCL, cpu when it is set to
+# anything else; unset, the flavour of the last set-up stays (so a later plain
+# `make test` keeps an NCCL build).
+FLAVOUR_FILE="$VENV/.fa_hvd-flavour"
+if [ -n "${HOROVOD_GPU_OPERATIONS:-}" ]; then
+  flavour=$([ "$HOROVOD_GPU_OPERATIONS" = NCCL ] && echo nccl || echo cpu)
+elif [ -f "$FLAVOUR_FILE" ]; then
+  flavour="$(cat "$FLAVOUR_FILE")"
+else
+  flavour="cpu"
+fi
 fingerprint="$(cat tools/requirements.txt tools/horovod-build.env tools/horovod-build.cmake \
   tools/setup.sh pyproject.toml | sha256sum | cut -c1-16)-$flavour"
 
@@ -70,13 +79,25 @@ say "installing Python packages (tools/requirements.txt)"
 torch_version="$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')"
 py_tag="$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"
 wheel_dir="$CACHE/horovod-$HOROVOD_VERSION-torch$torch_version-$py_tag-$flavour"
-if ! "$PY" -c "import horovod.torch, horovod; assert horovod.__version__ == '$HOROVOD_VERSION'" 2>/dev/null; then
+want_nccl=$([ "$flavour" = nccl ] && echo True || echo False)
+if ! "$PY" -c "import horovod, horovod.torch as h
+assert horovod.__version__ == '$HOROVOD_VERSION' and bool(h.nccl_built()) == $want_nccl" 2>/dev/null; then
   if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
     mkdir -p "$wheel_dir"
     log="$wheel_dir/build.log"
     say "building horovod $HOROVOD_VERSION against torch $torch_version ($flavour; a few minutes; log: $log)"
     # shellcheck source=tools/horovod-build.env
     source tools/horovod-build.env
+    if [ "$flavour" = nccl ] && [ -z "${HOROVOD_NCCL_HOME:-}${HOROVOD_NCCL_INCLUDE:-}${HOROVOD_NCCL_LIB:-}" ]; then
+      # No NCCL named: use the one torch brought (nvidia-nccl-*), which ships only libnccl.so.2.
+      nccl_pkg="$("$PY" -c 'import nvidia.nccl as m; print(list(m.__path__)[0])' 2>/dev/null || true)"
+      [ -f "$nccl_pkg/include/nccl.h" ] \
+        || die "HOROVOD_GPU_OPERATIONS=NCCL: set HOROVOD_NCCL_HOME (or HOROVOD_NCCL_INCLUDE and HOROVOD_NCCL_LIB)"
+      mkdir -p "$wheel_dir/nccl-lib"
+      ln -sf "$nccl_pkg/lib/libnccl.so.2" "$wheel_dir/nccl-lib/libnccl.so"
+      export HOROVOD_NCCL_INCLUDE="$nccl_pkg/include" HOROVOD_NCCL_LIB="$wheel_dir/nccl-lib"
+      say "NCCL from $nccl_pkg"
+    fi
     if ! "$PY" -m pip wheel -v --no-cache-dir --no-deps --no-build-isolation --no-binary horovod \
          -w "$wheel_dir/tmp" "horovod==$HOROVOD_VERSION" >"$log" 2>&1; then
       tail -n 40 "$log" >&2
@@ -94,5 +115,6 @@ say "installing fa_hvd (editable)"
 "$PY" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 
 "$VENV/bin/horovodrun" --check-build | sed -n '/Available/,$p' | tr -s ' \n' ' ' | sed 's/^/[setup] horovod: /'; echo
+echo "$flavour" >"$FLAVOUR_FILE"
 echo "$fingerprint" >"$STAMP"
 say "done"
