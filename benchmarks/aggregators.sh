@@ -10,7 +10,9 @@
 #   3. Scaling in p (8, 15, 32, 64) at n = 1e6.
 # Writes a fresh file of JSON lines (one per rule and size, plus a summary line per
 # size with FA's bar checks); each part prints a table of median times to stderr.
-# Peak memory is about 5 GB (part 1's direct FA; part 2's G at n = 1.1e7 is 660 MB).
+# About 4 minutes on 2 idle cores. Peak memory is about 13 GB, in part 1's fp64 run
+# of the direct FA (the n x 225 stacked matrix, its copies and the SVD's); the rest
+# stays under 3 GB (part 2's G at n = 1.1e7 is 660 MB).
 # Usage: benchmarks/aggregators.sh [OUT.jsonl [EXTRA ARGS...]]  (e.g. --device cuda)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)

@@ -7,6 +7,10 @@ Starting from a centre ``v``, repeat ``iterations`` times
 Each step moves ``v`` by at most ``tau``, and ``f`` Byzantine rows move it by at
 most ``f tau / p``. Precondition ``p >= 2f + 1``.
 
+Computed in Gram space: ``v = a v0 + G^T c`` with ``v0`` the starting centre, so
+every ``||g_i - v||`` comes from ``K = G G^T``, ``G v0`` and ``||v0||`` (fp64); the
+iterations update ``(a, c)`` only and ``G`` is read three times in all.
+
 State: the centre is the previous step's aggregate (zeros on the first call),
 kept in ``self.center``. :meth:`state_dict` returns ``{"center": tensor or None}``
 (a CPU copy) and :meth:`load_state_dict` restores it; the optimizer stores it in
@@ -22,6 +26,7 @@ import numbers
 import torch
 
 from .base import Aggregator
+from .geometry import gram
 
 
 class CClip(Aggregator):
@@ -46,12 +51,18 @@ class CClip(Aggregator):
             raise ValueError(f"{self.name}: gradient length changed from {self.center.numel()} to {n}")
         else:
             v = self.center.to(device=G.device, dtype=G.dtype)
+        K = gram(G)
+        Gv0 = (G @ v).double()
+        v0_sq = float(v.double() @ v.double())
+        a, c = 1.0, torch.zeros(p, dtype=torch.float64, device=G.device)
         for _ in range(self.iterations):
-            step = torch.zeros_like(v)
-            for g in G:
-                diff = g - v
-                step += diff * (self.tau / torch.linalg.vector_norm(diff)).clamp(max=1)
-            v = v + step / p
+            # ||g_i - v||^2 = K_ii - 2 (a G v0 + K c)_i + a^2 ||v0||^2 + 2 a c.G v0 + c^T K c
+            Kc = K @ c
+            v_sq = a * a * v0_sq + 2 * a * float(c @ Gv0) + float(c @ Kc)
+            dist = (K.diagonal() - 2 * (a * Gv0 + Kc) + v_sq).clamp_min(0).sqrt()
+            w = (self.tau / dist).clamp(max=1) / p  # dist == 0 gives inf -> 1
+            a, c = a * (1 - float(w.sum())), c * (1 - w.sum()) + w
+        v = a * v + G.T @ c.to(G.dtype)
         self.center = v
         return v.clone()
 
