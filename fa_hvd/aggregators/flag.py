@@ -41,7 +41,8 @@ Modes:
   projection points against the consensus ``d = sum_i Y Y^T h_i``
   (``<Y^T h_i, Y^T d> < 0``) are dropped, at most ``f`` of them, the most opposed
   first. The output has a principled scale: the mean of the kept projections
-  times the median gradient norm, so ``p`` identical gradients ``g`` give ``g``.
+  times the median gradient norm (as in ``nmean``: the mean of the two middle
+  norms for an even count), so ``p`` identical gradients ``g`` give ``g``.
 
 Zero gradients have no direction: their ``h_i`` is taken as 0 (they add nothing
 to the subspace or the sum). Precondition: ``r >= 1``; any ``p >= 1``.
@@ -50,11 +51,13 @@ to the subspace or the sum). Precondition: ``r >= 1``; any ``p >= 1``.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
 from .base import Aggregator
 from .geometry import gram
+from .median import sorted_median
 
 REFERENCE_EPS = 1e-7
 REFERENCE_STOP = 1e-10
@@ -109,15 +112,10 @@ class Flag(Aggregator):
             return torch.zeros(G.shape[1], dtype=G.dtype, device=G.device)
         # Descending eigenvalues: the leading coordinates carry the most energy.
         evals, evecs = evals[keep].flip(0), evecs[:, keep].flip(1)
-        R = evals.sqrt()[:, None] * evecs.T  # (k, p): H = Q R
+        basis = _GramBasis(inv, evals, evecs, evals.sqrt()[:, None] * evecs.T)
         if self.mode == "reference":
-            coeff = self._reference(G, inv, R, evals, evecs)
-        else:
-            coeff = self._default(R, evals, evecs, norms, f)
-        if isinstance(coeff, tuple):  # the random start survived: output lies outside span(H)
-            Uc, rhs = coeff
-            return Uc @ rhs.to(Uc.dtype)
-        return G.T @ (coeff * inv).to(G.dtype)
+            return self._reference(G, basis)
+        return self._default(G, basis, norms, f)
 
     def _irls_step(self, P: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
         """One IRLS step from projections ``P = Y^T H`` (``(r', p)``); returns W (``(k, r'')``)."""
@@ -166,22 +164,23 @@ class Flag(Aggregator):
             self._start_cache = (key, Uc, R0)
         return self._start_cache[1], self._start_cache[2]
 
-    def _reference(self, G, inv, R, evals, evecs):
+    def _reference(self, G, basis: "_GramBasis") -> torch.Tensor:
         Uc, R0 = self._random_start(G.shape[1], G.dtype, G.device)
         if Uc.shape[1] > G.shape[1]:
             raise ValueError(f"flag: reference mode needs r <= n, got r={self.r}, n={G.shape[1]}")
-        UtH = (Uc.T @ G.T).double() * inv[None, :]
+        UtH = (Uc.T @ G.T).double() * basis.inv[None, :]
         P0 = torch.linalg.solve_triangular(R0.T, UtH, upper=False)  # Y0^T H
         W, P = self._iterate(
-            P0, R, stop=lambda decrease, E: not (decrease > REFERENCE_STOP and E > REFERENCE_STOP)
+            P0, basis.R, stop=lambda decrease, E: not (decrease > REFERENCE_STOP and E > REFERENCE_STOP)
         )
         total = P.sum(1) / self.r  # Y^T H 1 / r
-        if W is None:
-            return Uc, torch.linalg.solve_triangular(R0, total[:, None], upper=True)[:, 0]
-        return evecs @ ((W @ total) / evals.sqrt())
+        if W is None:  # the random start survived: Y0 (Y0^T H 1) / r lies outside span(H)
+            return Uc @ torch.linalg.solve_triangular(R0, total[:, None], upper=True)[:, 0].to(Uc.dtype)
+        return basis.project(G, W, total)
 
     # -- default mode ----------------------------------------------------------------
-    def _default(self, R, evals, evecs, norms, f):
+    def _default(self, G, basis: "_GramBasis", norms, f) -> torch.Tensor:
+        R = basis.R
         k = R.shape[0]
         r = min(self.r, k)
         W0 = torch.eye(k, r, dtype=R.dtype, device=R.device)
@@ -200,7 +199,20 @@ class Flag(Aggregator):
             kept[order[alignment[order] < 0]] = False
         has_direction = norms > 0
         count = int((kept & has_direction).sum())
-        scale = norms[has_direction].median() if has_direction.any() else norms.new_zeros(())
-        # Y Y^T sum_{kept} h_i, expressed as coefficients on H.
+        scale = sorted_median(norms[has_direction].sort().values) if has_direction.any() else norms.new_zeros(())
         total = (P * kept).sum(1) * (scale / max(count, 1))
-        return evecs @ ((W @ total) / evals.sqrt())
+        return basis.project(G, W, total)
+
+
+class _GramBasis(NamedTuple):
+    """``H = Q R`` with ``Q = H V D^(-1/2)`` never formed: ``K_h = V D V^T`` (leading ``k`` eigenpairs)."""
+
+    inv: torch.Tensor  # 1 / ||g_i|| (0 for zero rows)
+    evals: torch.Tensor  # D, descending
+    evecs: torch.Tensor  # V, (p, k)
+    R: torch.Tensor  # D^(1/2) V^T, (k, p)
+
+    def project(self, G: torch.Tensor, W: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+        """``Y t`` for ``Y = Q W``: as ``H c`` with ``c = V D^(-1/2) W t``, i.e. ``G^T (c / ||g||)``."""
+        c = self.evecs @ ((W @ total) / self.evals.sqrt())
+        return G.T @ (c * self.inv).to(G.dtype)
