@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,13 +41,23 @@ def launch(kind: str, np: int, argv: list[str], timeout: float = 180, env: dict 
     )
 
 
+RANK_TAG = re.compile(r"\[\d+(?:,\d+)?\]<std(?:out|err)>:")
+
+
+def untagged(text: str) -> str:
+    """``text`` without the launchers' per-rank tags (``[0]<stdout>:``, ``[1,0]<stderr>:``)."""
+    return RANK_TAG.sub("", text)
+
+
 def results(proc) -> list[dict]:
-    """The JSON objects printed by ranks after a ``RESULT `` marker."""
-    found = []
-    for line in (proc.stdout + proc.stderr).splitlines():
-        if "RESULT " in line:
-            found.append(json.loads(line.split("RESULT ", 1)[1]))
-    return found
+    """The JSON objects printed after a ``RESULT `` marker.
+
+    Open MPI's tagged output can cut a long line into chunks, each with its own
+    ``[1,0]<stdout>:`` tag, so the tags are removed before parsing.
+    """
+    text = untagged(proc.stdout)
+    decoder = json.JSONDecoder()
+    return [decoder.raw_decode(part)[0] for part in text.split("RESULT ")[1:]]
 
 
 def output(proc) -> str:
