@@ -11,7 +11,7 @@ JOBS = {  # launcher -> transport argument of the check script
     "mpi": "horovod",
     "mpi4py": "mpi",
 }
-CHECKS = ["mean_vs_horovod", "rules", "features", "mismatch", "bad_world"]
+CHECKS = ["mean_vs_horovod", "rules", "features", "mismatch", "bad_world", "process_sets"]
 
 
 @pytest.fixture(scope="module", params=sorted(JOBS))
@@ -20,7 +20,7 @@ def report(request):
     proc = launch(kind, 4, ["python", str(SCRIPTS / "optimizer_check.py"), "--transport", JOBS[kind], *CHECKS])
     found = results(proc)
     assert proc.returncode == 0 and len(found) == 1, output(proc)
-    return found[0]
+    return {**found[0], "transport": JOBS[kind]}
 
 
 def test_mean_matches_horovod_average(report):
@@ -54,3 +54,11 @@ def test_models_that_differ_across_ranks_fail_with_names(report):
 def test_aggregator_that_cannot_work_with_the_world_fails_before_training(report):
     error = report["bad_world"]["error"]
     assert "bulyan" in error and "4f + 3" in error and "p=4" in error
+
+
+def test_process_sets_aggregate_only_their_own_ranks(report):
+    r = report["process_sets"]
+    if report["transport"] == "mpi":  # mpi4py has no process sets: passing one is refused
+        assert "process_set only with transport='horovod'" in r["refused"]
+    else:
+        assert r == {"same_within": True, "differ_across": True, "set_size": 2}

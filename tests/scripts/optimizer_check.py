@@ -191,14 +191,44 @@ def check_bad_world(transport, rank):
     return {"error": None}
 
 
+def check_process_sets(transport, rank):
+    """Two Horovod process sets, {0, 2} and {1, 3}, each aggregating only its own ranks.
+
+    The mpi4py transport has no process sets: there, passing one is refused.
+    """
+    if transport.name == "mpi":
+        model, _, _ = model_and_data(rank)
+        try:
+            fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), aggregator="mean",
+                                        transport=transport, process_set=object())
+        except ValueError as exc:
+            return {"refused": str(exc)}
+        return {"refused": None}
+    import horovod.torch as hvd
+
+    evens, odds = hvd.add_process_set([0, 2]), hvd.add_process_set([1, 3])
+    model, x, y = model_and_data(rank)
+    opt = fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), aggregator="median",
+                                      process_set=evens if rank % 2 == 0 else odds)
+    train(model, opt, x, y, steps=3)
+    sums = transport.allgather_object(checksum(model.parameters()), name="check.ps")
+    return {"same_within": sums[0] == sums[2] and sums[1] == sums[3], "differ_across": sums[0] != sums[1],
+            "set_size": opt._transport.size}
+
+
 CHECKS = {"mean_vs_horovod": check_mean_vs_horovod, "rules": check_rules, "features": check_features,
-          "mismatch": check_mismatch, "bad_world": check_bad_world}
+          "mismatch": check_mismatch, "bad_world": check_bad_world,
+          "process_sets": check_process_sets}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--transport", default="horovod")
     parser.add_argument("checks", nargs="+", choices=sorted(CHECKS))
     args = parser.parse_args()
+    if "process_sets" in args.checks and args.transport == "horovod":
+        import horovod.torch as hvd
+
+        hvd.init(process_sets="dynamic")
     transport = get_transport(args.transport)
     report = {name: CHECKS[name](transport, transport.rank) for name in args.checks}
     if transport.rank == 0:
