@@ -351,9 +351,10 @@ def DistributedOptimizer(
             or backward_passes_per_step < 1:
         raise ValueError(f"fa_hvd: backward_passes_per_step must be an integer >= 1, got {backward_passes_per_step!r}")
     if not isinstance(transport, Transport):
-        transport = get_transport(transport, **({"process_set": process_set} if process_set is not None else {}))
+        transport = get_transport(transport, process_set)
     elif process_set is not None:
-        raise ValueError("fa_hvd: pass process_set only with transport='horovod'")
+        raise ValueError("fa_hvd: pass process_set only with transport='horovod' "
+                         "(a transport object carries its own process set)")
     scale = _op_scale(op, gradient_predivide_factor, transport.size)
     if isinstance(aggregator, str):
         aggregator = get_aggregator(aggregator, **(aggregator_params or {}))

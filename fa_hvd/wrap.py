@@ -65,9 +65,7 @@ def robust_optimizer(aggregator: str, params: dict, transport: str, environ=os.e
     def DistributedOptimizer(optimizer, *args, **kwargs):
         kwargs.setdefault("aggregator", aggregator)
         kwargs.setdefault("aggregator_params", dict(params))
-        link = get_transport(transport, **({"process_set": kwargs["process_set"]}
-                                           if kwargs.get("process_set") is not None else {}))
-        kwargs.pop("process_set", None)
+        link = get_transport(transport, kwargs.pop("process_set", None))
         kwargs["transport"] = link
         kwargs.setdefault("gradient_transform", _fault_transform(link, kwargs["aggregator_params"], environ))
         if link.rank == 0:

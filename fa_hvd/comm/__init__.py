@@ -12,16 +12,23 @@ from .base import Handle, Transport
 TRANSPORTS = ("horovod", "mpi")
 
 
-def get_transport(name: str = "horovod", **kwargs) -> Transport:
-    """Initialise (if needed) and return the transport ``name``."""
+def get_transport(name: str = "horovod", process_set=None) -> Transport:
+    """Initialise (if needed) and return the transport ``name``.
+
+    ``process_set`` (a Horovod process set) is only for ``"horovod"``; the mpi4py
+    transport always spans the whole MPI world.
+    """
     if name == "horovod":
         from .horovod import HorovodTransport
 
-        return HorovodTransport(**kwargs)
+        return HorovodTransport(process_set)
     if name == "mpi":
+        if process_set is not None:
+            raise ValueError("fa_hvd: pass process_set only with transport='horovod' "
+                             "(the mpi transport spans the whole MPI world)")
         from .mpi import MPITransport
 
-        return MPITransport(**kwargs)
+        return MPITransport()
     raise ValueError(f"unknown transport {name!r}; known: {', '.join(TRANSPORTS)}")
 
 
