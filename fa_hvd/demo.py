@@ -41,7 +41,7 @@ class DemoConfig:
     momentum: float = 0.9
     aggregator: str = "flag"
     aggregator_params: dict = field(default_factory=dict)
-    transport: str = "horovod"
+    transport: Literal["horovod", "mpi"] = "horovod"
     seed: int = 0
     faults: list = field(default_factory=list)
     allow_exceeding_f: bool = False
@@ -53,8 +53,6 @@ class DemoConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.transport not in TRANSPORTS:
-            raise ValueError(f"transport must be one of {list(TRANSPORTS)}, got {self.transport!r}")
         if self.data == "dir" and not self.data_dir:
             raise ValueError("data: 'dir' needs data_dir")
         try:
@@ -125,11 +123,8 @@ def main(argv=None) -> int:
     torch.manual_seed(conf.seed)
     split = datasets.load_dataset(conf.data, conf.data_dir, seed=conf.seed)
     model = models.build(conf.model, split.shape, split.num_classes)
-    if conf.transport == "horovod":
-        fa_hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-    else:
-        for t in model.state_dict().values():
-            transport.broadcast_(t, 0, "init")
+    for name, tensor in model.state_dict().items():
+        transport.broadcast_(tensor, 0, f"demo.init.{name}")
     optimizer = fa_hvd.DistributedOptimizer(
         torch.optim.SGD(model.parameters(), lr=conf.lr, momentum=conf.momentum),
         named_parameters=model.named_parameters(),
