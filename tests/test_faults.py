@@ -418,12 +418,6 @@ def test_poison_for_rank_applies_only_the_faults_naming_the_rank():
     assert torch.equal(x, clean_x) and y == 9 - clean_y
 
 
-def test_injector_lists_this_ranks_data_faults():
-    entries = [{"kind": "labelflip", "ranks": [1], "params": {"num_classes": 10}}, {"kind": "zero", "ranks": [1]}]
-    assert [s.kind for s in injector(entries, rank=1).data_faults()] == ["labelflip"]
-    assert injector(entries, rank=0).data_faults() == []
-
-
 # -- process faults -------------------------------------------------------------------------------
 
 

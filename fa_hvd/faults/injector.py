@@ -90,10 +90,6 @@ class FaultInjector:
             self._honest_cache = (step, ranks)
         return self._honest_cache[1]
 
-    def data_faults(self) -> list[FaultSpec]:
-        """The data faults that name this rank (they act on the whole run)."""
-        return [s for s in self.specs if s.category == "data" and self.rank in s.ranks]
-
     # -- the optimizer hook ----------------------------------------------------------
     def gradient_transform(self, flat: torch.Tensor, bucket_index: int, step: int) -> torch.Tensor:
         """What this rank sends for bucket ``bucket_index`` at ``step``.
