@@ -1,0 +1,16 @@
+# shellcheck shell=bash
+# Sourced by the launch/ and slurm/ scripts. Messages go to stderr, prefixed with the
+# script's name (FA_HVD_SCRIPT, else $0's); commands are printed so that the line can be
+# pasted into a shell as it is (arguments quoted with %q).
+SCRIPT_NAME="${FA_HVD_SCRIPT:-$(basename "$0")}"
+
+say() { printf '[%s] %s\n' "$SCRIPT_NAME" "$*" >&2; }
+
+# die MESSAGE: one error line, exit status 2 (bad input).
+die() { printf '%s: error: %s\n' "$SCRIPT_NAME" "$*" >&2; exit 2; }
+
+# show CMD ARGS...: print "[<script>] + CMD ARGS" without running it.
+show() { { printf '[%s] +' "$SCRIPT_NAME"; printf ' %q' "$@"; printf '\n'; } >&2; }
+
+# run CMD ARGS...: print it, then run it.
+run() { show "$@"; "$@"; }
