@@ -14,3 +14,11 @@ show() { { printf '[%s] +' "$SCRIPT_NAME"; printf ' %q' "$@"; printf '\n'; } >&2
 
 # run CMD ARGS...: print it, then run it.
 run() { show "$@"; "$@"; }
+
+# load_modules "NAME ...": `module load` them (environment modules / Lmod); nothing when empty.
+load_modules() {
+  [ -n "$1" ] || return 0
+  command -v module >/dev/null || die "modules '$1' wanted, but this shell has no 'module' command (try '#!/bin/bash -l' as the first line)"
+  # shellcheck disable=SC2086  # a list of module names
+  run module load $1
+}

@@ -10,6 +10,7 @@ source "$(dirname "$0")/common.sh"
 [ $# -ge 2 ] || die "usage: $0 HOSTFILE CONFIG [fa-hvd-train arguments]"
 hostfile="$1" config="$2"
 shift 2
+[ -f "$config" ] || die "config not found: $config"
 [ -r "$hostfile" ] || die "cannot read hostfile $hostfile"
 # The world size is the sum of the slots.
 np="$(awk '!/^[[:space:]]*(#|$)/ { s = 1; for (i = 2; i <= NF; i++) if ($i ~ /^slots=/) s = substr($i, 7); n += s }

@@ -12,6 +12,7 @@ source "$(dirname "$0")/common.sh"
 [ $# -ge 2 ] || die "usage: $0 NP CONFIG [fa-hvd-train arguments]"
 np="$1" config="$2"
 shift 2
+[ -f "$config" ] || die "config not found: $config"
 hosts=()
 [ -z "${HOSTFILE:-}" ] || hosts=(-hostfile "$HOSTFILE")
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
