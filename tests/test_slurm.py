@@ -1,0 +1,227 @@
+"""The slurm/ scripts on a real single-node SLURM cluster (tools/slurm/cluster.sh).
+
+One cluster for the module. Every job is submitted up front (fixture ``jobs``) and runs
+beside the others (the cluster declares more CPUs than the machine has); each test waits
+for its own job and checks what it did: 4 ranks on the embedded digits, a few dozen
+steps. Needs root (the daemons) and SLURM, or apt-get to install it; otherwise every test
+here is skipped and says why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, job_env
+
+pytestmark = pytest.mark.slow
+
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+CPU_JOB = ["--nodes=1", "--ntasks-per-node=4", "--gpus-per-node=0", "--cpus-per-task=1"]
+STEPS = 60
+SLOW_S = 0.5  # rank 3 sleeps this long every step: the run outlasts SLURM's first time-limit check
+
+
+def cluster_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root: tools/slurm/cluster.sh runs slurmctld and slurmd as root and munged as user munge"
+    if not shutil.which("slurmctld") and not shutil.which("apt-get"):
+        return "SLURM is not installed and there is no apt-get to install Debian's slurmctld slurmd slurm-client munge"
+    return None
+
+
+class Cluster:
+    """The test cluster: submit the repo's scripts, wait for jobs, read what they wrote."""
+
+    def __init__(self, env: dict, tmp: Path):
+        self.env, self.tmp = env, tmp
+
+    def sbatch(self, name: str, args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(["sbatch", "--parsable", f"--job-name={name}", f"--output={self.tmp}/{name}-%j.out", *args],
+                              cwd=ROOT, env={**self.env, **(env or {})}, capture_output=True, text=True)
+
+    def submit(self, name: str, args: list[str], env: dict | None = None) -> str:
+        proc = self.sbatch(name, args, env)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip().split(";")[0]
+
+    def info(self, job: str) -> dict:
+        proc = subprocess.run(["scontrol", "show", "job", "-o", job], env=self.env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        return dict(field.split("=", 1) for field in proc.stdout.split() if "=" in field)
+
+    def wait(self, job: str, timeout: float = 240) -> dict:
+        deadline = time.monotonic() + timeout
+        while (info := self.info(job))["JobState"] not in TERMINAL:
+            assert time.monotonic() < deadline, f"job {job} still {info['JobState']} after {timeout} s:\n{self.log(job)}"
+            time.sleep(1)
+        return info
+
+    def log(self, job: str) -> str:
+        files = list(self.tmp.glob(f"*-{job}.out"))
+        return files[0].read_text() if files else "(no output file)"
+
+    def run_dir(self, name: str) -> Path:
+        return self.tmp / "runs" / name
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = cluster_unavailable()
+    if reason:
+        pytest.skip(reason)
+    state = Path(f"/tmp/fa_hvd-slurm-{os.getpid()}")  # munged (user munge) cannot enter pytest's 0700 tmp
+    start = time.perf_counter()
+    proc = subprocess.run(["tools/slurm/cluster.sh", "up", str(state)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "FA_HVD_SLURM_CPUS": "32"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    print(f"\n[test_slurm] cluster up in {time.perf_counter() - start:.1f} s")
+    env = {k: v for k, v in job_env().items() if not k.startswith(("SLURM_", "SBATCH_"))}
+    env.update(SLURM_CONF=str(state / "slurm.conf"), SBATCH_PARTITION="debug", FA_HVD_ROOT=str(ROOT))
+    yield Cluster(env, tmp_path_factory.mktemp("slurm-jobs"))
+    subprocess.run(["tools/slurm/cluster.sh", "down", str(state)], cwd=ROOT, capture_output=True, text=True)
+
+
+def write_config(path: Path, faults: list, **robust) -> Path:
+    """configs/demo.yaml with STEPS steps, the given faults and robust settings."""
+    conf = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    conf["train"].update(steps=STEPS, eval_every_epochs=1)
+    conf["robust"].update(robust)
+    conf["faults"] = faults
+    path.write_text(yaml.safe_dump(conf))
+    return path
+
+
+@pytest.fixture(scope="module")
+def jobs(cluster):
+    """Submit every job of the module at once; returns {name: job id}."""
+    tmp = cluster.tmp
+    reverse = {"kind": "reverse", "ranks": [3]}
+    slow = {"kind": "slow", "ranks": [3], "delay": SLOW_S}
+    train = write_config(tmp / "train.yaml", [reverse, slow])
+    crash = write_config(tmp / "crash.yaml", [{"kind": "crash", "ranks": [2], "start": 5}])
+    krum = write_config(tmp / "krum.yaml", [], aggregator="krum", aggregator_params={"f": 1})
+
+    def train_job(name, config, *sbatch_args, env=None):
+        args = [*CPU_JOB, *sbatch_args, "slurm/train.sbatch", str(config), "--run-dir", str(cluster.run_dir(name))]
+        return cluster.submit(name, args, env)
+
+    submitted = {
+        "srun": train_job("srun", train, "--time=10"),
+        "horovodrun": train_job("horovodrun", train, "--time=10", env={"FA_HVD_LAUNCHER": "horovodrun"}),
+        # --time=2 with the script's --signal=B:USR1@300: USR1 at SLURM's first check
+        "time_limit": train_job("time_limit", train, "--time=2"),
+        "crash": train_job("crash", crash, "--time=10"),
+        "krum": train_job("krum", krum, "--time=10"),
+        "missing": cluster.submit("missing", [*CPU_JOB, "slurm/train.sbatch", "configs/no-such-config.yaml"]),
+    }
+    start = time.monotonic()
+    yield submitted
+    print(f"[test_slurm] all jobs done {time.monotonic() - start:.0f} s after submission")
+
+
+def summary(cluster, name: str) -> dict:
+    return json.loads((cluster.run_dir(name) / "summary.json").read_text())
+
+
+def step_records(cluster, name: str) -> list[dict]:
+    lines = (cluster.run_dir(name) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("kind") == "step"]
+
+
+def test_train_job_trains_and_writes_metrics(cluster, jobs):
+    job = jobs["srun"]
+    info = cluster.wait(job)
+    log = cluster.log(job)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log
+    assert "[train.sbatch] + srun --mpi=pmix --kill-on-bad-exit=1" in log, log
+    result = summary(cluster, "srun")
+    assert (result["status"], result["step"], result["world_size"]) == ("finished", STEPS, 4), result
+    steps = [r["step"] for r in step_records(cluster, "srun")]
+    assert steps == sorted(steps) and len(steps) >= STEPS // 10 and steps[-1] >= STEPS - 10, steps
+    assert result["final"]["test_accuracy"] > 0.5, result  # FA trains through rank 3's reversed gradients
+
+
+def test_horovodrun_job_ends_with_the_same_parameters(cluster, jobs):
+    job = jobs["horovodrun"]
+    info = cluster.wait(job)
+    log = cluster.log(job)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log
+    assert "[train.sbatch] + horovodrun -np 4 -H " in log, log
+    cluster.wait(jobs["srun"])
+    assert summary(cluster, "horovodrun")["params_crc32"] == summary(cluster, "srun")["params_crc32"]
+
+
+def test_time_limit_checkpoints_requeues_and_resumes_bit_exactly(cluster, jobs):
+    job = jobs["time_limit"]
+    deadline = time.monotonic() + 240
+    # Once requeued, give the job time: its next start is not signalled again at once.
+    while (info := cluster.info(job))["JobState"] not in TERMINAL:
+        if int(info["Restarts"]) >= 1 and info["TimeLimit"] != "00:10:00":
+            subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"], env=cluster.env, check=True)
+        assert time.monotonic() < deadline, cluster.log(job)
+        time.sleep(0.5)
+    log = cluster.log(job)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log
+    assert int(info["Restarts"]) >= 1, log
+    for line in ("[train.sbatch] got SIGUSR1", "[train.sbatch] + kill -s USR1", "[train.sbatch] checkpoint written",
+                 "[train.sbatch] + scontrol requeue", f"job {job} (restart 1)"):
+        assert line in log, (line, log)
+    assert list((cluster.run_dir("time_limit") / "checkpoints").iterdir()), "no checkpoint"
+    result = summary(cluster, "time_limit")
+    assert (result["status"], result["step"]) == ("finished", STEPS), result
+    cluster.wait(jobs["srun"])
+    assert result["params_crc32"] == summary(cluster, "srun")["params_crc32"]
+
+
+def test_a_crashed_rank_ends_the_job_and_is_named(cluster, jobs):
+    job = jobs["crash"]
+    info = cluster.wait(job)
+    log = cluster.log(job)
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "13:0"), log
+    assert "task 2: Exited with exit code 13" in log, log  # srun's line, not the fault's own
+    assert "[train.sbatch] training failed with exit status 13" in log, log
+    run_time = sum(int(x) * 60**i for i, x in enumerate(reversed(info["RunTime"].split(":"))))
+    assert run_time < 120, info["RunTime"]  # far below the hang timeouts (FA_HVD_COLLECTIVE_TIMEOUT_SECONDS: 330)
+    assert int(info["Restarts"]) == 0
+
+
+def test_an_aggregator_the_world_size_cannot_feed_is_refused_before_training(cluster, jobs):
+    job = jobs["krum"]
+    info = cluster.wait(job)
+    log = cluster.log(job)
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), log
+    assert "fa-hvd-train: error:" in log and "krum" in log, log
+    metrics = cluster.run_dir("krum") / "metrics.jsonl"
+    assert not metrics.exists() or not step_records(cluster, "krum"), "a rank trained"
+
+
+def test_a_missing_config_is_refused_before_any_rank_starts(cluster, jobs):
+    job = jobs["missing"]
+    info = cluster.wait(job)
+    log = cluster.log(job)
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), log
+    assert "train.sbatch: error: config not found: configs/no-such-config.yaml" in log, log
+    assert "+ srun" not in log, log
+
+
+def test_a_missing_partition_is_refused_at_submission(cluster, tmp_path):
+    env = {k: v for k, v in cluster.env.items() if k != "SBATCH_PARTITION"}
+    proc = subprocess.run(["sbatch", *CPU_JOB, "slurm/train.sbatch", "configs/demo.yaml"], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "partition" in proc.stderr.lower(), proc.stderr
+
+
+def test_discover_hosts_expands_the_slurm_node_list(cluster):
+    proc = subprocess.run(["launch/discover-hosts.sh"], cwd=ROOT, capture_output=True, text=True,
+                          env={**cluster.env, "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_NTASKS_PER_NODE": "8"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["gpu01:8", "gpu02:8"]
