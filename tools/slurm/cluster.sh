@@ -80,6 +80,7 @@ ReturnToService=2
 MailProg=/bin/true
 MinJobAge=600
 KillWait=10
+MessageTimeout=60
 SchedulerParameters=sched_interval=5
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=4096 State=UNKNOWN
 PartitionName=$PARTITION Nodes=$NODE MaxTime=INFINITE State=UP
