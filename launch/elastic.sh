@@ -18,4 +18,4 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 # shellcheck disable=SC2086  # HOROVODRUN_ARGS is a list of options
 run horovodrun -np "$np" --min-np "$min_np" --max-np "$max_np" \
   --host-discovery-script "$(cd "$(dirname "$0")" && pwd)/discover-hosts.sh" ${HOROVODRUN_ARGS:-} \
-  fa-hvd-train --config "$config" --set elastic=true "$@"
+  fa-hvd-train --config "$config" --set elastic.enabled=true "$@"

@@ -108,7 +108,7 @@ def test_elastic_launcher_passes_the_discovery_script(recorder):
     script = call[call.index("--host-discovery-script") + 1]
     assert script == str(ROOT / "launch" / "discover-hosts.sh")
     assert call[call.index("fa-hvd-train"):] == ["fa-hvd-train", "--config", "configs/demo.yaml",
-                                                 "--set", "elastic=true"]
+                                                 "--set", "elastic.enabled=true"]
 
 
 @pytest.mark.parametrize("script,args", [
