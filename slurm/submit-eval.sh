@@ -4,6 +4,7 @@
 #   slurm/submit-eval.sh GRID [fa-hvd-eval arguments, e.g. --out DIR]
 # sbatch options come from the #SBATCH lines of slurm/eval.sbatch and from SBATCH_*
 # variables, e.g. SBATCH_PARTITION=cpu SBATCH_ACCOUNT=my_project slurm/submit-eval.sh GRID
+# Logs: fa_hvd_eval-<array id>_<task>.out and slurm-<report job id>.out here (or SBATCH_OUTPUT).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=launch/common.sh
@@ -27,4 +28,4 @@ for offset in $(printf '%s\n' "$todo" | awk -v b="$block" '{ print int($1 / b) *
 done
 report="$(printf '%q ' fa-hvd-eval --grid "$grid" --report "$@")"
 dependency="afterany$(printf ':%s' "${arrays[@]}")"
-run sbatch --parsable --job-name=fa_hvd_eval_report --output=%x-%j.out --dependency="$dependency" --wrap="$report"
+run sbatch --parsable --job-name=fa_hvd_eval_report --dependency="$dependency" --wrap="$report"

@@ -27,6 +27,10 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 CPU_JOB = ["--nodes=1", "--ntasks-per-node=4", "--gpus-per-node=0", "--cpus-per-task=1"]
 STEPS = 60
 SLOW_S = 0.5  # rank 3 sleeps this long every step: the run outlasts SLURM's first time-limit check
+GRID = {  # two cells: mean and FA on 4 simulated workers, one of them sending noise
+    "train": {"steps": 30}, "seeds": 1, "splits": {"iid": None}, "workers": [[4, 1]],
+    "rules": {"mean": "mean", "flag": "flag"}, "faults": {"gaussian": [{"kind": "gaussian"}]},
+}
 
 
 def cluster_unavailable() -> str | None:
@@ -113,7 +117,14 @@ def jobs(cluster):
         args = [*CPU_JOB, *sbatch_args, "slurm/train.sbatch", str(config), "--run-dir", str(cluster.run_dir(name))]
         return cluster.submit(name, args, env)
 
+    grid = tmp / "grid.yaml"
+    grid.write_text(yaml.safe_dump(GRID))
+    submit_eval = subprocess.run(["slurm/submit-eval.sh", str(grid), "--out", str(tmp / "eval")], cwd=ROOT,
+                                 env={**cluster.env, "SBATCH_OUTPUT": f"{tmp}/%x-%A_%a.out"}, capture_output=True,
+                                 text=True)
+    assert submit_eval.returncode == 0, submit_eval.stderr
     submitted = {
+        "eval_report": submit_eval.stdout.split()[-1].split(";")[0],
         "srun": train_job("srun", train, "--time=10"),
         "horovodrun": train_job("horovodrun", train, "--time=10", env={"FA_HVD_LAUNCHER": "horovodrun"}),
         # --time=2 with the script's --signal=B:USR1@300: USR1 at SLURM's first check
@@ -218,6 +229,24 @@ def test_a_missing_partition_is_refused_at_submission(cluster, tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode != 0
     assert "partition" in proc.stderr.lower(), proc.stderr
+
+
+def test_an_array_job_runs_each_grid_cell_as_the_harness_does(cluster, jobs, tmp_path):
+    info = cluster.wait(jobs["eval_report"])
+    logs = "\n".join(p.read_text() for p in cluster.tmp.glob("fa_hvd_eval*.out"))
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), logs
+    assert logs.count("[eval.sbatch] + fa-hvd-eval --grid") == 2, logs
+    lines = (cluster.tmp / "eval" / "results.jsonl").read_text().splitlines()
+    on_slurm = {r["key"]: r for r in map(json.loads, lines)}
+    assert (cluster.tmp / "eval" / "table.md").exists()
+    # The same grid in one process, outside SLURM: the same two cells, the same numbers.
+    proc = subprocess.run(["fa-hvd-eval", "--grid", str(cluster.tmp / "grid.yaml"), "--out", str(tmp_path)], cwd=ROOT,
+                          env=job_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    local = {r["key"]: r for r in map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines())}
+    assert sorted(on_slurm) == sorted(local) and len(local) == 2, (on_slurm, local)
+    for key, record in local.items():
+        assert on_slurm[key]["test_accuracy"] == record["test_accuracy"], key
 
 
 def test_discover_hosts_expands_the_slurm_node_list(cluster):
