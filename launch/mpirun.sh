@@ -13,7 +13,7 @@ source "$(dirname "$0")/common.sh"
 np="$1" config="$2"
 shift 2
 [ -f "$config" ] || die "config not found: $config"
-hosts=()
+hosts=(-H "localhost:$np")  # this machine, or every machine of HOSTFILE
 [ -z "${HOSTFILE:-}" ] || hosts=(-hostfile "$HOSTFILE")
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 run mpirun -np "$np" "${hosts[@]}" -bind-to none -map-by slot \

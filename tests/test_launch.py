@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, job_env, output
 
 SCRIPTS = sorted(
     [*ROOT.glob("launch/*.sh"), *ROOT.glob("slurm/*.sh"), *ROOT.glob("slurm/*.sbatch"), *ROOT.glob("tools/slurm/*.sh")]
@@ -90,6 +91,8 @@ def test_mpirun_launchers_use_horovods_flags(recorder):
     assert proc.returncode == 0, proc.stderr
     (call,) = calls
     assert call[:5] == ["mpirun", "-np", "4", "-hostfile", "myhosts"]
+    _, calls = recorder(["launch/mpirun.sh", "2", "configs/demo.yaml"])
+    assert calls[0][:5] == ["mpirun", "-np", "2", "-H", "localhost:2"]
     for flag in (["-bind-to", "none"], ["-map-by", "slot"], ["-x", "LD_LIBRARY_PATH"], ["-x", "PATH"],
                  ["-mca", "pml", "ob1"], ["-mca", "btl", "^openib"]):
         assert any(call[i:i + len(flag)] == flag for i in range(len(call))), (flag, call)
@@ -163,3 +166,20 @@ def test_discover_hosts(tmp_path):
 
     assert discover(FA_HVD_HOSTS_FILE=str(hosts), SLURM_JOB_NODELIST="x") == ["node1:4", "node2:2"]
     assert discover(FA_HVD_SLOTS="3") == ["localhost:3"]  # SLURM's node list: tests/test_slurm.py
+
+
+@pytest.mark.slow
+def test_local_and_mpi4py_launchers_train_the_same_parameters(tmp_path):
+    """launch/local.sh (horovodrun, Horovod's collectives) and launch/mpi4py.sh (mpirun, plain MPI)
+    run the same 4-rank job: the allgather is exact, so the parameters agree bit for bit."""
+    crcs = {}
+    for script in ("launch/local.sh", "launch/mpi4py.sh"):
+        run_dir = tmp_path / Path(script).stem
+        proc = subprocess.run([script, "4", "configs/demo.yaml", "--set", "train.steps=20", "--run-dir", str(run_dir)],
+                              cwd=ROOT, capture_output=True, text=True, env=job_env(), timeout=300)
+        assert proc.returncode == 0, output(proc)
+        assert printed_commands(proc.stderr)[-1][0] in ("horovodrun", "mpirun"), proc.stderr
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert (summary["status"], summary["step"], summary["world_size"]) == ("finished", 20, 4), summary
+        crcs[script] = summary["params_crc32"]
+    assert len(set(crcs.values())) == 1, crcs
