@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -62,13 +63,10 @@ class Cluster:
         assert proc.returncode == 0, proc.stderr
         return dict(field.split("=", 1) for field in proc.stdout.split() if "=" in field)
 
-    def wait(self, job: str, timeout: float = 300, on_log=None) -> dict:
-        """Wait until ``job`` ends; ``on_log(text)`` is called with its log every second meanwhile."""
+    def wait(self, job: str, timeout: float = 600) -> dict:
         deadline = time.monotonic() + timeout
         while (info := self.info(job))["JobState"] not in TERMINAL:
             assert time.monotonic() < deadline, f"job {job} still {info['JobState']} after {timeout} s:\n{self.log(job)}"
-            if on_log is not None:
-                on_log(self.log(job))
             time.sleep(1)
         return info
 
@@ -137,9 +135,28 @@ def jobs(cluster):
         "krum": train_job("krum", krum, "--time=10"),
         "missing": cluster.submit("missing", [*CPU_JOB, "slurm/train.sbatch", "configs/no-such-config.yaml"]),
     }
+    stop = threading.Event()
+    watcher = threading.Thread(target=extend_after_first_signal, args=(cluster, submitted["time_limit"], stop),
+                               daemon=True)
+    watcher.start()
     start = time.monotonic()
     yield submitted
-    print(f"[test_slurm] all jobs done {time.monotonic() - start:.0f} s after submission")
+    stop.set()
+    print(f"\n[test_slurm] {time.monotonic() - start:.0f} s from submission to the last test's end")
+    for name, job in submitted.items():
+        info = cluster.info(job)
+        print(f"[test_slurm] {name:12s} job {job}: {info['JobState']:10s} run time {info['RunTime']} "
+              f"(last start), restarts {info['Restarts']}, submitted {info['SubmitTime']}, ended {info['EndTime']}")
+
+
+def extend_after_first_signal(cluster, job: str, stop: threading.Event) -> None:
+    """SLURM signals each start of a job once, at its first check when the limit is this short:
+    once the first USR1 has arrived, give the job time, so that its requeued start (with an
+    equally short limit) is not signalled again at once."""
+    while not stop.wait(1):
+        if "[train.sbatch] got SIGUSR1" in cluster.log(job):
+            subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"], env=cluster.env, check=True)
+            return
 
 
 def summary(cluster, name: str) -> dict:
@@ -176,16 +193,7 @@ def test_horovodrun_job_ends_with_the_same_parameters(cluster, jobs):
 
 def test_time_limit_checkpoints_requeues_and_resumes_bit_exactly(cluster, jobs):
     job = jobs["time_limit"]
-    extended = []
-
-    def extend_once_signalled(log: str) -> None:
-        # SLURM signals each start once: after the first, give the job time, so the requeued
-        # start is not signalled again at once (its time limit is as short as this one's).
-        if "[train.sbatch] got SIGUSR1" in log and not extended:
-            subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"], env=cluster.env, check=True)
-            extended.append(True)
-
-    info = cluster.wait(job, on_log=extend_once_signalled)
+    info = cluster.wait(job)
     log = cluster.log(job)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log
     assert int(info["Restarts"]) >= 1, log
