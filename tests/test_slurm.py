@@ -127,12 +127,12 @@ def jobs(cluster):
     assert submit_eval.returncode == 0, submit_eval.stderr
     submitted = {
         "eval_report": submit_eval.stdout.split()[-1].split(";")[0],
-        "srun": train_job("srun", train, "--time=10"),
-        "horovodrun": train_job("horovodrun", train, "--time=10", env={"FA_HVD_LAUNCHER": "horovodrun"}),
+        "srun": train_job("srun", train, "--time=30"),
+        "horovodrun": train_job("horovodrun", train, "--time=30", env={"FA_HVD_LAUNCHER": "horovodrun"}),
         # --time=2 with the script's --signal=B:USR1@300: USR1 at SLURM's first check
         "time_limit": train_job("time_limit", train, "--time=2"),
-        "crash": train_job("crash", crash, "--time=10"),
-        "krum": train_job("krum", krum, "--time=10"),
+        "crash": train_job("crash", crash, "--time=30"),
+        "krum": train_job("krum", krum, "--time=30"),
         "missing": cluster.submit("missing", [*CPU_JOB, "slurm/train.sbatch", "configs/no-such-config.yaml"]),
     }
     stop = threading.Event()
