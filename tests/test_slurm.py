@@ -59,9 +59,12 @@ class Cluster:
         return proc.stdout.strip().split(";")[0]
 
     def info(self, job: str) -> dict:
-        proc = subprocess.run(["scontrol", "show", "job", "-o", job], env=self.env, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr
-        return dict(field.split("=", 1) for field in proc.stdout.split() if "=" in field)
+        for _ in range(10):  # a controller busy on a loaded machine may drop a query
+            proc = subprocess.run(["scontrol", "show", "job", "-o", job], env=self.env, capture_output=True, text=True)
+            if proc.returncode == 0:
+                return dict(field.split("=", 1) for field in proc.stdout.split() if "=" in field)
+            time.sleep(1)
+        raise AssertionError(f"scontrol show job {job}: status {proc.returncode}: {proc.stderr}")
 
     def wait(self, job: str, timeout: float = 600) -> dict:
         deadline = time.monotonic() + timeout
