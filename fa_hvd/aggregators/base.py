@@ -17,11 +17,21 @@ Shared behaviour, implemented once here:
   changes nothing). ``mean`` is not robust and stays the plain mean.
 * Preconditions on ``(p, f)`` are checked by :meth:`Aggregator.check`, which the
   optimizer calls before training, and again on every call.
+* Gram space. Many rules return a combination of the rows, ``agg(G) = c^T G``, with
+  ``c`` a function of the Gram matrix ``K = G G^T`` alone (Krum, Multi-Krum, MDA,
+  geomed, nmean, FA's default mode, the mean). They set ``gram_space = True`` and
+  implement :meth:`Aggregator.coefficients`; ``aggregate`` is then ``combine(G,
+  coefficients(gram(G), f))``. Pre-aggregators that mix rows, ``G' = M G``, expose
+  ``M`` through :meth:`PreAggregator.mixing`, so a composition stays in Gram space
+  (``K' = M K M^T``). A sharded exchange, which never holds ``G`` whole, needs
+  exactly this: ``K`` summed from partial Grams, then ``c``, then ``c^T G`` per shard.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .geometry import combine, gram
 
 
 class Aggregator:
@@ -30,6 +40,7 @@ class Aggregator:
     name = "aggregator"
     robust = True
     requires = (0, 1)  # (a, b): the rule needs p >= a f + b workers
+    gram_space = False  # True: the aggregate is coefficients(K, f)^T G
 
     def __init__(self, f: int = 0):
         self.f = check_f(f, self.name)
@@ -58,7 +69,16 @@ class Aggregator:
     # -- aggregation -------------------------------------------------------------
     def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
         """Aggregate finite rows ``G`` (``(p, n)``, fp32 or fp64) with ``f`` Byzantine."""
+        if self.gram_space:
+            return combine(G, self.coefficients(gram(G), f))
         raise NotImplementedError
+
+    def coefficients(self, K: torch.Tensor, f: int) -> torch.Tensor:
+        """``c`` (``(p,)``, fp64) with ``agg(G) = c^T G``, from the fp64 Gram ``K`` of finite rows.
+
+        Only rules with ``gram_space = True`` implement it.
+        """
+        raise NotImplementedError(f"{self.name}: not computed in Gram space")
 
     def __call__(self, G: torch.Tensor) -> torch.Tensor:
         G = check_matrix(G, self.name)
@@ -88,12 +108,14 @@ class Aggregator:
 
 
 class PreAggregator:
-    """A stage that maps ``(p, n)`` to ``(p', n)`` before a rule aggregates.
+    """A stage that maps ``(p, n)`` to ``(p', n)`` before a rule aggregates: ``G' = M G``.
 
-    Subclasses implement :meth:`transform`; ``out_workers(p)`` gives ``p'``.
+    Subclasses implement :meth:`mixing`, the ``(p', p)`` matrix ``M``; ``out_workers(p)``
+    gives ``p'``. ``uses_gram = False`` says ``mixing`` ignores ``K`` (it gets None).
     """
 
     name = "pre"
+    uses_gram = True
 
     def __init__(self, f: int = 0):
         self.f = check_f(f, self.name)
@@ -104,8 +126,14 @@ class PreAggregator:
     def check(self, p: int, f: int) -> None:
         """Raise ``ValueError`` unless the stage can take ``p`` workers."""
 
-    def transform(self, G: torch.Tensor, f: int) -> torch.Tensor:
+    def mixing(self, p: int, K: torch.Tensor | None, f: int) -> torch.Tensor:
+        """The ``(p', p)`` fp64 matrix ``M`` of ``G' = M G``, from the Gram ``K`` of the ``p`` rows."""
         raise NotImplementedError
+
+    def transform(self, G: torch.Tensor, f: int) -> torch.Tensor:
+        """``M G`` in ``G``'s dtype."""
+        M = self.mixing(G.shape[0], gram(G) if self.uses_gram else None, f)
+        return M.to(device=G.device, dtype=G.dtype) @ G
 
     def state_dict(self) -> dict:
         return {}
@@ -123,6 +151,7 @@ class Composed(Aggregator):
         self.rule = rule
         self.name = "+".join([s.name for s in self.stages] + [rule.name])
         self.robust = True
+        self.gram_space = rule.gram_space
         super().__init__(rule.f)
 
     def check(self, p: int, f: int | None = None) -> None:
@@ -132,10 +161,25 @@ class Composed(Aggregator):
             p = stage.out_workers(p)
         self.rule.check(p, f)
 
-    def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
+    def mixing(self, p: int, K: torch.Tensor | None, f: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The stages' product ``M = M_k ... M_1`` and the Gram ``M K M^T`` of the mixed rows."""
+        M = torch.eye(p, dtype=torch.float64, device=None if K is None else K.device)
         for stage in self.stages:
-            G = stage.transform(G, f)
-        return self.rule.aggregate(G, f)
+            step = stage.mixing(M.shape[0], K, f).to(M.device)
+            M = step @ M
+            K = None if K is None else step @ K @ step.T
+        return M, K
+
+    def coefficients(self, K: torch.Tensor, f: int) -> torch.Tensor:
+        M, mixed = self.mixing(K.shape[0], K, f)
+        return M.T @ self.rule.coefficients(mixed, f)
+
+    def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
+        if self.gram_space:
+            return combine(G, self.coefficients(gram(G), f))
+        K = gram(G) if any(stage.uses_gram for stage in self.stages) else None
+        M, _ = self.mixing(G.shape[0], K, f)
+        return self.rule.aggregate(M.to(device=G.device, dtype=G.dtype) @ G, f)
 
     def state_dict(self) -> dict:
         state = {s.name: s.state_dict() for s in self.stages}

@@ -44,6 +44,10 @@ Modes:
   times the median gradient norm (as in ``nmean``: the mean of the two middle
   norms for an even count), so ``p`` identical gradients ``g`` give ``g``.
 
+Default mode is a Gram-space rule: the output is ``c^T G`` with ``c`` computed from
+``K`` alone (:meth:`Flag.coefficients`). Reference mode is not: its random start needs
+``U^T G``.
+
 Zero gradients have no direction: their ``h_i`` is taken as 0 (they add nothing
 to the subspace or the sum). Precondition: ``r >= 1``; any ``p >= 1``.
 """
@@ -56,7 +60,7 @@ from typing import NamedTuple
 import torch
 
 from .base import Aggregator
-from .geometry import gram
+from .geometry import combine, gram
 from .median import sorted_median
 
 REFERENCE_EPS = 1e-7
@@ -100,22 +104,28 @@ class Flag(Aggregator):
         )
 
     # -- the p x p geometry --------------------------------------------------------
+    @property
+    def gram_space(self) -> bool:
+        return self.mode == "default"
+
     def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
-        K = gram(G)
-        norms = K.diagonal().clamp_min(0).sqrt()
-        inv = torch.where(norms > 0, 1 / norms, torch.zeros_like(norms))
-        Kh = K * inv[:, None] * inv[None, :]
-        evals, evecs = torch.linalg.eigh(Kh)
-        tol = 10 * Kh.shape[0] * torch.finfo(G.dtype).eps * evals[-1].clamp_min(0)
-        keep = evals > tol
-        if not keep.any():
+        eps = torch.finfo(G.dtype).eps
+        if self.mode == "default":
+            return combine(G, self.coefficients(gram(G), f, eps))
+        basis = _gram_basis(gram(G), eps)
+        if basis is None:
             return torch.zeros(G.shape[1], dtype=G.dtype, device=G.device)
-        # Descending eigenvalues: the leading coordinates carry the most energy.
-        evals, evecs = evals[keep].flip(0), evecs[:, keep].flip(1)
-        basis = _GramBasis(inv, evals, evecs, evals.sqrt()[:, None] * evecs.T)
-        if self.mode == "reference":
-            return self._reference(G, basis)
-        return self._default(G, basis, norms, f)
+        return self._reference(G, basis)
+
+    def coefficients(self, K: torch.Tensor, f: int, eps: float = torch.finfo(torch.float32).eps) -> torch.Tensor:
+        """Default mode's ``c`` (``agg(G) = c^T G``) from ``K``; ``eps``: the data's precision (fp32)."""
+        if self.mode != "default":
+            raise NotImplementedError("flag: reference mode's random start needs U^T G, not K alone")
+        basis = _gram_basis(K, eps)
+        if basis is None:
+            return torch.zeros(K.shape[0], dtype=torch.float64, device=K.device)
+        W, total = self._default(basis, K.diagonal().clamp_min(0).sqrt(), f)
+        return basis.coefficients(W, total)
 
     def _irls_step(self, P: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
         """One IRLS step from projections ``P = Y^T H`` (``(r', p)``); returns W (``(k, r'')``)."""
@@ -176,10 +186,11 @@ class Flag(Aggregator):
         total = P.sum(1) / self.r  # Y^T H 1 / r
         if W is None:  # the random start survived: Y0 (Y0^T H 1) / r lies outside span(H)
             return Uc @ torch.linalg.solve_triangular(R0, total[:, None], upper=True)[:, 0].to(Uc.dtype)
-        return basis.project(G, W, total)
+        return combine(G, basis.coefficients(W, total))
 
     # -- default mode ----------------------------------------------------------------
-    def _default(self, G, basis: "_GramBasis", norms, f) -> torch.Tensor:
+    def _default(self, basis: "_GramBasis", norms, f) -> tuple[torch.Tensor, torch.Tensor]:
+        """IRLS from the flag mean, the sign step and the scale: ``(W, Y^T-coordinates of the output)``."""
         R = basis.R
         k = R.shape[0]
         r = min(self.r, k)
@@ -201,7 +212,7 @@ class Flag(Aggregator):
         count = int((kept & has_direction).sum())
         scale = sorted_median(norms[has_direction].sort().values) if has_direction.any() else norms.new_zeros(())
         total = (P * kept).sum(1) * (scale / max(count, 1))
-        return basis.project(G, W, total)
+        return W, total
 
 
 class _GramBasis(NamedTuple):
@@ -212,7 +223,23 @@ class _GramBasis(NamedTuple):
     evecs: torch.Tensor  # V, (p, k)
     R: torch.Tensor  # D^(1/2) V^T, (k, p)
 
-    def project(self, G: torch.Tensor, W: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
-        """``Y t`` for ``Y = Q W``: as ``H c`` with ``c = V D^(-1/2) W t``, i.e. ``G^T (c / ||g||)``."""
-        c = self.evecs @ ((W @ total) / self.evals.sqrt())
-        return G.T @ (c * self.inv).to(G.dtype)
+    def coefficients(self, W: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+        """``Y t = G^T c`` for ``Y = Q W``: ``Y t = H a`` with ``a = V D^(-1/2) W t``, so ``c = a / ||g||``."""
+        return (self.evecs @ ((W @ total) / self.evals.sqrt())) * self.inv
+
+
+def _gram_basis(K: torch.Tensor, eps: float) -> _GramBasis | None:
+    """The basis of the normalised rows' span from ``K`` (None when every row is zero).
+
+    Eigenvalues of the cosine matrix below ``10 p eps`` times the largest are dropped.
+    """
+    norms = K.diagonal().clamp_min(0).sqrt()
+    inv = torch.where(norms > 0, 1 / norms, torch.zeros_like(norms))
+    Kh = K * inv[:, None] * inv[None, :]
+    evals, evecs = torch.linalg.eigh(Kh)
+    keep = evals > 10 * Kh.shape[0] * eps * evals[-1].clamp_min(0)
+    if not keep.any():
+        return None
+    # Descending eigenvalues: the leading coordinates carry the most energy.
+    evals, evecs = evals[keep].flip(0), evecs[:, keep].flip(1)
+    return _GramBasis(inv, evals, evecs, evals.sqrt()[:, None] * evecs.T)

@@ -23,11 +23,11 @@ import numbers
 import torch
 
 from .base import Aggregator
-from .geometry import gram
 
 
 class GeoMed(Aggregator):
     name = "geomed"
+    gram_space = True
 
     def __init__(self, f: int = 0, iterations: int = 100, nu: float = 1e-6, tol: float = 1e-7):
         super().__init__(f)
@@ -41,9 +41,8 @@ class GeoMed(Aggregator):
 
     requires = (2, 1)  # p >= 2f + 1
 
-    def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
-        p = G.shape[0]
-        K = gram(G)
+    def coefficients(self, K: torch.Tensor, f: int) -> torch.Tensor:
+        p = K.shape[0]
         sq_norms = K.diagonal()
         c = torch.full((p,), 1.0 / p, dtype=K.dtype, device=K.device)
         for _ in range(self.iterations):
@@ -57,7 +56,7 @@ class GeoMed(Aggregator):
             c = new
             if bool(change_sq <= self.tol**2 * size_sq):
                 break
-        return c.to(G.dtype) @ G
+        return c
 
     def __repr__(self) -> str:
         return f"GeoMed(f={self.f}, iterations={self.iterations}, nu={self.nu}, tol={self.tol})"

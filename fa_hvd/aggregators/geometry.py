@@ -27,6 +27,11 @@ def sq_distances(G: torch.Tensor | None = None, K: torch.Tensor | None = None) -
     return D
 
 
+def combine(G: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``c^T G``: the ``(n,)`` combination of ``G``'s rows with coefficients ``c`` (``(p,)``), in ``G``'s dtype."""
+    return c.to(device=G.device, dtype=G.dtype) @ G
+
+
 def column_chunks(n: int, p: int, budget: int = 1 << 22):
     """Slices of columns such that each chunk holds about ``budget`` elements.
 

@@ -10,7 +10,9 @@ use ``p - f - 1`` neighbours or plain distances; the selections can differ.)
   non-finite rows are dropped). With ``m = p`` it is the mean.
 
 Ties are broken by the lowest index (stable sort of the scores). Precondition
-``p >= 2f + 3``. Distances come from one Gram matrix (:mod:`.geometry`).
+``p >= 2f + 3``. Distances come from one Gram matrix (:mod:`.geometry`); both rules
+are Gram-space rules (``c`` is one-hot for Krum, ``1/m`` on the chosen rows for
+Multi-Krum).
 """
 
 from __future__ import annotations
@@ -45,11 +47,14 @@ def krum_order(D: torch.Tensor, f: int) -> torch.Tensor:
 
 class Krum(Aggregator):
     name = "krum"
+    gram_space = True
 
     requires = (2, 3)  # p >= 2f + 3
 
-    def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
-        return G[int(krum_order(sq_distances(G), f)[0])].clone()
+    def coefficients(self, K: torch.Tensor, f: int) -> torch.Tensor:
+        c = torch.zeros(K.shape[0], dtype=torch.float64, device=K.device)
+        c[krum_order(sq_distances(K=K), f)[0]] = 1.0
+        return c
 
 
 class MultiKrum(Krum):
@@ -61,11 +66,12 @@ class MultiKrum(Krum):
             raise ValueError(f"{self.name}: m must be None or a positive integer, got {m!r}")
         self.m = None if m is None else int(m)
 
-    def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
-        p = G.shape[0]
+    def coefficients(self, K: torch.Tensor, f: int) -> torch.Tensor:
+        p = K.shape[0]
         m = min(p - f if self.m is None else self.m, p)
-        chosen = krum_order(sq_distances(G), f)[:m]
-        return G[chosen].mean(dim=0)
+        c = torch.zeros(p, dtype=torch.float64, device=K.device)
+        c[krum_order(sq_distances(K=K), f)[:m]] = 1.0 / m
+        return c
 
     def __repr__(self) -> str:
         return f"MultiKrum(f={self.f}, m={self.m})"

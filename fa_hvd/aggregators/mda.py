@@ -4,7 +4,8 @@ Among all subsets ``S`` of ``p - f`` rows, take the one with the smallest
 diameter ``max_{i, j in S} ||g_i - g_j||`` and return its mean. The search is an
 exact enumeration of the ``C(p, f)`` subsets in lexicographic order; the first
 minimal subset wins. Enumeration is refused above ``MAX_SUBSETS`` subsets.
-Precondition ``p >= 2f + 1``. Distances come from one Gram matrix.
+Precondition ``p >= 2f + 1``. Distances come from one Gram matrix; a Gram-space
+rule (``c = 1/(p - f)`` on the chosen subset).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ _BATCH_BUDGET = 1 << 22  # elements of the (batch, q, q) distance blocks
 
 class MDA(Aggregator):
     name = "mda"
+    gram_space = True
 
     requires = (2, 1)  # p >= 2f + 1
 
@@ -38,12 +40,13 @@ class MDA(Aggregator):
                 f"exact-enumeration limit MAX_SUBSETS = {MAX_SUBSETS}"
             )
 
-    def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
-        p = G.shape[0]
+    def coefficients(self, K: torch.Tensor, f: int) -> torch.Tensor:
+        p = K.shape[0]
         q = p - f
+        c = torch.zeros(p, dtype=torch.float64, device=K.device)
         if f == 0:
-            return G.mean(dim=0)
-        D = sq_distances(G).cpu()
+            return c.fill_(1.0 / p)
+        D = sq_distances(K=K).cpu()
         subsets = itertools.combinations(range(p), q)
         batch = max(1, _BATCH_BUDGET // (q * q))
         best, best_diameter = None, math.inf
@@ -53,4 +56,5 @@ class MDA(Aggregator):
             i = int(diameters.argmin())
             if float(diameters[i]) < best_diameter:
                 best, best_diameter = chunk[i], float(diameters[i])
-        return G[torch.tensor(best, device=G.device)].mean(dim=0)
+        c[torch.tensor(best, device=K.device)] = 1.0 / q
+        return c

@@ -15,6 +15,11 @@ from .base import Aggregator
 class Mean(Aggregator):
     name = "mean"
     robust = False
+    gram_space = True
 
     def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
-        return G.mean(dim=0)
+        return G.mean(dim=0)  # c = 1/p without forming K
+
+    def coefficients(self, K: torch.Tensor, f: int) -> torch.Tensor:
+        p = K.shape[0]
+        return torch.full((p,), 1.0 / p, dtype=torch.float64, device=K.device)

@@ -22,6 +22,7 @@ from ..base import PreAggregator
 
 class Bucketing(PreAggregator):
     name = "bucketing"
+    uses_gram = False
 
     def __init__(self, f: int = 0, s: int = 2, seed: int = 0):
         super().__init__(f)
@@ -35,15 +36,14 @@ class Bucketing(PreAggregator):
     def out_workers(self, p: int) -> int:
         return math.ceil(p / self.s)
 
-    def transform(self, G: torch.Tensor, f: int) -> torch.Tensor:
-        p = G.shape[0]
+    def mixing(self, p: int, K: torch.Tensor | None, f: int) -> torch.Tensor:
         order = torch.randperm(p, generator=self.generator)
         bucket = torch.empty(p, dtype=torch.long)
         bucket[order] = torch.arange(p) // self.s
-        sizes = torch.bincount(bucket).to(G.dtype)
-        mixing = torch.zeros(self.out_workers(p), p, dtype=G.dtype)
-        mixing[bucket, torch.arange(p)] = 1 / sizes[bucket]
-        return mixing.to(G.device) @ G
+        sizes = torch.bincount(bucket).to(torch.float64)
+        M = torch.zeros(self.out_workers(p), p, dtype=torch.float64)
+        M[bucket, torch.arange(p)] = 1 / sizes[bucket]
+        return M
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

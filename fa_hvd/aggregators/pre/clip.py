@@ -1,4 +1,7 @@
-"""Static norm clipping: ``g_i <- g_i min(1, tau / ||g_i||)``, ``tau > 0``; ``p' = p``."""
+"""Static norm clipping: ``g_i <- g_i min(1, tau / ||g_i||)``, ``tau > 0``; ``p' = p``.
+
+A diagonal mixing matrix, from the norms ``||g_i|| = sqrt(K_ii)``.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +12,10 @@ import torch
 from ..base import PreAggregator
 
 
-def clip_rows(G: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
-    """Scale every row of ``G`` with norm above ``tau`` down to norm ``tau``."""
-    norms = torch.linalg.vector_norm(G, dim=1)
-    scale = torch.where(norms > tau, tau / norms, torch.ones_like(norms))
-    return G * scale[:, None]
+def clip_mixing(K: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
+    """``diag(min(1, tau / ||g_i||))``: rows with norm above ``tau`` scaled down to norm ``tau``."""
+    norms = K.diagonal().clamp_min(0).sqrt()
+    return torch.diag(torch.where(norms > tau, tau / norms, torch.ones_like(norms)))
 
 
 class Clip(PreAggregator):
@@ -25,8 +27,8 @@ class Clip(PreAggregator):
             raise ValueError(f"{self.name}: tau must be a positive number, got {tau!r}")
         self.tau = float(tau)
 
-    def transform(self, G: torch.Tensor, f: int) -> torch.Tensor:
-        return clip_rows(G, self.tau)
+    def mixing(self, p: int, K: torch.Tensor | None, f: int) -> torch.Tensor:
+        return clip_mixing(K, self.tau)
 
     def __repr__(self) -> str:
         return f"Clip(f={self.f}, tau={self.tau})"

@@ -20,10 +20,8 @@ class NNM(PreAggregator):
         if p <= f:
             raise ValueError(f"{self.name}: needs p > f (p - f nearest neighbours), got p={p}, f={f}")
 
-    def transform(self, G: torch.Tensor, f: int) -> torch.Tensor:
-        p = G.shape[0]
+    def mixing(self, p: int, K: torch.Tensor | None, f: int) -> torch.Tensor:
         q = p - f
-        nearest = torch.sort(sq_distances(G), dim=1, stable=True).indices[:, :q]
-        mixing = torch.zeros(p, p, dtype=G.dtype, device=G.device)
-        mixing.scatter_(1, nearest, 1.0 / q)
-        return mixing @ G
+        nearest = torch.sort(sq_distances(K=K), dim=1, stable=True).indices[:, :q]
+        M = torch.zeros(p, p, dtype=torch.float64, device=K.device)
+        return M.scatter_(1, nearest, 1.0 / q)
