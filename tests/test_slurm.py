@@ -73,6 +73,9 @@ class Cluster:
             time.sleep(1)
         return info
 
+    def scontrol(self, *args: str) -> None:
+        subprocess.run(["scontrol", *args], env=self.env, check=True, capture_output=True)
+
     def log(self, job: str) -> str:
         files = list(self.tmp.glob(f"*-{job}.out"))
         return files[0].read_text() if files else "(no output file)"
@@ -98,10 +101,10 @@ def cluster(tmp_path_factory):
     subprocess.run(["tools/slurm/cluster.sh", "down", str(state)], cwd=ROOT, capture_output=True, text=True)
 
 
-def write_config(path: Path, faults: list, **robust) -> Path:
-    """configs/demo.yaml with STEPS steps, the given faults and robust settings."""
+def write_config(path: Path, faults: list, steps: int = STEPS, **robust) -> Path:
+    """configs/demo.yaml with ``steps`` steps, the given faults and robust settings."""
     conf = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    conf["train"].update(steps=STEPS, eval_every_epochs=1)
+    conf["train"].update(steps=steps, eval_every_epochs=1)
     conf["robust"].update(robust)
     conf["faults"] = faults
     path.write_text(yaml.safe_dump(conf))
@@ -117,6 +120,8 @@ def jobs(cluster):
     train = write_config(tmp / "train.yaml", [reverse, slow])
     crash = write_config(tmp / "crash.yaml", [{"kind": "crash", "ranks": [2], "start_step": 5}])
     krum = write_config(tmp / "krum.yaml", [], aggregator="krum", aggregator_params={"f": 1})
+    endless = write_config(tmp / "endless.yaml", [{"kind": "slow", "ranks": [0], "params": {"delay": SLOW_S}}],
+                           steps=10_000, aggregator="mean", aggregator_params={"f": 0})
 
     def train_job(name, config, *sbatch_args, env=None):
         args = [*CPU_JOB, *sbatch_args, "slurm/train.sbatch", str(config), "--run-dir", str(cluster.run_dir(name))]
@@ -137,10 +142,20 @@ def jobs(cluster):
         "crash": train_job("crash", crash, "--time=30"),
         "krum": train_job("krum", krum, "--time=30"),
         "missing": cluster.submit("missing", [*CPU_JOB, "slurm/train.sbatch", "configs/no-such-config.yaml"]),
+        # one rank, stepping until cancelled
+        "cancel": train_job("cancel", endless, "--time=30", "--ntasks-per-node=1"),
     }
+    actions = [
+        # SLURM signals each start of a job once, at its first check when the limit is this short:
+        # once the first USR1 has arrived, give the job time, so that its requeued start (with an
+        # equally short limit) is not signalled again at once.
+        (lambda: "[train.sbatch] got SIGUSR1" in cluster.log(submitted["time_limit"]),
+         lambda: cluster.scontrol("update", f"JobId={submitted['time_limit']}", "TimeLimit=10")),
+        (lambda: (cluster.run_dir("cancel") / "metrics.jsonl").exists() and step_records(cluster, "cancel"),
+         lambda: subprocess.run(["scancel", submitted["cancel"]], env=cluster.env, check=True)),
+    ]
     stop = threading.Event()
-    watcher = threading.Thread(target=extend_after_first_signal, args=(cluster, submitted["time_limit"], stop),
-                               daemon=True)
+    watcher = threading.Thread(target=act_once_when, args=(actions, stop), daemon=True)
     watcher.start()
     start = time.monotonic()
     yield submitted
@@ -152,14 +167,14 @@ def jobs(cluster):
               f"(last start), restarts {info['Restarts']}, submitted {info['SubmitTime']}, ended {info['EndTime']}")
 
 
-def extend_after_first_signal(cluster, job: str, stop: threading.Event) -> None:
-    """SLURM signals each start of a job once, at its first check when the limit is this short:
-    once the first USR1 has arrived, give the job time, so that its requeued start (with an
-    equally short limit) is not signalled again at once."""
-    while not stop.wait(1):
-        if "[train.sbatch] got SIGUSR1" in cluster.log(job):
-            subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"], env=cluster.env, check=True)
-            return
+def act_once_when(actions: list, stop: threading.Event) -> None:
+    """Every second, run each ``(condition, action)``'s action once its condition holds."""
+    todo = list(actions)
+    while todo and not stop.wait(1):
+        for condition, action in list(todo):
+            if condition():
+                action()
+                todo.remove((condition, action))
 
 
 def summary(cluster, name: str) -> dict:
@@ -208,6 +223,18 @@ def test_time_limit_checkpoints_requeues_and_resumes_bit_exactly(cluster, jobs):
     assert (result["status"], result["step"]) == ("finished", STEPS), result
     cluster.wait(jobs["srun"])
     assert result["params_crc32"] == summary(cluster, "srun")["params_crc32"]
+
+
+def test_scancel_checkpoints_and_is_not_requeued(cluster, jobs):
+    job = jobs["cancel"]
+    info = cluster.wait(job)
+    log = cluster.log(job)
+    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), log
+    for line in ("[train.sbatch] got SIGTERM", "[train.sbatch] checkpoint written after SIGTERM", "not requeued"):
+        assert line in log, (line, log)
+    result = summary(cluster, "cancel")
+    assert result["status"] == "preempted" and 0 < result["step"] < 10_000, result
+    assert list((cluster.run_dir("cancel") / "checkpoints").iterdir()), "no checkpoint"
 
 
 def test_a_crashed_rank_ends_the_job_and_is_named(cluster, jobs):
