@@ -49,12 +49,10 @@ class Cluster:
     def __init__(self, env: dict, tmp: Path):
         self.env, self.tmp = env, tmp
 
-    def sbatch(self, name: str, args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run(["sbatch", "--parsable", f"--job-name={name}", f"--output={self.tmp}/{name}-%j.out", *args],
-                              cwd=ROOT, env={**self.env, **(env or {})}, capture_output=True, text=True)
-
     def submit(self, name: str, args: list[str], env: dict | None = None) -> str:
-        proc = self.sbatch(name, args, env)
+        """``sbatch ARGS`` from the repository root, the log in tmp/NAME-JOBID.out; returns the job id."""
+        proc = subprocess.run(["sbatch", "--parsable", f"--job-name={name}", f"--output={self.tmp}/{name}-%j.out", *args],
+                              cwd=ROOT, env={**self.env, **(env or {})}, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
         return proc.stdout.strip().split(";")[0]
 
