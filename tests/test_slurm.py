@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 CPU_JOB = ["--nodes=1", "--ntasks-per-node=4", "--gpus-per-node=0", "--cpus-per-task=1"]
 STEPS = 60
-SLOW_S = 0.5  # rank 3 sleeps this long every step: the run outlasts SLURM's first time-limit check
+SLOW_S = 0.75  # rank 3 sleeps this long every step: 45 s, past SLURM's first time-limit check (<= 30 s)
 GRID = {  # two cells: mean and FA on 4 simulated workers, one of them sending noise
     "train": {"steps": 30}, "seeds": 1, "splits": {"iid": None}, "workers": [[4, 1]],
     "rules": {"mean": "mean", "flag": "flag"}, "faults": {"gaussian": [{"kind": "gaussian"}]},
