@@ -183,7 +183,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             try:
                 rows = self._transport.wait(bucket.handle)
             except self._transport.passthrough_errors as exc:
-                exc.add_note(f"fa_hvd: rank {self._transport.rank}: in the gradient exchange at step "
+                exc.add_note(f"fa_hvd: rank {self._transport.rank}: the gradient exchange failed at step "
                              f"{self.step_count} (bucket {bucket.index})")
                 raise
             except Exception as exc:

@@ -93,9 +93,7 @@ def main(argv=None) -> None:
     import horovod.torch as hvd
 
     from . import broadcast_optimizer_state
-    from .comm.horovod import set_stall_defaults
 
-    set_stall_defaults()  # the script calls hvd.init() itself
     hvd.DistributedOptimizer = robust_optimizer(args.aggregator, params, args.transport)
     hvd.broadcast_optimizer_state = broadcast_optimizer_state
     sys.argv = [args.script, *args.args]

@@ -69,4 +69,4 @@ def test_horovods_elastic_errors_leave_step_as_themselves(error):
     with pytest.raises(getattr(exceptions, error)) as caught:
         opt.step()
     assert caught.value is raised and type(caught.value) is type(raised)
-    assert "fa_hvd: rank 0: in the gradient exchange at step 0" in caught.value.__notes__[0]
+    assert "fa_hvd: rank 0: the gradient exchange failed at step 0" in caught.value.__notes__[0]

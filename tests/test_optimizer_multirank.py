@@ -11,13 +11,17 @@ JOBS = {  # launcher -> transport argument of the check script
     "mpi": "horovod",
     "mpi4py": "mpi",
 }
-CHECKS = ["mean_vs_horovod", "rules", "features", "mismatch", "bad_world", "process_sets"]
+CHECKS = ["mean_vs_horovod", "rules", "features", "mismatch", "bad_world", "process_sets", "slow_peer"]
+# mpi4py's job waits without a bound (FA_HVD_COLLECTIVE_TIMEOUT_SECONDS=0): a wait must still
+# end only when the Iallgather has completed.
+ENV = {"mpi4py": {"FA_HVD_COLLECTIVE_TIMEOUT_SECONDS": "0"}}
 
 
 @pytest.fixture(scope="module", params=sorted(JOBS))
 def report(request):
     kind = request.param
-    proc = launch(kind, 4, ["python", str(SCRIPTS / "optimizer_check.py"), "--transport", JOBS[kind], *CHECKS])
+    proc = launch(kind, 4, ["python", str(SCRIPTS / "optimizer_check.py"), "--transport", JOBS[kind], *CHECKS],
+                  env=ENV.get(kind))
     found = results(proc)
     assert proc.returncode == 0 and len(found) == 1, output(proc)
     return {**found[0], "transport": JOBS[kind]}
@@ -62,3 +66,7 @@ def test_process_sets_aggregate_only_their_own_ranks(report):
         assert "process_set only with transport='horovod'" in r["refused"]
     else:
         assert r == {"same_within": True, "differ_across": True, "set_size": 2}
+
+
+def test_every_rank_waits_for_a_busy_peer_and_reads_its_whole_row(report):
+    assert report["slow_peer"] == {"complete": True}

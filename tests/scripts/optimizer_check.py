@@ -5,6 +5,7 @@ python optimizer_check.py --transport horovod|mpi CHECK [CHECK ...]
 import argparse
 import json
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -216,9 +217,18 @@ def check_process_sets(transport, rank):
             "set_size": opt._transport.size}
 
 
+def check_slow_peer(transport, rank):
+    """Rank 1 is busy for 1.5 s before it sends: every rank waits for it and reads its whole row."""
+    if rank == 1:
+        time.sleep(1.5)
+    G = transport.allgather(torch.full((1, 4096), float(rank + 1)), name="check.slow_peer")
+    expected = torch.arange(1, transport.size + 1, dtype=torch.float32)[:, None].expand(-1, 4096)
+    return {"complete": all(transport.allgather_object(bool(torch.equal(G, expected)), name="check.slow_peer.ok"))}
+
+
 CHECKS = {"mean_vs_horovod": check_mean_vs_horovod, "rules": check_rules, "features": check_features,
           "mismatch": check_mismatch, "bad_world": check_bad_world,
-          "process_sets": check_process_sets}
+          "process_sets": check_process_sets, "slow_peer": check_slow_peer}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
