@@ -49,6 +49,10 @@ _instances = itertools.count()  # same creation order on every rank -> same coll
 _log = logging.getLogger("fa_hvd")
 
 
+class RobustOptimizer:
+    """Base of every optimizer class :func:`DistributedOptimizer` builds (for ``isinstance``)."""
+
+
 class _Bucket:
     """A group of parameters whose gradients travel in one allgather."""
 
@@ -248,6 +252,10 @@ class _DistributedOptimizer(torch.optim.Optimizer):
     def aggregator(self):
         return self._aggregator
 
+    @property
+    def transport(self) -> Transport:
+        return self._transport
+
     def state_dict(self):
         state = super(self.__class__, self).state_dict()
         if isinstance(self._aggregator, Aggregator):
@@ -411,9 +419,11 @@ def DistributedOptimizer(
         aggregator.check(transport.size)
     if num_groups and groups is None:
         groups = num_groups
+    if transport.name == "horovod":
+        _register_elastic_state_handler()
     cls = type(
         optimizer.__class__.__name__,
-        (optimizer.__class__,),
+        (optimizer.__class__, RobustOptimizer),
         dict(_DistributedOptimizer.__dict__),
     )
     return cls(
@@ -429,6 +439,25 @@ def DistributedOptimizer(
         bucket_bytes,
         gradient_transform,
     )
+
+
+def _register_elastic_state_handler() -> None:
+    """Make ``hvd.elastic.TorchState`` sync an fa_hvd optimizer with
+    :func:`fa_hvd.broadcast_optimizer_state`, so the aggregator's state reaches workers
+    that join (Horovod's registry of state handlers is its extension point)."""
+    from horovod.torch.elastic import state as elastic_state
+
+    registry = elastic_state.get_handler_registry()
+    if any(kind is RobustOptimizer for kind, _ in registry):
+        return
+
+    class RobustOptimizerStateHandler(elastic_state.OptimizerStateHandler):
+        def sync(self):
+            from . import broadcast_optimizer_state
+
+            broadcast_optimizer_state(self.value, root_rank=0)
+
+    elastic_state.set_handler_registry([(RobustOptimizer, RobustOptimizerStateHandler), *registry])
 
 
 def _op_name(op, gradient_predivide_factor: float) -> str:

@@ -70,3 +70,12 @@ def test_horovods_elastic_errors_leave_step_as_themselves(error):
         opt.step()
     assert caught.value is raised and type(caught.value) is type(raised)
     assert "fa_hvd: rank 0: the gradient exchange failed at step 0" in caught.value.__notes__[0]
+
+
+def test_broadcast_functions_have_horovods_exact_signatures():
+    import inspect
+
+    import horovod.torch as hvd
+
+    assert inspect.signature(fa_hvd.broadcast_parameters) == inspect.signature(hvd.broadcast_parameters)
+    assert inspect.signature(fa_hvd.broadcast_optimizer_state) == inspect.signature(hvd.broadcast_optimizer_state)

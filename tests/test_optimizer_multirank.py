@@ -11,7 +11,8 @@ JOBS = {  # launcher -> transport argument of the check script
     "mpi": "horovod",
     "mpi4py": "mpi",
 }
-CHECKS = ["mean_vs_horovod", "rules", "features", "mismatch", "bad_world", "process_sets", "slow_peer"]
+CHECKS = ["mean_vs_horovod", "rules", "features", "mismatch", "bad_world", "process_sets", "slow_peer",
+          "broadcast_state"]
 # mpi4py's job waits without a bound (FA_HVD_COLLECTIVE_TIMEOUT_SECONDS=0): a wait must still
 # end only when the Iallgather has completed.
 ENV = {"mpi4py": {"FA_HVD_COLLECTIVE_TIMEOUT_SECONDS": "0"}}
@@ -70,3 +71,12 @@ def test_process_sets_aggregate_only_their_own_ranks(report):
 
 def test_every_rank_waits_for_a_busy_peer_and_reads_its_whole_row(report):
     assert report["slow_peer"] == {"complete": True}
+
+
+def test_broadcast_optimizer_state_carries_the_aggregator_state(report):
+    r = report["broadcast_state"]
+    assert r["fa_hvd"] == {"centres_agree": True, "params_agree": True}
+    if report["transport"] == "horovod":
+        assert r["torchstate"] == {"centres_agree": True, "params_agree": True}
+        # Horovod's own function leaves the centre on rank 0 only: the ranks diverge.
+        assert r["horovods_own"] == {"centres_agree": False, "params_agree": False}

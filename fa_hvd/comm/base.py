@@ -117,3 +117,7 @@ class Transport:
     def allgather_object(self, obj, name: str) -> list:
         """Every rank's picklable ``obj``, in rank order."""
         raise NotImplementedError
+
+    def broadcast_object(self, obj, root: int, name: str):
+        """``root``'s picklable ``obj`` on every rank (``root`` counts ranks of this transport)."""
+        raise NotImplementedError

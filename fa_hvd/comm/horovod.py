@@ -49,8 +49,15 @@ class HorovodTransport(Transport):
         wait_until(lambda: hvd.poll(handle.handle), self.timeout, f"fa_hvd: rank {self.rank}: allgather {handle.name!r}")
         return hvd.synchronize(handle.handle)
 
+    def _global_rank(self, rank: int) -> int:
+        """Horovod's roots are global ranks, even within a process set."""
+        return self.process_set.ranks[rank] if self.process_set.ranks else rank
+
     def broadcast_(self, tensor: torch.Tensor, root: int, name: str) -> torch.Tensor:
-        return hvd.broadcast_(tensor, root_rank=root, name=name, process_set=self.process_set)
+        return hvd.broadcast_(tensor, root_rank=self._global_rank(root), name=name, process_set=self.process_set)
+
+    def broadcast_object(self, obj, root: int, name: str):
+        return hvd.broadcast_object(obj, root_rank=self._global_rank(root), name=name, process_set=self.process_set)
 
     def allreduce_sum(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
         return hvd.allreduce(tensor, op=hvd.Sum, name=name, process_set=self.process_set)

@@ -62,3 +62,6 @@ class MPITransport(Transport):
 
     def allgather_object(self, obj, name: str) -> list:
         return self.comm.allgather(obj)
+
+    def broadcast_object(self, obj, root: int, name: str):
+        return self.comm.bcast(obj, root=root)

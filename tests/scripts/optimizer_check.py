@@ -226,9 +226,53 @@ def check_slow_peer(transport, rank):
     return {"complete": all(transport.allgather_object(bool(torch.equal(G, expected)), name="check.slow_peer.ok"))}
 
 
+def check_broadcast_state(transport, rank):
+    """Resume as Horovod scripts do: rank 0 loads the checkpoint, then broadcast. The cclip
+    centre (aggregator state; tau small enough that clipping bites) must reach every rank:
+    fa_hvd.broadcast_optimizer_state, and (over Horovod) elastic's TorchState.sync, carry it;
+    Horovod's own function does not."""
+    model, x, y = model_and_data(rank)
+    opt = fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), aggregator="cclip",
+                                      aggregator_params={"f": 1, "tau": 0.01}, transport=transport)
+    train(model, opt, x, y, steps=2)
+    checkpoint = (model.state_dict(), opt.state_dict())
+
+    def resumed(broadcast):
+        fresh, _, _ = model_and_data(rank)
+        fresh_opt = fa_hvd.DistributedOptimizer(torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9),
+                                                aggregator="cclip", aggregator_params={"f": 1, "tau": 0.01}, transport=transport)
+        if rank == 0:
+            fresh.load_state_dict(checkpoint[0])
+            fresh_opt.load_state_dict(checkpoint[1])
+        for name, tensor in sorted(fresh.state_dict().items()):
+            transport.broadcast_(tensor, 0, name=f"check.bcast.{broadcast}.{name}")
+        if broadcast == "fa_hvd":
+            fa_hvd.broadcast_optimizer_state(fresh_opt, root_rank=0)
+        elif broadcast == "torchstate":
+            import horovod.torch as hvd
+
+            hvd.elastic.TorchState(model=fresh, optimizer=fresh_opt).sync()
+        else:
+            import horovod.torch as hvd
+
+            hvd.broadcast_optimizer_state(fresh_opt, root_rank=0)
+        centre = fresh_opt.aggregator.state_dict().get("center")
+        centre_crc = None if centre is None else checksum([centre])
+        train(fresh, fresh_opt, x, y, steps=1)
+        return {"centres_agree": len(set(transport.allgather_object(centre_crc, name=f"check.c.{broadcast}"))) == 1,
+                "params_agree": agree(transport, fresh.parameters())}
+
+    out = {"fa_hvd": resumed("fa_hvd")}
+    if transport.name == "horovod":
+        out["torchstate"] = resumed("torchstate")
+        out["horovods_own"] = resumed("horovod")
+    return out
+
+
 CHECKS = {"mean_vs_horovod": check_mean_vs_horovod, "rules": check_rules, "features": check_features,
           "mismatch": check_mismatch, "bad_world": check_bad_world,
-          "process_sets": check_process_sets, "slow_peer": check_slow_peer}
+          "process_sets": check_process_sets, "slow_peer": check_slow_peer,
+          "broadcast_state": check_broadcast_state}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
