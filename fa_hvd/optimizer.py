@@ -36,6 +36,7 @@ import contextlib
 import itertools
 import logging
 import os
+import time
 import zlib
 from typing import Callable, Iterable
 
@@ -103,6 +104,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._synchronized = False
         self._skip_synchronize = False
         self.step_count = 0
+        self.stats: dict = {}
+        self._marks: dict = {}
         self._hooks = [
             p.register_post_accumulate_grad_hook(self._on_grad) for b in self._buckets for p in b.params
         ]
@@ -119,6 +122,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         if self._step_started:
             return
         self._step_started = True
+        self._marks = {"start": time.perf_counter(), **_byte_counters(self._transport)}
         before = self._transport.size
         if self._transport.refresh():
             if isinstance(self._aggregator, Aggregator):
@@ -153,6 +157,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             self._next_bucket += 1
 
     def _launch(self, bucket: _Bucket) -> None:
+        self._marks.setdefault("first_launch", time.perf_counter())
         flat = torch.cat([self._dense_grad(p).reshape(-1) for p in bucket.params])
         if flat.dtype == torch.bfloat16:
             flat = flat.float()  # Horovod's allgather has no bf16
@@ -182,6 +187,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             return
         self._start_step()
         self._launch_ready(force=True)
+        waiting = time.perf_counter()
         gathered = []
         for bucket in self._buckets:
             try:
@@ -197,6 +203,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 ) from exc
             gathered.append(self._compression.decompress(rows, bucket.ctx))
             bucket.handle = bucket.ctx = None
+        arrived = time.perf_counter()
         if gathered:
             G = torch.cat(gathered, dim=1) if len(gathered) > 1 else gathered[0]
             update = self._aggregator(G)
@@ -211,8 +218,22 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                         p.grad = piece.clone()
                     else:
                         p.grad.copy_(piece)
+        self._record_stats(waiting, arrived)
         self._reset_counts()
         self._synchronized = True
+
+    def _record_stats(self, waiting: float, arrived: float) -> None:
+        """``stats``: the last exchange's seconds (and bytes, if the transport counts them)."""
+        now = time.perf_counter()
+        stats = {
+            "step": self.step_count,
+            "exchange_s": arrived - self._marks.get("first_launch", waiting),
+            "wait_s": arrived - waiting,
+            "aggregate_s": now - arrived,
+        }
+        for key, value in _byte_counters(self._transport).items():
+            stats[key] = value - self._marks.get(key, 0)
+        self.stats = stats
 
     @contextlib.contextmanager
     def skip_synchronize(self):
@@ -280,6 +301,11 @@ class _NoCompression:
     @staticmethod
     def decompress(tensor, ctx):
         return tensor
+
+
+def _byte_counters(transport: Transport) -> dict[str, int]:
+    """The transport's cumulative ``bytes_sent``/``bytes_received``, where it counts them."""
+    return {key: getattr(transport, key) for key in ("bytes_sent", "bytes_received") if hasattr(transport, key)}
 
 
 def _parameter_names(param_groups, named_parameters) -> dict[int, str]:
@@ -401,6 +427,12 @@ def DistributedOptimizer(
     (``(flat_grad, bucket_index, step) -> tensor``, applied to what this rank
     sends; fault injection uses it). An aggregator that cannot work with the world size
     fails here, before training starts.
+
+    ``optimizer.stats`` describes the last gradient exchange: ``step`` (its index),
+    ``exchange_s`` (first bucket sent to last bucket received: communication,
+    overlapping the backward pass), ``wait_s`` (how long ``synchronize()`` blocked
+    for it), ``aggregate_s`` (the rule and the write-back), and, when the transport
+    counts them, ``bytes_sent``/``bytes_received`` during that step.
     """
     if isinstance(backward_passes_per_step, bool) or not isinstance(backward_passes_per_step, int) \
             or backward_passes_per_step < 1:

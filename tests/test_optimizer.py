@@ -79,3 +79,28 @@ def test_broadcast_functions_have_horovods_exact_signatures():
 
     assert inspect.signature(fa_hvd.broadcast_parameters) == inspect.signature(hvd.broadcast_parameters)
     assert inspect.signature(fa_hvd.broadcast_optimizer_state) == inspect.signature(hvd.broadcast_optimizer_state)
+
+
+def test_stats_report_the_last_exchange():
+    class Counting(LoopbackTransport):
+        bytes_sent = bytes_received = 0
+
+        def allgather_async(self, tensor, name):
+            self.bytes_sent += tensor.numel() * tensor.element_size()
+            self.bytes_received += (self.size - 1) * tensor.numel() * tensor.element_size()
+            return super().allgather_async(tensor, name)
+
+    model, x, y = model_and_batch()
+    n = sum(p.numel() for p in model.parameters())
+    opt = fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), aggregator="mean",
+                                      transport=Counting(size=3))
+    assert opt.stats == {}
+    for step in range(2):
+        one_step(model, opt, x, y)
+        assert opt.stats["step"] == step
+        assert (opt.stats["bytes_sent"], opt.stats["bytes_received"]) == (4 * n, 2 * 4 * n)  # this step's only
+        assert 0 <= opt.stats["wait_s"] <= opt.stats["exchange_s"] and opt.stats["aggregate_s"] >= 0
+    plain = fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), aggregator="mean",
+                                        transport=LoopbackTransport(size=3))
+    one_step(model, plain, x, y)
+    assert set(plain.stats) == {"step", "exchange_s", "wait_s", "aggregate_s"}  # no counters, no bytes
