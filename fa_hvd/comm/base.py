@@ -81,21 +81,32 @@ class Handle:
 
 
 class Transport:
-    """Collectives over a fixed group of ranks.
+    """Collectives over a group of ranks.
 
-    ``passthrough_errors`` are the exception types that must leave the optimizer
-    unchanged (Horovod's elastic mode resets on them). ``refresh()`` re-reads rank
-    and size after the group changed (an elastic reset) and says whether they did.
+    ``included``: whether this process belongs to the group (a Horovod process set
+    need not hold every rank; ``rank`` is then -1). ``passthrough_errors`` are the
+    exception types that must leave the optimizer unchanged (Horovod's elastic mode
+    resets on them). ``refresh()`` re-reads rank and size after the group changed
+    (an elastic reset) and says whether they did.
     """
 
     name = "transport"
     rank: int
     size: int
     local_rank: int
+    included = True
     passthrough_errors: tuple[type[BaseException], ...] = ()
 
     def refresh(self) -> bool:
         return False
+
+    def prepare(self, names: list[str]) -> None:
+        """Collective (every rank, same order): ``names`` will be gathered under, in any order
+        relative to each other. Transports whose collectives must be ordered set up one
+        channel per name here."""
+
+    def abandon(self, handle: "Handle") -> None:
+        """Forget an allgather in flight (its result will not be read)."""
 
     def allgather_async(self, tensor: torch.Tensor, name: str) -> Handle:
         raise NotImplementedError

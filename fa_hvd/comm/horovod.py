@@ -30,13 +30,16 @@ class HorovodTransport(Transport):
         if not hvd.is_initialized():
             hvd.init()
         self.process_set = process_set if process_set is not None else hvd.global_process_set
-        self.rank = self.process_set.rank()
+        self.included = bool(self.process_set.included())
+        self.rank = self.process_set.rank() if self.included else -1
         self.size = self.process_set.size()
         self.local_rank = hvd.local_rank()
         self.timeout = collective_timeout()
 
     def refresh(self) -> bool:
         """Re-read rank and size from the process set (they change on an elastic reset)."""
+        if not self.included:
+            return False
         rank, size = self.process_set.rank(), self.process_set.size()
         changed = (rank, size) != (self.rank, self.size)
         self.rank, self.size = rank, size
