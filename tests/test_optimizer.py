@@ -359,3 +359,24 @@ def test_aggregator_state_round_trips_through_load_state_dict(rule, params):
     for a, b, c in zip(straight.parameters(), resumed.parameters(), fresh.parameters()):
         assert torch.equal(a, b)
     assert any(not torch.equal(a, c) for a, c in zip(straight.parameters(), fresh.parameters()))  # state matters
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device, and this machine has none: "
+                                                          "run where one is")
+def test_parameters_on_several_devices():
+    """One model on the CPU and a GPU (Horovod's test_model_parallelism, with one GPU): one
+    bucket per device, the aggregate written back on each parameter's device."""
+    torch.manual_seed(0)
+    first, second = nn.Linear(4, 5), nn.Linear(5, 2).cuda()
+    params = [*first.parameters(), *second.parameters()]
+    opt = fa_hvd.DistributedOptimizer(torch.optim.SGD(params, lr=0.1), aggregator="median",
+                                      aggregator_params={"f": 1}, transport=LoopbackTransport(size=3))
+    assert {b.device.type for b in opt._buckets} == {"cpu", "cuda"}
+    x = torch.randn(8, 4)
+    opt.zero_grad()
+    second(torch.tanh(first(x)).cuda()).sum().backward()
+    local = [p.grad.clone() for p in params]
+    opt.step()
+    for p, g in zip(params, local):
+        assert p.grad.device == p.device
+        torch.testing.assert_close(p.grad, 2 * g)  # median of g, 2g, 3g
