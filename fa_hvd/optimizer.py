@@ -47,6 +47,7 @@ others are already training.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -118,6 +119,7 @@ class AllgatherExchange(GradientExchange):
         self.transport, self.aggregator, self.compression, self.prefix = transport, aggregator, compression, prefix
         self.pending: dict[int, tuple] = {}
         self.timings: dict = {}
+        self._buffer: torch.Tensor | None = None
 
     def name(self, index: int) -> str:
         return f"{self.prefix}.bucket{index}"
@@ -140,10 +142,23 @@ class AllgatherExchange(GradientExchange):
                 raise RuntimeError(f"{failure}: {exc}") from exc
             rows.append(self.compression.decompress(gathered, ctx).to(device))
         self.timings = {"arrived": time.perf_counter()}
-        G = torch.cat(rows, dim=1) if len(rows) > 1 else rows[0]
-        update = self.aggregator(G)
+        update = self.aggregator(self._concatenate(rows))
         self.timings["aggregated"] = time.perf_counter()
         return update
+
+    def _concatenate(self, rows: list[torch.Tensor]) -> torch.Tensor:
+        """The buckets side by side, ``(p, n)``, in a buffer kept across steps (a fresh
+        one each step costs more than the copy: its pages are touched anew). The
+        aggregate is copied into ``.grad`` at once, so only a rule that kept a view of
+        its input past the call could see the buffer change; none does."""
+        if len(rows) == 1:
+            return rows[0]
+        shape = (rows[0].shape[0], sum(r.shape[1] for r in rows))
+        dtype = functools.reduce(torch.promote_types, (r.dtype for r in rows))
+        buffer = self._buffer
+        if buffer is None or buffer.shape != shape or buffer.dtype != dtype or buffer.device != rows[0].device:
+            buffer = self._buffer = torch.empty(shape, dtype=dtype, device=rows[0].device)
+        return torch.cat(rows, dim=1, out=buffer)
 
     def abandon(self) -> None:
         for handle, _ in self.pending.values():

@@ -380,3 +380,26 @@ def test_parameters_on_several_devices():
     for p, g in zip(params, local):
         assert p.grad.device == p.device
         torch.testing.assert_close(p.grad, 2 * g)  # median of g, 2g, 3g
+
+
+
+def test_several_buckets_give_the_same_aggregate_as_one():
+    """The buckets are concatenated (into a buffer reused across steps) before the rule:
+    FA over eight buckets equals FA over one, step after step."""
+    def run(bucket_bytes):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64))
+        others = lambda row, r: row * (1 + r) + 0.01 * r  # noqa: E731  distinct rows
+        opt = fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), aggregator="flag",
+                                          aggregator_params={"f": 1, "r": 2}, bucket_bytes=bucket_bytes,
+                                          transport=LoopbackTransport(size=5, others=others))
+        for seed in range(3):
+            opt.zero_grad()
+            model(torch.randn(4, 64, generator=torch.Generator().manual_seed(seed))).sum().backward()
+            opt.step()
+        return len(opt._buckets), list(model.parameters())
+
+    (many, split), (one, whole) = run(64 * 4), run(1 << 30)
+    assert (many, one) == (4, 1)
+    for a, b in zip(split, whole):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
