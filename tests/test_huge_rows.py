@@ -91,3 +91,24 @@ def test_centered_clipping_with_a_centre_and_a_huge_row(kind):
     out, expected = ours(G), reference(G.double())
     assert torch.isfinite(out).all()
     assert (out.double() - expected).norm() <= 1e-4 * expected.norm()
+
+
+@pytest.mark.parametrize("name", sorted(ROBUST))
+def test_the_bitflip_attack_at_its_default_rate_never_breaks_a_robust_rule(name):
+    """fa_hvd.faults' own bitflip at its default rate (1e-3) on F ranks of 20000 coordinates,
+    10 draws: the rows it makes hold huge finite values (a flipped top exponent bit), and
+    some Inf or NaN too (then dropped)."""
+    from fa_hvd.faults import ATTACKS
+
+    gen = torch.Generator().manual_seed(0)
+    good = 1.0 + 0.3 * torch.randn(P - F, 20000, generator=gen)
+    huge = 0
+    for draw in range(10):
+        gen = torch.Generator().manual_seed(draw)
+        bad = torch.stack([ATTACKS["bitflip"](good[i].clone(), None, gen, {"rate": 1e-3}) for i in range(F)])
+        huge += int((torch.isfinite(bad) & (bad.abs() > 1e30)).any())
+        G = torch.cat([bad, good])
+        out, reference = rule(name)(G), rule(name)(G.double())
+        assert torch.isfinite(out).all(), (name, draw)
+        assert (out.double() - reference).norm() <= 1e-4 * reference.norm() + 1e-6, (name, draw)
+    assert huge >= 5  # the draws really made huge finite rows
