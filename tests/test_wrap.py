@@ -104,7 +104,8 @@ def _wait_for_progress(pids, host, batches, timeout):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         progress = pids / f"progress.{host}"
-        if progress.exists() and progress.read_text().strip() and int(progress.read_text()) >= batches:
+        done = progress.read_text().strip() if progress.exists() else ""  # empty while being rewritten
+        if done and int(done) >= batches:
             return int(next(pids.glob(f"{host}.*")).name.rsplit(".", 1)[1])
         time.sleep(0.2)
     raise AssertionError(f"the worker on {host} did not reach batch {batches} within {timeout} s")
