@@ -5,8 +5,9 @@
 
 Before the script runs, ``horovod.torch.DistributedOptimizer`` becomes
 :func:`fa_hvd.DistributedOptimizer` with the chosen aggregator (and
-``broadcast_optimizer_state`` the fa_hvd one, which skips the gradient exchange
-Horovod uses to initialise optimizer state). Every choice can come from the
+``broadcast_optimizer_state`` the fa_hvd one, which also broadcasts the aggregator's
+state; Horovod's state-initialising zero step makes no gradient exchange and does
+not count as a step). Every choice can come from the
 environment instead, which is how a batch system passes it:
 
 * ``FA_HVD_AGGREGATOR`` (default ``flag``), ``FA_HVD_F`` (default 0),
