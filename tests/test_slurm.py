@@ -30,7 +30,7 @@ CPU_JOB = ["--nodes=1", "--ntasks-per-node=4", "--gpus-per-node=0", "--cpus-per-
 STEPS = 60
 SLOW_S = 0.75  # rank 3 sleeps this long every step: 45 s, past SLURM's first time-limit check (<= 30 s)
 GRID = {  # two cells: mean and FA on 4 simulated workers, one of them sending noise
-    "train": {"steps": 30}, "seeds": 1, "splits": {"iid": None}, "workers": [[4, 1]],
+    "trainer": {"train": {"steps": 30}}, "seeds": 1, "splits": {"iid": None}, "workers": [[4, 1]],
     "rules": {"mean": "mean", "flag": "flag"}, "faults": {"gaussian": [{"kind": "gaussian"}]},
 }
 
@@ -87,6 +87,9 @@ def cluster(tmp_path_factory):
     reason = cluster_unavailable()
     if reason:
         pytest.skip(reason)
+    for stale in Path("/tmp").glob("fa_hvd-slurm-*"):  # left by a killed session: its daemons too
+        if stale.name.rpartition("-")[2].isdigit() and not Path(f"/proc/{stale.name.rpartition('-')[2]}").exists():
+            subprocess.run(["tools/slurm/cluster.sh", "down", str(stale)], cwd=ROOT, capture_output=True)
     state = Path(f"/tmp/fa_hvd-slurm-{os.getpid()}")  # munged (user munge) cannot enter pytest's 0700 tmp
     start = time.perf_counter()
     proc = subprocess.run(["tools/slurm/cluster.sh", "up", str(state)], cwd=ROOT, capture_output=True, text=True,
