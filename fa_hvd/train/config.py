@@ -82,6 +82,7 @@ class ModelConfig:
 
     name: str = "mlp"
     hidden: int = 64                   # mlp
+    dropout: float = 0.0               # mlp
     width: int = 16                    # cnn
 
     def validate(self) -> None:
@@ -93,6 +94,8 @@ class ModelConfig:
             raise cfg.ConfigError(f"model.name: {exc}") from None
         _positive("model.hidden", self.hidden, integer=True)
         _positive("model.width", self.width, integer=True)
+        if not 0 <= self.dropout < 1:
+            raise cfg.ConfigError(f"model.dropout: must be in [0, 1), got {self.dropout}")
 
 
 @dataclass

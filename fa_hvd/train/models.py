@@ -15,9 +15,12 @@ from torch import nn
 TORCHVISION_PREFIX = "torchvision:"
 
 
-def mlp(shape: tuple, num_classes: int, hidden: int = 64) -> nn.Module:
-    """Flatten -> Linear(hidden) -> ReLU -> Linear(num_classes)."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+def mlp(shape: tuple, num_classes: int, hidden: int = 64, dropout: float = 0.0) -> nn.Module:
+    """Flatten -> Linear(hidden) -> ReLU [-> Dropout(dropout)] -> Linear(num_classes)."""
+    layers = [nn.Flatten(), nn.Linear(math.prod(shape), hidden), nn.ReLU()]
+    if dropout:
+        layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers, nn.Linear(hidden, num_classes))
 
 
 def small_cnn(shape: tuple, num_classes: int, width: int = 16) -> nn.Module:
@@ -51,12 +54,12 @@ def torchvision_model(name: str, shape: tuple, num_classes: int) -> nn.Module:
     return get_model(name, weights=None, num_classes=num_classes)
 
 
-MODELS = {"mlp": mlp, "cnn": small_cnn, "resnet18": resnet18_cifar}
+NAMES = ("mlp", "cnn", "resnet18")
 
 
 def check_name(name: str) -> None:
     """Raise ``ValueError`` unless ``name`` is a known model."""
-    if name in MODELS:
+    if name in NAMES:
         return
     if name.startswith(TORCHVISION_PREFIX):
         from torchvision.models import list_models
@@ -65,15 +68,16 @@ def check_name(name: str) -> None:
         if tv_name not in list_models():
             raise ValueError(f"torchvision has no model {tv_name!r} (torchvision.models.list_models())")
         return
-    raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}, or {TORCHVISION_PREFIX}NAME "
+    raise ValueError(f"unknown model {name!r}; known: {', '.join(NAMES)}, or {TORCHVISION_PREFIX}NAME "
                      f"for any torchvision model")
 
 
-def build(name: str, shape: tuple, num_classes: int, hidden: int = 64, width: int = 16) -> nn.Module:
+def build(name: str, shape: tuple, num_classes: int, hidden: int = 64, width: int = 16,
+          dropout: float = 0.0) -> nn.Module:
     """The model ``name`` for samples of ``shape`` and ``num_classes`` classes."""
     check_name(name)
     if name == "mlp":
-        return mlp(shape, num_classes, hidden)
+        return mlp(shape, num_classes, hidden, dropout)
     if name == "cnn":
         return small_cnn(shape, num_classes, width)
     if name == "resnet18":

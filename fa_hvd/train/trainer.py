@@ -149,14 +149,18 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch(len(self.split.train), self.world, conf.train.batch_size * self.passes)
         if self.total_steps is None:  # fixed at the start: an elastic world change keeps it
             self.total_steps = conf.train.steps or max(1, math.ceil(conf.train.epochs * self.steps_per_epoch))
-        models.build(conf.model.name, self.split.shape, self.split.num_classes, conf.model.hidden, conf.model.width)
+        self.new_model()
+
+    def new_model(self) -> torch.nn.Module:
+        model = self.conf.model
+        return models.build(model.name, self.split.shape, self.split.num_classes, model.hidden, model.width,
+                            model.dropout)
 
     def build(self) -> None:
         """Model, optimizer, schedule, shard stream and faults for the current world (collective)."""
         conf = self.conf
         torch.manual_seed(conf.seed)
-        self.model = models.build(conf.model.name, self.split.shape, self.split.num_classes, conf.model.hidden,
-                                  conf.model.width).to(self.device)
+        self.model = self.new_model().to(self.device)
         for name, tensor in self.model.state_dict().items():
             self.transport.broadcast_(tensor, 0, f"fa_hvd.train.init.{name}")
         self.train_set = poison_for_rank(self.split.train, self.specs, self.rank, seed=conf.seed)
@@ -639,9 +643,9 @@ def run(trainer: Trainer, args) -> int:
     signals = control.StopSignals().install()
     try:
         status = trainer.train(signals)
+        trainer.finish(status)
     finally:
         signals.uninstall()
-    trainer.finish(status)
     return status
 
 
