@@ -96,7 +96,7 @@ class Trainer:
         self.step = 0
         self.max_step_seen = 0
         self.consumed_faults: set[int] = set()
-        self.previous_wall_s = 0.0
+        self.launch_time = self.wall_origin = time.perf_counter()
         self.last_eval: dict | None = None
         self.last_loss: float | None = None
         self.events: list[dict] = []
@@ -157,18 +157,18 @@ class Trainer:
                             model.dropout)
 
     def build(self) -> None:
-        """Model, optimizer, schedule, shard stream and faults for the current world (collective)."""
+        """Model, optimizer, schedule, and this world's shard, stream and faults.
+
+        Outside elastic mode rank 0's initial parameters are broadcast (collective); in
+        elastic mode nothing here talks to the other ranks (a worker may join while the
+        others train): the first sync broadcasts the state."""
         conf = self.conf
         torch.manual_seed(conf.seed)
         self.model = self.new_model().to(self.device)
-        for name, tensor in self.model.state_dict().items():
-            self.transport.broadcast_(tensor, 0, f"fa_hvd.train.init.{name}")
-        self.train_set = poison_for_rank(self.split.train, self.specs, self.rank, seed=conf.seed)
-        self.stream = ShardStream(self.shards[self.rank], conf.seed, self.rank)
-        self.eval_indices = data.eval_indices(len(self.split.test), self.rank, self.world)
-        self.injector = FaultInjector(self.specs, self.rank, self.world, seed=conf.seed, transport=self.transport)
+        if not conf.elastic.enabled:
+            for name, tensor in self.model.state_dict().items():
+                self.transport.broadcast_(tensor, 0, f"fa_hvd.train.init.{name}")
         self.scaler = torch.amp.GradScaler(self.device.type) if conf.train.amp == "fp16" else None
-        needs_transform = bool(self.specs) or self.scaler is not None
         self.optimizer = fa_hvd.DistributedOptimizer(
             optim.build_optimizer(conf.optim, self.model),
             named_parameters=self.model.named_parameters(),
@@ -176,12 +176,23 @@ class Trainer:
             aggregator=conf.robust.aggregator,
             aggregator_params=conf.robust.aggregator_params,
             transport=self.transport,
-            gradient_transform=self._outgoing if needs_transform else None,
+            gradient_transform=self._outgoing,
         )
         self.scheduler = optim.build_scheduler(self.optimizer, conf.schedule, conf.optim.lr, self.total_steps,
                                                self.steps_per_epoch)
         self._overflowed = False
         self._scale = 1.0
+        self.join_world()
+
+    def join_world(self) -> None:
+        """This rank's part of the current world: its (poisoned) shard, stream, test share, faults."""
+        conf = self.conf
+        self.train_set = poison_for_rank(self.split.train, self.specs, self.rank, seed=conf.seed)
+        self.stream = ShardStream(self.shards[self.rank], conf.seed, self.rank)
+        self.eval_indices = data.eval_indices(len(self.split.test), self.rank, self.world)
+        counts = self.injector.counts if hasattr(self, "injector") else {}
+        self.injector = FaultInjector(self.specs, self.rank, self.world, seed=conf.seed, transport=self.transport)
+        self.injector.counts = dict(counts)
 
     # -- one step ---------------------------------------------------------------------------
     def _outgoing(self, flat: torch.Tensor, bucket: int, step: int) -> torch.Tensor:
@@ -192,7 +203,7 @@ class Trainer:
                 self._overflowed = False
             self._overflowed |= not bool(torch.isfinite(flat).all())
             flat = flat / self._scale
-        if self.specs:
+        if self.injector.specs:
             flat = self.injector.gradient_transform(flat, bucket, step)
         return flat
 
@@ -283,7 +294,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "consumed_faults": sorted(self.consumed_faults),
-            "progress": {"wall_s": self.previous_wall_s + self.wall_s(), "last_eval": self.last_eval,
+            "progress": {"wall_s": self.total_wall_s(), "last_eval": self.last_eval,
                          "last_loss": self.last_loss, "events": self.events},
         }
 
@@ -299,29 +310,34 @@ class Trainer:
     def load_state(self, state: dict) -> None:
         """Continue from ``state``: exactly when it was saved by a world of this size, otherwise
         resharded (every rank's stream restarts at the same position, generators re-seeded)."""
+        self.load_shared(state)
+        self.wall_origin = time.perf_counter() - float(state.get("progress", {}).get("wall_s", 0.0))
+        ranks = state.get("ranks")
+        if ranks is None or len(ranks) != self.world:
+            self.reseed()
+            return
+        mine = ranks[self.rank]
+        checkpoint.set_rng_state(mine["rng"])
+        self.stream.load_state_dict(mine["stream"])
+        buffers = dict(self.model.named_buffers())
+        with torch.no_grad():
+            for name, value in mine["buffers"].items():
+                buffers[name].copy_(value)
+        self.injector.counts = dict(mine["faults"])
+
+    def load_shared(self, state: dict) -> None:
+        """Model, optimizer, schedule, scaler, step and progress from ``state``."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        self.step = self.max_step_seen = int(state["step"])
+        self.step = int(state["step"])
+        self.max_step_seen = max(self.max_step_seen, self.step)
         self.consumed_faults = set(state.get("consumed_faults", []))
         progress = state.get("progress", {})
-        self.previous_wall_s = float(progress.get("wall_s", 0.0))
         self.last_eval, self.last_loss = progress.get("last_eval"), progress.get("last_loss")
         self.events = list(progress.get("events", []))
-        ranks = state.get("ranks")
-        if ranks is not None and len(ranks) == self.world:
-            mine = ranks[self.rank]
-            checkpoint.set_rng_state(mine["rng"])
-            self.stream.load_state_dict(mine["stream"])
-            buffers = dict(self.model.named_buffers())
-            with torch.no_grad():
-                for name, value in mine["buffers"].items():
-                    buffers[name].copy_(value)
-            self.injector.counts = dict(mine["faults"])
-        else:
-            self.reseed()
 
     def reseed(self) -> None:
         """This rank's stream and generators for a new world, from the step alone."""
@@ -333,7 +349,12 @@ class Trainer:
 
     # -- bookkeeping ------------------------------------------------------------------------
     def wall_s(self) -> float:
-        return time.perf_counter() - self.start_time
+        """Seconds since this process started training."""
+        return time.perf_counter() - self.launch_time
+
+    def total_wall_s(self) -> float:
+        """Seconds of training over every launch of this run."""
+        return time.perf_counter() - self.wall_origin
 
     @property
     def epoch(self) -> float:
@@ -390,7 +411,7 @@ class Trainer:
             "final": {"test_accuracy": final.get("test_accuracy"), "test_loss": final.get("test_loss"),
                       "train_loss": self.last_loss},
             "wall_s": round(self.wall_s(), 3),
-            "total_wall_s": round(self.previous_wall_s + self.wall_s(), 3),
+            "total_wall_s": round(self.total_wall_s(), 3),
             "config_hash": self.config_hash,
             "aggregator": repr(self.optimizer.aggregator),
             "faults_injected": {str(r): counts for r, counts in enumerate(faults) if counts},
@@ -568,7 +589,7 @@ def check_compatible(trainer: Trainer, state: dict, path: Path, reshard: bool) -
     if state["model_name"] != trainer.conf.model.name:
         raise UsageError(f"{path}: the checkpoint is of model {state['model_name']!r}, the config builds "
                          f"{trainer.conf.model.name!r}")
-    if state["world_size"] != trainer.world:
+    if state["world_size"] != trainer.world and not trainer.conf.elastic.enabled:
         problems.append(f"it was written by {state['world_size']} ranks, this run has {trainer.world}")
     if state["config_hash"] != trainer.config_hash:
         changed = differences(train_config.identity(state["config"]), train_config.identity(trainer.conf_data))
@@ -618,6 +639,17 @@ def describe(trainer: Trainer) -> str:
             f"{trainer.optimizer.aggregator!r}, config hash {trainer.config_hash}")
 
 
+def open_outputs(trainer: Trainer) -> None:
+    """Rank 0: metrics.jsonl (cut back to the current step), the progress display, the run's description."""
+    trainer.log = metrics.MetricsLog(trainer.run_dir / "metrics.jsonl", trainer.step or None)
+    trainer.progress = metrics.Progress(trainer.total_steps, trainer.step, trainer.conf.log.progress,
+                                        trainer.conf.log.every_steps)
+    say(describe(trainer))
+    say("resolved config:\n  " + yaml.safe_dump(trainer.conf_data, sort_keys=False).rstrip().replace("\n", "\n  "))
+    for spec in trainer.specs:
+        say(f"fault: {spec.describe()} on rank(s) {spec.ranks}")
+
+
 def run(trainer: Trainer, args) -> int:
     """Train (non-elastic): set up, resume, loop, finish."""
     error = None
@@ -628,16 +660,12 @@ def run(trainer: Trainer, args) -> int:
         error = str(exc)
     agree_on_errors(trainer.transport, error)
     notes = start(trainer, args)
-    trainer.start_time = time.perf_counter()
+    trainer.launch_time = time.perf_counter()
+    if trainer.step == 0:
+        trainer.wall_origin = trainer.launch_time
     trainer.last_checkpoint_time = time.monotonic()
     if trainer.rank == 0:
-        trainer.log = metrics.MetricsLog(trainer.run_dir / "metrics.jsonl", trainer.step or None)
-        trainer.progress = metrics.Progress(trainer.total_steps, trainer.step, trainer.conf.log.progress,
-                                            trainer.conf.log.every_steps)
-        say(describe(trainer))
-        say("resolved config:\n  " + yaml.safe_dump(trainer.conf_data, sort_keys=False).rstrip().replace("\n", "\n  "))
-        for spec in trainer.specs:
-            say(f"fault: {spec.describe()} on rank(s) {spec.ranks}")
+        open_outputs(trainer)
     for note in notes:
         trainer.event(note)
     signals = control.StopSignals().install()

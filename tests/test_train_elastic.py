@@ -1,0 +1,89 @@
+"""Elastic mode: a rank crashes, the survivors finish; a host comes back, the world grows again.
+
+One horovodrun elastic job on this machine: horovodrun takes each name of a local
+address for a host of its own (``localhost``, ``127.0.0.1``, the address of another
+interface). 3 slots on localhost, 1 on 127.0.0.1, a ``crash`` fault on rank 3 at step
+15: Horovod blacklists 127.0.0.1 and the survivors continue on 3 ranks. The host
+discovery script prints a file the test edits: once the survivors say so, a third
+host name with one slot is added, a new worker starts there and the run ends on 4
+ranks. The crash is not repeated by the new rank 3.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from conftest import BIN, ROOT, job_env, untagged
+from train_helpers import TRAIN, kill_tree, write_config
+
+STEPS = 400
+
+
+def third_local_host() -> str:
+    """An IPv4 address of this machine other than loopback: a third host name for horovodrun."""
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET and not address.address.startswith("127."):
+                return address.address
+    raise AssertionError("this machine has no IPv4 interface besides loopback: nowhere to grow the world")
+
+
+@pytest.mark.slow
+def test_crash_then_growth(tmp_path):
+    config = write_config(
+        tmp_path / "elastic.yaml",
+        data={"name": "digits"},
+        model={"name": "mlp", "hidden": 32},
+        optim={"lr": 0.05},
+        train={"steps": STEPS, "batch_size": 16, "eval_every_steps": 100},
+        robust={"aggregator": "flag", "aggregator_params": {"f": 1}},
+        faults=[{"kind": "crash", "ranks": [3], "start_step": 15},
+                {"kind": "signflip", "ranks": [1]},
+                {"kind": "slow", "ranks": [0], "params": {"delay": 0.05}}],
+        elastic={"enabled": True, "commit_every_steps": 5},
+    )
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost:3\n127.0.0.1:1\n")
+    discover = tmp_path / "discover.sh"
+    discover.write_text(f"#!/bin/sh\ncat {hosts}\n")
+    discover.chmod(0o755)
+    run_dir = tmp_path / "run"
+    log = open(tmp_path / "job.log", "w+")
+    cmd = [str(BIN / "horovodrun"), "-np", "4", "--min-np", "3", "--max-np", "4", "--host-discovery-script",
+           str(discover), TRAIN, "--config", str(config),
+           "--run-dir", str(run_dir)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=job_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
+
+    def text():
+        log.seek(0)
+        return untagged(log.read())
+
+    try:
+        deadline = time.monotonic() + 240
+        while "on 3 ranks" not in text():
+            assert proc.poll() is None and time.monotonic() < deadline, text()[-5000:]
+            time.sleep(0.2)
+        hosts.write_text(f"localhost:3\n127.0.0.1:1\n{third_local_host()}:1\n")
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+    out = text()
+    assert proc.returncode == 0, out[-6000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    events = summary["events"]
+    assert summary["status"] == "finished" and summary["step"] == STEPS, summary
+    assert "fa_hvd fault: rank 3 crashes at step 15" in out
+    assert out.count("crashes at step") == 1, out[-6000:]
+    assert any("from 4 to 3 ranks" in e for e in events) and any("from 3 to 4 ranks" in e for e in events), events
+    assert summary["world_size"] == 4 and summary["params_identical_on_ranks"], summary
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    sizes = [r["world_size"] for r in records if r["kind"] == "step"]
+    assert sizes[0] == 4 and 3 in sizes and sizes[-1] == 4, sorted(set(sizes))
+    assert summary["final"]["test_accuracy"] > 0.8, summary  # signflip on rank 1 did not break FA
