@@ -252,14 +252,20 @@ class RunConfig:
                 parse_faults(self.faults, ANY_WORLD, f=self.robust.f, allow_exceeding_f=self.robust.allow_exceeding_f)
         except ValueError as exc:
             message = str(exc).replace("set allow_exceeding_f (FA_HVD_ALLOW_EXCEEDING_F=1)", "set robust.allow_exceeding_f")
-            raise cfg.ConfigError(message if message.startswith("faults") else f"faults: {message}") from None
+            raise cfg.ConfigError(message if message.startswith("faults[") else
+                                  f"faults / robust.aggregator_params.f: {message}") from None
         if self.elastic.enabled and self.robust.transport != "horovod":
             raise cfg.ConfigError("elastic.enabled: elastic mode needs robust.transport horovod")
 
 
 def load(path, overrides=()) -> tuple[RunConfig, dict]:
     """Read ``path``, apply ``--set`` ``overrides``, validate; returns the config and its plain data."""
-    raw = cfg.apply_overrides(cfg.read_yaml(path), overrides)
+    return parse(cfg.read_yaml(path), overrides)
+
+
+def parse(raw: dict, overrides=()) -> tuple[RunConfig, dict]:
+    """A config from its YAML mapping ``raw`` and ``--set`` ``overrides``; returns it and its plain data."""
+    raw = cfg.apply_overrides(raw, overrides)
     if isinstance(raw.get("elastic"), bool):  # `elastic: true` is short for `elastic: {enabled: true}`
         raw["elastic"] = {"enabled": raw["elastic"]}
     conf = cfg.from_dict(RunConfig, raw)

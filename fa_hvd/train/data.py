@@ -214,19 +214,18 @@ def _mnist(name: str, root: Path) -> Split:
     return Split(train, test, 10, tuple(train.tensors[0].shape[1:]))
 
 
-CIFAR_LAYOUT = {
-    "cifar10": ("cifar-10-batches-py",
-                tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta"), 10),
-    "cifar100": ("cifar-100-python", ("train", "test", "meta"), 100),
+CIFAR_LAYOUT = {  # folder, its files, the archive that holds them, classes
+    "cifar10": ("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta"),
+                "cifar-10-python.tar.gz", 10),
+    "cifar100": ("cifar-100-python", ("train", "test", "meta"), "cifar-100-python.tar.gz", 100),
 }
 
 
 def _cifar(name: str, root: Path, verify: bool) -> Split:
     from torchvision import datasets
 
-    folder, files, num_classes = CIFAR_LAYOUT[name]
-    _missing(root, folder, files, f"unpack {folder.replace('-batches', '')}.tar.gz there" if name == "cifar10"
-             else "unpack cifar-100-python.tar.gz there")
+    folder, files, archive, num_classes = CIFAR_LAYOUT[name]
+    _missing(root, folder, files, f"unpack {archive} there")
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
     if not verify:  # presence was checked above; skip torchvision's MD5 sums
         cls = type(cls.__name__, (cls,), {"_check_integrity": lambda self: True, "_load_meta": lambda self: None})
@@ -282,7 +281,7 @@ def _images(x: np.ndarray, where) -> torch.Tensor:
     if x.ndim != 4:
         raise ValueError(f"{where}: images must be (N, H, W) or (N, C, H, W), got shape {x.shape}")
     if x.dtype == np.uint8:
-        return torch.from_numpy(np.ascontiguousarray(x))
+        return torch.from_numpy(np.array(x, copy=True))
     scale = 255.0 if np.issubdtype(x.dtype, np.integer) else 1.0
     return torch.from_numpy(x.astype(np.float32) / scale)
 
