@@ -25,7 +25,7 @@ from fa_hvd.faults import parse_faults
 
 DATA_SOURCES = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic", "dir")
 BOOKKEEPING_SECTIONS = ("checkpoint", "log")
-ANY_WORLD = 2**31  # world size for checking faults before the ranks start
+CHECK_WORLD = 1024  # at least this world size when faults are checked before the ranks start
 
 
 def _positive(name: str, value, integer: bool = False) -> None:
@@ -249,13 +249,25 @@ class RunConfig:
         try:  # everything but the ranks' range, which needs the world size
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                parse_faults(self.faults, ANY_WORLD, f=self.robust.f, allow_exceeding_f=self.robust.allow_exceeding_f)
+                parse_faults(self.faults, _world_for_checks(self.faults), f=self.robust.f,
+                             allow_exceeding_f=self.robust.allow_exceeding_f)
         except ValueError as exc:
             message = str(exc).replace("set allow_exceeding_f (FA_HVD_ALLOW_EXCEEDING_F=1)", "set robust.allow_exceeding_f")
             raise cfg.ConfigError(message if message.startswith("faults[") else
                                   f"faults / robust.aggregator_params.f: {message}") from None
         if self.elastic.enabled and self.robust.transport != "horovod":
             raise cfg.ConfigError("elastic.enabled: elastic mode needs robust.transport horovod")
+
+
+def _world_for_checks(entries) -> int:
+    """A world size that holds every rank the faults name (and an honest one): the checks that
+    do not depend on the real size run before the ranks start."""
+    listed = [0]
+    for entry in entries:
+        ranks = entry.get("ranks") if isinstance(entry, dict) else None
+        ranks = [ranks] if isinstance(ranks, int) else ranks if isinstance(ranks, list) else []
+        listed += [r for r in ranks if isinstance(r, int) and not isinstance(r, bool)]
+    return max(CHECK_WORLD, max(listed) + 2)
 
 
 def load(path, overrides=()) -> tuple[RunConfig, dict]:
