@@ -162,3 +162,15 @@ def test_models_build_and_run(name, shape):
 def test_torchvision_models_need_three_channels():
     with pytest.raises(ValueError, match="takes 3-channel images; the data has 1"):
         models.build("torchvision:resnet18", (1, 28, 28), 10)
+
+
+def test_digits_read_directly_equal_scikit_learns_loader():
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    split = data.load_dataset("digits", seed=4)
+    order = torch.randperm(1797, generator=torch.Generator().manual_seed(4))
+    x = torch.from_numpy(bunch.images.astype(np.float32) / 16).unsqueeze(1)[order]
+    y = torch.from_numpy(bunch.target.astype(np.int64))[order]
+    assert torch.equal(torch.cat([split.train.tensors[0], split.test.tensors[0]]), x)
+    assert torch.equal(torch.cat([split.train.tensors[1], split.test.tensors[1]]), y)

@@ -27,6 +27,7 @@ Images are kept as stored (uint8 for the real data sets) and become float32 in
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,12 +165,19 @@ def load_dataset(name: str = "digits", data_dir: str | None = None, seed: int = 
     return split
 
 
-def _digits(seed: int) -> Split:
-    from sklearn.datasets import load_digits
+def digits_file() -> Path:
+    """scikit-learn's ``digits.csv.gz`` (64 pixels in 0..16 and the label per row), found
+    without importing scikit-learn (which takes a second per rank)."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or spec.origin is None:
+        raise ValueError("data set 'digits' comes with scikit-learn, which is not installed")
+    return Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
 
-    bunch = load_digits()
-    x = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)
-    y = torch.from_numpy(bunch.target.astype(np.int64))
+
+def _digits(seed: int) -> Split:
+    table = np.loadtxt(digits_file(), delimiter=",", dtype=np.float32)
+    x = torch.from_numpy(table[:, :-1].reshape(-1, 1, 8, 8) / 16.0)
+    y = torch.from_numpy(table[:, -1].astype(np.int64))
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     x, y = x[order], y[order]
     cut = int(0.8 * len(y))

@@ -1,11 +1,14 @@
 """Rank 0's outputs: ``metrics.jsonl``, the progress display and ``summary.json``.
 
 ``metrics.jsonl`` holds one JSON object per line: ``"kind": "step"`` records
-(``step`` counts optimizer steps done, from 1; ``epoch``; ``loss``, the mean over
-ranks of each rank's batch loss; ``lr``; ``step_s``; ``samples_per_s``; the
-optimizer's ``stats`` when it has them: ``exchange_s``, ``aggregate_s``,
-``bytes_sent``, ``bytes_received`` and aggregator diagnostics; ``faults``, the
-number of ranks that injected a fault at that step), ``"kind": "eval"`` records
+(``step`` counts optimizer steps done, from 1; ``epoch`` (fractional epochs done);
+``loss``, the mean over ranks of each rank's batch loss; ``lr``; ``step_s``;
+``backward_s`` (forward and backward, with the gradient exchange overlapping);
+``synchronize_s`` (waiting for the exchange and aggregating); ``samples_per_s``;
+``faults``, the number of ranks that injected a fault at that step; ``world_size``;
+rank 0's ``optimizer.stats`` when the optimizer has them: ``exchange_s``,
+``aggregate_s``, ``bytes_sent``, ``bytes_received``, aggregator diagnostics;
+``loss_scale`` under fp16), ``"kind": "eval"`` records
 (``step``, ``epoch``, ``test_loss``, ``test_accuracy``) and ``"kind": "event"``
 records (resume, preemption, elastic resets). On resume the file is cut back to
 the checkpoint's step, so it always tells one consistent history.

@@ -220,6 +220,7 @@ class Trainer:
         self.optimizer.zero_grad()
         if self.scaler is not None:
             self._scale = float(self.scaler.get_scale())
+        started = time.perf_counter()
         total = 0.0
         for micro in range(self.passes):
             indices = self.stream.take(conf.train.batch_size)
@@ -232,10 +233,13 @@ class Trainer:
             total += loss.detach().item()
             scaled = loss / self.passes
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        self.backward_s = time.perf_counter() - started
+        self.optimizer.synchronize()
+        self.synchronize_s = time.perf_counter() - started - self.backward_s
         if self.scaler is None and conf.optim.grad_clip is None:
-            self.optimizer.step()
+            with self.optimizer.skip_synchronize():
+                self.optimizer.step()
         else:
-            self.optimizer.synchronize()
             if self.scaler is not None:
                 with torch.no_grad():  # the aggregate is unscaled (see _outgoing): rescale, exactly
                     for p in self.model.parameters():
@@ -465,6 +469,7 @@ class Trainer:
     def _log_step(self, agreed: control.StepAgreement, step_s: float, samples_per_s: float) -> None:
         record = {"kind": "step", "step": self.step, "epoch": self.epoch, "loss": agreed.mean_loss,
                   "lr": self.scheduler.get_last_lr()[0], "step_s": round(step_s, 6),
+                  "backward_s": round(self.backward_s, 6), "synchronize_s": round(self.synchronize_s, 6),
                   "samples_per_s": round(samples_per_s, 1), "faults": agreed.faulty_ranks,
                   "world_size": self.world}
         stats = getattr(self.optimizer, "stats", None)
