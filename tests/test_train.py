@@ -109,7 +109,7 @@ def test_the_whole_loop_in_one_process(tmp_path):
     trainer.prepare_run_dir(t)
     t.last_checkpoint_time = 0.0
     t.log = trainer.metrics.MetricsLog(t.run_dir / "metrics.jsonl", None)
-    t.progress = trainer.metrics.Progress(12, 0, "off")
+    t.progress = trainer.metrics.Progress(12, 0, "none")
     assert t.train(control.StopSignals()) == trainer.EXIT_OK
     records = [json.loads(line) for line in (t.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "step"] == list(range(1, 13))
@@ -202,3 +202,23 @@ def test_cli_config_errors(capsys, tmp_path):
     status, err = _cli(capsys, tmp_path, "--config", str(tmp_path / "bad.yaml"))
     assert status == 2 and err == "fa-hvd-train: error: optim.learning_rate: unknown key (known: name, lr, " \
                                   "momentum, nesterov, weight_decay, betas, eps, grad_clip, backward_passes_per_step)\n"
+
+
+def test_fp16_overflow_on_every_rank_backs_the_scale_off_once(tmp_path):
+    """Three simulated ranks overflow: the median drops every row (a zero aggregate, so GradScaler sees
+    nothing wrong), and the ranks' agreement halves the scale once; a finite step leaves it alone."""
+    t = _trainer(tmp_path, ["train.amp=fp16"], transport=LoopbackTransport(3),
+                 robust={"aggregator": "median", "aggregator_params": {"f": 1}},
+                 optim={"lr": 0.1, "momentum": 0.0}, train={"steps": 2, "batch_size": 8})
+    t.log, t.progress, t.last_checkpoint_time = None, None, 0.0
+    t.rank = 1  # no rank-0 logging in this test
+    t.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 120)  # the fp16 backward overflows at this scale
+    before = [p.detach().clone() for p in t.model.parameters()]
+    t.conf.train.steps = t.total_steps = 1
+    t.train(control.StopSignals())
+    assert t.scaler.get_scale() == 2.0 ** 119
+    assert all(torch.equal(p, b) for p, b in zip(t.model.parameters(), before))
+    t.scaler.update(new_scale=1024.0)
+    t.total_steps = 2
+    t.train(control.StopSignals())
+    assert t.scaler.get_scale() == 1024.0 and not all(torch.equal(p, b) for p, b in zip(t.model.parameters(), before))

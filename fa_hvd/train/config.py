@@ -220,7 +220,7 @@ class ElasticConfig:
 
 @dataclass
 class LogConfig:
-    progress: Literal["auto", "bar", "lines", "off"] = "auto"   # auto: a bar on a terminal, lines otherwise
+    progress: Literal["auto", "bar", "lines", "none"] = "auto"  # auto: a bar on a terminal, lines otherwise
     every_steps: Optional[int] = None  # plain progress lines; null = about 20 per run
 
     def validate(self) -> None:

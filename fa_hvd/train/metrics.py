@@ -94,7 +94,7 @@ def _duration(seconds: float) -> str:
 class Progress:
     """A one-line progress bar on a terminal, or a plain line every ``every`` steps.
 
-    ``mode``: ``"auto"`` (bar if stdout is a terminal), ``"bar"``, ``"lines"``, ``"off"``.
+    ``mode``: ``"auto"`` (bar if stdout is a terminal), ``"bar"``, ``"lines"``, ``"none"``.
     """
 
     def __init__(self, total_steps: int, start_step: int, mode: str = "auto", every: int | None = None,
@@ -111,7 +111,7 @@ class Progress:
         self._bar_shown = False
 
     def step(self, step: int, epoch: float, loss: float, samples_per_s: float) -> None:
-        if self.mode == "off":
+        if self.mode == "none":
             return
         done = step - self.start_step
         elapsed = time.perf_counter() - self.start_time
@@ -137,7 +137,7 @@ class Progress:
 
     def evaluation(self, step: int, epoch: float, test_loss: float, accuracy: float) -> None:
         self.accuracy = accuracy
-        if self.mode != "off":
+        if self.mode != "none":
             self.message(f"eval at step {step} (epoch {epoch:.2f}): test loss {test_loss:.4f}  "
                          f"test accuracy {accuracy:.4f}")
 

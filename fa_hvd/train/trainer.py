@@ -439,8 +439,7 @@ class Trainer:
                                    faulty=sum(self.injector.counts.values()) > faults_before,
                                    overflowed=self._overflowed)
             self.last_loss = agreed.mean_loss
-            if self.scaler is not None and agreed.overflowed_ranks > self.conf.robust.f:
-                self.scaler.update(new_scale=self.scaler.get_scale() * self.scaler.get_backoff_factor())
+            self._back_off_if_overflowed(agreed.overflowed_ranks)
             step_s = time.perf_counter() - started
             if self.rank == 0:
                 self._log_step(agreed, step_s, samples_per_step / step_s)
@@ -459,6 +458,15 @@ class Trainer:
             self.save_checkpoint(wait=True)
         self.writer.wait()
         return EXIT_OK
+
+    def _back_off_if_overflowed(self, overflowed_ranks: int) -> None:
+        """fp16: more than ``f`` ranks overflowed but the aggregate was finite (a robust rule dropped
+        their rows, or all were dropped and the aggregate is zero), so the scaler did not back
+        off: back off now, the same on every rank. A Byzantine rank (at most ``f``) cannot force it."""
+        if self.scaler is None or overflowed_ranks <= self.conf.robust.f:
+            return
+        if self.scaler.get_scale() >= self._scale:  # GradScaler.update() did not back off this step
+            self.scaler.update(new_scale=self._scale * self.scaler.get_backoff_factor())
 
     def _spend_process_faults(self) -> None:
         """A crash or hang fault happens once: in elastic mode, not again after a reset."""
