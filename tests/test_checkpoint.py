@@ -113,8 +113,13 @@ def test_metrics_log_cuts_back_to_the_resumed_step(tmp_path):
     with open(tmp_path / "metrics.jsonl", "a") as fh:
         fh.write('{"kind": "step", "st')  # torn by a kill
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[6])["loss"] == "nan"
-    metrics.MetricsLog(tmp_path / "metrics.jsonl", 4).close()
+    log = metrics.MetricsLog(tmp_path / "metrics.jsonl", 4)
     assert [r["step"] for r in metrics.read(tmp_path)] == [1, 2, 3, 4]
+    log.write({"kind": "step", "step": 5})
+    log.rewind(2)
+    log.write({"kind": "step", "step": 3})
+    log.close()
+    assert [r["step"] for r in metrics.read(tmp_path)] == [1, 2, 3]
 
 
 class _Terminal(io.StringIO):

@@ -84,6 +84,8 @@ class ElasticState(State):
         if error is not None:
             raise UsageError(error)
         trainer.load_shared(state)
+        if trainer.log is not None:
+            trainer.log.rewind(trainer.step)  # the steps after the last commit are done again
         join(trainer)
         trainer.reseed()
         self.committed = state

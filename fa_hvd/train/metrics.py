@@ -63,6 +63,12 @@ class MetricsLog:
                     kept.append(line + "\n")
         self.path.write_text("".join(kept))
 
+    def rewind(self, step: int) -> None:
+        """Forget the records after ``step`` (an elastic restore went back to it)."""
+        self._fh.close()
+        self._cut(step)
+        self._fh = open(self.path, "a")
+
     def write(self, record: dict) -> None:
         self._fh.write(json.dumps(_clean(record)) + "\n")
         self._fh.flush()
