@@ -24,7 +24,7 @@ import threading
 import pytest
 
 from fa_hvd import checkpoint
-from train_helpers import finish, kill_tree, last_step, ranks, single, start, step_losses, summary, wait_for, \
+from train_helpers import finish, kill_tree, last_step, ranks, start, step_losses, summary, wait_for, \
     write_config
 
 STEPS = 60

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -120,6 +119,3 @@ def step_losses(run_dir: Path) -> dict[int, float]:
             losses[record["step"]] = record["loss"]
     return losses
 
-
-def python() -> str:
-    return sys.executable

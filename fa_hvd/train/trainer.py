@@ -83,7 +83,7 @@ def say(text: str, file=sys.stdout) -> None:
 
 
 class Trainer:
-    """One rank's training run. ``run()`` returns the exit status."""
+    """One rank's training run: its components, its state, its loop (:meth:`train`)."""
 
     def __init__(self, conf: train_config.RunConfig, conf_data: dict, run_dir: Path, transport):
         self.conf, self.conf_data = conf, conf_data
