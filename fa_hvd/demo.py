@@ -33,7 +33,8 @@ def launch(np: int, config: str, run_dir: Path, overrides: list[str]) -> subproc
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="fa-hvd-demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="fa-hvd-demo",
+                                     description="The trainer on 4 ranks, FA against the plain mean.")
     parser.add_argument("--np", type=int, default=4, help="ranks (default 4)")
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="where both runs and the plot go")

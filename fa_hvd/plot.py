@@ -65,7 +65,8 @@ def plot(run_dirs: list[Path], out: Path, labels: list[str] | None = None) -> Pa
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="fa-hvd-plot", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="fa-hvd-plot",
+                                     description="Training loss and test accuracy of one or more runs, in one PNG.")
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", type=Path)
     parser.add_argument("--out", type=Path, help="the PNG to write")
     parser.add_argument("--labels", nargs="+", help="one legend label per run (default: the directory names)")

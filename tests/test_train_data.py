@@ -66,7 +66,8 @@ def _cifar_files(root, hundred=False, per_batch=4):
         written[name] = (pixels, labels)
         with open(folder / name, "wb") as fh:
             pickle.dump({"data": pixels, key: labels}, fh)
-    meta = {"fine_label_names": [str(i) for i in range(100)]} if hundred else {"label_names": [str(i) for i in range(10)]}
+    classes = [str(i) for i in range(100 if hundred else 10)]
+    meta = {"fine_label_names": classes} if hundred else {"label_names": classes}
     with open(folder / ("meta" if hundred else "batches.meta"), "wb") as fh:
         pickle.dump(meta, fh)
     return written
@@ -124,7 +125,8 @@ def test_synthetic_is_learnable_and_seeded():
     from fa_hvd.train.config import SyntheticConfig
 
     conf = SyntheticConfig(train_size=300, test_size=50, shape=[4], num_classes=3)
-    a, b = data.load_dataset("synthetic", seed=1, synthetic=conf), data.load_dataset("synthetic", seed=1, synthetic=conf)
+    a = data.load_dataset("synthetic", seed=1, synthetic=conf)
+    b = data.load_dataset("synthetic", seed=1, synthetic=conf)
     assert torch.equal(a.train.tensors[0], b.train.tensors[0]) and a.shape == (4,)
     x, y = a.train.tensors
     solution = torch.linalg.lstsq(x, torch.nn.functional.one_hot(y, 3).float()).solution

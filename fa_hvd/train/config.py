@@ -49,7 +49,8 @@ class SyntheticConfig:
         _positive("data.synthetic.train_size", self.train_size, integer=True)
         _positive("data.synthetic.test_size", self.test_size, integer=True)
         if not self.shape or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in self.shape):
-            raise cfg.ConfigError(f"data.synthetic.shape: must be a non-empty list of integers >= 1, got {self.shape!r}")
+            raise cfg.ConfigError(f"data.synthetic.shape: must be a non-empty list of integers >= 1, "
+                                  f"got {self.shape!r}")
         if self.num_classes < 2:
             raise cfg.ConfigError(f"data.synthetic.num_classes: must be >= 2, got {self.num_classes}")
 
@@ -252,7 +253,8 @@ class RunConfig:
                 parse_faults(self.faults, _world_for_checks(self.faults), f=self.robust.f,
                              allow_exceeding_f=self.robust.allow_exceeding_f)
         except ValueError as exc:
-            message = str(exc).replace("set allow_exceeding_f (FA_HVD_ALLOW_EXCEEDING_F=1)", "set robust.allow_exceeding_f")
+            message = str(exc).replace("set allow_exceeding_f (FA_HVD_ALLOW_EXCEEDING_F=1)",
+                                       "set robust.allow_exceeding_f")
             raise cfg.ConfigError(message if message.startswith("faults[") else
                                   f"faults / robust.aggregator_params.f: {message}") from None
         if self.elastic.enabled and self.robust.transport != "horovod":

@@ -526,7 +526,7 @@ def _report(summary: dict, run_dir: Path) -> None:
 # -- start-up ------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog=PROG, description=__doc__.split("\n\n")[0],
+        prog=PROG, description="Robust data-parallel training from a config, under horovodrun, mpirun or srun.",
         epilog="Exit status: 0 finished, 2 bad config or input, 75 checkpointed after SIGTERM/SIGUSR1 "
                "(resume with --resume auto).")
     parser.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
