@@ -480,9 +480,9 @@ class Trainer:
                   "backward_s": round(self.backward_s, 6), "synchronize_s": round(self.synchronize_s, 6),
                   "samples_per_s": round(samples_per_s, 1), "faults": agreed.faulty_ranks,
                   "world_size": self.world}
-        stats = getattr(self.optimizer, "stats", None)
-        if stats:
-            record.update({k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in stats.items()})
+        stats = getattr(self.optimizer, "stats", None) or {}  # the exchange's seconds and bytes (rank 0's)
+        record.update({k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in stats.items()
+                       if k not in record})
         if self.scaler is not None:
             record["loss_scale"] = self.scaler.get_scale()
         self.log.write(record)
@@ -631,9 +631,8 @@ def start(trainer: Trainer, args) -> list[str]:
             payload, notes = choose_checkpoint(trainer, args.resume, args.resume_reshard)
         except (UsageError, OSError) as exc:
             error = str(exc)
-    shared = trainer.transport.allgather_object((error, payload) if trainer.rank == 0 else None,
-                                                name="fa_hvd.train.resume")[0]
-    error, payload = shared
+    error, payload = trainer.transport.broadcast_object((error, payload) if trainer.rank == 0 else None, 0,
+                                                        name="fa_hvd.train.resume")
     if error is not None:
         raise UsageError(error)
     if payload is not None:
