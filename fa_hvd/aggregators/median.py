@@ -4,21 +4,20 @@ For even ``p`` the median of a coordinate is the mean of its two middle values
 (``torch.median`` would return the lower one); this keeps the rule symmetric.
 Robust for ``p >= 2f + 1``: a majority of honest values brackets the median.
 
-Coordinates are sorted one block of columns at a time (:func:`coordinatewise`),
-so the extra memory is O(``CHUNK_BUDGET``) elements, never O(p n) on top of G.
+The middle values come from a sorting network pruned to them, run one cache-sized
+block of columns at a time (:mod:`.selection`): a few passes over ``G``, extra
+memory O(block), never O(p n).
+
+Column-separable: the aggregate of a block of columns is the rule applied to
+those columns alone (:meth:`by_columns`), which the sharded exchange relies on.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from .base import Aggregator
-from .geometry import column_chunks
-
-CHUNK_BUDGET = 1 << 22
-"""Elements sorted at once by the coordinate-wise rules (median, trimmed mean, Bulyan)."""
+from .selection import coordinatewise
 
 
 def sorted_median(S: torch.Tensor) -> torch.Tensor:
@@ -27,19 +26,23 @@ def sorted_median(S: torch.Tensor) -> torch.Tensor:
     return (S[(q - 1) // 2] + S[q // 2]) / 2
 
 
-def coordinatewise(G: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """``out[cols] = reduce(sort(G[:, cols], dim=0))`` over column blocks, into one ``(n,)`` output."""
-    p, n = G.shape
-    out = torch.empty(n, dtype=G.dtype, device=G.device)
-    for cols in column_chunks(n, p, CHUNK_BUDGET):
-        out[cols] = reduce(G[:, cols].sort(dim=0).values)
-    return out
+def median(G: torch.Tensor) -> torch.Tensor:
+    """Coordinate-wise median of ``G`` (``(p, n)``), as :func:`sorted_median` of each sorted column."""
+    p = G.shape[0]
+    if p % 2:
+        return coordinatewise(G, [p // 2], lambda rows, out: out.copy_(rows[0]))
+    return coordinatewise(G, [p // 2 - 1, p // 2], lambda rows, out: torch.add(*rows, out=out).div_(2))
 
 
 class Median(Aggregator):
     name = "median"
+    columnwise = True
+    uses_gram = False
 
     requires = (2, 1)  # p >= 2f + 1
 
     def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
-        return coordinatewise(G, sorted_median)
+        return median(G)
+
+    def by_columns(self, p: int, K, f: int):
+        return lambda block, cols: median(block)
