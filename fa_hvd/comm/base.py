@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from .traffic import SocketTraffic
+
 TIMEOUT_ENV = "FA_HVD_COLLECTIVE_TIMEOUT_SECONDS"
 
 
@@ -74,3 +76,31 @@ class Transport:
     def allgather_object(self, obj, name: str) -> list:
         """Every rank's picklable ``obj``, in rank order."""
         raise NotImplementedError
+
+    # -- alltoall and traffic counters (the sharded exchange) ------------------------
+    def alltoall_async(self, tensor: torch.Tensor, splits: list[int], name: str,
+                       received: list[int] | None = None) -> Handle:
+        """Send ``splits[r]`` rows of ``tensor`` (split along dim 0, in rank order) to rank ``r``.
+
+        :meth:`wait` gives the rows every rank sent here, concatenated in rank order.
+        ``received`` (rows from each rank), when the caller knows it, saves the
+        transport from asking.
+        """
+        raise NotImplementedError
+
+    @property
+    def traffic(self) -> SocketTraffic:
+        """This process's TCP byte counts (:mod:`fa_hvd.comm.traffic`), from the first use on."""
+        if "_traffic" not in self.__dict__:
+            self._traffic = SocketTraffic()
+        return self._traffic
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes this process sent over TCP since :attr:`traffic` was first used (all of its traffic)."""
+        return self.traffic.totals()[0]
+
+    @property
+    def bytes_received(self) -> int:
+        """Bytes this process received over TCP since :attr:`traffic` was first used."""
+        return self.traffic.totals()[1]

@@ -51,7 +51,8 @@ class HorovodTransport(Transport):
 
     def wait(self, handle: Handle) -> torch.Tensor:
         wait_until(lambda: hvd.poll(handle.handle), self.timeout, f"allgather {handle.name!r}")
-        return hvd.synchronize(handle.handle)
+        result = hvd.synchronize(handle.handle)
+        return result[0] if isinstance(result, tuple) else result  # alltoall: (rows, received splits)
 
     def broadcast_(self, tensor: torch.Tensor, root: int, name: str) -> torch.Tensor:
         return hvd.broadcast_(tensor, root_rank=root, name=name, process_set=self.process_set)
@@ -66,3 +67,8 @@ class HorovodTransport(Transport):
         data = hvd.allgather(payload, name=name, process_set=self.process_set)
         pieces = torch.split(data, sizes.tolist())
         return [pickle.loads(piece.numpy().tobytes()) for piece in pieces]
+
+    def alltoall_async(self, tensor: torch.Tensor, splits: list[int], name: str,
+                       received: list[int] | None = None) -> Handle:
+        splits = torch.tensor(splits, dtype=torch.int32)
+        return _HorovodHandle(hvd.alltoall_async(tensor, splits=splits, name=name, process_set=self.process_set), name)

@@ -62,3 +62,34 @@ class MPITransport(Transport):
 
     def allgather_object(self, obj, name: str) -> list:
         return self.comm.allgather(obj)
+
+    def alltoall_async(self, tensor: torch.Tensor, splits: list[int], name: str,
+                       received: list[int] | None = None) -> Handle:
+        from mpi4py import MPI
+
+        # Raw bytes, as allgather; counted in rows (one MPI datatype of a row's bytes).
+        rows = tensor.detach().to("cpu").contiguous().reshape(tensor.shape[0], -1)
+        row = MPI.BYTE.Create_contiguous(max(1, rows.shape[1] * rows.element_size())).Commit()
+        send = rows.view(torch.uint8).reshape(-1)
+        if received is None:
+            counts = torch.tensor(splits, dtype=torch.int64)
+            theirs = torch.empty_like(counts)
+            self.comm.Alltoall([counts.numpy(), MPI.INT64_T], [theirs.numpy(), MPI.INT64_T])
+            received = theirs.tolist()
+        shape = (sum(received),) + tuple(tensor.shape[1:])
+        recv = torch.empty(shape[0] * rows.shape[1] * rows.element_size(), dtype=torch.uint8)
+        request = self.comm.Ialltoallv(
+            [send.numpy(), (list(splits), _displacements(splits)), row],
+            [recv.numpy(), (list(received), _displacements(received)), row],
+        )
+        row.Free()  # MPI keeps it alive until the operation completes
+        return _MPIHandle(request, send, recv, tensor.device, tensor.dtype, shape)
+
+
+def _displacements(counts: list[int]) -> list[int]:
+    """Offsets of consecutive blocks of ``counts``."""
+    offsets, total = [], 0
+    for count in counts:
+        offsets.append(total)
+        total += count
+    return offsets
