@@ -1,0 +1,144 @@
+"""Multi-rank checks of the exchanges on a real transport; rank 0 prints RESULT {json}.
+
+python exchange_check.py --transport horovod|mpi
+
+* alltoall: uneven splits (zeros included) arrive in rank order.
+* rules: the sharded exchange on seeded gradients with faulty rows (NaN in one coordinate,
+  ALIE) against the rule applied in one process to the whole matrix, and the ranks' bits.
+* replicas: replicas=2 gives the plain sharded result; a rank that miscomputes is named
+  by every rank alike.
+* bytes: what the kernel counted on this process's TCP sockets for one exchange of
+  n fp32 values: the transport's allreduce (Horovod's, or MPI_Allreduce), the sharded
+  exchange and the allgather exchange (median of 3 repetitions).
+"""
+import argparse
+import json
+import statistics
+import zlib
+
+import torch
+
+from fa_hvd.aggregators import get
+from fa_hvd.comm import get_transport
+from fa_hvd.exchange import ShardedExchange, ShardMismatch, make_exchange
+
+SIZES = [301, 77, 1000]
+RULES = {"mean": {}, "median": {"f": 1}, "trimmed_mean": {"f": 1}, "krum": {"f": 0}, "geomed": {"f": 1},
+         "cclip": {"f": 1}, "nmean": {}, "flag": {"f": 1, "r": 2}, "nnm+multikrum": {"f": 0}, "bulyan": {"f": 0}}
+
+
+def gradients(p, n, fault, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    G = torch.randn(n, generator=gen) + 0.3 * torch.randn(p, n, generator=gen)
+    if fault == "nan":
+        G[p - 1, 350] = float("nan")  # one coordinate: one rank's shard sees it
+    elif fault == "alie":
+        good = G[:-1]
+        G[-1] = good.mean(0) - 1.5 * good.std(0)
+    return G
+
+
+def step(exchange, row, sizes=SIZES):
+    offset = 0
+    for index, size in enumerate(sizes):
+        exchange.submit(index, row[offset : offset + size].clone())
+        offset += size
+    return exchange.result()
+
+
+def crc(t):
+    return zlib.crc32(t.contiguous().view(torch.uint8).numpy().tobytes())
+
+
+def check_alltoall(transport, rank):
+    p = transport.size
+    splits = [(rank + q) % 3 for q in range(p)]  # some zeros
+    rows = torch.cat([torch.full((s, 2), 10.0 * rank + q) for q, s in enumerate(splits)])
+    got = transport.wait(transport.alltoall_async(rows, splits, name="check.a2a"))
+    expected = torch.cat([torch.full(((source + rank) % 3, 2), 10.0 * source + rank) for source in range(p)])
+    return {"ok": transport.allgather_object(torch.equal(got, expected), name="check.a2a.ok")}
+
+
+def check_rules(transport, rank):
+    p, n = transport.size, sum(SIZES)
+    report = {}
+    for fault in ("nan", "alie"):
+        G = gradients(p, n, fault)
+        for name, params in RULES.items():
+            if name == "bulyan" and p < 3:
+                continue
+            exchange = make_exchange("sharded", transport, get(name, **params), SIZES,
+                                     name=f"check.{fault}.{name}")
+            out = step(exchange, G[rank])
+            expected = get(name, **params)(G)
+            finite = expected.isfinite()
+            diff = float((out[finite] - expected[finite]).abs().max() / expected[finite].abs().max())
+            same_nan = bool(torch.equal(out.isfinite(), finite))
+            crcs = transport.allgather_object(crc(out), name=f"check.{fault}.{name}.crc")
+            report[f"{name}/{fault}"] = {"rel_diff": diff, "same_non_finite": same_nan,
+                                         "ranks_agree": all(c == crcs[0] for c in crcs)}
+    return report
+
+
+class LyingGram(ShardedExchange):
+    def _gram(self, pieces, *args):
+        if self.rank == 1:
+            pieces[0][0][1][0, 0] += 1.0
+        return super()._gram(pieces, *args)
+
+
+def check_replicas(transport, rank):
+    p, n = transport.size, sum(SIZES)
+    G = gradients(p, n, "nan")
+    plain = step(make_exchange("sharded", transport, get("krum", f=0), SIZES, name="check.k1"), G[rank])
+    doubled = step(make_exchange("sharded", transport, get("krum", f=0), SIZES, name="check.k2", replicas=2), G[rank])
+    try:
+        step(LyingGram(transport, get("krum", f=0), SIZES, name="check.lie", replicas=2), G[rank])
+        error = None
+    except ShardMismatch as exc:
+        error = str(exc)
+    errors = transport.allgather_object(error, name="check.lie.errors")
+    return {"same_as_plain": bool(torch.equal(plain, doubled)), "errors": errors}
+
+
+def check_bytes(transport, rank, n=1 << 20, repeats=3):
+    """Per-rank TCP bytes (sent, received) of one exchange of n fp32 values, median over repeats."""
+    row = torch.randn(n, generator=torch.Generator().manual_seed(rank))
+    sizes = [n // 4, n - n // 4]
+    sharded = make_exchange("sharded", transport, get("mean"), sizes, name="bytes.sharded")
+    allgather = make_exchange("allgather", transport, get("mean"), sizes, name="bytes.allgather")
+    runs = {
+        "allreduce": lambda: transport.allreduce_sum(row, name="bytes.allreduce"),
+        "sharded": lambda: step(sharded, row, sizes),
+        "allgather": lambda: step(allgather, row, sizes),
+    }
+    traffic = transport.traffic
+    out = {}
+    for name, run in runs.items():
+        run()  # warm-up: connections, Horovod's response cache
+        samples = []
+        for i in range(repeats):
+            # Snapshots outside barriers: no peer's bytes for this run arrive before the first,
+            # and every byte of it has arrived everywhere before the second (the barriers add ~100 B).
+            before = traffic.totals()
+            transport.allreduce_sum(torch.zeros(1), name=f"bytes.barrier.{name}.{i}")
+            run()
+            transport.allreduce_sum(torch.zeros(1), name=f"bytes.barrier2.{name}.{i}")
+            after = traffic.totals()
+            samples.append((after[0] - before[0], after[1] - before[1]))
+        out[name] = [int(statistics.median(s[k] for s in samples)) for k in (0, 1)]
+    return {"n": n, "per_rank": transport.allgather_object(out, name="bytes.report"), "source": traffic.source}
+
+
+CHECKS = {"alltoall": check_alltoall, "rules": check_rules, "replicas": check_replicas, "bytes": check_bytes}
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--transport", default="horovod")
+    parser.add_argument("checks", nargs="*", default=sorted(CHECKS))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    transport = get_transport(args.transport)
+    report = {name: CHECKS[name](transport, transport.rank) for name in args.checks}
+    if transport.rank == 0:
+        print("RESULT " + json.dumps(report), flush=True)
