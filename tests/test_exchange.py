@@ -241,7 +241,7 @@ def test_rules_that_need_whole_rows_are_refused():
         run_ranks(2, lambda t: make_exchange("sharded", t, get("flag", mode="reference"), [4]))
     with pytest.raises(ValueError, match="exchange='allgather'"):
         run_ranks(2, lambda t: make_exchange("sharded", t, lambda G: G.mean(0), [4]))
-    with pytest.raises(ValueError, match=r"replicas must be an integer in \[1, 2\]"):
+    with pytest.raises(ValueError, match=r"replicas=3 needs at least as many ranks, got 2"):
         run_ranks(2, lambda t: make_exchange("sharded", t, get("mean"), [4], replicas=3))
     with pytest.raises(ValueError, match="exchange must be one of allgather, sharded"):
         run_ranks(2, lambda t: make_exchange("ring", t, get("mean"), [4]))
@@ -261,3 +261,21 @@ def test_allgather_exchange_is_the_aggregator_on_the_gathered_matrix():
     for out, peak in run_ranks(P, body):
         assert torch.equal(out, get("bulyan", f=1)(G))
         assert peak == 2 * G.numel() * 4  # the buckets gathered, then concatenated
+
+
+def test_the_shards_follow_a_change_of_world_size():
+    """After an elastic reset the transport reports the new rank and size; the next step re-shards."""
+    G = faulty("alie", p=5)
+    exchanges = run_ranks(5, lambda t: make_exchange("sharded", t, get("geomed", f=1), SIZES))
+
+    def body(transport):  # the first three ranks carry on as a world of three
+        exchange = exchanges[transport.rank]
+        exchange.transport = transport
+        offset = 0
+        for index, size in enumerate(SIZES):
+            exchange.submit(index, G[transport.rank, offset : offset + size].clone())
+            offset += size
+        return exchange.result()
+
+    for out in run_ranks(3, body):
+        assert torch.allclose(out, get("geomed", f=1)(G[:3]), atol=1e-5)

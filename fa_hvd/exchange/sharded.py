@@ -65,13 +65,12 @@ class ShardedExchange(Exchange):
                 f"fa_hvd: exchange='sharded' needs a rule computable by column blocks (Gram rules, median, "
                 f"trimmed_mean, bulyan, cclip and their compositions), got {rule!r}; use exchange='allgather'"
             )
-        p = transport.size
-        if isinstance(replicas, bool) or not isinstance(replicas, int) or not 1 <= replicas <= p:
-            raise ValueError(f"fa_hvd: replicas must be an integer in [1, {p}] (the world size), got {replicas!r}")
-        self.p, self.rank, self.replicas = p, transport.rank, replicas
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+            raise ValueError(f"fa_hvd: replicas must be a positive integer, got {replicas!r}")
+        self.replicas = replicas
         self.n = sum(self.sizes)
-        self.width = max(1, math.ceil(self.n / p))
-        self.held = [(self.rank - t) % p for t in range(replicas)]  # shards this rank computes
+        self.p = self.rank = None
+        self._follow_world()
         offsets = [0]
         for size in self.sizes:
             offsets.append(offsets[-1] + size)
@@ -80,6 +79,17 @@ class ShardedExchange(Exchange):
         self._dtypes: list[torch.dtype] = []
 
     # -- layout -------------------------------------------------------------------------
+    def _follow_world(self) -> None:
+        """Shards from the transport's rank and size (read at each step's first bucket: elastic resets)."""
+        p, rank = self.transport.size, self.transport.rank
+        if (p, rank) == (self.p, self.rank):
+            return
+        if self.replicas > p:
+            raise ValueError(f"fa_hvd: replicas={self.replicas} needs at least as many ranks, got {p}")
+        self.p, self.rank = p, rank
+        self.width = max(1, math.ceil(self.n / p))
+        self.held = [(rank - t) % p for t in range(self.replicas)]  # shards this rank computes
+
     def shard(self, s: int) -> tuple[int, int]:
         """Coordinates ``[start, stop)`` of shard ``s``."""
         return min(s * self.width, self.n), min((s + 1) * self.width, self.n)
@@ -98,6 +108,8 @@ class ShardedExchange(Exchange):
     # -- 1. alltoall -------------------------------------------------------------------------
     def submit(self, index: int, flat: torch.Tensor) -> None:
         flat = self._check_submit(index, flat, len(self._pending))
+        if index == 0:
+            self._follow_world()
         self._dtypes.append(flat.dtype)
         self._device = flat.device
         parts, splits = [], []
