@@ -47,11 +47,14 @@ def test_precondition_skip_and_defaults(capsys):
     records, err = bench(capsys, "--n", "500", "--p", "6", "--f", "2", "--rules", "krum,median,flag",
                          "--dtype", "bf16")
     rows = [r for r in records if "summary" not in r]
-    assert [r["rule"] for r in rows] == ["median", "flag[default]", "flag[reference]"]
+    assert [r["rule"] for r in rows] == ["median", "flag[default]", "flag[reference]", "mean"]
     assert all(r["dtype"] == "bfloat16" for r in rows)
-    assert "skip krum" in err and "skip multikrum" in err
+    assert "skip krum" in err and "skip multikrum" in err and "mean added" in err
     assert all(set(r["params"]) == {"f", "mode", "r"} for r in rows if r["rule"].startswith("flag["))
     assert not DIRECT_KEYS & set().union(*rows) and "vs_multikrum" not in records[-1]["summary"]
+    assert rows[0]["vs_mean"] == pytest.approx(rows[0]["median_s"] / rows[-1]["median_s"])
+    assert records[-1]["summary"]["vs_mean"] == {"median": rows[0]["vs_mean"]}
+    assert records[-1]["summary"]["coordinatewise_within_3x_mean"] == (rows[0]["vs_mean"] <= 3)
 
 
 BAD = [["--rules", "nope"], ["--n", "1.5"], ["--repeats", "0"], ["--dtype", "int8"]]

@@ -9,13 +9,17 @@
    closest to the coordinate-wise median of the selection (median as in
    :mod:`.median`, ties in closeness by sorted position).
 
-Phase 2 at memory speed: in a sorted column the distances to the median fall,
-then rise, so the farthest remaining value is always at one end. The ``2f``
-values left out are removed from the ends, one at a time, the farther end first
-(ties: the upper end, which has the higher sorted position); the ``beta`` values
-left are a window of the sorted column, summed directly (no running sums, which
-would cancel against huge values) and divided by ``beta``. The sorted values come
-from a sorting network over cache-sized column blocks (:mod:`.selection`).
+Phase 2 at memory speed. In a sorted column ``s`` the distances ``d`` to the median
+fall, then rise, so the farthest value left is always at one end: removing the
+``2f`` values left out one at a time, the farther end first (ties: the upper end),
+leaves the ``beta`` closest as a window ``[i, i + beta)`` of ``s``. That removal is a
+merge of the two ends' distance sequences, ``A_t = d_t`` and ``B_u = d_(theta-1-u)``,
+each made non-increasing by a running minimum (past the bottom of the V the
+removal never goes but on ties of equal values); the window start ``i`` is the
+number of ``A`` among the first ``2f`` merged, ``sum_{j=1..2f} [A_(j-1) > B_(2f-j)]``.
+Everything is elementwise on rows of a column block: the sorting network's outputs
+(:mod:`.selection`), then the window's values added in sorted order and divided
+by ``beta`` (no running sums, which would cancel against huge values).
 
 By column blocks (:meth:`by_columns`): the selection needs only ``K``, the second
 phase only the selected rows of the block. Precondition ``p >= 4f + 3``.
@@ -50,21 +54,30 @@ def closest_to_median(G: torch.Tensor, rows: list[int], f: int) -> torch.Tensor:
     beta = theta - 2 * f
 
     def reduce(s: list[torch.Tensor], out: torch.Tensor) -> None:
-        S = torch.stack(s)
-        low = torch.zeros((1, S.shape[1]), dtype=torch.long, device=S.device)
-        if f:
-            distance = (S - (S[(theta - 1) // 2] + S[theta // 2]) / 2).abs_()
-            high = torch.full_like(low, theta - 1)
-            for _ in range(2 * f):
-                left = distance.gather(0, low) > distance.gather(0, high)
-                low += left
-                high -= left.logical_not_().long()
-        out.copy_(S.gather(0, low)[0])
-        for offset in range(1, beta):
-            out.add_(S.gather(0, low + offset)[0])
+        if not f:
+            _add_rows(s, out)
+            out.div_(beta)
+            return
+        middle = (s[(theta - 1) // 2] + s[theta // 2]) / 2
+        left, right = [(s[0] - middle).abs_()], [(s[-1] - middle).abs_()]
+        for t in range(1, 2 * f):
+            left.append(torch.minimum(left[-1], (s[t] - middle).abs_()))
+            right.append(torch.minimum(right[-1], (s[theta - 1 - t] - middle).abs_()))
+        start = torch.zeros_like(out, dtype=torch.long)
+        for j in range(1, 2 * f + 1):
+            start += left[j - 1] > right[2 * f - j]
+        offsets = torch.arange(beta, device=out.device)[:, None]
+        torch.sum(torch.stack(s).gather(0, start + offsets), dim=0, out=out)
         out.div_(beta)
 
     return coordinatewise(G, range(theta), reduce, rows=rows)
+
+
+def _add_rows(rows: list[torch.Tensor], out: torch.Tensor) -> None:
+    """``out = rows[0] + rows[1] + ...``, added in order."""
+    out.copy_(rows[0])
+    for row in rows[1:]:
+        out.add_(row)
 
 
 class Bulyan(Aggregator):
