@@ -224,7 +224,7 @@ class Composed(Aggregator):
             M, _ = self.mixing(G.shape[0], K, f)
             return self.rule.aggregate(M.to(device=G.device, dtype=G.dtype) @ G, f)
         anchors = self.anchors(G.shape[1], G.dtype, G.device)
-        K = anchored_gram(G, anchors) if self.uses_gram else None
+        K = anchored_gram(G, anchors).cpu() if self.uses_gram else None  # p x p work on the host
         return self.by_columns(G.shape[0], K, f)(G, slice(0, G.shape[1]))
 
     def anchors(self, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:

@@ -58,7 +58,8 @@ class CClip(Aggregator):
 
     def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
         v0 = self.anchors(G.shape[1], G.dtype, G.device)
-        return self.by_columns(G.shape[0], anchored_gram(G, v0), f)(G, slice(0, G.shape[1]))
+        K = anchored_gram(G, v0).cpu()  # the p x p iterations on the host: no device sync per step
+        return self.by_columns(G.shape[0], K, f)(G, slice(0, G.shape[1]))
 
     def by_columns(self, p: int, K: torch.Tensor, f: int) -> ColumnRule:
         """``(a, c)`` from the Gram of ``[G; v0]`` (``(p + 1, p + 1)``); blocks ``a v0[cols] + c^T G[:, cols]``."""

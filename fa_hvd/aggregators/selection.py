@@ -106,7 +106,7 @@ def order_statistics(
             yield cols, [S[k] for k in positions]
         return
     comparators = network(p, tuple(sorted(set(positions))))
-    pool = [torch.empty(width, dtype=G.dtype, device=G.device) for _ in range(p + 1)]
+    pool = [torch.empty(min(width, n), dtype=G.dtype, device=G.device) for _ in range(p + 1)]
     for start in range(0, n, width):
         cols = slice(start, min(n, start + width))
         wires = _run([G[i, cols] for i in rows], comparators, [b[: cols.stop - start] for b in pool])
