@@ -71,5 +71,14 @@ def test_help_describes_every_option(capsys):
         main(["aggregators", "--help"])
     text = capsys.readouterr().out
     for option in ("--rules", "--n", "--p", "--f", "--dtype", "--device", "--repeats", "--warmup",
-                   "--direct", "--lambda", "--iterations", "--r", "--seed"):  # fmt: skip
+                   "--direct", "--gram-floor", "--lambda", "--iterations", "--r", "--seed"):  # fmt: skip
         assert f"  {option} " in text or f"  {option}\n" in text
+
+
+def test_gram_floor(capsys):
+    records, _ = bench(capsys, "--n", "2000", "--p", "5", "--f", "1", "--rules", "flag", "--gram-floor")
+    rows = {r["rule"]: r for r in records if "summary" not in r}
+    assert set(rows) == {"gram", "flag[default]", "flag[reference]", "multikrum"}
+    for mode in ("flag[default]", "flag[reference]"):
+        assert rows[mode]["vs_gram"] == pytest.approx(rows[mode]["median_s"] / rows["gram"]["median_s"])
+    assert set(records[-1]["summary"]["vs_gram"]) == {"flag[default]", "flag[reference]"}

@@ -18,7 +18,9 @@ With ``--direct`` the direct formulation of the released FA
 ``||fa - direct|| / ||direct||`` from a second run of both on ``G.double()``. A
 summary line per ``(n, p)`` holds the bar checks for every FA mode measured:
 ``fa_within_1_5x_multikrum`` and ``fa_100x_faster_than_direct``, and
-``coordinatewise_within_3x_mean`` for median and trimmed mean.
+``coordinatewise_within_3x_mean`` for median and trimmed mean. With ``--gram-floor``
+the Gram product ``K = G G^T`` alone is timed too (row ``gram``: the floor of every
+Gram-space rule, FA included) and FA rows carry ``vs_gram``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 
 from fa_hvd.aggregators import get, names
 from fa_hvd.aggregators.flag_direct import flag_direct
+from fa_hvd.aggregators.geometry import gram
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -93,6 +96,9 @@ def add_parser(subparsers) -> None:
                         help="also run the direct, slow formulation of the released FA (an SVD of the "
                         "n x (p + p(p-1)) stacked matrix per IRLS step; O(n p^2) memory) once per "
                         "(n, p): its time and FA's speedup and fp64 accuracy against it (default: off)")
+    parser.add_argument("--gram-floor", action="store_true",
+                        help="also time the Gram product G G^T alone (the floor of FA and every Gram-space "
+                        "rule); FA rows then report vs_gram (default: off)")
     parser.add_argument("--lambda", dest="lambda_", type=float, default=None, metavar="LAMBDA",
                         help="FA's pair weight lambda_ (default: 1.0 with --direct, else FA's own, 0)")
     parser.add_argument("--iterations", type=_count(1), default=None, metavar="T",
@@ -177,7 +183,7 @@ def rule_specs(args: argparse.Namespace) -> list[tuple[str, dict]]:
     if any(rule in COORDINATEWISE for rule in rules) and "mean" not in rules:
         _log("mean added: coordinate-wise rows report vs_mean")
         rules.append("mean")
-    specs = []
+    specs = [("gram", {})] if args.gram_floor else []
     for name in rules:
         if name == "flag":
             flag = {"f": args.f, **flag_settings(args)}
@@ -206,6 +212,9 @@ def bench_size(n: int, p: int, specs: list[tuple[str, dict]], args: argparse.Nam
     multikrum = next((row for row in rows if row["rule"] == "multikrum"), None)
     for row in fa if multikrum else ():
         row["vs_multikrum"] = row["median_s"] / multikrum["median_s"]
+    floor = next((row for row in rows if row["rule"] == "gram"), None)
+    for row in fa if floor else ():
+        row["vs_gram"] = row["median_s"] / floor["median_s"]
     mean = next((row for row in rows if row["rule"] == "mean"), None)
     coordinatewise = [row for row in rows if row["rule"] in COORDINATEWISE]
     for row in coordinatewise if mean else ():
@@ -220,6 +229,8 @@ def bench_size(n: int, p: int, specs: list[tuple[str, dict]], args: argparse.Nam
 
 def usable(G: torch.Tensor, label: str, params: dict):
     """The rule ``label`` built with ``params``; ``None`` (and a note on stderr) when its precondition fails."""
+    if label == "gram":
+        return gram
     aggregator = get(label.split("[")[0], **params)
     try:
         aggregator.check(G.shape[0])
@@ -296,6 +307,9 @@ def summary(n: int, p: int, fa_rows: list[dict], coordinatewise_rows: list[dict]
         if values:
             out[key] = values
             out[check] = all(map(passes, values.values()))
+    floor = {row["rule"]: row["vs_gram"] for row in fa_rows if "vs_gram" in row}
+    if floor:
+        out["vs_gram"] = floor
     ratios = {row["rule"]: row["vs_mean"] for row in coordinatewise_rows if "vs_mean" in row}
     if ratios:
         out["vs_mean"] = ratios
