@@ -6,6 +6,7 @@ import torch
 from fa_hvd.aggregators import get
 from fa_hvd.aggregators.geometry import gram
 from fa_hvd.exchange import ShardedExchange, ShardMismatch, make_exchange
+from fa_hvd.exchange.cost import exchange_cost
 from local_world import LocalTransport, run_ranks
 
 SIZES = [37, 50, 13]  # buckets crossing shard boundaries; n = 100 is no multiple of p = 7
@@ -141,33 +142,36 @@ def test_compression_applies_to_both_collectives():
     assert torch.allclose(out[0], expected, atol=2e-3)
 
 
-def test_traffic_is_an_allreduce_and_the_collectives_are_fixed():
-    """What each rank hands to the collectives for other ranks (the layout, not the wire: see the multi-rank test)."""
-    sent = {}
+@pytest.mark.parametrize("replicas", [1, 2])
+@pytest.mark.parametrize("name", ["geomed", "cclip"])
+def test_traffic_and_memory_are_the_cost_model(name, replicas, monkeypatch):
+    """What each rank receives from the others in every collective, and the exchange's own buffers."""
+    got = {}
 
     class Counting(LocalTransport):
         def alltoall_async(self, tensor, splits, name, received=None):
-            sent[self.rank] = sent.get(self.rank, 0) + (sum(splits) - splits[self.rank]) * tensor.element_size()
-            return super().alltoall_async(tensor, splits, name, received)
+            handle = super().alltoall_async(tensor, splits, name, received)
+            mine = handle.value.numel() * handle.value.element_size()
+            got[self.rank] = got.get(self.rank, 0) + mine * (self.size - 1) // self.size
+            return handle
 
         def allgather_async(self, tensor, name):
-            sent[self.rank] = sent.get(self.rank, 0) + tensor.numel() * tensor.element_size()  # to one peer, at least
-            return super().allgather_async(tensor, name)
+            handle = super().allgather_async(tensor, name)
+            others = handle.value.numel() * handle.value.element_size() * (self.size - 1) // self.size
+            got[self.rank] = got.get(self.rank, 0) + others
+            return handle
 
     import local_world
-    G = honest(p=4, n=4000)
-    original = local_world.LocalTransport
-    local_world.LocalTransport = Counting
-    try:
-        ranks = sharded("geomed", G, sizes=[1000, 3000])
-    finally:
-        local_world.LocalTransport = original
+    monkeypatch.setattr(local_world, "LocalTransport", Counting)
     n, p = 4000, 4
-    gram_bytes = 8 * (p + p * (p + 1) // 2)
-    for rank in range(p):
-        assert sent[rank] == 4 * n * (p - 1) // p + 4 * n // p + gram_bytes
-    calls = [call for call, _ in ranks[0][1].transport.calls]
-    assert calls == ["alltoall", "alltoall", "allgather", "allgather"]
+    ranks = sharded(name, honest(p=p, n=n), sizes=[1000, 3000], replicas=replicas)
+    model = exchange_cost("sharded", n, p, replicas=replicas, anchors=1 if name == "cclip" else 0)
+    for rank, (_, exchange) in enumerate(ranks):
+        assert got[rank] == model["bytes_received"] == model["bytes_sent"]
+        assert exchange.stats["peak_bytes"] == model["memory_bytes"]
+    assert [call for call, _ in ranks[0][1].transport.calls] == ["alltoall", "alltoall", "allgather", "allgather"]
+    allreduce = exchange_cost("allreduce", n, p)["bytes_received"]
+    assert model["bytes_received"] <= 1.1 * replicas * allreduce  # the bar, even at n = 4000
 
 
 @pytest.mark.parametrize("replicas", [2, 3])
