@@ -105,49 +105,51 @@ def order_statistics(
             S = G[rows, cols].sort(dim=0).values
             yield cols, [S[k] for k in positions]
         return
-    comparators = network(p, tuple(sorted(set(positions))))
+    ops, result = program(p, tuple(sorted(set(positions))))
     pool = [torch.empty(min(width, n), dtype=G.dtype, device=G.device) for _ in range(p + 1)]
     for start in range(0, n, width):
         cols = slice(start, min(n, start + width))
-        wires = _run([G[i, cols] for i in rows], comparators, [b[: cols.stop - start] for b in pool])
-        yield cols, [wires[k] for k in positions]
+        slots = [G[i, cols] for i in rows] + [b[: cols.stop - start] for b in pool]
+        for fn, a, b, out in ops:
+            fn(slots[a], slots[b], out=slots[out])
+        yield cols, [slots[result[k]] for k in positions]
 
 
-def _run(wires: list[torch.Tensor], comparators: tuple[Comparator, ...], pool: list[torch.Tensor]):
-    """Apply ``comparators`` to ``wires`` (equal-length rows); returns the new wires.
+@functools.lru_cache(maxsize=None)
+def program(p: int, outputs: tuple[int, ...]) -> tuple[tuple, dict[int, int]]:
+    """:func:`network` as straight-line code over slots: ``(ops, result)``.
 
-    A wire is either a read-only input row or one of ``pool``'s buffers
-    (``owned``); results go into the wire's own buffer when it has one, else into
-    a free one, and a buffer whose wire moved on returns to the pool. At most one
-    buffer per wire plus one in flight are in use, so ``p + 1`` buffers suffice.
+    Slots ``0..p-1`` are the input rows (read only), ``p..2p`` reusable buffers;
+    each op is ``(torch.minimum or torch.maximum, slot a, slot b, output slot)`` and
+    ``result[k]`` is the slot holding sorted position ``k`` at the end. A result goes
+    into its wire's own buffer when it has one, else into a free buffer, and a buffer
+    whose wire moved on is freed: at most one buffer per wire plus one in flight are
+    in use, so ``p + 1`` buffers suffice.
     """
-    rows = list(wires)
-    owned = [False] * len(rows)
-    free = list(pool)
+    wire = list(range(p))  # slot of each wire
+    free = list(range(2 * p, p - 1, -1))
+    ops = []
 
-    def target(wire: int) -> torch.Tensor:
-        return rows[wire] if owned[wire] else free.pop()
+    def owned(slot: int) -> bool:
+        return slot >= p
 
-    for c in comparators:
-        x, y = rows[c.low], rows[c.high]
+    for c in network(p, outputs):
+        x, y = wire[c.low], wire[c.high]
         if c.min_needed and c.max_needed:
             low = free.pop()
-            torch.minimum(x, y, out=low)
-            high = target(c.high)
-            torch.maximum(x, y, out=high)
-            if owned[c.low]:
+            ops.append((torch.minimum, x, y, low))
+            high = y if owned(y) else free.pop()
+            ops.append((torch.maximum, x, y, high))
+            if owned(x):
                 free.append(x)
-            rows[c.low], rows[c.high] = low, high
-            owned[c.low] = owned[c.high] = True
+            wire[c.low], wire[c.high] = low, high
         elif c.min_needed:
-            out = target(c.low)
-            rows[c.low] = torch.minimum(x, y, out=out)
-            owned[c.low] = True
+            wire[c.low] = x if owned(x) else free.pop()
+            ops.append((torch.minimum, x, y, wire[c.low]))
         else:
-            out = target(c.high)
-            rows[c.high] = torch.maximum(x, y, out=out)
-            owned[c.high] = True
-    return rows
+            wire[c.high] = y if owned(y) else free.pop()
+            ops.append((torch.maximum, x, y, wire[c.high]))
+    return tuple(ops), {k: wire[k] for k in outputs}
 
 
 def coordinatewise(
