@@ -145,8 +145,8 @@ class ShardedExchange(Exchange):
                 wire = self.transport.wait(handle)
             except Exception as exc:
                 raise noted(exc, f"alltoall of bucket {index}")
-            rows = wire.reshape(self.p, -1)
-            values = self.compression.decompress(rows, ctx)
+            chunks = wire.reshape(self.p, -1)  # row i: what rank i sent here
+            values = self.compression.decompress(chunks, ctx)
             held_bytes += wire.numel() * wire.element_size()
             if values.data_ptr() != wire.data_ptr():
                 held_bytes += values.numel() * values.element_size()
@@ -162,7 +162,7 @@ class ShardedExchange(Exchange):
                     pieces[t].append((slice(start, start + b - a), piece))
                     if self.replicas > 1:
                         for source in range(self.p):
-                            chunk = rows[source, column : column + b - a].contiguous().view(torch.uint8)
+                            chunk = chunks[source, column : column + b - a].contiguous().view(torch.uint8)
                             digests[t][source].update(chunk.cpu().numpy())
                 column += b - a
         del pending
