@@ -1,8 +1,9 @@
 """An in-process world of ``p`` ranks (one thread each) with the Transport interface, for fast tests.
 
-Every collective runs at once: each rank posts its part, all meet at a barrier,
-each takes what it receives, and all meet again before the slot is reused. Ranks
-must call collectives in the same order, as with a real transport.
+Collectives are matched by name, as Horovod matches them: each rank posts its part
+under ``(name, how many times this rank used the name)`` and returns a handle;
+``wait`` blocks until every rank has posted under that key. So ranks may start
+named collectives in different orders, as the optimizer does with its buckets.
 """
 
 from __future__ import annotations
@@ -14,24 +15,41 @@ import torch
 from fa_hvd.comm.base import Handle, Transport
 
 
-class _Done(Handle):
-    def __init__(self, value):
-        self.value = value
+class _Pending(Handle):
+    def __init__(self, key, result):
+        self.key, self.result = key, result  # result(everyone's posts) -> this rank's output
 
 
 class LocalWorld:
     def __init__(self, p: int):
         self.p = p
-        self.barrier = threading.Barrier(p)
-        self.posted: list = [None] * p
+        self.cond = threading.Condition()
+        self.posted: dict = {}
+        self.collected: dict = {}
+        self.broken = False
 
-    def exchange(self, rank: int, item):
-        """Every rank's ``item``, in rank order."""
-        self.posted[rank] = item
-        self.barrier.wait()
-        everyone = list(self.posted)
-        self.barrier.wait()
-        return everyone
+    def post(self, key, rank: int, item) -> None:
+        with self.cond:
+            self.posted.setdefault(key, {})[rank] = item
+            self.cond.notify_all()
+
+    def collect(self, key) -> list:
+        """Every rank's post under ``key``, in rank order (blocks until all have posted)."""
+        with self.cond:
+            while len(self.posted.get(key, {})) < self.p:
+                if self.broken or not self.cond.wait(timeout=60):
+                    raise RuntimeError(f"local world: collective {key} never completed")
+            posts = self.posted[key]
+            everyone = [posts[r] for r in range(self.p)]
+            self.collected[key] = self.collected.get(key, 0) + 1
+            if self.collected[key] == self.p:
+                del self.posted[key], self.collected[key]
+            return everyone
+
+    def abort(self) -> None:
+        with self.cond:
+            self.broken = True
+            self.cond.notify_all()
 
 
 class LocalTransport(Transport):
@@ -40,31 +58,39 @@ class LocalTransport(Transport):
     def __init__(self, world: LocalWorld, rank: int):
         self.world, self.rank, self.size, self.local_rank = world, rank, world.p, rank
         self.calls: list[tuple[str, str]] = []  # (collective, name), in order
+        self._uses: dict[str, int] = {}
+
+    def _post(self, kind, name, item, result) -> _Pending:
+        self.calls.append((kind, name))
+        use = self._uses[name] = self._uses.get(name, 0) + 1
+        key = (name, use)
+        self.world.post(key, self.rank, item)
+        return _Pending(key, result)
 
     def allgather_async(self, tensor, name):
-        self.calls.append(("allgather", name))
-        return _Done(torch.cat([t.clone() for t in self.world.exchange(self.rank, tensor)]))
+        return self._post("allgather", name, tensor.clone(), lambda everyone: torch.cat(everyone))
 
     def alltoall_async(self, tensor, splits, name, received=None):
-        self.calls.append(("alltoall", name))
-        everyone = self.world.exchange(self.rank, (tensor, list(splits)))
-        parts = []
-        for sent, their_splits in everyone:
-            start = sum(their_splits[: self.rank])
-            parts.append(sent[start : start + their_splits[self.rank]].clone())
-        out = torch.cat(parts)
-        assert received is None or [len(part) for part in parts] == received
-        return _Done(out)
+        rank = self.rank
+
+        def result(everyone):
+            parts = [sent[sum(theirs[:rank]) : sum(theirs[: rank + 1])] for sent, theirs in everyone]
+            assert received is None or [len(part) for part in parts] == received
+            return torch.cat(parts)
+
+        return self._post("alltoall", name, (tensor.clone(), list(splits)), result)
 
     def wait(self, handle):
-        return handle.value
+        return handle.result(self.world.collect(handle.key))
+
+    def abandon(self, handle):
+        self.world.collect(handle.key)
 
     def allreduce_sum(self, tensor, name):
-        self.calls.append(("allreduce", name))
-        return sum(t.clone() for t in self.world.exchange(self.rank, tensor))
+        return self.wait(self._post("allreduce", name, tensor.clone(), lambda everyone: sum(everyone)))
 
     def allgather_object(self, obj, name):
-        return self.world.exchange(self.rank, obj)
+        return self.wait(self._post("allgather_object", name, obj, lambda everyone: everyone))
 
 
 def run_ranks(p: int, fn):
@@ -77,16 +103,15 @@ def run_ranks(p: int, fn):
             results[rank] = fn(LocalTransport(world, rank))
         except BaseException as exc:  # noqa: BLE001 -- handed to the caller
             errors[rank] = exc
-            world.barrier.abort()
+            world.abort()
 
     threads = [threading.Thread(target=body, args=(r,)) for r in range(p)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    first = next((e for e in errors if e is not None and not isinstance(e, threading.BrokenBarrierError)), None)
-    if first is None:
-        first = next((e for e in errors if e is not None), None)
+    first = next((e for e in errors if e is not None and "never completed" not in str(e)), None)
+    first = first or next((e for e in errors if e is not None), None)
     if first is not None:
         raise first
     return results

@@ -1,15 +1,17 @@
-"""The sharded exchange against one-process aggregation, on an in-process world of p ranks."""
+"""The sharded exchange against one-process aggregation (what allgather mode computes), on an in-process
+world of p ranks (tests/local_world.py)."""
 
 import pytest
 import torch
 
+import local_world
 from fa_hvd.aggregators import get
 from fa_hvd.aggregators.geometry import gram
-from fa_hvd.exchange import ShardedExchange, ShardMismatch, make_exchange
+from fa_hvd.exchange import ShardedExchange, ShardMismatch, sharded as sharded_factory
 from fa_hvd.exchange.cost import exchange_cost
 from local_world import LocalTransport, run_ranks
 
-SIZES = [37, 50, 13]  # buckets crossing shard boundaries; n = 100 is no multiple of p = 7
+SIZES = [37, 50, 13]  # buckets whose sizes are no multiple of p = 7
 P = 7
 RULES = ["mean", "median", "trimmed_mean", "krum", "multikrum", "bulyan", "geomed", "cclip", "mda", "nmean",
          "flag", "nnm+krum", "bucketing+median", "arc+trimmed_mean", "nnm+cclip", "clip+geomed", "nnm+bulyan"]
@@ -21,7 +23,7 @@ def honest(p=P, n=sum(SIZES), seed=0):
 
 
 def faulty(kind, p=P):
-    """p rows, rows 1 and 4 faulty: a NaN in one coordinate (one shard sees it), Inf, a huge row, ALIE."""
+    """p rows, rows 1 and 4 faulty: NaN in one coordinate (one shard sees it) and Inf, huge rows, or ALIE."""
     G = honest(p)
     if kind == "nan":
         G[1, 60] = float("nan")
@@ -35,23 +37,28 @@ def faulty(kind, p=P):
     return G
 
 
-def sharded(name, G, sizes=SIZES, steps=1, scale=None, **options):
-    """Run the sharded exchange on len(G) ranks; per rank, the list of step results."""
-    p = G.shape[0]
+def step(exchange, row, sizes=SIZES, order=None, index=0):
+    """One step: every bucket started (in ``order``; default last first, as backward makes them), then finish."""
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    for bucket in order if order is not None else reversed(range(len(sizes))):
+        exchange.start(bucket, row[offsets[bucket] : offsets[bucket] + sizes[bucket]].clone())
+    return exchange.finish(len(sizes), row.device, index)
+
+
+def sharded(name, G, sizes=SIZES, steps=1, scale=None, f=1, **options):
+    """The sharded exchange on len(G) ranks (odd ranks start their buckets in another order).
+
+    Per rank: (the step results, the exchange)."""
 
     def body(transport):
-        exchange = make_exchange("sharded", transport, get(name, f=1), sizes, **options)
-        out = []
-        for step in range(steps):
-            row = G[transport.rank] * (1 if scale is None else scale[step])
-            offset = 0
-            for index, size in enumerate(sizes):
-                exchange.submit(index, row[offset : offset + size].clone())
-                offset += size
-            out.append(exchange.result())
-        return out, exchange
+        exchange = ShardedExchange(transport, get(name, f=f), prefix="test", **options)
+        buckets = list(range(len(sizes)))
+        order = buckets[transport.rank % 2 :] + buckets[: transport.rank % 2]
+        outs = [step(exchange, G[transport.rank] * (1 if scale is None else scale[i]), sizes, order, i)
+                for i in range(steps)]
+        return outs, exchange
 
-    return run_ranks(p, body)
+    return run_ranks(G.shape[0], body)
 
 
 def bits(t):
@@ -64,14 +71,14 @@ def test_sharded_equals_one_process_aggregation(name, kind):
     G = faulty(kind)
     ranks = sharded(name, G, steps=2, scale=[1.0, -0.5])
     reference = get(name, f=1)
-    for step, scale in enumerate([1.0, -0.5]):
+    for index, scale in enumerate([1.0, -0.5]):
         expected = reference(G * scale)
-        first = ranks[0][0][step]
-        assert all(torch.equal(bits(out[step]), bits(first)) for out, _ in ranks)  # ranks agree bit for bit
+        first = ranks[0][0][index]
+        assert all(torch.equal(bits(out[index]), bits(first)) for out, _ in ranks)  # ranks agree bit for bit
         # Where the reference itself is not finite (mean; huge rows until geometry.gram takes them), same there.
-        scale = float(expected[expected.isfinite()].abs().max()) if expected.isfinite().any() else 1.0
+        top = float(expected[expected.isfinite()].abs().max()) if expected.isfinite().any() else 1.0
         assert first.dtype == expected.dtype
-        assert torch.allclose(first, expected, rtol=1e-5, atol=1e-5 * scale + 1e-6, equal_nan=True), \
+        assert torch.allclose(first, expected, rtol=1e-5, atol=1e-5 * top + 1e-6, equal_nan=True), \
             (first - expected).abs().max()
 
 
@@ -102,24 +109,31 @@ def test_partial_grams_sum_to_the_gram_bit_for_bit_on_every_rank(monkeypatch):
 
     monkeypatch.setattr(ShardedExchange, "_gram", spy)
     sharded("krum", G)
-    assert all(torch.equal(bits(K), bits(grams[0])) for K in grams.values())
+    assert len(grams) == P and all(torch.equal(bits(K), bits(grams[0])) for K in grams.values())
     assert torch.allclose(grams[0], gram(G.double()), rtol=1e-6)
 
 
-def test_fewer_coordinates_than_ranks_and_fp16():
-    G = honest(p=5, n=3).half()
+def test_buckets_smaller_than_the_world_and_fp16():
+    G = honest(p=5, n=9).half()
     for name in ("median", "flag"):
-        [(out, _), *_] = sharded(name, G, sizes=[1, 2])
+        [(out, _), *_] = sharded(name, G, sizes=[1, 2, 6])
         assert out[0].dtype == torch.float16
         assert torch.allclose(out[0].float(), get(name, f=1)(G).float(), atol=1e-3)
+
+
+def test_bf16_buckets_travel_and_aggregate_as_fp32():
+    G = honest(p=5, n=40).bfloat16()
+    [(out, _), *_] = sharded("trimmed_mean", G, sizes=[15, 25])
+    assert out[0].dtype == torch.float32  # as the optimizer sends bf16 in allgather mode
+    assert torch.equal(out[0], get("trimmed_mean", f=1)(G.float()))
 
 
 def test_cclip_centre_matches_allgather_mode_across_steps():
     G = faulty("alie")
     ranks = sharded("cclip", G, steps=3, scale=[1.0, 1.0, 1.0])
     reference = get("cclip", f=1)
-    for step in range(3):
-        assert torch.allclose(ranks[0][0][step], reference(G), atol=1e-5)
+    for index in range(3):
+        assert torch.allclose(ranks[0][0][index], reference(G), atol=1e-5)
     for _, exchange in ranks:
         assert torch.allclose(exchange.aggregator.state_dict()["center"], reference.state_dict()["center"],
                               atol=1e-5)
@@ -149,28 +163,20 @@ def test_traffic_and_memory_are_the_cost_model(name, replicas, monkeypatch):
     got = {}
 
     class Counting(LocalTransport):
-        def alltoall_async(self, tensor, splits, name, received=None):
-            handle = super().alltoall_async(tensor, splits, name, received)
-            mine = handle.value.numel() * handle.value.element_size()
-            got[self.rank] = got.get(self.rank, 0) + mine * (self.size - 1) // self.size
-            return handle
+        def wait(self, handle):  # alltoall and allgather: equal parts from every rank
+            out = super().wait(handle)
+            got[self.rank] = got.get(self.rank, 0) + out.numel() * out.element_size() * (self.size - 1) // self.size
+            return out
 
-        def allgather_async(self, tensor, name):
-            handle = super().allgather_async(tensor, name)
-            others = handle.value.numel() * handle.value.element_size() * (self.size - 1) // self.size
-            got[self.rank] = got.get(self.rank, 0) + others
-            return handle
-
-    import local_world
     monkeypatch.setattr(local_world, "LocalTransport", Counting)
-    n, p = 4000, 4
-    ranks = sharded(name, honest(p=p, n=n), sizes=[1000, 3000], replicas=replicas)
-    model = exchange_cost("sharded", n, p, replicas=replicas, anchors=1 if name == "cclip" else 0)
+    sizes, p = [1000, 3000], 4
+    ranks = sharded(name, honest(p=p, n=4000), sizes=sizes, replicas=replicas)
+    model = exchange_cost("sharded", sizes, p, replicas=replicas, anchors=1 if name == "cclip" else 0)
     for rank, (_, exchange) in enumerate(ranks):
         assert got[rank] == model["bytes_received"] == model["bytes_sent"]
         assert exchange.stats["peak_bytes"] == model["memory_bytes"]
     assert [call for call, _ in ranks[0][1].transport.calls] == ["alltoall", "alltoall", "allgather", "allgather"]
-    allreduce = exchange_cost("allreduce", n, p)["bytes_received"]
+    allreduce = exchange_cost("allreduce", sizes, p)["bytes_received"]
     assert model["bytes_received"] <= 1.1 * replicas * allreduce  # the bar, even at n = 4000
 
 
@@ -185,44 +191,15 @@ def test_replicas_agree_with_the_plain_sharded_exchange(replicas):
 class LyingGram(ShardedExchange):
     def _gram(self, pieces, *args):
         if self.rank == 2:
-            pieces[0][0][1][0, 0] += 1.0  # its first shard's first value, as if miscomputed
+            pieces[0][0][2][0, 0] += 1.0  # its first shard's first value, as if miscomputed
         return super()._gram(pieces, *args)
 
 
 class LyingShard(ShardedExchange):
-    def _gather(self, out):
+    def _gather(self, out, *args):
         if self.rank == 3:
             out[0, 0] += 1.0
-        return super()._gather(out)
-
-
-def run_replicated(exchange_cls, p=5, replicas=3, transport_cls=LocalTransport):
-    import local_world
-    G = honest(p=p, n=60)
-
-    def body(transport):
-        exchange = exchange_cls(transport, get("krum", f=1), [60], replicas=replicas)
-        exchange.submit(0, G[transport.rank].clone())
-        return exchange.result()
-
-    original = local_world.LocalTransport
-    local_world.LocalTransport = transport_cls
-    try:
-        return run_ranks(p, body)
-    finally:
-        local_world.LocalTransport = original
-
-
-def test_a_rank_that_miscomputes_its_partial_gram_is_named():
-    with pytest.raises(ShardMismatch, match=r"partial Gram .* shard 2: rank\(s\) \[2\] disagree with the majority \[3, 4\]"):
-        run_replicated(LyingGram)
-    with pytest.raises(ShardMismatch, match=r"shard 2: ranks \[2, 3\] disagree with no majority"):
-        run_replicated(LyingGram, replicas=2)
-
-
-def test_a_rank_that_miscomputes_its_aggregate_shard_is_named():
-    with pytest.raises(ShardMismatch, match=r"shard 3 of the aggregate: rank\(s\) \[3\] disagree"):
-        run_replicated(LyingShard)
+        return super()._gather(out, *args)
 
 
 class Equivocating(LocalTransport):
@@ -235,51 +212,59 @@ class Equivocating(LocalTransport):
         return super().alltoall_async(tensor, splits, name, received)
 
 
-def test_a_rank_that_sends_replicas_different_chunks_is_named():
+def run_replicated(exchange_cls, monkeypatch, replicas=3, transport_cls=LocalTransport):
+    monkeypatch.setattr(local_world, "LocalTransport", transport_cls)
+    G = honest(p=5, n=60)
+    return run_ranks(5, lambda t: step(exchange_cls(t, get("krum", f=1), replicas=replicas), G[t.rank], [60]))
+
+
+def test_a_rank_that_miscomputes_its_partial_gram_is_named(monkeypatch):
+    with pytest.raises(ShardMismatch, match=r"Gram .* of shard 2: rank\(s\) \[2\] disagree with the majority \[3, 4\]"):
+        run_replicated(LyingGram, monkeypatch)
+    with pytest.raises(ShardMismatch, match=r"shard 2: ranks \[2, 3\] disagree with no majority"):
+        run_replicated(LyingGram, monkeypatch, replicas=2)
+
+
+def test_a_rank_that_miscomputes_its_aggregate_shard_is_named(monkeypatch):
+    with pytest.raises(ShardMismatch, match=r"shard 3 of the aggregate: rank\(s\) \[3\] disagree"):
+        run_replicated(LyingShard, monkeypatch)
+
+
+def test_a_rank_that_sends_replicas_different_chunks_is_named(monkeypatch):
     with pytest.raises(ShardMismatch, match=r"received different data from rank 1 for shard 4"):
-        run_replicated(ShardedExchange, transport_cls=Equivocating)
+        run_replicated(ShardedExchange, monkeypatch, transport_cls=Equivocating)
 
 
 def test_rules_that_need_whole_rows_are_refused():
     with pytest.raises(ValueError, match="flag.*exchange='allgather'"):
-        run_ranks(2, lambda t: make_exchange("sharded", t, get("flag", mode="reference"), [4]))
-    with pytest.raises(ValueError, match="exchange='allgather'"):
-        run_ranks(2, lambda t: make_exchange("sharded", t, lambda G: G.mean(0), [4]))
+        ShardedExchange(None, get("flag", mode="reference"))
+    with pytest.raises(ValueError, match="<lambda>.*exchange='allgather'"):
+        ShardedExchange(None, lambda G: G.mean(0))
+    with pytest.raises(ValueError, match="replicas must be a positive integer"):
+        ShardedExchange(None, get("mean"), replicas=0)
     with pytest.raises(ValueError, match=r"replicas=3 needs at least as many ranks, got 2"):
-        run_ranks(2, lambda t: make_exchange("sharded", t, get("mean"), [4], replicas=3))
-    with pytest.raises(ValueError, match="exchange must be one of allgather, sharded"):
-        run_ranks(2, lambda t: make_exchange("ring", t, get("mean"), [4]))
-
-
-def test_allgather_exchange_is_the_aggregator_on_the_gathered_matrix():
-    G = faulty("nan")
-
-    def body(transport):
-        exchange = make_exchange("allgather", transport, get("bulyan", f=1), SIZES)
-        offset = 0
-        for index, size in enumerate(SIZES):
-            exchange.submit(index, G[transport.rank, offset : offset + size].clone())
-            offset += size
-        return exchange.result(), exchange.stats["peak_bytes"]
-
-    for out, peak in run_ranks(P, body):
-        assert torch.equal(out, get("bulyan", f=1)(G))
-        assert peak == 2 * G.numel() * 4  # the buckets gathered, then concatenated
+        run_ranks(2, lambda t: step(sharded_factory(3)(t, get("mean"), None, "x"), torch.ones(4), [4]))
 
 
 def test_the_shards_follow_a_change_of_world_size():
     """After an elastic reset the transport reports the new rank and size; the next step re-shards."""
     G = faulty("alie", p=5)
-    exchanges = run_ranks(5, lambda t: make_exchange("sharded", t, get("geomed", f=1), SIZES))
+    exchanges = run_ranks(5, lambda t: ShardedExchange(t, get("geomed", f=1)))
 
     def body(transport):  # the first three ranks carry on as a world of three
         exchange = exchanges[transport.rank]
         exchange.transport = transport
-        offset = 0
-        for index, size in enumerate(SIZES):
-            exchange.submit(index, G[transport.rank, offset : offset + size].clone())
-            offset += size
-        return exchange.result()
+        return step(exchange, G[transport.rank])
 
     for out in run_ranks(3, body):
         assert torch.allclose(out, get("geomed", f=1)(G[:3]), atol=1e-5)
+
+
+def test_a_failed_collective_names_the_rank_step_and_stage(monkeypatch):
+    class Failing(LocalTransport):
+        def wait(self, handle):
+            raise OSError("connection reset")
+
+    monkeypatch.setattr(local_world, "LocalTransport", Failing)
+    with pytest.raises(RuntimeError, match=r"rank \d: the gradient exchange failed at step 0 \(bucket 0\): connection"):
+        run_ranks(2, lambda t: step(ShardedExchange(t, get("mean")), torch.ones(10), [4, 6]))
