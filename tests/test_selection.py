@@ -1,11 +1,17 @@
-"""Coordinate-wise rules by sorting networks over column blocks, against torch.sort."""
+"""Coordinate-wise rules by sorting networks, against torch.sort; the compiled path against the eager one.
+
+The suite runs the eager torch path (tests/conftest.py sets FA_HVD_NATIVE=0); the
+compiled networks (fa_hvd.aggregators.native) are checked here, bit for bit
+against it.
+"""
 
 import pytest
 import torch
 
-from fa_hvd.aggregators import get, selection
+from fa_hvd.aggregators import get, native, selection
 from fa_hvd.aggregators.bulyan import closest_to_median
-from fa_hvd.aggregators.median import sorted_median
+from fa_hvd.aggregators.median import median, sorted_median
+from fa_hvd.aggregators.trimmed_mean import trimmed_mean
 
 
 def sort_reference_phase2(G, f):
@@ -78,3 +84,56 @@ def test_bulyan_phase_two_reads_only_the_selected_rows(monkeypatch):
     G = torch.randn(11, 29, generator=torch.Generator().manual_seed(6))
     rows = [7, 0, 3, 9, 10, 2, 5]
     assert torch.allclose(closest_to_median(G, rows, 1), sort_reference_phase2(G[rows], 1), atol=1e-6)
+
+
+@pytest.fixture
+def compiled(monkeypatch):
+    monkeypatch.setenv("FA_HVD_NATIVE", "1")
+    assert native.supports(torch.zeros(2, 2)), "no C compiler: the compiled networks cannot be checked"
+
+
+def eager(monkeypatch, fn, *args):
+    with monkeypatch.context() as m:
+        m.setenv("FA_HVD_NATIVE", "0")
+        return fn(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("p", [1, 6, 15])
+def test_compiled_networks_equal_the_eager_path_bit_for_bit(compiled, monkeypatch, p, dtype):
+    gen = torch.Generator().manual_seed(p)
+    spread = torch.randn(p, 10_001, generator=gen, dtype=dtype) * torch.logspace(-3, 3, 10_001, dtype=dtype)
+    ties = torch.randint(-2, 3, (p, 999), generator=gen).to(dtype)
+    for G in (spread, ties, torch.tensor([[1e38], [-3e38]], dtype=dtype).repeat(p, 1)[:p]):
+        assert torch.equal(median(G), eager(monkeypatch, median, G))
+        assert torch.equal(median(G), sorted_median(G.sort(dim=0).values))
+        f = (p - 1) // 3
+        assert torch.equal(trimmed_mean(G, f), eager(monkeypatch, trimmed_mean, G, f))
+        rows = list(range(p))[::-1]
+        for f in {0, (p - 1) // 2}:
+            assert torch.equal(closest_to_median(G, rows, f), eager(monkeypatch, closest_to_median, G, rows, f))
+
+
+def test_compiled_networks_use_every_thread_alike(compiled, monkeypatch):
+    G = torch.randn(9, 100_000, generator=torch.Generator().manual_seed(3))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = trimmed_mean(G, 2)
+        torch.set_num_threads(3)
+        assert torch.equal(trimmed_mean(G, 2), one)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_missing_compiler_falls_back_to_the_eager_path(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("FA_HVD_NATIVE", "1")
+    monkeypatch.setenv("FA_HVD_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    native._compiler_works.cache_clear()
+    try:
+        G = torch.randn(5, 100)
+        assert torch.equal(median(G), sorted_median(G.sort(dim=0).values))
+        assert "compiled sorting networks unavailable" in caplog.text
+    finally:
+        native._compiler_works.cache_clear()

@@ -27,12 +27,14 @@ phase only the selected rows of the block. Precondition ``p >= 4f + 3``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .base import Aggregator, ColumnRule
 from .geometry import gram, sq_distances
 from .krum import krum_order
-from .selection import coordinatewise
+from .selection import Reduction, coordinatewise
 
 
 def bulyan_selection(K: torch.Tensor, f: int) -> list[int]:
@@ -48,36 +50,63 @@ def bulyan_selection(K: torch.Tensor, f: int) -> list[int]:
     return selected
 
 
-def closest_to_median(G: torch.Tensor, rows: list[int], f: int) -> torch.Tensor:
-    """Phase 2: per column, the mean of the ``len(rows) - 2f`` values of ``G[rows]`` closest to their median."""
-    theta = len(rows)
-    beta = theta - 2 * f
+class ClosestToMedian(Reduction):
+    """Per column of ``theta`` sorted values ``s``: the mean of the ``beta = theta - 2f`` closest to the median.
 
-    def reduce(s: list[torch.Tensor], out: torch.Tensor) -> None:
-        if not f:
-            _add_rows(s, out)
-            out.div_(beta)
-            return
-        middle = (s[(theta - 1) // 2] + s[theta // 2]) / 2
-        left, right = [(s[0] - middle).abs_()], [(s[-1] - middle).abs_()]
-        for t in range(1, 2 * f):
-            left.append(torch.minimum(left[-1], (s[t] - middle).abs_()))
-            right.append(torch.minimum(right[-1], (s[theta - 1 - t] - middle).abs_()))
+    Both forms: ``middle = (s[(theta-1)//2] + s[theta//2]) / 2``; the running minima
+    ``A'_t`` of ``|s_t - middle|`` from the left and ``B'_u`` of ``|s_(theta-1-u) - middle|``
+    from the right (``t, u < 2f``); the window start ``i = sum_{j=1..2f} [A'_(j-1) > B'_(2f-j)]``;
+    ``s_i + ... + s_(i+beta-1)`` added in order, divided by ``beta``.
+    """
+
+    def __init__(self, theta: int, f: int):
+        self.theta, self.f, self.beta = theta, f, theta - 2 * f
+        self.positions = tuple(range(theta))
+
+    def torch(self, s, out):
+        theta, f, beta = self.theta, self.f, self.beta
         start = torch.zeros_like(out, dtype=torch.long)
-        for j in range(1, 2 * f + 1):
-            start += left[j - 1] > right[2 * f - j]
-        offsets = torch.arange(beta, device=out.device)[:, None]
-        torch.sum(torch.stack(s).gather(0, start + offsets), dim=0, out=out)
+        if f:
+            middle = (s[(theta - 1) // 2] + s[theta // 2]) / 2
+            left, right = [(s[0] - middle).abs_()], [(s[-1] - middle).abs_()]
+            for t in range(1, 2 * f):
+                left.append(torch.minimum(left[-1], (s[t] - middle).abs_()))
+                right.append(torch.minimum(right[-1], (s[theta - 1 - t] - middle).abs_()))
+            for j in range(1, 2 * f + 1):
+                start += left[j - 1] > right[2 * f - j]
+        window = torch.stack(s).gather(0, start[None] + torch.arange(beta, device=out.device)[:, None])
+        out.copy_(window[0])
+        for row in window[1:]:
+            out.add_(row)
         out.div_(beta)
 
-    return coordinatewise(G, range(theta), reduce, rows=rows)
+    def c(self, s, ctype):
+        theta, f, beta = self.theta, self.f, self.beta
+        fabs = "fabsf" if ctype == "float" else "fabs"
+        lines = []
+        if f:
+            lines.append(f"{ctype} middle = ({s[(theta - 1) // 2]} + {s[theta // 2]}) / 2, d;")
+            lines.append(f"{ctype} L0 = {fabs}({s[0]} - middle), R0 = {fabs}({s[-1]} - middle);")
+            for t in range(1, 2 * f):
+                lines.append(f"d = {fabs}({s[t]} - middle); {ctype} L{t} = d < L{t - 1} ? d : L{t - 1};")
+                lines.append(f"d = {fabs}({s[theta - 1 - t]} - middle); {ctype} R{t} = d < R{t - 1} ? d : R{t - 1};")
+            lines.append("int start = " + " + ".join(f"(L{j - 1} > R{2 * f - j})" for j in range(1, 2 * f + 1)) + ";")
+        for i in range(2 * f + 1):
+            window = f"{ctype} W{i} = {s[i]};" + "".join(f" W{i} += {v};" for v in s[i + 1 : i + beta])
+            lines.append(window)
+            lines.append("result = W0;" if i == 0 else f"result = start == {i} ? W{i} : result;")
+        lines.append(f"result /= ({ctype}){beta};")
+        return lines
 
 
-def _add_rows(rows: list[torch.Tensor], out: torch.Tensor) -> None:
-    """``out = rows[0] + rows[1] + ...``, added in order."""
-    out.copy_(rows[0])
-    for row in rows[1:]:
-        out.add_(row)
+@functools.lru_cache(maxsize=None)
+def _reduction(theta: int, f: int) -> ClosestToMedian:
+    return ClosestToMedian(theta, f)
+
+
+def closest_to_median(G: torch.Tensor, rows: list[int], f: int) -> torch.Tensor:
+    """Phase 2: per column, the mean of the ``len(rows) - 2f`` values of ``G[rows]`` closest to their median."""
+    return coordinatewise(G, _reduction(len(rows), f), rows=rows)
 
 
 class Bulyan(Aggregator):

@@ -4,9 +4,9 @@ For even ``p`` the median of a coordinate is the mean of its two middle values
 (``torch.median`` would return the lower one); this keeps the rule symmetric.
 Robust for ``p >= 2f + 1``: a majority of honest values brackets the median.
 
-The middle values come from a sorting network pruned to them, run one cache-sized
-block of columns at a time (:mod:`.selection`): a few passes over ``G``, extra
-memory O(block), never O(p n).
+The middle values come from a sorting network pruned to them (:mod:`.selection`):
+compiled, one pass over ``G``, on the CPU; by cache-sized column blocks otherwise.
+Extra memory O(block), never O(p n).
 
 Column-separable: the aggregate of a block of columns is the rule applied to
 those columns alone (:meth:`by_columns`), which the sharded exchange relies on.
@@ -14,10 +14,12 @@ those columns alone (:meth:`by_columns`), which the sharded exchange relies on.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .base import Aggregator
-from .selection import coordinatewise
+from .selection import Reduction, coordinatewise
 
 
 def sorted_median(S: torch.Tensor) -> torch.Tensor:
@@ -26,12 +28,30 @@ def sorted_median(S: torch.Tensor) -> torch.Tensor:
     return (S[(q - 1) // 2] + S[q // 2]) / 2
 
 
+class MiddleValues(Reduction):
+    """The median of ``q`` sorted values: the middle one, or the mean of the two middle ones."""
+
+    def __init__(self, q: int):
+        self.positions = (q // 2,) if q % 2 else (q // 2 - 1, q // 2)
+
+    def torch(self, values, out):
+        if len(values) == 1:
+            out.copy_(values[0])
+        else:
+            torch.add(values[0], values[1], out=out).div_(2)
+
+    def c(self, values, ctype):
+        return [f"result = {values[0]};" if len(values) == 1 else f"result = ({values[0]} + {values[1]}) / 2;"]
+
+
+@functools.lru_cache(maxsize=None)
+def middle_values(q: int) -> MiddleValues:
+    return MiddleValues(q)
+
+
 def median(G: torch.Tensor) -> torch.Tensor:
     """Coordinate-wise median of ``G`` (``(p, n)``), as :func:`sorted_median` of each sorted column."""
-    p = G.shape[0]
-    if p % 2:
-        return coordinatewise(G, [p // 2], lambda rows, out: out.copy_(rows[0]))
-    return coordinatewise(G, [p // 2 - 1, p // 2], lambda rows, out: torch.add(*rows, out=out).div_(2))
+    return coordinatewise(G, middle_values(G.shape[0]))
 
 
 class Median(Aggregator):

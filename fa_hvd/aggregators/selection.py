@@ -21,7 +21,9 @@ once with elementwise ``minimum``/``maximum``, vectorised across columns:
   writing into ``p + 1`` reusable row buffers: the extra memory is O(block),
   never O(p n), and the input is never modified.
 
-Min and max are exact, so the values are exactly those of a sort. Above
+On the CPU the network is compiled to C (:mod:`.native`): each column's values
+stay in registers through the whole network and ``G`` is read once. Min and max
+are exact, so the values are exactly those of a sort (up to the sign of a zero). Above
 :data:`MAX_NETWORK_ROWS` rows the network (``O(p log^2 p)`` comparators) loses to
 ``torch.sort``, which is used instead, on the same column blocks.
 """
@@ -29,9 +31,11 @@ Min and max are exact, so the values are exactly those of a sort. Above
 from __future__ import annotations
 
 import functools
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
+
+from . import native
 
 BLOCK_ELEMENTS = {"cpu": 1 << 19, "cuda": 1 << 26}
 """Elements of ``G`` per column block, by device type (CPU: about 2 MB of fp32, an L2 cache)."""
@@ -105,7 +109,8 @@ def order_statistics(
             S = G[rows, cols].sort(dim=0).values
             yield cols, [S[k] for k in positions]
         return
-    ops, result = program(p, tuple(sorted(set(positions))))
+    wanted = tuple(sorted(set(positions)))
+    ops, result = program(p, wanted)
     pool = [torch.empty(min(width, n), dtype=G.dtype, device=G.device) for _ in range(p + 1)]
     for start in range(0, n, width):
         cols = slice(start, min(n, start + width))
@@ -152,18 +157,38 @@ def program(p: int, outputs: tuple[int, ...]) -> tuple[tuple, dict[int, int]]:
     return tuple(ops), {k: wire[k] for k in outputs}
 
 
-def coordinatewise(
-    G: torch.Tensor,
-    positions: Sequence[int],
-    reduce: Callable[[list[torch.Tensor], torch.Tensor], None],
-    rows: Sequence[int] | None = None,
-) -> torch.Tensor:
-    """``out[cols]`` from the sorted values at ``positions`` of each column block: ``reduce(values, out[cols])``.
+class Reduction:
+    """What a coordinate-wise rule makes of each column's sorted values, in two equal forms.
 
-    ``reduce`` writes into the ``(len(cols),)`` view it is given; ``rows`` as in
-    :func:`order_statistics`.
+    ``positions``: the sorted positions it reads. :meth:`torch` writes the result
+    of a block into ``out`` from the rows at ``positions`` (the eager path);
+    :meth:`c` gives C statements that compute ``result`` from the C expressions of
+    those values (the compiled path, :mod:`.native`). Both must do the same
+    floating-point operations in the same order, so the two paths agree bit for bit.
     """
-    out = torch.empty(G.shape[1], dtype=G.dtype, device=G.device)
-    for cols, values in order_statistics(G, positions, rows):
-        reduce(values, out[cols])
+
+    positions: tuple[int, ...]
+
+    def torch(self, values: list[torch.Tensor], out: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def c(self, values: list[str], ctype: str) -> list[str]:
+        raise NotImplementedError
+
+
+def coordinatewise(G: torch.Tensor, reduction: Reduction, rows: Sequence[int] | None = None) -> torch.Tensor:
+    """``reduction`` of the sorted columns of ``G[rows]`` (default: all rows): the ``(n,)`` result.
+
+    Compiled (:mod:`.native`) on the CPU for ``p <= MAX_NETWORK_ROWS``, where a C
+    compiler is at hand; otherwise the eager torch path by column blocks.
+    """
+    n = G.shape[1]
+    rows = list(range(G.shape[0])) if rows is None else list(rows)
+    out = torch.empty(n, dtype=G.dtype, device=G.device)
+    if len(rows) <= MAX_NETWORK_ROWS and native.supports(G):
+        comparators = network(len(rows), tuple(sorted(set(reduction.positions))))
+        native.run(comparators, len(rows), reduction, [G[i] for i in rows], out)
+        return out
+    for cols, values in order_statistics(G, reduction.positions, rows):
+        reduction.torch(values, out[cols])
     return out

@@ -1,32 +1,48 @@
 """Coordinate-wise trimmed mean.
 
 Per coordinate ``j``, sort ``G_1j .. G_pj``, drop the ``f`` largest and the ``f``
-smallest values and average the remaining ``p - 2f`` (summed in sorted order,
-then divided). Precondition ``p >= 2f + 1`` (at least one value survives the
-trimming). The kept values come from a sorting network pruned to them, one
-cache-sized block of columns at a time (:mod:`.selection`). Column-separable
-(:meth:`by_columns`).
+smallest values and average the remaining ``p - 2f`` (added in sorted order, then
+divided). Precondition ``p >= 2f + 1`` (at least one value survives the
+trimming). The kept values come from a sorting network pruned to them
+(:mod:`.selection`: compiled on the CPU, by column blocks otherwise).
+Column-separable (:meth:`by_columns`).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .base import Aggregator
-from .selection import coordinatewise
+from .selection import Reduction, coordinatewise
+
+
+class TrimmedAverage(Reduction):
+    """The mean of sorted positions ``f .. q-f-1`` of ``q`` values, added in order, then divided."""
+
+    def __init__(self, q: int, f: int):
+        self.positions = tuple(range(f, q - f))
+
+    def torch(self, values, out):
+        out.copy_(values[0])
+        for row in values[1:]:
+            out.add_(row)
+        out.div_(len(values))
+
+    def c(self, values, ctype):
+        return [f"result = {values[0]};", *[f"result += {v};" for v in values[1:]],
+                f"result /= ({ctype}){len(values)};"]
+
+
+@functools.lru_cache(maxsize=None)
+def _reduction(q: int, f: int) -> TrimmedAverage:
+    return TrimmedAverage(q, f)
 
 
 def trimmed_mean(G: torch.Tensor, f: int) -> torch.Tensor:
     """Mean of the sorted values ``f .. p-f-1`` of every column of ``G``."""
-    p = G.shape[0]
-
-    def average(rows: list[torch.Tensor], out: torch.Tensor) -> None:
-        out.copy_(rows[0])
-        for row in rows[1:]:
-            out.add_(row)
-        out.div_(len(rows))
-
-    return coordinatewise(G, range(f, p - f), average)
+    return coordinatewise(G, _reduction(G.shape[0], f))
 
 
 class TrimmedMean(Aggregator):
