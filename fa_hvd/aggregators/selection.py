@@ -39,8 +39,8 @@ from . import native
 
 BLOCK_ELEMENTS = {"cpu": 1 << 19, "cuda": 1 << 26}
 """Elements of ``G`` per column block, by device type (CPU: about 2 MB of fp32, an L2 cache)."""
-MAX_NETWORK_ROWS = 32
-"""Largest ``p`` sorted by a network; larger ``p`` falls back to ``torch.sort`` by blocks."""
+MAX_NETWORK_ROWS = 64
+"""Largest ``p`` sorted by a network (543 comparators at 64); larger ``p`` falls back to ``torch.sort``."""
 
 
 class Comparator(NamedTuple):
