@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fa_hvd.aggregators import get
-from fa_hvd.exchange import make_exchange
+from fa_hvd.exchange import ShardedExchange
 from local_world import run_ranks
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -68,14 +68,12 @@ def test_iterative_rules_do_not_synchronise_per_iteration(name):
 @pytest.mark.parametrize("name", ["median", "flag", "cclip", "bulyan"])
 def test_sharded_exchange_with_cuda_tensors(name):
     G = gradients(p=7, n=3000)
-    sizes = [1000, 2000]
-
     def body(transport):
-        exchange = make_exchange("sharded", transport, get(name, f=1), sizes)
+        exchange = ShardedExchange(transport, get(name, f=1))
         row = G[transport.rank].cuda()
-        exchange.submit(0, row[:1000].clone())
-        exchange.submit(1, row[1000:].clone())
-        return exchange.result()
+        exchange.start(1, row[1000:].clone())
+        exchange.start(0, row[:1000].clone())
+        return exchange.finish(2, row.device, 0)
 
     outs = run_ranks(7, body)
     expected = get(name, f=1)(G)
