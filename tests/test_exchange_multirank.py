@@ -9,11 +9,11 @@ from conftest import SCRIPTS, launch, output, results
 pytestmark = pytest.mark.slow
 
 JOBS = {  # launcher -> (transport, checks, extra environment)
-    "gloo": ("horovod", ["alltoall", "rules", "replicas", "bytes"], {}),
+    "gloo": ("horovod", ["alltoall", "rules", "compression", "replicas", "bytes"], {}),
     # horovodrun --mpi pins Open MPI's transports (shared memory on one node: no TCP bytes to count);
     # the rules run through the same Horovod calls as under Gloo.
-    "mpi": ("horovod", ["alltoall", "replicas"], {}),
-    "mpi4py": ("mpi", ["alltoall", "rules", "replicas", "bytes"], {"OMPI_MCA_btl": "tcp,self"}),
+    "mpi": ("horovod", ["alltoall", "compression", "replicas"], {}),
+    "mpi4py": ("mpi", ["alltoall", "rules", "compression", "replicas", "bytes"], {"OMPI_MCA_btl": "tcp,self"}),
 }
 
 
@@ -40,6 +40,12 @@ def test_alltoall_delivers_uneven_splits_in_rank_order(job):
 def test_sharded_equals_the_rule_on_the_whole_matrix_and_ranks_agree(job):
     for case, r in report(job)["rules"].items():
         assert r["rel_diff"] < 1e-5 and r["same_non_finite"] and r["ranks_agree"], case
+
+
+@pytest.mark.parametrize("job", jobs_with("compression"))
+def test_fp16_compression_on_both_collectives(job):
+    r = report(job)["compression"]
+    assert r["dtype"] == "torch.float32" and r["max_abs_diff"] < 2e-3
 
 
 @pytest.mark.parametrize("job", jobs_with("replicas"))

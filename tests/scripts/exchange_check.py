@@ -5,6 +5,7 @@ python exchange_check.py --transport horovod|mpi
 * alltoall: uneven splits (zeros included) arrive in rank order.
 * rules: the sharded exchange on seeded gradients with faulty rows (NaN in one coordinate,
   ALIE) against the rule applied in one process to the whole matrix, and the ranks' bits.
+* compression: fp16 on the wire both ways, against the rule on fp16-rounded gradients.
 * replicas: replicas=2 gives the plain sharded result; a rank that miscomputes is named
   by every rank alike.
 * bytes: what the kernel counted on this process's TCP sockets for one exchange of
@@ -79,6 +80,27 @@ def check_rules(transport, rank):
     return report
 
 
+class Fp16:
+    """Horovod's Compression.fp16, for either transport."""
+
+    @staticmethod
+    def compress(tensor):
+        return tensor.half(), tensor.dtype
+
+    @staticmethod
+    def decompress(tensor, ctx):
+        return tensor.to(ctx)
+
+
+def check_compression(transport, rank):
+    """fp16 on both collectives: geomed of the fp16-rounded gradients, its result rounded to fp16."""
+    p, n = transport.size, sum(SIZES)
+    G = gradients(p, n, "alie")
+    out = step(ShardedExchange(transport, get("geomed", f=1), compression=Fp16, prefix="check.fp16"), G[rank])
+    expected = get("geomed", f=1)(G.half().float()).half().float()
+    return {"max_abs_diff": float((out - expected).abs().max()), "dtype": str(out.dtype)}
+
+
 class LyingGram(ShardedExchange):
     def _gram(self, pieces, *args):
         if self.rank == 1:
@@ -128,7 +150,8 @@ def check_bytes(transport, rank, n=1 << 20, repeats=3):
     return {"n": n, "per_rank": transport.allgather_object(out, name="bytes.report"), "source": traffic.source}
 
 
-CHECKS = {"alltoall": check_alltoall, "rules": check_rules, "replicas": check_replicas, "bytes": check_bytes}
+CHECKS = {"alltoall": check_alltoall, "rules": check_rules, "compression": check_compression,
+          "replicas": check_replicas, "bytes": check_bytes}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
