@@ -42,7 +42,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .geometry import combine, gram
+from .geometry import combine, cross_gram, gram
 
 ColumnRule = Callable[[torch.Tensor, slice], torch.Tensor]
 """``rule(G[:, cols], cols) -> agg(G)[cols]``: a rule applied to one block of columns."""
@@ -293,8 +293,13 @@ def surviving_rows(finite: torch.Tensor, f: int) -> Rows:
 
 
 def anchored_gram(G: torch.Tensor, anchors: torch.Tensor | None) -> torch.Tensor:
-    """fp64 Gram of ``G``'s rows followed by ``anchors``' (:func:`.geometry.gram`)."""
-    return gram(G if anchors is None else torch.cat([G, anchors.to(G.dtype)]))
+    """fp64 Gram of ``G``'s rows followed by ``anchors``' (:func:`.geometry.gram`, ``cross_gram``)."""
+    K = gram(G)
+    if anchors is None:
+        return K
+    anchors = anchors.to(G.dtype)
+    cross = cross_gram(G, anchors)
+    return torch.cat([torch.cat([K, cross], 1), torch.cat([cross.T, gram(anchors)], 1)])
 
 
 def finite_rows(G: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,10 @@ Each step moves ``v`` by at most ``tau``, and ``f`` Byzantine rows move it by at
 most ``f tau / p``. Precondition ``p >= 2f + 1``.
 
 Computed in Gram space: ``v = a v0 + G^T c`` with ``v0`` the starting centre, so
-every ``||g_i - v||`` comes from the fp64 Gram of the rows ``[G; v0]`` (``K``,
-``G v0`` and ``||v0||^2``); the iterations update ``(a, c)`` only. The centre is the
+every ``||g_i - v||`` comes from the Gram of the rows ``[G; v0]`` (``K``, ``G v0``
+and ``||v0||^2``, accumulated in fp64, so a huge finite row neither overflows nor
+hides the others: see :mod:`~fa_hvd.aggregators.geometry`); the iterations update
+``(a, c)`` only. The centre is the
 rule's anchor (:meth:`anchors`): by column blocks (:meth:`by_columns`) a block of
 the output is ``a v0[cols] + c^T G[:, cols]``, so the sharded exchange needs only
 each shard's share of the ``p + 1`` inner products with ``v0``, summed with its
