@@ -8,6 +8,7 @@ named collectives in different orders, as the optimizer does with its buckets.
 
 from __future__ import annotations
 
+import re
 import threading
 
 import torch
@@ -59,8 +60,19 @@ class LocalTransport(Transport):
         self.world, self.rank, self.size, self.local_rank = world, rank, world.p, rank
         self.calls: list[tuple[str, str]] = []  # (collective, name), in order
         self._uses: dict[str, int] = {}
+        self._optimizers: dict[str, str] = {}
+
+    def _local(self, name: str) -> str:
+        """Optimizers number themselves per process (``fa_hvd.opt<N>``); here the ranks share one process,
+        so each rank's optimizers are renumbered in the order this rank made them."""
+        match = re.match(r"fa_hvd\.opt\d+", name)
+        if match is None:
+            return name
+        local = self._optimizers.setdefault(match.group(), f"opt#{len(self._optimizers)}")
+        return local + name[match.end():]
 
     def _post(self, kind, name, item, result) -> _Pending:
+        name = self._local(name)
         self.calls.append((kind, name))
         use = self._uses[name] = self._uses.get(name, 0) + 1
         key = (name, use)

@@ -268,3 +268,62 @@ def test_a_failed_collective_names_the_rank_step_and_stage(monkeypatch):
     monkeypatch.setattr(local_world, "LocalTransport", Failing)
     with pytest.raises(RuntimeError, match=r"rank \d: the gradient exchange failed at step 0 \(bucket 0\): connection"):
         run_ranks(2, lambda t: step(ShardedExchange(t, get("mean")), torch.ones(10), [4, 6]))
+
+
+# -- through the optimizer -------------------------------------------------------------------------
+
+
+def train(exchange, rule, p=5, steps=3, byzantine=None, **params):
+    """Each of ``p`` ranks trains the same small model on its own batch; rank ``byzantine`` sends -50 g.
+
+    Per rank: (parameters after ``steps`` steps, the optimizer's last stats)."""
+    import copy
+
+    import torch.nn.functional as F
+    from torch import nn
+
+    import fa_hvd
+
+    torch.manual_seed(0)
+    template = nn.Sequential(nn.Linear(6, 40), nn.Tanh(), nn.Linear(40, 3))  # built once: the RNG is global
+
+    def body(transport):
+        model = copy.deepcopy(template)
+        gen = torch.Generator().manual_seed(transport.rank)
+        x, y = torch.randn(16, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+        attack = (lambda flat, index, step: -50 * flat) if transport.rank == byzantine else None
+        opt = fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                          named_parameters=model.named_parameters(), aggregator=rule,
+                                          aggregator_params=params, transport=transport, exchange=exchange,
+                                          bucket_bytes=400, gradient_transform=attack)
+        for _ in range(steps):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        return torch.cat([q.detach().reshape(-1) for q in model.parameters()]), opt.stats
+
+    return run_ranks(p, body)
+
+
+@pytest.mark.parametrize("rule, params", [("mean", {}), ("flag", {"f": 1, "r": 2}), ("median", {"f": 1}),
+                                          ("cclip", {"f": 1}), ("nnm+bulyan", {"f": 0})])
+def test_the_optimizer_trains_alike_with_either_exchange(rule, params):
+    byzantine = None if rule in ("mean", "nnm+bulyan") else 3
+    gathered = train("allgather", rule, byzantine=byzantine, **params)
+    sharded = train("sharded", rule, byzantine=byzantine, **params)
+    assert all(torch.equal(bits(w), bits(sharded[0][0])) for w, _ in sharded)  # ranks agree bit for bit
+    torch.testing.assert_close(sharded[0][0], gathered[0][0], rtol=1e-5, atol=1e-6)
+    assert sharded[0][1]["peak_bytes"] > 0 and "peak_bytes" not in gathered[0][1]
+
+
+def test_the_optimizer_refuses_a_rule_the_sharded_exchange_cannot_run():
+    with pytest.raises(ValueError, match="exchange='allgather'"):
+        train("sharded", "flag", mode="reference", f=0)
+
+
+def test_the_optimizer_takes_a_factory_with_replicas():
+    from fa_hvd.exchange import sharded as factory
+
+    plain = train("sharded", "median", f=1)
+    replicated = train(factory(replicas=2), "median", f=1)
+    assert torch.equal(replicated[0][0], plain[0][0])
