@@ -9,11 +9,12 @@ from conftest import SCRIPTS, launch, output, results
 pytestmark = pytest.mark.slow
 
 JOBS = {  # launcher -> (transport, checks, extra environment)
-    "gloo": ("horovod", ["alltoall", "rules", "compression", "replicas", "bytes"], {}),
+    "gloo": ("horovod", ["alltoall", "rules", "compression", "optimizer", "replicas", "bytes"], {}),
     # horovodrun --mpi pins Open MPI's transports (shared memory on one node: no TCP bytes to count);
     # the rules run through the same Horovod calls as under Gloo.
-    "mpi": ("horovod", ["alltoall", "compression", "replicas"], {}),
-    "mpi4py": ("mpi", ["alltoall", "rules", "compression", "replicas", "bytes"], {"OMPI_MCA_btl": "tcp,self"}),
+    "mpi": ("horovod", ["alltoall", "compression", "optimizer", "replicas"], {}),
+    "mpi4py": ("mpi", ["alltoall", "rules", "compression", "optimizer", "replicas", "bytes"],
+               {"OMPI_MCA_btl": "tcp,self"}),
 }
 
 
@@ -46,6 +47,13 @@ def test_sharded_equals_the_rule_on_the_whole_matrix_and_ranks_agree(job):
 def test_fp16_compression_on_both_collectives(job):
     r = report(job)["compression"]
     assert r["dtype"] == "torch.float32" and r["max_abs_diff"] < 2e-3
+
+
+@pytest.mark.parametrize("job", jobs_with("optimizer"))
+def test_the_optimizer_trains_alike_with_either_exchange(job):
+    r = report(job)["optimizer"]
+    assert r["moved"] > 0 and r["max_abs_diff"] < 1e-5 and r["sharded_buckets"] > 1
+    assert r["allgather_agree"] and r["sharded_agree"]
 
 
 @pytest.mark.parametrize("job", jobs_with("replicas"))

@@ -5,6 +5,8 @@ python exchange_check.py --transport horovod|mpi
 * alltoall: uneven splits (zeros included) arrive in rank order.
 * rules: the sharded exchange on seeded gradients with faulty rows (NaN in one coordinate,
   ALIE) against the rule applied in one process to the whole matrix, and the ranks' bits.
+* optimizer: fa_hvd.DistributedOptimizer trained with exchange="sharded" and "allgather"
+  (buckets started as backward makes them, a Byzantine rank): the same parameters.
 * compression: fp16 on the wire both ways, against the rule on fp16-rounded gradients.
 * replicas: replicas=2 gives the plain sharded result; a rank that miscomputes is named
   by every rank alike.
@@ -101,6 +103,39 @@ def check_compression(transport, rank):
     return {"max_abs_diff": float((out - expected).abs().max()), "dtype": str(out.dtype)}
 
 
+def check_optimizer(transport, rank, steps=3):
+    """fa_hvd.DistributedOptimizer with exchange="sharded" vs "allgather": a small model, several buckets
+    started as backward makes them, rank 1 sending -50 g; parameters after the steps and ranks' bits."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    import fa_hvd
+    from fa_hvd.optimizer import checksum
+
+    results = {}
+    for exchange in ("allgather", "sharded"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 40), nn.Tanh(), nn.Linear(40, 3))
+        gen = torch.Generator().manual_seed(rank)
+        x, y = torch.randn(16, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+        attack = (lambda flat, index, step: -50 * flat) if rank == 1 else None
+        opt = fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                          named_parameters=model.named_parameters(), aggregator="median",
+                                          aggregator_params={"f": 1}, transport=transport, exchange=exchange,
+                                          bucket_bytes=400, gradient_transform=attack)
+        for _ in range(steps):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        results[exchange] = torch.cat([q.detach().reshape(-1) for q in model.parameters()])
+        crcs = transport.allgather_object(checksum(model.parameters()), name=f"check.opt.{exchange}")
+        results[f"{exchange}_agree"] = all(c == crcs[0] for c in crcs)
+        results[f"{exchange}_buckets"] = len(opt._buckets)
+    return {"max_abs_diff": float((results["sharded"] - results["allgather"]).abs().max()),
+            "moved": float(results["sharded"].abs().max()),
+            **{k: v for k, v in results.items() if not isinstance(v, torch.Tensor)}}
+
+
 class LyingGram(ShardedExchange):
     def _gram(self, pieces, *args):
         if self.rank == 1:
@@ -151,7 +186,7 @@ def check_bytes(transport, rank, n=1 << 20, repeats=3):
 
 
 CHECKS = {"alltoall": check_alltoall, "rules": check_rules, "compression": check_compression,
-          "replicas": check_replicas, "bytes": check_bytes}
+          "optimizer": check_optimizer, "replicas": check_replicas, "bytes": check_bytes}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
