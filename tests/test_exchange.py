@@ -327,3 +327,24 @@ def test_the_optimizer_takes_a_factory_with_replicas():
     plain = train("sharded", "median", f=1)
     replicated = train(factory(replicas=2), "median", f=1)
     assert torch.equal(replicated[0][0], plain[0][0])
+
+
+def test_finite_rows_from_the_gram_only_where_its_squares_cannot_overflow(monkeypatch):
+    """fp32 data: a row is finite iff its fp64 squared norm is; fp64 data: checked value by value."""
+    flags = {}
+    original = ShardedExchange._gram
+
+    def spy(self, *args):
+        K, finite = original(self, *args)
+        flags.setdefault(args[3], finite)  # by compute dtype
+        return K, finite
+
+    monkeypatch.setattr(ShardedExchange, "_gram", spy)
+    G = honest(p=5, n=30)
+    G[1, 7], G[2] = float("nan"), 3e38  # a NaN, and a finite row whose square only fp64 holds
+    sharded("geomed", G, sizes=[30])
+    G64 = G.double()
+    G64[2] = 1e200  # finite, but its square overflows fp64
+    sharded("geomed", G64, sizes=[30])
+    expected = torch.tensor([True, False, True, True, True])
+    assert torch.equal(flags[torch.float32], expected) and torch.equal(flags[torch.float64], expected)

@@ -8,7 +8,9 @@ bucket, its shard ``G_j`` (``p x n/p`` over all buckets).
    chunk ``j`` of that bucket from every rank (rows in rank order).
 2. Rank ``j`` computes its partial Gram ``K_j = G_j G_j^T`` (fp64, with the rule's
    anchors appended, e.g. cclip's centre; :func:`~fa_hvd.aggregators.base.anchored_gram`)
-   and which rows of ``G_j`` hold NaN or Inf.
+   and which rows of ``G_j`` hold NaN or Inf (from the Gram's diagonal for fp32 and
+   narrower data, where fp64 sums of squares cannot overflow; by
+   :func:`~fa_hvd.aggregators.base.finite_rows` otherwise and for rules without a Gram).
 3. One allgather of the packed ``K_j`` and flags (``p + p (p + 1) / 2`` words per
    rank); every rank sums the ``K_j`` in shard order in fp64, so ``K`` is bit for bit
    the same everywhere, whatever order a reduction collective would have used.
@@ -217,16 +219,21 @@ class ShardedExchange:
         anchors = aggregator.anchors(n, compute, device) if aggregator.uses_gram else None
         m = p + (0 if anchors is None else anchors.shape[0])
         upper = torch.triu_indices(m, m)
+        # A row is finite iff its squared norm is: the Gram sums exact fp64 products of fp32 (or
+        # narrower) values, which cannot overflow, so its diagonal saves the finite_rows passes.
+        diagonal_flags = aggregator.uses_gram and compute != torch.float64
         packed = []
         for t, shard in enumerate(pieces):
             finite = torch.ones(p, dtype=torch.bool, device=device)
             K = torch.zeros(m, m, dtype=torch.float64, device=device)
             for _, cols, piece in shard:
                 block = piece.to(compute)
-                if aggregator.robust:
+                if aggregator.robust and not diagonal_flags:
                     finite &= finite_rows(block)
                 if aggregator.uses_gram:
                     K += anchored_gram(block, None if anchors is None else anchors[:, cols])
+            if aggregator.robust and diagonal_flags:
+                finite &= K.diagonal()[:p].isfinite()
             fields = [finite.cpu().long()]
             if self.replicas > 1:
                 fields.append(torch.tensor([_signed(d.digest()) for d in digests[t]], dtype=torch.int64))
