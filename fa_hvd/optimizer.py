@@ -647,7 +647,7 @@ def DistributedOptimizer(
     ``"mpi"`` or a :class:`~fa_hvd.comm.Transport`), ``exchange`` (a name in
     :data:`EXCHANGES`: ``"allgather"``, or ``"sharded"`` for allreduce traffic and O(n)
     memory, :mod:`fa_hvd.exchange`; or a factory ``(transport, aggregator, compression,
-    prefix) -> GradientExchange`` such as ``fa_hvd.exchange.sharded(replicas=3)``),
+    prefix) -> GradientExchange`` such as ``fa_hvd.exchange.replicated(3)``),
     ``bucket_bytes`` (default: automatic, see
     :func:`_make_buckets`), ``gradient_transform`` (``(flat_grad, bucket_index,
     step) -> tensor``, applied to what this rank sends; fault injection uses it; an

@@ -7,7 +7,7 @@ import torch
 import local_world
 from fa_hvd.aggregators import get
 from fa_hvd.aggregators.geometry import gram
-from fa_hvd.exchange import ShardedExchange, ShardMismatch, sharded as sharded_factory
+from fa_hvd.exchange import ShardedExchange, ShardMismatch, replicated
 from fa_hvd.exchange.cost import exchange_cost
 from local_world import LocalTransport, run_ranks
 
@@ -243,7 +243,7 @@ def test_rules_that_need_whole_rows_are_refused():
     with pytest.raises(ValueError, match="replicas must be a positive integer"):
         ShardedExchange(None, get("mean"), replicas=0)
     with pytest.raises(ValueError, match=r"replicas=3 needs at least as many ranks, got 2"):
-        run_ranks(2, lambda t: step(sharded_factory(3)(t, get("mean"), None, "x"), torch.ones(4), [4]))
+        run_ranks(2, lambda t: step(replicated(3)(t, get("mean"), None, "x"), torch.ones(4), [4]))
 
 
 def test_the_shards_follow_a_change_of_world_size():
@@ -322,11 +322,11 @@ def test_the_optimizer_refuses_a_rule_the_sharded_exchange_cannot_run():
 
 
 def test_the_optimizer_takes_a_factory_with_replicas():
-    from fa_hvd.exchange import sharded as factory
+    from fa_hvd.exchange import replicated
 
     plain = train("sharded", "median", f=1)
-    replicated = train(factory(replicas=2), "median", f=1)
-    assert torch.equal(replicated[0][0], plain[0][0])
+    twice = train(replicated(2), "median", f=1)
+    assert torch.equal(twice[0][0], plain[0][0])
 
 
 def test_finite_rows_from_the_gram_only_where_its_squares_cannot_overflow(monkeypatch):

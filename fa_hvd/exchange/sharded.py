@@ -75,7 +75,7 @@ class ShardedExchange:
     """The optimizer's gradient exchange (``exchange="sharded"``), one shard of the coordinates per rank.
 
     Built as ``ShardedExchange(transport, aggregator, compression, prefix)`` by the
-    optimizer; :func:`sharded` makes a factory with ``replicas``. :meth:`start` takes
+    optimizer; :func:`replicated` makes a factory with ``replicas``. :meth:`start` takes
     each bucket's flat gradient (in any order), :meth:`finish` returns the aggregate,
     :meth:`abandon` drops a step in flight. ``timings`` holds the last finish's
     ``arrived`` and ``aggregated`` stamps, ``stats`` its ``peak_bytes`` (the most
@@ -286,8 +286,9 @@ class ShardedExchange:
         return aggregate, held + _bytes(aggregate)
 
 
-def sharded(replicas: int = 1):
-    """An ``exchange=`` factory for :func:`fa_hvd.DistributedOptimizer`: the sharded exchange with ``replicas``."""
+def replicated(replicas: int):
+    """An ``exchange=`` factory for :func:`fa_hvd.DistributedOptimizer`: the sharded exchange with each
+    shard computed by ``replicas`` ranks and compared."""
     return functools.partial(ShardedExchange, replicas=replicas)
 
 
