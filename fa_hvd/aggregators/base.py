@@ -85,7 +85,7 @@ class Aggregator:
     def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
         """Aggregate finite rows ``G`` (``(p, n)``, fp32 or fp64) with ``f`` Byzantine."""
         if self.gram_space:
-            return combine(G, self.coefficients(gram(G), f))
+            return combine(G, self.coefficients(host_gram(G), f))
         raise NotImplementedError
 
     def coefficients(self, K: torch.Tensor, f: int) -> torch.Tensor:
@@ -169,7 +169,7 @@ class PreAggregator:
 
     def transform(self, G: torch.Tensor, f: int) -> torch.Tensor:
         """``M G`` in ``G``'s dtype."""
-        M = self.mixing(G.shape[0], gram(G) if self.uses_gram else None, f)
+        M = self.mixing(G.shape[0], host_gram(G) if self.uses_gram else None, f)
         return M.to(device=G.device, dtype=G.dtype) @ G
 
     def state_dict(self) -> dict:
@@ -218,9 +218,9 @@ class Composed(Aggregator):
 
     def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
         if self.gram_space:
-            return combine(G, self.coefficients(gram(G), f))
+            return combine(G, self.coefficients(host_gram(G), f))
         if not self.rule.columnwise:
-            K = gram(G) if any(stage.uses_gram for stage in self.stages) else None
+            K = host_gram(G) if any(stage.uses_gram for stage in self.stages) else None
             M, _ = self.mixing(G.shape[0], K, f)
             return self.rule.aggregate(M.to(device=G.device, dtype=G.dtype) @ G, f)
         anchors = self.anchors(G.shape[1], G.dtype, G.device)
@@ -290,6 +290,12 @@ def surviving_rows(finite: torch.Tensor, f: int) -> Rows:
     if not bad:
         return Rows(None, f)
     return Rows(finite.nonzero().flatten(), max(f - bad, 0))
+
+
+def host_gram(G: torch.Tensor) -> torch.Tensor:
+    """:func:`.geometry.gram` on the host: the rules' ``p x p`` work runs on the CPU, where it is
+    cheapest (one transfer of ``K`` instead of a device synchronisation per iteration)."""
+    return gram(G).cpu()
 
 
 def anchored_gram(G: torch.Tensor, anchors: torch.Tensor | None) -> torch.Tensor:

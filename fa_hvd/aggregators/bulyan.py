@@ -31,8 +31,8 @@ import functools
 
 import torch
 
-from .base import Aggregator, ColumnRule
-from .geometry import gram, sq_distances
+from .base import Aggregator, ColumnRule, host_gram
+from .geometry import sq_distances
 from .krum import krum_order
 from .selection import Reduction, coordinatewise
 
@@ -116,7 +116,7 @@ class Bulyan(Aggregator):
     requires = (4, 3)  # p >= 4f + 3
 
     def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
-        return closest_to_median(G, bulyan_selection(gram(G), f), f)
+        return closest_to_median(G, bulyan_selection(host_gram(G), f), f)
 
     def by_columns(self, p: int, K: torch.Tensor, f: int) -> ColumnRule:
         rows = bulyan_selection(K, f)
