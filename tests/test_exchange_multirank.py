@@ -9,11 +9,11 @@ from conftest import SCRIPTS, launch, output, results
 pytestmark = pytest.mark.slow
 
 JOBS = {  # launcher -> (transport, checks, extra environment)
-    "gloo": ("horovod", ["alltoall", "rules", "compression", "optimizer", "replicas", "bytes"], {}),
+    "gloo": ("horovod", ["alltoall", "rules", "gram_bits", "compression", "optimizer", "replicas", "bytes"], {}),
     # horovodrun --mpi pins Open MPI's transports (shared memory on one node: no TCP bytes to count);
     # the rules run through the same Horovod calls as under Gloo.
-    "mpi": ("horovod", ["alltoall", "compression", "optimizer", "replicas"], {}),
-    "mpi4py": ("mpi", ["alltoall", "rules", "compression", "optimizer", "replicas", "bytes"],
+    "mpi": ("horovod", ["alltoall", "gram_bits", "compression", "optimizer", "replicas"], {}),
+    "mpi4py": ("mpi", ["alltoall", "rules", "gram_bits", "compression", "optimizer", "replicas", "bytes"],
                {"OMPI_MCA_btl": "tcp,self"}),
 }
 
@@ -41,6 +41,12 @@ def test_alltoall_delivers_uneven_splits_in_rank_order(job):
 def test_sharded_equals_the_rule_on_the_whole_matrix_and_ranks_agree(job):
     for case, r in report(job)["rules"].items():
         assert r["rel_diff"] < 1e-5 and r["same_non_finite"] and r["ranks_agree"], case
+
+
+@pytest.mark.parametrize("job", jobs_with("gram_bits"))
+def test_the_summed_gram_has_the_same_bits_on_every_rank(job):
+    r = report(job)["gram_bits"]
+    assert r["ranks_agree"] and r["rel_error"] < 1e-12
 
 
 @pytest.mark.parametrize("job", jobs_with("compression"))

@@ -3,6 +3,7 @@
 python exchange_check.py --transport horovod|mpi
 
 * alltoall: uneven splits (zeros included) arrive in rank order.
+* gram_bits: the summed partial Grams have the same bits on every rank.
 * rules: the sharded exchange on seeded gradients with faulty rows (NaN in one coordinate,
   ALIE) against the rule applied in one process to the whole matrix, and the ranks' bits.
 * optimizer: fa_hvd.DistributedOptimizer trained with exchange="sharded" and "allgather"
@@ -60,6 +61,28 @@ def check_alltoall(transport, rank):
     got = transport.wait(transport.alltoall_async(rows, splits, name="check.a2a"))
     expected = torch.cat([torch.full(((source + rank) % 3, 2), 10.0 * source + rank) for source in range(p)])
     return {"ok": transport.allgather_object(torch.equal(got, expected), name="check.a2a.ok")}
+
+
+class GramSpy(ShardedExchange):
+    """Keeps the summed Gram of its last step."""
+
+    def _gram(self, *args):
+        K, finite = super()._gram(*args)
+        self.last_gram = K
+        return K, finite
+
+
+def check_gram_bits(transport, rank):
+    """The summed Gram on every rank: the same bits, and the Gram of the whole matrix to fp64 rounding."""
+    from fa_hvd.aggregators.geometry import gram
+
+    p, n = transport.size, sum(SIZES)
+    G = gradients(p, n, "alie")
+    spy = GramSpy(transport, get("flag", f=1, r=2), prefix="check.grambits")
+    step(spy, G[rank])
+    crcs = transport.allgather_object(crc(spy.last_gram), name="check.grambits.crc")
+    error = float(((spy.last_gram - gram(G)).abs() / gram(G).abs().max()).max())
+    return {"ranks_agree": all(c == crcs[0] for c in crcs), "rel_error": error}
 
 
 def check_rules(transport, rank):
@@ -185,7 +208,8 @@ def check_bytes(transport, rank, n=1 << 20, repeats=3):
     return {"n": n, "per_rank": transport.allgather_object(out, name="bytes.report"), "source": traffic.source}
 
 
-CHECKS = {"alltoall": check_alltoall, "rules": check_rules, "compression": check_compression,
+CHECKS = {"alltoall": check_alltoall, "rules": check_rules, "gram_bits": check_gram_bits,
+          "compression": check_compression,
           "optimizer": check_optimizer, "replicas": check_replicas, "bytes": check_bytes}
 
 if __name__ == "__main__":
