@@ -78,8 +78,10 @@ class ShardedExchange:
     optimizer; :func:`replicated` makes a factory with ``replicas``. :meth:`start` takes
     each bucket's flat gradient (in any order), :meth:`finish` returns the aggregate,
     :meth:`abandon` drops a step in flight. ``timings`` holds the last finish's
-    ``arrived`` and ``aggregated`` stamps, ``stats`` its ``peak_bytes`` (the most
-    bytes of tensors the exchange itself held at once).
+    ``arrived`` (the last alltoall received) and ``aggregated`` stamps, so the
+    optimizer's ``aggregate_s`` includes the two small collectives after the
+    alltoalls; ``stats`` holds its ``peak_bytes`` (the most bytes of tensors the
+    exchange itself held at once).
     """
 
     def __init__(self, transport, aggregator, compression=None, prefix: str = "fa_hvd", replicas: int = 1):
