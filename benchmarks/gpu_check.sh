@@ -35,6 +35,6 @@ echo "== 2. aggregators on the GPU ==" >&2
 
 echo "== 3. a ResNet-50 step on $gpus GPU(s) ==" >&2
 "$bin/horovodrun" -np "$gpus" -H "localhost:$gpus" fa-hvd-bench step --device cuda --model resnet50 \
-    --image 224 --batch-size 32 --exchange allgather,sharded --rounds 5 --steps 5 --warmup 3 \
+    --image 224 --num-classes 1000 --batch-size 32 --exchange allgather,sharded --rounds 5 --steps 5 --warmup 3 \
     >"$out/gpu_step_$host.jsonl"
 echo "results: $out/gpu_*_$host.jsonl" >&2
