@@ -62,7 +62,7 @@ from typing import Callable, Iterable
 import torch
 
 from .aggregators import Aggregator, get as get_aggregator
-from .comm import Transport, get_transport
+from .comm import NoCompression, Transport, get_transport
 from .exchange import ShardedExchange
 
 MIN_BUCKET_BYTES = 1 << 20  # automatic bucket sizes: total / TARGET_BUCKETS, within these bounds
@@ -475,16 +475,6 @@ def _claim(optimizer, param):
     return handle
 
 
-class _NoCompression:
-    @staticmethod
-    def compress(tensor):
-        return tensor, None
-
-    @staticmethod
-    def decompress(tensor, ctx):
-        return tensor
-
-
 def _byte_counters(transport: Transport) -> dict[str, int]:
     """The transport's cumulative ``bytes_sent``/``bytes_received``, where it counts them."""
     return {key: getattr(transport, key) for key in ("bytes_sent", "bytes_received") if hasattr(transport, key)}
@@ -691,7 +681,7 @@ def DistributedOptimizer(
     cls = type(optimizer.__class__.__name__, (optimizer.__class__, RobustOptimizer),
                dict(_DistributedOptimizer.__dict__))
     return cls(optimizer.param_groups, named_parameters,
-               compression if compression is not None else _NoCompression, backward_passes_per_step, op, op_name,
+               compression if compression is not None else NoCompression, backward_passes_per_step, op, op_name,
                gradient_predivide_factor, groups, sparse_as_dense, getattr(transport, "process_set", None),
                aggregator, transport, exchange, bucket_bytes, gradient_transform)
 

@@ -53,22 +53,13 @@ import time
 import torch
 
 from ..aggregators.base import Aggregator, Rows, anchored_gram, finite_rows, surviving_rows
+from ..comm import NoCompression
 
 HALF = (torch.float16, torch.bfloat16)
 
 
 class ShardMismatch(RuntimeError):
     """Replicas of a shard disagree: a rank computed, received or reported its shard differently."""
-
-
-class _Identity:
-    @staticmethod
-    def compress(tensor):
-        return tensor, None
-
-    @staticmethod
-    def decompress(tensor, ctx):
-        return tensor
 
 
 class ShardedExchange:
@@ -94,7 +85,7 @@ class ShardedExchange:
         if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
             raise ValueError(f"fa_hvd: replicas must be a positive integer, got {replicas!r}")
         self.transport, self.aggregator, self.prefix, self.replicas = transport, aggregator, prefix, replicas
-        self.compression = compression if compression is not None else _Identity
+        self.compression = compression if compression is not None else NoCompression
         self.pending: dict[int, tuple] = {}
         self.timings: dict = {}
         self.stats: dict = {}
