@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Elastic training: horovodrun keeps the run going while hosts come and go.
+#   launch/elastic.sh NP MIN_NP MAX_NP CONFIG [fa-hvd-train arguments]
+# Starts NP ranks; when a rank fails, the survivors restore the last commit and go on
+# (its host is blacklisted), as long as at least MIN_NP ranks are left; new slots are
+# used up to MAX_NP. Horovod asks launch/discover-hosts.sh for the hosts every few
+# seconds (see there: a hosts file you edit, the SLURM job's nodes, or this machine).
+# On one machine Horovod needs two host names (or --network-interface through
+# HOROVODRUN_ARGS): FA_HVD_HOSTS_FILE with "localhost:2" and "127.0.0.1:2" works.
+set -euo pipefail
+# shellcheck source=launch/common.sh
+source "$(dirname "$0")/common.sh"
+[ $# -ge 4 ] || die "usage: $0 NP MIN_NP MAX_NP CONFIG [fa-hvd-train arguments]"
+np="$1" min_np="$2" max_np="$3" config="$4"
+shift 4
+[ -f "$config" ] || die "config not found: $config"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+# shellcheck disable=SC2086  # HOROVODRUN_ARGS is a list of options
+run horovodrun -np "$np" --min-np "$min_np" --max-np "$max_np" \
+  --host-discovery-script "$(cd "$(dirname "$0")" && pwd)/discover-hosts.sh" ${HOROVODRUN_ARGS:-} \
+  fa-hvd-train --config "$config" --set elastic.enabled=true "$@"

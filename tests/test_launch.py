@@ -1,0 +1,208 @@
+"""The launch/ and slurm/ scripts: shellcheck, the commands they build, GPU pinning, host discovery."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, job_env, output
+
+SCRIPTS = sorted(
+    [*ROOT.glob("launch/*.sh"), *ROOT.glob("slurm/*.sh"), *ROOT.glob("slurm/*.sbatch"), *ROOT.glob("tools/slurm/*.sh")]
+)
+
+
+def debian_tool(tool: str, package: str) -> str:
+    """The path of ``tool``, installed from Debian's ``package`` with apt-get when missing; skips without root or apt-get."""
+    found = shutil.which(tool)
+    if found:
+        return found
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip(f"{tool} is not installed and there is no root/apt-get to install Debian's {package}")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, capture_output=True)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", package], check=True, env=env,
+                   capture_output=True)
+    return shutil.which(tool)
+
+
+def test_scripts_pass_shellcheck():
+    shellcheck = debian_tool("shellcheck", "shellcheck")
+    assert len(SCRIPTS) >= 8, SCRIPTS
+    proc = subprocess.run([shellcheck, "-x", *[str(p.relative_to(ROOT)) for p in SCRIPTS]], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.fixture
+def recorder(tmp_path):
+    """Stand-ins for horovodrun and mpirun that record their argv (one JSON list per call) and exit 0."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls"
+    for name in ("horovodrun", "mpirun"):
+        stub = bin_dir / name
+        stub.write_text(f'#!/bin/sh\nprintf "%s\\0" "{name}" "$@" >> "{log}"\nprintf "\\n" >> "{log}"\n')
+        stub.chmod(0o755)
+
+    def run(argv, **env):
+        proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", **env})
+        calls = [line.strip("\0").split("\0") for line in log.read_text().splitlines()] if log.exists() else []
+        log.unlink(missing_ok=True)
+        return proc, calls
+
+    return run
+
+
+def printed_commands(stderr: str) -> list[list[str]]:
+    """The commands a script printed before running them (lines ``[name] + CMD ARGS``)."""
+    return [shlex.split(line.split("] +", 1)[1]) for line in stderr.splitlines() if "] + " in line]
+
+
+def test_local_launcher_prints_and_runs_horovodrun(recorder):
+    proc, calls = recorder(["launch/local.sh", "3", "configs/demo.yaml", "--set", "optim.lr=0.05"])
+    assert proc.returncode == 0, proc.stderr
+    expected = ["horovodrun", "-np", "3", "-H", "localhost:3", "fa-hvd-train", "--config", "configs/demo.yaml",
+                "--set", "optim.lr=0.05"]
+    assert calls == [expected]
+    assert printed_commands(proc.stderr) == [expected]
+
+
+def test_hostfile_launcher_counts_the_slots(recorder, tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# two GPU nodes and a small one\nnode1 slots=4\n\nnode2 slots=4\nnode3\n")
+    proc, calls = recorder(["launch/hosts.sh", str(hostfile), "configs/demo.yaml"], HOROVODRUN_ARGS="--gloo")
+    assert proc.returncode == 0, proc.stderr
+    expected = ["horovodrun", "-np", "9", "-hostfile", str(hostfile), "--gloo", "fa-hvd-train", "--config",
+                "configs/demo.yaml"]
+    assert calls == [expected]
+    assert printed_commands(proc.stderr) == [expected]
+
+
+def test_mpirun_launchers_use_horovods_flags(recorder):
+    proc, calls = recorder(["launch/mpi4py.sh", "4", "configs/demo.yaml"], HOSTFILE="myhosts")
+    assert proc.returncode == 0, proc.stderr
+    (call,) = calls
+    assert call[:5] == ["mpirun", "-np", "4", "-hostfile", "myhosts"]
+    _, calls = recorder(["launch/mpirun.sh", "2", "configs/demo.yaml"])
+    assert calls[0][:5] == ["mpirun", "-np", "2", "-H", "localhost:2"]
+    for flag in (["-bind-to", "none"], ["-map-by", "slot"], ["-x", "LD_LIBRARY_PATH"], ["-x", "PATH"],
+                 ["-mca", "pml", "ob1"], ["-mca", "btl", "^openib"]):
+        assert any(call[i:i + len(flag)] == flag for i in range(len(call))), (flag, call)
+    assert call[call.index("fa-hvd-train"):] == ["fa-hvd-train", "--config", "configs/demo.yaml",
+                                                 "--set", "robust.transport=mpi"]
+    printed = printed_commands(proc.stderr)
+    assert printed[-1] == call  # mpi4py.sh prints its call of mpirun.sh, which prints mpirun's
+    assert printed[0][0].endswith("launch/mpirun.sh")
+
+
+def test_elastic_launcher_passes_the_discovery_script(recorder):
+    proc, calls = recorder(["launch/elastic.sh", "4", "2", "6", "configs/demo.yaml"])
+    assert proc.returncode == 0, proc.stderr
+    (call,) = calls
+    assert call[:7] == ["horovodrun", "-np", "4", "--min-np", "2", "--max-np", "6"]
+    script = call[call.index("--host-discovery-script") + 1]
+    assert script == str(ROOT / "launch" / "discover-hosts.sh")
+    assert call[call.index("fa-hvd-train"):] == ["fa-hvd-train", "--config", "configs/demo.yaml",
+                                                 "--set", "elastic.enabled=true"]
+
+
+@pytest.mark.parametrize("script,args", [
+    ("launch/local.sh", ["4", "configs/missing.yaml"]),
+    ("launch/hosts.sh", ["/nonexistent/hosts", "configs/demo.yaml"]),
+    ("launch/mpirun.sh", ["4", "configs/missing.yaml"]),
+    ("launch/elastic.sh", ["4", "2", "4", "configs/missing.yaml"]),
+    ("launch/local.sh", ["4"]),
+])
+def test_bad_input_is_refused_before_anything_runs(recorder, script, args):
+    proc, calls = recorder([script, *args])
+    assert proc.returncode == 2
+    assert calls == []
+    assert f"{Path(script).name}: error:" in proc.stderr
+    assert ("not found" in proc.stderr or "cannot read" in proc.stderr or "usage" in proc.stderr), proc.stderr
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({"SLURM_LOCALID": "2"}, "6"),
+    ({"OMPI_COMM_WORLD_LOCAL_RANK": "1", "SLURM_LOCALID": "0"}, "5"),  # mpirun inside a SLURM batch step
+    ({"HOROVOD_LOCAL_RANK": "3", "SLURM_LOCALID": "0"}, "7"),
+])
+def test_pin_gpu_shows_each_rank_its_own_gpu(env, expected):
+    proc = subprocess.run(["launch/pin-gpu.sh", "printenv", "CUDA_VISIBLE_DEVICES"], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": "4,5,6,7", **env})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == expected
+    assert f"CUDA_VISIBLE_DEVICES={expected}" in proc.stderr
+
+
+def test_pin_gpu_without_gpus_changes_nothing_and_refuses_a_rank_without_one():
+    clean = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    proc = subprocess.run(["launch/pin-gpu.sh", "sh", "-c", "echo ${CUDA_VISIBLE_DEVICES-unset}"], cwd=ROOT,
+                          capture_output=True, text=True, env={**clean, "SLURM_LOCALID": "1"})
+    assert (proc.returncode, proc.stdout.strip(), proc.stderr) == (0, "unset", "")
+    proc = subprocess.run(["launch/pin-gpu.sh", "true"], cwd=ROOT, capture_output=True, text=True,
+                          env={**clean, "SLURM_LOCALID": "2", "CUDA_VISIBLE_DEVICES": "0,1"})
+    assert proc.returncode == 2
+    assert "local rank 2 but only 2 GPU(s)" in proc.stderr
+
+
+def test_discover_hosts(tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("# the elastic job's hosts\nnode1:4\n\nnode2:2\n")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "FA_HVD_"))}
+
+    def discover(**env):
+        proc = subprocess.run(["launch/discover-hosts.sh"], cwd=ROOT, capture_output=True, text=True,
+                              env={**clean, **env})
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.split()
+
+    assert discover(FA_HVD_HOSTS_FILE=str(hosts), SLURM_JOB_NODELIST="x") == ["node1:4", "node2:2"]
+    assert discover(FA_HVD_SLOTS="3") == ["localhost:3"]  # SLURM's node list: tests/test_slurm.py
+
+
+@pytest.mark.slow
+def test_local_and_mpi4py_launchers_train_the_same_parameters(tmp_path):
+    """launch/local.sh (horovodrun, Horovod's collectives) and launch/mpi4py.sh (mpirun, plain MPI)
+    run the same 4-rank job: the allgather is exact, so the parameters agree bit for bit."""
+    crcs = {}
+    for script in ("launch/local.sh", "launch/mpi4py.sh"):
+        run_dir = tmp_path / Path(script).stem
+        proc = subprocess.run([script, "4", "configs/demo.yaml", "--set", "train.steps=20", "--run-dir", str(run_dir)],
+                              cwd=ROOT, capture_output=True, text=True, env=job_env(), timeout=300)
+        assert proc.returncode == 0, output(proc)
+        assert printed_commands(proc.stderr)[-1][0] in ("horovodrun", "mpirun"), proc.stderr
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert (summary["status"], summary["step"], summary["world_size"]) == ("finished", 20, 4), summary
+        crcs[script] = summary["params_crc32"]
+    assert len(set(crcs.values())) == 1, crcs
+
+
+@pytest.mark.slow
+def test_elastic_launcher_finishes_on_the_survivors(tmp_path):
+    """launch/elastic.sh with launch/discover-hosts.sh reading a hosts file: one machine named
+    twice (Horovod blacklists a failed rank's whole host). Rank 3 crashes; its host goes, and
+    the run finishes on the two ranks left."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost:2\n127.0.0.1:2\n")
+    conf = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    conf["train"]["steps"] = 30
+    conf["robust"].update(aggregator="mean", aggregator_params={"f": 0})
+    conf["faults"] = [{"kind": "crash", "ranks": [3], "start_step": 5}]
+    config = tmp_path / "elastic.yaml"
+    config.write_text(yaml.safe_dump(conf))
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(["launch/elastic.sh", "4", "2", "4", str(config), "--run-dir", str(run_dir)], cwd=ROOT,
+                          capture_output=True, text=True, env=job_env({"FA_HVD_HOSTS_FILE": str(hosts)}), timeout=300)
+    assert proc.returncode == 0, output(proc)
+    assert printed_commands(proc.stderr)[0][:7] == ["horovodrun", "-np", "4", "--min-np", "2", "--max-np", "4"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["status"], summary["step"], summary["world_size"]) == ("finished", 30, 2), summary
