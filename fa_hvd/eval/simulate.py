@@ -1,0 +1,165 @@
+"""The simulation engine: p virtual workers in one process, one model replica.
+
+Synchronous data parallelism keeps every rank's replica identical, so one model
+stands for all of them. Each step:
+
+1. worker ``r`` draws its batch exactly as rank ``r`` of the trainer does
+   (:mod:`fa_hvd.train.sharding`: ``partition`` then ``ShardStream(shard, seed, r)``),
+   from the training set poisoned for it (``poison_for_rank``);
+2. the p per-worker gradients of the mean cross-entropy come from one batched call,
+   ``torch.func.vmap`` of ``grad`` over the workers' batches;
+3. each worker's gradient is flattened into the optimizer's own buckets (the layout
+   of :func:`fa_hvd.optimizer._make_buckets`) and sent through the worker's own
+   :class:`~fa_hvd.faults.FaultInjector`; the honest view that omniscient attacks
+   gather is the bucket's matrix before any fault, which is what the trainer's
+   extra allgather returns;
+4. the aggregator (:func:`fa_hvd.aggregators.get`) maps the ``(p, n)`` matrix to the
+   update, written into ``.grad`` in bucket order, and the optimizer steps.
+
+The model is built right after ``torch.manual_seed(seed)``; the step loss is the mean
+over workers of each worker's batch loss. When the update turns non-finite the
+parameters can never recover (NaN and Inf propagate through every later step), so
+the run stops there and is reported as diverged.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad_and_value, vmap
+
+from fa_hvd.aggregators import get as get_aggregator
+from fa_hvd.faults import FaultInjector, parse_faults, poison_for_rank
+from fa_hvd.optimizer import DEFAULT_BUCKET_BYTES, _make_buckets
+from fa_hvd.train import data as datasets
+from fa_hvd.train import models
+from fa_hvd.train.sharding import ShardStream, partition, steps_per_epoch
+
+from .grid import Cell
+
+
+_QUIET = logging.getLogger("fa_hvd.eval.simulated_faults")
+_QUIET.addHandler(logging.NullHandler())
+_QUIET.propagate = False
+
+
+class _HonestBoard:
+    """Stands in for the transport of the injectors: ``allgather`` returns the bucket's
+    rows before any fault, which is what every rank's extra allgather gathers."""
+
+    def __init__(self, rank: int, size: int, board: dict):
+        self.rank, self.size, self._board = rank, size, board
+
+    def allgather(self, tensor: torch.Tensor, name: str | None = None) -> torch.Tensor:
+        return self._board["rows"]
+
+
+@functools.lru_cache(maxsize=4)
+def _dataset(name: str, data_dir: str | None, seed: int) -> datasets.Split:
+    return datasets.load_dataset(name, data_dir, seed=seed)
+
+
+def _worker_data(train, specs, p: int, seed: int):
+    """Per worker: the training tensors it reads (poisoned copies for data-faulty workers)."""
+    x, y = train.tensors
+    out = []
+    for rank in range(p):
+        poisoned = poison_for_rank(train, specs, rank, seed=seed)
+        if poisoned is train:
+            out.append((x, y))
+            continue
+        items = [poisoned[i] for i in range(len(poisoned))]
+        out.append((torch.stack([item[0] for item in items]), torch.stack([torch.as_tensor(item[1]) for item in items])))
+    return out
+
+
+def simulate(cell: Cell, curve: bool = False) -> dict:
+    """Train ``cell`` and return its result: ``test_accuracy``, ``test_loss``, ``train_loss``
+    (mean step loss over the last epoch), ``diverged``, ``steps`` run, ``wall_s``, and with
+    ``curve`` the per-step losses ``losses``."""
+    start = time.perf_counter()
+    settings, p, seed = cell.train, cell.p, cell.seed
+    specs = parse_faults(cell.fault_entries, p, f=cell.f)
+    if any(spec.category == "process" for spec in specs):
+        raise ValueError(f"{cell.key}: the simulation has no processes to crash, hang or slow; "
+                         f"use the distributed engine for process faults")
+    split = _dataset(settings.data, settings.data_dir, seed)
+    train_x, train_y = split.train.tensors
+    shards = partition(train_y, p, seed, cell.alpha)
+    streams = [ShardStream(shard, seed, rank) for rank, shard in enumerate(shards)]
+    worker_data = _worker_data(split.train, specs, p, seed)
+
+    torch.manual_seed(seed)
+    model = models.build(settings.model, split.shape, split.num_classes)
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
+    aggregator = get_aggregator(cell.aggregator, **cell.aggregator_params)
+    aggregator.check(p)
+    buckets = _make_buckets(optimizer.param_groups, None, DEFAULT_BUCKET_BYTES)
+    names = {id(param): name for name, param in model.named_parameters()}
+    layout = [[(names[id(param)], param) for param in bucket.params] for bucket in buckets]
+
+    board: dict = {}
+    injectors = {rank: FaultInjector(specs, rank, p, seed=seed, transport=_HonestBoard(rank, p, board),
+                                   log=_QUIET)
+                 for rank in sorted({r for spec in specs if spec.category == "gradient" for r in spec.ranks})}
+
+    def worker_loss(params, x, y):
+        return F.cross_entropy(functional_call(model, params, (x,)), y)
+
+    per_worker = vmap(grad_and_value(worker_loss), in_dims=(None, 0, 0))
+    epoch = steps_per_epoch(len(train_y), p, settings.batch_size)
+    clean = all(wx is train_x and wy is train_y for wx, wy in worker_data)
+    losses: list[float] = []
+    diverged = False
+    for step in range(settings.steps):
+        indices = [stream.take(settings.batch_size) for stream in streams]
+        if clean:
+            batch = torch.stack(indices)
+            x, y = train_x[batch], train_y[batch]
+        else:
+            x = torch.stack([worker_data[r][0][indices[r]] for r in range(p)])
+            y = torch.stack([worker_data[r][1][indices[r]] for r in range(p)])
+        params = {name: param.detach() for name, param in model.named_parameters()}
+        grads, batch_losses = per_worker(params, x, y)
+        losses.append(float(batch_losses.mean()))
+        rows = []
+        for index, bucket in enumerate(layout):
+            G = torch.cat([grads[name].reshape(p, -1) for name, _ in bucket], dim=1)
+            if injectors:
+                board["rows"] = G
+                G = G.clone()
+                for rank, injector in injectors.items():
+                    G[rank] = injector.gradient_transform(G[rank], index, step)
+            rows.append(G)
+        update = aggregator(torch.cat(rows, dim=1) if len(rows) > 1 else rows[0])
+        offset = 0
+        for bucket in layout:
+            for _, param in bucket:
+                param.grad = update[offset:offset + param.numel()].view_as(param).clone()
+                offset += param.numel()
+        optimizer.step()
+        if not bool(torch.isfinite(update).all()):
+            diverged = True
+            break
+    test_x, test_y = split.test.tensors
+    with torch.no_grad():
+        logits = model(test_x)
+        test_loss = float(F.cross_entropy(logits, test_y))
+        accuracy = float((logits.argmax(1) == test_y).float().mean())
+    last = losses[-epoch:]
+    result = {
+        "test_accuracy": accuracy,
+        "test_loss": test_loss,
+        "train_loss": sum(last) / len(last),
+        "diverged": diverged or not math.isfinite(test_loss),
+        "steps": len(losses),
+        "wall_s": time.perf_counter() - start,
+    }
+    if curve:
+        result["losses"] = losses
+    return result
