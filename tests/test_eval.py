@@ -198,3 +198,20 @@ def test_bars_are_checked_against_the_other_rules(tmp_path):
     assert [f for f, _ in checks["control_faults"]] == ["ipm"]
     lines = "\n".join(report.bars_markdown(grid, {("iid", 5, 1): table}))
     assert "| iid | 5 | 1 | no: none 1.5 below nmean, alie 2.0 below nmean | yes (-0.5) |" in lines
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])  # batched matrix products / torch.func.vmap
+def test_per_worker_gradients_are_each_workers_own_backward(name):
+    from fa_hvd.eval.simulate import PerWorkerGradients
+
+    torch.manual_seed(0)
+    model = models.build(name, (1, 8, 8), 10)
+    x, y = torch.rand(3, 5, 1, 8, 8), torch.randint(0, 10, (3, 5))
+    grads, losses = PerWorkerGradients(model, 3)(x, y)
+    for r in range(3):
+        model.zero_grad()
+        loss = F.cross_entropy(model(x[r]), y[r])
+        loss.backward()
+        assert abs(float(losses[r]) - float(loss)) < 1e-6
+        for pname, param in model.named_parameters():
+            torch.testing.assert_close(grads[pname][r], param.grad, rtol=1e-5, atol=1e-6)

@@ -6,8 +6,10 @@ stands for all of them. Each step:
 1. worker ``r`` draws its batch exactly as rank ``r`` of the trainer does
    (:mod:`fa_hvd.train.sharding`: ``partition`` then ``ShardStream(shard, seed, r)``),
    from the training set poisoned for it (``poison_for_rank``);
-2. the p per-worker gradients of the mean cross-entropy come from one batched call,
-   ``torch.func.vmap`` of ``grad`` over the workers' batches;
+2. the p per-worker gradients of the mean cross-entropy come from one backward pass
+   through p stacked copies of the parameters (:class:`PerWorkerGradients`): worker
+   ``r``'s loss depends only on copy ``r``, so the gradient of the summed losses with
+   respect to copy ``r`` is worker ``r``'s gradient;
 3. each worker's gradient is flattened into the optimizer's own buckets (the layout
    of :func:`fa_hvd.optimizer._make_buckets`) and sent through the worker's own
    :class:`~fa_hvd.faults.FaultInjector`; the honest view that omniscient attacks
@@ -31,7 +33,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, grad_and_value, vmap
+from torch import nn
+from torch.func import functional_call, vmap
 
 from fa_hvd.aggregators import get as get_aggregator
 from fa_hvd.faults import FaultInjector, parse_faults, poison_for_rank
@@ -57,6 +60,46 @@ class _HonestBoard:
 
     def allgather(self, tensor: torch.Tensor, name: str | None = None) -> torch.Tensor:
         return self._board["rows"]
+
+
+class PerWorkerGradients:
+    """``(x, y)`` of shape ``(p, B, ...)`` and ``(p, B)`` -> per-worker gradients ``{name: (p, ...)}``
+    and per-worker mean cross-entropy losses ``(p,)``, for ``model``'s current parameters.
+
+    The forward runs over p stacked copies of the parameters: batched matrix products for an
+    ``nn.Sequential`` of ``Flatten``, ``Linear`` and ``ReLU`` (the MLP), ``torch.func.vmap`` of
+    the model's functional call for any other model (without buffers).
+    """
+
+    def __init__(self, model: nn.Module, p: int):
+        self.model, self.p = model, p
+        layers = list(model) if isinstance(model, nn.Sequential) else [model]
+        self._layers = layers if all(isinstance(m, (nn.Flatten, nn.Linear, nn.ReLU)) for m in layers) else None
+        self._vmapped = vmap(lambda params, x: functional_call(model, params, (x,)))
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        p, batch = y.shape
+        stacked = {name: param.detach().expand(p, *param.shape).clone().requires_grad_()
+                   for name, param in self.model.named_parameters()}
+        logits = self._sequential(stacked, x) if self._layers is not None else self._vmapped(stacked, x)
+        losses = F.cross_entropy(logits.reshape(p * batch, -1), y.reshape(-1), reduction="none").view(p, batch).mean(1)
+        grads = torch.autograd.grad(losses.sum(), list(stacked.values()))
+        return dict(zip(stacked, grads)), losses.detach()
+
+    def _sequential(self, stacked: dict, x: torch.Tensor) -> torch.Tensor:
+        p, batch = x.shape[:2]
+        h = x
+        for index, layer in enumerate(self._layers):
+            if isinstance(layer, nn.Flatten):
+                h = h.reshape(p, batch, -1)
+            elif isinstance(layer, nn.ReLU):
+                h = torch.relu(h)
+            else:
+                prefix = f"{index}." if isinstance(self.model, nn.Sequential) else ""
+                weight, bias = stacked[prefix + "weight"], stacked.get(prefix + "bias")
+                h = torch.bmm(h, weight.transpose(1, 2)) if bias is None else \
+                    torch.baddbmm(bias[:, None, :], h, weight.transpose(1, 2))
+        return h
 
 
 @functools.lru_cache(maxsize=4)
@@ -91,7 +134,10 @@ def simulate(cell: Cell, curve: bool = False) -> dict:
     split = _dataset(settings.data, settings.data_dir, seed)
     train_x, train_y = split.train.tensors
     shards = partition(train_y, p, seed, cell.alpha)
-    streams = [ShardStream(shard, seed, rank) for rank, shard in enumerate(shards)]
+    batch_size, steps = settings.batch_size, settings.steps
+    # A stream's whole run at once: take(B * steps) gives what steps calls of take(B) give.
+    order = torch.stack([ShardStream(shard, seed, rank).take(batch_size * steps).view(steps, batch_size)
+                         for rank, shard in enumerate(shards)], dim=1)  # (steps, p, B)
     worker_data = _worker_data(split.train, specs, p, seed)
 
     torch.manual_seed(seed)
@@ -108,24 +154,19 @@ def simulate(cell: Cell, curve: bool = False) -> dict:
                                    log=_QUIET)
                  for rank in sorted({r for spec in specs if spec.category == "gradient" for r in spec.ranks})}
 
-    def worker_loss(params, x, y):
-        return F.cross_entropy(functional_call(model, params, (x,)), y)
-
-    per_worker = vmap(grad_and_value(worker_loss), in_dims=(None, 0, 0))
-    epoch = steps_per_epoch(len(train_y), p, settings.batch_size)
+    per_worker = PerWorkerGradients(model, p)
+    epoch = steps_per_epoch(len(train_y), p, batch_size)
     clean = all(wx is train_x and wy is train_y for wx, wy in worker_data)
     losses: list[float] = []
     diverged = False
-    for step in range(settings.steps):
-        indices = [stream.take(settings.batch_size) for stream in streams]
+    for step in range(steps):
+        indices = order[step]
         if clean:
-            batch = torch.stack(indices)
-            x, y = train_x[batch], train_y[batch]
+            x, y = train_x[indices], train_y[indices]
         else:
             x = torch.stack([worker_data[r][0][indices[r]] for r in range(p)])
             y = torch.stack([worker_data[r][1][indices[r]] for r in range(p)])
-        params = {name: param.detach() for name, param in model.named_parameters()}
-        grads, batch_losses = per_worker(params, x, y)
+        grads, batch_losses = per_worker(x, y)
         losses.append(float(batch_losses.mean()))
         rows = []
         for index, bucket in enumerate(layout):
