@@ -19,12 +19,23 @@ all-gathers them and every rank computes the same robust aggregate:
 Every rank aggregates the same gathered matrix with the same deterministic
 kernels, so honest ranks hold bit-identical parameters (on identical hardware
 and thread counts).
+
+Elastic Horovod (``hvd.elastic.run``): Horovod's ``HorovodInternalError`` and
+``HostsUpdatedInterrupt`` leave ``step()``/``synchronize()`` as themselves (with
+this rank and step added as a note), so elastic resets. Each step starts by
+re-reading rank and world size from the transport; after a change the
+aggregator's preconditions are checked again (a ``ValueError`` naming the rule,
+``f`` and ``p``). In elastic mode (``HOROVOD_ELASTIC=1``) the constructor makes
+no collective call: workers that join later build their optimizer while the
+others are already training.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
+import os
 import zlib
 from typing import Callable, Iterable
 
@@ -35,6 +46,7 @@ from .comm import Transport, get_transport
 
 DEFAULT_BUCKET_BYTES = 64 * 1024 * 1024  # Horovod's default fusion threshold
 _instances = itertools.count()  # same creation order on every rank -> same collective names
+_log = logging.getLogger("fa_hvd")
 
 
 class _Bucket:
@@ -59,37 +71,62 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         transport: Transport,
         compression,
         backward_passes_per_step: int,
-        scale: float,
+        op_name: str,
         groups,
         sparse_as_dense: bool,
         bucket_bytes: int,
         gradient_transform: Callable[[torch.Tensor, int, int], torch.Tensor] | None,
     ):
         super(self.__class__, self).__init__(params)
+        self._op_name = op_name
         self._transport = transport
         self._prefix = f"fa_hvd.opt{next(_instances)}"
         self._aggregator = aggregator
         self._compression = compression
         self._passes = backward_passes_per_step
-        self._scale = scale
+        self._scale = float(transport.size) if op_name == "Sum" else 1.0
         self._sparse_as_dense = sparse_as_dense
         self._gradient_transform = gradient_transform
         self._names = _parameter_names(self.param_groups, named_parameters)
-        _check_same_model(self._transport, self.param_groups, self._names, f"{self._prefix}.model")
+        if os.environ.get("HOROVOD_ELASTIC") != "1":
+            _check_same_model(self._transport, self.param_groups, self._names, f"{self._prefix}.model")
         self._buckets = _make_buckets(self.param_groups, groups, bucket_bytes)
         self._bucket_of = {id(p): b for b in self._buckets for p in b.params}
         self._pass_count = {id(p): 0 for b in self._buckets for p in b.params}
         self._ready = [0] * len(self._buckets)
         self._next_bucket = 0
+        self._step_started = False
         self._synchronized = False
         self._skip_synchronize = False
         self.step_count = 0
         self._hooks = [
             p.register_post_accumulate_grad_hook(self._on_grad) for b in self._buckets for p in b.params
         ]
+        # Horovod's broadcast_optimizer_state initialises an empty optimizer state by
+        # stepping the inner optimizer of its own DistributedOptimizer (recognised by
+        # ``optimizer.__module__``), with no gradient exchange. This optimizer answers
+        # that test too, so that zero step (also run by elastic's TorchState.sync) never
+        # exchanges or counts as a step.
+        self.__module__ = "horovod.torch.optimizer"
 
     # -- hooks and buckets -----------------------------------------------------------
+    def _start_step(self) -> None:
+        """Once per step, before its first collective: follow an elastic change of the world."""
+        if self._step_started:
+            return
+        self._step_started = True
+        before = self._transport.size
+        if self._transport.refresh():
+            if isinstance(self._aggregator, Aggregator):
+                self._aggregator.check(self._transport.size)
+            if self._op_name == "Sum":
+                self._scale = float(self._transport.size)
+            name = getattr(self._aggregator, "name", getattr(self._aggregator, "__name__", repr(self._aggregator)))
+            _log.warning("fa_hvd: rank %d: now %d rank%s (was %d): aggregating with %s", self._transport.rank,
+                         self._transport.size, "" if self._transport.size == 1 else "s", before, name)
+
     def _on_grad(self, param: torch.Tensor) -> None:
+        self._start_step()
         key = id(param)
         self._pass_count[key] += 1
         if self._pass_count[key] > self._passes:
@@ -139,11 +176,16 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         """Gather every bucket, aggregate, and write the aggregate into ``.grad``."""
         if self._synchronized:
             return
+        self._start_step()
         self._launch_ready(force=True)
         gathered = []
         for bucket in self._buckets:
             try:
                 rows = self._transport.wait(bucket.handle)
+            except self._transport.passthrough_errors as exc:
+                exc.add_note(f"fa_hvd: rank {self._transport.rank}: in the gradient exchange at step "
+                             f"{self.step_count} (bucket {bucket.index})")
+                raise
             except Exception as exc:
                 raise RuntimeError(
                     f"fa_hvd: rank {self._transport.rank}: the gradient exchange failed at step "
@@ -197,6 +239,9 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             self._pass_count[key] = 0
         self._ready = [0] * len(self._buckets)
         self._next_bucket = 0
+        self._step_started = False
+        for bucket in self._buckets:
+            bucket.handle = bucket.ctx = None
 
     # -- state ---------------------------------------------------------------------------
     @property
@@ -212,6 +257,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
         aggregator_state = state_dict.pop("fa_hvd_aggregator", None)
+        self._reset_counts()  # as Horovod: what was in flight is dropped (elastic restore does this)
+        self._synchronized = False
         super(self.__class__, self).load_state_dict(state_dict)
         if aggregator_state is not None and isinstance(self._aggregator, Aggregator):
             self._aggregator.load_state_dict(aggregator_state)
@@ -355,7 +402,7 @@ def DistributedOptimizer(
     elif process_set is not None:
         raise ValueError("fa_hvd: pass process_set only with transport='horovod' "
                          "(a transport object carries its own process set)")
-    scale = _op_scale(op, gradient_predivide_factor, transport.size)
+    op_name = _op_name(op, gradient_predivide_factor)
     if isinstance(aggregator, str):
         aggregator = get_aggregator(aggregator, **(aggregator_params or {}))
     elif aggregator_params:
@@ -376,7 +423,7 @@ def DistributedOptimizer(
         transport,
         compression if compression is not None else _NoCompression,
         backward_passes_per_step,
-        scale,
+        op_name,
         groups,
         sparse_as_dense,
         bucket_bytes,
@@ -384,8 +431,8 @@ def DistributedOptimizer(
     )
 
 
-def _op_scale(op, gradient_predivide_factor: float, size: int) -> float:
-    """Horovod's ``op`` as a factor on the aggregate (1 for Average)."""
+def _op_name(op, gradient_predivide_factor: float) -> str:
+    """Horovod's ``op``: ``"Average"`` (the aggregate) or ``"Sum"`` (the aggregate times the world size)."""
     if op is None:
         name = "Average"
     else:
@@ -400,7 +447,7 @@ def _op_scale(op, gradient_predivide_factor: float, size: int) -> float:
                          "a robust aggregator; use op=hvd.Average")
     if gradient_predivide_factor != 1.0 and name != "Average":
         raise ValueError("fa_hvd: gradient_predivide_factor not supported with op != Average")
-    return float(size) if name == "Sum" else 1.0
+    return name
 
 
 def checksum(tensors: Iterable[torch.Tensor]) -> int:

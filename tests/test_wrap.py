@@ -1,8 +1,13 @@
 """Unchanged Horovod scripts under ``python -m fa_hvd.wrap``, and its argument handling."""
 
+import os
+import signal
+import subprocess
+import time
+
 import pytest
 
-from conftest import SCRIPTS, launch, output, results
+from conftest import BIN, ROOT, SCRIPTS, job_env, launch, output, results
 from fa_hvd import wrap
 
 
@@ -60,3 +65,46 @@ def test_adasum_is_refused_with_a_clear_message():
     proc = launch("gloo", 2, ["python", "-m", "fa_hvd.wrap", str(SCRIPTS / "hvd_synthetic_style.py"), "--use-adasum"])
     assert proc.returncode != 0
     assert "op=hvd.Adasum is not supported" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("aggregator", ["mean", "median"])
+def test_elastic_script_survives_a_killed_worker(tmp_path, aggregator):
+    """Horovod elastic (``hvd.elastic.run``, ``TorchState``) through ``fa_hvd.wrap``: two hosts of
+    one slot each (localhost and 127.0.0.1 are two hosts to horovodrun), SIGKILL the worker on
+    127.0.0.1 mid-run, and the job finishes on the other one, as it does with plain Horovod."""
+    discover = tmp_path / "discover.sh"
+    discover.write_text("#!/bin/sh\necho localhost:1\necho 127.0.0.1:1\n")
+    discover.chmod(0o755)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    cmd = [str(BIN / "horovodrun"), "-np", "2", "--min-np", "1", "--host-discovery-script", str(discover),
+           "python", "-m", "fa_hvd.wrap", "--aggregator", aggregator, "--f", "0",
+           str(SCRIPTS / "hvd_elastic_style.py"), "--pid-dir", str(pids), "--batches", "150",
+           "--slow-host", "127.0.0.1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        victim = _wait_for_progress(pids, "127.0.0.1", batches=15, timeout=90)
+        os.kill(victim, signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    done = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    found = results(done)
+    assert proc.returncode == 0 and len(found) == 1, output(done)
+    assert found[0] == {"batches": 150, "final_size": 1, "sizes_seen": [1, 2], "optimizer": "fa_hvd.optimizer",
+                        "finite": True}, output(done)
+    assert "rank 0: now 1 rank (was 2): aggregating with " + aggregator in stdout + stderr, output(done)
+
+
+def _wait_for_progress(pids, host, batches, timeout):
+    """The pid of the worker on ``host`` once it has done ``batches`` batches."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        progress = pids / f"progress.{host}"
+        if progress.exists() and progress.read_text().strip() and int(progress.read_text()) >= batches:
+            return int(next(pids.glob(f"{host}.*")).name.rsplit(".", 1)[1])
+        time.sleep(0.2)
+    raise AssertionError(f"the worker on {host} did not reach batch {batches} within {timeout} s")

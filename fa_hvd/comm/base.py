@@ -49,10 +49,21 @@ class Handle:
 
 
 class Transport:
+    """Collectives over a fixed group of ranks.
+
+    ``passthrough_errors`` are the exception types that must leave the optimizer
+    unchanged (Horovod's elastic mode resets on them). ``refresh()`` re-reads rank
+    and size after the group changed (an elastic reset) and says whether they did.
+    """
+
     name = "transport"
     rank: int
     size: int
     local_rank: int
+    passthrough_errors: tuple[type[BaseException], ...] = ()
+
+    def refresh(self) -> bool:
+        return False
 
     def allgather_async(self, tensor: torch.Tensor, name: str) -> Handle:
         raise NotImplementedError

@@ -14,6 +14,7 @@ import pickle
 
 import horovod.torch as hvd
 import torch
+from horovod.common.exceptions import HorovodInternalError, HostsUpdatedInterrupt
 
 from .base import Handle, Transport, collective_timeout, wait_until
 
@@ -35,6 +36,7 @@ class _HorovodHandle(Handle):
 
 class HorovodTransport(Transport):
     name = "horovod"
+    passthrough_errors = (HorovodInternalError, HostsUpdatedInterrupt)
 
     def __init__(self, process_set=None):
         if not hvd.is_initialized():
@@ -45,6 +47,13 @@ class HorovodTransport(Transport):
         self.size = self.process_set.size()
         self.local_rank = hvd.local_rank()
         self.timeout = collective_timeout()
+
+    def refresh(self) -> bool:
+        """Re-read rank and size from the process set (they change on an elastic reset)."""
+        rank, size = self.process_set.rank(), self.process_set.size()
+        changed = (rank, size) != (self.rank, self.size)
+        self.rank, self.size = rank, size
+        return changed
 
     def allgather_async(self, tensor: torch.Tensor, name: str) -> Handle:
         return _HorovodHandle(hvd.allgather_async(tensor, name=name, process_set=self.process_set), name)
