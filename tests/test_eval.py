@@ -18,7 +18,7 @@ from fa_hvd.train import models
 from fa_hvd.train.sharding import ShardStream, partition
 
 TINY = {
-    "train": {"steps": 4, "batch_size": 8},
+    "trainer": {"data": {"normalize": False}, "train": {"steps": 4, "batch_size": 8}},
     "seeds": 2,
     "splits": {"iid": None, "d0.5": 0.5},
     "workers": [[5, 1]],
@@ -55,7 +55,8 @@ def test_grid_cells_are_seed_major_with_the_faulty_ranks_and_f_filled_in(tmp_pat
     ({"workers": [[4, 4]]}, r"workers\[0\]: expected \[p, f\]"),
     ({"faults": {"bad": [{"kind": "melt"}]}}, "faults.bad at p=5, f=1: faults\\[0\\]: unknown kind 'melt'"),
     ({"splits": {"d": -1}}, "splits.d: expected null"),
-    ({"train": {"lr": "fast"}}, "train.lr: expected a number"),
+    ({"trainer": {"seed": 3}}, "trainer.seed: set by the grid"),
+    ({"trainer": {"data": {"alpha": 0.1}}}, "trainer.data.alpha: set by the grid"),
     ({"seeds": [1, 1]}, "seeds: expected"),
     ({"bars": {"rule": "krum"}}, "bars.rule: 'krum' is not a label in rules"),
     ({"colour": "red"}, "colour: unknown key"),
@@ -69,10 +70,11 @@ def test_a_bad_grid_gets_one_line_naming_the_key(tmp_path, capsys, changes, mess
 
 def per_rank_reference(cell):
     """The same run written as p ranks would do it: one backward per rank, its own flat gradient."""
-    settings, p, seed = cell.train, cell.p, cell.seed
-    specs = parse_faults(cell.fault_entries, p, f=cell.f)
-    split = datasets.load_dataset(settings.data, seed=seed)
-    shards = partition(split.train.tensors[1], p, seed, cell.alpha)
+    conf, p, seed = cell.run_config(), cell.p, cell.seed
+    steps, batch, lr = conf["train"]["steps"], conf["train"]["batch_size"], conf["optim"]["lr"]
+    specs = parse_faults(conf["faults"], p, f=conf["robust"]["aggregator_params"]["f"])
+    split = datasets.load_dataset("digits", seed=seed)
+    shards = partition(split.train.tensors[1], p, seed, conf["data"]["alpha"])
     streams = [ShardStream(s, seed, r) for r, s in enumerate(shards)]
     data = [poison_for_rank(split.train, specs, r, seed=seed) for r in range(p)]
 
@@ -85,15 +87,15 @@ def per_rank_reference(cell):
 
     injectors = [FaultInjector(specs, r, p, seed=seed, transport=Gather(r)) for r in range(p)]
     torch.manual_seed(seed)
-    model = models.build(settings.model, split.shape, split.num_classes)
-    opt = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
+    model = models.build("mlp", split.shape, split.num_classes)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)  # the trainer's default momentum
     params = list(reversed(list(model.parameters())))  # the optimizer's bucket order
-    agg = get_aggregator(cell.aggregator, **cell.aggregator_params)
+    agg = get_aggregator(conf["robust"]["aggregator"], **conf["robust"]["aggregator_params"])
     losses = []
-    for step in range(settings.steps):
+    for step in range(steps):
         flats, step_losses = [], []
         for r in range(p):
-            items = [data[r][int(i)] for i in streams[r].take(settings.batch_size)]
+            items = [data[r][int(i)] for i in streams[r].take(batch)]
             x = torch.stack([it[0] for it in items])
             y = torch.tensor([int(it[1]) for it in items])
             model.zero_grad()
@@ -120,7 +122,7 @@ def per_rank_reference(cell):
     ("nmean", [{"kind": "lotka_volterra"}], 0.5),
 ])
 def test_simulation_follows_the_per_rank_computation(tmp_path, rule, faults, alpha):
-    grid = {**TINY, "train": {"steps": 6, "batch_size": 8, "lr": 0.1}, "seeds": [3],
+    grid = {**TINY, "trainer": {"data": {"normalize": False}, "train": {"steps": 6, "batch_size": 8}, "optim": {"lr": 0.1}}, "seeds": [3],
             "splits": {"s": alpha}, "workers": [[5, 1]], "rules": {rule: rule}, "faults": {"x": faults}}
     cell = load_grid(write_grid(tmp_path, grid)).cells[0]
     result = simulate(cell, curve=True)
@@ -215,3 +217,25 @@ def test_per_worker_gradients_are_each_workers_own_backward(name):
         assert abs(float(losses[r]) - float(loss)) < 1e-6
         for pname, param in model.named_parameters():
             torch.testing.assert_close(grads[pname][r], param.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("trainer,message", [
+    ({"optim": {"name": "adam"}}, "optim.name: 'adam' is not reproduced by the simulation"),
+    ({"schedule": {"name": "cosine"}}, "schedule: the simulation does not reproduce"),
+    ({"data": {"normalize": True}}, "data.normalize: True is not reproduced"),
+])
+def test_the_simulation_refuses_trainer_settings_it_cannot_reproduce(tmp_path, trainer, message):
+    grid = load_grid(write_grid(tmp_path, trainer={**trainer, "train": {"steps": 2}}))
+    with pytest.raises(ValueError, match=message):
+        simulate(grid.cells[0])
+
+
+def test_a_cell_whose_rule_code_changes_is_stale(tmp_path, monkeypatch):
+    from fa_hvd.eval import grid as grid_module
+
+    cell = load_grid(write_grid(tmp_path)).cells[1]
+    before = cell.digest("simulation")
+    grid_module.rule_code.cache_clear()
+    monkeypatch.setattr(grid_module.inspect, "getsourcefile", lambda cls: __file__)
+    assert cell.digest("simulation") != before
+    grid_module.rule_code.cache_clear()

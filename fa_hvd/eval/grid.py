@@ -3,9 +3,9 @@
 A grid file (``configs/eval/standing.yaml`` is the standing one)::
 
     out: docs/results/standing      # where results go unless --out says otherwise
-    train:                          # what every cell trains (TrainSettings)
-      steps: 300
-      lr: 0.05
+    trainer:                        # fa-hvd-train's config for every cell (configs/*.yaml keys)
+      optim: {lr: 0.1}
+      train: {steps: 300}
     seeds: 5                        # 0..4, or a list of run seeds
     splits: {iid: null, dirichlet0.5: 0.5}    # label -> Dirichlet alpha (null: IID)
     workers: [[15, 3], [8, 1]]      # (p, f): world size and Byzantine count
@@ -17,53 +17,33 @@ A grid file (``configs/eval/standing.yaml`` is the standing one)::
       alie-nf: [{kind: alie, params: {sign: -1}}]
     bars: {rule: flag}              # optional: report this rule's bars (see report.py)
 
-Every rule gets the cell's ``f``; a fault entry without ``ranks`` acts on the cell's
+A cell's run is ``trainer`` with the cell's ``seed``, ``data.alpha``, ``robust.aggregator``,
+``robust.aggregator_params`` (``f`` included) and ``faults`` set; those keys may not appear in
+``trainer``. Every rule gets the cell's ``f``; a fault entry without ``ranks`` acts on the cell's
 ``f`` faulty ranks (the last ``f`` ranks, or the first with ``faulty: first``). Cells
 are ordered seed-major (seed, split, workers, fault, rule), so a partial run already
 holds whole grids of the first seeds; ``--cell INDEX`` follows this order. A cell's
 ``key`` names it (``iid/p15f3/flag/alie-nf/s0``); its ``digest`` hashes everything
-that determines its result, so a cell whose definition changed is run again.
+that determines its result (the run's config, the engine, and the source of the rule's
+modules), so a cell whose definition or whose rule's code changed is run again.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import hashlib
+import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
 from fa_hvd import config as cfg
+from fa_hvd.aggregators import PRE_AGGREGATORS, RULES
 from fa_hvd.aggregators import get as get_aggregator
 from fa_hvd.faults import parse_faults
 
 ENGINES = ("simulation", "distributed")
-
-
-@dataclass
-class TrainSettings:
-    """What one cell trains: the trainer's settings that the grid fixes for every cell."""
-
-    data: Literal["digits", "dir"] = "digits"
-    data_dir: Optional[str] = None
-    model: Literal["mlp", "cnn"] = "mlp"
-    steps: int = 300
-    batch_size: int = 32
-    lr: float = 0.05
-    momentum: float = 0.9
-
-    def validate(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.data == "dir" and not self.data_dir:
-            raise ValueError("data: 'dir' needs data_dir")
 
 
 @dataclass
@@ -77,9 +57,13 @@ class Bars:
     tolerance: float = 0.01
 
 
+SET_BY_GRID = {"seed": None, "faults": None, "robust": ("aggregator", "aggregator_params"), "data": ("alpha",)}
+"""Trainer keys each cell sets (a whole section: None; else the section's keys)."""
+
+
 @dataclass
 class GridConfig:
-    train: TrainSettings = field(default_factory=TrainSettings)
+    trainer: dict = field(default_factory=dict)
     seeds: object = 5
     splits: dict = field(default_factory=lambda: {"iid": None})
     workers: list = field(default_factory=lambda: [[15, 3]])
@@ -106,7 +90,7 @@ class Cell:
     fault: str
     faults: tuple  # the fault entries as canonical JSON strings, ranks filled in
     seed: int
-    train: TrainSettings
+    trainer: str  # the grid's trainer mapping as canonical JSON
 
     @property
     def key(self) -> str:
@@ -120,17 +104,34 @@ class Cell:
     def fault_entries(self) -> list[dict]:
         return [json.loads(entry) for entry in self.faults]
 
+    def run_config(self) -> dict:
+        """The trainer config of this cell's run (what ``fa-hvd-train --config`` reads)."""
+        conf = json.loads(self.trainer)
+        conf["seed"] = self.seed
+        conf["data"] = {**conf.get("data", {}), "alpha": self.alpha}
+        conf["robust"] = {**conf.get("robust", {}), "aggregator": self.aggregator,
+                          "aggregator_params": self.aggregator_params}
+        conf["faults"] = self.fault_entries
+        return conf
+
     def digest(self, engine: str) -> str:
         """A hash of everything that determines this cell's result under ``engine``."""
-        content = {
-            "engine": engine, "alpha": self.alpha, "p": self.p, "f": self.f,
-            "aggregator": self.aggregator, "params": self.aggregator_params,
-            "faults": self.fault_entries, "seed": self.seed, "train": dataclasses.asdict(self.train),
-        }
+        content = {"engine": engine, "p": self.p, "config": self.run_config(), "code": rule_code(self.aggregator)}
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
     def describe(self) -> str:
         return f"{self.split} p={self.p} f={self.f} {self.rule} {self.fault} seed {self.seed}"
+
+
+@functools.lru_cache(maxsize=None)
+def rule_code(name: str) -> str:
+    """A hash of the source of the modules that implement aggregator ``name`` (its stages too)."""
+    digest = hashlib.sha256()
+    for part in name.split("+"):
+        cls = RULES.get(part.strip().lower()) or PRE_AGGREGATORS.get(part.strip().lower())
+        path = inspect.getsourcefile(cls) if cls is not None else None
+        digest.update(Path(path).read_bytes() if path else part.encode())
+    return digest.hexdigest()[:16]
 
 
 @dataclass
@@ -153,6 +154,7 @@ def load_grid(path: str | Path) -> Grid:
     workers = _workers(conf.workers)
     rules = _rules(conf.rules)
     faults = _faults(conf.faults)
+    trainer = _trainer(conf.trainer)
     if not 0 <= conf.broken_below <= 1:
         raise cfg.ConfigError(f"broken_below: expected a fraction in [0, 1], got {conf.broken_below}")
     if conf.bars is not None:
@@ -167,8 +169,18 @@ def load_grid(path: str | Path) -> Grid:
                     resolved = _resolve_faults(fault, entries, faulty, p, f)
                     for rule, (name, params) in built.items():
                         cells.append(Cell(len(cells), split, alpha, p, f, rule, name, params, fault, resolved,
-                                          seed, conf.train))
+                                          seed, trainer))
     return Grid(path, conf, cells)
+
+
+def _trainer(trainer: dict) -> str:
+    for key, keys in SET_BY_GRID.items():
+        if key in trainer and (keys is None or not isinstance(trainer[key], dict)):
+            raise cfg.ConfigError(f"trainer.{key}: set by the grid for each cell; remove it")
+        for sub in keys or ():
+            if sub in trainer.get(key, {}):
+                raise cfg.ConfigError(f"trainer.{key}.{sub}: set by the grid for each cell; remove it")
+    return json.dumps(trainer, sort_keys=True)
 
 
 def _seeds(seeds) -> list[int]:

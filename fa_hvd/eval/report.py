@@ -22,6 +22,8 @@ import math
 import statistics
 from dataclasses import dataclass
 
+import yaml
+
 from .grid import Grid
 
 
@@ -91,12 +93,11 @@ def markdown(grid: Grid, stats: dict, timing: dict | None = None) -> str:
     """The whole report: header, bars (if the grid names a rule), one table per (split, p, f)."""
     rules, faults = _rules(grid), _faults(grid)
     seeds = sorted({c.seed for c in grid.cells})
-    settings = grid.config.train
+    trainer = yaml.safe_dump(grid.config.trainer, default_flow_style=True, sort_keys=False).strip()
     lines = [
         f"# Robustness grid `{grid.path.name}`",
         "",
-        f"Final test accuracy (%) after {settings.steps} steps ({settings.model} on {settings.data}, "
-        f"batch {settings.batch_size} per worker, SGD lr {settings.lr} momentum {settings.momentum}): the mean "
+        f"Final test accuracy (%) of each run (trainer settings `{trainer}`): the mean "
         f"over {len(seeds)} seed(s) ± the sample standard deviation over seeds. `x`: the rule broke (a seed "
         f"diverged, or the mean is below {100 * grid.config.broken_below:.0f} %). The faulty workers are the "
         f"{grid.config.faulty} f ranks. `worst`: the rule's lowest mean over the faults.",

@@ -26,6 +26,7 @@ the run stops there and is reported as diverged.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -102,6 +103,59 @@ class PerWorkerGradients:
         return h
 
 
+SUPPORTED = {
+    "data": {"name": ("digits", "dir"), "dir": None, "alpha": None, "normalize": (False,)},
+    "model": {"name": ("mlp", "cnn"), "hidden": (64,), "width": (16,), "dropout": (0, 0.0)},
+    "optim": {"name": ("sgd",), "lr": None, "momentum": None, "nesterov": None, "weight_decay": None},
+    "train": {"steps": None, "epochs": None, "batch_size": None, "eval_batch_size": None,
+              "eval_every_steps": None, "eval_every_epochs": None, "device": ("auto", "cpu")},
+    "robust": {"aggregator": None, "aggregator_params": None, "transport": None, "allow_exceeding_f": (False,)},
+    "checkpoint": {}, "log": {}, "seed": None, "faults": None,
+}
+"""What the simulation reproduces of a trainer config: section -> key -> allowed values (None: any);
+``checkpoint`` and ``log`` change no number and are ignored."""
+
+
+@dataclasses.dataclass
+class Settings:
+    """The trainer settings a simulated run uses (the trainer's defaults where a key is absent)."""
+
+    data: str = "digits"
+    data_dir: str | None = None
+    model: str = "mlp"
+    steps: int | None = None
+    epochs: float = 5
+    batch_size: int = 32
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+
+    @classmethod
+    def from_config(cls, conf: dict) -> "Settings":
+        """From a trainer config mapping; ``ValueError`` names a key the simulation cannot reproduce."""
+        for section, value in conf.items():
+            if section not in SUPPORTED:
+                raise ValueError(f"{section}: the simulation does not reproduce this trainer setting; "
+                                 f"use --engine distributed")
+            if not isinstance(value, dict) or section in ("checkpoint", "log"):
+                continue
+            for key, item in value.items():
+                allowed = SUPPORTED[section].get(key, ())
+                if key not in SUPPORTED[section] or (allowed is not None and item not in allowed):
+                    raise ValueError(f"{section}.{key}: {item!r} is not reproduced by the simulation"
+                                     + (f" (it takes {', '.join(map(repr, allowed))})" if allowed else "")
+                                     + "; use --engine distributed")
+        data, model, optim, train = (conf.get(k, {}) for k in ("data", "model", "optim", "train"))
+        defaults = cls()
+        return cls(data=data.get("name", defaults.data), data_dir=data.get("dir"),
+                   model=model.get("name", defaults.model), steps=train.get("steps"),
+                   epochs=train.get("epochs", defaults.epochs), batch_size=train.get("batch_size", defaults.batch_size),
+                   lr=optim.get("lr", defaults.lr), momentum=optim.get("momentum", defaults.momentum),
+                   nesterov=optim.get("nesterov", defaults.nesterov),
+                   weight_decay=optim.get("weight_decay", defaults.weight_decay))
+
+
 @functools.lru_cache(maxsize=4)
 def _dataset(name: str, data_dir: str | None, seed: int) -> datasets.Split:
     return datasets.load_dataset(name, data_dir, seed=seed)
@@ -126,7 +180,7 @@ def simulate(cell: Cell, curve: bool = False) -> dict:
     (mean step loss over the last epoch), ``diverged``, ``steps`` run, ``wall_s``, and with
     ``curve`` the per-step losses ``losses``."""
     start = time.perf_counter()
-    settings, p, seed = cell.train, cell.p, cell.seed
+    settings, p, seed = Settings.from_config(cell.run_config()), cell.p, cell.seed
     specs = parse_faults(cell.fault_entries, p, f=cell.f)
     if any(spec.category == "process" for spec in specs):
         raise ValueError(f"{cell.key}: the simulation has no processes to crash, hang or slow; "
@@ -134,7 +188,9 @@ def simulate(cell: Cell, curve: bool = False) -> dict:
     split = _dataset(settings.data, settings.data_dir, seed)
     train_x, train_y = split.train.tensors
     shards = partition(train_y, p, seed, cell.alpha)
-    batch_size, steps = settings.batch_size, settings.steps
+    batch_size = settings.batch_size
+    epoch = steps_per_epoch(len(train_y), p, batch_size)
+    steps = settings.steps or max(1, math.ceil(settings.epochs * epoch))
     # A stream's whole run at once: take(B * steps) gives what steps calls of take(B) give.
     order = torch.stack([ShardStream(shard, seed, rank).take(batch_size * steps).view(steps, batch_size)
                          for rank, shard in enumerate(shards)], dim=1)  # (steps, p, B)
@@ -142,7 +198,8 @@ def simulate(cell: Cell, curve: bool = False) -> dict:
 
     torch.manual_seed(seed)
     model = models.build(settings.model, split.shape, split.num_classes)
-    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
+                                nesterov=settings.nesterov, weight_decay=settings.weight_decay)
     aggregator = get_aggregator(cell.aggregator, **cell.aggregator_params)
     aggregator.check(p)
     buckets = _make_buckets(optimizer.param_groups, None, DEFAULT_BUCKET_BYTES)
@@ -155,7 +212,6 @@ def simulate(cell: Cell, curve: bool = False) -> dict:
                  for rank in sorted({r for spec in specs if spec.category == "gradient" for r in spec.ranks})}
 
     per_worker = PerWorkerGradients(model, p)
-    epoch = steps_per_epoch(len(train_y), p, batch_size)
     clean = all(wx is train_x and wy is train_y for wx, wy in worker_data)
     losses: list[float] = []
     diverged = False
