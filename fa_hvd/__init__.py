@@ -6,31 +6,52 @@ computed identically on every rank, by default the Flag Aggregator.
 
 __version__ = "0.1.0"
 
-from .optimizer import DistributedOptimizer  # noqa: E402
+from .optimizer import DistributedOptimizer, RobustOptimizer  # noqa: E402
 
 
-def broadcast_parameters(params, root_rank: int = 0, process_set=None):
-    """Horovod's ``broadcast_parameters`` (a ``state_dict`` or ``named_parameters``)."""
+def broadcast_parameters(params, root_rank):
+    """Horovod's ``broadcast_parameters(params, root_rank)``, the same signature (Horovod 0.28.1).
+
+    ``params``: a ``state_dict``, ``named_parameters()`` or ``parameters()`` list.
+    """
     from horovod.torch.functions import broadcast_parameters as horovod_broadcast_parameters
 
-    kwargs = {"process_set": process_set} if process_set is not None else {}
-    return horovod_broadcast_parameters(params, root_rank, **kwargs)
+    return horovod_broadcast_parameters(params, root_rank)
 
 
-def broadcast_optimizer_state(optimizer, root_rank: int = 0, process_set=None):
-    """Horovod's ``broadcast_optimizer_state``, without a gradient exchange.
+def broadcast_optimizer_state(optimizer, root_rank, model=None):
+    """Horovod's ``broadcast_optimizer_state(optimizer, root_rank, model=None)``, plus fa_hvd's state.
 
-    Horovod initialises an empty optimizer state by a ``step()`` on zero
-    gradients; for an fa_hvd optimizer that step skips the allgather.
+    For an fa_hvd optimizer this also broadcasts the aggregator's state (the
+    centred-clipping centre, bucketing's generator, ...), which is part of its
+    ``state_dict()`` but not of what Horovod broadcasts: after the usual "load the
+    checkpoint on rank 0, broadcast" every rank aggregates alike. Over Horovod the
+    optimizer's own state goes through Horovod's function (its state-initialising
+    step makes no gradient exchange); over the mpi4py transport the whole
+    ``state_dict()`` travels as one object. Any other optimizer: Horovod's function.
     """
-    import contextlib
-
+    import torch
     from horovod.torch.functions import broadcast_optimizer_state as horovod_broadcast_optimizer_state
 
-    kwargs = {"process_set": process_set} if process_set is not None else {}
-    skip = getattr(optimizer, "skip_synchronize", contextlib.nullcontext)
-    with skip():
-        return horovod_broadcast_optimizer_state(optimizer, root_rank, **kwargs)
+    if not isinstance(optimizer, RobustOptimizer):
+        return horovod_broadcast_optimizer_state(optimizer, root_rank, model)
+    transport = optimizer.transport
+    if transport.name != "horovod":
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise ValueError("cannot broadcast torch.optim.LBFGS state")  # as Horovod
+        state = transport.broadcast_object(optimizer.state_dict() if transport.rank == root_rank else None,
+                                           root_rank, name="fa_hvd.optimizer_state")
+        if transport.rank != root_rank:
+            optimizer.load_state_dict(state)
+        return None
+    import horovod.torch as hvd
+
+    horovod_broadcast_optimizer_state(optimizer, root_rank, model)
+    aggregator = optimizer.aggregator
+    if hasattr(aggregator, "state_dict"):
+        state = hvd.broadcast_object(aggregator.state_dict(), root_rank, name="fa_hvd.aggregator_state")
+        aggregator.load_state_dict(state)
+    return None
 
 
 __all__ = ["DistributedOptimizer", "broadcast_parameters", "broadcast_optimizer_state", "__version__"]

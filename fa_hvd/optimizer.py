@@ -5,20 +5,34 @@ all-gathers them and every rank computes the same robust aggregate:
 
 1. Gradient hooks (``register_post_accumulate_grad_hook``) count the backward
    passes of each parameter. When every parameter of a bucket has seen
-   ``backward_passes_per_step`` passes, the bucket is flattened (in the wire dtype:
-   fp32 for bf16, or what ``compression`` makes of it) and its allgather starts,
-   so communication overlaps the rest of the backward pass. Buckets start in a
-   fixed order on every rank (bucket ``i`` only after ``0..i-1``), which plain MPI
-   needs.
-2. ``synchronize()`` starts any bucket still waiting (parameters that got no
-   gradient send zeros), waits, concatenates the buckets into one ``(p, n)``
-   matrix, runs the aggregator once over the whole gradient (FA needs the whole
-   vector) and writes the ``(n,)`` result back into each ``.grad``.
+   ``backward_passes_per_step`` passes, the bucket is flattened (sparse gradients
+   densified, bf16 sent as fp32, then ``compression``) and handed to the
+   exchange at once, so communication overlaps the rest of the backward pass.
+   Buckets may start in a different order on different ranks: Horovod matches
+   collectives by name, and the mpi4py transport gives each bucket its own
+   communicator (MPI orders collectives per communicator). Only a gradient
+   transform that runs collectives itself (omniscient fault injection) makes
+   buckets start in their fixed index order.
+2. ``synchronize()`` starts every bucket not started yet (parameters that got no
+   gradient send zeros), and the exchange (:class:`GradientExchange`) returns
+   the ``(n,)`` aggregate of the whole gradient (FA needs the whole vector),
+   which is written back into each ``.grad`` in the layout it had (a sparse
+   gradient stays sparse).
 3. ``step()`` synchronizes unless inside ``skip_synchronize()``, then steps.
 
 Every rank aggregates the same gathered matrix with the same deterministic
 kernels, so honest ranks hold bit-identical parameters (on identical hardware
 and thread counts).
+
+Horovod's behaviour is kept where a script can see it: the attributes
+(``_parameter_names``, ``backward_passes_per_step``, ``_allreduce_delay``,
+``_requires_update``, ``_handles``, ``_synchronized``, ``_should_synchronize``,
+``op``, ``process_set``, ...), the errors (``AssertionError`` for a gradient
+computed too often or ``zero_grad()`` with gradients pending, ``ValueError`` for
+bad names and groups), the warning when ``step()`` follows ``synchronize()``
+outside ``skip_synchronize()`` (and the second exchange it makes), ranks outside
+the process set stepping on their own gradients, and ``load_state_dict``
+dropping what is in flight.
 
 Elastic Horovod (``hvd.elastic.run``): Horovod's ``HorovodInternalError`` and
 ``HostsUpdatedInterrupt`` leave ``step()``/``synchronize()`` as themselves (with
@@ -33,9 +47,13 @@ others are already training.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import os
+import time
+import warnings
+import weakref
 import zlib
 from typing import Callable, Iterable
 
@@ -44,79 +62,220 @@ import torch
 from .aggregators import Aggregator, get as get_aggregator
 from .comm import Transport, get_transport
 
-DEFAULT_BUCKET_BYTES = 64 * 1024 * 1024  # Horovod's default fusion threshold
+MIN_BUCKET_BYTES = 1 << 20  # automatic bucket sizes: total / TARGET_BUCKETS, within these bounds
+MAX_BUCKET_BYTES = 25 << 20
+TARGET_BUCKETS = 8
 _instances = itertools.count()  # same creation order on every rank -> same collective names
 _log = logging.getLogger("fa_hvd")
 
+# Horovod 0.28.1's messages, word for word (scripts and tests match on them).
+STEP_AFTER_SYNCHRONIZE = ("optimizer.step() called without optimizer.skip_synchronize() context after "
+                          "optimizer.synchronize(). This can cause training slowdown. You may want to consider "
+                          "using optimizer.skip_synchronize() context if you use optimizer.synchronize() in your code.")
+ZERO_GRAD_PENDING = ("optimizer.zero_grad() was called after loss.backward() but before optimizer.step() or "
+                     "optimizer.synchronize(). This is prohibited as it can cause a race condition.")
+TOO_MANY_PASSES = ("Gradients were computed more than backward_passes_per_step times before call to step(). "
+                   "Increase backward_passes_per_step to accumulate gradients locally.")
+
+
+class RobustOptimizer:
+    """Base of every optimizer class :func:`DistributedOptimizer` builds (for ``isinstance``)."""
+
+
+class GradientExchange:
+    """How the buckets' gradients travel and become one aggregate: the optimizer's plug-in point.
+
+    The optimizer calls :meth:`start` once per bucket and step, as soon as the
+    bucket's gradient is ready (in any order unless the optimizer was told
+    otherwise), then :meth:`finish` once, which waits and returns the ``(n,)``
+    aggregate of all buckets, concatenated in bucket-index order, on ``device``.
+    :meth:`abandon` drops a step in flight (``load_state_dict``, elastic restore).
+    ``timings`` holds the last :meth:`finish`'s ``arrived`` and ``aggregated``
+    ``time.perf_counter()`` stamps.
+    """
+
+    timings: dict
+
+    def start(self, index: int, flat: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def finish(self, count: int, device: torch.device, step: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def abandon(self) -> None:
+        raise NotImplementedError
+
+
+class AllgatherExchange(GradientExchange):
+    """Every rank gathers every rank's buckets, ``(p, n)``, and applies the aggregator.
+
+    A failed bucket raises Horovod's elastic errors unchanged (with a note naming
+    this rank, the step and the bucket) and anything else as a ``RuntimeError``
+    saying the same.
+    """
+
+    def __init__(self, transport: Transport, aggregator: Callable[[torch.Tensor], torch.Tensor], compression,
+                 prefix: str):
+        self.transport, self.aggregator, self.compression, self.prefix = transport, aggregator, compression, prefix
+        self.pending: dict[int, tuple] = {}
+        self.timings: dict = {}
+        self._buffer: torch.Tensor | None = None
+
+    def name(self, index: int) -> str:
+        return f"{self.prefix}.bucket{index}"
+
+    def start(self, index: int, flat: torch.Tensor) -> None:
+        wire, ctx = self.compression.compress(flat)
+        self.pending[index] = (self.transport.allgather_async(wire.reshape(1, -1), name=self.name(index)), ctx)
+
+    def finish(self, count: int, device: torch.device, step: int) -> torch.Tensor:
+        rows = []
+        for index in range(count):
+            handle, ctx = self.pending.pop(index)
+            failure = f"fa_hvd: rank {self.transport.rank}: the gradient exchange failed at step {step} (bucket {index})"
+            try:
+                gathered = self.transport.wait(handle)
+            except self.transport.passthrough_errors as exc:
+                exc.add_note(failure)
+                raise
+            except Exception as exc:
+                raise RuntimeError(f"{failure}: {exc}") from exc
+            rows.append(self.compression.decompress(gathered, ctx).to(device))
+        self.timings = {"arrived": time.perf_counter()}
+        update = self.aggregator(self._concatenate(rows))
+        self.timings["aggregated"] = time.perf_counter()
+        return update
+
+    def _concatenate(self, rows: list[torch.Tensor]) -> torch.Tensor:
+        """The buckets side by side, ``(p, n)``, in a buffer kept across steps (a fresh
+        one each step costs more than the copy: its pages are touched anew). The
+        aggregate is copied into ``.grad`` at once, so only a rule that kept a view of
+        its input past the call could see the buffer change; none does."""
+        if len(rows) == 1:
+            return rows[0]
+        shape = (rows[0].shape[0], sum(r.shape[1] for r in rows))
+        dtype = functools.reduce(torch.promote_types, (r.dtype for r in rows))
+        buffer = self._buffer
+        if buffer is None or buffer.shape != shape or buffer.dtype != dtype or buffer.device != rows[0].device:
+            buffer = self._buffer = torch.empty(shape, dtype=dtype, device=rows[0].device)
+        return torch.cat(rows, dim=1, out=buffer)
+
+    def abandon(self) -> None:
+        for handle, _ in self.pending.values():
+            self.transport.abandon(handle)
+        self.pending.clear()
+
+
+EXCHANGES: dict[str, Callable[..., GradientExchange]] = {"allgather": AllgatherExchange}
+
 
 class _Bucket:
-    """A group of parameters whose gradients travel in one allgather."""
+    """Parameters (on one device) whose gradients travel together."""
 
     def __init__(self, index: int, params: list[torch.nn.Parameter]):
         self.index = index
         self.params = params
         self.numel = sum(p.numel() for p in params)
-        self.handle = None
-        self.ctx = None
+        self.device = params[0].device
+        self.ready = 0  # parameters whose passes are complete this step
+        self.started = False
+        self.sparse_dims: dict[int, int] = {}  # id(param) -> sparse_dim of a sparse gradient sent this step
 
 
 class _DistributedOptimizer(torch.optim.Optimizer):
     """Mixed into the user's optimizer class at run time (as Horovod does)."""
 
-    def __init__(
-        self,
-        params,
-        named_parameters,
-        aggregator: Callable[[torch.Tensor], torch.Tensor],
-        transport: Transport,
-        compression,
-        backward_passes_per_step: int,
-        op_name: str,
-        groups,
-        sparse_as_dense: bool,
-        bucket_bytes: int,
-        gradient_transform: Callable[[torch.Tensor, int, int], torch.Tensor] | None,
-    ):
+    def __init__(self, params, named_parameters, compression, backward_passes_per_step: int, op, op_name: str,
+                 gradient_predivide_factor: float, groups, sparse_as_dense: bool, process_set,
+                 aggregator: Callable[[torch.Tensor], torch.Tensor], transport: Transport, exchange,
+                 bucket_bytes: int | None, gradient_transform: Callable[[torch.Tensor, int, int], torch.Tensor] | None):
         super(self.__class__, self).__init__(params)
-        self._op_name = op_name
-        self._transport = transport
-        self._prefix = f"fa_hvd.opt{next(_instances)}"
-        self._aggregator = aggregator
+        # Horovod's attributes, with Horovod's meaning.
         self._compression = compression
-        self._passes = backward_passes_per_step
-        self._scale = float(transport.size) if op_name == "Sum" else 1.0
-        self._sparse_as_dense = sparse_as_dense
-        self._gradient_transform = gradient_transform
-        self._names = _parameter_names(self.param_groups, named_parameters)
-        if os.environ.get("HOROVOD_ELASTIC") != "1":
-            _check_same_model(self._transport, self.param_groups, self._names, f"{self._prefix}.model")
-        self._buckets = _make_buckets(self.param_groups, groups, bucket_bytes)
-        self._bucket_of = {id(p): b for b in self._buckets for p in b.params}
-        self._pass_count = {id(p): 0 for b in self._buckets for p in b.params}
-        self._ready = [0] * len(self._buckets)
-        self._next_bucket = 0
-        self._step_started = False
+        self._parameter_names = _parameter_names(self.param_groups, named_parameters)
+        self.backward_passes_per_step = backward_passes_per_step
+        self._allreduce_delay = {p: backward_passes_per_step for p in self._parameter_names}
+        self.op = op
+        self.gradient_predivide_factor = gradient_predivide_factor
+        self.sparse_as_dense = sparse_as_dense
+        self.process_set = process_set
+        self._groups = groups
+        self._requires_update = {p for group in self.param_groups for p in group["params"] if p.requires_grad}
         self._synchronized = False
-        self._skip_synchronize = False
-        self.step_count = 0
-        self._hooks = [
-            p.register_post_accumulate_grad_hook(self._on_grad) for b in self._buckets for p in b.params
-        ]
+        self._should_synchronize = True
+        # fa_hvd's own.
+        self._transport = transport
+        self._aggregator = aggregator
+        self._op_name = op_name
+        self._scale = float(transport.size) if op_name == "Sum" else 1.0
+        self._prefix = f"fa_hvd.opt{next(_instances)}"
+        self._gradient_transform = gradient_transform
+        self._ordered = bool(getattr(getattr(gradient_transform, "__self__", gradient_transform),
+                                     "uses_collectives", False))
+        self._exchange = (EXCHANGES[exchange] if isinstance(exchange, str) else exchange)(
+            transport, aggregator, compression, self._prefix)
+        self._buckets = _make_buckets(self.param_groups, groups, bucket_bytes)
+        self._bucket_of = {p: b for b in self._buckets for p in b.params}
+        self._aggregation_device = _aggregation_device(self._buckets)
+        self._next_ordered = 0
+        self._step_started = False
+        self._taken_over: set[str] = set()
+        self._marks: dict = {}
+        self.step_count = 0  # gradient exchanges completed
+        self.stats: dict = {}
+        self._hook_handles = []
+        if transport.included:
+            if os.environ.get("HOROVOD_ELASTIC") != "1":
+                _check_same_model(transport, self.param_groups, self._parameter_names, f"{self._prefix}.model")
+                transport.prepare([self._exchange_name(b.index) for b in self._buckets])
+            self._hook_handles = [_claim(self, p) for b in self._buckets for p in b.params]
         # Horovod's broadcast_optimizer_state initialises an empty optimizer state by
         # stepping the inner optimizer of its own DistributedOptimizer (recognised by
         # ``optimizer.__module__``), with no gradient exchange. This optimizer answers
         # that test too, so that zero step (also run by elastic's TorchState.sync) never
-        # exchanges or counts as a step.
+        # exchanges, never counts as a step and never advances a fault schedule.
         self.__module__ = "horovod.torch.optimizer"
+
+    def _exchange_name(self, index: int) -> str:
+        return f"{self._prefix}.bucket{index}"
+
+    # -- Horovod's public methods --------------------------------------------------------
+    def set_backward_passes_per_step(self, passes: int) -> None:
+        self.backward_passes_per_step = passes
+        for p in self._allreduce_delay:
+            self._allreduce_delay[p] = passes
+
+    @staticmethod
+    def find_duplicates(names) -> set:
+        seen, duplicates = set(), set()
+        for name in names:
+            (duplicates if name in seen else seen).add(name)
+        return duplicates
+
+    @property
+    def _handles(self) -> dict:
+        """What is pending, as Horovod keeps it: a parameter with a partial count, or a
+        bucket (tuple of parameters) in flight. Non-empty forbids ``zero_grad()``."""
+        pending = {b_params: True for b_params in (tuple(b.params) for b in self._buckets if b.started)}
+        pending.update({p: None for p, left in self._allreduce_delay.items()
+                        if left != self.backward_passes_per_step and not self._bucket_of[p].started})
+        return pending
 
     # -- hooks and buckets -----------------------------------------------------------
     def _start_step(self) -> None:
         """Once per step, before its first collective: follow an elastic change of the world."""
         if self._step_started:
             return
+        if self._taken_over:
+            raise RuntimeError(
+                f"fa_hvd: parameter(s) {sorted(self._taken_over)} of this optimizer were taken over by a later "
+                f"fa_hvd.DistributedOptimizer over the same model (wrapping it again removes the old hooks); "
+                f"step the new optimizer")
         self._step_started = True
+        self._marks = {"start": time.perf_counter(), **_byte_counters(self._transport)}
         before = self._transport.size
         if self._transport.refresh():
+            self._exchange.abandon()
             if isinstance(self._aggregator, Aggregator):
                 self._aggregator.check(self._transport.size)
             if self._op_name == "Sum":
@@ -127,126 +286,143 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
     def _on_grad(self, param: torch.Tensor) -> None:
         self._start_step()
-        key = id(param)
-        self._pass_count[key] += 1
-        if self._pass_count[key] > self._passes:
-            raise RuntimeError(
-                f"fa_hvd: gradient of {self._names[key]!r} computed {self._pass_count[key]} times "
-                f"before step(); increase backward_passes_per_step (now {self._passes}) or call "
-                f"step()/synchronize() in between"
-            )
-        if self._pass_count[key] == self._passes:
-            bucket = self._bucket_of[key]
-            self._ready[bucket.index] += 1
-            self._launch_ready()
+        if self._allreduce_delay[param] <= 0:
+            raise AssertionError(f"{TOO_MANY_PASSES} (fa_hvd: parameter {self._parameter_names[param]!r})")
+        self._allreduce_delay[param] -= 1
+        if self._allreduce_delay[param] == 0:
+            bucket = self._bucket_of[param]
+            bucket.ready += 1
+            if self._ordered:
+                self._start_ordered(force=False)
+            elif bucket.ready == len(bucket.params):
+                self._start_bucket(bucket)
 
-    def _launch_ready(self, force: bool = False) -> None:
-        while self._next_bucket < len(self._buckets):
-            bucket = self._buckets[self._next_bucket]
-            if not force and self._ready[bucket.index] < len(bucket.params):
+    def _start_ordered(self, force: bool) -> None:
+        while self._next_ordered < len(self._buckets):
+            bucket = self._buckets[self._next_ordered]
+            if not force and bucket.ready < len(bucket.params):
                 return
-            self._launch(bucket)
-            self._next_bucket += 1
+            self._start_bucket(bucket)
+            self._next_ordered += 1
 
-    def _launch(self, bucket: _Bucket) -> None:
-        flat = torch.cat([self._dense_grad(p).reshape(-1) for p in bucket.params])
+    def _start_bucket(self, bucket: _Bucket) -> None:
+        self._marks.setdefault("first_start", time.perf_counter())
+        bucket.started = True
+        pieces = []
+        for p in bucket.params:
+            grad = p.grad
+            if grad is None:
+                grad = torch.zeros_like(p)
+            elif grad.is_sparse:
+                bucket.sparse_dims[id(p)] = grad.sparse_dim()
+                grad = grad.to_dense()
+            pieces.append(grad.reshape(-1))
+        flat = torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
         if flat.dtype == torch.bfloat16:
             flat = flat.float()  # Horovod's allgather has no bf16
         if self._gradient_transform is not None:
             flat = self._gradient_transform(flat, bucket.index, self.step_count)
-        wire, bucket.ctx = self._compression.compress(flat)
-        bucket.handle = self._transport.allgather_async(
-            wire.reshape(1, -1), name=f"{self._prefix}.bucket{bucket.index}"
-        )
-
-    def _dense_grad(self, p: torch.Tensor) -> torch.Tensor:
-        if p.grad is None:
-            return torch.zeros_like(p)
-        if p.grad.is_sparse:
-            if not self._sparse_as_dense:
-                raise ValueError(
-                    f"fa_hvd: parameter {self._names[id(p)]!r} has a sparse gradient; robust "
-                    f"aggregation needs dense gradients, pass sparse_as_dense=True"
-                )
-            return p.grad.to_dense()
-        return p.grad
+        self._exchange.start(bucket.index, flat)
 
     # -- synchronize / step ------------------------------------------------------------
     def synchronize(self) -> None:
-        """Gather every bucket, aggregate, and write the aggregate into ``.grad``."""
-        if self._synchronized:
+        """Exchange every bucket, aggregate, and write the aggregate into ``.grad``.
+
+        As in Horovod, every call exchanges what ``.grad`` holds (a second call
+        without a backward pass in between exchanges the aggregate again). Ranks
+        outside the process set keep their own gradients.
+        """
+        if not self._transport.included:
+            self._synchronized = True
             return
         self._start_step()
-        self._launch_ready(force=True)
-        gathered = []
-        for bucket in self._buckets:
-            try:
-                rows = self._transport.wait(bucket.handle)
-            except self._transport.passthrough_errors as exc:
-                exc.add_note(f"fa_hvd: rank {self._transport.rank}: in the gradient exchange at step "
-                             f"{self.step_count} (bucket {bucket.index})")
-                raise
-            except Exception as exc:
-                raise RuntimeError(
-                    f"fa_hvd: rank {self._transport.rank}: the gradient exchange failed at step "
-                    f"{self.step_count} (bucket {bucket.index}): {exc}"
-                ) from exc
-            gathered.append(self._compression.decompress(rows, bucket.ctx))
-            bucket.handle = bucket.ctx = None
-        if gathered:
-            G = torch.cat(gathered, dim=1) if len(gathered) > 1 else gathered[0]
-            update = self._aggregator(G)
+        if self._ordered:
+            self._start_ordered(force=True)
+        else:
+            for bucket in self._buckets:
+                if not bucket.started:
+                    self._start_bucket(bucket)
+        if self._buckets:
+            waiting = time.perf_counter()
+            update = self._exchange.finish(len(self._buckets), self._aggregation_device, self.step_count)
             if self._scale != 1.0:
                 update = update * self._scale
-            offset = 0
-            for bucket in self._buckets:
-                for p in bucket.params:
-                    piece = update[offset : offset + p.numel()].view_as(p).to(p.dtype)
-                    offset += p.numel()
-                    if p.grad is None or p.grad.is_sparse:
-                        p.grad = piece.clone()
-                    else:
-                        p.grad.copy_(piece)
-        self._reset_counts()
+            self._write_back(update)
+            self._record_stats(waiting)
+            self.step_count += 1
+        self._reset_step()
         self._synchronized = True
+
+    def _write_back(self, update: torch.Tensor) -> None:
+        offset = 0
+        for bucket in self._buckets:
+            for p in bucket.params:
+                piece = update[offset: offset + p.numel()].view_as(p).to(device=p.device, dtype=p.dtype)
+                offset += p.numel()
+                if id(p) in bucket.sparse_dims:
+                    p.grad = piece.to_sparse(bucket.sparse_dims[id(p)])
+                elif p.grad is None or p.grad.is_sparse:
+                    p.grad = piece.clone()
+                else:
+                    p.grad.copy_(piece)
 
     @contextlib.contextmanager
     def skip_synchronize(self):
         """Inside, ``step()`` does not synchronize (call ``synchronize()`` yourself first)."""
-        self._skip_synchronize = True
+        self._should_synchronize = False
         try:
             yield
         finally:
-            self._skip_synchronize = False
+            self._should_synchronize = True
 
     def step(self, closure=None):
-        if not self._skip_synchronize:
+        if self._should_synchronize:
+            if self._synchronized:
+                warnings.warn(STEP_AFTER_SYNCHRONIZE)
             self.synchronize()
         self._synchronized = False
-        self.step_count += 1
         return super(self.__class__, self).step(closure)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        if self._next_bucket and not self._synchronized:
-            raise RuntimeError(
-                "fa_hvd: zero_grad() called after backward() but before step() or synchronize(); "
-                "gradients are in flight"
-            )
+        if self._handles:
+            raise AssertionError(ZERO_GRAD_PENDING)
         return super(self.__class__, self).zero_grad(set_to_none=set_to_none)
 
-    def _reset_counts(self) -> None:
-        for key in self._pass_count:
-            self._pass_count[key] = 0
-        self._ready = [0] * len(self._buckets)
-        self._next_bucket = 0
-        self._step_started = False
+    def _reset_step(self) -> None:
+        for p in self._allreduce_delay:
+            self._allreduce_delay[p] = self.backward_passes_per_step
         for bucket in self._buckets:
-            bucket.handle = bucket.ctx = None
+            bucket.ready, bucket.started = 0, False
+            bucket.sparse_dims.clear()
+        self._next_ordered = 0
+        self._step_started = False
+
+    def _record_stats(self, waiting: float) -> None:
+        """``stats``: the last exchange's seconds (and bytes, if the transport counts them)."""
+        timings = self._exchange.timings
+        done = time.perf_counter()
+        stats = {
+            "step": self.step_count,
+            "exchange_s": timings["arrived"] - self._marks.get("first_start", waiting),
+            "wait_s": timings["arrived"] - waiting,
+            "aggregate_s": done - timings["arrived"],
+        }
+        for key, value in _byte_counters(self._transport).items():
+            stats[key] = value - self._marks.get(key, 0)
+        self.stats = stats
+
+    def _release(self, param) -> None:
+        """A later optimizer took ``param`` over: its gradient is no longer this one's."""
+        self._taken_over.add(self._parameter_names[param])
 
     # -- state ---------------------------------------------------------------------------
     @property
     def aggregator(self):
         return self._aggregator
+
+    @property
+    def transport(self) -> Transport:
+        return self._transport
 
     def state_dict(self):
         state = super(self.__class__, self).state_dict()
@@ -255,13 +431,44 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict):
+        """Load the state (and the aggregator's); as Horovod, drop what is in flight."""
         state_dict = dict(state_dict)
         aggregator_state = state_dict.pop("fa_hvd_aggregator", None)
-        self._reset_counts()  # as Horovod: what was in flight is dropped (elastic restore does this)
+        self._exchange.abandon()
+        self._reset_step()
         self._synchronized = False
+        self._should_synchronize = True
         super(self.__class__, self).load_state_dict(state_dict)
         if aggregator_state is not None and isinstance(self._aggregator, Aggregator):
             self._aggregator.load_state_dict(aggregator_state)
+
+
+_HOOKS: dict[int, tuple] = {}  # id(param) -> (weakref to param, weakref to optimizer, hook handle)
+
+
+def _claim(optimizer, param):
+    """Hook ``param`` for ``optimizer``; an earlier fa_hvd optimizer's hook on it is removed.
+
+    The hook holds the optimizer weakly, so an optimizer that is dropped stops
+    counting gradients once it is collected.
+    """
+    previous = _HOOKS.pop(id(param), None)
+    if previous is not None and previous[0]() is param:
+        previous[2].remove()
+        owner = previous[1]()
+        if owner is not None and owner is not optimizer:
+            owner._release(param)
+    ref = weakref.ref(optimizer)
+
+    def hook(p):
+        owner = ref()
+        if owner is not None:
+            owner._on_grad(p)
+
+    handle = param.register_post_accumulate_grad_hook(hook)
+    key = id(param)
+    _HOOKS[key] = (weakref.ref(param, lambda _, key=key: _HOOKS.pop(key, None)), ref, handle)
+    return handle
 
 
 class _NoCompression:
@@ -274,51 +481,49 @@ class _NoCompression:
         return tensor
 
 
-def _parameter_names(param_groups, named_parameters) -> dict[int, str]:
-    params = [p for group in param_groups for p in group["params"]]
+def _byte_counters(transport: Transport) -> dict[str, int]:
+    """The transport's cumulative ``bytes_sent``/``bytes_received``, where it counts them."""
+    return {key: getattr(transport, key) for key in ("bytes_sent", "bytes_received") if hasattr(transport, key)}
+
+
+def _parameter_names(param_groups, named_parameters) -> dict:
+    """Horovod's ``_parameter_names``: parameter -> name, with Horovod's checks and default names."""
     if named_parameters is None:
-        return {
-            id(p): f"param.{g}.{i}" for g, group in enumerate(param_groups) for i, p in enumerate(group["params"])
-        }
+        return {p: f"allreduce.noname.{g}.{i}"
+                for g, group in enumerate(param_groups) for i, p in enumerate(group["params"])}
     named = list(named_parameters)
     if any(not isinstance(item, tuple) or len(item) != 2 for item in named):
-        raise ValueError("fa_hvd: named_parameters must be a sequence of (name, parameter) tuples")
-    names = [name for name, _ in named]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError("named_parameters should be a sequence of tuples (name, parameter), usually produced by "
+                         "model.named_parameters().")
+    duplicates = _DistributedOptimizer.find_duplicates([name for name, _ in named])
     if duplicates:
-        raise ValueError(f"fa_hvd: named_parameters has duplicate names: {duplicates}")
+        raise ValueError(f"Parameter names in named_parameters must be unique. Found duplicates: "
+                         f"{', '.join(sorted(duplicates))}")
     by_id = {id(p): name for name, p in named}
+    params = [p for group in param_groups for p in group["params"]]
     unnamed = [i for i, p in enumerate(params) if id(p) not in by_id]
     if unnamed:
-        raise ValueError(
-            f"fa_hvd: named_parameters was given but {len(unnamed)} optimizer parameter(s) are not in it"
-        )
-    return {id(p): by_id[id(p)] for p in params}
+        raise ValueError(f"named_parameters was specified, but one or more model parameters were not named "
+                         f"(fa_hvd: {len(unnamed)} of the optimizer's {len(params)} parameters)")
+    return {p: by_id[id(p)] for p in params}
 
 
-def _check_same_model(transport: Transport, param_groups, names: dict[int, str], tag: str) -> None:
+def _check_same_model(transport: Transport, param_groups, names: dict, tag: str) -> None:
     """Every rank must train the same parameters, in the same order, with the same shapes."""
-    signature = [
-        (names[id(p)], tuple(p.shape), str(p.dtype), bool(p.requires_grad))
-        for group in param_groups
-        for p in group["params"]
-    ]
+    signature = [(names[p], tuple(p.shape), str(p.dtype), bool(p.requires_grad))
+                 for group in param_groups for p in group["params"]]
     everyone = transport.allgather_object(signature, name=tag)
     reference = everyone[0]
     for rank, theirs in enumerate(everyone):
         if theirs == reference:
             continue
         if len(theirs) != len(reference):
-            raise ValueError(
-                f"fa_hvd: rank {rank} has {len(theirs)} parameters, rank 0 has {len(reference)}: "
-                f"the model differs across ranks"
-            )
+            raise ValueError(f"fa_hvd: rank {rank} has {len(theirs)} parameters, rank 0 has {len(reference)}: "
+                             f"the model differs across ranks")
         for mine, other in zip(reference, theirs):
             if mine != other:
-                raise ValueError(
-                    f"fa_hvd: the model differs across ranks: parameter {mine[0]!r} is "
-                    f"{_describe(mine)} on rank 0 but {other[0]!r} {_describe(other)} on rank {rank}"
-                )
+                raise ValueError(f"fa_hvd: the model differs across ranks: parameter {mine[0]!r} is "
+                                 f"{_describe(mine)} on rank 0 but {other[0]!r} {_describe(other)} on rank {rank}")
 
 
 def _describe(entry) -> str:
@@ -326,30 +531,72 @@ def _describe(entry) -> str:
     return f"shape {list(shape)} {dtype}{'' if requires_grad else ' (frozen)'}"
 
 
-def _make_buckets(param_groups, groups, bucket_bytes: int) -> list[_Bucket]:
-    """Buckets in reverse parameter order (the order gradients become ready)."""
+def _check_groups(groups, param_groups) -> None:
+    """Horovod's checks on ``groups``, and one more: every listed parameter is the optimizer's."""
+    if groups is None:
+        return
+    if isinstance(groups, bool) or not (isinstance(groups, list) or (isinstance(groups, int) and groups > 0)):
+        raise ValueError("groups should be a non-negative integer or a list of list of torch.Tensor.")
+    if isinstance(groups, int):
+        return
+    owned = {id(p) for group in param_groups for p in group["params"]}
+    seen = set()
+    for group in groups:
+        for p in group:
+            if not isinstance(p, torch.Tensor):
+                raise ValueError("groups must consist of torch.Tensor.")
+            if id(p) in seen:
+                raise ValueError("A parameter can only appear once in groups.")
+            if id(p) not in owned:
+                raise ValueError(f"groups: a tensor of shape {list(p.shape)} is not a parameter of the optimizer")
+            seen.add(id(p))
+
+
+def _make_buckets(param_groups, groups, bucket_bytes: int | None) -> list[_Bucket]:
+    """The buckets, each on one device.
+
+    ``groups`` as in Horovod: a list of parameter lists (one bucket each; every
+    other parameter a bucket of its own) or a number of buckets of about equal
+    parameter counts. Otherwise parameters are taken in reverse order (the order
+    backward produces their gradients) into buckets of about ``bucket_bytes``
+    (default: the model's size / 8, within 1 MiB .. 25 MiB, so that even a small
+    model's communication overlaps its backward pass).
+    """
     trainable = [p for group in param_groups for p in group["params"] if p.requires_grad]
-    if isinstance(groups, (list, tuple)):
+    if isinstance(groups, list):
         listed = {id(p) for group in groups for p in group}
-        layout = [[p for p in group if p.requires_grad] for group in groups]
+        wanted = {id(p) for p in trainable}
+        layout = [[p for p in group if id(p) in wanted] for group in groups]
         layout += [[p] for p in trainable if id(p) not in listed]
-        layout = [group for group in reversed(layout) if group]
     elif isinstance(groups, int) and groups > 0:
-        size = -(-len(trainable) // groups)
-        ordered = list(reversed(trainable))
-        layout = [ordered[i : i + size] for i in range(0, len(ordered), size)]
+        size, extra = divmod(len(trainable), groups)
+        bounds = [i * size + min(i, extra) for i in range(groups + 1)]
+        layout = [trainable[a:b] for a, b in zip(bounds, bounds[1:])]
     else:
+        total = sum(p.numel() * p.element_size() for p in trainable)
+        limit = bucket_bytes or min(MAX_BUCKET_BYTES, max(MIN_BUCKET_BYTES, total // TARGET_BUCKETS))
         layout, current, current_bytes = [], [], 0
         for p in reversed(trainable):
             nbytes = p.numel() * p.element_size()
-            if current and current_bytes + nbytes > bucket_bytes:
+            if current and current_bytes + nbytes > limit:
                 layout.append(current)
                 current, current_bytes = [], 0
             current.append(p)
             current_bytes += nbytes
-        if current:
-            layout.append(current)
-    return [_Bucket(i, params) for i, params in enumerate(layout)]
+        layout.append(current)
+    by_device = []
+    for params in layout:
+        for device in dict.fromkeys(p.device for p in params):
+            by_device.append([p for p in params if p.device == device])
+    return [_Bucket(i, params) for i, params in enumerate(b for b in by_device if b)]
+
+
+def _aggregation_device(buckets: list[_Bucket]) -> torch.device:
+    """Where the gathered matrix is aggregated: the first accelerator holding parameters, else the CPU."""
+    for bucket in buckets:
+        if bucket.device.type != "cpu":
+            return bucket.device
+    return torch.device("cpu")
 
 
 def DistributedOptimizer(
@@ -367,87 +614,122 @@ def DistributedOptimizer(
     aggregator: str | Callable[[torch.Tensor], torch.Tensor] = "flag",
     aggregator_params: dict | None = None,
     transport: str | Transport = "horovod",
-    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    exchange: str | Callable[..., GradientExchange] = "allgather",
+    bucket_bytes: int | None = None,
     gradient_transform: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
 ):
     """Wrap ``optimizer`` so that gradients are all-gathered and robustly aggregated.
 
-    Takes every keyword of ``hvd.DistributedOptimizer``:
+    Takes every argument of ``hvd.DistributedOptimizer``, in its order:
 
     * ``compression``: Horovod's ``hvd.Compression.none`` / ``.fp16`` (or any object
-      with ``compress``/``decompress``): the wire format of the allgather.
+      with ``compress``/``decompress``): the wire format of the exchange.
     * ``backward_passes_per_step``: local accumulation, as in Horovod.
     * ``op``: ``hvd.Average`` (default) gives the aggregate; ``hvd.Sum`` gives the
       aggregate times the world size; ``hvd.Adasum`` is refused.
     * ``gradient_predivide_factor``: allowed only with ``op=hvd.Average`` (as in
       Horovod); it divides before and multiplies after, so the result is unchanged.
-    * ``num_groups`` / ``groups``: the bucket layout (a number of buckets, or lists
-      of parameters); otherwise buckets of ``bucket_bytes``.
-    * ``sparse_as_dense``: sparse gradients are densified (required for them).
-    * ``process_set``: the Horovod process set whose ranks take part.
+    * ``num_groups`` (deprecated, as in Horovod) / ``groups``: the bucket layout (a
+      number of buckets, or lists of parameters), validated as Horovod does, plus:
+      every listed parameter must belong to the optimizer.
+    * ``sparse_as_dense``: accepted; sparse gradients are always densified for the
+      rule and written back sparse, with or without it.
+    * ``process_set``: the Horovod process set whose ranks take part; ranks
+      outside it step on their own gradients, as in Horovod.
 
     fa_hvd's own keywords: ``aggregator`` (a name for
     :func:`fa_hvd.aggregators.get`, or a callable ``(p, n) -> (n,)``),
     ``aggregator_params`` (e.g. ``{"f": 3}``), ``transport`` (``"horovod"``,
-    ``"mpi"`` or a :class:`~fa_hvd.comm.Transport`), ``gradient_transform``
-    (``(flat_grad, bucket_index, step) -> tensor``, applied to what this rank
-    sends; fault injection uses it). An aggregator that cannot work with the world size
-    fails here, before training starts.
+    ``"mpi"`` or a :class:`~fa_hvd.comm.Transport`), ``exchange`` (a name in
+    :data:`EXCHANGES` or a factory ``(transport, aggregator, compression, prefix)
+    -> GradientExchange``), ``bucket_bytes`` (default: automatic, see
+    :func:`_make_buckets`), ``gradient_transform`` (``(flat_grad, bucket_index,
+    step) -> tensor``, applied to what this rank sends; fault injection uses it; an
+    object whose ``uses_collectives`` is true gets buckets in index order). An
+    aggregator that cannot work with the world size fails here, before training
+    starts.
+
+    ``optimizer.stats`` describes the last gradient exchange: ``step`` (its index),
+    ``exchange_s`` (first bucket sent to last bucket received: communication,
+    overlapping the backward pass), ``wait_s`` (how long ``synchronize()`` blocked
+    for it), ``aggregate_s`` (the rule and the write-back), and, when the transport
+    counts them, ``bytes_sent``/``bytes_received`` during that step.
+    ``optimizer.step_count`` counts completed exchanges (Horovod's state-initialising
+    step in ``broadcast_optimizer_state`` is not one).
     """
     if isinstance(backward_passes_per_step, bool) or not isinstance(backward_passes_per_step, int) \
-            or backward_passes_per_step < 1:
-        raise ValueError(f"fa_hvd: backward_passes_per_step must be an integer >= 1, got {backward_passes_per_step!r}")
+            or backward_passes_per_step <= 0:
+        raise ValueError(f"backward_passes_per_step must be > 0 (fa_hvd: got {backward_passes_per_step!r})")
+    if num_groups != 0:
+        warnings.warn("Parameter `num_groups` has been replaced by `groups` and will be removed in v0.23.0.",
+                      DeprecationWarning)
+        if groups is None:
+            groups = num_groups
+    _check_groups(groups, optimizer.param_groups)
     if not isinstance(transport, Transport):
         transport = get_transport(transport, process_set)
     elif process_set is not None:
         raise ValueError("fa_hvd: pass process_set only with transport='horovod' "
                          "(a transport object carries its own process set)")
-    op_name = _op_name(op, gradient_predivide_factor)
+    if isinstance(exchange, str) and exchange not in EXCHANGES:
+        raise ValueError(f"fa_hvd: unknown exchange {exchange!r}; known: {', '.join(EXCHANGES)}")
+    op, op_name = _resolve_op(op, gradient_predivide_factor)
     if isinstance(aggregator, str):
         aggregator = get_aggregator(aggregator, **(aggregator_params or {}))
     elif aggregator_params:
         raise ValueError("fa_hvd: aggregator_params is only used with an aggregator name")
-    if isinstance(aggregator, Aggregator):
+    if isinstance(aggregator, Aggregator) and transport.included:
         aggregator.check(transport.size)
-    if num_groups and groups is None:
-        groups = num_groups
-    cls = type(
-        optimizer.__class__.__name__,
-        (optimizer.__class__,),
-        dict(_DistributedOptimizer.__dict__),
-    )
-    return cls(
-        optimizer.param_groups,
-        named_parameters,
-        aggregator,
-        transport,
-        compression if compression is not None else _NoCompression,
-        backward_passes_per_step,
-        op_name,
-        groups,
-        sparse_as_dense,
-        bucket_bytes,
-        gradient_transform,
-    )
+    if transport.name == "horovod":
+        _register_elastic_state_handler()
+    cls = type(optimizer.__class__.__name__, (optimizer.__class__, RobustOptimizer),
+               dict(_DistributedOptimizer.__dict__))
+    return cls(optimizer.param_groups, named_parameters,
+               compression if compression is not None else _NoCompression, backward_passes_per_step, op, op_name,
+               gradient_predivide_factor, groups, sparse_as_dense, getattr(transport, "process_set", None),
+               aggregator, transport, exchange, bucket_bytes, gradient_transform)
 
 
-def _op_name(op, gradient_predivide_factor: float) -> str:
-    """Horovod's ``op``: ``"Average"`` (the aggregate) or ``"Sum"`` (the aggregate times the world size)."""
-    if op is None:
-        name = "Average"
-    else:
+def _register_elastic_state_handler() -> None:
+    """Make ``hvd.elastic.TorchState`` sync an fa_hvd optimizer with
+    :func:`fa_hvd.broadcast_optimizer_state`, so the aggregator's state reaches workers
+    that join (Horovod's registry of state handlers is its extension point)."""
+    from horovod.torch.elastic import state as elastic_state
+
+    registry = elastic_state.get_handler_registry()
+    if any(kind is RobustOptimizer for kind, _ in registry):
+        return
+
+    class RobustOptimizerStateHandler(elastic_state.OptimizerStateHandler):
+        def sync(self):
+            from . import broadcast_optimizer_state
+
+            broadcast_optimizer_state(self.value, root_rank=0)
+
+    elastic_state.set_handler_registry([(RobustOptimizer, RobustOptimizerStateHandler), *registry])
+
+
+def _resolve_op(op, gradient_predivide_factor: float):
+    """Horovod's ``op`` (default ``hvd.Average`` when Horovod is there) and its name:
+    ``"Average"`` (the aggregate) or ``"Sum"`` (the aggregate times the world size)."""
+    try:
         import horovod.torch as hvd
-
-        names = {hvd.Average: "Average", hvd.Sum: "Sum", hvd.Adasum: "Adasum"}
-        name = names.get(op)
-        if name is None:
-            raise ValueError(f"fa_hvd: op must be hvd.Average or hvd.Sum, got {op!r}")
+    except ImportError:
+        hvd = None
+    if op is None:
+        op = hvd.Average if hvd is not None else "Average"
+    names = {"Average": "Average", "Sum": "Sum"}
+    if hvd is not None:
+        names.update({hvd.Average: "Average", hvd.Sum: "Sum", hvd.Adasum: "Adasum"})
+    name = names.get(op)
+    if name is None:
+        raise ValueError(f"fa_hvd: op must be hvd.Average or hvd.Sum, got {op!r}")
     if name == "Adasum":
         raise ValueError("fa_hvd: op=hvd.Adasum is not supported: fa_hvd replaces the reduction with "
                          "a robust aggregator; use op=hvd.Average")
     if gradient_predivide_factor != 1.0 and name != "Average":
-        raise ValueError("fa_hvd: gradient_predivide_factor not supported with op != Average")
-    return name
+        raise ValueError("gradient_predivide_factor not supported with op != Average")
+    return op, name
 
 
 def checksum(tensors: Iterable[torch.Tensor]) -> int:

@@ -5,14 +5,18 @@
 
 Before the script runs, ``horovod.torch.DistributedOptimizer`` becomes
 :func:`fa_hvd.DistributedOptimizer` with the chosen aggregator (and
-``broadcast_optimizer_state`` the fa_hvd one, which skips the gradient exchange
-Horovod uses to initialise optimizer state). Every choice can come from the
+``broadcast_optimizer_state`` the fa_hvd one, which also broadcasts the aggregator's
+state; Horovod's state-initialising zero step makes no gradient exchange and does
+not count as a step). Every choice can come from the
 environment instead, which is how a batch system passes it:
 
 * ``FA_HVD_AGGREGATOR`` (default ``flag``), ``FA_HVD_F`` (default 0),
   ``FA_HVD_PARAMS`` (``key=value,key=value``), ``FA_HVD_TRANSPORT``;
 * ``FA_HVD_FAULTS`` (a YAML list of faults, or ``@file.yaml``), ``FA_HVD_FAULT_SEED``
-  and ``FA_HVD_ALLOW_EXCEEDING_F``: fault injection (:mod:`fa_hvd.faults`).
+  and ``FA_HVD_ALLOW_EXCEEDING_F``: fault injection (:mod:`fa_hvd.faults`): gradient
+  and process faults. Data faults (labelflip, lotka_volterra, catmap) are refused
+  before the script starts: an unchanged script's training data cannot be told
+  from its test data, and poisoning the wrong one would be worse than none.
 
 Command-line options win over the environment.
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import os
 import runpy
 import sys
@@ -51,9 +56,22 @@ def parse_args(argv, environ=os.environ):
         if f is not None:
             params["f"] = parse_value(str(f))
         get_aggregator(args.aggregator, **params)  # fail here, not inside the script
+        _refuse_data_faults(environ)
     except ValueError as exc:
         parser.error(str(exc))
     return args, params
+
+
+def _refuse_data_faults(environ) -> None:
+    from .faults import DATA_KINDS, faults_from_env
+
+    kinds = sorted({entry.get("kind") for entry in faults_from_env(environ) if isinstance(entry, dict)}
+                   & set(DATA_KINDS))
+    if kinds:
+        raise ValueError(
+            f"FA_HVD_FAULTS: data fault(s) {', '.join(kinds)} cannot be applied to an unchanged script "
+            f"(its training data cannot be told from its test data); poison the training set in the script "
+            f"with fa_hvd.faults.poison_for_rank, or run fa-hvd-train with the faults in its config")
 
 
 def robust_optimizer(aggregator: str, params: dict, transport: str, environ=os.environ):
@@ -61,17 +79,21 @@ def robust_optimizer(aggregator: str, params: dict, transport: str, environ=os.e
     from . import optimizer as fa_optimizer
     from .comm import get_transport
 
+    signature = inspect.signature(fa_optimizer.DistributedOptimizer)
+
     @functools.wraps(fa_optimizer.DistributedOptimizer)
     def DistributedOptimizer(optimizer, *args, **kwargs):
+        kwargs = signature.bind(optimizer, *args, **kwargs).arguments  # Horovod's positional order too
         kwargs.setdefault("aggregator", aggregator)
         kwargs.setdefault("aggregator_params", dict(params))
         link = get_transport(transport, kwargs.pop("process_set", None))
         kwargs["transport"] = link
-        kwargs.setdefault("gradient_transform", _fault_transform(link, kwargs["aggregator_params"], environ))
+        if link.included:
+            kwargs.setdefault("gradient_transform", _fault_transform(link, kwargs["aggregator_params"], environ))
         if link.rank == 0:
             print(f"fa_hvd.wrap: hvd.DistributedOptimizer -> fa_hvd ({aggregator}, {params}) "
                   f"on {link.size} ranks", file=sys.stderr, flush=True)
-        return fa_optimizer.DistributedOptimizer(optimizer, *args, **kwargs)
+        return fa_optimizer.DistributedOptimizer(**kwargs)
 
     return DistributedOptimizer
 
@@ -93,9 +115,7 @@ def main(argv=None) -> None:
     import horovod.torch as hvd
 
     from . import broadcast_optimizer_state
-    from .comm.horovod import set_stall_defaults
 
-    set_stall_defaults()  # the script calls hvd.init() itself
     hvd.DistributedOptimizer = robust_optimizer(args.aggregator, params, args.transport)
     hvd.broadcast_optimizer_state = broadcast_optimizer_state
     sys.argv = [args.script, *args.args]

@@ -15,7 +15,9 @@ from fa_hvd.aggregators.pre.nnm import NNM
 
 CLASSIC = ["median", "trimmed_mean", "krum", "multikrum", "bulyan", "geomed", "cclip", "mda", "nmean"]
 COMPOSED = ["nnm+krum", "bucketing+median", "clip+mean", "arc+trimmed_mean", "nnm+bucketing+geomed"]
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA device, and this machine has none: run where one is")
+DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 

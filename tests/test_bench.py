@@ -37,9 +37,20 @@ def test_rows_summary_and_direct(capsys):
     reference = [r for r in rows if r["rule"] == "flag[reference]"]
     assert all(r["max_rel_diff"] < 1e-6 for r in reference)
     assert [(s["n"], s["p"]) for s in summaries] == [(3000, 7), (1000, 7)]
+    # Whether FA clears its timing bars is the benchmark's to print on a quiet machine, never a
+    # test's to assert on this shared, noisy one. What is asserted: every figure and verdict is
+    # computed correctly from the measured times.
     for s in summaries:
-        assert isinstance(s["fa_within_1_5x_multikrum"], bool)
-        assert isinstance(s["fa_100x_faster_than_direct"], bool)
+        size = [r for r in rows if (r["n"], r["p"]) == (s["n"], s["p"])]
+        multikrum = next(r for r in size if r["rule"] == "multikrum")
+        fa = [r for r in size if r["rule"].startswith("flag[")]
+        for row in fa:
+            assert row["vs_multikrum"] == pytest.approx(row["median_s"] / multikrum["median_s"])
+            assert row["speedup_vs_direct"] == pytest.approx(row["direct_s"] / row["median_s"])
+        assert s["vs_multikrum"] == {r["rule"]: r["vs_multikrum"] for r in fa}
+        assert s["speedup_vs_direct"] == {r["rule"]: r["speedup_vs_direct"] for r in fa}
+        assert s["fa_within_1_5x_multikrum"] is all(r["vs_multikrum"] <= 1.5 for r in fa)
+        assert s["fa_100x_faster_than_direct"] is all(r["speedup_vs_direct"] >= 100 for r in fa)
     assert "multikrum added" in err and "n=3e3 p=7" in err  # the note and the table
 
 

@@ -104,7 +104,40 @@ def _wait_for_progress(pids, host, batches, timeout):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         progress = pids / f"progress.{host}"
-        if progress.exists() and progress.read_text().strip() and int(progress.read_text()) >= batches:
+        done = progress.read_text().strip() if progress.exists() else ""  # empty while being rewritten
+        if done and int(done) >= batches:
             return int(next(pids.glob(f"{host}.*")).name.rsplit(".", 1)[1])
         time.sleep(0.2)
     raise AssertionError(f"the worker on {host} did not reach batch {batches} within {timeout} s")
+
+
+def test_data_faults_are_refused_before_the_script(capsys):
+    with pytest.raises(SystemExit):
+        wrap.parse_args(["t.py"], environ={"FA_HVD_FAULTS": "[{kind: labelflip, ranks: [1], params: {num_classes: 10}}]"})
+    err = capsys.readouterr().err
+    assert "data fault(s) labelflip cannot be applied to an unchanged script" in err
+    assert "poison_for_rank" in err
+
+
+def test_the_replacement_takes_horovods_arguments_in_horovods_order(monkeypatch):
+    import inspect
+
+    import horovod.torch as hvd
+    import torch
+    from torch import nn
+
+    import fa_hvd.comm
+    from loopback import LoopbackTransport
+
+    asked = []
+    monkeypatch.setattr(fa_hvd.comm, "get_transport",
+                        lambda name, process_set=None: asked.append((name, process_set)) or LoopbackTransport(2))
+    horovods = list(inspect.signature(hvd.DistributedOptimizer).parameters)
+    replacement = wrap.robust_optimizer("median", {"f": 0}, "horovod", environ={})
+    assert list(inspect.signature(replacement).parameters)[:len(horovods)] == horovods
+    model = nn.Linear(3, 2)
+    marker = object()
+    opt = replacement(torch.optim.SGD(model.parameters(), lr=0.1), list(model.named_parameters()), None, 2, None, 1.0,
+                      0, None, False, marker)  # every argument positionally, process_set last
+    assert asked == [("horovod", marker)]
+    assert opt.backward_passes_per_step == 2 and opt.aggregator.name == "median"

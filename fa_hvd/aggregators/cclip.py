@@ -8,8 +8,10 @@ Each step moves ``v`` by at most ``tau``, and ``f`` Byzantine rows move it by at
 most ``f tau / p``. Precondition ``p >= 2f + 1``.
 
 Computed in Gram space: ``v = a v0 + G^T c`` with ``v0`` the starting centre, so
-every ``||g_i - v||`` comes from ``K = G G^T``, ``G v0`` and ``||v0||`` (fp64); the
-iterations update ``(a, c)`` only and ``G`` is read three times in all.
+every ``||g_i - v||`` comes from ``K = G G^T``, ``G v0`` and ``||v0||`` (all accumulated
+in fp64, so a huge finite row neither overflows nor hides the others: see
+:mod:`~fa_hvd.aggregators.geometry`); the iterations update ``(a, c)`` only and ``G``
+is read three times in all.
 
 State: the centre is the previous step's aggregate (zeros on the first call),
 kept in ``self.center``. :meth:`state_dict` returns ``{"center": tensor or None}``
@@ -26,7 +28,7 @@ import numbers
 import torch
 
 from .base import Aggregator
-from .geometry import gram
+from .geometry import cross_gram, gram
 
 
 class CClip(Aggregator):
@@ -52,7 +54,7 @@ class CClip(Aggregator):
         else:
             v = self.center.to(device=G.device, dtype=G.dtype)
         K = gram(G)
-        Gv0 = (G @ v).double()
+        Gv0 = cross_gram(G, v[None, :])[:, 0]  # fp64 accumulation: a huge row's G v overflows fp32
         v0_sq = float(v.double() @ v.double())
         a, c = 1.0, torch.zeros(p, dtype=torch.float64, device=G.device)
         for _ in range(self.iterations):

@@ -7,6 +7,7 @@ bfloat16 allgather, so callers send bf16 as fp32 or fp16.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Callable
@@ -14,34 +15,65 @@ from typing import Callable
 import torch
 
 TIMEOUT_ENV = "FA_HVD_COLLECTIVE_TIMEOUT_SECONDS"
+STALL_SHUTDOWN_ENV = "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"
+FIRST_NOTICE_SECONDS = 60.0  # Horovod's stall inspector warns after 60 s too
+_log = logging.getLogger("fa_hvd")
 
 
 def collective_timeout(environ=os.environ) -> float | None:
-    """Seconds a rank waits for a collective before giving up (None: forever).
+    """Seconds a rank waits for a collective before giving up; ``None``: wait (the default).
 
-    ``FA_HVD_COLLECTIVE_TIMEOUT_SECONDS`` if set (0 = forever); otherwise Horovod's
-    stall shutdown time plus 30 s, a backstop for controllers whose stall inspector
-    does not shut the job down (Gloo in Horovod 0.28.1).
+    A rank that is busy (a rank-0 evaluation, a checkpoint) and one that hangs look
+    the same to the others, so by default fa_hvd waits, as Horovod does, and a hung
+    job is bounded by the batch system's time limit. ``FA_HVD_COLLECTIVE_TIMEOUT_SECONDS``
+    bounds the wait (0 or unset: no bound); if it is unset but Horovod's
+    ``HOROVOD_STALL_SHUTDOWN_TIME_SECONDS`` is set, the bound is that plus 30 s (Horovod's
+    stall shutdown acts only under MPI: this is its backstop under Gloo).
     """
     if TIMEOUT_ENV in environ:
-        value = float(environ[TIMEOUT_ENV])
+        value = _seconds(environ, TIMEOUT_ENV)
+    elif STALL_SHUTDOWN_ENV in environ:
+        value = _seconds(environ, STALL_SHUTDOWN_ENV)
+        value = value + 30 if value > 0 else 0
     else:
-        value = float(environ.get("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", "300")) + 30
+        return None
     return value if value > 0 else None
 
 
-def wait_until(done: Callable[[], bool], timeout: float | None, what: str) -> None:
-    """Poll ``done`` with a growing sleep (up to 10 ms); raise ``TimeoutError`` past ``timeout``."""
-    if timeout is None or done():
+def _seconds(environ, key: str) -> float:
+    try:
+        value = float(environ[key])
+    except ValueError:
+        raise ValueError(f"{key} must be a number of seconds, got {environ[key]!r}") from None
+    if value < 0 or value != value:
+        raise ValueError(f"{key} must be >= 0 seconds, got {environ[key]!r}")
+    return value
+
+
+def wait_until(done: Callable[[], bool], timeout: float | None, what: str,
+               first_notice: float = FIRST_NOTICE_SECONDS) -> None:
+    """Poll ``done`` until it is true; raise ``TimeoutError`` past ``timeout`` (``None``: never).
+
+    The sleep between polls grows from 10 us to 1 ms in the first second, then to
+    10 ms. A wait longer than ``first_notice`` seconds is logged (naming ``what``),
+    again at every doubling, so every waiting rank says what it waits for.
+    """
+    if done():
         return
-    deadline = time.monotonic() + timeout
+    start = time.monotonic()
+    notice = first_notice
     pause = 1e-5
     while not done():
-        if time.monotonic() > deadline:
+        waited = time.monotonic() - start
+        if timeout is not None and waited > timeout:
             raise TimeoutError(f"{what}: no answer from every rank within {timeout:.0f} s "
                                f"(a rank is hung or dead; {TIMEOUT_ENV} sets the limit)")
+        if waited > notice:
+            _log.warning("%s: still waiting after %.0f s (a rank is busy or hung; %s=SECONDS bounds the wait)",
+                         what, waited, TIMEOUT_ENV)
+            notice *= 2
         time.sleep(pause)
-        pause = min(2 * pause, 0.01)
+        pause = min(2 * pause, 1e-3 if waited < 1 else 1e-2)
 
 
 class Handle:
@@ -49,21 +81,32 @@ class Handle:
 
 
 class Transport:
-    """Collectives over a fixed group of ranks.
+    """Collectives over a group of ranks.
 
-    ``passthrough_errors`` are the exception types that must leave the optimizer
-    unchanged (Horovod's elastic mode resets on them). ``refresh()`` re-reads rank
-    and size after the group changed (an elastic reset) and says whether they did.
+    ``included``: whether this process belongs to the group (a Horovod process set
+    need not hold every rank; ``rank`` is then -1). ``passthrough_errors`` are the
+    exception types that must leave the optimizer unchanged (Horovod's elastic mode
+    resets on them). ``refresh()`` re-reads rank and size after the group changed
+    (an elastic reset) and says whether they did.
     """
 
     name = "transport"
     rank: int
     size: int
     local_rank: int
+    included = True
     passthrough_errors: tuple[type[BaseException], ...] = ()
 
     def refresh(self) -> bool:
         return False
+
+    def prepare(self, names: list[str]) -> None:
+        """Collective (every rank, same order): ``names`` will be gathered under, in any order
+        relative to each other. Transports whose collectives must be ordered set up one
+        channel per name here."""
+
+    def abandon(self, handle: "Handle") -> None:
+        """Forget an allgather in flight (its result will not be read)."""
 
     def allgather_async(self, tensor: torch.Tensor, name: str) -> Handle:
         raise NotImplementedError
@@ -84,4 +127,8 @@ class Transport:
 
     def allgather_object(self, obj, name: str) -> list:
         """Every rank's picklable ``obj``, in rank order."""
+        raise NotImplementedError
+
+    def broadcast_object(self, obj, root: int, name: str):
+        """``root``'s picklable ``obj`` on every rank (``root`` counts ranks of this transport)."""
         raise NotImplementedError

@@ -1,15 +1,13 @@
 """Transport over Horovod (``horovodrun``, Gloo or MPI controller).
 
-A rank that hangs would leave the others waiting in a collective forever. Unless
-the environment (or ``horovodrun --stall-check-*``) says otherwise, fa_hvd turns on
-Horovod's stall inspector before ``hvd.init()``: a warning after
-``HOROVOD_STALL_CHECK_TIME_SECONDS`` (60) and a shutdown, naming the ranks that
-did not submit, after ``HOROVOD_STALL_SHUTDOWN_TIME_SECONDS`` (300).
+Waiting is Horovod's: its stall inspector warns on rank 0 after
+``HOROVOD_STALL_CHECK_TIME_SECONDS`` (60), naming the ranks that did not submit,
+and shuts the job down only when ``HOROVOD_STALL_SHUTDOWN_TIME_SECONDS`` is set
+(under MPI); see :func:`fa_hvd.comm.base.collective_timeout` for fa_hvd's own bound.
 """
 
 from __future__ import annotations
 
-import os
 import pickle
 
 import horovod.torch as hvd
@@ -17,16 +15,6 @@ import torch
 from horovod.common.exceptions import HorovodInternalError, HostsUpdatedInterrupt
 
 from .base import Handle, Transport, collective_timeout, wait_until
-
-
-def set_stall_defaults(environ=os.environ) -> None:
-    """Turn on Horovod's stall shutdown unless already configured (call before ``hvd.init``).
-
-    The warning time is capped at the shutdown time (Horovod ignores a shutdown
-    time below it).
-    """
-    shutdown = environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", "300")
-    environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(min(60, int(shutdown))))
 
 
 class _HorovodHandle(Handle):
@@ -40,16 +28,18 @@ class HorovodTransport(Transport):
 
     def __init__(self, process_set=None):
         if not hvd.is_initialized():
-            set_stall_defaults()
             hvd.init()
         self.process_set = process_set if process_set is not None else hvd.global_process_set
-        self.rank = self.process_set.rank()
+        self.included = bool(self.process_set.included())
+        self.rank = self.process_set.rank() if self.included else -1
         self.size = self.process_set.size()
         self.local_rank = hvd.local_rank()
         self.timeout = collective_timeout()
 
     def refresh(self) -> bool:
         """Re-read rank and size from the process set (they change on an elastic reset)."""
+        if not self.included:
+            return False
         rank, size = self.process_set.rank(), self.process_set.size()
         changed = (rank, size) != (self.rank, self.size)
         self.rank, self.size = rank, size
@@ -59,11 +49,18 @@ class HorovodTransport(Transport):
         return _HorovodHandle(hvd.allgather_async(tensor, name=name, process_set=self.process_set), name)
 
     def wait(self, handle: Handle) -> torch.Tensor:
-        wait_until(lambda: hvd.poll(handle.handle), self.timeout, f"allgather {handle.name!r}")
+        wait_until(lambda: hvd.poll(handle.handle), self.timeout, f"fa_hvd: rank {self.rank}: allgather {handle.name!r}")
         return hvd.synchronize(handle.handle)
 
+    def _global_rank(self, rank: int) -> int:
+        """Horovod's roots are global ranks, even within a process set."""
+        return self.process_set.ranks[rank] if self.process_set.ranks else rank
+
     def broadcast_(self, tensor: torch.Tensor, root: int, name: str) -> torch.Tensor:
-        return hvd.broadcast_(tensor, root_rank=root, name=name, process_set=self.process_set)
+        return hvd.broadcast_(tensor, root_rank=self._global_rank(root), name=name, process_set=self.process_set)
+
+    def broadcast_object(self, obj, root: int, name: str):
+        return hvd.broadcast_object(obj, root_rank=self._global_rank(root), name=name, process_set=self.process_set)
 
     def allreduce_sum(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
         return hvd.allreduce(tensor, op=hvd.Sum, name=name, process_set=self.process_set)

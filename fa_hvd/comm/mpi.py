@@ -3,6 +3,11 @@
 Tensors travel as host buffers; CUDA tensors are staged through the CPU. Every
 rank must gather tensors of the same shape (the optimizer checks the model's
 shapes across ranks before the first step).
+
+MPI requires collectives on one communicator to start in the same order on every
+rank. :meth:`MPITransport.prepare` gives each named allgather (each gradient
+bucket) a duplicate communicator of its own, so buckets may start in whatever
+order their gradients become ready; unprepared names share the main one.
 """
 
 from __future__ import annotations
@@ -32,17 +37,28 @@ class MPITransport(Transport):
         self.size = self.comm.Get_size()
         self.timeout = collective_timeout()
         self.local_rank = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", os.environ.get("MPI_LOCALRANKID", 0)))
+        self._channels: dict[str, object] = {}
+        self._abandoned: list[_MPIHandle] = []  # kept alive until MPI is done with their buffers
+
+    def prepare(self, names: list[str]) -> None:
+        for name in names:
+            if name not in self._channels:
+                self._channels[name] = self.comm.Dup()
+
+    def abandon(self, handle: Handle) -> None:
+        self._abandoned.append(handle)
 
     def allgather_async(self, tensor: torch.Tensor, name: str) -> Handle:
         # Sent as raw bytes: MPI has no fp16/bf16 datatype, bytes need none.
         send = tensor.detach().to("cpu").contiguous().reshape(tensor.shape[0], -1).view(torch.uint8)
         recv = torch.empty((self.size * send.shape[0], send.shape[1]), dtype=torch.uint8)
-        request = self.comm.Iallgather(send.numpy(), recv.numpy())
+        self._abandoned = [h for h in self._abandoned if not h.request.Test()]
+        request = self._channels.get(name, self.comm).Iallgather(send.numpy(), recv.numpy())
         shape = (self.size * tensor.shape[0],) + tuple(tensor.shape[1:])
         return _MPIHandle(request, send, recv, tensor.device, tensor.dtype, shape)
 
     def wait(self, handle: Handle) -> torch.Tensor:
-        wait_until(handle.request.Test, self.timeout, "allgather")
+        wait_until(handle.request.Test, self.timeout, f"fa_hvd: rank {self.rank}: allgather")
         return handle.recv.view(handle.dtype).reshape(handle.shape).to(handle.device)
 
     def broadcast_(self, tensor: torch.Tensor, root: int, name: str) -> torch.Tensor:
@@ -62,3 +78,6 @@ class MPITransport(Transport):
 
     def allgather_object(self, obj, name: str) -> list:
         return self.comm.allgather(obj)
+
+    def broadcast_object(self, obj, root: int, name: str):
+        return self.comm.bcast(obj, root=root)

@@ -75,6 +75,13 @@ class FaultInjector:
             raise ValueError(f"FaultInjector: transport is rank {t.rank} of {t.size}, "
                              f"the injector rank {self.rank} of {self.world_size}")
 
+    @property
+    def uses_collectives(self) -> bool:
+        """True when :meth:`gradient_transform` runs collectives itself (an omniscient
+        attack's honest view): the optimizer then starts buckets in index order, the same
+        on every rank, so those collectives line up."""
+        return bool(self._omniscient)
+
     # -- scheduling ------------------------------------------------------------------
     def fires(self, index: int, rank: int, step: int) -> bool:
         """Whether spec ``index`` acts on ``rank`` at ``step`` (the same answer on every rank)."""

@@ -5,6 +5,7 @@ python optimizer_check.py --transport horovod|mpi CHECK [CHECK ...]
 import argparse
 import json
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -14,10 +15,13 @@ import fa_hvd
 from fa_hvd.comm import get_transport
 from fa_hvd.optimizer import checksum
 
+from fa_hvd.aggregators import get as get_aggregator
+
+# For 5 ranks, the last one Byzantine (it sends -10 times its gradient).
 RULES = {
-    "mean": {}, "median": {"f": 1}, "trimmed_mean": {"f": 1}, "krum": {"f": 0}, "multikrum": {"f": 0},
-    "geomed": {"f": 1}, "cclip": {"f": 1}, "mda": {"f": 1}, "nmean": {}, "flag": {"f": 1, "r": 2},
-    "nnm+krum": {"f": 0}, "bucketing+median": {"f": 0, "s": 2},
+    "mean": {}, "median": {"f": 2}, "trimmed_mean": {"f": 2}, "krum": {"f": 1}, "multikrum": {"f": 1},
+    "bulyan": {"f": 0}, "geomed": {"f": 2}, "cclip": {"f": 2, "tau": 0.05}, "mda": {"f": 2}, "nmean": {},
+    "flag": {"f": 1, "r": 2}, "nnm+krum": {"f": 1}, "bucketing+median": {"f": 1, "s": 2},
 }
 
 
@@ -59,14 +63,31 @@ def check_mean_vs_horovod(transport, rank):
 
 
 def check_rules(transport, rank):
+    """Each rule through the optimizer against the same rule applied in this process to the
+    gathered matrix of what every rank sent (gathered separately). The last rank is Byzantine."""
+    byzantine = transport.size - 1
+
+    def attack(flat, bucket, step):
+        return -10 * flat if rank == byzantine else flat
+
     out = {}
     for name, params in RULES.items():
         model, x, y = model_and_data(rank)
         opt = fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), aggregator=name,
-                                          aggregator_params=params, transport=transport)
-        train(model, opt, x, y, steps=3)
-        finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
-        out[name] = {"agree": agree(transport, model.parameters()), "finite": finite}
+                                          aggregator_params=params, transport=transport, gradient_transform=attack)
+        ordered = [p for bucket in opt._buckets for p in bucket.params]
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        sent = attack(torch.cat([p.grad.reshape(-1) for p in ordered]), 0, 0)
+        G = transport.allgather(sent.reshape(1, -1), name=f"check.rules.{name}")
+        expected = get_aggregator(name, **params)(G)
+        opt.synchronize()
+        got = torch.cat([p.grad.reshape(-1) for p in ordered])
+        with opt.skip_synchronize():
+            opt.step()
+        out[name] = {"rel_diff": float((got - expected).norm() / expected.norm()),
+                     "vs_mean": float((expected - G.mean(0)).norm() / expected.norm()),
+                     "agree": agree(transport, model.parameters())}
     return out
 
 
@@ -191,11 +212,100 @@ def check_bad_world(transport, rank):
     return {"error": None}
 
 
-def check_process_sets(transport, rank):
-    """Two Horovod process sets, {0, 2} and {1, 3}, each aggregating only its own ranks.
+def twin_runs(rank, build, step_fn, steps, process_set=None, **ours):
+    """The same model and data trained with fa_hvd's mean and with Horovod's optimizer
+    (op=Average); the largest parameter difference and how far training moved them."""
+    import horovod.torch as hvd
 
-    The mpi4py transport has no process sets: there, passing one is refused.
-    """
+    hvd.init()  # a no-op under horovodrun; under plain mpirun Horovod joins the same MPI world
+    models = []
+    for wrap in ("fa_hvd", "horovod"):
+        model, inner = build()
+        kwargs = {} if process_set is None else {"process_set": process_set}
+        if wrap == "fa_hvd":
+            opt = fa_hvd.DistributedOptimizer(inner, named_parameters=model.named_parameters(), aggregator="mean",
+                                              **ours, **kwargs)
+        else:
+            opt = hvd.DistributedOptimizer(inner, named_parameters=model.named_parameters(), **kwargs)
+        for step in range(steps):
+            step_fn(model, opt, step)
+        models.append(model)
+    start, _ = build()
+    diff = max(float((a - b).abs().max()) for a, b in zip(models[0].parameters(), models[1].parameters()))
+    moved = max(float((a - b).abs().max()) for a, b in zip(models[0].parameters(), start.parameters()))
+    return {"max_abs_diff": diff, "moved": moved}
+
+
+def check_unused_on_some_ranks(transport, rank):
+    """Horovod's test_force_allreduce: rank 0 trains one head, the others another; the
+    parameters a rank did not use still get the aggregate, as with Horovod."""
+    def build():
+        torch.manual_seed(0)
+        model = nn.ModuleDict({"body": nn.Linear(8, 16), "head1": nn.Linear(16, 3), "head2": nn.Linear(16, 3)})
+        return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    _, x, y = model_and_data(rank)
+
+    def step(model, opt, _):
+        opt.zero_grad()
+        hidden = torch.tanh(model["body"](x))
+        F.cross_entropy(model["head1" if rank == 0 else "head2"](hidden), y).backward()
+        opt.step()
+
+    return twin_runs(rank, build, step, steps=3, transport=transport)
+
+
+def check_sparse_vs_horovod(transport, rank):
+    """Horovod's test_sparse_embeddings, compared: SparseAdam on nn.Embedding(sparse=True),
+    with and without sparse_as_dense, different tokens per rank."""
+    out = {}
+    for sparse_as_dense in (False, True):
+        def build():
+            torch.manual_seed(0)
+            model = nn.Embedding(10, 3, sparse=True)
+            return model, torch.optim.SparseAdam(list(model.parameters()), lr=0.1)
+
+        tokens = torch.tensor([[1, 2, 4, 5], [4, 3, 2, 9]]) if rank == 0 else torch.tensor([[1, 3, 4], [4, 7, 9]])
+
+        def step(model, opt, _):
+            opt.zero_grad()
+            model(tokens).sum().backward()
+            opt.step()
+
+        import horovod.torch as hvd
+
+        hvd.init()
+        out[str(sparse_as_dense)] = twin_runs(rank, build, step, steps=2, transport=transport,
+                                              sparse_as_dense=sparse_as_dense)
+    return out
+
+
+def check_zero_step(transport, rank):
+    """Horovod's broadcast_optimizer_state (what unchanged scripts call) initialises the
+    state with a zero step: no exchange, no step counted, no fault step used."""
+    import horovod.torch as hvd
+
+    hvd.init()
+    seen = []
+
+    def record(flat, bucket, step):
+        seen.append(step)
+        return flat
+
+    model, x, y = model_and_data(rank)
+    opt = fa_hvd.DistributedOptimizer(torch.optim.Adam(model.parameters(), lr=0.01), aggregator="mean",
+                                      transport=transport, gradient_transform=record)
+    hvd.broadcast_optimizer_state(opt, root_rank=0)
+    fa_hvd.broadcast_optimizer_state(opt, root_rank=0)
+    train(model, opt, x, y, steps=2)
+    return {"steps_seen": sorted(set(seen)), "calls_per_step": len(seen) // 2, "buckets": len(opt._buckets),
+            "step_count": opt.step_count}
+
+
+def check_process_sets(transport, rank):
+    """Process sets {even ranks} and {odd ranks}, each aggregating only its own: fa_hvd's mean
+    against Horovod's optimizer with the same set. The mpi4py transport has no process
+    sets: there, passing one is refused."""
     if transport.name == "mpi":
         model, _, _ = model_and_data(rank)
         try:
@@ -206,26 +316,127 @@ def check_process_sets(transport, rank):
         return {"refused": None}
     import horovod.torch as hvd
 
-    evens, odds = hvd.add_process_set([0, 2]), hvd.add_process_set([1, 3])
-    model, x, y = model_and_data(rank)
-    opt = fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), aggregator="median",
-                                      process_set=evens if rank % 2 == 0 else odds)
-    train(model, opt, x, y, steps=3)
+    evens = hvd.add_process_set(list(range(0, transport.size, 2)))
+    odds = hvd.add_process_set(list(range(1, transport.size, 2)))
+    mine = evens if rank % 2 == 0 else odds
+    _, x, y = model_and_data(rank)
+
+    def build():
+        model, _, _ = model_and_data(0)
+        return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step(model, opt, _):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    out = twin_runs(rank, build, step, steps=3, process_set=mine)
+    model, opt = build()
+    opt = fa_hvd.DistributedOptimizer(opt, aggregator="median", process_set=mine)
+    for i in range(3):
+        step(model, opt, i)
     sums = transport.allgather_object(checksum(model.parameters()), name="check.ps")
-    return {"same_within": sums[0] == sums[2] and sums[1] == sums[3], "differ_across": sums[0] != sums[1],
-            "set_size": opt._transport.size}
+    out.update(same_within=all(sums[r] == sums[rank % 2] for r in range(rank % 2, transport.size, 2)),
+               differ_across=sums[0] != sums[1], set_size=opt.transport.size)
+    out = {k: transport.allgather_object(v, name=f"check.ps.{k}") for k, v in out.items()}
+    hvd.remove_process_set(odds)
+    hvd.remove_process_set(evens)
+    return out
+
+
+def check_process_set_sizes(transport, rank):
+    """hvd.add_process_set([0..k-1]) for every k (singletons included), all ranks wrapping
+    with it as Horovod's test_optimizer_process_sets does: ranks inside aggregate over the
+    set, ranks outside step on their own gradients. fa_hvd's mean against Horovod's
+    optimizer, on every rank."""
+    import horovod.torch as hvd
+
+    _, x, y = model_and_data(rank)
+
+    def build():
+        model, _, _ = model_and_data(0)
+        return model, torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9, weight_decay=0.1)
+
+    def step(model, opt, _):
+        opt.zero_grad()
+        F.mse_loss(model(x), F.one_hot(y, 3).float()).backward()
+        opt.step()
+
+    out = {}
+    for k in range(1, transport.size + 1):
+        process_set = hvd.add_process_set(list(range(k))) if k < transport.size else hvd.global_process_set
+        result = twin_runs(rank, build, step, steps=2, process_set=process_set)
+        out[str(k)] = transport.allgather_object(result, name=f"check.sizes.{k}")
+        if k < transport.size:
+            hvd.remove_process_set(process_set)
+    return out
+
+
+def check_slow_peer(transport, rank):
+    """Rank 1 is busy for 1.5 s before it sends: every rank waits for it and reads its whole row."""
+    if rank == 1:
+        time.sleep(1.5)
+    G = transport.allgather(torch.full((1, 4096), float(rank + 1)), name="check.slow_peer")
+    expected = torch.arange(1, transport.size + 1, dtype=torch.float32)[:, None].expand(-1, 4096)
+    return {"complete": all(transport.allgather_object(bool(torch.equal(G, expected)), name="check.slow_peer.ok"))}
+
+
+def check_broadcast_state(transport, rank):
+    """Resume as Horovod scripts do: rank 0 loads the checkpoint, then broadcast. The cclip
+    centre (aggregator state; tau small enough that clipping bites) must reach every rank:
+    fa_hvd.broadcast_optimizer_state, and (over Horovod) elastic's TorchState.sync, carry it;
+    Horovod's own function does not."""
+    model, x, y = model_and_data(rank)
+    opt = fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), aggregator="cclip",
+                                      aggregator_params={"f": 1, "tau": 0.01}, transport=transport)
+    train(model, opt, x, y, steps=2)
+    checkpoint = (model.state_dict(), opt.state_dict())
+
+    def resumed(broadcast):
+        fresh, _, _ = model_and_data(rank)
+        fresh_opt = fa_hvd.DistributedOptimizer(torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9),
+                                                aggregator="cclip", aggregator_params={"f": 1, "tau": 0.01}, transport=transport)
+        if rank == 0:
+            fresh.load_state_dict(checkpoint[0])
+            fresh_opt.load_state_dict(checkpoint[1])
+        for name, tensor in sorted(fresh.state_dict().items()):
+            transport.broadcast_(tensor, 0, name=f"check.bcast.{broadcast}.{name}")
+        if broadcast == "fa_hvd":
+            fa_hvd.broadcast_optimizer_state(fresh_opt, root_rank=0)
+        elif broadcast == "torchstate":
+            import horovod.torch as hvd
+
+            hvd.elastic.TorchState(model=fresh, optimizer=fresh_opt).sync()
+        else:
+            import horovod.torch as hvd
+
+            hvd.broadcast_optimizer_state(fresh_opt, root_rank=0)
+        centre = fresh_opt.aggregator.state_dict().get("center")
+        centre_crc = None if centre is None else checksum([centre])
+        train(fresh, fresh_opt, x, y, steps=1)
+        return {"centres_agree": len(set(transport.allgather_object(centre_crc, name=f"check.c.{broadcast}"))) == 1,
+                "params_agree": agree(transport, fresh.parameters())}
+
+    out = {"fa_hvd": resumed("fa_hvd")}
+    if transport.name == "horovod":
+        out["torchstate"] = resumed("torchstate")
+        out["horovods_own"] = resumed("horovod")
+    return out
 
 
 CHECKS = {"mean_vs_horovod": check_mean_vs_horovod, "rules": check_rules, "features": check_features,
           "mismatch": check_mismatch, "bad_world": check_bad_world,
-          "process_sets": check_process_sets}
+          "process_sets": check_process_sets, "slow_peer": check_slow_peer,
+          "broadcast_state": check_broadcast_state, "unused_on_some_ranks": check_unused_on_some_ranks,
+          "sparse_vs_horovod": check_sparse_vs_horovod, "zero_step": check_zero_step,
+          "process_set_sizes": check_process_set_sizes}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--transport", default="horovod")
     parser.add_argument("checks", nargs="+", choices=sorted(CHECKS))
     args = parser.parse_args()
-    if "process_sets" in args.checks and args.transport == "horovod":
+    if {"process_sets", "process_set_sizes"} & set(args.checks) and args.transport == "horovod":
         import horovod.torch as hvd
 
         hvd.init(process_sets="dynamic")

@@ -1,0 +1,114 @@
+"""Huge finite rows (norm 1e19 .. 1e38, one exponent bit flip) and fp32 cancellation: every
+robust rule stays finite, close to its own fp64 answer, and on the honest side."""
+
+import pytest
+import torch
+
+from fa_hvd.aggregators import get
+from fa_hvd.aggregators.geometry import gram, sq_distances
+
+P, F, N = 11, 2, 600
+ROBUST = {
+    "median": {}, "trimmed_mean": {}, "krum": {}, "multikrum": {}, "bulyan": {}, "geomed": {},
+    "cclip": {"tau": 0.5}, "mda": {}, "nmean": {}, "flag": {}, "flag[reference]": {"mode": "reference"},
+    "nnm+krum": {}, "bucketing+median": {"s": 2}, "clip+median": {}, "arc+trimmed_mean": {},
+}
+
+
+def honest(seed=0, mean=1.0, spread=1.0, rows=P - F):
+    gen = torch.Generator().manual_seed(seed)
+    return mean * torch.ones(N) + spread * torch.randn(rows, N, generator=gen)
+
+
+def huge_rows(kind, seed=1):
+    """``F`` finite rows: a random direction scaled to norm 10^kind; ``"flat"``: every entry
+    the same, norm 1e38 (any sum over a row overflows fp32); ``"bitflip"``: honest-looking rows
+    with the exponent's top bit flipped in one small element (x -> x 2^128)."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "flat":
+        return torch.full((F, N), 1e38 / N ** 0.5)
+    if kind == "bitflip":
+        rows = torch.rand(F, N, generator=gen) * 0.9 + 0.05  # all in (0, 1): exponent < 127
+        bits = rows.view(torch.int32)
+        bits[:, 7] ^= 1 << 30
+        return rows
+    direction = torch.randn(F, N, generator=gen, dtype=torch.float64)
+    return (direction / direction.norm(dim=1, keepdim=True) * 10.0 ** kind).float()
+
+
+def rule(name, **extra):
+    base = name.split("[")[0]
+    return get(base, f=F if "bucketing" not in name else 1, **ROBUST[name], **extra)
+
+
+@pytest.mark.parametrize("kind", [19, 30, 38, "flat", "bitflip"])
+@pytest.mark.parametrize("name", sorted(ROBUST))
+def test_a_huge_finite_row_never_breaks_a_robust_rule(name, kind):
+    good = honest()
+    bad = huge_rows(kind)
+    assert torch.isfinite(bad).all() and bad.abs().max() > 1e17
+    G = torch.cat([good[:4], bad, good[4:]])
+    out = rule(name)(G)
+    reference = rule(name)(G.double())  # fp64 holds every square and sum of these rows
+    assert torch.isfinite(out).all(), name
+    assert (out.double() - reference).norm() <= 1e-4 * reference.norm() + 1e-6, name
+    assert out.norm() <= 2 * good.norm(dim=1).max(), name  # the huge rows did not take over
+
+
+@pytest.mark.parametrize("name", ["krum", "multikrum", "geomed", "mda", "bulyan"])
+def test_distance_rules_keep_the_honest_geometry_against_fp32_cancellation(name):
+    """Rows sharing a large mean (1e3) with a small spread (1e-2): in fp32 the Gram's entries
+    (~n 1e6) swamp the squared distances (~n 1e-4). The rule on fp32 rows must pick what it
+    picks on the same rows in fp64: within a tenth of the closest two rows' distance (an fp32
+    Gram missed by a third of it or more)."""
+    G = torch.cat([honest(mean=1e3, spread=1e-2, rows=P - F), honest(seed=5, mean=1e3, spread=3e-2, rows=F)])
+    G64 = G.double()
+    distances = torch.cdist(G64, G64).fill_diagonal_(float("inf"))
+    out, reference = rule(name)(G), rule(name)(G64)
+    assert (out.double() - reference).norm() <= 0.1 * distances.min(), name
+
+
+def test_squared_distances_match_fp64_under_cancellation_and_huge_rows():
+    """mu / sigma = 1e5: an fp32 Gram errs by ~36 on distances of ~0.12; the fp64-accumulated
+    one by ~1e-5 relative. A row of norm 1e38 squares to 1e76: finite in fp64."""
+    for G in (honest(mean=1e3, spread=1e-2), torch.cat([honest(), huge_rows(38)])):
+        G64 = G.double()
+        exact = ((G64[:, None, :] - G64[None, :, :]) ** 2).sum(-1)
+        torch.testing.assert_close(sq_distances(G), exact, rtol=1e-4, atol=0)
+        K = G64 @ G64.T
+        torch.testing.assert_close(gram(G), K, rtol=0, atol=1e-12 * float(K.abs().max()))
+
+
+@pytest.mark.parametrize("kind", [38, "flat"])
+def test_centered_clipping_with_a_centre_and_a_huge_row(kind):
+    """The second call starts from the previous aggregate v (here ~5 everywhere): G v must not
+    overflow either (the flat row's G v is ~1e40)."""
+    good = honest()
+    G = torch.cat([good[:4], huge_rows(kind), good[4:]])
+    ours, reference = rule("cclip"), rule("cclip")
+    for r in (ours, reference):
+        r.load_state_dict({"center": torch.full((N,), 5.0)})
+    out, expected = ours(G), reference(G.double())
+    assert torch.isfinite(out).all()
+    assert (out.double() - expected).norm() <= 1e-4 * expected.norm()
+
+
+@pytest.mark.parametrize("name", sorted(ROBUST))
+def test_the_bitflip_attack_at_its_default_rate_never_breaks_a_robust_rule(name):
+    """fa_hvd.faults' own bitflip at its default rate (1e-3) on F ranks of 20000 coordinates,
+    10 draws: the rows it makes hold huge finite values (a flipped top exponent bit), and
+    some Inf or NaN too (then dropped)."""
+    from fa_hvd.faults import ATTACKS
+
+    gen = torch.Generator().manual_seed(0)
+    good = 1.0 + 0.3 * torch.randn(P - F, 20000, generator=gen)
+    huge = 0
+    for draw in range(10):
+        gen = torch.Generator().manual_seed(draw)
+        bad = torch.stack([ATTACKS["bitflip"](good[i].clone(), None, gen, {"rate": 1e-3}) for i in range(F)])
+        huge += int((torch.isfinite(bad) & (bad.abs() > 1e30)).any())
+        G = torch.cat([bad, good])
+        out, reference = rule(name)(G), rule(name)(G.double())
+        assert torch.isfinite(out).all(), (name, draw)
+        assert (out.double() - reference).norm() <= 1e-4 * reference.norm() + 1e-6, (name, draw)
+    assert huge >= 5  # the draws really made huge finite rows
