@@ -39,7 +39,7 @@ from torch.func import functional_call, vmap
 
 from fa_hvd.aggregators import get as get_aggregator
 from fa_hvd.faults import FaultInjector, parse_faults, poison_for_rank
-from fa_hvd.optimizer import DEFAULT_BUCKET_BYTES, _make_buckets
+from fa_hvd.optimizer import _make_buckets
 from fa_hvd.train import data as datasets
 from fa_hvd.train import models
 from fa_hvd.train.sharding import ShardStream, partition, steps_per_epoch
@@ -202,7 +202,7 @@ def simulate(cell: Cell, curve: bool = False) -> dict:
                                 nesterov=settings.nesterov, weight_decay=settings.weight_decay)
     aggregator = get_aggregator(cell.aggregator, **cell.aggregator_params)
     aggregator.check(p)
-    buckets = _make_buckets(optimizer.param_groups, None, DEFAULT_BUCKET_BYTES)
+    buckets = _make_buckets(optimizer.param_groups, None, None)  # the optimizer's default layout
     names = {id(param): name for name, param in model.named_parameters()}
     layout = [[(names[id(param)], param) for param in bucket.params] for bucket in buckets]
 
