@@ -7,6 +7,8 @@ number, got 'fast'``), never a traceback from deep inside the run.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import typing
 from pathlib import Path
 
@@ -49,13 +51,79 @@ def from_dict(cls, data, where: str = ""):
 
 def load(cls, path: str | Path):
     """Read YAML ``path`` into dataclass ``cls``."""
+    return from_dict(cls, read_yaml(path))
+
+
+def read_yaml(path: str | Path) -> dict:
+    """The mapping in YAML file ``path`` (an empty file is ``{}``)."""
     try:
         data = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file is a directory: {path}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return from_dict(cls, data)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(raw: dict, items, source: str = "--set") -> dict:
+    """``raw`` with dotted ``KEY=VALUE`` overrides applied (a new dict; ``raw`` is unchanged).
+
+    ``optim.lr=0.05`` sets ``raw["optim"]["lr"]``; values are YAML
+    (``null``, ``true``, ``[1, 2]``), numbers in any notation (``1e-3``).
+    Type checks happen later, when the result is validated.
+    """
+    out = json.loads(json.dumps(raw, default=str))
+    for item in items:
+        key, sep, text = item.partition("=")
+        parts = [p.strip() for p in key.split(".")]
+        if not sep or not all(parts):
+            raise ConfigError(f"{source}: expected KEY=VALUE with a dotted KEY, got {item!r}")
+        node = out
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"{source} {item!r}: {'.'.join(parts[:depth + 1])} is not a mapping")
+            node = child
+        node[parts[-1]] = parse_yaml_value(text.strip())
+    return out
+
+
+def parse_yaml_value(text: str):
+    """A command-line value as YAML, with numbers in any notation: ``"1e-3"`` -> 0.001."""
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        return text
+    return parse_value(value) if isinstance(value, str) else value
+
+
+def to_dict(obj) -> dict:
+    """A dataclass config as plain data (lists and mappings), as it would be written in YAML."""
+    return json.loads(json.dumps(dataclasses.asdict(obj)))
+
+
+def digest(data) -> str:
+    """SHA-256 (hex, 16 digits) of ``data``'s canonical JSON: equal configs, equal digests."""
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def differences(a, b, where: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plain-data configs."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b), key=str):
+            out += differences(a.get(key), b.get(key), _key(where, str(key)))
+        return out
+    return [] if a == b else [f"{where or 'config'}: {a!r} -> {b!r}"]
 
 
 def parse_value(text: str):
@@ -123,6 +191,8 @@ def _coerce(hint, value, key: str):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):
+            value = parse_value(value)  # YAML 1.1 reads 1e-3 as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

@@ -1,17 +1,26 @@
-"""Small models for the embedded data sets."""
+"""Models by name: ``mlp``, ``cnn``, ``resnet18`` (for 32x32 images) and ``torchvision:NAME``.
+
+``build(name, shape, num_classes)`` takes the input shape ``(C, H, W)`` of one
+sample. ``torchvision:NAME`` is ``torchvision.models.get_model(NAME, weights=None,
+num_classes=...)`` (randomly initialised: nothing is downloaded), for 3-channel
+images.
+"""
 
 from __future__ import annotations
 
-import torch
+import math
+
 from torch import nn
 
+TORCHVISION_PREFIX = "torchvision:"
 
-def mlp(shape: tuple, num_classes: int, hidden: int = 64) -> nn.Module:
-    """Flatten -> Linear(hidden) -> ReLU -> Linear(num_classes)."""
-    inputs = 1
-    for d in shape:
-        inputs *= d
-    return nn.Sequential(nn.Flatten(), nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+def mlp(shape: tuple, num_classes: int, hidden: int = 64, dropout: float = 0.0) -> nn.Module:
+    """Flatten -> Linear(hidden) -> ReLU [-> Dropout(dropout)] -> Linear(num_classes)."""
+    layers = [nn.Flatten(), nn.Linear(math.prod(shape), hidden), nn.ReLU()]
+    if dropout:
+        layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers, nn.Linear(hidden, num_classes))
 
 
 def small_cnn(shape: tuple, num_classes: int, width: int = 16) -> nn.Module:
@@ -24,10 +33,53 @@ def small_cnn(shape: tuple, num_classes: int, width: int = 16) -> nn.Module:
     )
 
 
-MODELS = {"mlp": mlp, "cnn": small_cnn}
+def resnet18_cifar(shape: tuple, num_classes: int) -> nn.Module:
+    """ResNet-18 for small images (He et al. 2016, the CIFAR variant): torchvision's
+    ResNet-18 with a 3x3 stride-1 stem and no max-pooling, so 32x32 inputs keep 4x4
+    maps before the final pooling."""
+    from torchvision.models import resnet18
+
+    model = resnet18(weights=None, num_classes=num_classes)
+    model.conv1 = nn.Conv2d(shape[0], 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
 
 
-def build(name: str, shape: tuple, num_classes: int) -> nn.Module:
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
-    return MODELS[name](shape, num_classes)
+def torchvision_model(name: str, shape: tuple, num_classes: int) -> nn.Module:
+    from torchvision.models import get_model
+
+    if shape[0] != 3:
+        raise ValueError(f"model {TORCHVISION_PREFIX}{name} takes 3-channel images; the data has "
+                         f"{shape[0]} channel(s) (use mlp, cnn or resnet18)")
+    return get_model(name, weights=None, num_classes=num_classes)
+
+
+NAMES = ("mlp", "cnn", "resnet18")
+
+
+def check_name(name: str) -> None:
+    """Raise ``ValueError`` unless ``name`` is a known model."""
+    if name in NAMES:
+        return
+    if name.startswith(TORCHVISION_PREFIX):
+        from torchvision.models import list_models
+
+        tv_name = name[len(TORCHVISION_PREFIX):]
+        if tv_name not in list_models():
+            raise ValueError(f"torchvision has no model {tv_name!r} (torchvision.models.list_models())")
+        return
+    raise ValueError(f"unknown model {name!r}; known: {', '.join(NAMES)}, or {TORCHVISION_PREFIX}NAME "
+                     f"for any torchvision model")
+
+
+def build(name: str, shape: tuple, num_classes: int, hidden: int = 64, width: int = 16,
+          dropout: float = 0.0) -> nn.Module:
+    """The model ``name`` for samples of ``shape`` and ``num_classes`` classes."""
+    check_name(name)
+    if name == "mlp":
+        return mlp(shape, num_classes, hidden, dropout)
+    if name == "cnn":
+        return small_cnn(shape, num_classes, width)
+    if name == "resnet18":
+        return resnet18_cifar(shape, num_classes)
+    return torchvision_model(name[len(TORCHVISION_PREFIX):], shape, num_classes)

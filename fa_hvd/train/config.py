@@ -1,0 +1,295 @@
+"""The trainer's configuration: typed sections, validated on load, hashed for resume.
+
+A config is a YAML mapping with the sections below (every key optional; the
+defaults are the dataclass fields). ``--set a.b=c`` overrides any key. A bad key
+or value raises one :class:`~fa_hvd.config.ConfigError` naming the key and what
+is allowed. Checks that need the world size (the aggregator's precondition,
+faults on ranks outside the world, shards) happen after the ranks start, before
+any of them trains.
+
+``identity(conf)`` is what a checkpoint must match to be resumed: the whole
+config except ``checkpoint`` and ``log`` (where and how often to save and print
+changes nothing in the numbers).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from fa_hvd import config as cfg
+from fa_hvd.aggregators import get as get_aggregator
+from fa_hvd.faults import parse_faults
+
+DATA_SOURCES = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic", "dir")
+BOOKKEEPING_SECTIONS = ("checkpoint", "log")
+CHECK_WORLD = 1024  # at least this world size when faults are checked before the ranks start
+
+
+def _positive(name: str, value, integer: bool = False) -> None:
+    if value is None:
+        return
+    ok = value >= 1 if integer else (math.isfinite(value) and value > 0)
+    if not ok:
+        raise cfg.ConfigError(f"{name}: must be {'an integer >= 1' if integer else 'a number > 0'}, got {value!r}")
+
+
+@dataclass
+class SyntheticConfig:
+    """Random inputs labelled by a fixed random linear teacher (learnable), for benchmarks."""
+
+    train_size: int = 4096
+    test_size: int = 1024
+    shape: list = field(default_factory=lambda: [3, 32, 32])
+    num_classes: int = 10
+
+    def validate(self) -> None:
+        _positive("data.synthetic.train_size", self.train_size, integer=True)
+        _positive("data.synthetic.test_size", self.test_size, integer=True)
+        if not self.shape or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in self.shape):
+            raise cfg.ConfigError(f"data.synthetic.shape: must be a non-empty list of integers >= 1, "
+                                  f"got {self.shape!r}")
+        if self.num_classes < 2:
+            raise cfg.ConfigError(f"data.synthetic.num_classes: must be >= 2, got {self.num_classes}")
+
+
+@dataclass
+class DataConfig:
+    """Where the samples come from and how each rank's shard is drawn."""
+
+    name: Literal["digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic",
+                  "dir"] = "digits"
+    dir: Optional[str] = None          # local files for mnist, fashion_mnist, cifar*, imagefolder, dir
+    alpha: Optional[float] = None      # Dirichlet non-IID over labels; null = IID
+    augment: Literal["none", "crop_flip"] = "none"
+    normalize: bool = True             # per-channel mean/std of the known data sets
+    verify: bool = True                # CIFAR: check torchvision's MD5 sums of the batch files
+    image_size: int = 64               # imagefolder: images resized to image_size x image_size
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def validate(self) -> None:
+        if self.name not in ("digits", "synthetic") and not self.dir:
+            raise cfg.ConfigError(f"data.dir: data set {self.name!r} reads local files; set data.dir "
+                             f"(nothing is downloaded)")
+        _positive("data.alpha", self.alpha)
+        _positive("data.image_size", self.image_size, integer=True)
+
+
+@dataclass
+class ModelConfig:
+    """``mlp``, ``cnn``, ``resnet18`` (CIFAR-style, 32x32) or ``torchvision:NAME``."""
+
+    name: str = "mlp"
+    hidden: int = 64                   # mlp
+    dropout: float = 0.0               # mlp
+    width: int = 16                    # cnn
+
+    def validate(self) -> None:
+        from fa_hvd.train.models import check_name
+
+        try:
+            check_name(self.name)
+        except ValueError as exc:
+            raise cfg.ConfigError(f"model.name: {exc}") from None
+        _positive("model.hidden", self.hidden, integer=True)
+        _positive("model.width", self.width, integer=True)
+        if not 0 <= self.dropout < 1:
+            raise cfg.ConfigError(f"model.dropout: must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9              # sgd
+    nesterov: bool = False             # sgd
+    weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.999])  # adam, adamw
+    eps: float = 1e-8                  # adam, adamw
+    grad_clip: Optional[float] = None  # max L2 norm of the aggregated gradient
+    backward_passes_per_step: int = 1  # local gradient accumulation, as in Horovod
+
+    def validate(self) -> None:
+        _positive("optim.lr", self.lr)
+        if not 0 <= self.momentum < 1:
+            raise cfg.ConfigError(f"optim.momentum: must be in [0, 1), got {self.momentum}")
+        if self.nesterov and (self.name != "sgd" or self.momentum == 0):
+            raise cfg.ConfigError("optim.nesterov: needs optim.name sgd and optim.momentum > 0")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise cfg.ConfigError(f"optim.weight_decay: must be >= 0, got {self.weight_decay}")
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+            raise cfg.ConfigError(f"optim.betas: must be two numbers in [0, 1), got {self.betas!r}")
+        _positive("optim.eps", self.eps)
+        _positive("optim.grad_clip", self.grad_clip)
+        _positive("optim.backward_passes_per_step", self.backward_passes_per_step, integer=True)
+
+
+@dataclass
+class ScheduleConfig:
+    """The learning rate as a factor of ``optim.lr`` per optimizer step.
+
+    ``constant``; ``step``: times ``gamma`` every ``step_epochs`` epochs; ``cosine``:
+    from 1 down to ``min_lr / lr`` over the run. A linear warm-up over
+    ``warmup_steps`` (or ``warmup_epochs``) multiplies any of them.
+    """
+
+    name: Literal["constant", "step", "cosine"] = "constant"
+    step_epochs: Optional[float] = None
+    gamma: float = 0.1
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    warmup_epochs: float = 0.0
+
+    def validate(self) -> None:
+        if self.name == "step" and self.step_epochs is None:
+            raise cfg.ConfigError("schedule.step_epochs: required with schedule.name step")
+        _positive("schedule.step_epochs", self.step_epochs)
+        if not 0 < self.gamma <= 1:
+            raise cfg.ConfigError(f"schedule.gamma: must be in (0, 1], got {self.gamma}")
+        if not (math.isfinite(self.min_lr) and self.min_lr >= 0):
+            raise cfg.ConfigError(f"schedule.min_lr: must be >= 0, got {self.min_lr}")
+        if self.warmup_steps < 0 or self.warmup_epochs < 0:
+            raise cfg.ConfigError("schedule.warmup_steps, schedule.warmup_epochs: must be >= 0")
+        if self.warmup_steps and self.warmup_epochs:
+            raise cfg.ConfigError("schedule: set warmup_steps or warmup_epochs, not both")
+
+
+@dataclass
+class TrainConfig:
+    steps: Optional[int] = None        # total optimizer steps; null = epochs x steps per epoch
+    epochs: float = 5
+    batch_size: int = 32               # per rank, per backward pass
+    eval_batch_size: int = 512
+    eval_every_steps: Optional[int] = None
+    eval_every_epochs: float = 1       # 0: only at the end
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def validate(self) -> None:
+        _positive("train.steps", self.steps, integer=True)
+        _positive("train.epochs", self.epochs)
+        _positive("train.batch_size", self.batch_size, integer=True)
+        _positive("train.eval_batch_size", self.eval_batch_size, integer=True)
+        _positive("train.eval_every_steps", self.eval_every_steps, integer=True)
+        if self.eval_every_epochs < 0:
+            raise cfg.ConfigError(f"train.eval_every_epochs: must be >= 0, got {self.eval_every_epochs}")
+
+
+@dataclass
+class RobustConfig:
+    aggregator: str = "flag"
+    aggregator_params: dict = field(default_factory=dict)   # f, r, tau, ...
+    transport: Literal["horovod", "mpi"] = "horovod"
+    allow_exceeding_f: bool = False    # more faulty ranks than f: a warning, not an error
+
+    def validate(self) -> None:
+        try:
+            get_aggregator(self.aggregator, **self.aggregator_params)
+        except (TypeError, ValueError) as exc:
+            raise cfg.ConfigError(f"robust.aggregator / robust.aggregator_params: {exc}") from None
+
+    @property
+    def f(self) -> int:
+        return int(self.aggregator_params.get("f", 0))
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: Optional[int] = None
+    every_minutes: Optional[float] = None
+    keep: int = 3                      # newest checkpoints kept; older ones are deleted
+    at_end: bool = True
+
+    def validate(self) -> None:
+        _positive("checkpoint.every_steps", self.every_steps, integer=True)
+        _positive("checkpoint.every_minutes", self.every_minutes)
+        _positive("checkpoint.keep", self.keep, integer=True)
+
+
+@dataclass
+class ElasticConfig:
+    """Horovod elastic mode: launch with ``horovodrun --min-np ... --host-discovery-script``."""
+
+    enabled: bool = False
+    commit_every_steps: int = 10
+
+    def validate(self) -> None:
+        _positive("elastic.commit_every_steps", self.commit_every_steps, integer=True)
+
+
+@dataclass
+class LogConfig:
+    progress: Literal["auto", "bar", "lines", "none"] = "auto"  # auto: a bar on a terminal, lines otherwise
+    every_steps: Optional[int] = None  # plain progress lines; null = about 20 per run
+
+    def validate(self) -> None:
+        _positive("log.every_steps", self.every_steps, integer=True)
+
+
+@dataclass
+class RunConfig:
+    """One training run (the whole YAML file)."""
+
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
+    faults: list = field(default_factory=list)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def validate(self) -> None:
+        if self.seed < 0:
+            raise cfg.ConfigError(f"seed: must be >= 0, got {self.seed}")
+        try:  # everything but the ranks' range, which needs the world size
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                parse_faults(self.faults, _world_for_checks(self.faults), f=self.robust.f,
+                             allow_exceeding_f=self.robust.allow_exceeding_f)
+        except ValueError as exc:
+            message = str(exc).replace("set allow_exceeding_f (FA_HVD_ALLOW_EXCEEDING_F=1)",
+                                       "set robust.allow_exceeding_f")
+            raise cfg.ConfigError(message if message.startswith("faults[") else
+                                  f"faults / robust.aggregator_params.f: {message}") from None
+        if self.elastic.enabled and self.robust.transport != "horovod":
+            raise cfg.ConfigError("elastic.enabled: elastic mode needs robust.transport horovod")
+
+
+def _world_for_checks(entries) -> int:
+    """A world size that holds every rank the faults name (and an honest one): the checks that
+    do not depend on the real size run before the ranks start."""
+    listed = [0]
+    for entry in entries:
+        ranks = entry.get("ranks") if isinstance(entry, dict) else None
+        ranks = [ranks] if isinstance(ranks, int) else ranks if isinstance(ranks, list) else []
+        listed += [r for r in ranks if isinstance(r, int) and not isinstance(r, bool)]
+    return max(CHECK_WORLD, max(listed) + 2)
+
+
+def load(path, overrides=()) -> tuple[RunConfig, dict]:
+    """Read ``path``, apply ``--set`` ``overrides``, validate; returns the config and its plain data."""
+    return parse(cfg.read_yaml(path), overrides)
+
+
+def parse(raw: dict, overrides=()) -> tuple[RunConfig, dict]:
+    """A config from its YAML mapping ``raw`` and ``--set`` ``overrides``; returns it and its plain data."""
+    raw = cfg.apply_overrides(raw, overrides)
+    if isinstance(raw.get("elastic"), bool):  # `elastic: true` is short for `elastic: {enabled: true}`
+        raw["elastic"] = {"enabled": raw["elastic"]}
+    conf = cfg.from_dict(RunConfig, raw)
+    return conf, cfg.to_dict(conf)
+
+
+def identity(data: dict) -> dict:
+    """The part of a config's plain data that a resumed run must share with its checkpoint."""
+    return {k: v for k, v in data.items() if k not in BOOKKEEPING_SECTIONS}
+
+
+def config_hash(data: dict) -> str:
+    return cfg.digest(identity(data))

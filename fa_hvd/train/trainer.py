@@ -1,0 +1,713 @@
+"""``fa-hvd-train``: robust data-parallel training from a config, under horovodrun, mpirun or srun.
+
+    horovodrun -np N fa-hvd-train --config configs/X.yaml [--set KEY=VALUE ...]
+        [--run-dir DIR] [--resume auto|never|PATH] [--resume-reshard]
+
+The loop is assembled from components with one job each: the config
+(:mod:`fa_hvd.train.config`), the data and each rank's shard and sample order
+(:mod:`~fa_hvd.train.data`, :mod:`~fa_hvd.train.sharding`), the model
+(:mod:`~fa_hvd.train.models`), the optimizer and learning-rate schedule
+(:mod:`~fa_hvd.train.optim`) wrapped by ``fa_hvd.DistributedOptimizer``, the
+faults (:mod:`fa_hvd.faults`), checkpoints (:mod:`fa_hvd.checkpoint`), the
+per-step agreement and preemption signals (:mod:`~fa_hvd.train.control`),
+metrics and progress (:mod:`~fa_hvd.train.metrics`), and elastic mode
+(:mod:`~fa_hvd.train.elastic`).
+
+One optimizer step on rank ``r`` (step ``t``, counted from 0):
+
+1. ``backward_passes_per_step`` (k) micro-batches, each the next ``batch_size``
+   indices of the rank's :class:`~fa_hvd.train.sharding.ShardStream`; each
+   rank's loss is the mean cross-entropy of its batch, backpropagated divided
+   by k;
+2. the optimizer all-gathers the gradients (with this rank's faults applied to
+   what it sends) and every rank aggregates; with ``optim.grad_clip`` or fp16,
+   ``synchronize()``, then unscale and clip, then ``step()`` under
+   ``skip_synchronize()``, as Horovod documents;
+3. the learning-rate schedule steps; the ranks agree on the mean loss, a stop
+   request (SIGTERM/SIGUSR1 on any rank) and a timed checkpoint
+   (:func:`~fa_hvd.train.control.agree`); rank 0 logs; evaluation and
+   checkpoints follow when due.
+
+Exit status: 0 finished; 2 bad config or input (one line ``fa-hvd-train: error:
+...`` from rank 0, before any rank trains); 75 a checkpoint was written after
+SIGTERM/SIGUSR1 and the run should be resumed with ``--resume auto``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+import fa_hvd
+from fa_hvd import checkpoint
+from fa_hvd.aggregators import get as get_aggregator
+from fa_hvd.comm import get_transport
+from fa_hvd.config import ConfigError, differences
+from fa_hvd.faults import FaultInjector, parse_faults, poison_for_rank
+from fa_hvd.faults.seeding import derive_seed
+from fa_hvd.optimizer import checksum
+from fa_hvd.train import config as train_config
+from fa_hvd.train import control, data, metrics, models, optim
+from fa_hvd.train.sharding import ShardStream, partition, steps_per_epoch
+
+PROG = "fa-hvd-train"
+EXIT_OK, EXIT_USAGE, EXIT_PREEMPTED = 0, 2, 75
+CHECKPOINT_FORMAT = 1
+RANK_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID")
+
+
+class UsageError(Exception):
+    """Bad config or input: exit status 2, reported before any rank trains."""
+
+
+def launcher_rank(environ=os.environ) -> int | None:
+    """This process's rank as the launcher tells it (before any collective library starts)."""
+    for name in RANK_VARIABLES:
+        if environ.get(name, "").isdigit():
+            return int(environ[name])
+    return None
+
+
+def say(text: str, file=sys.stdout) -> None:
+    print(text, file=file, flush=True)
+
+
+class Trainer:
+    """One rank's training run: its components, its state, its loop (:meth:`train`)."""
+
+    def __init__(self, conf: train_config.RunConfig, conf_data: dict, run_dir: Path, transport):
+        self.conf, self.conf_data = conf, conf_data
+        self.config_hash = train_config.config_hash(conf_data)
+        self.run_dir = Path(run_dir)
+        self.transport = transport
+        self.rank, self.world = transport.rank, transport.size
+        self.device = self._device()
+        self.passes = conf.optim.backward_passes_per_step
+        self.step = 0
+        self.max_step_seen = 0
+        self.consumed_faults: set[int] = set()
+        self.launch_time = self.wall_origin = time.perf_counter()
+        self.last_eval: dict | None = None
+        self.last_loss: float | None = None
+        self.events: list[dict] = []
+        self.total_steps: int | None = None
+        self.log = None
+        self.progress = None
+        self.writer = checkpoint.Writer(conf.checkpoint.keep)
+
+    # -- components for the current world ------------------------------------------------
+    def _device(self) -> torch.device:
+        choice = self.conf.train.device
+        if choice == "cuda" and not torch.cuda.is_available():
+            raise UsageError("train.device: cuda was asked for but torch sees no GPU")
+        if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+            local = self.transport.local_rank % max(1, torch.cuda.device_count())
+            torch.cuda.set_device(local)
+            return torch.device("cuda", local)
+        return torch.device("cpu")
+
+    def fault_entries(self) -> list:
+        """The config's faults for this world: ranks outside it and faults already spent dropped."""
+        entries = []
+        for i, entry in enumerate(self.conf.faults):
+            if i in self.consumed_faults:
+                continue
+            entry = dict(entry)
+            ranks = entry.get("ranks")
+            if isinstance(ranks, list) and self.conf.elastic.enabled:
+                entry["ranks"] = [r for r in ranks if isinstance(r, int) and r < self.world]
+                if not entry["ranks"]:
+                    continue
+            entries.append(entry)
+        return entries
+
+    def load_data(self) -> None:
+        conf = self.conf
+        self.split = data.load_dataset(
+            conf.data.name, conf.data.dir, conf.seed, normalize=conf.data.normalize, augment=conf.data.augment,
+            verify=conf.data.verify, image_size=conf.data.image_size, synthetic=conf.data.synthetic)
+        self.train_labels = self.split.labels()
+
+    def check_world(self) -> None:
+        """Every check that needs the world size, local to this rank (``ValueError`` on failure)."""
+        conf = self.conf
+        self.specs = parse_faults(self.fault_entries(), self.world, f=conf.robust.f,
+                                  allow_exceeding_f=conf.robust.allow_exceeding_f)
+        aggregator = get_aggregator(conf.robust.aggregator, **conf.robust.aggregator_params)
+        aggregator.check(self.world)
+        self.shards = partition(self.train_labels, self.world, conf.seed, conf.data.alpha)
+        self.steps_per_epoch = steps_per_epoch(len(self.split.train), self.world, conf.train.batch_size * self.passes)
+        if self.total_steps is None:  # fixed at the start: an elastic world change keeps it
+            self.total_steps = conf.train.steps or max(1, math.ceil(conf.train.epochs * self.steps_per_epoch))
+        self.new_model()
+
+    def new_model(self) -> torch.nn.Module:
+        model = self.conf.model
+        return models.build(model.name, self.split.shape, self.split.num_classes, model.hidden, model.width,
+                            model.dropout)
+
+    def build(self) -> None:
+        """Model, optimizer, schedule, and this world's shard, stream and faults.
+
+        Outside elastic mode rank 0's initial parameters are broadcast (collective); in
+        elastic mode nothing here talks to the other ranks (a worker may join while the
+        others train): the first sync broadcasts the state."""
+        conf = self.conf
+        torch.manual_seed(conf.seed)
+        self.model = self.new_model().to(self.device)
+        if not conf.elastic.enabled:
+            for name, tensor in self.model.state_dict().items():
+                self.transport.broadcast_(tensor, 0, f"fa_hvd.train.init.{name}")
+        self.scaler = torch.amp.GradScaler(self.device.type) if conf.train.amp == "fp16" else None
+        self.optimizer = fa_hvd.DistributedOptimizer(
+            optim.build_optimizer(conf.optim, self.model),
+            named_parameters=self.model.named_parameters(),
+            backward_passes_per_step=self.passes,
+            aggregator=conf.robust.aggregator,
+            aggregator_params=conf.robust.aggregator_params,
+            transport=self.transport,
+            gradient_transform=self._outgoing,
+        )
+        self.scheduler = optim.build_scheduler(self.optimizer, conf.schedule, conf.optim.lr, self.total_steps,
+                                               self.steps_per_epoch)
+        self._overflowed = False
+        self._scale = 1.0
+        self.join_world()
+
+    def join_world(self) -> None:
+        """This rank's part of the current world: its (poisoned) shard, stream, test share, faults."""
+        conf = self.conf
+        self.train_set = poison_for_rank(self.split.train, self.specs, self.rank, seed=conf.seed)
+        self.stream = ShardStream(self.shards[self.rank], conf.seed, self.rank)
+        self.eval_indices = data.eval_indices(len(self.split.test), self.rank, self.world)
+        counts = self.injector.counts if hasattr(self, "injector") else {}
+        self.injector = FaultInjector(self.specs, self.rank, self.world, seed=conf.seed, transport=self.transport)
+        self.injector.counts = dict(counts)
+
+    # -- one step ---------------------------------------------------------------------------
+    def _outgoing(self, flat: torch.Tensor, bucket: int, step: int) -> torch.Tensor:
+        """What this rank sends: under fp16 the unscaled gradient (exact: the scale is a power of 2),
+        so every rule sees true gradients; then this rank's faults."""
+        if self.scaler is not None:
+            if bucket == 0:
+                self._overflowed = False
+            self._overflowed |= not bool(torch.isfinite(flat).all())
+            flat = flat / self._scale
+        if self.injector.specs:
+            flat = self.injector.gradient_transform(flat, bucket, step)
+        return flat
+
+    def _autocast(self):
+        amp = self.conf.train.amp
+        dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype, enabled=amp != "none")
+
+    def train_step(self) -> float:
+        """One optimizer step; returns this rank's batch loss (mean over its micro-batches)."""
+        conf = self.conf
+        self.model.train()
+        self.optimizer.step_count = self.step  # the fault schedule's clock
+        self.optimizer.zero_grad()
+        if self.scaler is not None:
+            self._scale = float(self.scaler.get_scale())
+        started = time.perf_counter()
+        total = 0.0
+        for micro in range(self.passes):
+            indices = self.stream.take(conf.train.batch_size)
+            generator = (data.augment_generator(conf.seed, self.rank, self.step, micro)
+                         if self.split.augment != "none" else None)
+            x, y = self.split.batch(self.train_set, indices, generator)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self._autocast():
+                loss = F.cross_entropy(self.model(x), y)
+            total += loss.detach().item()
+            scaled = loss / self.passes
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        self.backward_s = time.perf_counter() - started
+        self.optimizer.synchronize()
+        self.synchronize_s = time.perf_counter() - started - self.backward_s
+        if self.scaler is None and conf.optim.grad_clip is None:
+            with self.optimizer.skip_synchronize():
+                self.optimizer.step()
+        else:
+            if self.scaler is not None:
+                with torch.no_grad():  # the aggregate is unscaled (see _outgoing): rescale, exactly
+                    for p in self.model.parameters():
+                        if p.grad is not None:
+                            p.grad.mul_(self._scale)
+                self.scaler.unscale_(self.optimizer)
+            if conf.optim.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), conf.optim.grad_clip)
+            with self.optimizer.skip_synchronize():
+                if self.scaler is not None:
+                    self.scaler.step(self.optimizer)
+                else:
+                    self.optimizer.step()
+            if self.scaler is not None:
+                self.scaler.update()
+        self.scheduler.step()
+        return total / self.passes
+
+    def evaluate(self) -> tuple[float, float]:
+        """Test loss and accuracy over the whole test set: each rank its share, summed."""
+        self.model.eval()
+        sums = torch.zeros(3, dtype=torch.float64)
+        with torch.no_grad(), self._autocast():
+            for chunk in self.eval_indices.split(self.conf.train.eval_batch_size):
+                x, y = self.split.batch(self.split.test, chunk)
+                out = self.model(x.to(self.device)).float()
+                y = y.to(self.device)
+                sums += torch.tensor([float(F.cross_entropy(out, y, reduction="sum")),
+                                      float((out.argmax(1) == y).sum()), float(len(y))], dtype=torch.float64)
+        self.model.train()
+        total = self.transport.allreduce_sum(sums, name="fa_hvd.train.eval")
+        count = max(float(total[2]), 1.0)
+        return float(total[0]) / count, float(total[1]) / count
+
+    # -- state: checkpoints and elastic commits -------------------------------------------
+    def rank_state(self) -> dict:
+        """What only this rank knows: its random generators, stream position, buffers, fault counts."""
+        return {
+            "rng": checkpoint.rng_state(),
+            "stream": self.stream.state_dict(),
+            "buffers": {name: b.detach().cpu().clone() for name, b in self.model.named_buffers()},
+            "faults": dict(self.injector.counts),
+        }
+
+    def shared_state(self) -> dict:
+        """What every rank holds alike (rank 0's copy is saved)."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "world_size": self.world,
+            "config": self.conf_data,
+            "config_hash": self.config_hash,
+            "model_name": self.conf.model.name,
+            "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "consumed_faults": sorted(self.consumed_faults),
+            "progress": {"wall_s": self.total_wall_s(), "last_eval": self.last_eval,
+                         "last_loss": self.last_loss, "events": self.events},
+        }
+
+    def gather_state(self) -> dict | None:
+        """The whole checkpoint on rank 0 (None elsewhere): shared state plus every rank's own (collective)."""
+        ranks = self.transport.allgather_object(self.rank_state(), name="fa_hvd.train.rank_state")
+        if self.rank != 0:
+            return None
+        state = self.shared_state()
+        state["ranks"] = ranks
+        return state
+
+    def load_state(self, state: dict) -> None:
+        """Continue from ``state``: exactly when it was saved by a world of this size, otherwise
+        resharded (every rank's stream restarts at the same position, generators re-seeded)."""
+        self.load_shared(state)
+        self.wall_origin = time.perf_counter() - float(state.get("progress", {}).get("wall_s", 0.0))
+        ranks = state.get("ranks")
+        if ranks is None or len(ranks) != self.world:
+            self.reseed()
+            return
+        mine = ranks[self.rank]
+        checkpoint.set_rng_state(mine["rng"])
+        self.stream.load_state_dict(mine["stream"])
+        buffers = dict(self.model.named_buffers())
+        with torch.no_grad():
+            for name, value in mine["buffers"].items():
+                buffers[name].copy_(value)
+        self.injector.counts = dict(mine["faults"])
+
+    def load_shared(self, state: dict) -> None:
+        """Model, optimizer, schedule, scaler, step and progress from ``state``."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.max_step_seen = max(self.max_step_seen, self.step)
+        self.consumed_faults = set(state.get("consumed_faults", []))
+        progress = state.get("progress", {})
+        self.last_eval, self.last_loss = progress.get("last_eval"), progress.get("last_loss")
+        self.events = list(progress.get("events", []))
+
+    def reseed(self) -> None:
+        """This rank's stream and generators for a new world, from the step alone."""
+        self.stream.position = self.step * self.conf.train.batch_size * self.passes
+        seed = derive_seed(self.conf.seed, 0x5EED, self.rank, self.step)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    # -- bookkeeping ------------------------------------------------------------------------
+    def wall_s(self) -> float:
+        """Seconds since this process started training."""
+        return time.perf_counter() - self.launch_time
+
+    def total_wall_s(self) -> float:
+        """Seconds of training over every launch of this run."""
+        return time.perf_counter() - self.wall_origin
+
+    @property
+    def epoch(self) -> float:
+        """Epochs done (fractional): steps done / steps per epoch."""
+        return round(self.step / self.steps_per_epoch, 4)
+
+    def eval_due(self) -> bool:
+        conf = self.conf.train
+        if self.step == self.total_steps:
+            return True
+        if conf.eval_every_steps and self.step % conf.eval_every_steps == 0:
+            return True
+        if conf.eval_every_epochs:
+            every = max(1, round(conf.eval_every_epochs * self.steps_per_epoch))
+            return self.step % every == 0
+        return False
+
+    def checkpoint_due(self) -> bool:
+        every = self.conf.checkpoint.every_steps
+        return bool(every) and self.step % every == 0
+
+    def timed_checkpoint_due(self) -> bool:
+        minutes = self.conf.checkpoint.every_minutes
+        return bool(minutes) and time.monotonic() - self.last_checkpoint_time >= 60 * minutes
+
+    def save_checkpoint(self, wait: bool) -> None:
+        state = self.gather_state()
+        self.last_checkpoint_time = time.monotonic()
+        if state is None:
+            return
+        path = checkpoint.path_for(self.run_dir / "checkpoints", self.step)
+        self.writer.submit(path, checkpoint.encode(state, self.step))
+        if wait:
+            self.writer.wait()
+
+    def event(self, text: str, **fields) -> None:
+        """An event: logged by rank 0 to the terminal and metrics.jsonl, kept in the checkpoint."""
+        record = {"kind": "event", "step": self.step, "event": text, **fields}
+        self.events.append(record)
+        if self.rank == 0:
+            self.progress.message(text) if self.progress is not None else say(text)
+            if self.log is not None:
+                self.log.write(record)
+
+    def summary(self, status: str, crc: int, identical: bool, faults: list) -> dict:
+        final = dict(self.last_eval or {})
+        return {
+            "status": status,
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "world_size": self.world,
+            "params_crc32": f"{crc:08x}",
+            "params_identical_on_ranks": identical,
+            "final": {"test_accuracy": final.get("test_accuracy"), "test_loss": final.get("test_loss"),
+                      "train_loss": self.last_loss},
+            "wall_s": round(self.wall_s(), 3),
+            "total_wall_s": round(self.total_wall_s(), 3),
+            "config_hash": self.config_hash,
+            "aggregator": repr(self.optimizer.aggregator),
+            "faults_injected": {str(r): counts for r, counts in enumerate(faults) if counts},
+            "events": [e["event"] for e in self.events],
+        }
+
+    # -- the loop ---------------------------------------------------------------------------
+    def train(self, signals: control.StopSignals, commit=None) -> int:
+        """Steps until the end or a stop request; returns the exit status (collective)."""
+        conf = self.conf
+        samples_per_step = self.world * conf.train.batch_size * self.passes
+        while self.step < self.total_steps:
+            started = time.perf_counter()
+            faults_before = sum(self.injector.counts.values())
+            loss = self.train_step()
+            self.step += 1
+            self.max_step_seen = max(self.max_step_seen, self.step)
+            self._spend_process_faults()
+            agreed = control.agree(self.transport, loss, stop=signals.received is not None,
+                                   checkpoint_due=self.timed_checkpoint_due(),
+                                   faulty=sum(self.injector.counts.values()) > faults_before,
+                                   overflowed=self._overflowed)
+            self.last_loss = agreed.mean_loss
+            self._back_off_if_overflowed(agreed.overflowed_ranks)
+            step_s = time.perf_counter() - started
+            if self.rank == 0:
+                self._log_step(agreed, step_s, samples_per_step / step_s)
+            if self.eval_due():
+                self._evaluate()
+            if agreed.stop:
+                self.event(f"stop requested ({signals.received or 'signal on another rank'}): checkpoint at step "
+                           f"{self.step}, then exit {EXIT_PREEMPTED}")
+                self.save_checkpoint(wait=True)
+                return EXIT_PREEMPTED
+            if self.checkpoint_due() or agreed.checkpoint_due:
+                self.save_checkpoint(wait=False)
+            if commit is not None and self.step % conf.elastic.commit_every_steps == 0:
+                commit()
+        if conf.checkpoint.at_end:
+            self.save_checkpoint(wait=True)
+        self.writer.wait()
+        return EXIT_OK
+
+    def _back_off_if_overflowed(self, overflowed_ranks: int) -> None:
+        """fp16: more than ``f`` ranks overflowed but the aggregate was finite (a robust rule dropped
+        their rows, or all were dropped and the aggregate is zero), so the scaler did not back
+        off: back off now, the same on every rank. A Byzantine rank (at most ``f``) cannot force it."""
+        if self.scaler is None or overflowed_ranks <= self.conf.robust.f:
+            return
+        if self.scaler.get_scale() >= self._scale:  # GradScaler.update() did not back off this step
+            self.scaler.update(new_scale=self._scale * self.scaler.get_backoff_factor())
+
+    def _spend_process_faults(self) -> None:
+        """A crash or hang fault happens once: in elastic mode, not again after a reset."""
+        for i, entry in enumerate(self.conf.faults):
+            if entry.get("kind") in ("crash", "hang") and entry.get("start_step", 0) < self.max_step_seen:
+                self.consumed_faults.add(i)
+
+    def _log_step(self, agreed: control.StepAgreement, step_s: float, samples_per_s: float) -> None:
+        record = {"kind": "step", "step": self.step, "epoch": self.epoch, "loss": agreed.mean_loss,
+                  "lr": self.scheduler.get_last_lr()[0], "step_s": round(step_s, 6),
+                  "backward_s": round(self.backward_s, 6), "synchronize_s": round(self.synchronize_s, 6),
+                  "samples_per_s": round(samples_per_s, 1), "faults": agreed.faulty_ranks,
+                  "world_size": self.world}
+        stats = getattr(self.optimizer, "stats", None) or {}  # the exchange's seconds and bytes (rank 0's)
+        record.update({k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in stats.items()
+                       if k not in record})
+        if self.scaler is not None:
+            record["loss_scale"] = self.scaler.get_scale()
+        self.log.write(record)
+        self.progress.step(self.step, self.epoch, agreed.mean_loss, samples_per_s)
+
+    def _evaluate(self) -> None:
+        test_loss, accuracy = self.evaluate()
+        self.last_eval = {"step": self.step, "test_loss": test_loss, "test_accuracy": accuracy}
+        if self.rank == 0:
+            self.log.write({"kind": "eval", "step": self.step, "epoch": self.epoch, "test_loss": test_loss,
+                            "test_accuracy": accuracy})
+            self.progress.evaluation(self.step, self.epoch, test_loss, accuracy)
+
+    def finish(self, status: int) -> None:
+        """Every rank: checksums, fault counts; rank 0 writes summary.json. Ends with a barrier, so no
+        rank exits (and makes a launcher kill the others) before rank 0's files are on disk."""
+        crcs = self.transport.allgather_object(checksum(self.model.parameters()), name="fa_hvd.train.crc")
+        faults = self.transport.allgather_object(dict(self.injector.counts), name="fa_hvd.train.faults")
+        if self.rank == 0:
+            name = "finished" if status == EXIT_OK else "preempted"
+            summary = self.summary(name, crcs[0], all(c == crcs[0] for c in crcs), faults)
+            metrics.write_summary(self.run_dir, summary)
+            self.progress.close()
+            self.log.close()
+            _report(summary, self.run_dir)
+        self.transport.allreduce_sum(torch.zeros(1), name="fa_hvd.train.done")
+
+
+def _report(summary: dict, run_dir: Path) -> None:
+    final = summary["final"]
+    accuracy = final["test_accuracy"]
+    say(f"{summary['status']} at step {summary['step']}/{summary['total_steps']} on {summary['world_size']} ranks "
+        f"in {summary['wall_s']:.1f} s: test accuracy {accuracy if accuracy is None else f'{accuracy:.4f}'}, "
+        f"parameters crc32 {summary['params_crc32']} "
+        f"({'identical on every rank' if summary['params_identical_on_ranks'] else 'DIFFERENT across ranks'})")
+    for rank, counts in summary["faults_injected"].items():
+        say(f"rank {rank} injected: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
+    say(f"run directory: {run_dir} (summary.json, metrics.jsonl, checkpoints/)")
+
+
+# -- start-up ------------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Robust data-parallel training from a config, under horovodrun, mpirun or srun.",
+        epilog="Exit status: 0 finished, 2 bad config or input, 75 checkpointed after SIGTERM/SIGUSR1 "
+               "(resume with --resume auto).")
+    parser.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (repeatable), e.g. --set optim.lr=0.05 "
+                             "--set robust.aggregator_params.f=1")
+    parser.add_argument("--run-dir", help="where config.yaml, metrics.jsonl, checkpoints/ and summary.json go "
+                                          "(default runs/<config file stem>)")
+    parser.add_argument("--resume", default="auto", metavar="auto|never|PATH",
+                        help="auto (default): continue from the newest valid checkpoint in the run directory, if "
+                             "any; never: start over (old checkpoints there are deleted); PATH: that checkpoint")
+    parser.add_argument("--resume-reshard", action="store_true",
+                        help="accept a checkpoint from another world size or config (shards and sample order "
+                             "are rebuilt for this world; the run is then not bit-identical to an "
+                             "uninterrupted one)")
+    return parser.parse_args(argv)
+
+
+def usage_error(message: str, rank: int | None) -> int:
+    if rank in (None, 0):
+        say(f"{PROG}: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def agree_on_errors(transport, error: str | None) -> None:
+    """Raise :class:`UsageError` on every rank if any rank has an error (rank 0 reports it)."""
+    errors = transport.allgather_object(error, name="fa_hvd.train.errors")
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if not failed:
+        return
+    same = all(e == failed[0][1] for _, e in failed) and len(failed) == len(errors)
+    raise UsageError(failed[0][1] if same else "; ".join(f"rank {r}: {e}" for r, e in failed))
+
+
+def choose_checkpoint(trainer: Trainer, resume: str, reshard: bool) -> tuple[bytes | None, list[str]]:
+    """Rank 0: the checkpoint bytes to resume from (None: start fresh) and messages for the user."""
+    directory = trainer.run_dir / "checkpoints"
+    notes = []
+    if resume == "never":
+        removed = [path for _, path in checkpoint.listing(directory)]
+        for path in removed:
+            path.unlink()
+        if removed:
+            notes.append(f"--resume never: deleted {len(removed)} old checkpoint(s) in {directory}")
+        return None, notes
+    if resume == "auto":
+        candidates = [path for _, path in reversed(checkpoint.listing(directory))]
+    else:
+        candidates = [Path(resume)]
+        if not candidates[0].is_file():
+            raise UsageError(f"--resume {resume}: no such checkpoint file")
+    for path in candidates:
+        try:
+            raw = path.read_bytes()
+            state = checkpoint.decode(raw, str(path))
+        except (checkpoint.CorruptCheckpoint, OSError) as exc:
+            if resume != "auto":
+                raise UsageError(f"--resume {resume}: {exc}") from None
+            notes.append(f"skipping checkpoint {exc}; trying the previous one")
+            continue
+        check_compatible(trainer, state, path, reshard)
+        notes.append(f"resuming from {path} (step {state['step']})")
+        return raw, notes
+    if candidates:
+        notes.append("no valid checkpoint left: starting from step 0")
+    return None, notes
+
+
+def check_compatible(trainer: Trainer, state: dict, path: Path, reshard: bool) -> None:
+    problems = []
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise UsageError(f"{path}: checkpoint format {state.get('format')!r}, this trainer reads {CHECKPOINT_FORMAT}")
+    if state["model_name"] != trainer.conf.model.name:
+        raise UsageError(f"{path}: the checkpoint is of model {state['model_name']!r}, the config builds "
+                         f"{trainer.conf.model.name!r}")
+    if state["world_size"] != trainer.world and not trainer.conf.elastic.enabled:
+        problems.append(f"it was written by {state['world_size']} ranks, this run has {trainer.world}")
+    if state["config_hash"] != trainer.config_hash:
+        changed = differences(train_config.identity(state["config"]), train_config.identity(trainer.conf_data))
+        problems.append(f"its config (hash {state['config_hash']}) differs from this one ({trainer.config_hash}): "
+                        + "; ".join(changed[:6]) + (" ..." if len(changed) > 6 else ""))
+    if problems and not reshard:
+        raise UsageError(f"{path}: refusing to resume: " + "; ".join(problems) + " (pass --resume-reshard to "
+                         f"continue anyway, or --resume never to start over)")
+
+
+def prepare_run_dir(trainer: Trainer) -> None:
+    """Rank 0: the run directory and config.yaml (the resolved config and its hash)."""
+    (trainer.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    text = f"# resolved config of this run; config_hash: {trainer.config_hash}\n"
+    text += yaml.safe_dump(trainer.conf_data, sort_keys=False)
+    checkpoint.write_atomic(trainer.run_dir / "config.yaml", text.encode())
+
+
+def start(trainer: Trainer, args) -> list[str]:
+    """Build the world's components and load the checkpoint (collective). Returns notes for the user."""
+    trainer.build()
+    error, payload, notes = None, None, []
+    if trainer.rank == 0:
+        try:
+            prepare_run_dir(trainer)
+            payload, notes = choose_checkpoint(trainer, args.resume, args.resume_reshard)
+        except (UsageError, OSError) as exc:
+            error = str(exc)
+    error, payload = trainer.transport.broadcast_object((error, payload) if trainer.rank == 0 else None, 0,
+                                                        name="fa_hvd.train.resume")
+    if error is not None:
+        raise UsageError(error)
+    if payload is not None:
+        state = checkpoint.decode(payload)
+        trainer.load_state(state)
+        resharded = state["world_size"] != trainer.world or state["config_hash"] != trainer.config_hash
+        notes.append(f"resumed at step {trainer.step}" + (" (resharded)" if resharded else ""))
+    return notes
+
+
+def describe(trainer: Trainer) -> str:
+    conf, split = trainer.conf, trainer.split
+    return (f"{PROG}: {trainer.world} ranks ({trainer.transport.name}, {trainer.device}), {conf.data.name} "
+            f"({len(split.train)} train / {len(split.test)} test), model {conf.model.name}, "
+            f"{trainer.total_steps} steps ({trainer.steps_per_epoch} per epoch), aggregator "
+            f"{trainer.optimizer.aggregator!r}, config hash {trainer.config_hash}")
+
+
+def open_outputs(trainer: Trainer) -> None:
+    """Rank 0: metrics.jsonl (cut back to the current step), the progress display, the run's description."""
+    trainer.log = metrics.MetricsLog(trainer.run_dir / "metrics.jsonl", trainer.step or None)
+    trainer.progress = metrics.Progress(trainer.total_steps, trainer.step, trainer.conf.log.progress,
+                                        trainer.conf.log.every_steps)
+    say(describe(trainer))
+    say("resolved config:\n  " + yaml.safe_dump(trainer.conf_data, sort_keys=False).rstrip().replace("\n", "\n  "))
+    for spec in trainer.specs:
+        say(f"fault: {spec.describe()} on rank(s) {spec.ranks}")
+
+
+def run(trainer: Trainer, args) -> int:
+    """Train (non-elastic): set up, resume, loop, finish."""
+    error = None
+    try:
+        trainer.load_data()
+        trainer.check_world()
+    except (ValueError, UsageError) as exc:
+        error = str(exc)
+    agree_on_errors(trainer.transport, error)
+    notes = start(trainer, args)
+    trainer.launch_time = time.perf_counter()
+    if trainer.step == 0:
+        trainer.wall_origin = trainer.launch_time
+    trainer.last_checkpoint_time = time.monotonic()
+    if trainer.rank == 0:
+        open_outputs(trainer)
+    for note in notes:
+        trainer.event(note)
+    signals = control.StopSignals().install()
+    try:
+        status = trainer.train(signals)
+        trainer.finish(status)
+    finally:
+        signals.uninstall()
+    return status
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rank = launcher_rank()
+    try:
+        conf, conf_data = train_config.load(args.config, args.set)
+    except ConfigError as exc:
+        return usage_error(str(exc), rank)
+    run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
+    transport = get_transport(conf.robust.transport)
+    try:
+        trainer = Trainer(conf, conf_data, run_dir, transport)
+        if conf.elastic.enabled:
+            from fa_hvd.train.elastic import run_elastic
+
+            return run_elastic(trainer, args)
+        return run(trainer, args)
+    except UsageError as exc:
+        return usage_error(str(exc), transport.rank)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""The trainer in one process: its step against a hand-written torch loop, its whole loop,
+its schedule, and the errors it reports before training (``fa-hvd-train`` exits 2)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fa_hvd.config import ConfigError
+from fa_hvd.optimizer import checksum
+from fa_hvd.train import config as train_config
+from fa_hvd.train import control, data, models, optim, trainer
+from fa_hvd.train.sharding import ShardStream, partition
+from loopback import LoopbackTransport
+
+SEED = 5
+
+
+def _trainer(tmp_path, overrides=(), transport=None, **raw) -> trainer.Trainer:
+    raw = {"seed": SEED, "data": {"name": "digits"}, "model": {"name": "mlp", "hidden": 16},
+           "robust": {"aggregator": "mean"}, **raw}
+    conf, conf_data = train_config.parse(raw, overrides)
+    t = trainer.Trainer(conf, conf_data, tmp_path / "run", transport or LoopbackTransport(1))
+    t.load_data()
+    t.check_world()
+    t.build()
+    return t
+
+
+def _hand_written(steps, batch, passes, clip, amp, lr=0.1, momentum=0.9, weight_decay=1e-3, warmup=3, total=10):
+    """The same training as the trainer's on one rank, written with plain torch."""
+    split = data.load_dataset("digits", seed=SEED)
+    torch.manual_seed(SEED)
+    model = models.mlp(split.shape, split.num_classes, hidden=16)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    stream = ShardStream(partition(split.labels(), 1, SEED)[0], SEED, 0)
+    scaler = torch.amp.GradScaler("cpu") if amp == "fp16" else None
+    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
+    for t in range(steps):
+        factor = min(1.0, (t + 1) / warmup) * (1 + math.cos(math.pi * t / total)) / 2
+        for group in opt.param_groups:
+            group["lr"] = lr * factor
+        opt.zero_grad()
+        for _ in range(passes):
+            x, y = split.batch(split.train, stream.take(batch))
+            with torch.autocast("cpu", dtype=dtype, enabled=amp != "none"):
+                loss = F.cross_entropy(model(x), y) / passes
+            (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.unscale_(opt)
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+    return model
+
+
+@pytest.mark.parametrize("passes,clip,amp", [(1, None, "none"), (2, 0.5, "none"), (1, None, "bf16"),
+                                             (2, 0.5, "fp16")])
+def test_steps_equal_a_plain_torch_loop(tmp_path, passes, clip, amp):
+    """Data order (partition + ShardStream), loss, accumulation, clipping between synchronize() and
+    step(), AMP, weight decay and the warm-up + cosine schedule, against plain torch on one rank."""
+    t = _trainer(tmp_path, [f"optim.backward_passes_per_step={passes}", f"optim.grad_clip={clip or 'null'}",
+                            f"train.amp={amp}"],
+                 optim={"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3},
+                 schedule={"name": "cosine", "warmup_steps": 3}, train={"steps": 10, "batch_size": 8})
+    for _ in range(6):
+        t.train_step()
+        t.step += 1
+    expected = _hand_written(6, 8, passes, clip, amp)
+    for mine, theirs in zip(t.model.parameters(), expected.parameters()):
+        assert torch.equal(mine, theirs)
+
+
+def test_a_byzantine_simulated_rank_is_outvoted(tmp_path):
+    """Three simulated ranks (the other two send rank 0's gradient and 100x its negative): with the
+    median the step is rank 0's own gradient step; with mean it is not."""
+    def others(row, r):
+        return row if r == 1 else -100 * row
+
+    steps = {}
+    for rule in ("median", "mean"):
+        t = _trainer(tmp_path, transport=LoopbackTransport(3, others), robust={
+            "aggregator": rule, "aggregator_params": {"f": 1} if rule == "median" else {}},
+            optim={"lr": 0.1, "momentum": 0.0}, train={"steps": 3, "batch_size": 8})
+        before = [p.detach().clone() for p in t.model.parameters()]
+        indices = ShardStream(t.shards[0], SEED, 0).take(8)
+        t.train_step()
+        x, y = t.split.batch(t.split.train, indices)
+        model = t.new_model()
+        model.load_state_dict({k: v for k, v in zip(dict(model.named_parameters()), before)})
+        F.cross_entropy(model(x), y).backward()
+        steps[rule] = all(torch.allclose(p, b - 0.1 * q.grad, atol=1e-7)
+                          for p, b, q in zip(t.model.parameters(), before, model.parameters()))
+    assert steps == {"median": True, "mean": False}
+
+
+def test_the_whole_loop_in_one_process(tmp_path):
+    """train() to the end: metrics, evaluation, the final checkpoint; its parameters reload exactly."""
+    t = _trainer(tmp_path, train={"steps": 12, "batch_size": 16, "eval_every_steps": 5},
+                 checkpoint={"every_steps": 4, "keep": 2})
+    trainer.prepare_run_dir(t)
+    t.last_checkpoint_time = 0.0
+    t.log = trainer.metrics.MetricsLog(t.run_dir / "metrics.jsonl", None)
+    t.progress = trainer.metrics.Progress(12, 0, "none")
+    assert t.train(control.StopSignals()) == trainer.EXIT_OK
+    records = [json.loads(line) for line in (t.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "step"] == list(range(1, 13))
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [5, 10, 12]
+    assert sorted(p.name for p in (t.run_dir / "checkpoints").iterdir()) == ["step-000000008.ckpt",
+                                                                             "step-000000012.ckpt"]
+    fresh = _trainer(tmp_path)
+    fresh.load_state(trainer.checkpoint.read(t.run_dir / "checkpoints" / "step-000000012.ckpt"))
+    assert checksum(fresh.model.parameters()) == checksum(t.model.parameters()) and fresh.step == 12
+    x, y = t.split.batch(t.split.test, torch.arange(len(t.split.test)))
+    with torch.no_grad():
+        out = t.model(x)
+    assert records[-1]["test_accuracy"] == pytest.approx(float((out.argmax(1) == y).double().mean()), abs=1e-12)
+    assert records[-1]["test_loss"] == pytest.approx(float(F.cross_entropy(out.double(), y)), rel=1e-5)
+
+
+def test_schedules():
+    step = train_config.ScheduleConfig(name="step", step_epochs=2, gamma=0.2)
+    assert [optim.lr_factor(t, step, 0.1, 100, 5) for t in (0, 9, 10, 19, 20)] == [1, 1, 0.2, 0.2, 0.2 ** 2]
+    cosine = train_config.ScheduleConfig(name="cosine", min_lr=0.01)
+    assert optim.lr_factor(0, cosine, 0.1, 100, 5) == 1.0
+    assert optim.lr_factor(50, cosine, 0.1, 100, 5) == pytest.approx((1 + 0.1) / 2)
+    assert optim.lr_factor(100, cosine, 0.1, 100, 5) == pytest.approx(0.1)
+    warm = train_config.ScheduleConfig(warmup_epochs=1)
+    assert [optim.lr_factor(t, warm, 0.1, 100, 4) for t in (0, 1, 3, 50)] == [0.25, 0.5, 1, 1]
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("optim.lr=fast", "optim.lr: expected a number, got 'fast'"),
+    ("optim.lrr=0.1", "optim.lrr: unknown key"),
+    ("optim.name=lamb", "optim.name: expected one of ['sgd', 'adam', 'adamw']"),
+    ("data.name=cifar10", "data.dir: data set 'cifar10' reads local files"),
+    ("data.name=imagenet", "data.name: expected one of"),
+    ("model.name=resnet", "model.name: unknown model 'resnet'"),
+    ("model.name=torchvision:nosuchnet", "model.name: torchvision has no model 'nosuchnet'"),
+    ("robust.aggregator=nosuch", "robust.aggregator / robust.aggregator_params: unknown aggregation rule"),
+    ("robust.aggregator_params={f: 0}", "faults / robust.aggregator_params.f: faults make 1 ranks Byzantine"),
+    ("schedule.name=step", "schedule.step_epochs: required"),
+    ("train.amp=fp8", "train.amp: expected one of"),
+    ("faults=[{kind: nosuch, ranks: 0}]", "faults[0]: unknown kind 'nosuch'"),
+    ("checkpoint.keep=0", "checkpoint.keep: must be an integer >= 1"),
+    ("elastic=true", None),
+])
+def test_config_errors_name_the_key(override, needle):
+    raw = {"robust": {"aggregator_params": {"f": 1}}, "faults": [{"kind": "reverse", "ranks": [3]}]}
+    if needle is None:
+        assert train_config.parse(raw, [override])[0].elastic.enabled
+        return
+    with pytest.raises(ConfigError) as info:
+        train_config.parse(raw, [override])
+    assert needle in str(info.value)
+
+
+def test_shipped_configs_load():
+    from conftest import ROOT
+
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        conf, _ = train_config.load(path)
+        models.check_name(conf.model.name)
+
+
+def _cli(capsys, tmp_path, *argv) -> tuple[int, str]:
+    status = trainer.main([*argv, "--run-dir", str(tmp_path / "run")])
+    return status, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["robust.aggregator=krum", "robust.aggregator_params={f: 1}", "faults=[]"],
+     "krum: needs at least 5 workers for f=1"),
+    (["faults=[{kind: crash, ranks: [2]}]"], "faults[0] (kind 'crash'): rank 2 is outside the world of 1 ranks"),
+    (["data.name=mnist", "data.dir=/nonexistent"], "data_dir /nonexistent is not a directory"),
+    (["data.name=cifar10", "data.dir=."], "missing cifar-10-batches-py/data_batch_1"),
+])
+def test_cli_reports_bad_input_before_training(capsys, tmp_path, monkeypatch, overrides, needle):
+    """One line, exit status 2, nothing trained (single process: a world of one)."""
+    monkeypatch.setattr(trainer, "get_transport", lambda name: LoopbackTransport(1))
+    config = tmp_path / "c.yaml"
+    config.write_text("robust: {aggregator: median, aggregator_params: {f: 0}}\n")
+    argv = ["--config", str(config)] + [a for o in overrides for a in ("--set", o)]
+    status, err = _cli(capsys, tmp_path, *argv)
+    assert status == trainer.EXIT_USAGE and err.count("\n") == 1 and err.startswith("fa-hvd-train: error: ")
+    assert needle in err, err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_cli_config_errors(capsys, tmp_path):
+    status, err = _cli(capsys, tmp_path, "--config", str(tmp_path / "missing.yaml"))
+    assert status == 2 and "config file not found" in err
+    (tmp_path / "bad.yaml").write_text("optim: {learning_rate: 0.1}\n")
+    status, err = _cli(capsys, tmp_path, "--config", str(tmp_path / "bad.yaml"))
+    assert status == 2 and err == "fa-hvd-train: error: optim.learning_rate: unknown key (known: name, lr, " \
+                                  "momentum, nesterov, weight_decay, betas, eps, grad_clip, backward_passes_per_step)\n"
+
+
+def test_fp16_overflow_on_every_rank_backs_the_scale_off_once(tmp_path):
+    """Three simulated ranks overflow: the median drops every row (a zero aggregate, so GradScaler sees
+    nothing wrong), and the ranks' agreement halves the scale once; a finite step leaves it alone."""
+    t = _trainer(tmp_path, ["train.amp=fp16"], transport=LoopbackTransport(3),
+                 robust={"aggregator": "median", "aggregator_params": {"f": 1}},
+                 optim={"lr": 0.1, "momentum": 0.0}, train={"steps": 2, "batch_size": 8})
+    t.log, t.progress, t.last_checkpoint_time = None, None, 0.0
+    t.rank = 1  # no rank-0 logging in this test
+    t.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 120)  # the fp16 backward overflows at this scale
+    before = [p.detach().clone() for p in t.model.parameters()]
+    t.conf.train.steps = t.total_steps = 1
+    t.train(control.StopSignals())
+    assert t.scaler.get_scale() == 2.0 ** 119
+    assert all(torch.equal(p, b) for p, b in zip(t.model.parameters(), before))
+    t.scaler.update(new_scale=1024.0)
+    t.total_steps = 2
+    t.train(control.StopSignals())
+    assert t.scaler.get_scale() == 1024.0 and not all(torch.equal(p, b) for p, b in zip(t.model.parameters(), before))
