@@ -170,7 +170,18 @@ def load_grid(path: str | Path) -> Grid:
                     for rule, (name, params) in built.items():
                         cells.append(Cell(len(cells), split, alpha, p, f, rule, name, params, fault, resolved,
                                           seed, trainer))
+    _check_trainer(cells[0])
     return Grid(path, conf, cells)
+
+
+def _check_trainer(cell: Cell) -> None:
+    """The trainer's own validation of a cell's config: a bad ``trainer`` key is named here."""
+    from fa_hvd.train import config as train_config
+
+    try:
+        train_config.parse(cell.run_config())
+    except cfg.ConfigError as exc:
+        raise cfg.ConfigError(f"trainer.{exc}") from None
 
 
 def _trainer(trainer: dict) -> str:
