@@ -124,10 +124,11 @@ def markdown(grid: Grid, stats: dict, timing: dict | None = None) -> str:
 
 
 def _timing_line(timing: dict) -> str:
+    jobs = "/".join(str(j) for j in timing["jobs"]) or "?"
     return (f"Time: {timing['cells']} cells, {timing['per_cell_s']:.2f} s per cell on average "
             f"(one core each; slowest rule {timing['slowest_rule']} at {timing['slowest_rule_s']:.2f} s), "
-            f"{timing['cell_s'] / 3600:.2f} core-hours in all; the last full run took "
-            f"{timing['wall_s'] / 60:.1f} min with {timing['jobs']} job(s).")
+            f"{timing['cell_s'] / 3600:.2f} core-hours in all; the {timing['sessions']} run(s) that filled this "
+            f"directory took {timing['wall_s'] / 3600:.2f} h wall-clock with {jobs} job(s).")
 
 
 def bar_checks(grid: Grid, table: dict) -> dict:

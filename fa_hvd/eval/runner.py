@@ -6,7 +6,7 @@ Layout of an output directory::
     cells/            results of ``--cell INDEX`` runs (one file each), folded into results.jsonl later
     table.md          the Markdown report (report.markdown)
     heatmap.png       the heatmap (report.heatmap)
-    timing.json       the last full run's wall time and job count
+    sessions.jsonl    one line per run that ran cells: cells, failures, wall time, jobs, engine
 
 A line is valid for a cell when its ``key`` is the cell's and its ``digest`` is the cell's
 digest under the line's ``engine``: a cell whose definition changed is run again.
@@ -31,7 +31,7 @@ RESULTS = "results.jsonl"
 CELLS = "cells"
 TABLE = "table.md"
 HEATMAP = "heatmap.png"
-TIMING = "timing.json"
+SESSIONS = "sessions.jsonl"
 
 
 def run_cell(cell: Cell, engine: str, run_root: Path | None = None) -> dict:
@@ -176,15 +176,15 @@ def run_grid(grid: Grid, out: Path, engine: str, jobs: int, cells: list[Cell]) -
     wall = time.perf_counter() - start
     print(f"fa-hvd-eval: ran {len(todo) - failures} cell(s) in {_duration(wall)}"
           + (f"; {failures} FAILED" if failures else ""), flush=True)
-    if len(todo) == len(grid.cells) and not failures:
-        (out / TIMING).write_text(json.dumps({"wall_s": wall, "jobs": jobs, "engine": engine}) + "\n")
+    with open(out / SESSIONS, "a") as sessions:
+        sessions.write(json.dumps({"cells": len(todo) - failures, "failed": failures, "wall_s": wall, "jobs": jobs,
+                                   "engine": engine, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
     return failures
 
 
 def timing(grid: Grid, records: dict, out: Path) -> dict | None:
-    """Per-cell times from the records and the last full run's wall time (timing.json)."""
-    path = out / TIMING
-    if not records or not path.exists():
+    """Per-cell times from the records, and the wall time of the sessions that ran cells here."""
+    if not records:
         return None
     by_rule: dict = {}
     for cell in grid.cells:
@@ -193,10 +193,11 @@ def timing(grid: Grid, records: dict, out: Path) -> dict | None:
             by_rule.setdefault(cell.rule, []).append(record["wall_s"])
     times = [t for ts in by_rule.values() for t in ts]
     slowest = max(by_rule, key=lambda r: statistics.fmean(by_rule[r]))
-    last = json.loads(path.read_text())
+    sessions = _read_lines(out / SESSIONS)
     return {"cells": len(times), "per_cell_s": statistics.fmean(times), "cell_s": sum(times),
             "slowest_rule": slowest, "slowest_rule_s": statistics.fmean(by_rule[slowest]),
-            "wall_s": last["wall_s"], "jobs": last["jobs"]}
+            "sessions": len(sessions), "wall_s": sum(s["wall_s"] for s in sessions),
+            "jobs": sorted({s["jobs"] for s in sessions})}
 
 
 def write_report(grid: Grid, out: Path) -> tuple[Path, Path]:
