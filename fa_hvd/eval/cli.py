@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import os
 import sys
 from pathlib import Path
 
@@ -26,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a grid of (split x workers x rule x fault x seed) training runs and report the final "
         "test accuracy per cell: results.jsonl, table.md (mean and spread over seeds, the bars of the grid's "
         "bars.rule) and heatmap.png. Cells already in results.jsonl are skipped, so an interrupted grid resumes.",
+        epilog="Exit status: 0 done; 1 a cell failed (the others still ran); 2 a bad grid file, --cell index or "
+        "--match. Environment for --engine distributed: FA_HVD_EVAL_LAUNCH (launcher template with {p}, default "
+        "'horovodrun -np {p} -H localhost:{p}'), FA_HVD_EVAL_TIMEOUT (seconds per job, default 3600).",
     )
     parser.add_argument("--grid", required=True, help="the grid's YAML file, e.g. configs/eval/standing.yaml")
     parser.add_argument("--out", help="output directory (default: the grid's out:, else runs/eval/<grid stem>)")
@@ -89,8 +91,11 @@ def main(argv=None) -> int:
         if runner.cell_done(grid, out, cell, args.engine):
             print(f"fa-hvd-eval: cell {cell.index} {cell.key}: already done", flush=True)
             return 0
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-        record = runner.run_cell(cell, args.engine, out / "runs")
+        try:
+            record = runner.run_cell(cell, args.engine, out / "runs")
+        except Exception as exc:  # the whole message, no traceback: one line per failed array task
+            print(f"fa-hvd-eval: cell {cell.index} {cell.key}: FAILED: {exc}", file=sys.stderr, flush=True)
+            return 1
         path = runner.write_cell_file(out, record)
         print(f"fa-hvd-eval: cell {cell.index} {cell.key}: accuracy {100 * record['test_accuracy']:.1f}% "
               f"({record['wall_s']:.1f} s) -> {path}", flush=True)
