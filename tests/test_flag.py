@@ -148,11 +148,11 @@ def default_direct(G, f, r, lambda_=0.0, iterations=100, tol=1e-6, eps=1e-7):
     norms = G.norm(dim=1)
     H = (G / norms[:, None]).T  # (n, p)
     median = norms.sort().values[(p - 1) // 2: p // 2 + 1].mean()
-    shrink = 1 / (norms / (3 * median)).clamp_min(1)
+    excess = norms / (5 * median)
 
     def kept_of(Y):
         P = Y.T @ H
-        agreement = torch.sign(P.sum(1) @ P) * (P * P).sum(0) * shrink
+        agreement = torch.where(excess > 1, -excess, torch.sign(P.sum(1) @ P) * (P * P).sum(0))
         kept = torch.ones(p, dtype=torch.bool)
         kept[torch.argsort(agreement, stable=True)[:f]] = False
         return kept

@@ -51,12 +51,12 @@ Modes:
   1. *Fit to the honest majority.* IRLS from the flag mean (the top-``r``
      eigenvectors of the cosine matrix) in which, at every step, the ``f`` rows
      that agree least with the current fit get no weight: a row's agreement is
-     ``sign(<Y^T h_i, d>) ||Y^T h_i||^2`` (``d``: the kept rows' summed
-     projections), shrunk by ``||g_i|| / (NORM_OUTLIER median norm)`` for a row
-     whose norm exceeds ``NORM_OUTLIER`` times the median. Rows opposed to the
-     consensus go first (a subspace cannot tell ``h`` from ``-h``: this is the
-     sign step), then rows of outlying norm, then the rows farthest from the
-     subspace. The stop test is on ``E_lambda`` over the kept rows: stop when it
+     ``sign(<Y^T h_i, d>) ||Y^T h_i||^2`` (``d``: the rows' summed projections).
+     Rows whose norm exceeds ``NORM_OUTLIER`` (5) times the median go first, the
+     largest first (honest workers of one model on batches of one size rarely
+     differ by that much; label-flipping workers do), then rows opposed to the
+     consensus (a subspace cannot tell ``h`` from ``-h``: this is the sign step),
+     then the rows farthest from the subspace. The stop test is on ``E_lambda`` over the kept rows: stop when it
      decreases by less than ``1e-6 (1 + E)``, keep the better iterate, at most
      ``iterations`` (100) steps.
   2. *One vote per distinct direction.* The output is a weighted mean of the kept
@@ -99,8 +99,8 @@ REFERENCE_EPS = 1e-7
 REFERENCE_STOP = 1e-10
 DEFAULT_MAX_ITERATIONS = 100
 DEFAULT_REL_TOL = 1e-6
-NORM_OUTLIER = 3.0
-"""A row whose norm exceeds this many times the median norm is suspected in proportion."""
+NORM_OUTLIER = 5.0
+"""A row whose norm exceeds this many times the median norm is left out before any other."""
 DUPLICATE_BANDWIDTH = 0.1
 """Rows closer than about this fraction of the typical honest spread share a vote."""
 
@@ -269,15 +269,15 @@ class Flag(Aggregator):
         p, k = R.shape[1], R.shape[0]
         r = min(self.rank(p, f), k)
         median = sorted_median(norms.sort().values)
-        shrink = 1 / (norms / (NORM_OUTLIER * median)).clamp_min(1) if median > 0 else torch.ones_like(norms)
+        excess = norms / (NORM_OUTLIER * median) if median > 0 else torch.zeros_like(norms)
         W = torch.eye(k, r, dtype=R.dtype, device=R.device)
         P = W.T @ R
-        kept = _agreeing(P, shrink, f, degenerate=r >= k)
+        kept = _agreeing(P, excess, f, degenerate=r >= k)
         E = self._objective(P, kept, pairs=True)
         for _ in range(self.iterations):
             W_new = self._irls_step(P, R, r, kept)
             P_new = W_new.T @ R
-            kept_new = _agreeing(P_new, shrink, f, degenerate=r >= k)
+            kept_new = _agreeing(P_new, excess, f, degenerate=r >= k)
             E_new = self._objective(P_new, kept_new, pairs=True)
             if E_new < E:
                 W, P, kept = W_new, P_new, kept_new
@@ -296,12 +296,13 @@ class FlagFit(NamedTuple):
     r: int
 
 
-def _agreeing(P: torch.Tensor, shrink: torch.Tensor, f: int, degenerate: bool) -> torch.Tensor:
+def _agreeing(P: torch.Tensor, excess: torch.Tensor, f: int, degenerate: bool) -> torch.Tensor:
     """The rows kept by a fit with projections ``P``: all but the ``f`` that agree least.
 
-    Agreement: ``sign(<P_i, d>) ||P_i||^2 shrink_i`` with ``d`` the sum of the projections.
-    When the subspace holds every row (``degenerate``) the fit says nothing beyond the sign:
-    only rows opposed to ``d`` are dropped (the most opposed first, at most ``f``).
+    Agreement: ``sign(<P_i, d>) ||P_i||^2`` (in [-1, 1]) with ``d`` the sum of the projections;
+    ``-excess_i`` (below -1) for a row of outlying norm, ``excess_i = ||g_i|| / (NORM_OUTLIER
+    median) > 1``. When the subspace holds every row (``degenerate``) the fit says nothing beyond
+    the sign: only rows opposed to ``d`` are dropped (the most opposed first, at most ``f``).
     """
     p = P.shape[1]
     kept = torch.ones(p, dtype=torch.bool, device=P.device)
@@ -312,7 +313,7 @@ def _agreeing(P: torch.Tensor, shrink: torch.Tensor, f: int, degenerate: bool) -
         order = torch.argsort(alignment, stable=True)[:f]
         kept[order[alignment[order] < 0]] = False
         return kept
-    agreement = torch.sign(alignment) * (P * P).sum(0) * shrink
+    agreement = torch.where(excess > 1, -excess, torch.sign(alignment) * (P * P).sum(0))
     kept[torch.argsort(agreement, stable=True)[:f]] = False
     return kept
 
