@@ -14,7 +14,9 @@ all-gathers them and every rank computes the same robust aggregate:
    transform that runs collectives itself (omniscient fault injection) makes
    buckets start in their fixed index order.
 2. ``synchronize()`` starts every bucket not started yet (parameters that got no
-   gradient send zeros), and the exchange (:class:`GradientExchange`) returns
+   gradient send zeros), and the exchange (:class:`GradientExchange`; the
+   default gathers every gradient, ``exchange="sharded"`` aggregates one shard of
+   the coordinates per rank, :mod:`fa_hvd.exchange`) returns
    the ``(n,)`` aggregate of the whole gradient (FA needs the whole vector),
    which is written back into each ``.grad`` in the layout it had (a sparse
    gradient stays sparse).
@@ -60,7 +62,8 @@ from typing import Callable, Iterable
 import torch
 
 from .aggregators import Aggregator, get as get_aggregator
-from .comm import Transport, get_transport
+from .comm import NoCompression, Transport, get_transport
+from .exchange import ShardedExchange
 
 MIN_BUCKET_BYTES = 1 << 20  # automatic bucket sizes: total / TARGET_BUCKETS, within these bounds
 MAX_BUCKET_BYTES = 25 << 20
@@ -166,7 +169,7 @@ class AllgatherExchange(GradientExchange):
         self.pending.clear()
 
 
-EXCHANGES: dict[str, Callable[..., GradientExchange]] = {"allgather": AllgatherExchange}
+EXCHANGES: dict[str, Callable[..., GradientExchange]] = {"allgather": AllgatherExchange, "sharded": ShardedExchange}
 
 
 class _Bucket:
@@ -409,6 +412,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         }
         for key, value in _byte_counters(self._transport).items():
             stats[key] = value - self._marks.get(key, 0)
+        stats.update(getattr(self._exchange, "stats", {}))  # the sharded exchange's peak_bytes
         self.stats = stats
 
     def _release(self, param) -> None:
@@ -469,16 +473,6 @@ def _claim(optimizer, param):
     key = id(param)
     _HOOKS[key] = (weakref.ref(param, lambda _, key=key: _HOOKS.pop(key, None)), ref, handle)
     return handle
-
-
-class _NoCompression:
-    @staticmethod
-    def compress(tensor):
-        return tensor, None
-
-    @staticmethod
-    def decompress(tensor, ctx):
-        return tensor
 
 
 def _byte_counters(transport: Transport) -> dict[str, int]:
@@ -641,8 +635,10 @@ def DistributedOptimizer(
     :func:`fa_hvd.aggregators.get`, or a callable ``(p, n) -> (n,)``),
     ``aggregator_params`` (e.g. ``{"f": 3}``), ``transport`` (``"horovod"``,
     ``"mpi"`` or a :class:`~fa_hvd.comm.Transport`), ``exchange`` (a name in
-    :data:`EXCHANGES` or a factory ``(transport, aggregator, compression, prefix)
-    -> GradientExchange``), ``bucket_bytes`` (default: automatic, see
+    :data:`EXCHANGES`: ``"allgather"``, or ``"sharded"`` for allreduce traffic and O(n)
+    memory, :mod:`fa_hvd.exchange`; or a factory ``(transport, aggregator, compression,
+    prefix) -> GradientExchange`` such as ``fa_hvd.exchange.replicated(3)``),
+    ``bucket_bytes`` (default: automatic, see
     :func:`_make_buckets`), ``gradient_transform`` (``(flat_grad, bucket_index,
     step) -> tensor``, applied to what this rank sends; fault injection uses it; an
     object whose ``uses_collectives`` is true gets buckets in index order). An
@@ -685,7 +681,7 @@ def DistributedOptimizer(
     cls = type(optimizer.__class__.__name__, (optimizer.__class__, RobustOptimizer),
                dict(_DistributedOptimizer.__dict__))
     return cls(optimizer.param_groups, named_parameters,
-               compression if compression is not None else _NoCompression, backward_passes_per_step, op, op_name,
+               compression if compression is not None else NoCompression, backward_passes_per_step, op, op_name,
                gradient_predivide_factor, groups, sparse_as_dense, getattr(transport, "process_set", None),
                aggregator, transport, exchange, bucket_bytes, gradient_transform)
 

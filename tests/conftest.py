@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 
+# Compiled sorting networks (fa_hvd.aggregators.native) are built on first use, one per rule
+# and size; the suite runs the torch path, and tests/test_selection.py compares the two.
+os.environ.setdefault("FA_HVD_NATIVE", "0")
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 BIN = Path(sys.executable).parent

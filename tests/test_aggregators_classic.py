@@ -1,13 +1,11 @@
 """The classic robust rules and pre-aggregators (everything but Flag)."""
 
-import math
 import re
 
 import pytest
 import torch
 
 from fa_hvd.aggregators import get
-from fa_hvd.aggregators import median as median_module
 from fa_hvd.aggregators.pre.arc import ARC
 from fa_hvd.aggregators.pre.bucketing import Bucketing
 from fa_hvd.aggregators.pre.clip import Clip
@@ -263,66 +261,3 @@ def test_bad_parameters(name, params, words):
 def test_unknown_parameter():
     with pytest.raises(ValueError, match="unknown parameter"):
         get("nnm+krum", f=1, s=2)
-
-
-# -- chunking ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("p", [5, 6])
-def test_coordinatewise_rules_chunk_columns(monkeypatch, p):
-    G = torch.randn(p, 37, generator=torch.Generator().manual_seed(5))
-    whole = {name: get(name, f=1)(G) for name in ("median", "trimmed_mean")}
-    chunks = []
-    original = median_module.column_chunks
-
-    def counting(n, rows, budget):
-        for cols in original(n, rows, budget):
-            chunks.append(cols)
-            yield cols
-
-    monkeypatch.setattr(median_module, "CHUNK_BUDGET", 3 * p)
-    monkeypatch.setattr(median_module, "column_chunks", counting)
-    median = get("median", f=1)(G)
-    assert len(chunks) == math.ceil(37 / 3)
-    sorted_G = G.sort(dim=0).values
-    assert torch.allclose(median, torch.quantile(G, 0.5, dim=0))
-    if p % 2:
-        assert torch.equal(median, torch.median(G, dim=0).values)
-    assert torch.allclose(get("trimmed_mean", f=1)(G), sorted_G[1 : p - 1].mean(dim=0))
-    for name, value in whole.items():
-        assert torch.equal(get(name, f=1)(G), value)
-
-
-def test_bulyan_chunked_matches_unchunked(monkeypatch):
-    G = torch.randn(11, 29, generator=torch.Generator().manual_seed(6))
-    whole = get("bulyan", f=2)(G)
-    monkeypatch.setattr(median_module, "CHUNK_BUDGET", 4)
-    assert torch.equal(get("bulyan", f=2)(G), whole)
-
-
-# -- composition and determinism --------------------------------------------------------
-
-
-def test_composition_is_deterministic():
-    gen = torch.Generator().manual_seed(7)
-    inputs = [torch.randn(9, 6, generator=gen) for _ in range(3)]
-    for name, params in [("nnm+krum", {"f": 1}), ("bucketing+median", {"f": 1, "s": 2})]:
-        a, b = get(name, **params), get(name, **params)
-        for G in inputs:
-            assert torch.equal(a(G), b(G)), name
-
-
-def test_bucketing_composed_state_round_trip():
-    gen = torch.Generator().manual_seed(8)
-    G1, G2 = torch.randn(9, 6, generator=gen), torch.randn(9, 6, generator=gen)
-    agg = get("bucketing+median", f=1, s=2, seed=11)
-    agg(G1)
-    state = agg.state_dict()
-    assert set(state) == {"bucketing"}
-    expected = agg(G2)
-    fresh = get("bucketing+median", f=1, s=2, seed=11)
-    fresh.load_state_dict(state)
-    assert torch.equal(fresh(G2), expected)
-    # The generator advances: the same input is bucketed differently next time.
-    other = get("bucketing+median", f=1, s=2, seed=11)
-    assert not torch.equal(other(G2), other(G2))

@@ -58,11 +58,14 @@ def test_precondition_skip_and_defaults(capsys):
     records, err = bench(capsys, "--n", "500", "--p", "6", "--f", "2", "--rules", "krum,median,flag",
                          "--dtype", "bf16")
     rows = [r for r in records if "summary" not in r]
-    assert [r["rule"] for r in rows] == ["median", "flag[default]", "flag[reference]"]
+    assert [r["rule"] for r in rows] == ["median", "flag[default]", "flag[reference]", "mean"]
     assert all(r["dtype"] == "bfloat16" for r in rows)
-    assert "skip krum" in err and "skip multikrum" in err
+    assert "skip krum" in err and "skip multikrum" in err and "mean added" in err
     assert all(set(r["params"]) == {"f", "mode", "r"} for r in rows if r["rule"].startswith("flag["))
     assert not DIRECT_KEYS & set().union(*rows) and "vs_multikrum" not in records[-1]["summary"]
+    assert rows[0]["vs_mean"] == pytest.approx(rows[0]["median_s"] / rows[-1]["median_s"])
+    assert records[-1]["summary"]["vs_mean"] == {"median": rows[0]["vs_mean"]}
+    assert records[-1]["summary"]["coordinatewise_within_3x_mean"] == (rows[0]["vs_mean"] <= 3)
 
 
 BAD = [["--rules", "nope"], ["--n", "1.5"], ["--repeats", "0"], ["--dtype", "int8"]]
@@ -79,5 +82,14 @@ def test_help_describes_every_option(capsys):
         main(["aggregators", "--help"])
     text = capsys.readouterr().out
     for option in ("--rules", "--n", "--p", "--f", "--dtype", "--device", "--repeats", "--warmup",
-                   "--direct", "--lambda", "--iterations", "--r", "--seed"):  # fmt: skip
+                   "--direct", "--gram-floor", "--lambda", "--iterations", "--r", "--seed"):  # fmt: skip
         assert f"  {option} " in text or f"  {option}\n" in text
+
+
+def test_gram_floor(capsys):
+    records, _ = bench(capsys, "--n", "2000", "--p", "5", "--f", "1", "--rules", "flag", "--gram-floor")
+    rows = {r["rule"]: r for r in records if "summary" not in r}
+    assert set(rows) == {"gram", "flag[default]", "flag[reference]", "multikrum"}
+    for mode in ("flag[default]", "flag[reference]"):
+        assert rows[mode]["vs_gram"] == pytest.approx(rows[mode]["median_s"] / rows["gram"]["median_s"])
+    assert set(records[-1]["summary"]["vs_gram"]) == {"flag[default]", "flag[reference]"}

@@ -1,6 +1,7 @@
 """``fa-hvd-bench step`` under a real 4-rank horovodrun: every variant reported, with figures
 that hang together. Its timing bars (fa_hvd's step and exposed communication against
-Horovod's) are printed for a person on a quiet machine, never asserted here."""
+Horovod's) are printed for a person on a quiet machine, never asserted here; the bytes,
+which the kernel counts, are."""
 
 import json
 
@@ -13,14 +14,19 @@ pytestmark = pytest.mark.slow
 
 def test_step_benchmark_reports_every_variant_with_exposed_communication():
     proc = launch("gloo", 4, ["fa-hvd-bench", "step", "--model", "cnn", "--rounds", "2", "--steps", "2",
-                              "--warmup", "1", "--bucket-bytes", "20000"])
+                              "--warmup", "1", "--bucket-bytes", "20000", "--exchange", "allgather,sharded"])
     assert proc.returncode == 0, output(proc)
-    rows = [json.loads(line) for line in untagged(proc.stdout).splitlines() if '"bench": "step"' in line]
+    lines = [json.loads(line) for line in untagged(proc.stdout).splitlines() if '"bench": "step"' in line]
+    rows, [summary] = lines[:-1], [line["summary"] for line in lines[-1:]]
     assert [r["variant"] for r in rows] == ["horovod_allreduce", "fa_hvd_mean", "fa_hvd_mean_one_bucket",
-                                            "fa_hvd_flag"]
+                                            "fa_hvd_flag", "fa_hvd_mean_sharded", "fa_hvd_flag_sharded"]
+    assert [r["exchange"] for r in rows] == ["allreduce"] + ["allgather"] * 3 + ["sharded"] * 2
     n = rows[0]["parameters"]
-    assert rows[0]["bytes_received_per_rank_per_step"] == int(2 * 3 / 4 * 4 * n)
-    assert all(r["bytes_received_per_rank_per_step"] == 3 * 4 * n for r in rows[1:])
+    assert rows[0]["model_bytes_per_rank_per_step"] == int(2 * 3 / 4 * 4 * n)
+    assert all(r["model_bytes_per_rank_per_step"] == 3 * 4 * n for r in rows[1:4])
+    for r in rows:  # the kernel's counts: at least the payload, and no double counting
+        for key in ("bytes_sent_per_rank_per_step", "bytes_received_per_rank_per_step"):
+            assert r["model_bytes_per_rank_per_step"] <= r[key] <= 1.5 * r["model_bytes_per_rank_per_step"], r
     assert all(r["ranks"] == 4 and r["model"] == "cnn" for r in rows)
     assert all(0 < r["exposed_s"] < r["median_s"] and r["min_s"] <= r["median_s"] for r in rows)
     assert rows[0]["vs_horovod"] == rows[0]["exposed_vs_horovod"] == 1.0 and rows[0]["buckets"] is None
@@ -29,3 +35,7 @@ def test_step_benchmark_reports_every_variant_with_exposed_communication():
         assert r["exposed_vs_horovod"] == pytest.approx(r["exposed_s"] / rows[0]["exposed_s"])
         assert 0 <= r["wait_s"] <= r["exposed_s"] and 0 <= r["aggregate_s"] <= r["exposed_s"]
     assert rows[2]["buckets"] == 1 and rows[1]["buckets"] == rows[3]["buckets"] > 1
+    for r in rows[4:]:  # the sharded exchange: an allreduce's bytes, its own buffers as the cost model has them
+        assert r["bytes_vs_allreduce"] <= 1.1 and r["exchange_peak_bytes"] == r["model_exchange_bytes"]
+    assert summary["sharded_bytes_within_1_1x_allreduce"]
+    assert summary["sharded_step_within_1_1x_horovod"] == all(r["vs_horovod"] <= 1.1 for r in rows[4:])

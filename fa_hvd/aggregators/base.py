@@ -25,13 +25,27 @@ Shared behaviour, implemented once here:
   ``M`` through :meth:`PreAggregator.mixing`, so a composition stays in Gram space
   (``K' = M K M^T``). A sharded exchange, which never holds ``G`` whole, needs
   exactly this: ``K`` summed from partial Grams, then ``c``, then ``c^T G`` per shard.
+* Column blocks. A rule with ``columnwise = True`` can be computed one block of
+  columns at a time from global information that fits in ``p x p``:
+  :meth:`Aggregator.by_columns` turns the Gram ``K`` (of the rows followed by the
+  rule's :meth:`~Aggregator.anchors`, e.g. cclip's centre) into a function of column
+  blocks. Gram rules (``c^T G[:, cols]``), the coordinate-wise rules (median, trimmed
+  mean; ``uses_gram = False``: no ``K`` needed), Bulyan (selection from ``K``, then
+  coordinate-wise) and cclip are. Stateful rules learn the step's whole aggregate
+  through :meth:`Aggregator.observe`. The sharded exchange computes every rule this
+  way; ``__call__`` is the same computation on one block, all of ``G``.
 """
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import torch
 
-from .geometry import combine, gram
+from .geometry import combine, cross_gram, gram
+
+ColumnRule = Callable[[torch.Tensor, slice], torch.Tensor]
+"""``rule(G[:, cols], cols) -> agg(G)[cols]``: a rule applied to one block of columns."""
 
 
 class Aggregator:
@@ -41,6 +55,7 @@ class Aggregator:
     robust = True
     requires = (0, 1)  # (a, b): the rule needs p >= a f + b workers
     gram_space = False  # True: the aggregate is coefficients(K, f)^T G
+    uses_gram = True  # by_columns needs K (False: the coordinate-wise rules)
 
     def __init__(self, f: int = 0):
         self.f = check_f(f, self.name)
@@ -70,7 +85,7 @@ class Aggregator:
     def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
         """Aggregate finite rows ``G`` (``(p, n)``, fp32 or fp64) with ``f`` Byzantine."""
         if self.gram_space:
-            return combine(G, self.coefficients(gram(G), f))
+            return combine(G, self.coefficients(host_gram(G), f))
         raise NotImplementedError
 
     def coefficients(self, K: torch.Tensor, f: int) -> torch.Tensor:
@@ -80,20 +95,42 @@ class Aggregator:
         """
         raise NotImplementedError(f"{self.name}: not computed in Gram space")
 
+    # -- by column blocks (the sharded exchange) -------------------------------------
+    @property
+    def columnwise(self) -> bool:
+        """True when :meth:`by_columns` works: Gram rules, and rules that set it."""
+        return self.gram_space
+
+    def anchors(self, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        """Extra ``(m, n)`` rows whose inner products with ``G``'s rows :meth:`by_columns` needs (None: none)."""
+        return None
+
+    def by_columns(self, p: int, K: torch.Tensor | None, f: int) -> ColumnRule:
+        """The rule on column blocks: ``by_columns(p, K, f)(G[:, cols], cols) == aggregate(G, f)[cols]``.
+
+        ``K``: the fp64 Gram of the ``p`` (finite) rows of ``G`` followed by :meth:`anchors`
+        (None when ``uses_gram`` is False). Gram rules give ``c^T G[:, cols]``.
+        """
+        if not self.gram_space:
+            raise NotImplementedError(f"{self.name}: cannot be computed by column blocks")
+        c = self.coefficients(K, f)
+        return lambda block, cols: combine(block, c)
+
+    def observe(self, aggregate: torch.Tensor) -> None:
+        """Told each step's whole aggregate (stateful rules keep what they need of it)."""
+
     def __call__(self, G: torch.Tensor) -> torch.Tensor:
         G = check_matrix(G, self.name)
         work = G if G.dtype in (torch.float32, torch.float64) else G.float()
-        f = self.f
-        if self.robust:
-            finite = finite_rows(work)
-            bad = int((~finite).sum())
-            if bad == work.shape[0]:
-                return torch.zeros(work.shape[1], dtype=G.dtype, device=G.device)
-            if bad:
-                work = work[finite]
-                f = max(f - bad, 0)
-        self.check(work.shape[0], f)
-        return self.aggregate(work, f).to(G.dtype)
+        rows = surviving_rows(finite_rows(work), self.f) if self.robust else Rows(None, self.f)
+        if rows.none_left:
+            return torch.zeros(work.shape[1], dtype=G.dtype, device=G.device)
+        if rows.keep is not None:
+            work = work[rows.keep]
+        self.check(work.shape[0], rows.f)
+        out = self.aggregate(work, rows.f)
+        self.observe(out)
+        return out.to(G.dtype)
 
     # -- state (only stateful rules override) ---------------------------------------
     def state_dict(self) -> dict:
@@ -132,7 +169,7 @@ class PreAggregator:
 
     def transform(self, G: torch.Tensor, f: int) -> torch.Tensor:
         """``M G`` in ``G``'s dtype."""
-        M = self.mixing(G.shape[0], gram(G) if self.uses_gram else None, f)
+        M = self.mixing(G.shape[0], host_gram(G) if self.uses_gram else None, f)
         return M.to(device=G.device, dtype=G.dtype) @ G
 
     def state_dict(self) -> dict:
@@ -152,7 +189,12 @@ class Composed(Aggregator):
         self.name = "+".join([s.name for s in self.stages] + [rule.name])
         self.robust = True
         self.gram_space = rule.gram_space
+        self.uses_gram = rule.uses_gram or any(stage.uses_gram for stage in self.stages)
         super().__init__(rule.f)
+
+    @property
+    def columnwise(self) -> bool:
+        return self.rule.columnwise
 
     def check(self, p: int, f: int | None = None) -> None:
         f = self.f if f is None else f
@@ -176,10 +218,31 @@ class Composed(Aggregator):
 
     def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
         if self.gram_space:
-            return combine(G, self.coefficients(gram(G), f))
-        K = gram(G) if any(stage.uses_gram for stage in self.stages) else None
-        M, _ = self.mixing(G.shape[0], K, f)
-        return self.rule.aggregate(M.to(device=G.device, dtype=G.dtype) @ G, f)
+            return combine(G, self.coefficients(host_gram(G), f))
+        if not self.rule.columnwise:
+            K = host_gram(G) if any(stage.uses_gram for stage in self.stages) else None
+            M, _ = self.mixing(G.shape[0], K, f)
+            return self.rule.aggregate(M.to(device=G.device, dtype=G.dtype) @ G, f)
+        anchors = self.anchors(G.shape[1], G.dtype, G.device)
+        K = anchored_gram(G, anchors).cpu() if self.uses_gram else None  # p x p work on the host
+        return self.by_columns(G.shape[0], K, f)(G, slice(0, G.shape[1]))
+
+    def anchors(self, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        return self.rule.anchors(n, dtype, device)
+
+    def by_columns(self, p: int, K: torch.Tensor | None, f: int) -> ColumnRule:
+        """Mix, then the rule: ``M K M^T`` (anchors unmixed) gives the rule's blocks of ``M G``."""
+        if self.gram_space:
+            return super().by_columns(p, K, f)
+        M, mixed = self.mixing(p, None if K is None else K[:p, :p], f)
+        if K is not None and K.shape[0] > p:  # anchors: cross terms M X, anchor Gram unchanged
+            cross = M @ K[:p, p:]
+            mixed = torch.cat([torch.cat([mixed, cross], 1), torch.cat([cross.T, K[p:, p:]], 1)])
+        inner = self.rule.by_columns(M.shape[0], mixed if self.rule.uses_gram else None, f)
+        return lambda block, cols: inner(M.to(device=block.device, dtype=block.dtype) @ block, cols)
+
+    def observe(self, aggregate: torch.Tensor) -> None:
+        self.rule.observe(aggregate)
 
     def state_dict(self) -> dict:
         state = {s.name: s.state_dict() for s in self.stages}
@@ -204,6 +267,45 @@ def check_f(f, name: str) -> int:
     if isinstance(f, bool) or not isinstance(f, int) or f < 0:
         raise ValueError(f"{name}: f must be a non-negative integer, got {f!r}")
     return f
+
+
+class Rows(NamedTuple):
+    """The rows a rule aggregates and the ``f`` left for them."""
+
+    keep: torch.Tensor | None  # indices of the rows kept; None: every row
+    f: int
+
+    @property
+    def none_left(self) -> bool:
+        return self.keep is not None and self.keep.numel() == 0
+
+
+def surviving_rows(finite: torch.Tensor, f: int) -> Rows:
+    """A robust rule's rows: the finite ones, with ``f`` reduced by the number dropped (at least 0).
+
+    ``finite`` is the ``(p,)`` mask of rows without NaN or Inf. Both the allgather
+    and the sharded exchange apply this policy (:meth:`Aggregator.__call__`).
+    """
+    bad = int((~finite).sum())
+    if not bad:
+        return Rows(None, f)
+    return Rows(finite.nonzero().flatten(), max(f - bad, 0))
+
+
+def host_gram(G: torch.Tensor) -> torch.Tensor:
+    """:func:`.geometry.gram` on the host: the rules' ``p x p`` work runs on the CPU, where it is
+    cheapest (one transfer of ``K`` instead of a device synchronisation per iteration)."""
+    return gram(G).cpu()
+
+
+def anchored_gram(G: torch.Tensor, anchors: torch.Tensor | None) -> torch.Tensor:
+    """fp64 Gram of ``G``'s rows followed by ``anchors``' (:func:`.geometry.gram`, ``cross_gram``)."""
+    K = gram(G)
+    if anchors is None:
+        return K
+    anchors = anchors.to(G.dtype)
+    cross = cross_gram(G, anchors)
+    return torch.cat([torch.cat([K, cross], 1), torch.cat([cross.T, gram(anchors)], 1)])
 
 
 def finite_rows(G: torch.Tensor) -> torch.Tensor:

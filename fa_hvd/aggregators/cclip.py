@@ -8,17 +8,21 @@ Each step moves ``v`` by at most ``tau``, and ``f`` Byzantine rows move it by at
 most ``f tau / p``. Precondition ``p >= 2f + 1``.
 
 Computed in Gram space: ``v = a v0 + G^T c`` with ``v0`` the starting centre, so
-every ``||g_i - v||`` comes from ``K = G G^T``, ``G v0`` and ``||v0||`` (all accumulated
-in fp64, so a huge finite row neither overflows nor hides the others: see
-:mod:`~fa_hvd.aggregators.geometry`); the iterations update ``(a, c)`` only and ``G``
-is read three times in all.
+every ``||g_i - v||`` comes from the Gram of the rows ``[G; v0]`` (``K``, ``G v0``
+and ``||v0||^2``, accumulated in fp64, so a huge finite row neither overflows nor
+hides the others: see :mod:`~fa_hvd.aggregators.geometry`); the iterations update
+``(a, c)`` only. The centre is the
+rule's anchor (:meth:`anchors`): by column blocks (:meth:`by_columns`) a block of
+the output is ``a v0[cols] + c^T G[:, cols]``, so the sharded exchange needs only
+each shard's share of the ``p + 1`` inner products with ``v0``, summed with its
+partial Gram, and reads only its own columns of the centre.
 
 State: the centre is the previous step's aggregate (zeros on the first call),
-kept in ``self.center``. :meth:`state_dict` returns ``{"center": tensor or None}``
-(a CPU copy) and :meth:`load_state_dict` restores it; the optimizer stores it in
-its own ``state_dict``, so a checkpoint resumes with the same centre. The centre
-is moved to ``G``'s device and dtype on use; a change of the gradient length ``n``
-between calls is an error.
+kept in ``self.center`` (set by :meth:`observe`). :meth:`state_dict` returns
+``{"center": tensor or None}`` (a CPU copy) and :meth:`load_state_dict` restores it;
+the optimizer stores it in its own ``state_dict``, so a checkpoint resumes with
+the same centre, in either exchange. The centre is moved to ``G``'s device and
+dtype on use; a change of the gradient length ``n`` between calls is an error.
 """
 
 from __future__ import annotations
@@ -27,12 +31,13 @@ import numbers
 
 import torch
 
-from .base import Aggregator
-from .geometry import cross_gram, gram
+from .base import Aggregator, ColumnRule, anchored_gram
+from .geometry import combine
 
 
 class CClip(Aggregator):
     name = "cclip"
+    columnwise = True
 
     def __init__(self, f: int = 0, tau: float = 1.0, iterations: int = 3):
         super().__init__(f)
@@ -45,18 +50,23 @@ class CClip(Aggregator):
 
     requires = (2, 1)  # p >= 2f + 1
 
-    def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
-        p, n = G.shape
+    def anchors(self, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The centre ``v0`` as a ``(1, n)`` row (zeros before the first step)."""
         if self.center is None:
-            v = torch.zeros(n, dtype=G.dtype, device=G.device)
-        elif self.center.numel() != n:
+            return torch.zeros(1, n, dtype=dtype, device=device)
+        if self.center.numel() != n:
             raise ValueError(f"{self.name}: gradient length changed from {self.center.numel()} to {n}")
-        else:
-            v = self.center.to(device=G.device, dtype=G.dtype)
-        K = gram(G)
-        Gv0 = cross_gram(G, v[None, :])[:, 0]  # fp64 accumulation: a huge row's G v overflows fp32
-        v0_sq = float(v.double() @ v.double())
-        a, c = 1.0, torch.zeros(p, dtype=torch.float64, device=G.device)
+        return self.center.to(device=device, dtype=dtype)[None]
+
+    def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
+        v0 = self.anchors(G.shape[1], G.dtype, G.device)
+        K = anchored_gram(G, v0).cpu()  # the p x p iterations on the host: no device sync per step
+        return self.by_columns(G.shape[0], K, f)(G, slice(0, G.shape[1]))
+
+    def by_columns(self, p: int, K: torch.Tensor, f: int) -> ColumnRule:
+        """``(a, c)`` from the Gram of ``[G; v0]`` (``(p + 1, p + 1)``); blocks ``a v0[cols] + c^T G[:, cols]``."""
+        Gv0, v0_sq, K = K[:p, p], float(K[p, p]), K[:p, :p]
+        a, c = 1.0, torch.zeros(p, dtype=torch.float64, device=K.device)
         for _ in range(self.iterations):
             # ||g_i - v||^2 = K_ii - 2 (a G v0 + K c)_i + a^2 ||v0||^2 + 2 a c.G v0 + c^T K c
             Kc = K @ c
@@ -64,9 +74,18 @@ class CClip(Aggregator):
             dist = (K.diagonal() - 2 * (a * Gv0 + Kc) + v_sq).clamp_min(0).sqrt()
             w = (self.tau / dist).clamp(max=1) / p  # dist == 0 gives inf -> 1
             a, c = a * (1 - float(w.sum())), c * (1 - w.sum()) + w
-        v = a * v + G.T @ c.to(G.dtype)
-        self.center = v
-        return v.clone()
+        center = self.center
+
+        def block_rule(block: torch.Tensor, cols: slice) -> torch.Tensor:
+            out = combine(block, c)
+            if center is not None:
+                out += a * center[cols].to(device=block.device, dtype=block.dtype)
+            return out
+
+        return block_rule
+
+    def observe(self, aggregate: torch.Tensor) -> None:
+        self.center = aggregate.detach().clone()
 
     def state_dict(self) -> dict:
         return {"center": None if self.center is None else self.center.detach().cpu().clone()}

@@ -91,7 +91,7 @@ from typing import NamedTuple
 
 import torch
 
-from .base import Aggregator
+from .base import Aggregator, host_gram
 from .geometry import combine, gram
 from .median import sorted_median
 
@@ -167,7 +167,7 @@ class Flag(Aggregator):
     def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
         eps = torch.finfo(G.dtype).eps
         if self.mode == "default":
-            return combine(G, self.coefficients(gram(G), f, eps))
+            return combine(G, self.coefficients(host_gram(G), f, eps))
         basis = _gram_basis(gram(G), eps)
         if basis is None:
             return torch.zeros(G.shape[1], dtype=G.dtype, device=G.device)

@@ -16,9 +16,13 @@ class Mean(Aggregator):
     name = "mean"
     robust = False
     gram_space = True
+    uses_gram = False  # by columns: the mean of each block, no K (the sharded exchange skips it)
 
     def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
         return G.mean(dim=0)  # c = 1/p without forming K
+
+    def by_columns(self, p: int, K, f: int):
+        return lambda block, cols: block.mean(dim=0)
 
     def coefficients(self, K: torch.Tensor, f: int) -> torch.Tensor:
         p = K.shape[0]

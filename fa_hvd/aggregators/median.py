@@ -4,21 +4,22 @@ For even ``p`` the median of a coordinate is the mean of its two middle values
 (``torch.median`` would return the lower one); this keeps the rule symmetric.
 Robust for ``p >= 2f + 1``: a majority of honest values brackets the median.
 
-Coordinates are sorted one block of columns at a time (:func:`coordinatewise`),
-so the extra memory is O(``CHUNK_BUDGET``) elements, never O(p n) on top of G.
+The middle values come from a sorting network pruned to them (:mod:`.selection`):
+compiled, one pass over ``G``, on the CPU; by cache-sized column blocks otherwise.
+Extra memory O(block), never O(p n).
+
+Column-separable: the aggregate of a block of columns is the rule applied to
+those columns alone (:meth:`by_columns`), which the sharded exchange relies on.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import functools
 
 import torch
 
 from .base import Aggregator
-from .geometry import column_chunks
-
-CHUNK_BUDGET = 1 << 22
-"""Elements sorted at once by the coordinate-wise rules (median, trimmed mean, Bulyan)."""
+from .selection import Reduction, coordinatewise
 
 
 def sorted_median(S: torch.Tensor) -> torch.Tensor:
@@ -27,19 +28,41 @@ def sorted_median(S: torch.Tensor) -> torch.Tensor:
     return (S[(q - 1) // 2] + S[q // 2]) / 2
 
 
-def coordinatewise(G: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """``out[cols] = reduce(sort(G[:, cols], dim=0))`` over column blocks, into one ``(n,)`` output."""
-    p, n = G.shape
-    out = torch.empty(n, dtype=G.dtype, device=G.device)
-    for cols in column_chunks(n, p, CHUNK_BUDGET):
-        out[cols] = reduce(G[:, cols].sort(dim=0).values)
-    return out
+class MiddleValues(Reduction):
+    """The median of ``q`` sorted values: the middle one, or the mean of the two middle ones."""
+
+    def __init__(self, q: int):
+        self.positions = (q // 2,) if q % 2 else (q // 2 - 1, q // 2)
+
+    def torch(self, values, out):
+        if len(values) == 1:
+            out.copy_(values[0])
+        else:
+            torch.add(values[0], values[1], out=out).div_(2)
+
+    def c(self, values, ctype):
+        return [f"result = {values[0]};" if len(values) == 1 else f"result = ({values[0]} + {values[1]}) / 2;"]
+
+
+@functools.lru_cache(maxsize=None)
+def middle_values(q: int) -> MiddleValues:
+    return MiddleValues(q)
+
+
+def median(G: torch.Tensor) -> torch.Tensor:
+    """Coordinate-wise median of ``G`` (``(p, n)``), as :func:`sorted_median` of each sorted column."""
+    return coordinatewise(G, middle_values(G.shape[0]))
 
 
 class Median(Aggregator):
     name = "median"
+    columnwise = True
+    uses_gram = False
 
     requires = (2, 1)  # p >= 2f + 1
 
     def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
-        return coordinatewise(G, sorted_median)
+        return median(G)
+
+    def by_columns(self, p: int, K, f: int):
+        return lambda block, cols: median(block)

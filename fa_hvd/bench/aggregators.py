@@ -3,17 +3,24 @@
 For every ``(n, p)`` one seeded ``G`` (``p`` honest gradients: a common mean plus
 noise) is generated and every rule is timed on it: ``warmup`` untimed calls, then
 ``repeats`` timed ones (``time.perf_counter``, ``torch.cuda.synchronize`` around each
-on CUDA). One JSON line per rule goes to stdout with the median and the minimum.
+on CUDA), in rounds of one call of each rule, so that load on a shared machine
+falls on every rule alike. One JSON line per rule goes to stdout with the median
+and the minimum.
 
 FA runs in both modes, ``flag[default]`` and ``flag[reference]``, and Multi-Krum is
 always timed with it: FA rows carry ``vs_multikrum`` (FA median / Multi-Krum
-median, same ``G``). With ``--direct`` the direct formulation of the released FA
+median, same ``G``). The coordinate-wise rules (median, trimmed mean, Bulyan) bring
+``mean`` along and carry ``vs_mean`` (their median / mean's median, same ``G``).
+With ``--direct`` the direct formulation of the released FA
 (:func:`fa_hvd.aggregators.flag_direct.flag_direct`) is timed once on the same ``G``
 (``direct_s``, ``direct_repeats``, ``speedup_vs_direct`` = direct / FA median), and
 ``flag[reference]``, which computes the same aggregate, gets ``max_rel_diff`` =
 ``||fa - direct|| / ||direct||`` from a second run of both on ``G.double()``. A
 summary line per ``(n, p)`` holds the bar checks for every FA mode measured:
-``fa_within_1_5x_multikrum`` and ``fa_100x_faster_than_direct``.
+``fa_within_1_5x_multikrum`` and ``fa_100x_faster_than_direct``, and
+``coordinatewise_within_3x_mean`` for median and trimmed mean. With ``--gram-floor``
+the Gram product ``K = G G^T`` alone is timed too (row ``gram``: the floor of every
+Gram-space rule, FA included) and FA rows carry ``vs_gram``.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import torch
 
 from fa_hvd.aggregators import get, names
 from fa_hvd.aggregators.flag_direct import flag_direct
+from fa_hvd.aggregators.geometry import gram
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -46,6 +54,10 @@ CHECKS = (
     ("speedup_vs_direct", "fa_100x_faster_than_direct", lambda speedup: speedup >= 100),
 )
 """(FA row key, summary check, bar) for the summary line."""
+COORDINATEWISE = ("median", "trimmed_mean", "bulyan")
+"""Rules timed against ``mean`` (``vs_mean``)."""
+COORDINATEWISE_BAR = ("median", "trimmed_mean")
+"""Rules whose ``vs_mean`` must be <= 3 (``coordinatewise_within_3x_mean``)."""
 
 
 # -- command line ------------------------------------------------------------------------
@@ -62,7 +74,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--rules", type=_rules, default=names(), metavar="LIST",
         help="comma list of rules (default: all: %s); flag runs in both modes, "
-        "flag[default] and flag[reference], and brings multikrum along" % ",".join(names()),
+        "flag[default] and flag[reference], and brings multikrum along; median, trimmed_mean "
+        "and bulyan bring mean along" % ",".join(names()),
     )
     parser.add_argument("--n", type=_sizes, default=[1_000_000], metavar="LIST",
                         help="comma list of gradient lengths n, e.g. 1e5,1e6 (default: 1000000)")
@@ -83,6 +96,9 @@ def add_parser(subparsers) -> None:
                         help="also run the direct, slow formulation of the released FA (an SVD of the "
                         "n x (p + p(p-1)) stacked matrix per IRLS step; O(n p^2) memory) once per "
                         "(n, p): its time and FA's speedup and fp64 accuracy against it (default: off)")
+    parser.add_argument("--gram-floor", action="store_true",
+                        help="also time the Gram product G G^T alone (the floor of FA and every Gram-space "
+                        "rule); FA rows then report vs_gram (default: off)")
     parser.add_argument("--lambda", dest="lambda_", type=float, default=None, metavar="LAMBDA",
                         help="FA's pair weight lambda_ (default: 1.0 with --direct, else FA's own, 0)")
     parser.add_argument("--iterations", type=_count(1), default=None, metavar="T",
@@ -164,7 +180,10 @@ def rule_specs(args: argparse.Namespace) -> list[tuple[str, dict]]:
     if "flag" in rules and "multikrum" not in rules:
         _log("multikrum added: FA rows report vs_multikrum")
         rules.append("multikrum")
-    specs = []
+    if any(rule in COORDINATEWISE for rule in rules) and "mean" not in rules:
+        _log("mean added: coordinate-wise rows report vs_mean")
+        rules.append("mean")
+    specs = [("gram", {})] if args.gram_floor else []
     for name in rules:
         if name == "flag":
             flag = {"f": args.f, **flag_settings(args)}
@@ -186,28 +205,42 @@ def bench_size(n: int, p: int, specs: list[tuple[str, dict]], args: argparse.Nam
     """Time every rule on one ``G``; print the rows and the summary line, return the rows."""
     _log(f"n={n} p={p}: generating G")
     G = gradients(n, p, args)
-    rows = [row for label, params in specs if (row := bench_rule(G, label, params, args)) is not None]
+    rules = [(label, params, agg) for label, params in specs if (agg := usable(G, label, params)) is not None]
+    times = interleaved([agg for _, _, agg in rules], G, args.repeats, args.warmup)
+    rows = [row_of(G, label, params, samples, args) for (label, params, _), samples in zip(rules, times)]
     fa = [row for row in rows if row["rule"].startswith("flag[")]
     multikrum = next((row for row in rows if row["rule"] == "multikrum"), None)
     for row in fa if multikrum else ():
         row["vs_multikrum"] = row["median_s"] / multikrum["median_s"]
+    floor = next((row for row in rows if row["rule"] == "gram"), None)
+    for row in fa if floor else ():
+        row["vs_gram"] = row["median_s"] / floor["median_s"]
+    mean = next((row for row in rows if row["rule"] == "mean"), None)
+    coordinatewise = [row for row in rows if row["rule"] in COORDINATEWISE]
+    for row in coordinatewise if mean else ():
+        row["vs_mean"] = row["median_s"] / mean["median_s"]
     if args.direct and fa:
         compare_direct(G, fa, args)
     for row in rows:
         _emit(row)
-    _emit({"bench": "aggregators", "summary": summary(n, p, fa, args)})
+    _emit({"bench": "aggregators", "summary": summary(n, p, fa, coordinatewise, args)})
     return rows
 
 
-def bench_rule(G: torch.Tensor, label: str, params: dict, args: argparse.Namespace) -> dict | None:
-    """Time one rule on ``G``; ``None`` (and a note on stderr) when its precondition fails."""
+def usable(G: torch.Tensor, label: str, params: dict):
+    """The rule ``label`` built with ``params``; ``None`` (and a note on stderr) when its precondition fails."""
+    if label == "gram":
+        return gram
     aggregator = get(label.split("[")[0], **params)
     try:
         aggregator.check(G.shape[0])
     except ValueError as error:
         _log(f"skip {label}: {error}")
         return None
-    times = timed(aggregator, G, args.repeats, args.warmup)
+    return aggregator
+
+
+def row_of(G: torch.Tensor, label: str, params: dict, times: list[float], args: argparse.Namespace) -> dict:
     row = {
         "bench": "aggregators", "rule": label, "params": params,
         "n": G.shape[1], "p": G.shape[0], "dtype": _dtype(args), "device": args.device,
@@ -216,6 +249,19 @@ def bench_rule(G: torch.Tensor, label: str, params: dict, args: argparse.Namespa
     }  # fmt: skip
     _log(f"{label}: median {row['median_s'] * 1e3:.4g} ms")
     return row
+
+
+def interleaved(fns: list, G: torch.Tensor, repeats: int, warmup: int) -> list[list[float]]:
+    """Per function, the seconds of ``repeats`` calls on ``G``, taken in rounds (one call of each per
+    round) after ``warmup`` untimed calls each, so that machine noise hits every rule alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn(G)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, samples in zip(fns, times):
+            samples += timed(fn, G, repeats=1, warmup=0)
+    return times
 
 
 def timed(fn, G: torch.Tensor, repeats: int, warmup: int) -> list[float]:
@@ -252,14 +298,24 @@ def compare_direct(G: torch.Tensor, fa_rows: list[dict], args: argparse.Namespac
     _log(f"direct FA: {direct_s * 1e3:.4g} ms")
 
 
-def summary(n: int, p: int, fa_rows: list[dict], args: argparse.Namespace) -> dict:
-    """The FA figures of one ``(n, p)`` by mode and each bar check over the modes measured."""
+def summary(n: int, p: int, fa_rows: list[dict], coordinatewise_rows: list[dict],
+            args: argparse.Namespace) -> dict:
+    """The FA figures of one ``(n, p)`` by mode, the coordinate-wise ratios, and each bar check."""
     out = {"n": n, "p": p, "dtype": _dtype(args), "device": args.device}
     for key, check, passes in CHECKS:
         values = {row["rule"]: row[key] for row in fa_rows if key in row}
         if values:
             out[key] = values
             out[check] = all(map(passes, values.values()))
+    floor = {row["rule"]: row["vs_gram"] for row in fa_rows if "vs_gram" in row}
+    if floor:
+        out["vs_gram"] = floor
+    ratios = {row["rule"]: row["vs_mean"] for row in coordinatewise_rows if "vs_mean" in row}
+    if ratios:
+        out["vs_mean"] = ratios
+        barred = [ratio for rule, ratio in ratios.items() if rule in COORDINATEWISE_BAR]
+        if barred:
+            out["coordinatewise_within_3x_mean"] = all(ratio <= 3 for ratio in barred)
     return out
 
 

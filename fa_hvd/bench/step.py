@@ -1,13 +1,15 @@
 """``fa-hvd-bench step``: a training step with Horovod's allreduce vs fa_hvd, same run.
 
 Run under ``horovodrun -np 4 fa-hvd-bench step``. Each rank builds the same model
-(ResNet-18 by default, on the CPU) once per variant:
+(ResNet-18 by default, on the CPU; ``--device cuda``: one GPU per rank) once per variant:
 
 * ``horovod_allreduce``: ``hvd.DistributedOptimizer`` (``op=Average``);
 * ``fa_hvd_mean``: ``fa_hvd.DistributedOptimizer`` with ``mean`` and its default buckets;
 * ``fa_hvd_mean_one_bucket``: the same with the whole gradient in one bucket (nothing
   leaves before backward ends: the no-overlap baseline);
-* ``fa_hvd_flag``: FA with its default buckets.
+* ``fa_hvd_flag``: FA with its default buckets;
+* with ``--exchange allgather,sharded``, also ``fa_hvd_mean_sharded`` and
+  ``fa_hvd_flag_sharded``: the same rules with ``exchange="sharded"``.
 
 A step is ``zero_grad``, forward, ``backward``, ``synchronize()``, ``step()`` (under
 ``skip_synchronize``). Its *exposed communication* is the time from the end of
@@ -16,11 +18,20 @@ A step is ``zero_grad``, forward, ``backward``, ``synchronize()``, ``step()`` (u
 rule. Rounds interleave the variants (``steps`` steps each per round) so machine
 noise hits all alike; rank 0 prints one JSON line per variant with medians of the
 step time and the exposed time, their ratios to Horovod's, fa_hvd's own split
-(``wait_s``: blocked on communication, ``aggregate_s``: the rule) and the bytes each
-rank receives per step on the wire: ``2 (p-1)/p * 4n`` for a ring allreduce of ``n``
-fp32 values, ``(p-1) * 4n`` for the allgather (a model of the traffic, not a
-capture). Figures are printed, never judged: timing bars belong to whoever reads
-them on a quiet machine.
+(``wait_s``: blocked on communication, ``aggregate_s``: the rule).
+
+Bytes: what each rank really sent and received per step, as the kernel counted
+them on its TCP sockets (:mod:`fa_hvd.comm.traffic`; everything the process moved
+over TCP, Horovod's own negotiation included; shared memory and NCCL are not
+seen), over each round's steps between two barriers, the most of any rank; beside
+it the cost model (:mod:`fa_hvd.exchange.cost`: ``2 (p-1)/p * 4n`` for a ring
+allreduce of ``n`` fp32 values, ``(p-1) * 4n`` for the allgather, the allreduce's
+plus the Gram words for the sharded exchange) and the memory the exchange held
+(the sharded exchange counts its own buffers; the allgather's is the model's).
+Sharded variants carry ``bytes_vs_allreduce`` (measured, the larger of sent and
+received) and a last summary line holds the sharded mode's bars: bytes per rank
+<= 1.1x the allreduce's, step <= 1.1x plain Horovod's. Timing figures belong to
+whoever reads them on a quiet machine.
 """
 
 from __future__ import annotations
@@ -34,7 +45,27 @@ import time
 import torch
 import torch.nn.functional as F
 
-VARIANTS = ("horovod_allreduce", "fa_hvd_mean", "fa_hvd_mean_one_bucket", "fa_hvd_flag")
+ALLGATHER_VARIANTS = ("fa_hvd_mean", "fa_hvd_mean_one_bucket", "fa_hvd_flag")
+SHARDED_VARIANTS = ("fa_hvd_mean_sharded", "fa_hvd_flag_sharded")
+EXCHANGES = ("allgather", "sharded")
+
+
+def variants_for(exchanges: list[str]) -> tuple[str, ...]:
+    """Horovod's allreduce, then fa_hvd's variants for each exchange asked for."""
+    names = ("horovod_allreduce",)
+    if "allgather" in exchanges:
+        names += ALLGATHER_VARIANTS
+    if "sharded" in exchanges:
+        names += SHARDED_VARIANTS
+    return names
+
+
+def _exchanges(text: str) -> list[str]:
+    names = list(dict.fromkeys(part.strip() for part in text.split(",")))
+    unknown = [name for name in names if name not in EXCHANGES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(EXCHANGES)}, got {text!r}")
+    return names
 
 
 def add_parser(subparsers) -> None:
@@ -43,8 +74,14 @@ def add_parser(subparsers) -> None:
                      "(run under horovodrun)",
         description=__doc__.split("\n\n")[0],
     )
-    parser.add_argument("--model", choices=("resnet18", "cnn"), default="resnet18",
-                        help="torchvision's ResNet-18 (11.7M parameters) or a small CNN")
+    parser.add_argument("--model", choices=("resnet18", "resnet50", "cnn"), default="resnet18",
+                        help="torchvision's ResNet-18 (11.7M parameters), ResNet-50 (25.6M; with --image 224 "
+                        "and --num-classes 1000 the ImageNet shape) or a small CNN")
+    parser.add_argument("--num-classes", type=int, default=10, help="classes of the synthetic labels")
+    parser.add_argument("--exchange", type=_exchanges, default=["allgather"], metavar="LIST",
+                        help="fa_hvd's exchanges to time, comma list of allgather, sharded (default: allgather)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu, or cuda: one GPU per rank (its local rank), NCCL where Horovod has it")
     parser.add_argument("--width", type=int, default=32, help="the small CNN's width (channels of the first conv)")
     parser.add_argument("--image", type=int, default=32, help="input images are 3 x IMAGE x IMAGE")
     parser.add_argument("--batch-size", type=int, default=16, help="per rank")
@@ -60,88 +97,135 @@ def add_parser(subparsers) -> None:
 
 
 def build_model(args) -> torch.nn.Module:
-    if args.model == "resnet18":
-        from torchvision.models import resnet18
+    if args.model in ("resnet18", "resnet50"):
+        import torchvision.models
 
-        return resnet18(num_classes=10)
+        return getattr(torchvision.models, args.model)(num_classes=args.num_classes)
     from fa_hvd.train.models import small_cnn
 
-    return small_cnn((3, args.image, args.image), 10, width=args.width)
+    return small_cnn((3, args.image, args.image), args.num_classes, width=args.width)
 
 
 def run(args: argparse.Namespace) -> int:
     import horovod.torch as hvd
 
     import fa_hvd
+    from fa_hvd.comm.traffic import SocketTraffic
+    from fa_hvd.exchange.cost import exchange_cost
 
     hvd.init()
     torch.set_num_threads(args.threads)
     size, rank = hvd.size(), hvd.rank()
+    device = torch.device("cpu")
+    if args.device == "cuda":
+        torch.cuda.set_device(hvd.local_rank())
+        device = torch.device("cuda", hvd.local_rank())
     gen = torch.Generator().manual_seed(rank)
-    x = torch.randn(args.batch_size, 3, args.image, args.image, generator=gen)
-    y = torch.randint(0, 10, (args.batch_size,), generator=gen)
+    x = torch.randn(args.batch_size, 3, args.image, args.image, generator=gen).to(device)
+    y = torch.randint(0, args.num_classes, (args.batch_size,), generator=gen).to(device)
+    names = variants_for(args.exchange)
 
     def build(name):
         torch.manual_seed(0)
-        model = build_model(args)
+        model = build_model(args).to(device)
         inner = torch.optim.SGD(model.parameters(), lr=0.01)
         named = model.named_parameters()
         if name == "horovod_allreduce":
             return model, hvd.DistributedOptimizer(inner, named_parameters=named, op=hvd.Average)
         bucket_bytes = 1 << 62 if name == "fa_hvd_mean_one_bucket" else args.bucket_bytes
-        if name == "fa_hvd_flag":
+        exchange = "sharded" if name.endswith("_sharded") else "allgather"
+        if name.startswith("fa_hvd_flag"):
             return model, fa_hvd.DistributedOptimizer(inner, named_parameters=named, aggregator="flag",
                                                       aggregator_params={"f": args.f, "r": args.r},
-                                                      bucket_bytes=bucket_bytes)
+                                                      bucket_bytes=bucket_bytes, exchange=exchange)
         return model, fa_hvd.DistributedOptimizer(inner, named_parameters=named, aggregator="mean",
-                                                  bucket_bytes=bucket_bytes)
+                                                  bucket_bytes=bucket_bytes, exchange=exchange)
 
-    variants = {name: build(name) for name in VARIANTS}
-    samples = {name: {"step_s": [], "exposed_s": [], "wait_s": [], "aggregate_s": []} for name in VARIANTS}
+    variants = {name: build(name) for name in names}
+    traffic = SocketTraffic()
+
+    def clock() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+    keys = ("step_s", "exposed_s", "wait_s", "aggregate_s", "sent", "received", "peak_bytes")
+    samples = {name: {key: [] for key in keys} for name in names}
 
     def steps(name, count, record):
         model, opt = variants[name]
         for _ in range(count):
-            start = time.perf_counter()
+            start = clock()
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
-            backward_done = time.perf_counter()
+            backward_done = clock()
             opt.synchronize()
-            synced = time.perf_counter()
+            synced = clock()
             with opt.skip_synchronize():
                 opt.step()
             if record:
-                samples[name]["step_s"].append(time.perf_counter() - start)
+                samples[name]["step_s"].append(clock() - start)
                 samples[name]["exposed_s"].append(synced - backward_done)
                 stats = getattr(opt, "stats", {})
-                for key in ("wait_s", "aggregate_s"):
+                for key in ("wait_s", "aggregate_s", "peak_bytes"):
                     if key in stats:
                         samples[name][key].append(stats[key])
 
-    for name in VARIANTS:
+    for name in names:
         steps(name, args.warmup, record=False)
     for round_ in range(args.rounds):
-        for name in VARIANTS:
+        for name in names:
+            # Byte counts outside two barriers: no peer's bytes of this round arrive before the
+            # first snapshot, and all of them have arrived before the second (barriers: ~100 B).
+            before = traffic.totals()
             hvd.allreduce(torch.zeros(1), name=f"bench.barrier.{round_}.{name}")
             steps(name, args.steps, record=True)
+            hvd.allreduce(torch.zeros(1), name=f"bench.barrier2.{round_}.{name}")
+            after = traffic.totals()
+            samples[name]["sent"].append((after[0] - before[0]) / args.steps)
+            samples[name]["received"].append((after[1] - before[1]) / args.steps)
         if rank == 0:
             print(f"round {round_ + 1}/{args.rounds}", file=sys.stderr, flush=True)
 
     n = sum(p.numel() for p in variants["horovod_allreduce"][0].parameters())
-    ring, gather = 2 * (size - 1) / size * 4 * n, (size - 1) * 4 * n
     medians = {name: {k: statistics.median(v) for k, v in s.items() if v} for name, s in samples.items()}
+    wire = {name: (m["sent"], m["received"]) for name, m in medians.items()}
+    everyone = hvd.allgather_object(wire, name="bench.bytes")
+    most = {name: [max(r[name][k] for r in everyone) for k in (0, 1)] for name in names}
     base = medians["horovod_allreduce"]
     if rank == 0:
-        for name in VARIANTS:
+        records = []
+        for name in names:
             m = medians[name]
+            kind = "allreduce" if name == "horovod_allreduce" else "sharded" if name.endswith("_sharded") else "allgather"
+            opt = variants[name][1]
+            sizes = [b.numel for b in opt._buckets] if kind != "allreduce" else [n]
+            model = exchange_cost(kind, sizes, size)
             record = {
-                "bench": "step", "variant": name, "model": args.model, "ranks": size, "parameters": n,
-                "batch_per_rank": args.batch_size, "buckets": len(variants[name][1]._buckets) if name != "horovod_allreduce" else None,
+                "bench": "step", "variant": name, "exchange": kind, "model": args.model, "device": args.device,
+                "ranks": size, "parameters": n, "batch_per_rank": args.batch_size,
+                "buckets": len(opt._buckets) if kind != "allreduce" else None,
                 "median_s": m["step_s"], "min_s": min(samples[name]["step_s"]),
                 "vs_horovod": m["step_s"] / base["step_s"],
                 "exposed_s": m["exposed_s"], "exposed_vs_horovod": m["exposed_s"] / base["exposed_s"],
-                "bytes_received_per_rank_per_step": int(ring if name == "horovod_allreduce" else gather),
+                "bytes_sent_per_rank_per_step": int(most[name][0]),
+                "bytes_received_per_rank_per_step": int(most[name][1]),
+                "model_bytes_per_rank_per_step": int(model["bytes_received"]),
+                "bytes_source": traffic.source,
+                "exchange_peak_bytes": int(m["peak_bytes"]) if "peak_bytes" in m else None,
+                "model_exchange_bytes": int(model["memory_bytes"]),
             }
+            if kind == "sharded":
+                record["bytes_vs_allreduce"] = max(most[name][k] / most["horovod_allreduce"][k] for k in (0, 1))
             record.update({k: m[k] for k in ("wait_s", "aggregate_s") if k in m})
+            records.append(record)
             print(json.dumps(record), flush=True)
+        sharded = [r for r in records if r["exchange"] == "sharded"]
+        if sharded:
+            print(json.dumps({"bench": "step", "summary": {
+                "ranks": size, "model": args.model, "device": args.device,
+                "bytes_vs_allreduce": {r["variant"]: r["bytes_vs_allreduce"] for r in sharded},
+                "vs_horovod": {r["variant"]: r["vs_horovod"] for r in sharded},
+                "sharded_bytes_within_1_1x_allreduce": all(r["bytes_vs_allreduce"] <= 1.1 for r in sharded),
+                "sharded_step_within_1_1x_horovod": all(r["vs_horovod"] <= 1.1 for r in sharded),
+            }}), flush=True)
     return 0

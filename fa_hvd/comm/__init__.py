@@ -7,7 +7,7 @@ implement :class:`~fa_hvd.comm.base.Transport`.
 
 from __future__ import annotations
 
-from .base import Handle, Transport
+from .base import Handle, NoCompression, Transport
 
 TRANSPORTS = ("horovod", "mpi")
 
@@ -32,4 +32,4 @@ def get_transport(name: str = "horovod", process_set=None) -> Transport:
     raise ValueError(f"unknown transport {name!r}; known: {', '.join(TRANSPORTS)}")
 
 
-__all__ = ["Transport", "Handle", "get_transport", "TRANSPORTS"]
+__all__ = ["Transport", "Handle", "NoCompression", "get_transport", "TRANSPORTS"]

@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from .traffic import SocketTraffic
+
 TIMEOUT_ENV = "FA_HVD_COLLECTIVE_TIMEOUT_SECONDS"
 STALL_SHUTDOWN_ENV = "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"
 FIRST_NOTICE_SECONDS = 60.0  # Horovod's stall inspector warns after 60 s too
@@ -132,3 +134,43 @@ class Transport:
     def broadcast_object(self, obj, root: int, name: str):
         """``root``'s picklable ``obj`` on every rank (``root`` counts ranks of this transport)."""
         raise NotImplementedError
+
+    # -- alltoall and traffic counters (the sharded exchange) ------------------------
+    def alltoall_async(self, tensor: torch.Tensor, splits: list[int], name: str,
+                       received: list[int] | None = None) -> Handle:
+        """Send ``splits[r]`` rows of ``tensor`` (split along dim 0, in rank order) to rank ``r``.
+
+        :meth:`wait` gives the rows every rank sent here, concatenated in rank order.
+        ``received`` (rows from each rank), when the caller knows it, saves the
+        transport from asking.
+        """
+        raise NotImplementedError
+
+    @property
+    def traffic(self) -> SocketTraffic:
+        """This process's TCP byte counts (:mod:`fa_hvd.comm.traffic`), from the first use on."""
+        if "_traffic" not in self.__dict__:
+            self._traffic = SocketTraffic()
+        return self._traffic
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes this process sent over TCP since :attr:`traffic` was first used (all of its traffic)."""
+        return self.traffic.totals()[0]
+
+    @property
+    def bytes_received(self) -> int:
+        """Bytes this process received over TCP since :attr:`traffic` was first used."""
+        return self.traffic.totals()[1]
+
+
+class NoCompression:
+    """The wire format when no ``compression`` is given: tensors travel as they are."""
+
+    @staticmethod
+    def compress(tensor):
+        return tensor, None
+
+    @staticmethod
+    def decompress(tensor, ctx):
+        return tensor

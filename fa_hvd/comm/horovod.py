@@ -49,8 +49,9 @@ class HorovodTransport(Transport):
         return _HorovodHandle(hvd.allgather_async(tensor, name=name, process_set=self.process_set), name)
 
     def wait(self, handle: Handle) -> torch.Tensor:
-        wait_until(lambda: hvd.poll(handle.handle), self.timeout, f"fa_hvd: rank {self.rank}: allgather {handle.name!r}")
-        return hvd.synchronize(handle.handle)
+        wait_until(lambda: hvd.poll(handle.handle), self.timeout, f"fa_hvd: rank {self.rank}: {handle.name!r}")
+        result = hvd.synchronize(handle.handle)
+        return result[0] if isinstance(result, tuple) else result  # alltoall: (rows, received splits)
 
     def _global_rank(self, rank: int) -> int:
         """Horovod's roots are global ranks, even within a process set."""
@@ -72,3 +73,8 @@ class HorovodTransport(Transport):
         data = hvd.allgather(payload, name=name, process_set=self.process_set)
         pieces = torch.split(data, sizes.tolist())
         return [pickle.loads(piece.numpy().tobytes()) for piece in pieces]
+
+    def alltoall_async(self, tensor: torch.Tensor, splits: list[int], name: str,
+                       received: list[int] | None = None) -> Handle:
+        splits = torch.tensor(splits, dtype=torch.int32)
+        return _HorovodHandle(hvd.alltoall_async(tensor, splits=splits, name=name, process_set=self.process_set), name)

@@ -81,3 +81,36 @@ class MPITransport(Transport):
 
     def broadcast_object(self, obj, root: int, name: str):
         return self.comm.bcast(obj, root=root)
+
+    def alltoall_async(self, tensor: torch.Tensor, splits: list[int], name: str,
+                       received: list[int] | None = None) -> Handle:
+        from mpi4py import MPI
+
+        # Raw bytes, as allgather; counted in rows (one MPI datatype of a row's bytes).
+        rows = tensor.detach().to("cpu").contiguous().reshape(tensor.shape[0], -1)
+        row = MPI.BYTE.Create_contiguous(max(1, rows.shape[1] * rows.element_size())).Commit()
+        send = rows.view(torch.uint8).reshape(-1)
+        channel = self._channels.get(name, self.comm)  # prepared names may start in any order
+        if received is None:
+            counts = torch.tensor(splits, dtype=torch.int64)
+            theirs = torch.empty_like(counts)
+            channel.Alltoall([counts.numpy(), MPI.INT64_T], [theirs.numpy(), MPI.INT64_T])
+            received = theirs.tolist()
+        shape = (sum(received),) + tuple(tensor.shape[1:])
+        recv = torch.empty(shape[0] * rows.shape[1] * rows.element_size(), dtype=torch.uint8)
+        self._abandoned = [h for h in self._abandoned if not h.request.Test()]
+        request = channel.Ialltoallv(
+            [send.numpy(), (list(splits), _displacements(splits)), row],
+            [recv.numpy(), (list(received), _displacements(received)), row],
+        )
+        row.Free()  # MPI keeps it alive until the operation completes
+        return _MPIHandle(request, send, recv, tensor.device, tensor.dtype, shape)
+
+
+def _displacements(counts: list[int]) -> list[int]:
+    """Offsets of consecutive blocks of ``counts``."""
+    offsets, total = [], 0
+    for count in counts:
+        offsets.append(total)
+        total += count
+    return offsets

@@ -1,0 +1,157 @@
+"""Sorting networks compiled to C: every comparator of a column in registers, ``G`` read once.
+
+The eager path (:mod:`.selection`) runs each comparator of a network as torch
+operations over a cache-sized block, some 17 passes over the block for a median
+of 15. Here the pruned network for the rule's sorted positions, followed by the
+rule's reduction (:class:`.selection.Reduction`), becomes straight-line C (one local
+variable per wire, ``min``/``max`` per comparator) inside a loop over the columns,
+which the C compiler vectorises: each column's values stay in registers, ``G`` is
+read once and the result written once.
+
+Each network is compiled on first use with the system's C compiler (``CC``,
+default ``cc``; the set-up already needs one for Horovod), ``-O3 -march=native``,
+into ``$FA_HVD_CACHE/kernels`` (default ``~/.cache/fa_hvd``), named by a hash of its
+code and of this CPU's flags (a home directory shared by different nodes keeps one
+build per CPU kind), and loaded with ``ctypes``, which releases the GIL during the
+call. If it cannot be built, or ``FA_HVD_NATIVE=0``, the rules use the eager torch
+path and say so once. Inputs are finite (robust rules drop non-finite rows first);
+CPU, fp32 and fp64. Min and max are exact and each reduction does the eager path's
+arithmetic in the same order (``-ffp-contract=off``: no fused multiply-adds), so
+the results are the eager path's (up to the sign of a zero).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+_log = logging.getLogger("fa_hvd")
+_TYPES = {torch.float32: "float", torch.float64: "double"}
+MIN_COLUMNS_PER_THREAD = 1 << 14
+
+
+def enabled() -> bool:
+    return os.environ.get("FA_HVD_NATIVE", "1") != "0"
+
+
+def supports(G: torch.Tensor) -> bool:
+    """Whether compiled networks can read ``G``: a CPU fp32/fp64 matrix with unit column stride."""
+    return enabled() and G.device.type == "cpu" and G.dtype in _TYPES and G.stride(1) == 1 and _compiler_works()
+
+
+def source(network, p: int, reduction, ctype: str) -> str:
+    """C code: ``network`` (:class:`.selection.Comparator` s) on ``p`` wires, then ``reduction``'s C form."""
+    lines = [
+        "#include <stdint.h>",
+        "#include <math.h>",
+        f"void network(const {ctype} *const *rows, {ctype} *restrict out, int64_t n) {{",
+        *[f"  const {ctype} *restrict r{i} = rows[{i}];" for i in range(p)],
+        "#pragma GCC ivdep",
+        "  for (int64_t j = 0; j < n; ++j) {",
+        *[f"    {ctype} w{i} = r{i}[j];" for i in range(p)],
+        f"    {ctype} t, result;",
+    ]
+    for c in network:
+        a, b = f"w{c.low}", f"w{c.high}"
+        if c.min_needed and c.max_needed:
+            lines.append(f"    t = {b} < {a} ? {b} : {a}; {b} = {b} > {a} ? {b} : {a}; {a} = t;")
+        elif c.min_needed:
+            lines.append(f"    {a} = {b} < {a} ? {b} : {a};")
+        else:
+            lines.append(f"    {b} = {b} > {a} ? {b} : {a};")
+    lines += ["    " + line for line in reduction.c([f"w{k}" for k in reduction.positions], ctype)]
+    lines += ["    out[j] = result;", "  }", "}", ""]
+    return "\n".join(lines)
+
+
+def run(network, p: int, reduction, rows: list[torch.Tensor], out: torch.Tensor) -> None:
+    """``out[j]`` = ``reduction`` of the sorted column ``j`` of ``rows`` (equal-length, contiguous).
+
+    With ``torch.get_num_threads() > 1`` the columns are split between that many
+    threads, as torch's own operations would use them.
+    """
+    function = _function(network, p, reduction, rows[0].dtype)
+    n = rows[0].numel()
+    threads = max(1, min(torch.get_num_threads(), n // MIN_COLUMNS_PER_THREAD))
+    bounds = [n * t // threads for t in range(threads + 1)]
+
+    def call(t: int) -> None:
+        start, stop, step = bounds[t], bounds[t + 1], rows[0].element_size()
+        row_ptrs = (ctypes.c_void_p * p)(*[r.data_ptr() + start * step for r in rows])
+        function(row_ptrs, ctypes.c_void_p(out.data_ptr() + start * step), ctypes.c_int64(stop - start))
+
+    if threads == 1:
+        call(0)
+    else:
+        list(_pool(threads).map(call, range(threads)))
+
+
+@functools.lru_cache(maxsize=None)
+def _function(network, p: int, reduction, dtype: torch.dtype):
+    code = source(network, p, reduction, _TYPES[dtype])
+    library = ctypes.CDLL(str(_built(code)))
+    library.network.restype = None
+    return library.network
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FA_HVD_CACHE", Path.home() / ".cache" / "fa_hvd")) / "kernels"
+
+
+def _flags() -> list[str]:
+    return ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC"]
+
+
+def _built(code: str) -> Path:
+    """The shared library of ``code``, compiled once per code, compiler flags and CPU kind."""
+    key = hashlib.sha256("\n".join([code, *_flags(), sys.platform, _cpu()]).encode()).hexdigest()[:20]
+    target = cache_dir() / f"network-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # atomic: ranks may build at once
+            c_file, built = Path(tmp) / "network.c", Path(tmp) / target.name
+            c_file.write_text(code)
+            subprocess.run([os.environ.get("CC", "cc"), *_flags(), "-o", str(built), str(c_file)],
+                           check=True, capture_output=True, timeout=120)
+            os.replace(built, target)
+    return target
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu() -> str:
+    """This CPU's model and flags (what ``-march=native`` compiles for)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return os.uname().machine
+    return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
+
+
+@functools.lru_cache(maxsize=1)
+def _compiler_works() -> bool:
+    """Whether a tiny network compiles and loads here (checked once; a warning if not)."""
+    from .median import middle_values
+
+    try:
+        ctypes.CDLL(str(_built(source((), 1, middle_values(1), "float"))))
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", b"") or b""
+        _log.warning("fa_hvd: compiled sorting networks unavailable (%s %s); median, trimmed_mean and bulyan "
+                     "use the slower torch path", exc, detail.decode(errors="replace")[-300:])
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fa_hvd_network")

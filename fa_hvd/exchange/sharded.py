@@ -1,0 +1,315 @@
+"""Sharded exchange: the robust aggregate at the traffic of one ring allreduce, O(n) memory per rank.
+
+Every bucket of ``n_b`` values is cut into ``p`` contiguous chunks of
+``W_b = ceil(n_b / p)`` (the last ones shorter); rank ``j`` owns chunk ``j`` of every
+bucket, its shard ``G_j`` (``p x n/p`` over all buckets).
+
+1. alltoall, one per bucket as soon as the optimizer starts it: rank ``j`` receives
+   chunk ``j`` of that bucket from every rank (rows in rank order).
+2. Rank ``j`` computes its partial Gram ``K_j = G_j G_j^T`` (fp64, with the rule's
+   anchors appended, e.g. cclip's centre; :func:`~fa_hvd.aggregators.base.anchored_gram`)
+   and which rows of ``G_j`` hold NaN or Inf (from the Gram's diagonal for fp32 and
+   narrower data, where fp64 sums of squares cannot overflow; by
+   :func:`~fa_hvd.aggregators.base.finite_rows` otherwise and for rules without a Gram).
+3. One allgather of the packed ``K_j`` and flags (``p + p (p + 1) / 2`` words per
+   rank); every rank sums the ``K_j`` in shard order in fp64, so ``K`` is bit for bit
+   the same everywhere, whatever order a reduction collective would have used.
+4. Every rank applies the finite-row policy (:func:`~fa_hvd.aggregators.base.surviving_rows`:
+   a row non-finite in any shard is dropped and counted against ``f``, as in
+   allgather mode) and turns ``K`` into the rule's column form
+   (:meth:`~fa_hvd.aggregators.base.Aggregator.by_columns`): coefficients ``c`` for
+   Gram rules, Bulyan's selection, cclip's ``(a, c)``; the coordinate-wise rules need
+   no ``K``. The ``p x p`` work runs on the host (one transfer of ``K``, no device
+   synchronisation per iteration).
+5. Rank ``j`` computes its shard of the aggregate, ``a_j = c^T G_j`` (or the
+   coordinate-wise rule on ``G_j``), and one allgather of the ``a_j`` gives the
+   aggregate on every rank (only one copy of each ``a_j`` exists, so every rank holds
+   the same bits), reassembled in bucket order.
+
+Traffic per rank: ``(p - 1) W`` values each way for the alltoall and for the
+allgather (``W = sum_b W_b``), a ring allreduce's ``2 n (p - 1) / p``, plus the Gram
+words; see :mod:`.cost`. Memory: the received shard and the gathered aggregate,
+about ``2 n`` values, and the reassembled ``n``. Compute: ``O(n p)`` per rank for the
+Gram instead of ``O(n p^2)``. With ``compression`` (Horovod's ``Compression.fp16``)
+the alltoall and the allgather of the aggregate both travel compressed, as both
+halves of Horovod's allreduce do.
+
+Trust: every rank's gradient may be anything (the rule sees every row), but each
+rank is trusted to compute its partial Gram and its shard of the aggregate
+honestly. ``replicas = k > 1`` buys that trust back at ``k`` times the traffic:
+chunk ``s`` of every bucket is held by ranks ``s, s + 1, ..., s + k - 1`` (mod
+``p``), which exchange a BLAKE2b digest of every chunk they received, their partial
+Grams and flags, and their shards of the aggregate; every rank compares the copies
+bit for bit, and a mismatch raises :class:`ShardMismatch` on every rank alike,
+naming the ranks.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import time
+
+import torch
+
+from ..aggregators.base import Aggregator, Rows, anchored_gram, finite_rows, surviving_rows
+from ..comm import NoCompression
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+class ShardMismatch(RuntimeError):
+    """Replicas of a shard disagree: a rank computed, received or reported its shard differently."""
+
+
+class ShardedExchange:
+    """The optimizer's gradient exchange (``exchange="sharded"``), one shard of the coordinates per rank.
+
+    Built as ``ShardedExchange(transport, aggregator, compression, prefix)`` by the
+    optimizer; :func:`replicated` makes a factory with ``replicas``. :meth:`start` takes
+    each bucket's flat gradient (in any order), :meth:`finish` returns the aggregate,
+    :meth:`abandon` drops a step in flight. ``timings`` holds the last finish's
+    ``arrived`` (the last alltoall received) and ``aggregated`` stamps, so the
+    optimizer's ``aggregate_s`` includes the two small collectives after the
+    alltoalls; ``stats`` holds its ``peak_bytes`` (the most bytes of tensors the
+    exchange itself held at once).
+    """
+
+    def __init__(self, transport, aggregator, compression=None, prefix: str = "fa_hvd", replicas: int = 1):
+        if not isinstance(aggregator, Aggregator) or not aggregator.columnwise:
+            rule = getattr(aggregator, "name", getattr(aggregator, "__name__", repr(aggregator)))
+            raise ValueError(
+                f"fa_hvd: exchange='sharded' needs a rule computable by column blocks (Gram rules, median, "
+                f"trimmed_mean, bulyan, cclip and their compositions), got {rule!r}; use exchange='allgather'"
+            )
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+            raise ValueError(f"fa_hvd: replicas must be a positive integer, got {replicas!r}")
+        self.transport, self.aggregator, self.prefix, self.replicas = transport, aggregator, prefix, replicas
+        self.compression = compression if compression is not None else NoCompression
+        self.pending: dict[int, tuple] = {}
+        self.timings: dict = {}
+        self.stats: dict = {}
+        self.p = self.rank = None
+        transport.traffic  # noqa: B018 -- the transport's byte counters start with the exchange
+
+    def name(self, index: int) -> str:
+        """The collective name of bucket ``index`` (the optimizer prepares ordered channels by it)."""
+        return f"{self.prefix}.bucket{index}"
+
+    # -- layout ---------------------------------------------------------------------------
+    def _follow_world(self) -> None:
+        """Rank and size from the transport, read at each step's first bucket (elastic resets)."""
+        p, rank = self.transport.size, self.transport.rank
+        if self.replicas > p:
+            raise ValueError(f"fa_hvd: replicas={self.replicas} needs at least as many ranks, got {p}")
+        self.p, self.rank = p, rank
+        self.held = [(rank - t) % p for t in range(self.replicas)]  # the chunks this rank computes
+
+    def chunk(self, size: int, s: int) -> tuple[int, int]:
+        """Chunk ``s`` of a bucket of ``size`` values: ``[start, stop)``."""
+        width = -(-size // self.p)
+        return min(s * width, size), min((s + 1) * width, size)
+
+    def holders(self, s: int) -> list[int]:
+        """Ranks that compute chunk ``s`` (the first one's copy is used)."""
+        return [(s + t) % self.p for t in range(self.replicas)]
+
+    # -- 1. alltoall -------------------------------------------------------------------------
+    def start(self, index: int, flat: torch.Tensor) -> None:
+        if not self.pending:
+            self._follow_world()
+        if flat.dtype == torch.bfloat16:
+            flat = flat.float()  # no bf16 on Horovod's wire
+        size, parts, splits = flat.numel(), [], []
+        for rank in range(self.p):
+            ranges = [self.chunk(size, (rank - t) % self.p) for t in range(self.replicas)]
+            parts += [flat[a:b] for a, b in ranges]
+            splits.append(sum(b - a for a, b in ranges))
+        send = flat if self.replicas == 1 else torch.cat(parts)  # k = 1: the chunks in rank order
+        wire, ctx = self.compression.compress(send)
+        received = sum(b - a for a, b in (self.chunk(size, s) for s in self.held))
+        handle = self.transport.alltoall_async(wire, splits, name=self.name(index), received=[received] * self.p)
+        self.pending[index] = (handle, ctx, flat.dtype, size, send if self.replicas > 1 else None)
+
+    def abandon(self) -> None:
+        for handle, *_ in self.pending.values():
+            self.transport.abandon(handle)
+        self.pending.clear()
+
+    # -- 2 .. 5 ---------------------------------------------------------------------------------
+    def finish(self, count: int, device: torch.device, step: int) -> torch.Tensor:
+        """Wait for buckets ``0..count-1``; the ``(n,)`` aggregate on ``device``, the same bits on every rank."""
+        pending = [self.pending.pop(index) for index in range(count)]
+        sizes = [size for *_, size, _ in pending]
+        dtypes = [dtype for _, _, dtype, _, _ in pending]
+        result = functools.reduce(torch.promote_types, dtypes, dtypes[0]) if dtypes else torch.float32
+        compute = torch.float32 if result in HALF else result  # fp16/bf16 aggregated in fp32
+        held = sum(send.numel() * send.element_size() for *_, send in pending if send is not None)
+        pieces: list[list[tuple[int, slice, torch.Tensor]]] = [[] for _ in self.held]  # per held chunk
+        digests = [[hashlib.blake2b(digest_size=8) for _ in range(self.p)] for _ in self.held]
+        offset = 0
+        for index, (handle, ctx, _, size, _) in enumerate(pending):
+            wire = self._wait(handle, step, f"bucket {index}")
+            chunks = wire.reshape(self.p, -1)  # row i: what rank i sent here
+            values = self.compression.decompress(chunks, ctx).to(device)
+            held += _bytes(wire) + (_bytes(values) if values.data_ptr() != wire.data_ptr() else 0)
+            column = 0
+            for t, s in enumerate(self.held):
+                a, b = self.chunk(size, s)
+                piece = values[:, column : column + b - a]
+                if self.replicas > 1:  # replicas compare bits: the same memory layout on every holder
+                    piece = piece.contiguous()
+                    held += _bytes(piece)
+                    for source in range(self.p):
+                        digests[t][source].update(chunks[source, column : column + b - a].contiguous()
+                                                  .view(torch.uint8).cpu().numpy())
+                if b > a:  # (bucket, coordinates in the whole gradient, the chunk from every rank)
+                    pieces[t].append((index, slice(offset + a, offset + b), piece))
+                column += b - a
+            offset += size
+        self.timings = {"arrived": time.perf_counter()}
+        n = offset
+        K, finite = self._gram(pieces, digests, n, compute, device, step)
+        rows = surviving_rows(finite, self.aggregator.f) if self.aggregator.robust else Rows(None, self.aggregator.f)
+        if rows.none_left:
+            self.stats = {"peak_bytes": held}
+            self.timings["aggregated"] = time.perf_counter()
+            return torch.zeros(n, dtype=result, device=device)
+        kept = self.p if rows.keep is None else rows.keep.numel()
+        self.aggregator.check(kept, rows.f)
+        if K is not None and rows.keep is not None:
+            keep = torch.cat([rows.keep, torch.arange(self.p, K.shape[0])])  # anchors stay
+            K = K[keep][:, keep]
+        rule = self.aggregator.by_columns(kept, K, rows.f)
+        widths = [-(-size // self.p) for size in sizes]
+        starts = [sum(widths[:i]) for i in range(len(widths))]
+        out = torch.zeros(self.replicas, sum(widths), dtype=result, device=device)  # chunks padded to W_b
+        for t, shard in enumerate(pieces):
+            for index, cols, piece in shard:
+                block = piece if rows.keep is None else piece[rows.keep.to(piece.device)]
+                out[t, starts[index] : starts[index] + piece.shape[1]] = rule(block.to(compute), cols)
+        held += _bytes(out)
+        aggregate, gathered = self._gather(out, sizes, widths, starts, step)
+        self.stats = {"peak_bytes": held + gathered}
+        self.aggregator.observe(aggregate)
+        self.timings["aggregated"] = time.perf_counter()
+        return aggregate
+
+    def _wait(self, handle, step: int, stage: str) -> torch.Tensor:
+        """The handle's result; failures as the allgather exchange reports them (elastic errors unchanged)."""
+        failure = f"fa_hvd: rank {self.transport.rank}: the gradient exchange failed at step {step} ({stage})"
+        try:
+            return self.transport.wait(handle)
+        except self.transport.passthrough_errors as exc:
+            exc.add_note(failure)
+            raise
+        except Exception as exc:
+            raise RuntimeError(f"{failure}: {exc}") from exc
+
+    def _gram(self, pieces, digests, n: int, compute, device, step: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Steps 2 and 3: ``K`` (fp64 on the host, summed in shard order; None if the rule needs none) and the flags."""
+        p, aggregator = self.p, self.aggregator
+        anchors = aggregator.anchors(n, compute, device) if aggregator.uses_gram else None
+        m = p + (0 if anchors is None else anchors.shape[0])
+        upper = torch.triu_indices(m, m)
+        # A row is finite iff its squared norm is: the Gram sums exact fp64 products of fp32 (or
+        # narrower) values, which cannot overflow, so its diagonal saves the finite_rows passes.
+        diagonal_flags = aggregator.uses_gram and compute != torch.float64
+        packed = []
+        for t, shard in enumerate(pieces):
+            finite = torch.ones(p, dtype=torch.bool, device=device)
+            K = torch.zeros(m, m, dtype=torch.float64, device=device)
+            for _, cols, piece in shard:
+                block = piece.to(compute)
+                if aggregator.robust and not diagonal_flags:
+                    finite &= finite_rows(block)
+                if aggregator.uses_gram:
+                    K += anchored_gram(block, None if anchors is None else anchors[:, cols])
+            if aggregator.robust and diagonal_flags:
+                finite &= K.diagonal()[:p].isfinite()
+            fields = [finite.cpu().long()]
+            if self.replicas > 1:
+                fields.append(torch.tensor([_signed(d.digest()) for d in digests[t]], dtype=torch.int64))
+            if aggregator.uses_gram:
+                fields.append(K.cpu()[upper[0], upper[1]].view(torch.int64))
+            packed.append(torch.cat(fields))
+        mine = torch.cat(packed)
+        everyone = self._wait(self.transport.allgather_async(mine.reshape(1, -1), name=f"{self.prefix}.gram"),
+                              step, "partial Grams")
+        length = mine.numel() // self.replicas
+        finite = torch.ones(p, dtype=torch.bool)
+        K = torch.zeros(m, m, dtype=torch.float64) if aggregator.uses_gram else None
+        for s in range(p):  # fixed order: the same sum, bit for bit, on every rank
+            copies = [everyone[h, t * length : (t + 1) * length] for t, h in enumerate(self.holders(s))]
+            if self.replicas > 1:
+                self._compare_partials(s, copies)
+            finite &= copies[0][:p].bool()
+            if K is not None:
+                partial = torch.zeros(m, m, dtype=torch.float64)
+                partial[upper[0], upper[1]] = copies[0][-upper.shape[1] :].view(torch.float64)
+                K += partial + partial.triu(1).T
+        return K, finite
+
+    def _compare_partials(self, s: int, copies: list[torch.Tensor]) -> None:
+        p, holders = self.p, self.holders(s)
+        for source in range(p):
+            if len({int(c[p + source]) for c in copies}) > 1:
+                raise ShardMismatch(
+                    f"fa_hvd: sharded exchange: ranks {holders} received different data from rank {source} "
+                    f"for shard {s}: rank {source} sent different chunks to the replicas, or one of "
+                    f"{holders} misreports what it received"
+                )
+        _require_agreement(copies, holders, f"the partial Gram and row flags of shard {s}")
+
+    def _gather(self, out: torch.Tensor, sizes, widths, starts, step: int) -> tuple[torch.Tensor, int]:
+        """Step 5: allgather the shards of the aggregate, reassembled in bucket order; ``(aggregate, bytes held)``."""
+        wire, ctx = self.compression.compress(out.reshape(1, -1))
+        gathered = self._wait(self.transport.allgather_async(wire, name=f"{self.prefix}.out"), step, "aggregate")
+        values = self.compression.decompress(gathered, ctx).reshape(self.p, self.replicas, -1)
+        held = _bytes(gathered) + (_bytes(values) if values.data_ptr() != gathered.data_ptr() else 0)
+        if self.replicas > 1:  # holder (s + t) % p's copy of chunk s sits in its slot t
+            for s in range(self.p):
+                copies = [values[h, t] for t, h in enumerate(self.holders(s))]
+                _require_agreement(copies, self.holders(s), f"shard {s} of the aggregate")
+        aggregate = torch.empty(sum(sizes), dtype=values.dtype, device=values.device)
+        offset = 0
+        for size, width, start in zip(sizes, widths, starts):
+            aggregate[offset : offset + size] = values[:, 0, start : start + width].reshape(-1)[:size]
+            offset += size
+        return aggregate, held + _bytes(aggregate)
+
+
+def replicated(replicas: int):
+    """An ``exchange=`` factory for :func:`fa_hvd.DistributedOptimizer`: the sharded exchange with each
+    shard computed by ``replicas`` ranks and compared."""
+    return functools.partial(ShardedExchange, replicas=replicas)
+
+
+def _bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _signed(digest: bytes) -> int:
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def _require_agreement(copies: list[torch.Tensor], ranks: list[int], what: str) -> None:
+    """Raise :class:`ShardMismatch` unless every copy has the same bits, naming the odd ranks out."""
+    bits = [c.contiguous().view(torch.uint8) for c in copies]
+    groups: list[list[int]] = []
+    for i, b in enumerate(bits):
+        for group in groups:
+            if torch.equal(bits[group[0]], b):
+                group.append(i)
+                break
+        else:
+            groups.append([i])
+    if len(groups) == 1:
+        return
+    groups.sort(key=len, reverse=True)
+    if len(groups[0]) * 2 > len(copies):
+        odd = sorted(ranks[i] for group in groups[1:] for i in group)
+        blame = f"rank(s) {odd} disagree with the majority {sorted(ranks[i] for i in groups[0])}"
+    else:
+        blame = f"ranks {ranks} disagree with no majority"
+    raise ShardMismatch(f"fa_hvd: sharded exchange: {what}: {blame}")

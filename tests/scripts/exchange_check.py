@@ -1,0 +1,224 @@
+"""Multi-rank checks of the exchanges on a real transport; rank 0 prints RESULT {json}.
+
+python exchange_check.py --transport horovod|mpi
+
+* alltoall: uneven splits (zeros included) arrive in rank order.
+* gram_bits: the summed partial Grams have the same bits on every rank.
+* rules: the sharded exchange on seeded gradients with faulty rows (NaN in one coordinate,
+  ALIE) against the rule applied in one process to the whole matrix, and the ranks' bits.
+* optimizer: fa_hvd.DistributedOptimizer trained with exchange="sharded" and "allgather"
+  (buckets started as backward makes them, a Byzantine rank): the same parameters.
+* compression: fp16 on the wire both ways, against the rule on fp16-rounded gradients.
+* replicas: replicas=2 gives the plain sharded result; a rank that miscomputes is named
+  by every rank alike.
+* bytes: what the kernel counted on this process's TCP sockets for one exchange of
+  n fp32 values: the transport's allreduce (Horovod's, or MPI_Allreduce), the sharded
+  exchange and an allgather of the gradient (what allgather mode sends), median of 3.
+"""
+import argparse
+import json
+import statistics
+import zlib
+
+import torch
+
+from fa_hvd.aggregators import get
+from fa_hvd.comm import get_transport
+from fa_hvd.exchange import ShardedExchange, ShardMismatch
+
+SIZES = [301, 77, 1000]
+RULES = {"mean": {}, "median": {"f": 1}, "trimmed_mean": {"f": 1}, "krum": {"f": 0}, "geomed": {"f": 1},
+         "cclip": {"f": 1}, "nmean": {}, "flag": {"f": 1, "r": 2}, "nnm+multikrum": {"f": 0}, "bulyan": {"f": 0}}
+
+
+def gradients(p, n, fault, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    G = torch.randn(n, generator=gen) + 0.3 * torch.randn(p, n, generator=gen)
+    if fault == "nan":
+        G[p - 1, 350] = float("nan")  # one coordinate: one rank's shard sees it
+    elif fault == "alie":
+        good = G[:-1]
+        G[-1] = good.mean(0) - 1.5 * good.std(0)
+    return G
+
+
+def step(exchange, row, sizes=SIZES):
+    """One step, buckets started last first (as backward makes them)."""
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    for index in reversed(range(len(sizes))):
+        exchange.start(index, row[offsets[index] : offsets[index] + sizes[index]].clone())
+    return exchange.finish(len(sizes), row.device, 0)
+
+
+def crc(t):
+    return zlib.crc32(t.contiguous().view(torch.uint8).numpy().tobytes())
+
+
+def check_alltoall(transport, rank):
+    p = transport.size
+    splits = [(rank + q) % 3 for q in range(p)]  # some zeros
+    rows = torch.cat([torch.full((s, 2), 10.0 * rank + q) for q, s in enumerate(splits)])
+    got = transport.wait(transport.alltoall_async(rows, splits, name="check.a2a"))
+    expected = torch.cat([torch.full(((source + rank) % 3, 2), 10.0 * source + rank) for source in range(p)])
+    return {"ok": transport.allgather_object(torch.equal(got, expected), name="check.a2a.ok")}
+
+
+class GramSpy(ShardedExchange):
+    """Keeps the summed Gram of its last step."""
+
+    def _gram(self, *args):
+        K, finite = super()._gram(*args)
+        self.last_gram = K
+        return K, finite
+
+
+def check_gram_bits(transport, rank):
+    """The summed Gram on every rank: the same bits, and the Gram of the whole matrix to fp64 rounding."""
+    from fa_hvd.aggregators.geometry import gram
+
+    p, n = transport.size, sum(SIZES)
+    G = gradients(p, n, "alie")
+    spy = GramSpy(transport, get("flag", f=1, r=2), prefix="check.grambits")
+    step(spy, G[rank])
+    crcs = transport.allgather_object(crc(spy.last_gram), name="check.grambits.crc")
+    error = float(((spy.last_gram - gram(G)).abs() / gram(G).abs().max()).max())
+    return {"ranks_agree": all(c == crcs[0] for c in crcs), "rel_error": error}
+
+
+def check_rules(transport, rank):
+    p, n = transport.size, sum(SIZES)
+    report = {}
+    for fault in ("nan", "alie"):
+        G = gradients(p, n, fault)
+        for name, params in RULES.items():
+            if name == "bulyan" and p < 3:
+                continue
+            exchange = ShardedExchange(transport, get(name, **params), prefix=f"check.{fault}.{name}")
+            out = step(exchange, G[rank])
+            expected = get(name, **params)(G)
+            finite = expected.isfinite()
+            diff = float((out[finite] - expected[finite]).abs().max() / expected[finite].abs().max())
+            same_nan = bool(torch.equal(out.isfinite(), finite))
+            crcs = transport.allgather_object(crc(out), name=f"check.{fault}.{name}.crc")
+            report[f"{name}/{fault}"] = {"rel_diff": diff, "same_non_finite": same_nan,
+                                         "ranks_agree": all(c == crcs[0] for c in crcs)}
+    return report
+
+
+class Fp16:
+    """Horovod's Compression.fp16, for either transport."""
+
+    @staticmethod
+    def compress(tensor):
+        return tensor.half(), tensor.dtype
+
+    @staticmethod
+    def decompress(tensor, ctx):
+        return tensor.to(ctx)
+
+
+def check_compression(transport, rank):
+    """fp16 on both collectives: geomed of the fp16-rounded gradients, its result rounded to fp16."""
+    p, n = transport.size, sum(SIZES)
+    G = gradients(p, n, "alie")
+    out = step(ShardedExchange(transport, get("geomed", f=1), compression=Fp16, prefix="check.fp16"), G[rank])
+    expected = get("geomed", f=1)(G.half().float()).half().float()
+    return {"max_abs_diff": float((out - expected).abs().max()), "dtype": str(out.dtype)}
+
+
+def check_optimizer(transport, rank, steps=3):
+    """fa_hvd.DistributedOptimizer with exchange="sharded" vs "allgather": a small model, several buckets
+    started as backward makes them, rank 1 sending -50 g; parameters after the steps and ranks' bits."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    import fa_hvd
+    from fa_hvd.optimizer import checksum
+
+    results = {}
+    for exchange in ("allgather", "sharded"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 40), nn.Tanh(), nn.Linear(40, 3))
+        gen = torch.Generator().manual_seed(rank)
+        x, y = torch.randn(16, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+        attack = (lambda flat, index, step: -50 * flat) if rank == 1 else None
+        opt = fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                          named_parameters=model.named_parameters(), aggregator="median",
+                                          aggregator_params={"f": 1}, transport=transport, exchange=exchange,
+                                          bucket_bytes=400, gradient_transform=attack)
+        for _ in range(steps):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        results[exchange] = torch.cat([q.detach().reshape(-1) for q in model.parameters()])
+        crcs = transport.allgather_object(checksum(model.parameters()), name=f"check.opt.{exchange}")
+        results[f"{exchange}_agree"] = all(c == crcs[0] for c in crcs)
+        results[f"{exchange}_buckets"] = len(opt._buckets)
+    return {"max_abs_diff": float((results["sharded"] - results["allgather"]).abs().max()),
+            "moved": float(results["sharded"].abs().max()),
+            **{k: v for k, v in results.items() if not isinstance(v, torch.Tensor)}}
+
+
+class LyingGram(ShardedExchange):
+    def _gram(self, pieces, *args):
+        if self.rank == 1:
+            pieces[0][0][2][0, 0] += 1.0
+        return super()._gram(pieces, *args)
+
+
+def check_replicas(transport, rank):
+    p, n = transport.size, sum(SIZES)
+    G = gradients(p, n, "nan")
+    plain = step(ShardedExchange(transport, get("krum", f=0), prefix="check.k1"), G[rank])
+    doubled = step(ShardedExchange(transport, get("krum", f=0), prefix="check.k2", replicas=2), G[rank])
+    try:
+        step(LyingGram(transport, get("krum", f=0), prefix="check.lie", replicas=2), G[rank])
+        error = None
+    except ShardMismatch as exc:
+        error = str(exc)
+    errors = transport.allgather_object(error, name="check.lie.errors")
+    return {"same_as_plain": bool(torch.equal(plain, doubled)), "errors": errors}
+
+
+def check_bytes(transport, rank, n=1 << 20, repeats=3):
+    """Per-rank TCP bytes (sent, received) of one exchange of n fp32 values, median over repeats."""
+    row = torch.randn(n, generator=torch.Generator().manual_seed(rank))
+    sizes = [n // 4, n - n // 4]
+    sharded = ShardedExchange(transport, get("mean"), prefix="bytes.sharded")
+    runs = {
+        "allreduce": lambda: transport.allreduce_sum(row, name="bytes.allreduce"),
+        "sharded": lambda: step(sharded, row, sizes),
+        "allgather": lambda: transport.allgather(row.reshape(1, -1), name="bytes.allgather"),
+    }
+    traffic = transport.traffic
+    out = {}
+    for name, run in runs.items():
+        run()  # warm-up: connections, Horovod's response cache
+        samples = []
+        for i in range(repeats):
+            # Snapshots outside barriers: no peer's bytes for this run arrive before the first,
+            # and every byte of it has arrived everywhere before the second (the barriers add ~100 B).
+            before = traffic.totals()
+            transport.allreduce_sum(torch.zeros(1), name=f"bytes.barrier.{name}.{i}")
+            run()
+            transport.allreduce_sum(torch.zeros(1), name=f"bytes.barrier2.{name}.{i}")
+            after = traffic.totals()
+            samples.append((after[0] - before[0], after[1] - before[1]))
+        out[name] = [int(statistics.median(s[k] for s in samples)) for k in (0, 1)]
+    return {"n": n, "per_rank": transport.allgather_object(out, name="bytes.report"), "source": traffic.source}
+
+
+CHECKS = {"alltoall": check_alltoall, "rules": check_rules, "gram_bits": check_gram_bits,
+          "compression": check_compression,
+          "optimizer": check_optimizer, "replicas": check_replicas, "bytes": check_bytes}
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--transport", default="horovod")
+    parser.add_argument("checks", nargs="*", default=sorted(CHECKS))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    transport = get_transport(args.transport)
+    report = {name: CHECKS[name](transport, transport.rank) for name in args.checks}
+    if transport.rank == 0:
+        print("RESULT " + json.dumps(report), flush=True)

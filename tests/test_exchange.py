@@ -1,0 +1,350 @@
+"""The sharded exchange against one-process aggregation (what allgather mode computes), on an in-process
+world of p ranks (tests/local_world.py)."""
+
+import pytest
+import torch
+
+import local_world
+from fa_hvd.aggregators import get
+from fa_hvd.aggregators.geometry import gram
+from fa_hvd.exchange import ShardedExchange, ShardMismatch, replicated
+from fa_hvd.exchange.cost import exchange_cost
+from local_world import LocalTransport, run_ranks
+
+SIZES = [37, 50, 13]  # buckets whose sizes are no multiple of p = 7
+P = 7
+RULES = ["mean", "median", "trimmed_mean", "krum", "multikrum", "bulyan", "geomed", "cclip", "mda", "nmean",
+         "flag", "nnm+krum", "bucketing+median", "arc+trimmed_mean", "nnm+cclip", "clip+geomed", "nnm+bulyan"]
+
+
+def honest(p=P, n=sum(SIZES), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, generator=gen) + 0.5 * torch.randn(p, n, generator=gen)
+
+
+def faulty(kind, p=P):
+    """p rows, rows 1 and 4 faulty: NaN in one coordinate (one shard sees it) and Inf, huge rows, or ALIE."""
+    G = honest(p)
+    if kind == "nan":
+        G[1, 60] = float("nan")
+        G[4, 3] = float("inf")
+    elif kind == "huge":
+        G[1] = 1e38
+        G[4, :50] = -1e38
+    elif kind == "alie":
+        good = torch.cat([G[:1], G[2:4], G[5:]])
+        G[1] = G[4] = good.mean(0) - 1.0 * good.std(0)
+    return G
+
+
+def step(exchange, row, sizes=SIZES, order=None, index=0):
+    """One step: every bucket started (in ``order``; default last first, as backward makes them), then finish."""
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    for bucket in order if order is not None else reversed(range(len(sizes))):
+        exchange.start(bucket, row[offsets[bucket] : offsets[bucket] + sizes[bucket]].clone())
+    return exchange.finish(len(sizes), row.device, index)
+
+
+def sharded(name, G, sizes=SIZES, steps=1, scale=None, f=1, **options):
+    """The sharded exchange on len(G) ranks (odd ranks start their buckets in another order).
+
+    Per rank: (the step results, the exchange)."""
+
+    def body(transport):
+        exchange = ShardedExchange(transport, get(name, f=f), prefix="test", **options)
+        buckets = list(range(len(sizes)))
+        order = buckets[transport.rank % 2 :] + buckets[: transport.rank % 2]
+        outs = [step(exchange, G[transport.rank] * (1 if scale is None else scale[i]), sizes, order, i)
+                for i in range(steps)]
+        return outs, exchange
+
+    return run_ranks(G.shape[0], body)
+
+
+def bits(t):
+    return t.contiguous().view(torch.uint8)
+
+
+@pytest.mark.parametrize("kind", ["clean", "nan", "huge", "alie"])
+@pytest.mark.parametrize("name", RULES)
+def test_sharded_equals_one_process_aggregation(name, kind):
+    G = faulty(kind)
+    ranks = sharded(name, G, steps=2, scale=[1.0, -0.5])
+    reference = get(name, f=1)
+    for index, scale in enumerate([1.0, -0.5]):
+        expected = reference(G * scale)
+        first = ranks[0][0][index]
+        assert all(torch.equal(bits(out[index]), bits(first)) for out, _ in ranks)  # ranks agree bit for bit
+        # Where the reference itself is not finite (mean; huge rows until geometry.gram takes them), same there.
+        top = float(expected[expected.isfinite()].abs().max()) if expected.isfinite().any() else 1.0
+        assert first.dtype == expected.dtype
+        assert torch.allclose(first, expected, rtol=1e-5, atol=1e-5 * top + 1e-6, equal_nan=True), \
+            (first - expected).abs().max()
+
+
+def test_mean_propagates_non_finite_values_like_allgather():
+    G = faulty("nan")
+    [(out, _), *_] = sharded("mean", G)
+    expected = G.mean(0)
+    assert torch.equal(out[0].isnan(), expected.isnan()) and torch.equal(out[0].isinf(), expected.isinf())
+    finite = expected.isfinite()
+    assert torch.allclose(out[0][finite], expected[finite], atol=1e-6)
+
+
+def test_every_row_non_finite_gives_zero_on_every_rank():
+    G = torch.full((5, 20), float("nan"))
+    for out, _ in sharded("krum", G, sizes=[20]):
+        assert torch.equal(out[0], torch.zeros(20))
+
+
+def test_partial_grams_sum_to_the_gram_bit_for_bit_on_every_rank(monkeypatch):
+    G = faulty("clean")
+    grams = {}
+    original = ShardedExchange._gram
+
+    def spy(self, *args):
+        K, finite = original(self, *args)
+        grams[self.rank] = K
+        return K, finite
+
+    monkeypatch.setattr(ShardedExchange, "_gram", spy)
+    sharded("krum", G)
+    assert len(grams) == P and all(torch.equal(bits(K), bits(grams[0])) for K in grams.values())
+    assert torch.allclose(grams[0], gram(G.double()), rtol=1e-6)
+
+
+def test_buckets_smaller_than_the_world_and_fp16():
+    G = honest(p=5, n=9).half()
+    for name in ("median", "flag"):
+        [(out, _), *_] = sharded(name, G, sizes=[1, 2, 6])
+        assert out[0].dtype == torch.float16
+        assert torch.allclose(out[0].float(), get(name, f=1)(G).float(), atol=1e-3)
+
+
+def test_bf16_buckets_travel_and_aggregate_as_fp32():
+    G = honest(p=5, n=40).bfloat16()
+    [(out, _), *_] = sharded("trimmed_mean", G, sizes=[15, 25])
+    assert out[0].dtype == torch.float32  # as the optimizer sends bf16 in allgather mode
+    assert torch.equal(out[0], get("trimmed_mean", f=1)(G.float()))
+
+
+def test_cclip_centre_matches_allgather_mode_across_steps():
+    G = faulty("alie")
+    ranks = sharded("cclip", G, steps=3, scale=[1.0, 1.0, 1.0])
+    reference = get("cclip", f=1)
+    for index in range(3):
+        assert torch.allclose(ranks[0][0][index], reference(G), atol=1e-5)
+    for _, exchange in ranks:
+        assert torch.allclose(exchange.aggregator.state_dict()["center"], reference.state_dict()["center"],
+                              atol=1e-5)
+
+
+class Fp16:
+    @staticmethod
+    def compress(tensor):
+        return tensor.half(), tensor.dtype
+
+    @staticmethod
+    def decompress(tensor, ctx):
+        return tensor.to(ctx)
+
+
+def test_compression_applies_to_both_collectives():
+    G = honest()
+    [(out, _), *_] = sharded("multikrum", G, compression=Fp16)
+    expected = get("multikrum", f=1)(G.half().float()).half().float()  # as Horovod's fp16 allreduce
+    assert torch.allclose(out[0], expected, atol=2e-3)
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+@pytest.mark.parametrize("name", ["geomed", "cclip"])
+def test_traffic_and_memory_are_the_cost_model(name, replicas, monkeypatch):
+    """What each rank receives from the others in every collective, and the exchange's own buffers."""
+    got = {}
+
+    class Counting(LocalTransport):
+        def wait(self, handle):  # alltoall and allgather: equal parts from every rank
+            out = super().wait(handle)
+            got[self.rank] = got.get(self.rank, 0) + out.numel() * out.element_size() * (self.size - 1) // self.size
+            return out
+
+    monkeypatch.setattr(local_world, "LocalTransport", Counting)
+    sizes, p = [1000, 3000], 4
+    ranks = sharded(name, honest(p=p, n=4000), sizes=sizes, replicas=replicas)
+    model = exchange_cost("sharded", sizes, p, replicas=replicas, anchors=1 if name == "cclip" else 0)
+    for rank, (_, exchange) in enumerate(ranks):
+        assert got[rank] == model["bytes_received"] == model["bytes_sent"]
+        assert exchange.stats["peak_bytes"] == model["memory_bytes"]
+    assert [call for call, _ in ranks[0][1].transport.calls] == ["alltoall", "alltoall", "allgather", "allgather"]
+    allreduce = exchange_cost("allreduce", sizes, p)["bytes_received"]
+    assert model["bytes_received"] <= 1.1 * replicas * allreduce  # the bar, even at n = 4000
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_replicas_agree_with_the_plain_sharded_exchange(replicas):
+    G = faulty("nan", p=5)
+    plain = sharded("multikrum", G)[0][0][0]
+    for out, _ in sharded("multikrum", G, replicas=replicas):
+        assert torch.equal(out[0], plain)
+
+
+class LyingGram(ShardedExchange):
+    def _gram(self, pieces, *args):
+        if self.rank == 2:
+            pieces[0][0][2][0, 0] += 1.0  # its first shard's first value, as if miscomputed
+        return super()._gram(pieces, *args)
+
+
+class LyingShard(ShardedExchange):
+    def _gather(self, out, *args):
+        if self.rank == 3:
+            out[0, 0] += 1.0
+        return super()._gather(out, *args)
+
+
+class Equivocating(LocalTransport):
+    """Rank 1 sends rank 4 a different chunk than the other replicas of the same shard get."""
+
+    def alltoall_async(self, tensor, splits, name, received=None):
+        if self.rank == 1:
+            tensor = tensor.clone()
+            tensor[sum(splits[:4])] += 1.0
+        return super().alltoall_async(tensor, splits, name, received)
+
+
+def run_replicated(exchange_cls, monkeypatch, replicas=3, transport_cls=LocalTransport):
+    monkeypatch.setattr(local_world, "LocalTransport", transport_cls)
+    G = honest(p=5, n=60)
+    return run_ranks(5, lambda t: step(exchange_cls(t, get("krum", f=1), replicas=replicas), G[t.rank], [60]))
+
+
+def test_a_rank_that_miscomputes_its_partial_gram_is_named(monkeypatch):
+    with pytest.raises(ShardMismatch, match=r"Gram .* of shard 2: rank\(s\) \[2\] disagree with the majority \[3, 4\]"):
+        run_replicated(LyingGram, monkeypatch)
+    with pytest.raises(ShardMismatch, match=r"shard 2: ranks \[2, 3\] disagree with no majority"):
+        run_replicated(LyingGram, monkeypatch, replicas=2)
+
+
+def test_a_rank_that_miscomputes_its_aggregate_shard_is_named(monkeypatch):
+    with pytest.raises(ShardMismatch, match=r"shard 3 of the aggregate: rank\(s\) \[3\] disagree"):
+        run_replicated(LyingShard, monkeypatch)
+
+
+def test_a_rank_that_sends_replicas_different_chunks_is_named(monkeypatch):
+    with pytest.raises(ShardMismatch, match=r"received different data from rank 1 for shard 4"):
+        run_replicated(ShardedExchange, monkeypatch, transport_cls=Equivocating)
+
+
+def test_rules_that_need_whole_rows_are_refused():
+    with pytest.raises(ValueError, match="flag.*exchange='allgather'"):
+        ShardedExchange(None, get("flag", mode="reference"))
+    with pytest.raises(ValueError, match="<lambda>.*exchange='allgather'"):
+        ShardedExchange(None, lambda G: G.mean(0))
+    with pytest.raises(ValueError, match="replicas must be a positive integer"):
+        ShardedExchange(None, get("mean"), replicas=0)
+    with pytest.raises(ValueError, match=r"replicas=3 needs at least as many ranks, got 2"):
+        run_ranks(2, lambda t: step(replicated(3)(t, get("mean"), None, "x"), torch.ones(4), [4]))
+
+
+def test_the_shards_follow_a_change_of_world_size():
+    """After an elastic reset the transport reports the new rank and size; the next step re-shards."""
+    G = faulty("alie", p=5)
+    exchanges = run_ranks(5, lambda t: ShardedExchange(t, get("geomed", f=1)))
+
+    def body(transport):  # the first three ranks carry on as a world of three
+        exchange = exchanges[transport.rank]
+        exchange.transport = transport
+        return step(exchange, G[transport.rank])
+
+    for out in run_ranks(3, body):
+        assert torch.allclose(out, get("geomed", f=1)(G[:3]), atol=1e-5)
+
+
+def test_a_failed_collective_names_the_rank_step_and_stage(monkeypatch):
+    class Failing(LocalTransport):
+        def wait(self, handle):
+            raise OSError("connection reset")
+
+    monkeypatch.setattr(local_world, "LocalTransport", Failing)
+    with pytest.raises(RuntimeError, match=r"rank \d: the gradient exchange failed at step 0 \(bucket 0\): connection"):
+        run_ranks(2, lambda t: step(ShardedExchange(t, get("mean")), torch.ones(10), [4, 6]))
+
+
+# -- through the optimizer -------------------------------------------------------------------------
+
+
+def train(exchange, rule, p=5, steps=3, byzantine=None, **params):
+    """Each of ``p`` ranks trains the same small model on its own batch; rank ``byzantine`` sends -50 g.
+
+    Per rank: (parameters after ``steps`` steps, the optimizer's last stats)."""
+    import copy
+
+    import torch.nn.functional as F
+    from torch import nn
+
+    import fa_hvd
+
+    torch.manual_seed(0)
+    template = nn.Sequential(nn.Linear(6, 40), nn.Tanh(), nn.Linear(40, 3))  # built once: the RNG is global
+
+    def body(transport):
+        model = copy.deepcopy(template)
+        gen = torch.Generator().manual_seed(transport.rank)
+        x, y = torch.randn(16, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+        attack = (lambda flat, index, step: -50 * flat) if transport.rank == byzantine else None
+        opt = fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                          named_parameters=model.named_parameters(), aggregator=rule,
+                                          aggregator_params=params, transport=transport, exchange=exchange,
+                                          bucket_bytes=400, gradient_transform=attack)
+        for _ in range(steps):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        return torch.cat([q.detach().reshape(-1) for q in model.parameters()]), opt.stats
+
+    return run_ranks(p, body)
+
+
+@pytest.mark.parametrize("rule, params", [("mean", {}), ("flag", {"f": 1, "r": 2}), ("median", {"f": 1}),
+                                          ("cclip", {"f": 1}), ("nnm+bulyan", {"f": 0})])
+def test_the_optimizer_trains_alike_with_either_exchange(rule, params):
+    byzantine = None if rule in ("mean", "nnm+bulyan") else 3
+    gathered = train("allgather", rule, byzantine=byzantine, **params)
+    sharded = train("sharded", rule, byzantine=byzantine, **params)
+    assert all(torch.equal(bits(w), bits(sharded[0][0])) for w, _ in sharded)  # ranks agree bit for bit
+    torch.testing.assert_close(sharded[0][0], gathered[0][0], rtol=1e-5, atol=1e-6)
+    assert sharded[0][1]["peak_bytes"] > 0 and "peak_bytes" not in gathered[0][1]
+
+
+def test_the_optimizer_refuses_a_rule_the_sharded_exchange_cannot_run():
+    with pytest.raises(ValueError, match="exchange='allgather'"):
+        train("sharded", "flag", mode="reference", f=0)
+
+
+def test_the_optimizer_takes_a_factory_with_replicas():
+    from fa_hvd.exchange import replicated
+
+    plain = train("sharded", "median", f=1)
+    twice = train(replicated(2), "median", f=1)
+    assert torch.equal(twice[0][0], plain[0][0])
+
+
+def test_finite_rows_from_the_gram_only_where_its_squares_cannot_overflow(monkeypatch):
+    """fp32 data: a row is finite iff its fp64 squared norm is; fp64 data: checked value by value."""
+    flags = {}
+    original = ShardedExchange._gram
+
+    def spy(self, *args):
+        K, finite = original(self, *args)
+        flags.setdefault(args[3], finite)  # by compute dtype
+        return K, finite
+
+    monkeypatch.setattr(ShardedExchange, "_gram", spy)
+    G = honest(p=5, n=30)
+    G[1, 7], G[2] = float("nan"), 3e38  # a NaN, and a finite row whose square only fp64 holds
+    sharded("geomed", G, sizes=[30])
+    G64 = G.double()
+    G64[2] = 1e200  # finite, but its square overflows fp64
+    sharded("geomed", G64, sizes=[30])
+    expected = torch.tensor([True, False, True, True, True])
+    assert torch.equal(flags[torch.float32], expected) and torch.equal(flags[torch.float64], expected)

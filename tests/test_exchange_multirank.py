@@ -1,0 +1,79 @@
+"""The exchanges on real 4-rank jobs: horovodrun (Gloo, MPI) and mpirun (mpi4py, over TCP)."""
+
+import functools
+
+import pytest
+
+from conftest import SCRIPTS, launch, output, results
+
+pytestmark = pytest.mark.slow
+
+JOBS = {  # launcher -> (transport, checks, extra environment)
+    "gloo": ("horovod", ["alltoall", "rules", "gram_bits", "compression", "optimizer", "replicas", "bytes"], {}),
+    # horovodrun --mpi pins Open MPI's transports (shared memory on one node: no TCP bytes to count);
+    # the rules run through the same Horovod calls as under Gloo.
+    "mpi": ("horovod", ["alltoall", "gram_bits", "compression", "optimizer", "replicas"], {}),
+    "mpi4py": ("mpi", ["alltoall", "rules", "gram_bits", "compression", "optimizer", "replicas", "bytes"],
+               {"OMPI_MCA_btl": "tcp,self"}),
+}
+
+
+@functools.cache
+def report(job):
+    transport, checks, env = JOBS[job]
+    proc = launch(job, 4, ["python", str(SCRIPTS / "exchange_check.py"), "--transport", transport, *checks],
+                  env=env, timeout=300)
+    found = results(proc)
+    assert proc.returncode == 0 and len(found) == 1, output(proc)
+    return found[0]
+
+
+def jobs_with(check):
+    return [job for job, (_, checks, _) in JOBS.items() if check in checks]
+
+
+@pytest.mark.parametrize("job", jobs_with("alltoall"))
+def test_alltoall_delivers_uneven_splits_in_rank_order(job):
+    assert report(job)["alltoall"]["ok"] == [True] * 4
+
+
+@pytest.mark.parametrize("job", jobs_with("rules"))
+def test_sharded_equals_the_rule_on_the_whole_matrix_and_ranks_agree(job):
+    for case, r in report(job)["rules"].items():
+        assert r["rel_diff"] < 1e-5 and r["same_non_finite"] and r["ranks_agree"], case
+
+
+@pytest.mark.parametrize("job", jobs_with("gram_bits"))
+def test_the_summed_gram_has_the_same_bits_on_every_rank(job):
+    r = report(job)["gram_bits"]
+    assert r["ranks_agree"] and r["rel_error"] < 1e-12
+
+
+@pytest.mark.parametrize("job", jobs_with("compression"))
+def test_fp16_compression_on_both_collectives(job):
+    r = report(job)["compression"]
+    assert r["dtype"] == "torch.float32" and r["max_abs_diff"] < 2e-3
+
+
+@pytest.mark.parametrize("job", jobs_with("optimizer"))
+def test_the_optimizer_trains_alike_with_either_exchange(job):
+    r = report(job)["optimizer"]
+    assert r["moved"] > 0 and r["max_abs_diff"] < 1e-5 and r["sharded_buckets"] > 1
+    assert r["allgather_agree"] and r["sharded_agree"]
+
+
+@pytest.mark.parametrize("job", jobs_with("replicas"))
+def test_replicas_match_and_a_miscomputing_rank_is_named_on_every_rank(job):
+    r = report(job)["replicas"]
+    assert r["same_as_plain"]
+    assert len(set(r["errors"])) == 1 and "shard 1: ranks [1, 2] disagree" in r["errors"][0]
+
+
+@pytest.mark.parametrize("job", jobs_with("bytes"))
+def test_sharded_traffic_is_an_allreduce_as_the_kernel_counts_it(job):
+    measured = report(job)["bytes"]
+    payload = 4 * measured["n"]
+    for rank, r in enumerate(measured["per_rank"]):
+        for k in (0, 1):  # sent, received
+            assert 2 * 3 / 4 * payload <= r["sharded"][k] <= 1.1 * r["allreduce"][k], (rank, r)
+            assert 3 * payload <= r["allgather"][k] <= 1.05 * 3 * payload, (rank, r)  # retransmissions count

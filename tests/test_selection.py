@@ -1,0 +1,139 @@
+"""Coordinate-wise rules by sorting networks, against torch.sort; the compiled path against the eager one.
+
+The suite runs the eager torch path (tests/conftest.py sets FA_HVD_NATIVE=0); the
+compiled networks (fa_hvd.aggregators.native) are checked here, bit for bit
+against it.
+"""
+
+import pytest
+import torch
+
+from fa_hvd.aggregators import get, native, selection
+from fa_hvd.aggregators.bulyan import closest_to_median
+from fa_hvd.aggregators.median import median, sorted_median
+from fa_hvd.aggregators.trimmed_mean import trimmed_mean
+
+
+def sort_reference_phase2(G, f):
+    """Bulyan's phase 2 as first written: stable argsort of the distances to the median."""
+    S = G.sort(dim=0).values
+    near = (S - sorted_median(S)).abs().argsort(dim=0, stable=True)[: G.shape[0] - 2 * f]
+    return S.gather(0, near).mean(dim=0)
+
+
+@pytest.mark.parametrize("p", [*range(1, 34), 47, selection.MAX_NETWORK_ROWS])
+def test_network_sorts_every_0_1_input(p):
+    # The 0-1 principle: a comparator network sorts everything iff it sorts every 0-1 input.
+    # All of them as the columns of one matrix for p <= 16, 2^16 drawn at random above.
+    if p <= 16:
+        bits = ((torch.arange(1 << p)[None, :] >> torch.arange(p)[:, None]) & 1).float()
+    else:
+        bits = torch.randint(0, 2, (p, 1 << 16), generator=torch.Generator().manual_seed(p)).float()
+    blocks = [torch.stack(values) for _, values in selection.order_statistics(bits, range(p))]
+    assert torch.equal(torch.cat(blocks, dim=1), bits.sort(dim=0).values)
+
+
+def test_pruned_network_is_smaller_and_exact():
+    full, middle = selection.network(15, tuple(range(15))), selection.network(15, (7,))
+    assert len(middle) < len(full)
+    assert sum(c.min_needed + c.max_needed for c in middle) < 2 * len(full)
+    G = torch.randn(15, 999, generator=torch.Generator().manual_seed(1))
+    [(cols, [value])] = list(selection.order_statistics(G, [7]))
+    assert cols == slice(0, 999) and torch.equal(value, G.sort(dim=0).values[7])
+
+
+@pytest.mark.parametrize("network_rows", [selection.MAX_NETWORK_ROWS, 1])  # network, then torch.sort
+@pytest.mark.parametrize("p", [1, 2, 5, 6, 15, 16, 33, 65])
+def test_rules_match_a_sort_over_many_blocks(monkeypatch, p, network_rows):
+    monkeypatch.setattr(selection, "MAX_NETWORK_ROWS", network_rows)
+    monkeypatch.setitem(selection.BLOCK_ELEMENTS, "cpu", 7 * p)  # 7 columns a block, 37 columns
+    G = torch.randn(p, 37, generator=torch.Generator().manual_seed(p))
+    before = G.clone()
+    S = G.sort(dim=0).values
+    assert torch.equal(get("median")(G), sorted_median(S))
+    for f in range(0, (p - 1) // 2 + 1):
+        assert torch.allclose(get("trimmed_mean", f=f)(G), S[f : p - f].mean(dim=0), atol=1e-6), f
+    assert torch.equal(G, before)  # the input is never written
+
+
+def test_blocks_cover_the_columns_once(monkeypatch):
+    monkeypatch.setitem(selection.BLOCK_ELEMENTS, "cpu", 30)
+    G = torch.randn(6, 37)
+    blocks = [cols for cols, _ in selection.order_statistics(G, [2, 3])]
+    assert blocks[0] == slice(0, 5) and blocks[-1] == slice(35, 37) and len(blocks) == 8
+
+
+@pytest.mark.parametrize("f", [0, 1, 2, 3])
+def test_bulyan_phase_two_matches_the_argsort_definition(f):
+    gen = torch.Generator().manual_seed(f)
+    for theta in range(2 * f + 1, 2 * f + 8):
+        ties = torch.randint(-3, 4, (theta, 200), generator=gen).double()  # many equal distances
+        spread = torch.randn(theta, 200, generator=gen, dtype=torch.float64)
+        for G in (ties, spread):
+            expected = sort_reference_phase2(G, f)
+            assert torch.allclose(closest_to_median(G, list(range(theta)), f), expected, atol=1e-12)
+
+
+def test_bulyan_phase_two_keeps_huge_values_out_of_the_sum():
+    G = torch.tensor([[1e38], [1.0], [2.0], [3.0], [-1e38]])
+    assert torch.equal(closest_to_median(G, [0, 1, 2, 3, 4], 1), torch.tensor([2.0]))
+
+
+def test_bulyan_phase_two_reads_only_the_selected_rows(monkeypatch):
+    monkeypatch.setitem(selection.BLOCK_ELEMENTS, "cpu", 12)
+    G = torch.randn(11, 29, generator=torch.Generator().manual_seed(6))
+    rows = [7, 0, 3, 9, 10, 2, 5]
+    assert torch.allclose(closest_to_median(G, rows, 1), sort_reference_phase2(G[rows], 1), atol=1e-6)
+
+
+@pytest.fixture
+def compiled(monkeypatch):
+    monkeypatch.setenv("FA_HVD_NATIVE", "1")
+    assert native.supports(torch.zeros(2, 2)), "no C compiler: the compiled networks cannot be checked"
+
+
+def eager(monkeypatch, fn, *args):
+    with monkeypatch.context() as m:
+        m.setenv("FA_HVD_NATIVE", "0")
+        return fn(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("p", [1, 6, 15])
+def test_compiled_networks_equal_the_eager_path_bit_for_bit(compiled, monkeypatch, p, dtype):
+    gen = torch.Generator().manual_seed(p)
+    spread = torch.randn(p, 10_001, generator=gen, dtype=dtype) * torch.logspace(-3, 3, 10_001, dtype=dtype)
+    ties = torch.randint(-2, 3, (p, 999), generator=gen).to(dtype)
+    for G in (spread, ties, torch.tensor([[1e38], [-3e38]], dtype=dtype).repeat(p, 1)[:p]):
+        assert torch.equal(median(G), eager(monkeypatch, median, G))
+        assert torch.equal(median(G), sorted_median(G.sort(dim=0).values))
+        f = (p - 1) // 3
+        assert torch.equal(trimmed_mean(G, f), eager(monkeypatch, trimmed_mean, G, f))
+        rows = list(range(p))[::-1]
+        for f in {0, (p - 1) // 2}:
+            assert torch.equal(closest_to_median(G, rows, f), eager(monkeypatch, closest_to_median, G, rows, f))
+
+
+def test_compiled_networks_use_every_thread_alike(compiled, monkeypatch):
+    G = torch.randn(9, 100_000, generator=torch.Generator().manual_seed(3))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = trimmed_mean(G, 2)
+        torch.set_num_threads(3)
+        assert torch.equal(trimmed_mean(G, 2), one)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_missing_compiler_falls_back_to_the_eager_path(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("FA_HVD_NATIVE", "1")
+    monkeypatch.setenv("FA_HVD_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    native._compiler_works.cache_clear()
+    try:
+        G = torch.randn(5, 100)
+        assert torch.equal(median(G), sorted_median(G.sort(dim=0).values))
+        assert "compiled sorting networks unavailable" in caplog.text
+    finally:
+        native._compiler_works.cache_clear()
