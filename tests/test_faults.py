@@ -139,6 +139,14 @@ def test_alie_uses_the_given_z():
     torch.testing.assert_close(send(inj, rows[0]), rows[1:].mean(0) - 1.5 * rows[1:].std(0))
 
 
+def test_alie_sign_minus_one_goes_below_the_mean_by_the_z_of_n_and_f():
+    rows = honest_world()
+    inj = injector([{"kind": "alie", "ranks": [0, 1, 2], "params": {"sign": -1}}], rank=1, world=15,
+                   transport=FakeTransport(1, rows))
+    z = NormalDist().inv_cdf(7 / 12)
+    torch.testing.assert_close(send(inj, rows[1]), rows[3:].mean(0) - z * rows[3:].std(0))
+
+
 def test_ipm_is_minus_eps_mu():
     rows = honest_world()
     inj = injector([{"kind": "ipm", "ranks": [0, 1, 2], "params": {"eps": 0.5}}], world=15,
@@ -284,7 +292,7 @@ def test_invalid_specs_name_the_entry(entries, needle):
 def test_alie_z_that_cannot_be_derived_asks_for_params_z():
     with pytest.raises(ValueError, match="give params.z"):
         parse_faults([{"kind": "alie", "ranks": [0]}], world_size=2)
-    assert parse_faults([{"kind": "alie", "ranks": [0], "params": {"z": 1.0}}], world_size=2)[0].params == {"z": 1.0}
+    assert parse_faults([{"kind": "alie", "ranks": [0], "params": {"z": 1.0}}], world_size=2)[0].params == {"z": 1.0, "sign": 1}
 
 
 def test_defaults_are_filled_in():

@@ -6,11 +6,14 @@ squares (IRLS) on the flag-median objective
 
     E(Y) = sum_i sqrt(max(0, 1 - ||Y^T h_i||^2)),
 
-and aggregates the projections ``Y Y^T h_i``. One IRLS step from ``Y`` uses the
-weights ``w_i = (|1 - ||Y^T h_i||^2| + eps)^(-1/4)`` and, when ``lambda_ > 0``,
-pair weights ``v_ij = (|1 - ||Y^T (h_i - h_j)||^2| + eps)^(-1/4) lambda_ / (p (p-1))``
-for every ordered pair ``i != j``; the next ``Y`` is the top-``r`` left singular
-vectors of ``[w_i h_i ..., v_ij (h_i - h_j) ...]``.
+One IRLS step from ``Y`` uses the weights ``w_i = (|1 - ||Y^T h_i||^2| + eps)^(-1/4)``
+and, when ``lambda_ > 0``, pair weights
+``v_ij = (|1 - ||Y^T (h_i - h_j)||^2| + eps)^(-1/4) lambda_ / (p (p-1))`` for every
+ordered pair ``i != j``; the next ``Y`` is the top-``r`` left singular vectors of
+``[w_i h_i ..., v_ij (h_i - h_j) ...]``. Those weights make the step a
+majorise-minimise step of the full objective
+
+    E_lambda(Y) = E(Y) + (lambda_ / (p (p-1)))^2 sum_{i != j} sqrt(|1 - ||Y^T (h_i - h_j)||^2|).
 
 Gram space. Every ``Y`` after the first step lies in ``span(h_1..h_p)``. With
 ``K = H^T H = V D V^T`` and ``R = D^(1/2) V^T`` (so ``H = Q R`` for an orthonormal
@@ -20,6 +23,13 @@ and ``L`` is the graph Laplacian with edge weights ``2 v_ij^2``. Everything is
 ``p x p``: the only passes over ``n`` are ``K = G G^T`` and the output ``G c``
 (plus ``U^T G`` for the reference mode's random start).
 
+``r``: by default ``ceil(p / 2)`` (the paper's choice: 8 for p = 11..15, 4 for p = 7),
+at most ``p - f - 1`` so that the subspace is fitted to, never filled by, the honest
+rows, and at least 1; ``p`` is the number of finite rows. With ``r >= p`` the
+subspace holds every gradient and FA loses what the fit tells it: reference mode
+returns ``sum_i h_i / r`` and default mode keeps only its sign step. A given ``r``
+that does this warns once.
+
 Modes:
 
 * ``mode="reference"`` reproduces the released code: the start ``Y0`` is the Q of
@@ -27,34 +37,56 @@ Modes:
   float32 right after ``torch.manual_seed(1)`` (only ``Y0^T H = R0^(-T) (U - 0.5)^T H``
   is needed, with ``R0`` the Cholesky factor of ``(U - 0.5)^T (U - 0.5)``);
   ``iterations`` (T) defaults to 1; the loop runs while fewer than T steps were
-  taken, the last decrease of E is > 1e-10 and E > 1e-10; if the last step did not
-  decrease E the previous ``Y`` is kept; the output is ``sum_i Y Y^T h_i / r``.
-  Quirks kept on purpose: the output is in normalised units (``||out|| <= p / r``;
-  the gradient norm is lost), and with T = 1 from a random start the weights are
-  all about 1, so FA is the top-``r`` projection of the normalised gradients. The
-  torch global RNG is reseeded by the release; this implementation uses its own
-  generator and leaves the global RNG untouched.
-* ``mode="default"`` (the better FA): a data-driven start (the top-``r``
-  eigenvectors of ``K``, i.e. the flag mean), IRLS to convergence (``iterations``
-  up to 100, stop when E decreases by less than ``1e-9 (1 + E)``), then a
-  sign-aware step: a subspace cannot tell ``h`` from ``-h``, so workers whose
-  projection points against the consensus ``d = sum_i Y Y^T h_i``
-  (``<Y^T h_i, Y^T d> < 0``) are dropped, at most ``f`` of them, the most opposed
-  first. The output has a principled scale: the mean of the kept projections
-  times the median gradient norm (as in ``nmean``: the mean of the two middle
-  norms for an even count), so ``p`` identical gradients ``g`` give ``g``.
+  taken, the last decrease of E (the data term only, as released) is > 1e-10 and
+  E > 1e-10; if the last step did not decrease E the previous ``Y`` is kept; the
+  output is ``sum_i Y Y^T h_i / r``. Quirks kept on purpose: the output is in
+  normalised units (``||out|| <= p / r``; the gradient norm is lost), and with T = 1
+  from a random start the weights are all about 1, so FA is the top-``r``
+  projection of the normalised gradients. The torch global RNG is reseeded by the
+  release; this implementation uses its own generator and leaves the global RNG
+  untouched.
+* ``mode="default"`` (the better FA, chosen on the standing robustness grid,
+  ``configs/eval/standing.yaml``):
+
+  1. *Fit to the honest majority.* IRLS from the flag mean (the top-``r``
+     eigenvectors of the cosine matrix) in which, at every step, the ``f`` rows
+     that agree least with the current fit get no weight: a row's agreement is
+     ``sign(<Y^T h_i, d>) ||Y^T h_i||^2`` (``d``: the rows' summed projections).
+     Rows whose norm exceeds ``NORM_OUTLIER`` (5) times the median go first, the
+     largest first (honest workers of one model on batches of one size rarely
+     differ by that much; label-flipping workers do), then rows opposed to the
+     consensus (a subspace cannot tell ``h`` from ``-h``: this is the sign step),
+     then the rows farthest from the subspace. The stop test is on ``E_lambda`` over the kept rows: stop when it
+     decreases by less than ``1e-6 (1 + E)``, keep the better iterate, at most
+     ``iterations`` (100) steps.
+  2. *One vote per distinct direction.* The output is a weighted mean of the kept
+     rows' unit vectors ``h_i``, not of their projections (a projection keeps a
+     coherent group of attackers whole and shrinks the honest rows' share). Kept
+     row ``i`` has multiplicity ``m_i = sum_{j kept} exp(-(1 - cos_ij) / b)``, with
+     ``b = DUPLICATE_BANDWIDTH`` times the median of ``1 - cos`` over kept pairs
+     (at least ``1000 eps``): about 1 for a row unlike the others, ``k`` for ``k``
+     rows that coincide relative to how far apart rows typically are. A group the
+     ``f`` Byzantine workers could form alone (``m_i <= f + 1.5``: f copies of a
+     direction, or of one honest row) shares one vote, ``1 / m_i`` each, as ``k``
+     copies of one sample carry one sample's information; a larger group holds two
+     honest rows that agree and every row of it weighs 1; so does every row when
+     ``f = 0``.
+  3. *A robust scale.* The unit-norm mean is multiplied by the median norm of the
+     kept rows (the mean of the two middle norms for an even count), so ``p``
+     identical gradients ``g`` give ``g`` and the update has gradient units.
+
+  Zero rows have no direction: their ``h_i`` is 0, they add nothing to the fit or
+  the mean, and their norm counts in the median only if they are kept.
 
 Default mode is a Gram-space rule: the output is ``c^T G`` with ``c`` computed from
 ``K`` alone (:meth:`Flag.coefficients`). Reference mode is not: its random start needs
-``U^T G``.
-
-Zero gradients have no direction: their ``h_i`` is taken as 0 (they add nothing
-to the subspace or the sum). Precondition: ``r >= 1``; any ``p >= 1``.
+``U^T G``. Precondition: ``r >= 1`` when given; any ``p >= 1``.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -66,7 +98,17 @@ from .median import sorted_median
 REFERENCE_EPS = 1e-7
 REFERENCE_STOP = 1e-10
 DEFAULT_MAX_ITERATIONS = 100
-DEFAULT_REL_TOL = 1e-9
+DEFAULT_REL_TOL = 1e-6
+NORM_OUTLIER = 5.0
+"""A row whose norm exceeds this many times the median norm is left out before any other."""
+DUPLICATE_BANDWIDTH = 0.1
+"""Rows closer than about this fraction of the typical honest spread share a vote."""
+
+
+def default_rank(p: int, f: int) -> int:
+    """FA's default subspace dimension for ``p`` rows and ``f`` Byzantine: ``ceil(p / 2)``,
+    at most ``p - f - 1``, at least 1."""
+    return max(1, min(math.ceil(p / 2), p - f - 1))
 
 
 class Flag(Aggregator):
@@ -76,7 +118,7 @@ class Flag(Aggregator):
         self,
         f: int = 0,
         mode: str = "default",
-        r: int = 8,
+        r: int | None = None,
         lambda_: float = 0.0,
         iterations: int | None = None,
         eps: float = REFERENCE_EPS,
@@ -84,8 +126,8 @@ class Flag(Aggregator):
         super().__init__(f)
         if mode not in ("default", "reference"):
             raise ValueError(f"flag: mode must be 'default' or 'reference', got {mode!r}")
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"flag: r must be an integer >= 1, got {r!r}")
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
+            raise ValueError(f"flag: r must be an integer >= 1 (or None: follows p), got {r!r}")
         if not isinstance(lambda_, (int, float)) or isinstance(lambda_, bool) or not lambda_ >= 0:
             raise ValueError(f"flag: lambda_ must be a number >= 0, got {lambda_!r}")
         if iterations is None:
@@ -96,12 +138,26 @@ class Flag(Aggregator):
             raise ValueError(f"flag: eps must be > 0, got {eps!r}")
         self.mode, self.r, self.lambda_, self.iterations, self.eps = mode, r, float(lambda_), iterations, eps
         self._start_cache: tuple | None = None
+        self._warned = False
 
     def __repr__(self) -> str:
-        return (
-            f"Flag(f={self.f}, mode={self.mode!r}, r={self.r}, lambda_={self.lambda_}, "
-            f"iterations={self.iterations})"
-        )
+        r = "ceil(p/2)" if self.r is None else self.r
+        return (f"Flag(f={self.f}, mode={self.mode!r}, r={r}, lambda_={self.lambda_}, "
+                f"iterations={self.iterations})")
+
+    def rank(self, p: int, f: int) -> int:
+        """The subspace dimension used for ``p`` rows: ``r`` as given, else :func:`default_rank`."""
+        return default_rank(p, f) if self.r is None else self.r
+
+    def check(self, p: int, f: int | None = None) -> None:
+        super().check(p, f)
+        if self.r is not None and self.r >= p > 1 and not self._warned:
+            self._warned = True
+            what = ("sum_i h_i / r, the normalised sum" if self.mode == "reference"
+                    else "the normalised mean of the rows its sign step keeps")
+            warnings.warn(f"flag: r={self.r} >= p={p} rows: the subspace holds every gradient and FA computes "
+                          f"{what}; choose r < p (leave r unset: it follows p, r={default_rank(p, self.f)} "
+                          f"here)", stacklevel=2)
 
     # -- the p x p geometry --------------------------------------------------------
     @property
@@ -121,39 +177,56 @@ class Flag(Aggregator):
         """Default mode's ``c`` (``agg(G) = c^T G``) from ``K``; ``eps``: the data's precision (fp32)."""
         if self.mode != "default":
             raise NotImplementedError("flag: reference mode's random start needs U^T G, not K alone")
+        device = K.device
+        K = K.to(device="cpu", dtype=torch.float64)  # p x p: dozens of tiny steps, cheapest on the CPU
         basis = _gram_basis(K, eps)
         if basis is None:
-            return torch.zeros(K.shape[0], dtype=torch.float64, device=K.device)
-        W, total = self._default(basis, K.diagonal().clamp_min(0).sqrt(), f)
-        return basis.coefficients(W, total)
+            return torch.zeros(K.shape[0], dtype=torch.float64, device=device)
+        norms = K.diagonal().clamp_min(0).sqrt()
+        kept = self.fit(basis, norms, f).kept & (norms > 0)
+        weights = _distinct_weights(K * basis.inv[:, None] * basis.inv[None, :], kept, f, eps)
+        scale = sorted_median(norms[kept].sort().values) if kept.any() else norms.new_zeros(())
+        return (weights * scale * basis.inv).to(device)
 
-    def _irls_step(self, P: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-        """One IRLS step from projections ``P = Y^T H`` (``(r', p)``); returns W (``(k, r'')``)."""
+    # -- IRLS ------------------------------------------------------------------------
+    def _irls_step(self, P: torch.Tensor, R: torch.Tensor, r: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """One IRLS step from projections ``P = Y^T H`` (``(r', p)``) over ``rows`` (all when None);
+        returns ``W`` (``(k, r)``, ``Y = Q W``)."""
         p = P.shape[1]
-        proj2 = (P * P).sum(0)
-        w = ((1 - proj2).abs() + self.eps) ** -0.25
-        S = torch.diag(w * w)
+        mask = torch.ones(p, dtype=P.dtype, device=P.device) if rows is None else rows.to(P.dtype)
+        w = ((1 - (P * P).sum(0)).abs() + self.eps) ** -0.25 * mask
         if self.lambda_ > 0 and p > 1:
             diff = P[:, :, None] - P[:, None, :]
             v = ((1 - (diff * diff).sum(0)).abs() + self.eps) ** -0.25 * (self.lambda_ / (p * (p - 1)))
-            A = 2 * v * v
+            A = 2 * v * v * mask[:, None] * mask[None, :]
             A.fill_diagonal_(0)
-            S = S + torch.diag(A.sum(1)) - A
-        M = R @ S @ R.T
+            M = R @ (torch.diag(w * w + A.sum(1)) - A) @ R.T
+        else:
+            M = (R * (w * w)) @ R.T
         evals, evecs = torch.linalg.eigh((M + M.T) / 2)
-        r = min(self.r, R.shape[0])
-        return evecs[:, -r:].flip(1)
+        return evecs[:, -min(r, R.shape[0]):].flip(1)
 
-    def _objective(self, P: torch.Tensor) -> float:
-        return float((1 - (P * P).sum(0)).clamp_min(0).sqrt().sum())
+    def _objective(self, P: torch.Tensor, rows: torch.Tensor | None = None, pairs: bool = False) -> float:
+        """E over ``rows`` (all when None), plus the pair term of ``E_lambda`` when ``pairs``."""
+        data = (1 - (P * P).sum(0)).clamp_min(0).sqrt()
+        if rows is not None:
+            P, data = P[:, rows], data[rows]
+        E = float(data.sum())
+        q = P.shape[1]
+        if pairs and self.lambda_ > 0 and q > 1:
+            diff = P[:, :, None] - P[:, None, :]
+            pair = (1 - (diff * diff).sum(0)).abs().sqrt()
+            p = data.numel() if rows is None else rows.numel()
+            E += (self.lambda_ / (p * (p - 1))) ** 2 * float(pair.sum() - pair.diagonal().sum())
+        return E
 
-    def _iterate(self, P: torch.Tensor, R: torch.Tensor, stop) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """IRLS from projections ``P``; returns ``(W, P)`` of the kept iterate (``W`` None = start)."""
+    def _iterate(self, P: torch.Tensor, R: torch.Tensor, r: int, stop) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Reference mode's IRLS from projections ``P``; returns ``(W, P)`` of the kept iterate (``W`` None = start)."""
         W, E = None, self._objective(P)
         prev = (W, P)
         decrease, steps = math.inf, 0
         while steps < self.iterations and not stop(decrease, E):
-            W_new = self._irls_step(P, R)
+            W_new = self._irls_step(P, R, r)
             P_new = W_new.T @ R
             E_new = self._objective(P_new)
             decrease = E - E_new
@@ -164,55 +237,100 @@ class Flag(Aggregator):
         return W, P
 
     # -- reference mode ------------------------------------------------------------
-    def _random_start(self, n: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _random_start(self, n: int, r: int, dtype: torch.dtype, device: torch.device):
         """``U - 0.5`` (``(n, r)``) and the Cholesky factor ``R0`` of its Gram, cached per shape."""
-        key = (n, self.r, dtype, device)
+        key = (n, r, dtype, device)
         if self._start_cache is None or self._start_cache[0] != key:
             gen = torch.Generator(device="cpu").manual_seed(1)
-            Uc = (torch.rand(n, self.r, generator=gen, dtype=torch.float32) - 0.5).to(dtype=dtype, device=device)
+            Uc = (torch.rand(n, r, generator=gen, dtype=torch.float32) - 0.5).to(dtype=dtype, device=device)
             R0 = torch.linalg.cholesky(gram(Uc.T)).T  # upper: Uc^T Uc = R0^T R0
             self._start_cache = (key, Uc, R0)
         return self._start_cache[1], self._start_cache[2]
 
     def _reference(self, G, basis: "_GramBasis") -> torch.Tensor:
-        Uc, R0 = self._random_start(G.shape[1], G.dtype, G.device)
-        if Uc.shape[1] > G.shape[1]:
-            raise ValueError(f"flag: reference mode needs r <= n, got r={self.r}, n={G.shape[1]}")
+        r = self.rank(G.shape[0], self.f)
+        Uc, R0 = self._random_start(G.shape[1], r, G.dtype, G.device)
+        if r > G.shape[1]:
+            raise ValueError(f"flag: reference mode needs r <= n, got r={r}, n={G.shape[1]}")
         UtH = (Uc.T @ G.T).double() * basis.inv[None, :]
         P0 = torch.linalg.solve_triangular(R0.T, UtH, upper=False)  # Y0^T H
         W, P = self._iterate(
-            P0, basis.R, stop=lambda decrease, E: not (decrease > REFERENCE_STOP and E > REFERENCE_STOP)
+            P0, basis.R, r, stop=lambda decrease, E: not (decrease > REFERENCE_STOP and E > REFERENCE_STOP)
         )
-        total = P.sum(1) / self.r  # Y^T H 1 / r
+        total = P.sum(1) / r  # Y^T H 1 / r
         if W is None:  # the random start survived: Y0 (Y0^T H 1) / r lies outside span(H)
             return Uc @ torch.linalg.solve_triangular(R0, total[:, None], upper=True)[:, 0].to(Uc.dtype)
         return combine(G, basis.coefficients(W, total))
 
     # -- default mode ----------------------------------------------------------------
-    def _default(self, basis: "_GramBasis", norms, f) -> tuple[torch.Tensor, torch.Tensor]:
-        """IRLS from the flag mean, the sign step and the scale: ``(W, Y^T-coordinates of the output)``."""
+    def fit(self, basis: "_GramBasis", norms: torch.Tensor, f: int) -> "FlagFit":
+        """Step 1 of the default mode: the subspace fitted to the ``p - f`` rows that agree with it."""
         R = basis.R
-        k = R.shape[0]
-        r = min(self.r, k)
-        W0 = torch.eye(k, r, dtype=R.dtype, device=R.device)
-        P0 = W0.T @ R
-        W, P = self._iterate(
-            P0, R, stop=lambda decrease, E: decrease <= DEFAULT_REL_TOL * (1 + E) or E <= REFERENCE_STOP
-        )
-        if W is None:
-            W = W0
-        # Sign-aware step: drop up to f workers opposed to the consensus direction.
-        consensus = P.sum(1)
-        alignment = consensus @ P
-        kept = torch.ones_like(alignment, dtype=torch.bool)
-        if f > 0:
-            order = torch.argsort(alignment, stable=True)[:f]
-            kept[order[alignment[order] < 0]] = False
-        has_direction = norms > 0
-        count = int((kept & has_direction).sum())
-        scale = sorted_median(norms[has_direction].sort().values) if has_direction.any() else norms.new_zeros(())
-        total = (P * kept).sum(1) * (scale / max(count, 1))
-        return W, total
+        p, k = R.shape[1], R.shape[0]
+        r = min(self.rank(p, f), k)
+        median = sorted_median(norms.sort().values)
+        excess = norms / (NORM_OUTLIER * median) if median > 0 else torch.zeros_like(norms)
+        W = torch.eye(k, r, dtype=R.dtype, device=R.device)
+        P = W.T @ R
+        kept = _agreeing(P, excess, f, degenerate=r >= k)
+        E = self._objective(P, kept, pairs=True)
+        for _ in range(self.iterations):
+            W_new = self._irls_step(P, R, r, kept)
+            P_new = W_new.T @ R
+            kept_new = _agreeing(P_new, excess, f, degenerate=r >= k)
+            E_new = self._objective(P_new, kept_new, pairs=True)
+            if E_new < E:
+                W, P, kept = W_new, P_new, kept_new
+            if not E - E_new > DEFAULT_REL_TOL * (1 + E_new) or E_new <= REFERENCE_STOP:
+                break
+            E = E_new
+        return FlagFit(W, P, kept, r)
+
+
+class FlagFit(NamedTuple):
+    """Default mode's fit: ``Y = Q W``, projections ``P = Y^T H``, the rows it keeps, its dimension."""
+
+    W: torch.Tensor
+    P: torch.Tensor
+    kept: torch.Tensor
+    r: int
+
+
+def _agreeing(P: torch.Tensor, excess: torch.Tensor, f: int, degenerate: bool) -> torch.Tensor:
+    """The rows kept by a fit with projections ``P``: all but the ``f`` that agree least.
+
+    Agreement: ``sign(<P_i, d>) ||P_i||^2`` (in [-1, 1]) with ``d`` the sum of the projections;
+    ``-excess_i`` (below -1) for a row of outlying norm, ``excess_i = ||g_i|| / (NORM_OUTLIER
+    median) > 1``. When the subspace holds every row (``degenerate``) the fit says nothing beyond
+    the sign: only rows opposed to ``d`` are dropped (the most opposed first, at most ``f``).
+    """
+    p = P.shape[1]
+    kept = torch.ones(p, dtype=torch.bool, device=P.device)
+    if f == 0:
+        return kept
+    alignment = P.sum(1) @ P
+    if degenerate:
+        order = torch.argsort(alignment, stable=True)[:f]
+        kept[order[alignment[order] < 0]] = False
+        return kept
+    agreement = torch.where(excess > 1, -excess, torch.sign(alignment) * (P * P).sum(0))
+    kept[torch.argsort(agreement, stable=True)[:f]] = False
+    return kept
+
+
+def _distinct_weights(cosines: torch.Tensor, kept: torch.Tensor, f: int, eps: float) -> torch.Tensor:
+    """Step 2 of the default mode: weights summing to 1 over ``kept``, one vote per group of at most
+    ``f + 1`` coinciding rows (see the module docstring); ``eps``: the data's precision."""
+    weights = kept.to(cosines.dtype)
+    count = int(kept.sum())
+    if count <= 1 or f == 0:
+        return weights / max(count, 1)
+    distance = (1 - cosines[kept][:, kept]).clamp_min(0)
+    upper = torch.triu_indices(count, count, 1, device=distance.device)
+    bandwidth = max(DUPLICATE_BANDWIDTH * float(distance[upper[0], upper[1]].median()), 1e3 * eps)
+    multiplicity = torch.exp(-distance / bandwidth).sum(1)
+    weights[kept] = torch.where(multiplicity <= f + 1.5, 1 / multiplicity, torch.ones_like(multiplicity))
+    return weights / weights.sum()
 
 
 class _GramBasis(NamedTuple):

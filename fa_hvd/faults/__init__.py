@@ -18,8 +18,8 @@ Gradient faults (what the faulty rank sends instead of ``g``):
 * ``inf``       -- sign * Inf everywhere (``sign`` +1 or -1, default +1)
 * ``bitflip``   -- each element, with probability ``rate`` (default 1e-3), gets one
   random bit of its binary representation flipped
-* ``alie``      -- mu + z * sigma; z = Phi^-1((n - f - s) / (n - f)), s = floor(n/2) + 1 - f,
-  n = world size, f = the spec's number of ranks (or ``params.z``)
+* ``alie``      -- mu + sign * z * sigma; z = Phi^-1((n - f - s) / (n - f)), s = floor(n/2) + 1 - f,
+  n = world size, f = the spec's number of ranks (or ``params.z``); ``sign`` +1 (default) or -1
 * ``ipm``       -- -eps * mu (``eps``, default 0.1)
 * ``mimic``     -- a copy of honest rank ``target``'s g (default the lowest rank without
   gradient faults)

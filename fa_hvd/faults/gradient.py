@@ -76,11 +76,12 @@ def bitflip(g, honest, generator, params):
 
 
 def alie(g, honest, generator, params):
-    """A little is enough: mu + z * sigma (sigma with Bessel's correction when
-    there are at least two honest rows)."""
+    """A little is enough: mu + sign * z * sigma (sigma with Bessel's correction when
+    there are at least two honest rows; ``sign`` +1 or -1, so that both sides of the
+    mean are reachable with the z derived from n and f)."""
     rows = honest.rows
     sigma = rows.std(dim=0, correction=1 if rows.shape[0] > 1 else 0)
-    return rows.mean(dim=0) + params["z"] * sigma
+    return rows.mean(dim=0) + (params["sign"] * params["z"]) * sigma
 
 
 def ipm(g, honest, generator, params):

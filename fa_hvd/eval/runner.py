@@ -1,0 +1,210 @@
+"""Running a grid: cells in parallel processes, results appended as they finish, resumable.
+
+Layout of an output directory::
+
+    results.jsonl     one JSON object per finished cell (appended; the last valid line of a cell wins)
+    cells/            results of ``--cell INDEX`` runs (one file each), folded into results.jsonl later
+    table.md          the Markdown report (report.markdown)
+    heatmap.png       the heatmap (report.heatmap)
+    sessions.jsonl    one line per run that ran cells: cells, failures, wall time, jobs, engine
+
+A line is valid for a cell when its ``key`` is the cell's and its ``digest`` is the cell's
+digest under the line's ``engine``: a cell whose definition changed is run again.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from . import report
+from .grid import Cell, Grid
+
+RESULTS = "results.jsonl"
+CELLS = "cells"
+TABLE = "table.md"
+HEATMAP = "heatmap.png"
+SESSIONS = "sessions.jsonl"
+
+
+def run_cell(cell: Cell, engine: str, run_root: Path | None = None) -> dict:
+    """Run one cell and return its record (what goes into results.jsonl)."""
+    if engine == "simulation":
+        from .simulate import simulate
+
+        result = simulate(cell)
+    else:
+        from .distributed import run_distributed
+
+        result = run_distributed(cell, run_root)
+    return {
+        "index": cell.index, "key": cell.key, "digest": cell.digest(engine), "engine": engine,
+        "split": cell.split, "alpha": cell.alpha, "p": cell.p, "f": cell.f, "rule": cell.rule,
+        "fault": cell.fault, "seed": cell.seed, **result,
+    }
+
+
+def _read_lines(path: Path) -> list[dict]:
+    records = []
+    if not path.exists():
+        return records
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            print(f"fa-hvd-eval: {path}:{number}: skipping a line that is not JSON (an interrupted write?)",
+                  file=sys.stderr)
+    return records
+
+
+def collect(out: Path) -> None:
+    """Fold the files of ``--cell`` runs into results.jsonl (each file removed once appended)."""
+    folder = out / CELLS
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.glob("*.json")):
+        record = json.loads(path.read_text())
+        with open(out / RESULTS, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        path.unlink()
+
+
+def valid_records(grid: Grid, out: Path) -> dict[int, dict]:
+    """``{cell index: record}`` for the cells whose current definition has a result."""
+    by_key = {cell.key: cell for cell in grid.cells}
+    found = {}
+    for record in _read_lines(out / RESULTS):
+        cell = by_key.get(record.get("key"))
+        if cell is not None and record.get("digest") == cell.digest(record.get("engine", "")):
+            found[cell.index] = record
+    return found
+
+
+def _cell_file(out: Path, index: int, digest: str) -> Path:
+    return out / CELLS / f"{index:06d}-{digest}.json"
+
+
+def cell_done(grid: Grid, out: Path, cell: Cell, engine: str) -> bool:
+    """Whether ``cell`` has a result: in results.jsonl, or in its ``--cell`` file not yet collected."""
+    return cell.index in valid_records(grid, out) or _cell_file(out, cell.index, cell.digest(engine)).exists()
+
+
+def write_cell_file(out: Path, record: dict) -> Path:
+    """A ``--cell`` result, written atomically (a SLURM array task per cell writes its own file)."""
+    path = _cell_file(out, record["index"], record["digest"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(record) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def _outcomes(cells: list[Cell], engine: str, jobs: int, run_root: Path):
+    """``(cell, record or exception)`` as cells finish: in this process with one job, else in
+    ``jobs`` worker processes (spawned, one torch thread each)."""
+    if jobs == 1:
+        for cell in cells:
+            try:
+                yield cell, run_cell(cell, engine, run_root)
+            except Exception as exc:
+                yield cell, exc
+        return
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context,
+                                                initializer=_worker_init) as pool:
+        futures = {pool.submit(run_cell, cell, engine, run_root): cell for cell in cells}
+        for future in concurrent.futures.as_completed(futures):
+            exc = future.exception()
+            yield futures[future], exc if exc is not None else future.result()
+
+
+def run_grid(grid: Grid, out: Path, engine: str, jobs: int, cells: list[Cell]) -> int:
+    """Run ``cells`` (those without a valid result), ``jobs`` at a time; returns the failure count."""
+    out.mkdir(parents=True, exist_ok=True)
+    done = valid_records(grid, out)
+    todo = [cell for cell in cells if cell.index not in done]
+    skipped = len(cells) - len(todo)
+    print(f"fa-hvd-eval: {grid.path}: {len(cells)} cells, {skipped} already done, {len(todo)} to run "
+          f"({engine}, {jobs} job(s)) -> {out}", flush=True)
+    failures = 0
+    if not todo:
+        return failures
+    start = time.perf_counter()
+    width = len(str(len(todo)))
+    run_root = out / "runs"
+    with open(out / RESULTS, "a") as results:
+        for finished, (cell, outcome) in enumerate(_outcomes(todo, engine, jobs, run_root), 1):
+            elapsed = time.perf_counter() - start
+            eta = elapsed / finished * (len(todo) - finished)
+            prefix = f"[{finished:{width}d}/{len(todo)}] {cell.describe()}:"
+            if isinstance(outcome, BaseException):  # one broken cell must not stop the grid
+                failures += 1
+                detail = "".join(traceback.format_exception_only(type(outcome), outcome)).strip()
+                print(f"{prefix} FAILED: {detail}  ETA {_duration(eta)}", flush=True)
+                continue
+            results.write(json.dumps(outcome) + "\n")
+            results.flush()
+            state = "  DIVERGED" if outcome["diverged"] else ""
+            print(f"{prefix} accuracy {100 * outcome['test_accuracy']:.1f}%  loss {outcome['train_loss']:.3f}"
+                  f"{state}  ({outcome['wall_s']:.1f} s)  ETA {_duration(eta)}", flush=True)
+    wall = time.perf_counter() - start
+    print(f"fa-hvd-eval: ran {len(todo) - failures} cell(s) in {_duration(wall)}"
+          + (f"; {failures} FAILED" if failures else ""), flush=True)
+    with open(out / SESSIONS, "a") as sessions:
+        sessions.write(json.dumps({"cells": len(todo) - failures, "failed": failures, "wall_s": wall, "jobs": jobs,
+                                   "engine": engine, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+    return failures
+
+
+def timing(grid: Grid, records: dict, out: Path) -> dict | None:
+    """Per-cell times from the records, and the wall time of the sessions that ran cells here."""
+    if not records:
+        return None
+    by_rule: dict = {}
+    for cell in grid.cells:
+        record = records.get(cell.index)
+        if record is not None:
+            by_rule.setdefault(cell.rule, []).append(record["wall_s"])
+    times = [t for ts in by_rule.values() for t in ts]
+    slowest = max(by_rule, key=lambda r: statistics.fmean(by_rule[r]))
+    sessions = _read_lines(out / SESSIONS)
+    return {"cells": len(times), "per_cell_s": statistics.fmean(times), "cell_s": sum(times),
+            "slowest_rule": slowest, "slowest_rule_s": statistics.fmean(by_rule[slowest]),
+            "sessions": len(sessions), "wall_s": sum(s["wall_s"] for s in sessions),
+            "jobs": sorted({s["jobs"] for s in sessions})}
+
+
+def write_report(grid: Grid, out: Path) -> tuple[Path, Path]:
+    """table.md and heatmap.png from the valid results in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    records = valid_records(grid, out)
+    stats = report.summarize(grid, records)
+    (out / TABLE).write_text(report.markdown(grid, stats, timing(grid, records, out)) + "\n")
+    report.heatmap(grid, stats, out / HEATMAP)
+    return out / TABLE, out / HEATMAP
