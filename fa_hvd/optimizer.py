@@ -413,6 +413,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         for key, value in _byte_counters(self._transport).items():
             stats[key] = value - self._marks.get(key, 0)
         stats.update(getattr(self._exchange, "stats", {}))  # the sharded exchange's peak_bytes
+        stats.update(getattr(self._aggregator, "diagnostics", {}))  # nonfinite, dropped, weights
         self.stats = stats
 
     def _release(self, param) -> None:
@@ -649,7 +650,10 @@ def DistributedOptimizer(
     ``exchange_s`` (first bucket sent to last bucket received: communication,
     overlapping the backward pass), ``wait_s`` (how long ``synchronize()`` blocked
     for it), ``aggregate_s`` (the rule and the write-back), and, when the transport
-    counts them, ``bytes_sent``/``bytes_received`` during that step.
+    counts them, ``bytes_sent``/``bytes_received`` during that step; and the
+    aggregator's diagnostics (:func:`fa_hvd.aggregators.base.describe`): ``nonfinite``
+    and ``dropped`` (ranks), and ``weights`` (each rank's coefficient in the
+    aggregate, for rules that combine rows: FA's default mode, Krum, geomed, ...).
     ``optimizer.step_count`` counts completed exchanges (Horovod's state-initialising
     step in ``broadcast_optimizer_state`` is not one).
     """

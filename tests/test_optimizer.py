@@ -104,7 +104,8 @@ def test_stats_report_the_last_exchange():
                                         transport=LoopbackTransport(size=3))
     one_step(model, plain, x, y)
     # Every transport counts the TCP bytes its process moved (fa_hvd.comm.traffic): in-process, none.
-    assert set(plain.stats) == {"step", "exchange_s", "wait_s", "aggregate_s", "bytes_sent", "bytes_received"}
+    assert set(plain.stats) == {"step", "exchange_s", "wait_s", "aggregate_s", "bytes_sent", "bytes_received",
+                                "nonfinite", "dropped"}
     assert plain.stats["bytes_sent"] == plain.stats["bytes_received"] == 0
 
 

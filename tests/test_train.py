@@ -222,3 +222,17 @@ def test_fp16_overflow_on_every_rank_backs_the_scale_off_once(tmp_path):
     t.total_steps = 2
     t.train(control.StopSignals())
     assert t.scaler.get_scale() == 1024.0 and not all(torch.equal(p, b) for p, b in zip(t.model.parameters(), before))
+
+
+def test_metrics_name_the_rank_the_aggregator_dropped(tmp_path):
+    """Four simulated ranks, rank 3 sending -100 times rank 0's gradient: each step record says FA gave it no weight."""
+    t = _trainer(tmp_path, transport=LoopbackTransport(4, lambda row, r: -100 * row if r == 3 else (1 + 0.1 * r) * row),
+                 robust={"aggregator": "flag", "aggregator_params": {"f": 1}}, train={"steps": 3, "batch_size": 8})
+    trainer.prepare_run_dir(t)
+    t.last_checkpoint_time = 0.0
+    t.log = trainer.metrics.MetricsLog(t.run_dir / "metrics.jsonl", None)
+    t.progress = trainer.metrics.Progress(3, 0, "none")
+    assert t.train(control.StopSignals()) == trainer.EXIT_OK
+    steps = [r for r in map(json.loads, (t.run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "step"]
+    assert [(r["nonfinite"], r["dropped"]) for r in steps] == [([], [3])] * 3
+    assert all(len(r["weights"]) == 4 and r["weights"][3] == 0.0 and min(r["weights"][:3]) > 0 for r in steps)

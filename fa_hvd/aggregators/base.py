@@ -34,6 +34,10 @@ Shared behaviour, implemented once here:
   coordinate-wise) and cclip are. Stateful rules learn the step's whole aggregate
   through :meth:`Aggregator.observe`. The sharded exchange computes every rule this
   way; ``__call__`` is the same computation on one block, all of ``G``.
+* Diagnostics. After each aggregation :attr:`Aggregator.diagnostics` says what the
+  rule did with the ``p`` rows (:func:`describe`): the non-finite rows it dropped
+  and, for rules that combine rows (``agg = c^T G``), each row's coefficient
+  ``c_i`` and the rows it gave no weight. The optimizer reports them in ``stats``.
 """
 
 from __future__ import annotations
@@ -59,6 +63,8 @@ class Aggregator:
 
     def __init__(self, f: int = 0):
         self.f = check_f(f, self.name)
+        self.weights: torch.Tensor | None = None  # the last aggregate's c, when it was c^T G
+        self.diagnostics: dict = {}  # the last aggregation, per row: describe()
 
     # -- preconditions ---------------------------------------------------------
     def min_workers(self, f: int) -> int:
@@ -85,8 +91,13 @@ class Aggregator:
     def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
         """Aggregate finite rows ``G`` (``(p, n)``, fp32 or fp64) with ``f`` Byzantine."""
         if self.gram_space:
-            return combine(G, self.coefficients(host_gram(G), f))
+            return self.combine_rows(G, self.coefficients(host_gram(G), f))
         raise NotImplementedError
+
+    def combine_rows(self, G: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """``c^T G``, keeping ``c`` as :attr:`weights` for :attr:`diagnostics`."""
+        self.weights = c
+        return combine(G, c)
 
     def coefficients(self, K: torch.Tensor, f: int) -> torch.Tensor:
         """``c`` (``(p,)``, fp64) with ``agg(G) = c^T G``, from the fp64 Gram ``K`` of finite rows.
@@ -113,7 +124,7 @@ class Aggregator:
         """
         if not self.gram_space:
             raise NotImplementedError(f"{self.name}: cannot be computed by column blocks")
-        c = self.coefficients(K, f)
+        c = self.weights = self.coefficients(K, f)
         return lambda block, cols: combine(block, c)
 
     def observe(self, aggregate: torch.Tensor) -> None:
@@ -123,12 +134,15 @@ class Aggregator:
         G = check_matrix(G, self.name)
         work = G if G.dtype in (torch.float32, torch.float64) else G.float()
         rows = surviving_rows(finite_rows(work), self.f) if self.robust else Rows(None, self.f)
+        self.weights = None
         if rows.none_left:
+            self.diagnostics = describe(G.shape[0], rows, None)
             return torch.zeros(work.shape[1], dtype=G.dtype, device=G.device)
         if rows.keep is not None:
             work = work[rows.keep]
         self.check(work.shape[0], rows.f)
         out = self.aggregate(work, rows.f)
+        self.diagnostics = describe(G.shape[0], rows, self.weights)
         self.observe(out)
         return out.to(G.dtype)
 
@@ -218,7 +232,7 @@ class Composed(Aggregator):
 
     def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
         if self.gram_space:
-            return combine(G, self.coefficients(host_gram(G), f))
+            return self.combine_rows(G, self.coefficients(host_gram(G), f))
         if not self.rule.columnwise:
             K = host_gram(G) if any(stage.uses_gram for stage in self.stages) else None
             M, _ = self.mixing(G.shape[0], K, f)
@@ -290,6 +304,25 @@ def surviving_rows(finite: torch.Tensor, f: int) -> Rows:
     if not bad:
         return Rows(None, f)
     return Rows(finite.nonzero().flatten(), max(f - bad, 0))
+
+
+def describe(p: int, rows: Rows, weights: torch.Tensor | None) -> dict:
+    """What a rule did with ``p`` rows, by row index (rank).
+
+    ``nonfinite``: the rows dropped for NaN or Inf. ``weights`` (only when the
+    aggregate was ``c^T G`` over the kept rows): each row's ``c_i``, 0 for a
+    dropped row (the mean gives ``1/p`` each; FA ``w_i m / ||g_i||``). ``dropped``:
+    the non-finite rows and, with weights, every row of weight 0 (Krum's losers,
+    the rows FA left out).
+    """
+    kept = list(range(p)) if rows.keep is None else rows.keep.tolist()
+    nonfinite = sorted(set(range(p)) - set(kept))
+    if weights is None or weights.numel() != len(kept):
+        return {"nonfinite": nonfinite, "dropped": nonfinite}
+    full = [0.0] * p
+    for row, weight in zip(kept, weights.tolist()):
+        full[row] = weight
+    return {"nonfinite": nonfinite, "weights": full, "dropped": [i for i in range(p) if full[i] == 0.0]}
 
 
 def host_gram(G: torch.Tensor) -> torch.Tensor:

@@ -92,7 +92,7 @@ from typing import NamedTuple
 import torch
 
 from .base import Aggregator, host_gram
-from .geometry import combine, gram
+from .geometry import gram
 from .median import sorted_median
 
 REFERENCE_EPS = 1e-7
@@ -167,7 +167,7 @@ class Flag(Aggregator):
     def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
         eps = torch.finfo(G.dtype).eps
         if self.mode == "default":
-            return combine(G, self.coefficients(host_gram(G), f, eps))
+            return self.combine_rows(G, self.coefficients(host_gram(G), f, eps))
         basis = _gram_basis(gram(G), eps)
         if basis is None:
             return torch.zeros(G.shape[1], dtype=G.dtype, device=G.device)
@@ -260,7 +260,7 @@ class Flag(Aggregator):
         total = P.sum(1) / r  # Y^T H 1 / r
         if W is None:  # the random start survived: Y0 (Y0^T H 1) / r lies outside span(H)
             return Uc @ torch.linalg.solve_triangular(R0, total[:, None], upper=True)[:, 0].to(Uc.dtype)
-        return combine(G, basis.coefficients(W, total))
+        return self.combine_rows(G, basis.coefficients(W, total))
 
     # -- default mode ----------------------------------------------------------------
     def fit(self, basis: "_GramBasis", norms: torch.Tensor, f: int) -> "FlagFit":

@@ -52,7 +52,7 @@ import time
 
 import torch
 
-from ..aggregators.base import Aggregator, Rows, anchored_gram, finite_rows, surviving_rows
+from ..aggregators.base import Aggregator, Rows, anchored_gram, describe, finite_rows, surviving_rows
 from ..comm import NoCompression
 
 HALF = (torch.float16, torch.bfloat16)
@@ -171,7 +171,9 @@ class ShardedExchange:
         n = offset
         K, finite = self._gram(pieces, digests, n, compute, device, step)
         rows = surviving_rows(finite, self.aggregator.f) if self.aggregator.robust else Rows(None, self.aggregator.f)
+        self.aggregator.weights = None
         if rows.none_left:
+            self.aggregator.diagnostics = describe(self.p, rows, None)
             self.stats = {"peak_bytes": held}
             self.timings["aggregated"] = time.perf_counter()
             return torch.zeros(n, dtype=result, device=device)
@@ -181,6 +183,7 @@ class ShardedExchange:
             keep = torch.cat([rows.keep, torch.arange(self.p, K.shape[0])])  # anchors stay
             K = K[keep][:, keep]
         rule = self.aggregator.by_columns(kept, K, rows.f)
+        self.aggregator.diagnostics = describe(self.p, rows, self.aggregator.weights)
         widths = [-(-size // self.p) for size in sizes]
         starts = [sum(widths[:i]) for i in range(len(widths))]
         out = torch.zeros(self.replicas, sum(widths), dtype=result, device=device)  # chunks padded to W_b

@@ -7,7 +7,9 @@
 ``synchronize_s`` (waiting for the exchange and aggregating); ``samples_per_s``;
 ``faults``, the number of ranks that injected a fault at that step; ``world_size``;
 rank 0's ``optimizer.stats`` when the optimizer has them: ``exchange_s``,
-``aggregate_s``, ``bytes_sent``, ``bytes_received``, aggregator diagnostics;
+``aggregate_s``, ``bytes_sent``, ``bytes_received``, and the aggregator's
+diagnostics by rank: ``nonfinite``, ``dropped`` and (rules that combine rows, FA
+among them) ``weights``;
 ``loss_scale`` under fp16), ``"kind": "eval"`` records
 (``step``, ``epoch``, ``test_loss``, ``test_accuracy``) and ``"kind": "event"``
 records (resume, preemption, elastic resets). On resume the file is cut back to
