@@ -15,6 +15,7 @@ from fa_hvd.optimizer import checksum
 from fa_hvd.train import config as train_config
 from fa_hvd.train import control, data, models, optim, trainer
 from fa_hvd.train.sharding import ShardStream, partition
+from local_world import run_ranks
 from loopback import LoopbackTransport
 
 SEED = 5
@@ -151,12 +152,16 @@ def test_schedules():
     ("train.amp=fp8", "train.amp: expected one of"),
     ("faults=[{kind: nosuch, ranks: 0}]", "faults[0]: unknown kind 'nosuch'"),
     ("checkpoint.keep=0", "checkpoint.keep: must be an integer >= 1"),
+    ("robust.exchange=ring", "robust.exchange: expected one of ['allgather', 'sharded']"),
+    ("robust.replicas=2", "robust.replicas: 2 needs robust.exchange sharded"),
+    ("robust.replicas=0", "robust.replicas: must be an integer >= 1"),
+    ("robust.aggregator_params={f: 1, mode: reference}", None),
     ("elastic=true", None),
 ])
 def test_config_errors_name_the_key(override, needle):
     raw = {"robust": {"aggregator_params": {"f": 1}}, "faults": [{"kind": "reverse", "ranks": [3]}]}
     if needle is None:
-        assert train_config.parse(raw, [override])[0].elastic.enabled
+        assert train_config.parse(raw, [override])[0]
         return
     with pytest.raises(ConfigError) as info:
         train_config.parse(raw, [override])
@@ -236,3 +241,36 @@ def test_metrics_name_the_rank_the_aggregator_dropped(tmp_path):
     steps = [r for r in map(json.loads, (t.run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "step"]
     assert [(r["nonfinite"], r["dropped"]) for r in steps] == [([], [3])] * 3
     assert all(len(r["weights"]) == 4 and r["weights"][3] == 0.0 and min(r["weights"][:3]) > 0 for r in steps)
+
+
+def test_config_refuses_a_sharded_exchange_for_a_rule_that_needs_whole_gradients():
+    with pytest.raises(ConfigError, match="robust.exchange: sharded cannot compute flag"):
+        train_config.parse({"robust": {"aggregator_params": {"f": 1, "mode": "reference"}, "exchange": "sharded"}}, [])
+    assert train_config.parse({"robust": {"exchange": "sharded", "replicas": 2}}, [])[0].robust.replicas == 2
+
+
+@pytest.mark.parametrize("exchange", ["sharded", "replicated"])
+def test_the_sharded_exchange_trains_the_same_parameters_as_allgather(tmp_path, exchange):
+    """Three in-process ranks, two steps with FA: the sharded exchange (and its replicated
+    form) ends where the allgather exchange ends, to float tolerance."""
+    def run(robust):
+        def rank(transport):
+            t = _trainer(tmp_path / f"{robust['exchange']}{robust.get('replicas', 1)}-{transport.rank}",
+                         transport=transport, robust={"aggregator": "flag", **robust},
+                         train={"steps": 2, "batch_size": 8})
+            t.train_step()
+            t.train_step()
+            return [p.detach().clone() for p in t.model.parameters()], {kind for kind, _ in transport.calls}
+        return zip(*run_ranks(3, rank))
+
+    reference, gathered = run({"exchange": "allgather"})
+    other, sharded = run({"exchange": "sharded", **({"replicas": 3} if exchange == "replicated" else {})})
+    assert all("alltoall" not in kinds for kinds in gathered) and all("alltoall" in kinds for kinds in sharded)
+    for ours, theirs in zip(reference, other):
+        for a, b in zip(ours, theirs):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_more_replicas_than_ranks_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match="robust.replicas: 2 needs at least as many ranks, got 1"):
+        _trainer(tmp_path, robust={"exchange": "sharded", "replicas": 2})

@@ -182,13 +182,21 @@ class RobustConfig:
     aggregator: str = "flag"
     aggregator_params: dict = field(default_factory=dict)   # f, r, tau, ...
     transport: Literal["horovod", "mpi"] = "horovod"
+    exchange: Literal["allgather", "sharded"] = "allgather"  # sharded: allreduce's traffic, O(n) memory
+    replicas: int = 1                  # sharded only: each shard computed by this many ranks and compared
     allow_exceeding_f: bool = False    # more faulty ranks than f: a warning, not an error
 
     def validate(self) -> None:
         try:
-            get_aggregator(self.aggregator, **self.aggregator_params)
+            rule = get_aggregator(self.aggregator, **self.aggregator_params)
         except (TypeError, ValueError) as exc:
             raise cfg.ConfigError(f"robust.aggregator / robust.aggregator_params: {exc}") from None
+        _positive("robust.replicas", self.replicas, integer=True)
+        if self.replicas > 1 and self.exchange != "sharded":
+            raise cfg.ConfigError(f"robust.replicas: {self.replicas} needs robust.exchange sharded")
+        if self.exchange == "sharded" and not rule.columnwise:
+            raise cfg.ConfigError(f"robust.exchange: sharded cannot compute {rule.name} (it needs whole "
+                                  f"gradients); use allgather")
 
     @property
     def f(self) -> int:

@@ -53,6 +53,7 @@ from fa_hvd import checkpoint
 from fa_hvd.aggregators import get as get_aggregator
 from fa_hvd.comm import get_transport
 from fa_hvd.config import ConfigError, differences
+from fa_hvd.exchange import replicated
 from fa_hvd.faults import FaultInjector, parse_faults, poison_for_rank
 from fa_hvd.faults.seeding import derive_seed
 from fa_hvd.optimizer import checksum
@@ -145,6 +146,8 @@ class Trainer:
                                   allow_exceeding_f=conf.robust.allow_exceeding_f)
         aggregator = get_aggregator(conf.robust.aggregator, **conf.robust.aggregator_params)
         aggregator.check(self.world)
+        if conf.robust.replicas > self.world:
+            raise ValueError(f"robust.replicas: {conf.robust.replicas} needs at least as many ranks, got {self.world}")
         self.shards = partition(self.train_labels, self.world, conf.seed, conf.data.alpha)
         self.steps_per_epoch = steps_per_epoch(len(self.split.train), self.world, conf.train.batch_size * self.passes)
         if self.total_steps is None:  # fixed at the start: an elastic world change keeps it
@@ -177,6 +180,7 @@ class Trainer:
             aggregator_params=conf.robust.aggregator_params,
             transport=self.transport,
             gradient_transform=self._outgoing,
+            exchange=replicated(conf.robust.replicas) if conf.robust.replicas > 1 else conf.robust.exchange,
         )
         self.scheduler = optim.build_scheduler(self.optimizer, conf.schedule, conf.optim.lr, self.total_steps,
                                                self.steps_per_epoch)
