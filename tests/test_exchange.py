@@ -3,6 +3,7 @@ world of p ranks (tests/local_world.py)."""
 
 import pytest
 import torch
+from horovod.torch import Compression
 
 import local_world
 from fa_hvd.aggregators import get
@@ -139,19 +140,9 @@ def test_cclip_centre_matches_allgather_mode_across_steps():
                               atol=1e-5)
 
 
-class Fp16:
-    @staticmethod
-    def compress(tensor):
-        return tensor.half(), tensor.dtype
-
-    @staticmethod
-    def decompress(tensor, ctx):
-        return tensor.to(ctx)
-
-
 def test_compression_applies_to_both_collectives():
     G = honest()
-    [(out, _), *_] = sharded("multikrum", G, compression=Fp16)
+    [(out, _), *_] = sharded("multikrum", G, compression=Compression.fp16)
     expected = get("multikrum", f=1)(G.half().float()).half().float()  # as Horovod's fp16 allreduce
     assert torch.allclose(out[0], expected, atol=2e-3)
 
