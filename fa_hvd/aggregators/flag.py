@@ -59,18 +59,20 @@ Modes:
      then the rows farthest from the subspace. The stop test is on ``E_lambda`` over the kept rows: stop when it
      decreases by less than ``1e-6 (1 + E)``, keep the better iterate, at most
      ``iterations`` (100) steps.
-  2. *One vote per distinct direction.* The output is a weighted mean of the kept
-     rows' unit vectors ``h_i``, not of their projections (a projection keeps a
-     coherent group of attackers whole and shrinks the honest rows' share). Kept
-     row ``i`` has multiplicity ``m_i = sum_{j kept} exp(-(1 - cos_ij) / b)``, with
-     ``b = DUPLICATE_BANDWIDTH`` times the median of ``1 - cos`` over kept pairs
-     (at least ``1000 eps``): about 1 for a row unlike the others, ``k`` for ``k``
-     rows that coincide relative to how far apart rows typically are. A group the
-     ``f`` Byzantine workers could form alone (``m_i <= f + 1.5``: f copies of a
-     direction, or of one honest row) shares one vote, ``1 / m_i`` each, as ``k``
-     copies of one sample carry one sample's information; a larger group holds two
-     honest rows that agree and every row of it weighs 1; so does every row when
-     ``f = 0``.
+  2. *No votes for copies.* The output is the mean of the kept rows' unit vectors
+     ``h_i``, not of their projections (a projection keeps a coherent group of
+     attackers whole and shrinks the honest rows' share). Kept row ``i`` has
+     multiplicity ``m_i = sum_{j kept} exp(-(1 - cos_ij) / b)``, with ``b =
+     DUPLICATE_BANDWIDTH`` times the median of ``1 - cos`` over kept pairs (at
+     least ``1000 eps``): about 1 for a row unlike the others, ``k`` for ``k`` rows
+     that coincide relative to how far apart rows typically are. Honest workers on
+     batches of their own never coincide; a group the ``f`` Byzantine workers could
+     form alone (``1.5 <= m_i <= f + 1.5``: copies of one direction, as ALIE, IPM
+     and mimic send) is left out. A larger group holds two honest rows that agree
+     and keeps its votes; so does every row when ``f = 0``, or when every kept row
+     has a twin (nothing tells them apart). On the standing grid this took FA's
+     worst case at p = 15, f = 3 from 88.4 % (ALIE mu - sigma, one vote per group)
+     to 96.2 %.
   3. *A robust scale.* The unit-norm mean is multiplied by the median norm of the
      kept rows (the mean of the two middle norms for an even count), so ``p``
      identical gradients ``g`` give ``g`` and the update has gradient units.
@@ -319,7 +321,7 @@ def _agreeing(P: torch.Tensor, excess: torch.Tensor, f: int, degenerate: bool) -
 
 
 def _distinct_weights(cosines: torch.Tensor, kept: torch.Tensor, f: int, eps: float) -> torch.Tensor:
-    """Step 2 of the default mode: weights summing to 1 over ``kept``, one vote per group of at most
+    """Step 2 of the default mode: weights summing to 1 over ``kept``, none for a group of at most
     ``f + 1`` coinciding rows (see the module docstring); ``eps``: the data's precision."""
     weights = kept.to(cosines.dtype)
     count = int(kept.sum())
@@ -329,7 +331,11 @@ def _distinct_weights(cosines: torch.Tensor, kept: torch.Tensor, f: int, eps: fl
     upper = torch.triu_indices(count, count, 1, device=distance.device)
     bandwidth = max(DUPLICATE_BANDWIDTH * float(distance[upper[0], upper[1]].median()), 1e3 * eps)
     multiplicity = torch.exp(-distance / bandwidth).sum(1)
-    weights[kept] = torch.where(multiplicity <= f + 1.5, 1 / multiplicity, torch.ones_like(multiplicity))
+    alone = multiplicity <= f + 1.5  # a group the Byzantine could form by themselves
+    copied = alone & (multiplicity >= 1.5)
+    if bool(copied.all()):  # every kept row has a twin: nothing tells them apart
+        return weights / count
+    weights[kept] = (~copied).to(weights.dtype)
     return weights / weights.sum()
 
 
