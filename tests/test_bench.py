@@ -61,7 +61,7 @@ def test_precondition_skip_and_defaults(capsys):
     assert [r["rule"] for r in rows] == ["median", "flag[default]", "flag[reference]", "mean"]
     assert all(r["dtype"] == "bfloat16" for r in rows)
     assert "skip krum" in err and "skip multikrum" in err and "mean added" in err
-    assert all(set(r["params"]) == {"f", "mode", "r"} for r in rows if r["rule"].startswith("flag["))
+    assert all(set(r["params"]) == {"f", "mode"} for r in rows if r["rule"].startswith("flag["))  # r follows p
     assert not DIRECT_KEYS & set().union(*rows) and "vs_multikrum" not in records[-1]["summary"]
     assert rows[0]["vs_mean"] == pytest.approx(rows[0]["median_s"] / rows[-1]["median_s"])
     assert records[-1]["summary"]["vs_mean"] == {"median": rows[0]["vs_mean"]}

@@ -35,6 +35,7 @@ import time
 import torch
 
 from fa_hvd.aggregators import get, names
+from fa_hvd.aggregators.flag import default_rank
 from fa_hvd.aggregators.flag_direct import flag_direct
 from fa_hvd.aggregators.geometry import gram
 
@@ -104,7 +105,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--iterations", type=_count(1), default=None, metavar="T",
                         help="FA's IRLS step limit T (default: 4 with --direct, else FA's own: "
                         "1 in reference mode, 100 in default mode)")
-    parser.add_argument("--r", type=_count(1), default=8, help="FA's subspace rank r (default: 8)")
+    parser.add_argument("--r", type=_count(1), default=None,
+                        help="FA's subspace rank r (default: FA's own, ceil(p/2) below p - f)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated gradients (default: 0)")
     parser.set_defaults(run=run)
 
@@ -171,7 +173,7 @@ def flag_settings(args: argparse.Namespace) -> dict:
     """FA's ``r``, ``lambda_`` and ``iterations``: as given, else :data:`DIRECT` under ``--direct``."""
     given = {"lambda_": args.lambda_, "iterations": args.iterations}
     chosen = {**(DIRECT if args.direct else {}), **{k: v for k, v in given.items() if v is not None}}
-    return {"r": args.r, **chosen}
+    return {**({"r": args.r} if args.r is not None else {}), **chosen}
 
 
 def rule_specs(args: argparse.Namespace) -> list[tuple[str, dict]]:
@@ -283,7 +285,8 @@ def compare_direct(G: torch.Tensor, fa_rows: list[dict], args: argparse.Namespac
     settings = flag_settings(args)
 
     def direct(X: torch.Tensor) -> torch.Tensor:
-        return flag_direct(X, settings["r"], settings["lambda_"], settings["iterations"])
+        r = settings.get("r") or default_rank(X.shape[0], args.f)
+        return flag_direct(X, r, settings["lambda_"], settings["iterations"])
 
     _log("direct FA: one timed run, then one fp64 run of it and of flag[reference]")
     work = G if G.dtype in (torch.float32, torch.float64) else G.float()  # as the rules compute fp16/bf16
