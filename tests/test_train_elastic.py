@@ -1,12 +1,13 @@
 """Elastic mode: a rank crashes, the survivors finish; a host comes back, the world grows again.
 
-One horovodrun elastic job on this machine: horovodrun takes each name of a local
-address for a host of its own (``localhost``, ``127.0.0.1``, the address of another
-interface). 3 slots on localhost, 1 on 127.0.0.1, a ``crash`` fault at step 15 on the
-rank that lands on 127.0.0.1: Horovod blacklists that host and the survivors continue
-on 3 ranks. The host discovery script prints a file the test edits: once the survivors
-say so, a third host name with one slot is added, a new worker starts there and the
-run ends on 4 ranks. The crash is not repeated by the newcomer.
+One elastic job on this machine, started by the launcher users run (``launch/elastic.sh``
+with ``launch/discover-hosts.sh``): horovodrun takes each name of a local address for a
+host of its own (``localhost``, ``127.0.0.1``, the address of another interface). 3 slots
+on localhost, 1 on 127.0.0.1, a ``crash`` fault at step 15 on the rank that lands on
+127.0.0.1: Horovod blacklists that host and the survivors continue on 3 ranks. The
+discovery script prints the hosts file (``FA_HVD_HOSTS_FILE``) the test edits: once the
+survivors say so, a third host name with one slot is added, a new worker starts there and
+the run ends on 4 ranks. The crash is not repeated by the newcomer.
 
 Horovod orders newly discovered hosts by iterating a Python set, so which host gets
 rank 0 depends on string hashing: the job runs with ``PYTHONHASHSEED=0`` and the test
@@ -24,8 +25,8 @@ import time
 import psutil
 import pytest
 
-from conftest import BIN, ROOT, job_env, untagged
-from train_helpers import TRAIN, kill_tree, write_config
+from conftest import ROOT, job_env, untagged
+from train_helpers import kill_tree, write_config
 
 STEPS = 400
 
@@ -48,7 +49,8 @@ def first_host(env: dict) -> str:
 
 @pytest.mark.slow
 def test_crash_then_growth(tmp_path):
-    env = job_env({"PYTHONHASHSEED": "0"})
+    hosts = tmp_path / "hosts"
+    env = job_env({"PYTHONHASHSEED": "0", "FA_HVD_HOSTS_FILE": str(hosts)})
     crash_rank = 3 if first_host(env) == "localhost" else 0  # the rank on 127.0.0.1, the 1-slot host
     config = write_config(
         tmp_path / "elastic.yaml",
@@ -62,16 +64,10 @@ def test_crash_then_growth(tmp_path):
                 {"kind": "slow", "ranks": [1], "params": {"delay": 0.05}}],
         elastic={"enabled": True, "commit_every_steps": 5},
     )
-    hosts = tmp_path / "hosts"
     hosts.write_text("localhost:3\n127.0.0.1:1\n")
-    discover = tmp_path / "discover.sh"
-    discover.write_text(f"#!/bin/sh\ncat {hosts}\n")
-    discover.chmod(0o755)
     run_dir = tmp_path / "run"
     log = open(tmp_path / "job.log", "w+")
-    cmd = [str(BIN / "horovodrun"), "-np", "4", "--min-np", "3", "--max-np", "4", "--host-discovery-script",
-           str(discover), TRAIN, "--config", str(config),
-           "--run-dir", str(run_dir)]
+    cmd = [str(ROOT / "launch" / "elastic.sh"), "4", "3", "4", str(config), "--run-dir", str(run_dir)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
 
     def text():
@@ -93,6 +89,7 @@ def test_crash_then_growth(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     events = summary["events"]
     assert summary["status"] == "finished" and summary["step"] == STEPS, summary
+    assert "[elastic.sh] + horovodrun -np 4 --min-np 3 --max-np 4 --host-discovery-script" in out, out[:3000]
     assert f"fa_hvd fault: rank {crash_rank} crashes at step 15" in out
     assert out.count("crashes at step") == 1, out[-6000:]
     assert any("from 4 to 3 ranks" in e for e in events) and any("from 3 to 4 ranks" in e for e in events), events
