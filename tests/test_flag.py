@@ -140,7 +140,7 @@ def test_bad_input_shapes():
             agg(bad)
 
 
-# -- default mode: r, the fit to the honest majority, one vote per direction, the scale -----------
+# -- default mode: r, the fit to the honest majority, no votes for copies, the scale -----------
 
 def default_direct(G, f, r, lambda_=0.0, iterations=100, tol=1e-6, eps=1e-7):
     """Default mode written out in n-space (fp64): explicit Y from SVDs, explicit unit vectors."""

@@ -104,7 +104,7 @@ DEFAULT_REL_TOL = 1e-6
 NORM_OUTLIER = 5.0
 """A row whose norm exceeds this many times the median norm is left out before any other."""
 DUPLICATE_BANDWIDTH = 0.1
-"""Rows closer than about this fraction of the typical honest spread share a vote."""
+"""Rows closer than about this fraction of the typical honest spread count as copies."""
 
 
 def default_rank(p: int, f: int) -> int:
@@ -186,7 +186,7 @@ class Flag(Aggregator):
             return torch.zeros(K.shape[0], dtype=torch.float64, device=device)
         norms = K.diagonal().clamp_min(0).sqrt()
         kept = self.fit(basis, norms, f).kept & (norms > 0)
-        weights = _distinct_weights(K * basis.inv[:, None] * basis.inv[None, :], kept, f, eps)
+        weights = _weights_without_copies(K * basis.inv[:, None] * basis.inv[None, :], kept, f, eps)
         scale = sorted_median(norms[kept].sort().values) if kept.any() else norms.new_zeros(())
         return (weights * scale * basis.inv).to(device)
 
@@ -286,14 +286,13 @@ class Flag(Aggregator):
             if not E - E_new > DEFAULT_REL_TOL * (1 + E_new) or E_new <= REFERENCE_STOP:
                 break
             E = E_new
-        return FlagFit(W, P, kept, r)
+        return FlagFit(W, kept, r)
 
 
 class FlagFit(NamedTuple):
-    """Default mode's fit: ``Y = Q W``, projections ``P = Y^T H``, the rows it keeps, its dimension."""
+    """Default mode's fit: ``Y = Q W``, the rows it keeps, its dimension."""
 
     W: torch.Tensor
-    P: torch.Tensor
     kept: torch.Tensor
     r: int
 
@@ -320,7 +319,7 @@ def _agreeing(P: torch.Tensor, excess: torch.Tensor, f: int, degenerate: bool) -
     return kept
 
 
-def _distinct_weights(cosines: torch.Tensor, kept: torch.Tensor, f: int, eps: float) -> torch.Tensor:
+def _weights_without_copies(cosines: torch.Tensor, kept: torch.Tensor, f: int, eps: float) -> torch.Tensor:
     """Step 2 of the default mode: weights summing to 1 over ``kept``, none for a group of at most
     ``f + 1`` coinciding rows (see the module docstring); ``eps``: the data's precision."""
     weights = kept.to(cosines.dtype)
@@ -331,8 +330,7 @@ def _distinct_weights(cosines: torch.Tensor, kept: torch.Tensor, f: int, eps: fl
     upper = torch.triu_indices(count, count, 1, device=distance.device)
     bandwidth = max(DUPLICATE_BANDWIDTH * float(distance[upper[0], upper[1]].median()), 1e3 * eps)
     multiplicity = torch.exp(-distance / bandwidth).sum(1)
-    alone = multiplicity <= f + 1.5  # a group the Byzantine could form by themselves
-    copied = alone & (multiplicity >= 1.5)
+    copied = (multiplicity >= 1.5) & (multiplicity <= f + 1.5)  # a group the Byzantine could form alone
     if bool(copied.all()):  # every kept row has a twin: nothing tells them apart
         return weights / count
     weights[kept] = (~copied).to(weights.dtype)
