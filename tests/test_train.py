@@ -32,6 +32,16 @@ def _trainer(tmp_path, overrides=(), transport=None, **raw) -> trainer.Trainer:
     return t
 
 
+def _train_to_the_end(t: trainer.Trainer, steps: int) -> list[dict]:
+    """``t.train()`` in one process with rank 0's outputs; returns the metrics.jsonl records."""
+    trainer.prepare_run_dir(t)
+    t.last_checkpoint_time = 0.0
+    t.log = trainer.metrics.MetricsLog(t.run_dir / "metrics.jsonl", None)
+    t.progress = trainer.metrics.Progress(steps, 0, "none")
+    assert t.train(control.StopSignals()) == trainer.EXIT_OK
+    return [json.loads(line) for line in (t.run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def _hand_written(steps, batch, passes, clip, amp, lr=0.1, momentum=0.9, weight_decay=1e-3, warmup=3, total=10):
     """The same training as the trainer's on one rank, written with plain torch."""
     split = data.load_dataset("digits", seed=SEED)
@@ -107,12 +117,7 @@ def test_the_whole_loop_in_one_process(tmp_path):
     """train() to the end: metrics, evaluation, the final checkpoint; its parameters reload exactly."""
     t = _trainer(tmp_path, train={"steps": 12, "batch_size": 16, "eval_every_steps": 5},
                  checkpoint={"every_steps": 4, "keep": 2})
-    trainer.prepare_run_dir(t)
-    t.last_checkpoint_time = 0.0
-    t.log = trainer.metrics.MetricsLog(t.run_dir / "metrics.jsonl", None)
-    t.progress = trainer.metrics.Progress(12, 0, "none")
-    assert t.train(control.StopSignals()) == trainer.EXIT_OK
-    records = [json.loads(line) for line in (t.run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = _train_to_the_end(t, 12)
     assert [r["step"] for r in records if r["kind"] == "step"] == list(range(1, 13))
     assert [r["step"] for r in records if r["kind"] == "eval"] == [5, 10, 12]
     assert sorted(p.name for p in (t.run_dir / "checkpoints").iterdir()) == ["step-000000008.ckpt",
@@ -233,12 +238,7 @@ def test_metrics_name_the_rank_the_aggregator_dropped(tmp_path):
     """Four simulated ranks, rank 3 sending -100 times rank 0's gradient: each step record says FA gave it no weight."""
     t = _trainer(tmp_path, transport=LoopbackTransport(4, lambda row, r: -100 * row if r == 3 else (1 + 0.1 * r) * row),
                  robust={"aggregator": "flag", "aggregator_params": {"f": 1}}, train={"steps": 3, "batch_size": 8})
-    trainer.prepare_run_dir(t)
-    t.last_checkpoint_time = 0.0
-    t.log = trainer.metrics.MetricsLog(t.run_dir / "metrics.jsonl", None)
-    t.progress = trainer.metrics.Progress(3, 0, "none")
-    assert t.train(control.StopSignals()) == trainer.EXIT_OK
-    steps = [r for r in map(json.loads, (t.run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "step"]
+    steps = [r for r in _train_to_the_end(t, 3) if r["kind"] == "step"]
     assert [(r["nonfinite"], r["dropped"]) for r in steps] == [([], [3])] * 3
     assert all(len(r["weights"]) == 4 and r["weights"][3] == 0.0 and min(r["weights"][:3]) > 0 for r in steps)
 
