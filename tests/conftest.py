@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 # Compiled sorting networks (fa_hvd.aggregators.native) are built on first use, one per rule
 # and size; the suite runs the torch path, and tests/test_selection.py compares the two.
@@ -66,6 +69,15 @@ def results(proc) -> list[dict]:
 
 def output(proc) -> str:
     return f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
+
+
+@pytest.fixture(autouse=True)
+def fixed_global_rngs():
+    """Every test starts from the same global RNG states (Python, NumPy, torch), so a test that
+    draws from them sees the same numbers whichever tests ran before it, alone or in the suite."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
 
 
 @pytest.fixture

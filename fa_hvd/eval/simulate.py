@@ -166,9 +166,9 @@ def simulate(cell: Cell, curve: bool = False) -> dict:
     worker_sets = [_materialized(poison_for_rank(split.train, specs, rank, seed=seed)) for rank in range(p)]
     clean = all(dataset is split.train for dataset in worker_sets)
 
-    torch.manual_seed(seed)
-    model = models.build(conf.model.name, split.shape, split.num_classes, conf.model.hidden, conf.model.width,
-                         conf.model.dropout)
+    with models.seeded(seed):
+        model = models.build(conf.model.name, split.shape, split.num_classes, conf.model.hidden,
+                             conf.model.width, conf.model.dropout)
     optimizer = optim.build_optimizer(conf.optim, model)
     scheduler = optim.build_scheduler(optimizer, conf.schedule, conf.optim.lr, steps, epoch)
     aggregator = get_aggregator(conf.robust.aggregator, **conf.robust.aggregator_params)

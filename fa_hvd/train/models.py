@@ -8,11 +8,30 @@ images.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 
+import torch
 from torch import nn
 
 TORCHVISION_PREFIX = "torchvision:"
+_GLOBAL_RNG = threading.Lock()
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """torch's global RNG seeded with ``seed`` and held by this thread until the block ends.
+
+    Module initialisers draw from the global RNG, which every thread of a process shares. Ranks
+    that run as threads of one process (the tests' in-process worlds) would otherwise interleave
+    their seeding and drawing, and a rank's model would depend on thread scheduling. Build
+    models inside this block; anything that only checks a model can be built does so on the
+    ``meta`` device, which draws nothing.
+    """
+    with _GLOBAL_RNG:
+        torch.manual_seed(seed)
+        yield
 
 
 def mlp(shape: tuple, num_classes: int, hidden: int = 64, dropout: float = 0.0) -> nn.Module:

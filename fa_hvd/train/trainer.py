@@ -152,7 +152,8 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch(len(self.split.train), self.world, conf.train.batch_size * self.passes)
         if self.total_steps is None:  # fixed at the start: an elastic world change keeps it
             self.total_steps = conf.train.steps or max(1, math.ceil(conf.train.epochs * self.steps_per_epoch))
-        self.new_model()
+        with torch.device("meta"):  # the model builds for this data; no draw from the global RNG
+            self.new_model()
 
     def new_model(self) -> torch.nn.Module:
         model = self.conf.model
@@ -166,8 +167,9 @@ class Trainer:
         elastic mode nothing here talks to the other ranks (a worker may join while the
         others train): the first sync broadcasts the state."""
         conf = self.conf
-        torch.manual_seed(conf.seed)
-        self.model = self.new_model().to(self.device)
+        with models.seeded(conf.seed):
+            self.model = self.new_model()
+        self.model = self.model.to(self.device)
         if not conf.elastic.enabled:
             for name, tensor in self.model.state_dict().items():
                 self.transport.broadcast_(tensor, 0, f"fa_hvd.train.init.{name}")
