@@ -34,7 +34,8 @@ def test_rules_on_cuda_match_the_cpu(name):
     expected = get(name, f=3)(G)
     out = get(name, f=3)(G.cuda())
     assert out.device.type == "cuda" and out.dtype == torch.float32
-    assert torch.allclose(out.cpu(), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    top = float(expected[expected.isfinite()].abs().max())  # mean keeps the faulty row's NaN
+    assert torch.allclose(out.cpu(), expected, rtol=1e-4, atol=1e-4 * top, equal_nan=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -26,7 +26,8 @@ SEED = 5
 def _trainer(tmp_path, overrides=(), transport=None, **raw) -> trainer.Trainer:
     raw = {"seed": SEED, "data": {"name": "digits"}, "model": {"name": "mlp", "hidden": 16},
            "robust": {"aggregator": "mean"}, **raw}
-    conf, conf_data = train_config.parse(raw, overrides)
+    # On the CPU wherever a GPU is too: the tests compare with plain CPU torch loops.
+    conf, conf_data = train_config.parse(raw, ("train.device=cpu", *overrides))
     t = trainer.Trainer(conf, conf_data, tmp_path / "run", transport or LoopbackTransport(1))
     t.load_data()
     t.check_world()

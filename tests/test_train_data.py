@@ -17,7 +17,8 @@ RNG = np.random.default_rng(0)
 def _idx(path, array, compress=False):
     header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
     path.parent.mkdir(parents=True, exist_ok=True)
-    (gzip.open if compress else open)(path, "wb").write(header + array.astype(np.uint8).tobytes())
+    with (gzip.open if compress else open)(path, "wb") as fh:  # closed: gzip writes its end on close
+        fh.write(header + array.astype(np.uint8).tobytes())
 
 
 def _mnist_files(folder, n_train=20, n_test=6, size=28, compress=False):

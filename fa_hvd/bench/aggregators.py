@@ -196,11 +196,12 @@ def rule_specs(args: argparse.Namespace) -> list[tuple[str, dict]]:
 
 
 def gradients(n: int, p: int, args: argparse.Namespace) -> torch.Tensor:
-    """``G`` (``(p, n)``): a common N(0, 1) mean plus N(0, NOISE^2) noise per worker, seeded."""
-    generator = torch.Generator().manual_seed(args.seed)
-    mean = torch.randn(n, generator=generator)
-    G = torch.randn(p, n, generator=generator).mul_(NOISE).add_(mean)
-    return G.to(device=args.device, dtype=DTYPES[args.dtype])
+    """``G`` (``(p, n)``): a common N(0, 1) mean plus N(0, NOISE^2) noise per worker, seeded, drawn on
+    ``--device`` (a GPU draws 1e10 values in milliseconds; the CPU would take minutes)."""
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)  # drawn where G lives
+    mean = torch.randn(n, generator=generator, device=args.device)
+    G = torch.randn(p, n, generator=generator, device=args.device).mul_(NOISE).add_(mean)
+    return G.to(dtype=DTYPES[args.dtype])
 
 
 def bench_size(n: int, p: int, specs: list[tuple[str, dict]], args: argparse.Namespace) -> list[dict]:

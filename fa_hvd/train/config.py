@@ -166,6 +166,7 @@ class TrainConfig:
     eval_every_epochs: float = 1       # 0: only at the end
     amp: Literal["none", "bf16", "fp16"] = "none"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    deterministic: bool = False        # torch.use_deterministic_algorithms (warn_only): deterministic CUDA kernels
 
     def validate(self) -> None:
         _positive("train.steps", self.steps, integer=True)

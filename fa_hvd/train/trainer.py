@@ -111,6 +111,10 @@ class Trainer:
         choice = self.conf.train.device
         if choice == "cuda" and not torch.cuda.is_available():
             raise UsageError("train.device: cuda was asked for but torch sees no GPU")
+        if self.conf.train.deterministic:  # cuBLAS reads its workspace setting when CUDA starts
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            # An op with no deterministic CUDA kernel (adaptive_avg_pool2d's backward) warns, naming itself.
+            torch.use_deterministic_algorithms(True, warn_only=True)
         if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
             local = self.transport.local_rank % max(1, torch.cuda.device_count())
             torch.cuda.set_device(local)
