@@ -330,6 +330,24 @@ def test_the_sharded_exchange_trains_the_same_parameters_as_allgather(tmp_path, 
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_train_deterministic_switches_torch_to_deterministic_kernels(tmp_path, deterministic):
+    """``train.deterministic: true``: torch.use_deterministic_algorithms (warn_only: an op with no
+    deterministic kernel warns instead of stopping the run); false leaves torch as it is."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        _trainer(tmp_path, train={"deterministic": deterministic})._device()
+        assert torch.are_deterministic_algorithms_enabled() == deterministic
+        assert torch.is_deterministic_algorithms_warn_only_enabled() == deterministic
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def test_train_deterministic_must_be_a_boolean(tmp_path):
+    with pytest.raises(ConfigError, match="train.deterministic"):
+        _trainer(tmp_path, train={"deterministic": "sometimes"})
+
+
 def test_more_replicas_than_ranks_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="robust.replicas: 2 needs at least as many ranks, got 1"):
         _trainer(tmp_path, robust={"exchange": "sharded", "replicas": 2})
