@@ -54,6 +54,7 @@ import torch
 
 from ..aggregators.base import Aggregator, Rows, anchored_gram, describe, finite_rows, surviving_rows
 from ..comm import NoCompression
+from .base import GradientExchange, rule_name, wait
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -62,7 +63,7 @@ class ShardMismatch(RuntimeError):
     """Replicas of a shard disagree: a rank computed, received or reported its shard differently."""
 
 
-class ShardedExchange:
+class ShardedExchange(GradientExchange):
     """The optimizer's gradient exchange (``exchange="sharded"``), one shard of the coordinates per rank.
 
     Built as ``ShardedExchange(transport, aggregator, compression, prefix)`` by the
@@ -77,7 +78,7 @@ class ShardedExchange:
 
     def __init__(self, transport, aggregator, compression=None, prefix: str = "fa_hvd", replicas: int = 1):
         if not isinstance(aggregator, Aggregator) or not aggregator.columnwise:
-            rule = getattr(aggregator, "name", getattr(aggregator, "__name__", repr(aggregator)))
+            rule = rule_name(aggregator)
             raise ValueError(
                 f"fa_hvd: exchange='sharded' needs a rule computable by column blocks (Gram rules, median, "
                 f"trimmed_mean, bulyan, cclip and their compositions), got {rule!r}; use exchange='allgather'"
@@ -149,7 +150,7 @@ class ShardedExchange:
         digests = [[hashlib.blake2b(digest_size=8) for _ in range(self.p)] for _ in self.held]
         offset = 0
         for index, (handle, ctx, _, size, _) in enumerate(pending):
-            wire = self._wait(handle, step, f"bucket {index}")
+            wire = wait(self.transport, handle, step, f"bucket {index}")
             chunks = wire.reshape(self.p, -1)  # row i: what rank i sent here
             values = self.compression.decompress(chunks, ctx).to(device)
             held += _bytes(wire) + (_bytes(values) if values.data_ptr() != wire.data_ptr() else 0)
@@ -198,17 +199,6 @@ class ShardedExchange:
         self.timings["aggregated"] = time.perf_counter()
         return aggregate
 
-    def _wait(self, handle, step: int, stage: str) -> torch.Tensor:
-        """The handle's result; failures as the allgather exchange reports them (elastic errors unchanged)."""
-        failure = f"fa_hvd: rank {self.transport.rank}: the gradient exchange failed at step {step} ({stage})"
-        try:
-            return self.transport.wait(handle)
-        except self.transport.passthrough_errors as exc:
-            exc.add_note(failure)
-            raise
-        except Exception as exc:
-            raise RuntimeError(f"{failure}: {exc}") from exc
-
     def _gram(self, pieces, digests, n: int, compute, device, step: int) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Steps 2 and 3: ``K`` (fp64 on the host, summed in shard order; None if the rule needs none) and the flags."""
         p, aggregator = self.p, self.aggregator
@@ -237,7 +227,7 @@ class ShardedExchange:
                 fields.append(K.cpu()[upper[0], upper[1]].view(torch.int64))
             packed.append(torch.cat(fields))
         mine = torch.cat(packed)
-        everyone = self._wait(self.transport.allgather_async(mine.reshape(1, -1), name=f"{self.prefix}.gram"),
+        everyone = wait(self.transport, self.transport.allgather_async(mine.reshape(1, -1), name=f"{self.prefix}.gram"),
                               step, "partial Grams")
         length = mine.numel() // self.replicas
         finite = torch.ones(p, dtype=torch.bool)
@@ -267,7 +257,7 @@ class ShardedExchange:
     def _gather(self, out: torch.Tensor, sizes, widths, starts, step: int) -> tuple[torch.Tensor, int]:
         """Step 5: allgather the shards of the aggregate, reassembled in bucket order; ``(aggregate, bytes held)``."""
         wire, ctx = self.compression.compress(out.reshape(1, -1))
-        gathered = self._wait(self.transport.allgather_async(wire, name=f"{self.prefix}.out"), step, "aggregate")
+        gathered = wait(self.transport, self.transport.allgather_async(wire, name=f"{self.prefix}.out"), step, "aggregate")
         values = self.compression.decompress(gathered, ctx).reshape(self.p, self.replicas, -1)
         held = _bytes(gathered) + (_bytes(values) if values.data_ptr() != gathered.data_ptr() else 0)
         if self.replicas > 1:  # holder (s + t) % p's copy of chunk s sits in its slot t
