@@ -417,9 +417,9 @@ def _parameter_names(param_groups, named_parameters) -> dict:
 
 def _check_same_model(transport: Transport, param_groups, names: dict, tag: str) -> None:
     """Every rank must train the same parameters, in the same order, with the same shapes."""
-    signature = [(names[p], tuple(p.shape), str(p.dtype), bool(p.requires_grad))
+    signature = [[names[p], list(p.shape), str(p.dtype), bool(p.requires_grad)]
                  for group in param_groups for p in group["params"]]
-    everyone = transport.allgather_object(signature, name=tag)
+    everyone = transport.allgather_json(signature, name=tag, schema=[(str, [int], str, bool)])
     reference = everyone[0]
     for rank, theirs in enumerate(everyone):
         if theirs == reference:

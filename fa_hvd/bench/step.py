@@ -188,9 +188,9 @@ def run(args: argparse.Namespace) -> int:
 
     n = sum(p.numel() for p in variants["horovod_allreduce"][0].parameters())
     medians = {name: {k: statistics.median(v) for k, v in s.items() if v} for name, s in samples.items()}
-    wire = {name: (m["sent"], m["received"]) for name, m in medians.items()}
-    everyone = hvd.allgather_object(wire, name="bench.bytes")
-    most = {name: [max(r[name][k] for r in everyone) for k in (0, 1)] for name in names}
+    wire = torch.tensor([[[medians[name][k] for k in ("sent", "received")] for name in names]], dtype=torch.float64)
+    everyone = hvd.allgather(wire, name="bench.bytes")  # (ranks, variants, 2): bytes, not pickles
+    most = {name: everyone[:, i].amax(0).tolist() for i, name in enumerate(names)}
     base = medians["horovod_allreduce"]
     if rank == 0:
         records = []

@@ -52,6 +52,7 @@ import fa_hvd
 from fa_hvd import checkpoint
 from fa_hvd.aggregators import get as get_aggregator
 from fa_hvd.comm import get_transport
+from fa_hvd.comm.messages import Optional
 from fa_hvd.config import ConfigError, differences
 from fa_hvd.exchange import replicated
 from fa_hvd.faults import FaultInjector, parse_faults, poison_for_rank
@@ -308,7 +309,7 @@ class Trainer:
 
     def gather_state(self) -> dict | None:
         """The whole checkpoint on rank 0 (None elsewhere): shared state plus every rank's own (collective)."""
-        ranks = self.transport.allgather_object(self.rank_state(), name="fa_hvd.train.rank_state")
+        ranks = self.transport.allgather_state(self.rank_state(), name="fa_hvd.train.rank_state")
         if self.rank != 0:
             return None
         state = self.shared_state()
@@ -503,8 +504,9 @@ class Trainer:
     def finish(self, status: int) -> None:
         """Every rank: checksums, fault counts; rank 0 writes summary.json. Ends with a barrier, so no
         rank exits (and makes a launcher kill the others) before rank 0's files are on disk."""
-        crcs = self.transport.allgather_object(checksum(self.model.parameters()), name="fa_hvd.train.crc")
-        faults = self.transport.allgather_object(dict(self.injector.counts), name="fa_hvd.train.faults")
+        crcs = self.transport.allgather_json(checksum(self.model.parameters()), name="fa_hvd.train.crc", schema=int)
+        faults = self.transport.allgather_json(dict(self.injector.counts), name="fa_hvd.train.faults",
+                                               schema={str: int})
         if self.rank == 0:
             name = "finished" if status == EXIT_OK else "preempted"
             summary = self.summary(name, crcs[0], all(c == crcs[0] for c in crcs), faults)
@@ -557,7 +559,7 @@ def usage_error(message: str, rank: int | None) -> int:
 
 def agree_on_errors(transport, error: str | None) -> None:
     """Raise :class:`UsageError` on every rank if any rank has an error (rank 0 reports it)."""
-    errors = transport.allgather_object(error, name="fa_hvd.train.errors")
+    errors = transport.allgather_json(error, name="fa_hvd.train.errors", schema=Optional(str))
     failed = [(r, e) for r, e in enumerate(errors) if e is not None]
     if not failed:
         return
