@@ -341,6 +341,10 @@ class _DistributedOptimizer(torch.optim.Optimizer):
     def transport(self) -> Transport:
         return self._transport
 
+    @property
+    def exchange(self) -> GradientExchange:
+        return self._exchange
+
     def state_dict(self):
         state = super(self.__class__, self).state_dict()
         if isinstance(self._aggregator, Aggregator):

@@ -100,6 +100,7 @@ class Transport:
     local_rank: int
     included = True
     passthrough_errors: tuple[type[BaseException], ...] = ()
+    lies = None  # fault injection: fa_hvd.faults.roles.RoleLies, asked what this rank's messages say
 
     def refresh(self) -> bool:
         return False
@@ -143,6 +144,8 @@ class Transport:
         (two tensor allgathers of equal shapes, so every transport carries them). A length over
         ``limit`` raises :class:`~fa_hvd.comm.messages.MessageError` naming its rank, before
         anything of that size is allocated."""
+        if self.lies is not None:
+            data = self.lies.message(data)
         lengths = self.allgather(torch.tensor([[len(data)]], dtype=torch.int64), name=f"{name}.lengths")
         lengths = lengths.reshape(-1).tolist()
         for sender, length in enumerate(lengths):

@@ -18,6 +18,7 @@ class GradientExchange:
     """
 
     timings: dict
+    lies = None  # fault injection: fa_hvd.faults.roles.RoleLies (only the sharded exchange asks it)
 
     def start(self, index: int, flat: torch.Tensor) -> None:
         raise NotImplementedError

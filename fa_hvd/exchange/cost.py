@@ -12,7 +12,8 @@ about ``n / p``):
   with ``replicas = k``), the allgather of the aggregate's shards, ``(p - 1) k W``,
   and the allgather of the packed partial Grams, ``(p - 1) k L`` eight-byte words
   with ``L = p + (p + a)(p + a + 1) / 2`` (row flags, the upper triangle; ``a`` the
-  rule's anchors, 1 for cclip; ``k > 1`` adds ``p`` digests). It holds what it
+  rule's anchors, 1 for cclip; ``k > 1`` adds ``p`` digests), plus, for a robust
+  rule, the rank's ``2 p`` words of claims on its own row (:mod:`.evidence`). It holds what it
   received (``k p W``), its shards of the aggregate (``k W``), the gathered shards
   (``k p W``) and the aggregate in bucket order (``n``): about ``(2 k + 1) n``
   values; with ``k > 1`` also its send buffers (``k n``) and contiguous copies of
@@ -27,7 +28,7 @@ import math
 
 
 def exchange_cost(kind: str, sizes: list[int] | int, p: int, element_size: int = 4, replicas: int = 1,
-                  anchors: int = 0) -> dict:
+                  anchors: int = 0, robust: bool = True) -> dict:
     """``{"bytes_sent", "bytes_received", "memory_bytes"}`` per rank per step for ``kind``.
 
     ``kind``: ``"allreduce"`` (Horovod's), ``"allgather"`` or ``"sharded"``; ``sizes``: the
@@ -45,7 +46,8 @@ def exchange_cost(kind: str, sizes: list[int] | int, p: int, element_size: int =
         width = sum(math.ceil(size / p) for size in sizes)
         m = p + anchors
         words = p + m * (m + 1) // 2 + (p if replicas > 1 else 0)
-        wire = 2 * (p - 1) * replicas * width * element_size + (p - 1) * replicas * words * 8
+        claims = 2 * p if robust else 0
+        wire = 2 * (p - 1) * replicas * width * element_size + (p - 1) * (replicas * words + claims) * 8
         values = (2 * p + 1) * replicas * width + n
         if replicas > 1:
             values += replicas * n + replicas * p * width

@@ -23,7 +23,7 @@ One optimizer step on rank ``r`` (step ``t``, counted from 0):
    what it sends) and every rank aggregates; with ``optim.grad_clip`` or fp16,
    ``synchronize()``, then unscale and clip, then ``step()`` under
    ``skip_synchronize()``, as Horovod documents;
-3. the learning-rate schedule steps; the ranks agree on the mean loss, a stop
+3. the learning-rate schedule steps; the ranks agree on the median loss, a stop
    request (SIGTERM/SIGUSR1 on any rank) and a timed checkpoint
    (:func:`~fa_hvd.train.control.agree`); rank 0 logs; evaluation and
    checkpoints follow when due.
@@ -198,6 +198,8 @@ class Trainer:
         counts = self.injector.counts if hasattr(self, "injector") else {}
         self.injector = FaultInjector(self.specs, self.rank, self.world, seed=conf.seed, transport=self.transport)
         self.injector.counts = dict(counts)
+        lies = self.injector.roles or None  # role faults (fa_hvd.faults.roles) are told where they are asked
+        self.optimizer.exchange.lies = self.transport.lies = lies
 
     # -- one step ---------------------------------------------------------------------------
     def _outgoing(self, flat: torch.Tensor, bucket: int, step: int) -> torch.Tensor:
@@ -442,8 +444,10 @@ class Trainer:
             agreed = control.agree(self.transport, loss, stop=signals.received is not None,
                                    checkpoint_due=self.timed_checkpoint_due(),
                                    faulty=sum(self.injector.counts.values()) > faults_before,
-                                   overflowed=self._overflowed)
-            self.last_loss = agreed.mean_loss
+                                   overflowed=self._overflowed,
+                                   nonfinite_rows=self.optimizer.stats.get("nonfinite", ()),
+                                   lies=self.injector.roles or None)
+            self.last_loss = agreed.loss
             self._back_off_if_overflowed(agreed.overflowed_ranks)
             step_s = time.perf_counter() - started
             if self.rank == 0:
@@ -480,7 +484,7 @@ class Trainer:
                 self.consumed_faults.add(i)
 
     def _log_step(self, agreed: control.StepAgreement, step_s: float, samples_per_s: float) -> None:
-        record = {"kind": "step", "step": self.step, "epoch": self.epoch, "loss": agreed.mean_loss,
+        record = {"kind": "step", "step": self.step, "epoch": self.epoch, "loss": agreed.loss,
                   "lr": self.scheduler.get_last_lr()[0], "step_s": round(step_s, 6),
                   "backward_s": round(self.backward_s, 6), "synchronize_s": round(self.synchronize_s, 6),
                   "samples_per_s": round(samples_per_s, 1), "faults": agreed.faulty_ranks,
@@ -491,7 +495,7 @@ class Trainer:
         if self.scaler is not None:
             record["loss_scale"] = self.scaler.get_scale()
         self.log.write(record)
-        self.progress.step(self.step, self.epoch, agreed.mean_loss, samples_per_s)
+        self.progress.step(self.step, self.epoch, agreed.loss, samples_per_s)
 
     def _evaluate(self) -> None:
         test_loss, accuracy = self.evaluate()
