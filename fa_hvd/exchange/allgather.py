@@ -1,8 +1,9 @@
 """Allgather exchange (the default): every rank gathers every rank's buckets, ``(p, n)``, and applies the rule.
 
 Each rank trusts no other rank's arithmetic: it aggregates the gathered rows
-itself. What it trusts is the collective that relays the rows (see the README's
-threat model and :mod:`fa_hvd.exchange.digest`).
+itself. What it trusts is the collective that relays the rows; with ``digest``
+(the default) a block altered in transit, or sent differently to different
+ranks, stops the step it happened in (:mod:`fa_hvd.exchange.digest`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Callable
 import torch
 
 from .base import GradientExchange, wait
+from .digest import check_agreement
 
 
 class AllgatherExchange(GradientExchange):
@@ -24,8 +26,10 @@ class AllgatherExchange(GradientExchange):
     saying the same.
     """
 
-    def __init__(self, transport, aggregator: Callable[[torch.Tensor], torch.Tensor], compression, prefix: str):
+    def __init__(self, transport, aggregator: Callable[[torch.Tensor], torch.Tensor], compression, prefix: str,
+                 digest: bool = True):
         self.transport, self.aggregator, self.compression, self.prefix = transport, aggregator, compression, prefix
+        self.digest = digest
         self.pending: dict[int, tuple] = {}
         self.timings: dict = {}
         self._buffer: torch.Tensor | None = None
@@ -45,6 +49,8 @@ class AllgatherExchange(GradientExchange):
             rows.append(self.compression.decompress(gathered, ctx).to(device))
         self.timings = {"arrived": time.perf_counter()}
         update = self.aggregator(self._concatenate(rows))
+        if self.digest:
+            check_agreement(self.transport, update, step, f"{self.prefix}.digest")
         self.timings["aggregated"] = time.perf_counter()
         return update
 

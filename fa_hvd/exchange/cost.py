@@ -19,6 +19,9 @@ about ``n / p``):
   values; with ``k > 1`` also its send buffers (``k n``) and contiguous copies of
   the received chunks (``k p W``).
 
+Both exchanges add one allgather of one 8-byte word per rank, ``8 (p - 1)``
+bytes, for the aggregate's digest (:mod:`.digest`; ``digest=False`` leaves it out).
+
 These are models; :mod:`fa_hvd.comm.traffic` counts what really went over TCP.
 """
 
@@ -28,7 +31,7 @@ import math
 
 
 def exchange_cost(kind: str, sizes: list[int] | int, p: int, element_size: int = 4, replicas: int = 1,
-                  anchors: int = 0, robust: bool = True) -> dict:
+                  anchors: int = 0, robust: bool = True, digest: bool = True) -> dict:
     """``{"bytes_sent", "bytes_received", "memory_bytes"}`` per rank per step for ``kind``.
 
     ``kind``: ``"allreduce"`` (Horovod's), ``"allgather"`` or ``"sharded"``; ``sizes``: the
@@ -39,15 +42,16 @@ def exchange_cost(kind: str, sizes: list[int] | int, p: int, element_size: int =
     if kind == "allreduce":
         wire = 2 * (p - 1) * n * element_size / p
         return {"bytes_sent": wire, "bytes_received": wire, "memory_bytes": n * element_size}
+    digest_bytes = 8 * (p - 1) if digest else 0
     if kind == "allgather":
-        wire = (p - 1) * n * element_size
+        wire = (p - 1) * n * element_size + digest_bytes
         return {"bytes_sent": wire, "bytes_received": wire, "memory_bytes": 2 * p * n * element_size}
     if kind == "sharded":
         width = sum(math.ceil(size / p) for size in sizes)
         m = p + anchors
         words = p + m * (m + 1) // 2 + (p if replicas > 1 else 0)
         claims = 2 * p if robust else 0
-        wire = 2 * (p - 1) * replicas * width * element_size + (p - 1) * (replicas * words + claims) * 8
+        wire = 2 * (p - 1) * replicas * width * element_size + (p - 1) * (replicas * words + claims) * 8 + digest_bytes
         values = (2 * p + 1) * replicas * width + n
         if replicas > 1:
             values += replicas * n + replicas * p * width

@@ -55,6 +55,7 @@ import torch
 from ..aggregators.base import Aggregator, Rows, anchored_gram, describe, finite_rows
 from ..comm import NoCompression
 from .base import GradientExchange, rule_name, wait
+from .digest import check_agreement
 from .evidence import Verdict, majority, not_a_gram, verdict
 
 HALF = (torch.float16, torch.bfloat16)
@@ -78,7 +79,7 @@ class ShardedExchange(GradientExchange):
     """
 
     def __init__(self, transport, aggregator, compression=None, prefix: str = "fa_hvd", replicas: int = 1,
-                 lies=None):
+                 lies=None, digest: bool = True):
         if not isinstance(aggregator, Aggregator) or not aggregator.columnwise:
             rule = rule_name(aggregator)
             raise ValueError(
@@ -93,6 +94,7 @@ class ShardedExchange(GradientExchange):
                 f"every copy of a shard; use replicas >= f + 1 = {aggregator.f + 1} (a lie is detected) or "
                 f">= 2f + 1 = {2 * aggregator.f + 1} (a lie is repaired), or 1")
         self.transport, self.aggregator, self.prefix, self.replicas = transport, aggregator, prefix, replicas
+        self.digest = digest  # compare the aggregates' digests every step (fa_hvd.exchange.digest)
         self.lies = lies  # fault injection: a rank lying in its roles (fa_hvd.faults.roles.RoleLies)
         self.compression = compression if compression is not None else NoCompression
         self.pending: dict[int, tuple] = {}
@@ -223,6 +225,8 @@ class ShardedExchange(GradientExchange):
             out = self.lies.aggregate(self.held, out)
         aggregate, gathered = self._gather(out, sizes, widths, starts, step)
         self.stats = {"peak_bytes": held + gathered}
+        if self.digest:
+            check_agreement(self.transport, aggregate, step, f"{self.prefix}.digest")
         self.aggregator.observe(aggregate)
         self.timings["aggregated"] = time.perf_counter()
         return aggregate
@@ -285,7 +289,8 @@ class ShardedExchange(GradientExchange):
         if not aggregator.robust:
             return (None if partials is None else _sum_in_order(partials)), Rows(None, aggregator.f), evidence
         judged = self._judge(owners, flags, partials, claims, compute)
-        evidence.update({"disputes": [list(d) for d in judged.disputes], "blamed": judged.blamed})
+        if judged.disputes:
+            evidence.update({"disputes": [list(d) for d in judged.disputes], "blamed": judged.blamed})
         if not judged.keep.all():
             rows = Rows(judged.keep.nonzero().flatten(), judged.f)
         else:
