@@ -11,8 +11,9 @@ the lie is told:
   true squared norm of each chunk of its own row
 * ``gram_scale``      -- sharded, as an owner: its partial Gram times ``scale`` (default 2)
 * ``gram_perturb``    -- sharded, as an owner: every off-diagonal entry of its partial
-  Gram moved by ``eps`` times ``sqrt(K_ii K_jj)``, the diagonal kept (default -1:
-  every pair pushed apart, no longer a Gram matrix; a small ``eps`` can stay one)
+  Gram moved by ``eps`` times ``sqrt(K_ii K_jj)``, the diagonal kept (default -3:
+  every correlation pushed below -1, so no longer a Gram matrix; a small ``eps``
+  can stay one, which is the trusted margin)
 * ``wrong_aggregate`` -- sharded, as an owner: its shard of the aggregate times
   ``scale`` (default -100)
 * ``equivocate``      -- sharded, as a sender: the chunk sent to rank ``target``
@@ -55,7 +56,7 @@ ROLE_PARAMS = {
     "false_flags": {"rows": (None, _rows, "null or a list of ranks")},
     "false_claims": {"scale": (2.0, lambda v: _real(v) and v > 0, "a number > 0")},
     "gram_scale": {"scale": (2.0, lambda v: _real(v) and v > 0, "a number > 0")},
-    "gram_perturb": {"eps": (-1.0, _real, "a finite number")},
+    "gram_perturb": {"eps": (-3.0, _real, "a finite number")},
     "wrong_aggregate": {"scale": (-100.0, _real, "a finite number")},
     "equivocate": {"target": (None, lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)),
                               "null or a rank")},

@@ -1,0 +1,184 @@
+"""The threat model, row by row (README "Threat model"): each test injects exactly one lie in one role
+and shows the claimed outcome: tolerated (the aggregate the rule gives without the liar's influence),
+detected (the named error on every rank, naming the liar) or trusted (documented, shown to pass)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import local_world
+from fa_hvd.aggregators import get
+from fa_hvd.comm import NoCompression
+from fa_hvd.comm.messages import MessageError
+from fa_hvd.exchange import AllgatherExchange, ShardedExchange, ShardMismatch
+from fa_hvd.exchange.digest import Divergence
+from fa_hvd.faults import FaultInjector, parse_faults
+from fa_hvd.train import control
+from local_world import LocalTransport, run_ranks
+
+P, F = 4, 1
+SIZES = [50, 40]
+
+
+def rows(p=P, n=sum(SIZES), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, generator=gen) + 0.5 * torch.randn(p, n, generator=gen)
+
+
+def lies(rank, entries, p=P, f=F):
+    """What ``entries`` (fault specs) make rank ``rank`` say, or None."""
+    return FaultInjector(parse_faults(entries, p, f=f), rank, p).roles or None
+
+
+def step(exchange, row, sizes=SIZES):
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    for bucket in reversed(range(len(sizes))):
+        exchange.start(bucket, row[offsets[bucket] : offsets[bucket] + sizes[bucket]].clone())
+    return exchange.finish(len(sizes), row.device, 0)
+
+
+def exchange_with(entries, rule="geomed", replicas=1, p=P, exchange=ShardedExchange, G=None):
+    """One step on ``p`` ranks; per rank: (aggregate, diagnostics, error text)."""
+    G = rows(p) if G is None else G
+
+    def body(t):
+        if exchange is ShardedExchange:
+            ex = ShardedExchange(t, get(rule, f=F), prefix="trust", replicas=replicas, lies=lies(t.rank, entries, p))
+        else:
+            ex = exchange(t, get(rule, f=F), NoCompression, "trust")
+        try:
+            return step(ex, G[t.rank]), ex.aggregator.diagnostics, None
+        except (ShardMismatch, Divergence) as exc:
+            return None, None, str(exc)
+
+    return run_ranks(p, body)
+
+
+def honest(rule="geomed", p=P):
+    return get(rule, f=F)(rows(p))
+
+
+def all_fail(results, needle):
+    errors = [error for _, _, error in results]
+    assert all(error is not None and needle in error for error in errors), errors
+
+
+# -- sharded, unreplicated: the owner's flags and partial Gram ------------------------------------------------
+
+def test_false_flags_on_more_than_f_rows_stop_the_step_naming_the_owner():
+    """The issue's case: rank 3 flags rows 0-2 of its shard (before: every aggregate became rank 3's row)."""
+    all_fail(exchange_with([{"kind": "false_flags", "ranks": [3]}]), "rank(s) [3] lied about their shard")
+
+
+def test_a_false_flag_on_one_row_costs_the_liar_its_own_row_too():
+    """One disputed row: both rows of the dispute go and f drops by one; the rule runs on the rest."""
+    results = exchange_with([{"kind": "false_flags", "ranks": [3], "params": {"rows": [0]}}])
+    expected = get("geomed", f=0)(rows()[[1, 2]])
+    for out, diagnostics, error in results:
+        assert error is None and torch.allclose(out, expected, atol=1e-5)
+        assert diagnostics["disputes"] == [[0, 3]] and diagnostics["nonfinite"] == [0, 3]
+
+
+@pytest.mark.parametrize("entry,needle", [
+    ({"kind": "gram_scale", "ranks": [1]}, "rank(s) [1] lied about their shard"),
+    ({"kind": "gram_perturb", "ranks": [1]}, "not positive semidefinite"),
+    ({"kind": "false_claims", "ranks": [2]}, "rank(s) [2] lied about their shard"),
+])
+def test_a_partial_gram_or_a_claim_that_contradicts_the_senders_stops_the_step_naming_the_liar(entry, needle):
+    results = exchange_with([entry])
+    all_fail(results, needle)
+    all_fail(results, f"rank {entry['ranks'][0]}:")
+
+
+def test_a_real_non_finite_row_is_dropped_on_its_senders_word_without_a_dispute():
+    G = rows()
+    G[2, 70] = float("nan")  # in shard 3 (chunks of 10 in the second bucket): only rank 3 sees it
+    for out, diagnostics, error in exchange_with([], G=G):
+        assert error is None and diagnostics["nonfinite"] == [2] and "disputes" not in diagnostics
+        assert torch.allclose(out, get("geomed", f=0)(G[[0, 1, 3]]), atol=1e-5)
+
+
+def test_trusted_unreplicated_a_wrong_shard_of_the_aggregate_reaches_every_rank_alike():
+    """Documented trust: one copy of each shard, nothing to compare it with (replicas buy it back)."""
+    results = exchange_with([{"kind": "wrong_aggregate", "ranks": [1]}])
+    outs = [out for out, _, _ in results]
+    assert all(torch.equal(o, outs[0]) for o in outs) and not torch.allclose(outs[0], honest(), atol=1e-3)
+
+
+# -- sharded, replicated ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["false_flags", "gram_scale", "gram_perturb", "wrong_aggregate", "equivocate"])
+def test_with_2f_plus_1_replicas_a_lying_holder_is_outvoted(kind):
+    results = exchange_with([{"kind": kind, "ranks": [1]}], replicas=3)
+    plain = exchange_with([], replicas=3)[0][0]
+    for out, diagnostics, error in results:
+        assert error is None and torch.equal(out, plain)
+        named = {r for shards in diagnostics["repaired"].values() for odd in shards.values() for r in odd}
+        assert named == ({3} if kind == "equivocate" else {1})  # an equivocation shows at its victim
+
+
+@pytest.mark.parametrize("kind,needle", [("gram_scale", "disagree and no more than f=1"),
+                                         ("equivocate", "received different data from rank 1")])
+def test_with_f_plus_1_replicas_a_lie_is_detected(kind, needle):
+    all_fail(exchange_with([{"kind": kind, "ranks": [1]}], replicas=2), needle)
+
+
+# -- relaying: a block altered in transit ------------------------------------------------------------
+
+class Relaying(LocalTransport):
+    """Rank 1 relays rank 0's block to rank 2 (as a ring allgather does) and alters it on the way."""
+
+    def allgather_async(self, tensor, name):
+        handle = super().allgather_async(tensor, name)
+        if self.rank == 2 and tensor.is_floating_point() and tensor.shape[0] == 1:
+            result = handle.result
+            handle.result = lambda everyone: torch.cat([result(everyone)[:1] * 1.5, result(everyone)[1:]])
+        return handle
+
+
+@pytest.mark.parametrize("exchange", [AllgatherExchange, ShardedExchange])
+def test_an_altered_relayed_block_stops_the_step_it_happened_in(monkeypatch, exchange):
+    monkeypatch.setattr(local_world, "LocalTransport", Relaying)
+    all_fail(exchange_with([], rule="median", exchange=exchange), "ranks [2] differ from the largest group")
+
+
+# -- the control vector ------------------------------------------------------------------------------
+
+def agree_with(entries, losses=(1.0, 1.2, 0.9, 1.1), overflowed=(False,) * P, nonfinite=()):
+    def body(t):
+        return control.agree(t, losses[t.rank], stop=False, checkpoint_due=False, faulty=False,
+                             overflowed=overflowed[t.rank], nonfinite_rows=nonfinite, lies=lies(t.rank, entries))
+    return run_ranks(P, body)
+
+
+def test_a_lying_loss_moves_the_logged_median_no_further_than_the_honest_spread():
+    for agreed in agree_with([{"kind": "lie_loss", "ranks": [3]}]):
+        assert 1.0 <= agreed.loss <= 1.2
+
+
+def test_a_claimed_overflow_counts_only_with_a_non_finite_row():
+    for agreed in agree_with([{"kind": "lie_overflow", "ranks": [3]}]):
+        assert agreed.overflowed_ranks == 0
+    for agreed in agree_with([], overflowed=(False, True, False, True), nonfinite=[1]):
+        assert agreed.overflowed_ranks == 1  # rank 1 overflowed (its row non-finite); rank 3 only says so
+
+
+def test_trusted_a_stop_request_from_any_rank_stops_every_rank():
+    """Documented: preemption may signal one task only, so one rank's stop is everyone's (with a checkpoint)."""
+    assert all(agreed.stop for agreed in agree_with([{"kind": "lie_stop", "ranks": [2]}]))
+
+
+# -- object messages ---------------------------------------------------------------------------------
+
+def test_a_malformed_object_message_is_refused_naming_its_sender_and_runs_nothing(capsys):
+    def body(t):
+        t.lies = lies(t.rank, [{"kind": "malformed_message", "ranks": [2]}])
+        try:
+            t.allgather_json(None, "fa_hvd.train.errors", schema=object)
+        except MessageError as exc:
+            return str(exc)
+
+    errors = run_ranks(P, body)
+    assert all("rank 2 sent a malformed fa_hvd.train.errors message" in e for e in errors), errors
+    assert "code of another rank ran" not in capsys.readouterr().out
