@@ -182,3 +182,47 @@ def test_a_malformed_object_message_is_refused_naming_its_sender_and_runs_nothin
     errors = run_ranks(P, body)
     assert all("rank 2 sent a malformed fa_hvd.train.errors message" in e for e in errors), errors
     assert "code of another rank ran" not in capsys.readouterr().out
+
+
+# -- in training: the demo's shape (4 ranks, FA with f = 1, rank 3 Byzantine) --------------------------------
+
+def demo_run(tmp_path, faults, steps=3, **robust):
+    """The demo's training (digits, FA f=1 r=2, rank 3 sends -100 g) on 4 in-process ranks; per rank:
+    (parameters after ``steps`` steps, None) or (None, the error)."""
+    from test_train import _trainer
+
+    def body(t):
+        trainer = _trainer(tmp_path / f"{len(faults)}-{robust.get('replicas', 1)}-{t.rank}", transport=t,
+                           robust={"aggregator": "flag", "aggregator_params": {"f": 1, "r": 2}, **robust},
+                           faults=[{"kind": "reverse", "ranks": [3]}, *faults], train={"steps": steps})
+        try:
+            for _ in range(steps):
+                trainer.train_step()
+        except ShardMismatch as exc:
+            return None, str(exc)
+        return torch.cat([q.detach().reshape(-1) for q in trainer.model.parameters()]), None
+
+    return run_ranks(P, body)
+
+
+@pytest.mark.parametrize("kind", ["false_flags", "gram_scale"])
+def test_training_stops_at_the_first_lie_naming_the_liar(tmp_path, kind):
+    for params, error in demo_run(tmp_path, [{"kind": kind, "ranks": [3]}], exchange="sharded"):
+        assert params is None and "rank(s) [3] lied about their shard" in error
+
+
+def test_training_with_three_replicas_repairs_a_lying_holder(tmp_path):
+    plain = demo_run(tmp_path, [], exchange="sharded", replicas=3)
+    lied = demo_run(tmp_path, [{"kind": "wrong_aggregate", "ranks": [3]}], exchange="sharded", replicas=3)
+    for (ours, _), (theirs, error) in zip(plain, lied):
+        assert error is None and torch.equal(ours, theirs)
+
+
+def test_a_config_with_too_few_replicas_for_f_is_refused_naming_the_key():
+    from fa_hvd.config import ConfigError
+    from fa_hvd.train import config as train_config
+
+    with pytest.raises(ConfigError, match=r"robust.replicas: 2 cannot keep the promise for f=2.*>= 3 \(detect\) or "
+                                          r">= 5 \(repair\)"):
+        train_config.parse({"robust": {"aggregator": "krum", "aggregator_params": {"f": 2}, "exchange": "sharded",
+                                       "replicas": 2}}, [])
