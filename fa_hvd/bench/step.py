@@ -9,7 +9,10 @@ Run under ``horovodrun -np 4 fa-hvd-bench step``. Each rank builds the same mode
   leaves before backward ends: the no-overlap baseline);
 * ``fa_hvd_flag``: FA with its default buckets;
 * with ``--exchange allgather,sharded``, also ``fa_hvd_mean_sharded`` and
-  ``fa_hvd_flag_sharded``: the same rules with ``exchange="sharded"``.
+  ``fa_hvd_flag_sharded``: the same rules with ``exchange="sharded"``;
+* with ``--digest-cost``, also ``..._no_digest`` twins of the FA variants: the
+  exchange without the per-step digest of the aggregate (:mod:`fa_hvd.exchange.digest`),
+  so the digest's cost is the ratio of the two medians, measured in the same rounds.
 
 A step is ``zero_grad``, forward, ``backward``, ``synchronize()``, ``step()`` (under
 ``skip_synchronize``). Its *exposed communication* is the time from the end of
@@ -37,6 +40,7 @@ whoever reads them on a quiet machine.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -50,13 +54,13 @@ SHARDED_VARIANTS = ("fa_hvd_mean_sharded", "fa_hvd_flag_sharded")
 EXCHANGES = ("allgather", "sharded")
 
 
-def variants_for(exchanges: list[str]) -> tuple[str, ...]:
+def variants_for(exchanges: list[str], digest_cost: bool = False) -> tuple[str, ...]:
     """Horovod's allreduce, then fa_hvd's variants for each exchange asked for."""
     names = ("horovod_allreduce",)
     if "allgather" in exchanges:
-        names += ALLGATHER_VARIANTS
+        names += ALLGATHER_VARIANTS + (("fa_hvd_flag_no_digest",) if digest_cost else ())
     if "sharded" in exchanges:
-        names += SHARDED_VARIANTS
+        names += SHARDED_VARIANTS + (("fa_hvd_flag_sharded_no_digest",) if digest_cost else ())
     return names
 
 
@@ -80,6 +84,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--num-classes", type=int, default=10, help="classes of the synthetic labels")
     parser.add_argument("--exchange", type=_exchanges, default=["allgather"], metavar="LIST",
                         help="fa_hvd's exchanges to time, comma list of allgather, sharded (default: allgather)")
+    parser.add_argument("--digest-cost", action="store_true",
+                        help="also time FA without the per-step digest of the aggregate (variants ..._no_digest)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cpu, or cuda: one GPU per rank (its local rank), NCCL where Horovod has it")
     parser.add_argument("--width", type=int, default=32, help="the small CNN's width (channels of the first conv)")
@@ -111,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
 
     import fa_hvd
     from fa_hvd.comm.traffic import SocketTraffic
+    from fa_hvd.exchange import EXCHANGES as EXCHANGE_CLASSES
     from fa_hvd.exchange.cost import exchange_cost
 
     hvd.init()
@@ -123,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(args.batch_size, 3, args.image, args.image, generator=gen).to(device)
     y = torch.randint(0, args.num_classes, (args.batch_size,), generator=gen).to(device)
-    names = variants_for(args.exchange)
+    names = variants_for(args.exchange, args.digest_cost)
 
     def build(name):
         torch.manual_seed(0)
@@ -133,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
         if name == "horovod_allreduce":
             return model, hvd.DistributedOptimizer(inner, named_parameters=named, op=hvd.Average)
         bucket_bytes = 1 << 62 if name == "fa_hvd_mean_one_bucket" else args.bucket_bytes
-        exchange = "sharded" if name.endswith("_sharded") else "allgather"
+        kind = "sharded" if "_sharded" in name else "allgather"
+        exchange = functools.partial(EXCHANGE_CLASSES[kind], digest=False) if name.endswith("_no_digest") else kind
         if name.startswith("fa_hvd_flag"):
             return model, fa_hvd.DistributedOptimizer(inner, named_parameters=named, aggregator="flag",
                                                       aggregator_params={"f": args.f, "r": args.r},
@@ -196,10 +204,10 @@ def run(args: argparse.Namespace) -> int:
         records = []
         for name in names:
             m = medians[name]
-            kind = "allreduce" if name == "horovod_allreduce" else "sharded" if name.endswith("_sharded") else "allgather"
+            kind = "allreduce" if name == "horovod_allreduce" else "sharded" if "_sharded" in name else "allgather"
             opt = variants[name][1]
             sizes = [b.numel for b in opt._buckets] if kind != "allreduce" else [n]
-            model = exchange_cost(kind, sizes, size)
+            model = exchange_cost(kind, sizes, size, digest=not name.endswith("_no_digest"))
             record = {
                 "bench": "step", "variant": name, "exchange": kind, "model": args.model, "device": args.device,
                 "ranks": size, "parameters": n, "batch_per_rank": args.batch_size,
@@ -217,6 +225,8 @@ def run(args: argparse.Namespace) -> int:
             if kind == "sharded":
                 record["bytes_vs_allreduce"] = max(most[name][k] / most["horovod_allreduce"][k] for k in (0, 1))
             record.update({k: m[k] for k in ("wait_s", "aggregate_s") if k in m})
+            if name.endswith("_no_digest"):  # the digest's cost: its twin's median over this one's
+                record["digest_cost"] = medians[name.removesuffix("_no_digest")]["step_s"] / m["step_s"] - 1
             records.append(record)
             print(json.dumps(record), flush=True)
         sharded = [r for r in records if r["exchange"] == "sharded"]

@@ -12,11 +12,15 @@ bucket, its shard ``G_j`` (``p x n/p`` over all buckets).
    narrower data, where fp64 sums of squares cannot overflow; by
    :func:`~fa_hvd.aggregators.base.finite_rows` otherwise and for rules without a Gram).
 3. One allgather of the packed ``K_j`` and flags (``p + p (p + 1) / 2`` words per
-   rank); every rank sums the ``K_j`` in shard order in fp64, so ``K`` is bit for bit
-   the same everywhere, whatever order a reduction collective would have used.
-4. Every rank applies the finite-row policy (:func:`~fa_hvd.aggregators.base.surviving_rows`:
-   a row non-finite in any shard is dropped and counted against ``f``, as in
-   allgather mode) and turns ``K`` into the rule's column form
+   rank) and, for a robust rule, each rank's own word on its own row (``2 p`` words:
+   which of its chunks are finite, their squared norms, computed in :meth:`start`
+   while backward runs); every rank sums the ``K_j`` in shard order in fp64, so ``K``
+   is bit for bit the same everywhere, whatever order a reduction collective would
+   have used.
+4. Every rank weighs the owners' reports against the senders' words
+   (:mod:`.evidence`: a row its sender declares non-finite is dropped and counted
+   against ``f``, as in allgather mode; a disputed row costs both parties their rows;
+   an owner proven to lie stops the step) and turns ``K`` into the rule's column form
    (:meth:`~fa_hvd.aggregators.base.Aggregator.by_columns`): coefficients ``c`` for
    Gram rules, Bulyan's selection, cclip's ``(a, c)``; the coordinate-wise rules need
    no ``K``. The ``p x p`` work runs on the host (one transfer of ``K``, no device
@@ -24,7 +28,8 @@ bucket, its shard ``G_j`` (``p x n/p`` over all buckets).
 5. Rank ``j`` computes its shard of the aggregate, ``a_j = c^T G_j`` (or the
    coordinate-wise rule on ``G_j``), and one allgather of the ``a_j`` gives the
    aggregate on every rank (only one copy of each ``a_j`` exists, so every rank holds
-   the same bits), reassembled in bucket order.
+   the same bits), reassembled in bucket order; with ``digest`` (the default) one
+   word per rank compares the aggregates (:mod:`.digest`).
 
 Traffic per rank: ``(p - 1) W`` values each way for the alltoall and for the
 allgather (``W = sum_b W_b``), a ring allreduce's ``2 n (p - 1) / p``, plus the Gram
@@ -34,14 +39,18 @@ Gram instead of ``O(n p^2)``. With ``compression`` (Horovod's ``Compression.fp16
 the alltoall and the allgather of the aggregate both travel compressed, as both
 halves of Horovod's allreduce do.
 
-Trust: every rank's gradient may be anything (the rule sees every row), but each
-rank is trusted to compute its partial Gram and its shard of the aggregate
-honestly. ``replicas = k > 1`` buys that trust back at ``k`` times the traffic:
-chunk ``s`` of every bucket is held by ranks ``s, s + 1, ..., s + k - 1`` (mod
-``p``), which exchange a BLAKE2b digest of every chunk they received, their partial
-Grams and flags, and their shards of the aggregate; every rank compares the copies
-bit for bit, and a mismatch raises :class:`ShardMismatch` on every rank alike,
-naming the ranks.
+Trust: every rank's gradient may be anything (the rule sees every row). Each
+owner's flags and the diagonal of its partial Gram are checked against the senders
+(:mod:`.evidence`); what stays trusted unreplicated is the rest of its partial Gram
+within those checks and its shard of the aggregate. ``replicas = k > 1`` buys that
+back at ``k`` times the traffic: chunk ``s`` of every bucket is held by ranks
+``s, s + 1, ..., s + k - 1`` (mod ``p``), which exchange a BLAKE2b digest of every
+chunk they received, their partial Grams and flags, and their shards of the
+aggregate. ``k`` must be 1 or more than ``f`` (else ``f`` liars could hold every copy
+of a shard). Every rank compares the copies bit for bit and uses the one more than
+``f`` holders agree on (it has an honest holder; with ``k >= 2f + 1`` there always is
+one), naming the others in the diagnostics' ``repaired``; when there is none, a
+:class:`ShardMismatch` on every rank alike names the holders, blaming none.
 """
 
 from __future__ import annotations
@@ -62,7 +71,8 @@ HALF = (torch.float16, torch.bfloat16)
 
 
 class ShardMismatch(RuntimeError):
-    """Replicas of a shard disagree: a rank computed, received or reported its shard differently."""
+    """A shard owner's report is proven false (:mod:`.evidence`), or replicas of a shard disagree with no
+    copy held by more than ``f`` of them: the step stops on every rank alike."""
 
 
 class ShardedExchange(GradientExchange):
