@@ -569,7 +569,10 @@ def DistributedOptimizer(
     counts them, ``bytes_sent``/``bytes_received`` during that step; and the
     aggregator's diagnostics (:func:`fa_hvd.aggregators.base.describe`): ``nonfinite``
     and ``dropped`` (ranks), and ``weights`` (each rank's coefficient in the
-    aggregate, for rules that combine rows: FA's default mode, Krum, geomed, ...).
+    aggregate, for rules that combine rows: FA's default mode, Krum, geomed, ...);
+    from the sharded exchange, when they happened, ``disputes`` and ``blamed``
+    (:mod:`fa_hvd.exchange.evidence`) and, with replicas, ``repaired`` (the holders
+    outvoted, per shard).
     ``optimizer.step_count`` counts completed exchanges (Horovod's state-initialising
     step in ``broadcast_optimizer_state`` is not one).
     """

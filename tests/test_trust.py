@@ -226,3 +226,18 @@ def test_a_config_with_too_few_replicas_for_f_is_refused_naming_the_key():
                                           r">= 5 \(repair\)"):
         train_config.parse({"robust": {"aggregator": "krum", "aggregator_params": {"f": 2}, "exchange": "sharded",
                                        "replicas": 2}}, [])
+
+
+def test_the_grid_selects_role_faults_and_the_simulation_sends_them_to_the_distributed_engine(tmp_path):
+    """A grid cell may list a role fault (the distributed engine runs fa-hvd-train, which tells the lie);
+    the simulation has no exchange to lie in and says so instead of ignoring it."""
+    from fa_hvd.eval.grid import load_grid
+    from fa_hvd.eval.simulate import simulate
+    from test_eval import write_grid
+
+    grid = load_grid(write_grid(tmp_path, trainer={"train": {"steps": 2}},
+                                faults={"flags": [{"kind": "false_flags"}]}))
+    cell = next(c for c in grid.cells if "flags" in c.key)
+    assert cell.run_config()["faults"][0]["kind"] == "false_flags"
+    with pytest.raises(ValueError, match="role faults \\(false_flags\\)"):
+        simulate(cell)
