@@ -232,7 +232,7 @@ def test_with_2f_plus_1_replicas_a_lying_holder_is_outvoted_and_named(monkeypatc
 
 def test_with_f_plus_1_replicas_a_lie_is_detected_blaming_no_one(monkeypatch):
     with pytest.raises(ShardMismatch, match=r"partial Gram and row flags of shard 2: ranks \[2, 3\] disagree and no "
-                                            r"more than f=1 of them agree"):
+                                            r"one copy is held by more than f=1 of them"):
         run_replicated(LyingGram, monkeypatch, replicas=2)
     with pytest.raises(ShardMismatch, match=r"the aggregate of shard 3: ranks \[3, 4\] disagree"):
         run_replicated(LyingShard, monkeypatch, replicas=2)

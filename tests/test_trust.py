@@ -118,7 +118,7 @@ def test_with_2f_plus_1_replicas_a_lying_holder_is_outvoted(kind):
         assert named == ({3} if kind == "equivocate" else {1})  # an equivocation shows at its victim
 
 
-@pytest.mark.parametrize("kind,needle", [("gram_scale", "disagree and no more than f=1"),
+@pytest.mark.parametrize("kind,needle", [("gram_scale", "disagree and no one copy is held by more than f=1"),
                                          ("equivocate", "received different data from rank 1")])
 def test_with_f_plus_1_replicas_a_lie_is_detected(kind, needle):
     all_fail(exchange_with([{"kind": kind, "ranks": [1]}], replicas=2), needle)

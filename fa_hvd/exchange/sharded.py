@@ -322,9 +322,10 @@ class ShardedExchange(GradientExchange):
                     raise ShardMismatch(
                         f"fa_hvd: sharded exchange: ranks {holders} received different data from rank {source} "
                         f"for shard {s}: rank {source} sent different chunks to the replicas, or one of "
-                        f"{holders} misreports what it received (no more than f={self.aggregator.f} of them agree)")
+                        f"{holders} misreports what it received (no one copy is held by more than "
+                        f"f={self.aggregator.f} of them)")
             raise ShardMismatch(f"fa_hvd: sharded exchange: {what} of shard {s}: ranks {holders} disagree and "
-                                f"no more than f={self.aggregator.f} of them agree on one copy")
+                                f"no one copy is held by more than f={self.aggregator.f} of them")
         if found.odd:
             repaired.setdefault(what, {})[s] = found.odd
         return found.chosen

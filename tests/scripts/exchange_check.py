@@ -67,9 +67,9 @@ class GramSpy(ShardedExchange):
     """Keeps the summed Gram of its last step."""
 
     def _gram(self, *args):
-        K, finite = super()._gram(*args)
+        K, rows, evidence = super()._gram(*args)
         self.last_gram = K
-        return K, finite
+        return K, rows, evidence
 
 
 def check_gram_bits(transport, rank):
