@@ -191,10 +191,13 @@ def demo_run(tmp_path, faults, steps=3, **robust):
     (parameters after ``steps`` steps, None) or (None, the error)."""
     from test_train import _trainer
 
+    start = {}  # the initial parameters, drawn once here: in-process ranks share torch's global generator
+
     def body(t):
         trainer = _trainer(tmp_path / f"{len(faults)}-{robust.get('replicas', 1)}-{t.rank}", transport=t,
                            robust={"aggregator": "flag", "aggregator_params": {"f": 1, "r": 2}, **robust},
                            faults=[{"kind": "reverse", "ranks": [3]}, *faults], train={"steps": steps})
+        trainer.model.load_state_dict(start)
         try:
             for _ in range(steps):
                 trainer.train_step()
@@ -202,6 +205,9 @@ def demo_run(tmp_path, faults, steps=3, **robust):
             return None, str(exc)
         return torch.cat([q.detach().reshape(-1) for q in trainer.model.parameters()]), None
 
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"1.weight": (16, 64), "1.bias": (16,), "3.weight": (10, 16), "3.bias": (10,)}  # the mlp, hidden 16
+    start.update({name: 0.1 * torch.randn(shape, generator=gen) for name, shape in shapes.items()})
     return run_ranks(P, body)
 
 
