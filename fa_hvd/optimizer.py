@@ -103,7 +103,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
     def __init__(self, params, named_parameters, compression, backward_passes_per_step: int, op, op_name: str,
                  gradient_predivide_factor: float, groups, sparse_as_dense: bool, process_set,
                  aggregator: Callable[[torch.Tensor], torch.Tensor], transport: Transport, exchange,
-                 bucket_bytes: int | None, gradient_transform: Callable[[torch.Tensor, int, int], torch.Tensor] | None):
+                 bucket_bytes: int | None, gradient_transform: Callable[[torch.Tensor, int, int], torch.Tensor] | None,
+                 digest: bool):
         super(self.__class__, self).__init__(params)
         # Horovod's attributes, with Horovod's meaning.
         self._compression = compression
@@ -128,7 +129,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._ordered = bool(getattr(getattr(gradient_transform, "__self__", gradient_transform),
                                      "uses_collectives", False))
         self._exchange = (EXCHANGES[exchange] if isinstance(exchange, str) else exchange)(
-            transport, aggregator, compression, self._prefix)
+            transport, aggregator, compression, self._prefix, **({"digest": True} if digest else {}))
         self._buckets = _make_buckets(self.param_groups, groups, bucket_bytes)
         self._bucket_of = {p: b for b in self._buckets for p in b.params}
         self._aggregation_device = _aggregation_device(self._buckets)
@@ -528,6 +529,7 @@ def DistributedOptimizer(
     exchange: str | Callable[..., GradientExchange] = "allgather",
     bucket_bytes: int | None = None,
     gradient_transform: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
+    digest: bool = False,
 ):
     """Wrap ``optimizer`` so that gradients are all-gathered and robustly aggregated.
 
@@ -558,7 +560,10 @@ def DistributedOptimizer(
     ``bucket_bytes`` (default: automatic, see
     :func:`_make_buckets`), ``gradient_transform`` (``(flat_grad, bucket_index,
     step) -> tensor``, applied to what this rank sends; fault injection uses it; an
-    object whose ``uses_collectives`` is true gets buckets in index order). An
+    object whose ``uses_collectives`` is true gets buckets in index order),
+    ``digest`` (compare every rank's aggregate each step and stop the step on a
+    difference: :mod:`fa_hvd.exchange.digest`; off by default, it costs more than
+    1 % of a step; an ``exchange`` factory then gets ``digest=True``). An
     aggregator that cannot work with the world size fails here, before training
     starts.
 
@@ -606,7 +611,7 @@ def DistributedOptimizer(
     return cls(optimizer.param_groups, named_parameters,
                compression if compression is not None else NoCompression, backward_passes_per_step, op, op_name,
                gradient_predivide_factor, groups, sparse_as_dense, getattr(transport, "process_set", None),
-               aggregator, transport, exchange, bucket_bytes, gradient_transform)
+               aggregator, transport, exchange, bucket_bytes, gradient_transform, digest)
 
 
 def _register_elastic_state_handler() -> None:

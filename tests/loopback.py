@@ -1,7 +1,6 @@
 """An in-process stand-in for a transport: rank 0 of ``size`` simulated ranks.
 
-The other ranks' floating-point rows are ``others(row, r)`` (default ``(1 + r) * row``;
-integer words such as digests are the same on every simulated rank), so a
+The other ranks' rows are ``others(row, r)`` (default ``(1 + r) * row``), so a
 single process can check what the optimizer does with the gathered matrix.
 ``resize(n)`` imitates an elastic reset: the next ``refresh()`` reports it.
 """
@@ -37,10 +36,7 @@ class LoopbackTransport(Transport):
 
     def allgather_async(self, tensor, name):
         self.gathered.append(name)
-        if tensor.is_floating_point():
-            rows = [tensor] + [self.others(tensor, r) for r in range(1, self.size)]
-        else:  # words (digests, lengths): every simulated rank says the same
-            rows = [tensor] * self.size
+        rows = [tensor] + [self.others(tensor, r) for r in range(1, self.size)]
         return _Done(torch.cat(rows, dim=0))
 
     def wait(self, handle):

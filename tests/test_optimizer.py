@@ -98,8 +98,7 @@ def test_stats_report_the_last_exchange():
     for step in range(2):
         one_step(model, opt, x, y)
         assert opt.stats["step"] == step
-        digest = 8  # one word per rank: the aggregate's digest (fa_hvd.exchange.digest)
-        assert (opt.stats["bytes_sent"], opt.stats["bytes_received"]) == (4 * n + digest, 2 * (4 * n + digest))
+        assert (opt.stats["bytes_sent"], opt.stats["bytes_received"]) == (4 * n, 2 * 4 * n)  # this step's only
         assert 0 <= opt.stats["wait_s"] <= opt.stats["exchange_s"] and opt.stats["aggregate_s"] >= 0
     plain = fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), aggregator="mean",
                                         transport=LoopbackTransport(size=3))
@@ -308,7 +307,7 @@ def test_each_bucket_starts_as_soon_as_its_own_gradients_are_ready():
     backward(opt)
     assert link.gathered == [f"{opt._prefix}.bucket1", f"{opt._prefix}.bucket2"]  # during backward
     opt.step()
-    assert link.gathered[2:] == [f"{opt._prefix}.bucket0", f"{opt._prefix}.digest"]
+    assert link.gathered[2:] == [f"{opt._prefix}.bucket0"]
 
     class Colluding:
         uses_collectives = True
@@ -323,7 +322,7 @@ def test_each_bucket_starts_as_soon_as_its_own_gradients_are_ready():
     backward(opt)
     assert link.gathered == []  # bucket 0 (unused) holds the others back
     opt.step()
-    assert link.gathered == [f"{opt._prefix}.bucket{i}" for i in range(3)] + [f"{opt._prefix}.digest"]
+    assert link.gathered == [f"{opt._prefix}.bucket{i}" for i in range(3)]
 
 
 def test_default_buckets_split_a_small_model_so_communication_overlaps():

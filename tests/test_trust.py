@@ -38,15 +38,16 @@ def step(exchange, row, sizes=SIZES):
     return exchange.finish(len(sizes), row.device, 0)
 
 
-def exchange_with(entries, rule="geomed", replicas=1, p=P, exchange=ShardedExchange, G=None):
+def exchange_with(entries, rule="geomed", replicas=1, p=P, exchange=ShardedExchange, G=None, digest=False):
     """One step on ``p`` ranks; per rank: (aggregate, diagnostics, error text)."""
     G = rows(p) if G is None else G
 
     def body(t):
         if exchange is ShardedExchange:
-            ex = ShardedExchange(t, get(rule, f=F), prefix="trust", replicas=replicas, lies=lies(t.rank, entries, p))
+            ex = ShardedExchange(t, get(rule, f=F), prefix="trust", replicas=replicas, lies=lies(t.rank, entries, p),
+                                 digest=digest)
         else:
-            ex = exchange(t, get(rule, f=F), NoCompression, "trust")
+            ex = exchange(t, get(rule, f=F), NoCompression, "trust", digest=digest)
         try:
             return step(ex, G[t.rank]), ex.aggregator.diagnostics, None
         except (ShardMismatch, Divergence) as exc:
@@ -140,7 +141,9 @@ class Relaying(LocalTransport):
 @pytest.mark.parametrize("exchange", [AllgatherExchange, ShardedExchange])
 def test_an_altered_relayed_block_stops_the_step_it_happened_in(monkeypatch, exchange):
     monkeypatch.setattr(local_world, "LocalTransport", Relaying)
-    all_fail(exchange_with([], rule="median", exchange=exchange), "ranks [2] differ from the largest group")
+    all_fail(exchange_with([], rule="median", exchange=exchange, digest=True), "ranks [2] differ from the largest group")
+    for out, _, error in exchange_with([], rule="median", exchange=exchange):  # without the digest: silent drift
+        assert error is None
 
 
 # -- the control vector ------------------------------------------------------------------------------
@@ -247,3 +250,23 @@ def test_the_grid_selects_role_faults_and_the_simulation_sends_them_to_the_distr
     assert cell.run_config()["faults"][0]["kind"] == "false_flags"
     with pytest.raises(ValueError, match="role faults \\(false_flags\\)"):
         simulate(cell)
+
+
+def test_the_optimizer_and_the_trainer_config_turn_the_digest_on(monkeypatch):
+    import fa_hvd
+    from fa_hvd.train import config as train_config
+
+    monkeypatch.setattr(local_world, "LocalTransport", Relaying)
+
+    def body(t):
+        weight = torch.nn.Parameter(torch.ones(5))
+        opt = fa_hvd.DistributedOptimizer(torch.optim.SGD([weight], lr=0.1), aggregator="mean", transport=t,
+                                          digest=True)
+        (weight * (t.rank + 1)).sum().backward()
+        try:
+            opt.step()
+        except Divergence as exc:
+            return str(exc)
+
+    assert all("ranks [2] differ" in error for error in run_ranks(P, body))
+    assert train_config.parse({"robust": {"digest": True}}, [])[0].robust.digest is True

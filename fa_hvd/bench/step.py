@@ -10,8 +10,8 @@ Run under ``horovodrun -np 4 fa-hvd-bench step``. Each rank builds the same mode
 * ``fa_hvd_flag``: FA with its default buckets;
 * with ``--exchange allgather,sharded``, also ``fa_hvd_mean_sharded`` and
   ``fa_hvd_flag_sharded``: the same rules with ``exchange="sharded"``;
-* with ``--digest-cost``, also ``..._no_digest`` twins of the FA variants: the
-  exchange without the per-step digest of the aggregate (:mod:`fa_hvd.exchange.digest`),
+* with ``--digest-cost``, also ``..._digest`` twins of the FA variants: the
+  exchange with the per-step digest of the aggregate (:mod:`fa_hvd.exchange.digest`),
   so the digest's cost is the ratio of the two medians, measured in the same rounds.
 
 A step is ``zero_grad``, forward, ``backward``, ``synchronize()``, ``step()`` (under
@@ -40,7 +40,6 @@ whoever reads them on a quiet machine.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import statistics
 import sys
@@ -58,9 +57,9 @@ def variants_for(exchanges: list[str], digest_cost: bool = False) -> tuple[str, 
     """Horovod's allreduce, then fa_hvd's variants for each exchange asked for."""
     names = ("horovod_allreduce",)
     if "allgather" in exchanges:
-        names += ALLGATHER_VARIANTS + (("fa_hvd_flag_no_digest",) if digest_cost else ())
+        names += ALLGATHER_VARIANTS + (("fa_hvd_flag_digest",) if digest_cost else ())
     if "sharded" in exchanges:
-        names += SHARDED_VARIANTS + (("fa_hvd_flag_sharded_no_digest",) if digest_cost else ())
+        names += SHARDED_VARIANTS + (("fa_hvd_flag_sharded_digest",) if digest_cost else ())
     return names
 
 
@@ -85,7 +84,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--exchange", type=_exchanges, default=["allgather"], metavar="LIST",
                         help="fa_hvd's exchanges to time, comma list of allgather, sharded (default: allgather)")
     parser.add_argument("--digest-cost", action="store_true",
-                        help="also time FA without the per-step digest of the aggregate (variants ..._no_digest)")
+                        help="also time FA with the per-step digest of the aggregate (variants ..._digest)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cpu, or cuda: one GPU per rank (its local rank), NCCL where Horovod has it")
     parser.add_argument("--width", type=int, default=32, help="the small CNN's width (channels of the first conv)")
@@ -117,7 +116,6 @@ def run(args: argparse.Namespace) -> int:
 
     import fa_hvd
     from fa_hvd.comm.traffic import SocketTraffic
-    from fa_hvd.exchange import EXCHANGES as EXCHANGE_CLASSES
     from fa_hvd.exchange.cost import exchange_cost
 
     hvd.init()
@@ -140,12 +138,12 @@ def run(args: argparse.Namespace) -> int:
         if name == "horovod_allreduce":
             return model, hvd.DistributedOptimizer(inner, named_parameters=named, op=hvd.Average)
         bucket_bytes = 1 << 62 if name == "fa_hvd_mean_one_bucket" else args.bucket_bytes
-        kind = "sharded" if "_sharded" in name else "allgather"
-        exchange = functools.partial(EXCHANGE_CLASSES[kind], digest=False) if name.endswith("_no_digest") else kind
+        exchange = "sharded" if "_sharded" in name else "allgather"
         if name.startswith("fa_hvd_flag"):
             return model, fa_hvd.DistributedOptimizer(inner, named_parameters=named, aggregator="flag",
                                                       aggregator_params={"f": args.f, "r": args.r},
-                                                      bucket_bytes=bucket_bytes, exchange=exchange)
+                                                      bucket_bytes=bucket_bytes, exchange=exchange,
+                                                      digest=name.endswith("_digest"))
         return model, fa_hvd.DistributedOptimizer(inner, named_parameters=named, aggregator="mean",
                                                   bucket_bytes=bucket_bytes, exchange=exchange)
 
@@ -207,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
             kind = "allreduce" if name == "horovod_allreduce" else "sharded" if "_sharded" in name else "allgather"
             opt = variants[name][1]
             sizes = [b.numel for b in opt._buckets] if kind != "allreduce" else [n]
-            model = exchange_cost(kind, sizes, size, digest=not name.endswith("_no_digest"))
+            model = exchange_cost(kind, sizes, size, digest=name.endswith("_digest"))
             record = {
                 "bench": "step", "variant": name, "exchange": kind, "model": args.model, "device": args.device,
                 "ranks": size, "parameters": n, "batch_per_rank": args.batch_size,
@@ -225,8 +223,8 @@ def run(args: argparse.Namespace) -> int:
             if kind == "sharded":
                 record["bytes_vs_allreduce"] = max(most[name][k] / most["horovod_allreduce"][k] for k in (0, 1))
             record.update({k: m[k] for k in ("wait_s", "aggregate_s") if k in m})
-            if name.endswith("_no_digest"):  # the digest's cost: its twin's median over this one's
-                record["digest_cost"] = medians[name.removesuffix("_no_digest")]["step_s"] / m["step_s"] - 1
+            if name.endswith("_digest"):  # the digest's cost: this median over its twin's without it
+                record["digest_cost"] = m["step_s"] / medians[name.removesuffix("_digest")]["step_s"] - 1
             records.append(record)
             print(json.dumps(record), flush=True)
         sharded = [r for r in records if r["exchange"] == "sharded"]

@@ -19,8 +19,8 @@ about ``n / p``):
   values; with ``k > 1`` also its send buffers (``k n``) and contiguous copies of
   the received chunks (``k p W``).
 
-Both exchanges add one allgather of one 8-byte word per rank, ``8 (p - 1)``
-bytes, for the aggregate's digest (:mod:`.digest`; ``digest=False`` leaves it out).
+With ``digest`` both exchanges add one allgather of one 8-byte word per rank,
+``8 (p - 1)`` bytes, for the aggregate's digest (:mod:`.digest`).
 
 These are models; :mod:`fa_hvd.comm.traffic` counts what really went over TCP.
 """
@@ -31,7 +31,7 @@ import math
 
 
 def exchange_cost(kind: str, sizes: list[int] | int, p: int, element_size: int = 4, replicas: int = 1,
-                  anchors: int = 0, robust: bool = True, digest: bool = True) -> dict:
+                  anchors: int = 0, robust: bool = True, digest: bool = False) -> dict:
     """``{"bytes_sent", "bytes_received", "memory_bytes"}`` per rank per step for ``kind``.
 
     ``kind``: ``"allreduce"`` (Horovod's), ``"allgather"`` or ``"sharded"``; ``sizes``: the

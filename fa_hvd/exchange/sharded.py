@@ -28,8 +28,8 @@ bucket, its shard ``G_j`` (``p x n/p`` over all buckets).
 5. Rank ``j`` computes its shard of the aggregate, ``a_j = c^T G_j`` (or the
    coordinate-wise rule on ``G_j``), and one allgather of the ``a_j`` gives the
    aggregate on every rank (only one copy of each ``a_j`` exists, so every rank holds
-   the same bits), reassembled in bucket order; with ``digest`` (the default) one
-   word per rank compares the aggregates (:mod:`.digest`).
+   the same bits), reassembled in bucket order; with ``digest`` (off by default)
+   one word per rank compares the aggregates (:mod:`.digest`).
 
 Traffic per rank: ``(p - 1) W`` values each way for the alltoall and for the
 allgather (``W = sum_b W_b``), a ring allreduce's ``2 n (p - 1) / p``, plus the Gram
@@ -89,7 +89,7 @@ class ShardedExchange(GradientExchange):
     """
 
     def __init__(self, transport, aggregator, compression=None, prefix: str = "fa_hvd", replicas: int = 1,
-                 lies=None, digest: bool = True):
+                 lies=None, digest: bool = False):
         if not isinstance(aggregator, Aggregator) or not aggregator.columnwise:
             rule = rule_name(aggregator)
             raise ValueError(

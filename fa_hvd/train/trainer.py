@@ -182,6 +182,7 @@ class Trainer:
             transport=self.transport,
             gradient_transform=self._outgoing,
             exchange=replicated(conf.robust.replicas) if conf.robust.replicas > 1 else conf.robust.exchange,
+            digest=conf.robust.digest,
         )
         self.scheduler = optim.build_scheduler(self.optimizer, conf.schedule, conf.optim.lr, self.total_steps,
                                                self.steps_per_epoch)
