@@ -28,7 +28,10 @@ def broadcast_optimizer_state(optimizer, root_rank, model=None):
     checkpoint on rank 0, broadcast" every rank aggregates alike. Over Horovod the
     optimizer's own state goes through Horovod's function (its state-initialising
     step makes no gradient exchange); over the mpi4py transport the whole
-    ``state_dict()`` travels as one object. Any other optimizer: Horovod's function.
+    ``state_dict()`` travels as one message. fa_hvd's messages are read back
+    weights-only (:meth:`~fa_hvd.comm.base.Transport.broadcast_state`): the root is
+    trusted for the values, but cannot run code on the others. Any other optimizer:
+    Horovod's function.
     """
     import torch
     from horovod.torch.functions import broadcast_optimizer_state as horovod_broadcast_optimizer_state
@@ -39,17 +42,15 @@ def broadcast_optimizer_state(optimizer, root_rank, model=None):
     if transport.name != "horovod":
         if isinstance(optimizer, torch.optim.LBFGS):
             raise ValueError("cannot broadcast torch.optim.LBFGS state")  # as Horovod
-        state = transport.broadcast_object(optimizer.state_dict() if transport.rank == root_rank else None,
-                                           root_rank, name="fa_hvd.optimizer_state")
+        state = transport.broadcast_state(optimizer.state_dict() if transport.rank == root_rank else None,
+                                          root_rank, name="fa_hvd.optimizer_state")
         if transport.rank != root_rank:
             optimizer.load_state_dict(state)
         return None
-    import horovod.torch as hvd
-
     horovod_broadcast_optimizer_state(optimizer, root_rank, model)
     aggregator = optimizer.aggregator
     if hasattr(aggregator, "state_dict"):
-        state = hvd.broadcast_object(aggregator.state_dict(), root_rank, name="fa_hvd.aggregator_state")
+        state = transport.broadcast_state(aggregator.state_dict(), root_rank, name="fa_hvd.aggregator_state")
         aggregator.load_state_dict(state)
     return None
 

@@ -14,7 +14,7 @@ all-gathers them and every rank computes the same robust aggregate:
    transform that runs collectives itself (omniscient fault injection) makes
    buckets start in their fixed index order.
 2. ``synchronize()`` starts every bucket not started yet (parameters that got no
-   gradient send zeros), and the exchange (:class:`GradientExchange`; the
+   gradient send zeros), and the exchange (:class:`~fa_hvd.exchange.GradientExchange`; the
    default gathers every gradient, ``exchange="sharded"`` aggregates one shard of
    the coordinates per rank, :mod:`fa_hvd.exchange`) returns
    the ``(n,)`` aggregate of the whole gradient (FA needs the whole vector),
@@ -49,7 +49,6 @@ others are already training.
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import logging
 import os
@@ -63,7 +62,7 @@ import torch
 
 from .aggregators import Aggregator, get as get_aggregator
 from .comm import NoCompression, Transport, get_transport
-from .exchange import ShardedExchange
+from .exchange import EXCHANGES, GradientExchange, rule_name
 
 MIN_BUCKET_BYTES = 1 << 20  # automatic bucket sizes: total / TARGET_BUCKETS, within these bounds
 MAX_BUCKET_BYTES = 25 << 20
@@ -85,93 +84,6 @@ class RobustOptimizer:
     """Base of every optimizer class :func:`DistributedOptimizer` builds (for ``isinstance``)."""
 
 
-class GradientExchange:
-    """How the buckets' gradients travel and become one aggregate: the optimizer's plug-in point.
-
-    The optimizer calls :meth:`start` once per bucket and step, as soon as the
-    bucket's gradient is ready (in any order unless the optimizer was told
-    otherwise), then :meth:`finish` once, which waits and returns the ``(n,)``
-    aggregate of all buckets, concatenated in bucket-index order, on ``device``.
-    :meth:`abandon` drops a step in flight (``load_state_dict``, elastic restore).
-    ``timings`` holds the last :meth:`finish`'s ``arrived`` and ``aggregated``
-    ``time.perf_counter()`` stamps.
-    """
-
-    timings: dict
-
-    def start(self, index: int, flat: torch.Tensor) -> None:
-        raise NotImplementedError
-
-    def finish(self, count: int, device: torch.device, step: int) -> torch.Tensor:
-        raise NotImplementedError
-
-    def abandon(self) -> None:
-        raise NotImplementedError
-
-
-class AllgatherExchange(GradientExchange):
-    """Every rank gathers every rank's buckets, ``(p, n)``, and applies the aggregator.
-
-    A failed bucket raises Horovod's elastic errors unchanged (with a note naming
-    this rank, the step and the bucket) and anything else as a ``RuntimeError``
-    saying the same.
-    """
-
-    def __init__(self, transport: Transport, aggregator: Callable[[torch.Tensor], torch.Tensor], compression,
-                 prefix: str):
-        self.transport, self.aggregator, self.compression, self.prefix = transport, aggregator, compression, prefix
-        self.pending: dict[int, tuple] = {}
-        self.timings: dict = {}
-        self._buffer: torch.Tensor | None = None
-
-    def name(self, index: int) -> str:
-        return f"{self.prefix}.bucket{index}"
-
-    def start(self, index: int, flat: torch.Tensor) -> None:
-        wire, ctx = self.compression.compress(flat)
-        self.pending[index] = (self.transport.allgather_async(wire.reshape(1, -1), name=self.name(index)), ctx)
-
-    def finish(self, count: int, device: torch.device, step: int) -> torch.Tensor:
-        rows = []
-        for index in range(count):
-            handle, ctx = self.pending.pop(index)
-            failure = f"fa_hvd: rank {self.transport.rank}: the gradient exchange failed at step {step} (bucket {index})"
-            try:
-                gathered = self.transport.wait(handle)
-            except self.transport.passthrough_errors as exc:
-                exc.add_note(failure)
-                raise
-            except Exception as exc:
-                raise RuntimeError(f"{failure}: {exc}") from exc
-            rows.append(self.compression.decompress(gathered, ctx).to(device))
-        self.timings = {"arrived": time.perf_counter()}
-        update = self.aggregator(self._concatenate(rows))
-        self.timings["aggregated"] = time.perf_counter()
-        return update
-
-    def _concatenate(self, rows: list[torch.Tensor]) -> torch.Tensor:
-        """The buckets side by side, ``(p, n)``, in a buffer kept across steps (a fresh
-        one each step costs more than the copy: its pages are touched anew). The
-        aggregate is copied into ``.grad`` at once, so only a rule that kept a view of
-        its input past the call could see the buffer change; none does."""
-        if len(rows) == 1:
-            return rows[0]
-        shape = (rows[0].shape[0], sum(r.shape[1] for r in rows))
-        dtype = functools.reduce(torch.promote_types, (r.dtype for r in rows))
-        buffer = self._buffer
-        if buffer is None or buffer.shape != shape or buffer.dtype != dtype or buffer.device != rows[0].device:
-            buffer = self._buffer = torch.empty(shape, dtype=dtype, device=rows[0].device)
-        return torch.cat(rows, dim=1, out=buffer)
-
-    def abandon(self) -> None:
-        for handle, _ in self.pending.values():
-            self.transport.abandon(handle)
-        self.pending.clear()
-
-
-EXCHANGES: dict[str, Callable[..., GradientExchange]] = {"allgather": AllgatherExchange, "sharded": ShardedExchange}
-
-
 class _Bucket:
     """Parameters (on one device) whose gradients travel together."""
 
@@ -191,7 +103,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
     def __init__(self, params, named_parameters, compression, backward_passes_per_step: int, op, op_name: str,
                  gradient_predivide_factor: float, groups, sparse_as_dense: bool, process_set,
                  aggregator: Callable[[torch.Tensor], torch.Tensor], transport: Transport, exchange,
-                 bucket_bytes: int | None, gradient_transform: Callable[[torch.Tensor, int, int], torch.Tensor] | None):
+                 bucket_bytes: int | None, gradient_transform: Callable[[torch.Tensor, int, int], torch.Tensor] | None,
+                 digest: bool):
         super(self.__class__, self).__init__(params)
         # Horovod's attributes, with Horovod's meaning.
         self._compression = compression
@@ -216,7 +129,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._ordered = bool(getattr(getattr(gradient_transform, "__self__", gradient_transform),
                                      "uses_collectives", False))
         self._exchange = (EXCHANGES[exchange] if isinstance(exchange, str) else exchange)(
-            transport, aggregator, compression, self._prefix)
+            transport, aggregator, compression, self._prefix, **({"digest": True} if digest else {}))
         self._buckets = _make_buckets(self.param_groups, groups, bucket_bytes)
         self._bucket_of = {p: b for b in self._buckets for p in b.params}
         self._aggregation_device = _aggregation_device(self._buckets)
@@ -283,7 +196,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 self._aggregator.check(self._transport.size)
             if self._op_name == "Sum":
                 self._scale = float(self._transport.size)
-            name = getattr(self._aggregator, "name", getattr(self._aggregator, "__name__", repr(self._aggregator)))
+            name = rule_name(self._aggregator)
             _log.warning("fa_hvd: rank %d: now %d rank%s (was %d): aggregating with %s", self._transport.rank,
                          self._transport.size, "" if self._transport.size == 1 else "s", before, name)
 
@@ -429,6 +342,10 @@ class _DistributedOptimizer(torch.optim.Optimizer):
     def transport(self) -> Transport:
         return self._transport
 
+    @property
+    def exchange(self) -> GradientExchange:
+        return self._exchange
+
     def state_dict(self):
         state = super(self.__class__, self).state_dict()
         if isinstance(self._aggregator, Aggregator):
@@ -505,9 +422,9 @@ def _parameter_names(param_groups, named_parameters) -> dict:
 
 def _check_same_model(transport: Transport, param_groups, names: dict, tag: str) -> None:
     """Every rank must train the same parameters, in the same order, with the same shapes."""
-    signature = [(names[p], tuple(p.shape), str(p.dtype), bool(p.requires_grad))
+    signature = [[names[p], list(p.shape), str(p.dtype), bool(p.requires_grad)]
                  for group in param_groups for p in group["params"]]
-    everyone = transport.allgather_object(signature, name=tag)
+    everyone = transport.allgather_json(signature, name=tag, schema=[(str, [int], str, bool)])
     reference = everyone[0]
     for rank, theirs in enumerate(everyone):
         if theirs == reference:
@@ -612,6 +529,7 @@ def DistributedOptimizer(
     exchange: str | Callable[..., GradientExchange] = "allgather",
     bucket_bytes: int | None = None,
     gradient_transform: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
+    digest: bool = False,
 ):
     """Wrap ``optimizer`` so that gradients are all-gathered and robustly aggregated.
 
@@ -636,13 +554,16 @@ def DistributedOptimizer(
     :func:`fa_hvd.aggregators.get`, or a callable ``(p, n) -> (n,)``),
     ``aggregator_params`` (e.g. ``{"f": 3}``), ``transport`` (``"horovod"``,
     ``"mpi"`` or a :class:`~fa_hvd.comm.Transport`), ``exchange`` (a name in
-    :data:`EXCHANGES`: ``"allgather"``, or ``"sharded"`` for allreduce traffic and O(n)
+    :data:`fa_hvd.exchange.EXCHANGES`: ``"allgather"``, or ``"sharded"`` for allreduce traffic and O(n)
     memory, :mod:`fa_hvd.exchange`; or a factory ``(transport, aggregator, compression,
     prefix) -> GradientExchange`` such as ``fa_hvd.exchange.replicated(3)``),
     ``bucket_bytes`` (default: automatic, see
     :func:`_make_buckets`), ``gradient_transform`` (``(flat_grad, bucket_index,
     step) -> tensor``, applied to what this rank sends; fault injection uses it; an
-    object whose ``uses_collectives`` is true gets buckets in index order). An
+    object whose ``uses_collectives`` is true gets buckets in index order),
+    ``digest`` (compare every rank's aggregate each step and stop the step on a
+    difference: :mod:`fa_hvd.exchange.digest`; off by default, it costs more than
+    1 % of a step; an ``exchange`` factory then gets ``digest=True``). An
     aggregator that cannot work with the world size fails here, before training
     starts.
 
@@ -653,7 +574,10 @@ def DistributedOptimizer(
     counts them, ``bytes_sent``/``bytes_received`` during that step; and the
     aggregator's diagnostics (:func:`fa_hvd.aggregators.base.describe`): ``nonfinite``
     and ``dropped`` (ranks), and ``weights`` (each rank's coefficient in the
-    aggregate, for rules that combine rows: FA's default mode, Krum, geomed, ...).
+    aggregate, for rules that combine rows: FA's default mode, Krum, geomed, ...);
+    from the sharded exchange, when they happened, ``disputes`` and ``blamed``
+    (:mod:`fa_hvd.exchange.evidence`) and, with replicas, ``repaired`` (the holders
+    outvoted, per shard).
     ``optimizer.step_count`` counts completed exchanges (Horovod's state-initialising
     step in ``broadcast_optimizer_state`` is not one).
     """
@@ -687,7 +611,7 @@ def DistributedOptimizer(
     return cls(optimizer.param_groups, named_parameters,
                compression if compression is not None else NoCompression, backward_passes_per_step, op, op_name,
                gradient_predivide_factor, groups, sparse_as_dense, getattr(transport, "process_set", None),
-               aggregator, transport, exchange, bucket_bytes, gradient_transform)
+               aggregator, transport, exchange, bucket_bytes, gradient_transform, digest)
 
 
 def _register_elastic_state_handler() -> None:

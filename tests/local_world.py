@@ -101,9 +101,6 @@ class LocalTransport(Transport):
     def allreduce_sum(self, tensor, name):
         return self.wait(self._post("allreduce", name, tensor.clone(), lambda everyone: sum(everyone)))
 
-    def allgather_object(self, obj, name):
-        return self.wait(self._post("allgather_object", name, obj, lambda everyone: everyone))
-
     def broadcast_(self, tensor, root, name):
         tensor.copy_(self.wait(self._post("broadcast", name, tensor.clone(), lambda everyone: everyone[root])))
         return tensor

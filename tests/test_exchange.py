@@ -104,9 +104,9 @@ def test_partial_grams_sum_to_the_gram_bit_for_bit_on_every_rank(monkeypatch):
     original = ShardedExchange._gram
 
     def spy(self, *args):
-        K, finite = original(self, *args)
+        K, rows, evidence = original(self, *args)
         grams[self.rank] = K
-        return K, finite
+        return K, rows, evidence
 
     monkeypatch.setattr(ShardedExchange, "_gram", spy)
     sharded("krum", G)
@@ -204,26 +204,52 @@ class Equivocating(LocalTransport):
 
 
 def run_replicated(exchange_cls, monkeypatch, replicas=3, transport_cls=LocalTransport):
+    """Five ranks, krum with f = 1; per rank: (the aggregate, the exchange's diagnostics)."""
     monkeypatch.setattr(local_world, "LocalTransport", transport_cls)
     G = honest(p=5, n=60)
-    return run_ranks(5, lambda t: step(exchange_cls(t, get("krum", f=1), replicas=replicas), G[t.rank], [60]))
+
+    def body(t):
+        exchange = exchange_cls(t, get("krum", f=1), replicas=replicas)
+        return step(exchange, G[t.rank], [60]), exchange.aggregator.diagnostics
+
+    return run_ranks(5, body)
 
 
-def test_a_rank_that_miscomputes_its_partial_gram_is_named(monkeypatch):
-    with pytest.raises(ShardMismatch, match=r"Gram .* of shard 2: rank\(s\) \[2\] disagree with the majority \[3, 4\]"):
-        run_replicated(LyingGram, monkeypatch)
-    with pytest.raises(ShardMismatch, match=r"shard 2: ranks \[2, 3\] disagree with no majority"):
+def honest_krum(monkeypatch):
+    return run_replicated(ShardedExchange, monkeypatch, replicas=1)[0][0]
+
+
+@pytest.mark.parametrize("liar,what,shard,odd", [
+    (LyingGram, "the partial Gram and row flags", 2, [2]),
+    (LyingShard, "the aggregate", 3, [3]),
+])
+def test_with_2f_plus_1_replicas_a_lying_holder_is_outvoted_and_named(monkeypatch, liar, what, shard, odd):
+    expected = honest_krum(monkeypatch)
+    for out, diagnostics in run_replicated(liar, monkeypatch):
+        assert torch.equal(out, expected)
+        assert diagnostics["repaired"][what] == {shard: odd}
+
+
+def test_with_f_plus_1_replicas_a_lie_is_detected_blaming_no_one(monkeypatch):
+    with pytest.raises(ShardMismatch, match=r"partial Gram and row flags of shard 2: ranks \[2, 3\] disagree and no "
+                                            r"one copy is held by more than f=1 of them"):
         run_replicated(LyingGram, monkeypatch, replicas=2)
+    with pytest.raises(ShardMismatch, match=r"the aggregate of shard 3: ranks \[3, 4\] disagree"):
+        run_replicated(LyingShard, monkeypatch, replicas=2)
 
 
-def test_a_rank_that_miscomputes_its_aggregate_shard_is_named(monkeypatch):
-    with pytest.raises(ShardMismatch, match=r"shard 3 of the aggregate: rank\(s\) \[3\] disagree"):
-        run_replicated(LyingShard, monkeypatch)
-
-
-def test_a_rank_that_sends_replicas_different_chunks_is_named(monkeypatch):
+def test_a_rank_that_sends_replicas_different_chunks_is_outvoted_or_detected(monkeypatch):
+    expected = honest_krum(monkeypatch)
+    for out, diagnostics in run_replicated(ShardedExchange, monkeypatch, transport_cls=Equivocating):
+        assert torch.equal(out, expected)  # holders 0 and 1 got rank 1's true chunk of shard 4; rank 4 did not
+        assert diagnostics["repaired"]["the partial Gram and row flags"] == {4: [4]}
     with pytest.raises(ShardMismatch, match=r"received different data from rank 1 for shard 4"):
-        run_replicated(ShardedExchange, monkeypatch, transport_cls=Equivocating)
+        run_replicated(ShardedExchange, monkeypatch, replicas=2, transport_cls=Equivocating)
+
+
+def test_fewer_replicas_than_f_plus_1_are_refused_naming_k_and_f():
+    with pytest.raises(ValueError, match=r"replicas=2 cannot keep the promise for f=2.*>= f \+ 1 = 3.*>= 2f \+ 1 = 5"):
+        ShardedExchange(None, get("krum", f=2), replicas=2)
 
 
 def test_rules_that_need_whole_rows_are_refused():
@@ -326,9 +352,11 @@ def test_finite_rows_from_the_gram_only_where_its_squares_cannot_overflow(monkey
     original = ShardedExchange._gram
 
     def spy(self, *args):
-        K, finite = original(self, *args)
-        flags.setdefault(args[3], finite)  # by compute dtype
-        return K, finite
+        K, rows, evidence = original(self, *args)
+        kept = torch.ones(self.p, dtype=torch.bool) if rows.keep is None else torch.zeros(self.p, dtype=torch.bool)
+        kept[rows.keep if rows.keep is not None else []] = True
+        flags.setdefault(args[3], kept)  # by compute dtype
+        return K, rows, evidence
 
     monkeypatch.setattr(ShardedExchange, "_gram", spy)
     G = honest(p=5, n=30)

@@ -9,7 +9,10 @@ Run under ``horovodrun -np 4 fa-hvd-bench step``. Each rank builds the same mode
   leaves before backward ends: the no-overlap baseline);
 * ``fa_hvd_flag``: FA with its default buckets;
 * with ``--exchange allgather,sharded``, also ``fa_hvd_mean_sharded`` and
-  ``fa_hvd_flag_sharded``: the same rules with ``exchange="sharded"``.
+  ``fa_hvd_flag_sharded``: the same rules with ``exchange="sharded"``;
+* with ``--digest-cost``, also ``..._digest`` twins of the FA variants: the
+  exchange with the per-step digest of the aggregate (:mod:`fa_hvd.exchange.digest`),
+  so the digest's cost is the ratio of the two medians, measured in the same rounds.
 
 A step is ``zero_grad``, forward, ``backward``, ``synchronize()``, ``step()`` (under
 ``skip_synchronize``). Its *exposed communication* is the time from the end of
@@ -50,13 +53,13 @@ SHARDED_VARIANTS = ("fa_hvd_mean_sharded", "fa_hvd_flag_sharded")
 EXCHANGES = ("allgather", "sharded")
 
 
-def variants_for(exchanges: list[str]) -> tuple[str, ...]:
+def variants_for(exchanges: list[str], digest_cost: bool = False) -> tuple[str, ...]:
     """Horovod's allreduce, then fa_hvd's variants for each exchange asked for."""
     names = ("horovod_allreduce",)
     if "allgather" in exchanges:
-        names += ALLGATHER_VARIANTS
+        names += ALLGATHER_VARIANTS + (("fa_hvd_flag_digest",) if digest_cost else ())
     if "sharded" in exchanges:
-        names += SHARDED_VARIANTS
+        names += SHARDED_VARIANTS + (("fa_hvd_flag_sharded_digest",) if digest_cost else ())
     return names
 
 
@@ -80,6 +83,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--num-classes", type=int, default=10, help="classes of the synthetic labels")
     parser.add_argument("--exchange", type=_exchanges, default=["allgather"], metavar="LIST",
                         help="fa_hvd's exchanges to time, comma list of allgather, sharded (default: allgather)")
+    parser.add_argument("--digest-cost", action="store_true",
+                        help="also time FA with the per-step digest of the aggregate (variants ..._digest)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cpu, or cuda: one GPU per rank (its local rank), NCCL where Horovod has it")
     parser.add_argument("--width", type=int, default=32, help="the small CNN's width (channels of the first conv)")
@@ -123,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(args.batch_size, 3, args.image, args.image, generator=gen).to(device)
     y = torch.randint(0, args.num_classes, (args.batch_size,), generator=gen).to(device)
-    names = variants_for(args.exchange)
+    names = variants_for(args.exchange, args.digest_cost)
 
     def build(name):
         torch.manual_seed(0)
@@ -133,11 +138,12 @@ def run(args: argparse.Namespace) -> int:
         if name == "horovod_allreduce":
             return model, hvd.DistributedOptimizer(inner, named_parameters=named, op=hvd.Average)
         bucket_bytes = 1 << 62 if name == "fa_hvd_mean_one_bucket" else args.bucket_bytes
-        exchange = "sharded" if name.endswith("_sharded") else "allgather"
+        exchange = "sharded" if "_sharded" in name else "allgather"
         if name.startswith("fa_hvd_flag"):
             return model, fa_hvd.DistributedOptimizer(inner, named_parameters=named, aggregator="flag",
                                                       aggregator_params={"f": args.f, "r": args.r},
-                                                      bucket_bytes=bucket_bytes, exchange=exchange)
+                                                      bucket_bytes=bucket_bytes, exchange=exchange,
+                                                      digest=name.endswith("_digest"))
         return model, fa_hvd.DistributedOptimizer(inner, named_parameters=named, aggregator="mean",
                                                   bucket_bytes=bucket_bytes, exchange=exchange)
 
@@ -188,18 +194,18 @@ def run(args: argparse.Namespace) -> int:
 
     n = sum(p.numel() for p in variants["horovod_allreduce"][0].parameters())
     medians = {name: {k: statistics.median(v) for k, v in s.items() if v} for name, s in samples.items()}
-    wire = {name: (m["sent"], m["received"]) for name, m in medians.items()}
-    everyone = hvd.allgather_object(wire, name="bench.bytes")
-    most = {name: [max(r[name][k] for r in everyone) for k in (0, 1)] for name in names}
+    wire = torch.tensor([[[medians[name][k] for k in ("sent", "received")] for name in names]], dtype=torch.float64)
+    everyone = hvd.allgather(wire, name="bench.bytes")  # (ranks, variants, 2): bytes, not pickles
+    most = {name: everyone[:, i].amax(0).tolist() for i, name in enumerate(names)}
     base = medians["horovod_allreduce"]
     if rank == 0:
         records = []
         for name in names:
             m = medians[name]
-            kind = "allreduce" if name == "horovod_allreduce" else "sharded" if name.endswith("_sharded") else "allgather"
+            kind = "allreduce" if name == "horovod_allreduce" else "sharded" if "_sharded" in name else "allgather"
             opt = variants[name][1]
             sizes = [b.numel for b in opt._buckets] if kind != "allreduce" else [n]
-            model = exchange_cost(kind, sizes, size)
+            model = exchange_cost(kind, sizes, size, digest=name.endswith("_digest"))
             record = {
                 "bench": "step", "variant": name, "exchange": kind, "model": args.model, "device": args.device,
                 "ranks": size, "parameters": n, "batch_per_rank": args.batch_size,
@@ -217,6 +223,8 @@ def run(args: argparse.Namespace) -> int:
             if kind == "sharded":
                 record["bytes_vs_allreduce"] = max(most[name][k] / most["horovod_allreduce"][k] for k in (0, 1))
             record.update({k: m[k] for k in ("wait_s", "aggregate_s") if k in m})
+            if name.endswith("_digest"):  # the digest's cost: this median over its twin's without it
+                record["digest_cost"] = m["step_s"] / medians[name.removesuffix("_digest")]["step_s"] - 1
             records.append(record)
             print(json.dumps(record), flush=True)
         sharded = [r for r in records if r["exchange"] == "sharded"]

@@ -1,4 +1,5 @@
-"""The transport interface: allgather (async), broadcast and small allreduces.
+"""The transport interface: allgather (async), alltoall, broadcast and small allreduces, and
+object messages built on them without pickle (:mod:`fa_hvd.comm.messages`).
 
 Tensors are gathered along dim 0, so gathering a ``(1, n)`` row from each of
 ``size`` ranks gives ``(size, n)`` in rank order on every rank. Horovod has no
@@ -14,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from . import messages
 from .traffic import SocketTraffic
 
 TIMEOUT_ENV = "FA_HVD_COLLECTIVE_TIMEOUT_SECONDS"
@@ -98,6 +100,7 @@ class Transport:
     local_rank: int
     included = True
     passthrough_errors: tuple[type[BaseException], ...] = ()
+    lies = None  # fault injection: fa_hvd.faults.roles.RoleLies, asked what this rank's messages say
 
     def refresh(self) -> bool:
         return False
@@ -127,13 +130,53 @@ class Transport:
         """Sum of ``tensor`` over ranks (small tensors: counters, checks)."""
         raise NotImplementedError
 
-    def allgather_object(self, obj, name: str) -> list:
-        """Every rank's picklable ``obj``, in rank order."""
+    def broadcast_object(self, obj, root: int, name: str):
+        """``root``'s picklable ``obj`` on every rank (``root`` counts ranks of this transport).
+
+        Pickled: only for what a root that is trusted anyway sends (rank 0's resume
+        and elastic state, see the README's threat model); prefer :meth:`broadcast_state`.
+        """
         raise NotImplementedError
 
-    def broadcast_object(self, obj, root: int, name: str):
-        """``root``'s picklable ``obj`` on every rank (``root`` counts ranks of this transport)."""
-        raise NotImplementedError
+    # -- object messages without pickle (:mod:`fa_hvd.comm.messages`) -------------------
+    def allgather_bytes(self, data: bytes, name: str, limit: int = messages.MAX_MESSAGE_BYTES) -> list[bytes]:
+        """Every rank's ``data``, in rank order: the lengths, then the bytes padded to the longest
+        (two tensor allgathers of equal shapes, so every transport carries them). A length over
+        ``limit`` raises :class:`~fa_hvd.comm.messages.MessageError` naming its rank, before
+        anything of that size is allocated."""
+        if self.lies is not None:
+            data = self.lies.message(data)
+        lengths = self.allgather(torch.tensor([[len(data)]], dtype=torch.int64), name=f"{name}.lengths")
+        lengths = lengths.reshape(-1).tolist()
+        for sender, length in enumerate(lengths):
+            messages.check_length(sender, length, limit, name)
+        row = torch.zeros(1, max(1, *lengths), dtype=torch.uint8)
+        if data:
+            row[0, : len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        rows = self.allgather(row, name=name)
+        return [bytes(rows[r, :length].numpy().tobytes()) for r, length in enumerate(lengths)]
+
+    def allgather_json(self, obj, name: str, schema, limit: int = messages.MAX_MESSAGE_BYTES) -> list:
+        """Every rank's JSON-able ``obj``, in rank order, each checked against ``schema``
+        (:func:`~fa_hvd.comm.messages.check`); a malformed one raises naming its rank."""
+        data = self.allgather_bytes(messages.encode_json(obj, limit), name, limit)
+        return [messages.decode_json(d, schema, sender, name) for sender, d in enumerate(data)]
+
+    def allgather_state(self, state, name: str, limit: int = messages.MAX_STATE_BYTES) -> list:
+        """Every rank's tensor ``state`` (tensors, numbers, strings, containers), read back weights-only."""
+        data = self.allgather_bytes(messages.encode_state(state), name, limit)
+        return [messages.decode_state(d, sender, name) for sender, d in enumerate(data)]
+
+    def broadcast_state(self, state, root: int, name: str, limit: int = messages.MAX_STATE_BYTES):
+        """``root``'s tensor ``state`` on every rank, read back weights-only (no code runs)."""
+        data = messages.encode_state(state) if self.rank == root else b""
+        length = self.broadcast_(torch.tensor([len(data)], dtype=torch.int64), root, name=f"{name}.length")
+        messages.check_length(root, int(length), limit, name)
+        payload = torch.zeros(int(length), dtype=torch.uint8)
+        if self.rank == root and data:
+            payload.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        payload = self.broadcast_(payload, root, name=name)
+        return messages.decode_state(payload.numpy().tobytes(), root, name)
 
     # -- alltoall and traffic counters (the sharded exchange) ------------------------
     def alltoall_async(self, tensor: torch.Tensor, splits: list[int], name: str,

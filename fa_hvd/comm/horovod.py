@@ -8,8 +8,6 @@ and shuts the job down only when ``HOROVOD_STALL_SHUTDOWN_TIME_SECONDS`` is set
 
 from __future__ import annotations
 
-import pickle
-
 import horovod.torch as hvd
 import torch
 from horovod.common.exceptions import HorovodInternalError, HostsUpdatedInterrupt
@@ -65,14 +63,6 @@ class HorovodTransport(Transport):
 
     def allreduce_sum(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
         return hvd.allreduce(tensor, op=hvd.Sum, name=name, process_set=self.process_set)
-
-    def allgather_object(self, obj, name: str) -> list:
-        # Horovod's own allgather_object takes no process set; pickle through allgather.
-        payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
-        sizes = hvd.allgather(torch.tensor([payload.numel()]), name=f"{name}.sizes", process_set=self.process_set)
-        data = hvd.allgather(payload, name=name, process_set=self.process_set)
-        pieces = torch.split(data, sizes.tolist())
-        return [pickle.loads(piece.numpy().tobytes()) for piece in pieces]
 
     def alltoall_async(self, tensor: torch.Tensor, splits: list[int], name: str,
                        received: list[int] | None = None) -> Handle:

@@ -76,9 +76,6 @@ class MPITransport(Transport):
         self.comm.Allreduce(send.numpy(), recv.numpy(), op=MPI.SUM)
         return recv.to(tensor.device)
 
-    def allgather_object(self, obj, name: str) -> list:
-        return self.comm.allgather(obj)
-
     def broadcast_object(self, obj, root: int, name: str):
         return self.comm.bcast(obj, root=root)
 

@@ -156,6 +156,9 @@ def simulate(cell: Cell, curve: bool = False) -> dict:
     if any(spec.category == "process" for spec in specs):
         raise ValueError(f"{cell.key}: the simulation has no processes to crash, hang or slow; "
                          f"use --engine distributed for process faults")
+    if any(spec.category == "role" for spec in specs):
+        raise ValueError(f"{cell.key}: the simulation has no exchange or control messages to lie in; "
+                         f"use --engine distributed for role faults ({', '.join(s.kind for s in specs)})")
     split = _dataset(json.dumps(cfg.to_dict(conf.data), sort_keys=True), seed)
     shards = partition(split.labels(), p, seed, conf.data.alpha)
     epoch = steps_per_epoch(len(split.train), p, batch_size * passes)

@@ -12,11 +12,15 @@ about ``n / p``):
   with ``replicas = k``), the allgather of the aggregate's shards, ``(p - 1) k W``,
   and the allgather of the packed partial Grams, ``(p - 1) k L`` eight-byte words
   with ``L = p + (p + a)(p + a + 1) / 2`` (row flags, the upper triangle; ``a`` the
-  rule's anchors, 1 for cclip; ``k > 1`` adds ``p`` digests). It holds what it
+  rule's anchors, 1 for cclip; ``k > 1`` adds ``p`` digests), plus, for a robust
+  rule, the rank's ``2 p`` words of claims on its own row (:mod:`.evidence`). It holds what it
   received (``k p W``), its shards of the aggregate (``k W``), the gathered shards
   (``k p W``) and the aggregate in bucket order (``n``): about ``(2 k + 1) n``
   values; with ``k > 1`` also its send buffers (``k n``) and contiguous copies of
   the received chunks (``k p W``).
+
+With ``digest`` both exchanges add one allgather of one 8-byte word per rank,
+``8 (p - 1)`` bytes, for the aggregate's digest (:mod:`.digest`).
 
 These are models; :mod:`fa_hvd.comm.traffic` counts what really went over TCP.
 """
@@ -27,7 +31,7 @@ import math
 
 
 def exchange_cost(kind: str, sizes: list[int] | int, p: int, element_size: int = 4, replicas: int = 1,
-                  anchors: int = 0) -> dict:
+                  anchors: int = 0, robust: bool = True, digest: bool = False) -> dict:
     """``{"bytes_sent", "bytes_received", "memory_bytes"}`` per rank per step for ``kind``.
 
     ``kind``: ``"allreduce"`` (Horovod's), ``"allgather"`` or ``"sharded"``; ``sizes``: the
@@ -38,14 +42,16 @@ def exchange_cost(kind: str, sizes: list[int] | int, p: int, element_size: int =
     if kind == "allreduce":
         wire = 2 * (p - 1) * n * element_size / p
         return {"bytes_sent": wire, "bytes_received": wire, "memory_bytes": n * element_size}
+    digest_bytes = 8 * (p - 1) if digest else 0
     if kind == "allgather":
-        wire = (p - 1) * n * element_size
+        wire = (p - 1) * n * element_size + digest_bytes
         return {"bytes_sent": wire, "bytes_received": wire, "memory_bytes": 2 * p * n * element_size}
     if kind == "sharded":
         width = sum(math.ceil(size / p) for size in sizes)
         m = p + anchors
         words = p + m * (m + 1) // 2 + (p if replicas > 1 else 0)
-        wire = 2 * (p - 1) * replicas * width * element_size + (p - 1) * replicas * words * 8
+        claims = 2 * p if robust else 0
+        wire = 2 * (p - 1) * replicas * width * element_size + (p - 1) * (replicas * words + claims) * 8 + digest_bytes
         values = (2 * p + 1) * replicas * width + n
         if replicas > 1:
             values += replicas * n + replicas * p * width

@@ -12,11 +12,15 @@ bucket, its shard ``G_j`` (``p x n/p`` over all buckets).
    narrower data, where fp64 sums of squares cannot overflow; by
    :func:`~fa_hvd.aggregators.base.finite_rows` otherwise and for rules without a Gram).
 3. One allgather of the packed ``K_j`` and flags (``p + p (p + 1) / 2`` words per
-   rank); every rank sums the ``K_j`` in shard order in fp64, so ``K`` is bit for bit
-   the same everywhere, whatever order a reduction collective would have used.
-4. Every rank applies the finite-row policy (:func:`~fa_hvd.aggregators.base.surviving_rows`:
-   a row non-finite in any shard is dropped and counted against ``f``, as in
-   allgather mode) and turns ``K`` into the rule's column form
+   rank) and, for a robust rule, each rank's own word on its own row (``2 p`` words:
+   which of its chunks are finite, their squared norms, computed in :meth:`start`
+   while backward runs); every rank sums the ``K_j`` in shard order in fp64, so ``K``
+   is bit for bit the same everywhere, whatever order a reduction collective would
+   have used.
+4. Every rank weighs the owners' reports against the senders' words
+   (:mod:`.evidence`: a row its sender declares non-finite is dropped and counted
+   against ``f``, as in allgather mode; a disputed row costs both parties their rows;
+   an owner proven to lie stops the step) and turns ``K`` into the rule's column form
    (:meth:`~fa_hvd.aggregators.base.Aggregator.by_columns`): coefficients ``c`` for
    Gram rules, Bulyan's selection, cclip's ``(a, c)``; the coordinate-wise rules need
    no ``K``. The ``p x p`` work runs on the host (one transfer of ``K``, no device
@@ -24,7 +28,8 @@ bucket, its shard ``G_j`` (``p x n/p`` over all buckets).
 5. Rank ``j`` computes its shard of the aggregate, ``a_j = c^T G_j`` (or the
    coordinate-wise rule on ``G_j``), and one allgather of the ``a_j`` gives the
    aggregate on every rank (only one copy of each ``a_j`` exists, so every rank holds
-   the same bits), reassembled in bucket order.
+   the same bits), reassembled in bucket order; with ``digest`` (off by default)
+   one word per rank compares the aggregates (:mod:`.digest`).
 
 Traffic per rank: ``(p - 1) W`` values each way for the alltoall and for the
 allgather (``W = sum_b W_b``), a ring allreduce's ``2 n (p - 1) / p``, plus the Gram
@@ -34,14 +39,18 @@ Gram instead of ``O(n p^2)``. With ``compression`` (Horovod's ``Compression.fp16
 the alltoall and the allgather of the aggregate both travel compressed, as both
 halves of Horovod's allreduce do.
 
-Trust: every rank's gradient may be anything (the rule sees every row), but each
-rank is trusted to compute its partial Gram and its shard of the aggregate
-honestly. ``replicas = k > 1`` buys that trust back at ``k`` times the traffic:
-chunk ``s`` of every bucket is held by ranks ``s, s + 1, ..., s + k - 1`` (mod
-``p``), which exchange a BLAKE2b digest of every chunk they received, their partial
-Grams and flags, and their shards of the aggregate; every rank compares the copies
-bit for bit, and a mismatch raises :class:`ShardMismatch` on every rank alike,
-naming the ranks.
+Trust: every rank's gradient may be anything (the rule sees every row). Each
+owner's flags and the diagonal of its partial Gram are checked against the senders
+(:mod:`.evidence`); what stays trusted unreplicated is the rest of its partial Gram
+within those checks and its shard of the aggregate. ``replicas = k > 1`` buys that
+back at ``k`` times the traffic: chunk ``s`` of every bucket is held by ranks
+``s, s + 1, ..., s + k - 1`` (mod ``p``), which exchange a BLAKE2b digest of every
+chunk they received, their partial Grams and flags, and their shards of the
+aggregate. ``k`` must be 1 or more than ``f`` (else ``f`` liars could hold every copy
+of a shard). Every rank compares the copies bit for bit and uses the one more than
+``f`` holders agree on (it has an honest holder; with ``k >= 2f + 1`` there always is
+one), naming the others in the diagnostics' ``repaired``; when there is none, a
+:class:`ShardMismatch` on every rank alike names the holders, blaming none.
 """
 
 from __future__ import annotations
@@ -52,17 +61,21 @@ import time
 
 import torch
 
-from ..aggregators.base import Aggregator, Rows, anchored_gram, describe, finite_rows, surviving_rows
+from ..aggregators.base import Aggregator, Rows, anchored_gram, describe, finite_rows
 from ..comm import NoCompression
+from .base import GradientExchange, rule_name, wait
+from .digest import check_agreement
+from .evidence import Verdict, majority, not_a_gram, verdict
 
 HALF = (torch.float16, torch.bfloat16)
 
 
 class ShardMismatch(RuntimeError):
-    """Replicas of a shard disagree: a rank computed, received or reported its shard differently."""
+    """A shard owner's report is proven false (:mod:`.evidence`), or replicas of a shard disagree with no
+    copy held by more than ``f`` of them: the step stops on every rank alike."""
 
 
-class ShardedExchange:
+class ShardedExchange(GradientExchange):
     """The optimizer's gradient exchange (``exchange="sharded"``), one shard of the coordinates per rank.
 
     Built as ``ShardedExchange(transport, aggregator, compression, prefix)`` by the
@@ -75,16 +88,24 @@ class ShardedExchange:
     exchange itself held at once).
     """
 
-    def __init__(self, transport, aggregator, compression=None, prefix: str = "fa_hvd", replicas: int = 1):
+    def __init__(self, transport, aggregator, compression=None, prefix: str = "fa_hvd", replicas: int = 1,
+                 lies=None, digest: bool = False):
         if not isinstance(aggregator, Aggregator) or not aggregator.columnwise:
-            rule = getattr(aggregator, "name", getattr(aggregator, "__name__", repr(aggregator)))
+            rule = rule_name(aggregator)
             raise ValueError(
                 f"fa_hvd: exchange='sharded' needs a rule computable by column blocks (Gram rules, median, "
                 f"trimmed_mean, bulyan, cclip and their compositions), got {rule!r}; use exchange='allgather'"
             )
         if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
             raise ValueError(f"fa_hvd: replicas must be a positive integer, got {replicas!r}")
+        if 1 < replicas <= aggregator.f:
+            raise ValueError(
+                f"fa_hvd: replicas={replicas} cannot keep the promise for f={aggregator.f}: f ranks could hold "
+                f"every copy of a shard; use replicas >= f + 1 = {aggregator.f + 1} (a lie is detected) or "
+                f">= 2f + 1 = {2 * aggregator.f + 1} (a lie is repaired), or 1")
         self.transport, self.aggregator, self.prefix, self.replicas = transport, aggregator, prefix, replicas
+        self.digest = digest  # compare the aggregates' digests every step (fa_hvd.exchange.digest)
+        self.lies = lies  # fault injection: a rank lying in its roles (fa_hvd.faults.roles.RoleLies)
         self.compression = compression if compression is not None else NoCompression
         self.pending: dict[int, tuple] = {}
         self.timings: dict = {}
@@ -127,9 +148,28 @@ class ShardedExchange:
             splits.append(sum(b - a for a, b in ranges))
         send = flat if self.replicas == 1 else torch.cat(parts)  # k = 1: the chunks in rank order
         wire, ctx = self.compression.compress(send)
+        if self.aggregator.robust:
+            self._claim(self.compression.decompress(wire, ctx), size, splits)
+        if self.lies is not None:
+            wire = self.lies.sent(wire, splits)
         received = sum(b - a for a, b in (self.chunk(size, s) for s in self.held))
         handle = self.transport.alltoall_async(wire, splits, name=self.name(index), received=[received] * self.p)
         self.pending[index] = (handle, ctx, flat.dtype, size, send if self.replicas > 1 else None)
+
+    def _claim(self, seen: torch.Tensor, size: int, splits: list[int]) -> None:
+        """This rank's own word on its row, per chunk (finite? squared norm in fp64), on the values
+        the owners will see; summed over the step's buckets (see :mod:`.evidence`)."""
+        if not self.pending:
+            self._claims = (torch.ones(self.p, dtype=torch.bool, device=seen.device),
+                            torch.zeros(self.p, dtype=torch.float64, device=seen.device))
+        finite, norms = self._claims
+        for s in range(self.p):
+            a, b = self.chunk(size, s)
+            at = sum(splits[:s])  # the first copy of chunk s goes to rank s
+            x = seen[at : at + b - a].to(torch.float64)
+            norm = torch.dot(x, x)
+            norms[s] += norm
+            finite[s] &= x.isfinite().all() if seen.dtype == torch.float64 else norm.isfinite()
 
     def abandon(self) -> None:
         for handle, *_ in self.pending.values():
@@ -149,7 +189,7 @@ class ShardedExchange:
         digests = [[hashlib.blake2b(digest_size=8) for _ in range(self.p)] for _ in self.held]
         offset = 0
         for index, (handle, ctx, _, size, _) in enumerate(pending):
-            wire = self._wait(handle, step, f"bucket {index}")
+            wire = wait(self.transport, handle, step, f"bucket {index}")
             chunks = wire.reshape(self.p, -1)  # row i: what rank i sent here
             values = self.compression.decompress(chunks, ctx).to(device)
             held += _bytes(wire) + (_bytes(values) if values.data_ptr() != wire.data_ptr() else 0)
@@ -169,11 +209,10 @@ class ShardedExchange:
             offset += size
         self.timings = {"arrived": time.perf_counter()}
         n = offset
-        K, finite = self._gram(pieces, digests, n, compute, device, step)
-        rows = surviving_rows(finite, self.aggregator.f) if self.aggregator.robust else Rows(None, self.aggregator.f)
+        K, rows, evidence = self._gram(pieces, digests, n, compute, device, step)
         self.aggregator.weights = None
         if rows.none_left:
-            self.aggregator.diagnostics = describe(self.p, rows, None)
+            self.aggregator.diagnostics = {**describe(self.p, rows, None), **evidence}
             self.stats = {"peak_bytes": held}
             self.timings["aggregated"] = time.perf_counter()
             return torch.zeros(n, dtype=result, device=device)
@@ -183,7 +222,7 @@ class ShardedExchange:
             keep = torch.cat([rows.keep, torch.arange(self.p, K.shape[0])])  # anchors stay
             K = K[keep][:, keep]
         rule = self.aggregator.by_columns(kept, K, rows.f)
-        self.aggregator.diagnostics = describe(self.p, rows, self.aggregator.weights)
+        self.aggregator.diagnostics = {**describe(self.p, rows, self.aggregator.weights), **evidence}
         widths = [-(-size // self.p) for size in sizes]
         starts = [sum(widths[:i]) for i in range(len(widths))]
         out = torch.zeros(self.replicas, sum(widths), dtype=result, device=device)  # chunks padded to W_b
@@ -192,25 +231,20 @@ class ShardedExchange:
                 block = piece if rows.keep is None else piece[rows.keep.to(piece.device)]
                 out[t, starts[index] : starts[index] + piece.shape[1]] = rule(block.to(compute), cols)
         held += _bytes(out)
+        if self.lies is not None:
+            out = self.lies.aggregate(self.held, out)
         aggregate, gathered = self._gather(out, sizes, widths, starts, step)
         self.stats = {"peak_bytes": held + gathered}
+        if self.digest:
+            check_agreement(self.transport, aggregate, step, f"{self.prefix}.digest")
         self.aggregator.observe(aggregate)
         self.timings["aggregated"] = time.perf_counter()
         return aggregate
 
-    def _wait(self, handle, step: int, stage: str) -> torch.Tensor:
-        """The handle's result; failures as the allgather exchange reports them (elastic errors unchanged)."""
-        failure = f"fa_hvd: rank {self.transport.rank}: the gradient exchange failed at step {step} ({stage})"
-        try:
-            return self.transport.wait(handle)
-        except self.transport.passthrough_errors as exc:
-            exc.add_note(failure)
-            raise
-        except Exception as exc:
-            raise RuntimeError(f"{failure}: {exc}") from exc
-
-    def _gram(self, pieces, digests, n: int, compute, device, step: int) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Steps 2 and 3: ``K`` (fp64 on the host, summed in shard order; None if the rule needs none) and the flags."""
+    def _gram(self, pieces, digests, n: int, compute, device, step: int) -> tuple[torch.Tensor | None, Rows, dict]:
+        """Steps 2 to 4: ``K`` (fp64 on the host, summed in shard order; None if the rule needs none),
+        the rows the rule aggregates and what the evidence showed (:mod:`.evidence`; replicas: the
+        majority's copy of each shard, the odd holders named)."""
         p, aggregator = self.p, self.aggregator
         anchors = aggregator.anchors(n, compute, device) if aggregator.uses_gram else None
         m = p + (0 if anchors is None else anchors.shape[0])
@@ -230,54 +264,113 @@ class ShardedExchange:
                     K += anchored_gram(block, None if anchors is None else anchors[:, cols])
             if aggregator.robust and diagonal_flags:
                 finite &= K.diagonal()[:p].isfinite()
-            fields = [finite.cpu().long()]
+            finite, K = finite.cpu(), K.cpu()
+            if self.lies is not None:
+                finite, K = self.lies.report(self.held[t], finite, K)
+            fields = [finite.long()]
             if self.replicas > 1:
                 fields.append(torch.tensor([_signed(d.digest()) for d in digests[t]], dtype=torch.int64))
             if aggregator.uses_gram:
-                fields.append(K.cpu()[upper[0], upper[1]].view(torch.int64))
+                fields.append(K[upper[0], upper[1]].view(torch.int64))
             packed.append(torch.cat(fields))
+        if aggregator.robust:
+            claimed_finite, claimed_norms = (c.cpu() for c in self._claims)
+            if self.lies is not None:
+                claimed_finite, claimed_norms = self.lies.claim(claimed_finite, claimed_norms)
+            packed.append(torch.cat([claimed_finite.long(), claimed_norms.view(torch.int64)]))
         mine = torch.cat(packed)
-        everyone = self._wait(self.transport.allgather_async(mine.reshape(1, -1), name=f"{self.prefix}.gram"),
-                              step, "partial Grams")
-        length = mine.numel() // self.replicas
-        finite = torch.ones(p, dtype=torch.bool)
-        K = torch.zeros(m, m, dtype=torch.float64) if aggregator.uses_gram else None
-        for s in range(p):  # fixed order: the same sum, bit for bit, on every rank
-            copies = [everyone[h, t * length : (t + 1) * length] for t, h in enumerate(self.holders(s))]
-            if self.replicas > 1:
-                self._compare_partials(s, copies)
-            finite &= copies[0][:p].bool()
-            if K is not None:
-                partial = torch.zeros(m, m, dtype=torch.float64)
-                partial[upper[0], upper[1]] = copies[0][-upper.shape[1] :].view(torch.float64)
-                K += partial + partial.triu(1).T
-        return K, finite
+        everyone = wait(self.transport, self.transport.allgather_async(mine.reshape(1, -1), name=f"{self.prefix}.gram"),
+                        step, "partial Grams")
+        claims = everyone[:, mine.numel() - 2 * p :] if aggregator.robust else None
+        length = (mine.numel() - (0 if claims is None else 2 * p)) // self.replicas
+        flags = torch.ones(p, p, dtype=torch.bool)
+        partials = torch.zeros(p, m, m, dtype=torch.float64) if aggregator.uses_gram else None
+        owners, repaired = [], {}
+        for s in range(p):
+            holders = self.holders(s)
+            copies = [everyone[h, t * length : (t + 1) * length] for t, h in enumerate(holders)]
+            chosen = self._choose(s, copies, holders, "the partial Gram and row flags", repaired)
+            owners.append(holders[chosen])
+            flags[s] = copies[chosen][:p].bool()
+            if partials is not None:
+                partials[s][upper[0], upper[1]] = copies[chosen][-upper.shape[1] :].view(torch.float64)
+                partials[s] += partials[s].triu(1).T
+        evidence = {"repaired": repaired} if repaired else {}
+        if not aggregator.robust:
+            return (None if partials is None else _sum_in_order(partials)), Rows(None, aggregator.f), evidence
+        judged = self._judge(owners, flags, partials, claims, compute)
+        if judged.disputes:
+            evidence.update({"disputes": [list(d) for d in judged.disputes], "blamed": judged.blamed})
+        if not judged.keep.all():
+            rows = Rows(judged.keep.nonzero().flatten(), judged.f)
+        else:
+            rows = Rows(None, judged.f)
+        K = None if partials is None else _sum_in_order(partials)
+        return K, rows, evidence
 
-    def _compare_partials(self, s: int, copies: list[torch.Tensor]) -> None:
-        p, holders = self.p, self.holders(s)
-        for source in range(p):
-            if len({int(c[p + source]) for c in copies}) > 1:
-                raise ShardMismatch(
-                    f"fa_hvd: sharded exchange: ranks {holders} received different data from rank {source} "
-                    f"for shard {s}: rank {source} sent different chunks to the replicas, or one of "
-                    f"{holders} misreports what it received"
-                )
-        _require_agreement(copies, holders, f"the partial Gram and row flags of shard {s}")
+    def _choose(self, s: int, copies, holders: list[int], what: str, repaired: dict) -> int:
+        """Which holder's copy of shard ``s`` to use: the only one (``replicas = 1``), else the copy
+        more than ``f`` holders agree on (the odd ones out are recorded in ``repaired``); with no
+        such copy, :class:`ShardMismatch` on every rank, blaming no one."""
+        if self.replicas == 1:
+            return 0
+        found = majority(copies, holders, self.aggregator.f)
+        if found is None:
+            p = self.p
+            for source in range(p):
+                if len({int(c[p + source]) for c in copies}) > 1 and what.startswith("the partial"):
+                    raise ShardMismatch(
+                        f"fa_hvd: sharded exchange: ranks {holders} received different data from rank {source} "
+                        f"for shard {s}: rank {source} sent different chunks to the replicas, or one of "
+                        f"{holders} misreports what it received (no one copy is held by more than "
+                        f"f={self.aggregator.f} of them)")
+            raise ShardMismatch(f"fa_hvd: sharded exchange: {what} of shard {s}: ranks {holders} disagree and "
+                                f"no one copy is held by more than f={self.aggregator.f} of them")
+        if found.odd:
+            repaired.setdefault(what, {})[s] = found.odd
+        return found.chosen
+
+    def _judge(self, owners, flags, partials, claims, compute) -> Verdict:
+        """Owners' reports against senders' claims (:func:`.evidence.verdict`); a lying owner stops the step."""
+        p, f = self.p, self.aggregator.f
+        not_grams = {}
+        if partials is not None:
+            for s, owner in enumerate(owners):
+                why = not_a_gram(partials[s], flags[s], strict_finite=compute != torch.float64)
+                if why is not None:
+                    not_grams.setdefault(owner, f"its partial Gram of shard {s} is {why}")
+        diagonals = None if partials is None else partials[:, torch.arange(p), torch.arange(p)]
+        judged = verdict(f, owners, flags, diagonals, claims[:, :p].bool(), claims[:, p:].view(torch.float64),
+                         not_grams)
+        if judged.lying_owners:
+            named = sorted(judged.lying_owners)
+            reasons = "; ".join(f"rank {r}: {why}" for r, why in sorted(judged.lying_owners.items()))
+            raise ShardMismatch(f"fa_hvd: sharded exchange: rank(s) {named} lied about their shard "
+                                f"(f={f}): {reasons}")
+        return judged
 
     def _gather(self, out: torch.Tensor, sizes, widths, starts, step: int) -> tuple[torch.Tensor, int]:
         """Step 5: allgather the shards of the aggregate, reassembled in bucket order; ``(aggregate, bytes held)``."""
         wire, ctx = self.compression.compress(out.reshape(1, -1))
-        gathered = self._wait(self.transport.allgather_async(wire, name=f"{self.prefix}.out"), step, "aggregate")
+        gathered = wait(self.transport, self.transport.allgather_async(wire, name=f"{self.prefix}.out"), step, "aggregate")
         values = self.compression.decompress(gathered, ctx).reshape(self.p, self.replicas, -1)
         held = _bytes(gathered) + (_bytes(values) if values.data_ptr() != gathered.data_ptr() else 0)
+        shards = values[:, 0]
         if self.replicas > 1:  # holder (s + t) % p's copy of chunk s sits in its slot t
+            repaired: dict = {}
+            chosen = []
             for s in range(self.p):
                 copies = [values[h, t] for t, h in enumerate(self.holders(s))]
-                _require_agreement(copies, self.holders(s), f"shard {s} of the aggregate")
+                t = self._choose(s, copies, self.holders(s), "the aggregate", repaired)
+                chosen.append(values[self.holders(s)[t], t])
+            shards = torch.stack(chosen)
+            if repaired:
+                diagnostics = self.aggregator.diagnostics
+                diagnostics["repaired"] = {**diagnostics.get("repaired", {}), **repaired}
         aggregate = torch.empty(sum(sizes), dtype=values.dtype, device=values.device)
         offset = 0
         for size, width, start in zip(sizes, widths, starts):
-            aggregate[offset : offset + size] = values[:, 0, start : start + width].reshape(-1)[:size]
+            aggregate[offset : offset + size] = shards[:, start : start + width].reshape(-1)[:size]
             offset += size
         return aggregate, held + _bytes(aggregate)
 
@@ -296,23 +389,9 @@ def _signed(digest: bytes) -> int:
     return int.from_bytes(digest, "little", signed=True)
 
 
-def _require_agreement(copies: list[torch.Tensor], ranks: list[int], what: str) -> None:
-    """Raise :class:`ShardMismatch` unless every copy has the same bits, naming the odd ranks out."""
-    bits = [c.contiguous().view(torch.uint8) for c in copies]
-    groups: list[list[int]] = []
-    for i, b in enumerate(bits):
-        for group in groups:
-            if torch.equal(bits[group[0]], b):
-                group.append(i)
-                break
-        else:
-            groups.append([i])
-    if len(groups) == 1:
-        return
-    groups.sort(key=len, reverse=True)
-    if len(groups[0]) * 2 > len(copies):
-        odd = sorted(ranks[i] for group in groups[1:] for i in group)
-        blame = f"rank(s) {odd} disagree with the majority {sorted(ranks[i] for i in groups[0])}"
-    else:
-        blame = f"ranks {ranks} disagree with no majority"
-    raise ShardMismatch(f"fa_hvd: sharded exchange: {what}: {blame}")
+def _sum_in_order(partials: torch.Tensor) -> torch.Tensor:
+    """``sum_s partials[s]`` in shard order: the same bits on every rank, whatever a reduction would do."""
+    K = torch.zeros_like(partials[0])
+    for partial in partials:
+        K += partial
+    return K

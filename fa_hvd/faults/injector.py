@@ -20,6 +20,7 @@ import time
 import torch
 
 from .gradient import ATTACKS, HonestView
+from .roles import RoleLies
 from .seeding import derive_seed, uniform_draw
 from .spec import FaultSpec
 
@@ -56,10 +57,12 @@ class FaultInjector:
         self.counts: dict[str, int] = {}
         self._log = log
         self._logged: set[str] = set()
+        self._recorded: dict[str, int] = {}  # kind -> the last step it was counted
         self._gradient = [(i, s) for i, s in enumerate(self.specs) if s.category == "gradient"]
         self._process = [(i, s) for i, s in enumerate(self.specs) if s.category == "process"]
         self._omniscient = [s for s in self.specs if s.omniscient]
         self._transport = transport
+        self.roles = RoleLies(self)  # lies in other roles (fa_hvd.faults.roles), told where they are asked
         self._honest_cache: tuple[int, list[int]] | None = None
         if self._omniscient:
             self._check_transport()
@@ -106,6 +109,7 @@ class FaultInjector:
         """
         if bucket_index == 0:
             self._process_faults(step)
+        self.roles.step = step
         honest = self._honest_view(flat, bucket_index, step) if self._gathers(step) else None
         for i, spec in self._gradient:
             if self.fires(i, self.rank, step):
@@ -113,7 +117,7 @@ class FaultInjector:
                 generator.manual_seed(derive_seed(self.seed, self.rank, step, i, bucket_index))
                 flat = ATTACKS[spec.kind](flat, honest, generator, spec.params)
                 if bucket_index == 0:
-                    self._record(spec, step)
+                    self.record(spec, step)
         return flat
 
     def _gathers(self, step: int) -> bool:
@@ -129,7 +133,7 @@ class FaultInjector:
         for i, spec in self._process:
             if not self.fires(i, self.rank, step):
                 continue
-            self._record(spec, step)
+            self.record(spec, step)
             if spec.kind == "slow":
                 time.sleep(spec.params["delay"])
             elif spec.kind == "hang":
@@ -137,7 +141,11 @@ class FaultInjector:
             else:
                 crash(self.rank, step, spec.params["exit_code"])
 
-    def _record(self, spec: FaultSpec, step: int) -> None:
+    def record(self, spec: FaultSpec, step: int) -> None:
+        """Count ``spec`` once per step it acts on (and log its first time)."""
+        if self._recorded.get(spec.kind) == step:
+            return
+        self._recorded[spec.kind] = step
         self.counts[spec.kind] = self.counts.get(spec.kind, 0) + 1
         if spec.kind not in self._logged:
             self._logged.add(spec.kind)

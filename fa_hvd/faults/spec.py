@@ -25,12 +25,14 @@ from typing import Any, Callable, NamedTuple
 
 import yaml
 
+from .roles import ROLE_KINDS, ROLE_PARAMS
+
 GRADIENT_KINDS = ("gaussian", "uniform", "signflip", "reverse", "zero", "nan", "inf", "bitflip",
                   "alie", "ipm", "mimic")
 OMNISCIENT_KINDS = ("alie", "ipm", "mimic")
 DATA_KINDS = ("labelflip", "lotka_volterra", "catmap")
 PROCESS_KINDS = ("crash", "hang", "slow")
-KINDS = GRADIENT_KINDS + DATA_KINDS + PROCESS_KINDS
+KINDS = GRADIENT_KINDS + DATA_KINDS + PROCESS_KINDS + ROLE_KINDS
 
 _ENTRY_KEYS = ("kind", "ranks", "start_step", "stop_step", "probability", "params")
 _REQUIRED = object()
@@ -76,6 +78,7 @@ PARAMS: dict[str, dict[str, Param]] = {
     "crash": {"exit_code": Param(13, lambda v: _is_int(v) and 0 <= v <= 255, "an integer in [0, 255]")},
     "hang": {},
     "slow": {"delay": Param(0.1, *_POSITIVE)},
+    **{kind: {name: Param(*p) for name, p in params.items()} for kind, params in ROLE_PARAMS.items()},
 }
 
 
@@ -92,9 +95,11 @@ class FaultSpec:
 
     @property
     def category(self) -> str:
-        """``"gradient"``, ``"data"`` or ``"process"``."""
+        """``"gradient"``, ``"data"``, ``"process"`` or ``"role"`` (:mod:`.roles`)."""
         if self.kind in GRADIENT_KINDS:
             return "gradient"
+        if self.kind in ROLE_KINDS:
+            return "role"
         return "data" if self.kind in DATA_KINDS else "process"
 
     @property

@@ -184,7 +184,8 @@ class RobustConfig:
     aggregator_params: dict = field(default_factory=dict)   # f, r, tau, ...
     transport: Literal["horovod", "mpi"] = "horovod"
     exchange: Literal["allgather", "sharded"] = "allgather"  # sharded: allreduce's traffic, O(n) memory
-    replicas: int = 1                  # sharded only: each shard computed by this many ranks and compared
+    replicas: int = 1                  # sharded only: 1, or >= f+1 ranks compute each shard (>= 2f+1: repaired)
+    digest: bool = False               # compare the ranks' aggregates every step (an altered relayed block stops it)
     allow_exceeding_f: bool = False    # more faulty ranks than f: a warning, not an error
 
     def validate(self) -> None:
@@ -195,6 +196,10 @@ class RobustConfig:
         _positive("robust.replicas", self.replicas, integer=True)
         if self.replicas > 1 and self.exchange != "sharded":
             raise cfg.ConfigError(f"robust.replicas: {self.replicas} needs robust.exchange sharded")
+        if 1 < self.replicas <= rule.f:
+            raise cfg.ConfigError(f"robust.replicas: {self.replicas} cannot keep the promise for f={rule.f} (f ranks "
+                                  f"could hold every copy of a shard); use >= {rule.f + 1} (detect) or "
+                                  f">= {2 * rule.f + 1} (repair), or 1")
         if self.exchange == "sharded" and not rule.columnwise:
             raise cfg.ConfigError(f"robust.exchange: sharded cannot compute {rule.name} (it needs whole "
                                   f"gradients); use allgather")

@@ -4,11 +4,21 @@ SLURM sends SIGTERM (or the ``--signal`` of ``sbatch``, often SIGUSR1) before a
 time limit or a preemption, possibly to one task only. :class:`StopSignals`
 turns either signal into a flag; nothing happens inside the handler.
 
-At every step boundary the ranks sum one small vector (:func:`agree`): each
-rank's batch loss, whether it has a stop request, whether rank 0's clock says
-a timed checkpoint is due, how many ranks injected a fault, how many had an
-fp16 overflow. One rank's signal therefore reaches every rank at the same step,
-and all of them checkpoint and exit together.
+At every step boundary the ranks gather one small fixed-layout vector each
+(:func:`agree`: five float64 words, no pickle) and every rank draws the same
+decisions from the same ``(p, 5)`` matrix, so no rank's word counts for more than
+its own row:
+
+* the logged loss is the median of the finite losses (a lying rank moves it no
+  further than the honest spread);
+* a stop request from any one rank stops every rank at the same step (that is
+  preemption: SLURM may signal one task only; a Byzantine rank can therefore end
+  the run early, with a checkpoint: documented, not tolerated);
+* a timed checkpoint is due when rank 0's clock says so (rank 0 is trusted);
+* an fp16 overflow counts only from a rank that says it overflowed *and* whose
+  gradient row the exchange found non-finite (the row is dropped and counted
+  against ``f`` like any other bad row), so a rank cannot make others back off;
+* the count of ranks that injected a fault is each rank's own word (logging only).
 """
 
 from __future__ import annotations
@@ -47,23 +57,35 @@ class StopSignals:
 class StepAgreement:
     """What every rank knows after a step's :func:`agree`."""
 
-    mean_loss: float
+    loss: float  # the median over ranks of the finite losses (nan if none)
     stop: bool
     checkpoint_due: bool
     faulty_ranks: int
     overflowed_ranks: int
 
 
-def agree(transport, loss: float, stop: bool, checkpoint_due: bool, faulty: bool,
-          overflowed: bool) -> StepAgreement:
-    """One allreduce of five numbers: the step's shared decisions (see the module docstring)."""
-    local = torch.tensor([loss, float(stop), float(checkpoint_due and transport.rank == 0), float(faulty),
-                          float(overflowed)], dtype=torch.float64)
-    total = transport.allreduce_sum(local, name="fa_hvd.train.agree")
+def agree(transport, loss: float, stop: bool, checkpoint_due: bool, faulty: bool, overflowed: bool,
+          nonfinite_rows=(), lies=None) -> StepAgreement:
+    """One allgather of five numbers per rank: the step's shared decisions (see the module docstring).
+
+    ``nonfinite_rows``: the ranks whose gradient rows this step's exchange found
+    non-finite (the same list on every rank: the optimizer's ``stats["nonfinite"]``).
+    A flag word counts as set when it is > 0 (NaN is not). ``lies``: fault injection
+    (:class:`fa_hvd.faults.roles.RoleLies`), what this rank says instead.
+    """
+    local = torch.tensor([[loss, float(stop), float(checkpoint_due and transport.rank == 0), float(faulty),
+                           float(overflowed)]], dtype=torch.float64)
+    if lies is not None:
+        local = lies.control(local)
+    rows = transport.allgather(local, name="fa_hvd.train.agree").reshape(transport.size, 5)
+    losses = rows[:, 0][rows[:, 0].isfinite()]
+    flags = rows[:, 1:] > 0
+    bad_rows = torch.zeros(transport.size, dtype=torch.bool)
+    bad_rows[[r for r in nonfinite_rows if 0 <= r < transport.size]] = True
     return StepAgreement(
-        mean_loss=float(total[0]) / transport.size,
-        stop=bool(total[1] > 0),
-        checkpoint_due=bool(total[2] > 0),
-        faulty_ranks=int(total[3]),
-        overflowed_ranks=int(total[4]),
+        loss=float(losses.quantile(0.5)) if losses.numel() else float("nan"),
+        stop=bool(flags[:, 0].any()),
+        checkpoint_due=bool(flags[0, 1]),
+        faulty_ranks=int(flags[:, 2].sum()),
+        overflowed_ranks=int((flags[:, 3] & bad_rows).sum()),
     )

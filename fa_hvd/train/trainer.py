@@ -23,7 +23,7 @@ One optimizer step on rank ``r`` (step ``t``, counted from 0):
    what it sends) and every rank aggregates; with ``optim.grad_clip`` or fp16,
    ``synchronize()``, then unscale and clip, then ``step()`` under
    ``skip_synchronize()``, as Horovod documents;
-3. the learning-rate schedule steps; the ranks agree on the mean loss, a stop
+3. the learning-rate schedule steps; the ranks agree on the median loss, a stop
    request (SIGTERM/SIGUSR1 on any rank) and a timed checkpoint
    (:func:`~fa_hvd.train.control.agree`); rank 0 logs; evaluation and
    checkpoints follow when due.
@@ -52,6 +52,7 @@ import fa_hvd
 from fa_hvd import checkpoint
 from fa_hvd.aggregators import get as get_aggregator
 from fa_hvd.comm import get_transport
+from fa_hvd.comm.messages import Optional
 from fa_hvd.config import ConfigError, differences
 from fa_hvd.exchange import replicated
 from fa_hvd.faults import FaultInjector, parse_faults, poison_for_rank
@@ -187,6 +188,7 @@ class Trainer:
             transport=self.transport,
             gradient_transform=self._outgoing,
             exchange=replicated(conf.robust.replicas) if conf.robust.replicas > 1 else conf.robust.exchange,
+            digest=conf.robust.digest,
         )
         self.scheduler = optim.build_scheduler(self.optimizer, conf.schedule, conf.optim.lr, self.total_steps,
                                                self.steps_per_epoch)
@@ -203,6 +205,8 @@ class Trainer:
         counts = self.injector.counts if hasattr(self, "injector") else {}
         self.injector = FaultInjector(self.specs, self.rank, self.world, seed=conf.seed, transport=self.transport)
         self.injector.counts = dict(counts)
+        lies = self.injector.roles or None  # role faults (fa_hvd.faults.roles) are told where they are asked
+        self.optimizer.exchange.lies = self.transport.lies = lies
 
     # -- one step ---------------------------------------------------------------------------
     def _outgoing(self, flat: torch.Tensor, bucket: int, step: int) -> torch.Tensor:
@@ -314,7 +318,7 @@ class Trainer:
 
     def gather_state(self) -> dict | None:
         """The whole checkpoint on rank 0 (None elsewhere): shared state plus every rank's own (collective)."""
-        ranks = self.transport.allgather_object(self.rank_state(), name="fa_hvd.train.rank_state")
+        ranks = self.transport.allgather_state(self.rank_state(), name="fa_hvd.train.rank_state")
         if self.rank != 0:
             return None
         state = self.shared_state()
@@ -447,8 +451,10 @@ class Trainer:
             agreed = control.agree(self.transport, loss, stop=signals.received is not None,
                                    checkpoint_due=self.timed_checkpoint_due(),
                                    faulty=sum(self.injector.counts.values()) > faults_before,
-                                   overflowed=self._overflowed)
-            self.last_loss = agreed.mean_loss
+                                   overflowed=self._overflowed,
+                                   nonfinite_rows=self.optimizer.stats.get("nonfinite", ()),
+                                   lies=self.injector.roles or None)
+            self.last_loss = agreed.loss
             self._back_off_if_overflowed(agreed.overflowed_ranks)
             step_s = time.perf_counter() - started
             if self.rank == 0:
@@ -485,7 +491,7 @@ class Trainer:
                 self.consumed_faults.add(i)
 
     def _log_step(self, agreed: control.StepAgreement, step_s: float, samples_per_s: float) -> None:
-        record = {"kind": "step", "step": self.step, "epoch": self.epoch, "loss": agreed.mean_loss,
+        record = {"kind": "step", "step": self.step, "epoch": self.epoch, "loss": agreed.loss,
                   "lr": self.scheduler.get_last_lr()[0], "step_s": round(step_s, 6),
                   "backward_s": round(self.backward_s, 6), "synchronize_s": round(self.synchronize_s, 6),
                   "samples_per_s": round(samples_per_s, 1), "faults": agreed.faulty_ranks,
@@ -496,7 +502,7 @@ class Trainer:
         if self.scaler is not None:
             record["loss_scale"] = self.scaler.get_scale()
         self.log.write(record)
-        self.progress.step(self.step, self.epoch, agreed.mean_loss, samples_per_s)
+        self.progress.step(self.step, self.epoch, agreed.loss, samples_per_s)
 
     def _evaluate(self) -> None:
         test_loss, accuracy = self.evaluate()
@@ -509,8 +515,9 @@ class Trainer:
     def finish(self, status: int) -> None:
         """Every rank: checksums, fault counts; rank 0 writes summary.json. Ends with a barrier, so no
         rank exits (and makes a launcher kill the others) before rank 0's files are on disk."""
-        crcs = self.transport.allgather_object(checksum(self.model.parameters()), name="fa_hvd.train.crc")
-        faults = self.transport.allgather_object(dict(self.injector.counts), name="fa_hvd.train.faults")
+        crcs = self.transport.allgather_json(checksum(self.model.parameters()), name="fa_hvd.train.crc", schema=int)
+        faults = self.transport.allgather_json(dict(self.injector.counts), name="fa_hvd.train.faults",
+                                               schema={str: int})
         if self.rank == 0:
             name = "finished" if status == EXIT_OK else "preempted"
             summary = self.summary(name, crcs[0], all(c == crcs[0] for c in crcs), faults)
@@ -563,7 +570,7 @@ def usage_error(message: str, rank: int | None) -> int:
 
 def agree_on_errors(transport, error: str | None) -> None:
     """Raise :class:`UsageError` on every rank if any rank has an error (rank 0 reports it)."""
-    errors = transport.allgather_object(error, name="fa_hvd.train.errors")
+    errors = transport.allgather_json(error, name="fa_hvd.train.errors", schema=Optional(str))
     failed = [(r, e) for r, e in enumerate(errors) if e is not None]
     if not failed:
         return

@@ -60,16 +60,16 @@ def check_alltoall(transport, rank):
     rows = torch.cat([torch.full((s, 2), 10.0 * rank + q) for q, s in enumerate(splits)])
     got = transport.wait(transport.alltoall_async(rows, splits, name="check.a2a"))
     expected = torch.cat([torch.full(((source + rank) % 3, 2), 10.0 * source + rank) for source in range(p)])
-    return {"ok": transport.allgather_object(torch.equal(got, expected), name="check.a2a.ok")}
+    return {"ok": transport.allgather_json(torch.equal(got, expected), name="check.a2a.ok", schema=object)}
 
 
 class GramSpy(ShardedExchange):
     """Keeps the summed Gram of its last step."""
 
     def _gram(self, *args):
-        K, finite = super()._gram(*args)
+        K, rows, evidence = super()._gram(*args)
         self.last_gram = K
-        return K, finite
+        return K, rows, evidence
 
 
 def check_gram_bits(transport, rank):
@@ -80,7 +80,7 @@ def check_gram_bits(transport, rank):
     G = gradients(p, n, "alie")
     spy = GramSpy(transport, get("flag", f=1, r=2), prefix="check.grambits")
     step(spy, G[rank])
-    crcs = transport.allgather_object(crc(spy.last_gram), name="check.grambits.crc")
+    crcs = transport.allgather_json(crc(spy.last_gram), name="check.grambits.crc", schema=object)
     error = float(((spy.last_gram - gram(G)).abs() / gram(G).abs().max()).max())
     return {"ranks_agree": all(c == crcs[0] for c in crcs), "rel_error": error}
 
@@ -99,7 +99,7 @@ def check_rules(transport, rank):
             finite = expected.isfinite()
             diff = float((out[finite] - expected[finite]).abs().max() / expected[finite].abs().max())
             same_nan = bool(torch.equal(out.isfinite(), finite))
-            crcs = transport.allgather_object(crc(out), name=f"check.{fault}.{name}.crc")
+            crcs = transport.allgather_json(crc(out), name=f"check.{fault}.{name}.crc", schema=object)
             report[f"{name}/{fault}"] = {"rel_diff": diff, "same_non_finite": same_nan,
                                          "ranks_agree": all(c == crcs[0] for c in crcs)}
     return report
@@ -151,7 +151,7 @@ def check_optimizer(transport, rank, steps=3):
             F.cross_entropy(model(x), y).backward()
             opt.step()
         results[exchange] = torch.cat([q.detach().reshape(-1) for q in model.parameters()])
-        crcs = transport.allgather_object(checksum(model.parameters()), name=f"check.opt.{exchange}")
+        crcs = transport.allgather_json(checksum(model.parameters()), name=f"check.opt.{exchange}", schema=object)
         results[f"{exchange}_agree"] = all(c == crcs[0] for c in crcs)
         results[f"{exchange}_buckets"] = len(opt._buckets)
     return {"max_abs_diff": float((results["sharded"] - results["allgather"]).abs().max()),
@@ -176,7 +176,7 @@ def check_replicas(transport, rank):
         error = None
     except ShardMismatch as exc:
         error = str(exc)
-    errors = transport.allgather_object(error, name="check.lie.errors")
+    errors = transport.allgather_json(error, name="check.lie.errors", schema=object)
     return {"same_as_plain": bool(torch.equal(plain, doubled)), "errors": errors}
 
 
@@ -205,7 +205,7 @@ def check_bytes(transport, rank, n=1 << 20, repeats=3):
             after = traffic.totals()
             samples.append((after[0] - before[0], after[1] - before[1]))
         out[name] = [int(statistics.median(s[k] for s in samples)) for k in (0, 1)]
-    return {"n": n, "per_rank": transport.allgather_object(out, name="bytes.report"), "source": traffic.source}
+    return {"n": n, "per_rank": transport.allgather_json(out, name="bytes.report", schema=object), "source": traffic.source}
 
 
 CHECKS = {"alltoall": check_alltoall, "rules": check_rules, "gram_bits": check_gram_bits,

@@ -65,7 +65,7 @@ def check_sent(transport, rank):
             "changed_fraction": float((sent != mine).float().mean()),
             "counted": injector.counts.get(kind, 0) if rank == 1 else None,
         }
-        out[kind]["counted"] = transport.allgather_object(out[kind]["counted"], name=f"count.{kind}")[1]
+        out[kind]["counted"] = transport.allgather_json(out[kind]["counted"], name=f"count.{kind}", schema=object)[1]
     return out
 
 

@@ -41,7 +41,7 @@ def train(model, opt, x, y, steps=4):
 
 
 def agree(transport, params):
-    sums = transport.allgather_object(checksum(params), name="check.crc")
+    sums = transport.allgather_json(checksum(params), name="check.crc", schema=object)
     return all(s == sums[0] for s in sums)
 
 
@@ -335,10 +335,10 @@ def check_process_sets(transport, rank):
     opt = fa_hvd.DistributedOptimizer(opt, aggregator="median", process_set=mine)
     for i in range(3):
         step(model, opt, i)
-    sums = transport.allgather_object(checksum(model.parameters()), name="check.ps")
+    sums = transport.allgather_json(checksum(model.parameters()), name="check.ps", schema=object)
     out.update(same_within=all(sums[r] == sums[rank % 2] for r in range(rank % 2, transport.size, 2)),
                differ_across=sums[0] != sums[1], set_size=opt.transport.size)
-    out = {k: transport.allgather_object(v, name=f"check.ps.{k}") for k, v in out.items()}
+    out = {k: transport.allgather_json(v, name=f"check.ps.{k}", schema=object) for k, v in out.items()}
     hvd.remove_process_set(odds)
     hvd.remove_process_set(evens)
     return out
@@ -366,7 +366,7 @@ def check_process_set_sizes(transport, rank):
     for k in range(1, transport.size + 1):
         process_set = hvd.add_process_set(list(range(k))) if k < transport.size else hvd.global_process_set
         result = twin_runs(rank, build, step, steps=2, process_set=process_set)
-        out[str(k)] = transport.allgather_object(result, name=f"check.sizes.{k}")
+        out[str(k)] = transport.allgather_json(result, name=f"check.sizes.{k}", schema=object)
         if k < transport.size:
             hvd.remove_process_set(process_set)
     return out
@@ -378,7 +378,7 @@ def check_slow_peer(transport, rank):
         time.sleep(1.5)
     G = transport.allgather(torch.full((1, 4096), float(rank + 1)), name="check.slow_peer")
     expected = torch.arange(1, transport.size + 1, dtype=torch.float32)[:, None].expand(-1, 4096)
-    return {"complete": all(transport.allgather_object(bool(torch.equal(G, expected)), name="check.slow_peer.ok"))}
+    return {"complete": all(transport.allgather_json(bool(torch.equal(G, expected)), name="check.slow_peer.ok", schema=object))}
 
 
 def check_broadcast_state(transport, rank):
@@ -414,7 +414,7 @@ def check_broadcast_state(transport, rank):
         centre = fresh_opt.aggregator.state_dict().get("center")
         centre_crc = None if centre is None else checksum([centre])
         train(fresh, fresh_opt, x, y, steps=1)
-        return {"centres_agree": len(set(transport.allgather_object(centre_crc, name=f"check.c.{broadcast}"))) == 1,
+        return {"centres_agree": len(set(transport.allgather_json(centre_crc, name=f"check.c.{broadcast}", schema=object))) == 1,
                 "params_agree": agree(transport, fresh.parameters())}
 
     out = {"fa_hvd": resumed("fa_hvd")}

@@ -1,0 +1,49 @@
+"""What every gradient exchange shares: the optimizer's plug-in interface, failure reports, the rule's name."""
+
+from __future__ import annotations
+
+import torch
+
+
+class GradientExchange:
+    """How the buckets' gradients travel and become one aggregate: the optimizer's plug-in point.
+
+    The optimizer calls :meth:`start` once per bucket and step, as soon as the
+    bucket's gradient is ready (in any order unless the optimizer was told
+    otherwise), then :meth:`finish` once, which waits and returns the ``(n,)``
+    aggregate of all buckets, concatenated in bucket-index order, on ``device``.
+    :meth:`abandon` drops a step in flight (``load_state_dict``, elastic restore).
+    ``timings`` holds the last :meth:`finish`'s ``arrived`` and ``aggregated``
+    ``time.perf_counter()`` stamps.
+    """
+
+    timings: dict
+    lies = None  # fault injection: fa_hvd.faults.roles.RoleLies (only the sharded exchange asks it)
+
+    def start(self, index: int, flat: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def finish(self, count: int, device: torch.device, step: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def abandon(self) -> None:
+        raise NotImplementedError
+
+
+def wait(transport, handle, step: int, stage: str) -> torch.Tensor:
+    """The handle's result. Horovod's elastic errors (``transport.passthrough_errors``) leave
+    unchanged, with a note naming this rank, the step and ``stage``; anything else becomes a
+    ``RuntimeError`` saying the same."""
+    failure = f"fa_hvd: rank {transport.rank}: the gradient exchange failed at step {step} ({stage})"
+    try:
+        return transport.wait(handle)
+    except transport.passthrough_errors as exc:
+        exc.add_note(failure)
+        raise
+    except Exception as exc:
+        raise RuntimeError(f"{failure}: {exc}") from exc
+
+
+def rule_name(aggregator) -> str:
+    """An aggregator's name for messages: its ``name``, a function's ``__name__``, else its repr."""
+    return getattr(aggregator, "name", getattr(aggregator, "__name__", repr(aggregator)))

@@ -1,0 +1,105 @@
+"""Object messages between ranks: no pickle, bounded, validated; a malformed one names its sender on every rank."""
+
+import pickle
+
+import pytest
+import torch
+
+from fa_hvd.comm.messages import MessageError, Optional, check
+from local_world import run_ranks
+
+SCHEMA = {str: int}
+
+
+RAN: list = []
+
+
+def _pwn():
+    RAN.append("code of another rank's choosing ran here")
+
+
+class _Runs:
+    """Unpickling this calls a function of the sender's choosing (here: a recorder)."""
+
+    def __reduce__(self):
+        return (_pwn, ())
+
+
+def test_json_messages_arrive_in_rank_order():
+    got = run_ranks(3, lambda t: t.allgather_json({"rank": t.rank, "steps": 10 * t.rank}, "m", SCHEMA))
+    assert got == [[{"rank": r, "steps": 10 * r} for r in range(3)]] * 3
+
+
+@pytest.mark.parametrize("payload,reason", [
+    (pickle.dumps(_Runs()), "malformed"),  # a pickle is not JSON: nothing runs
+    (b'{"rank": 1, "steps": NaN}', "malformed"),
+    (b'{"rank": "one"}', "malformed"),  # valid JSON of the wrong shape
+    (b"[" * 100000 + b"]" * 100000, "malformed"),  # nesting deeper than the parser's recursion limit
+])
+def test_a_malformed_message_raises_on_every_rank_naming_its_sender(payload, reason):
+    RAN.clear()
+
+    def rank(t):
+        try:
+            if t.rank == 2:  # the lying rank hands the transport raw bytes of its choosing
+                t.allgather_bytes(payload, "m")
+                return None
+            t.allgather_json({"rank": t.rank}, "m", SCHEMA)
+        except MessageError as exc:
+            return str(exc)
+        return "no error"
+
+    errors = run_ranks(4, rank)
+    assert all(f"rank 2 sent a {reason} m message" in e for e in errors[:2] + errors[3:]), errors
+    assert not RAN
+
+
+def test_an_announced_length_over_the_limit_is_refused_before_allocating():
+    def rank(t):
+        try:
+            t.allgather_bytes(b"x" if t.rank != 1 else b"y" * 100, "m", limit=10)
+        except MessageError as exc:
+            return str(exc)
+
+    errors = run_ranks(3, rank)
+    assert all("rank 1 announced a m message of 100 bytes (the limit is 10)" in e for e in errors)
+
+
+def test_tensor_state_travels_weights_only_and_a_pickled_object_is_refused():
+    state = {"rng": torch.arange(5, dtype=torch.uint8), "python": (3, (1, 2), None), "n": 4}
+    got = run_ranks(2, lambda t: t.allgather_state({**state, "rank": t.rank}, "s"))
+    assert torch.equal(got[0][1]["rng"], state["rng"]) and got[1][1]["rank"] == 1 and got[0][0]["python"] == (3, (1, 2), None)
+
+    def rank(t):
+        try:
+            if t.rank == 1:
+                import io
+                buffer = io.BytesIO()
+                torch.save({"x": _Runs()}, buffer)
+                t.allgather_bytes(buffer.getvalue(), "s")
+                return None
+            t.allgather_state({"x": 1}, "s")
+        except MessageError as exc:
+            return str(exc)
+
+    RAN.clear()
+    assert "rank 1 sent a malformed s message" in run_ranks(2, rank)[0]
+    assert not RAN
+
+
+def test_broadcast_state_from_the_root():
+    got = run_ranks(3, lambda t: t.broadcast_state({"w": torch.ones(2) * 7} if t.rank == 1 else None, 1, "b"))
+    assert all(torch.equal(g["w"], torch.full((2,), 7.0)) for g in got)
+
+
+@pytest.mark.parametrize("value,schema,ok", [
+    (3, int, True), (True, int, False), (2, float, True), (None, Optional(str), True), ("x", Optional(str), True),
+    ([["a", [1, 2], "f", True]], [(str, [int], str, bool)], True), ([["a", [1], "f"]], [(str, [int], str, bool)], False),
+    ({"a": 1}, {str: int}, True), ({"a": "1"}, {str: int}, False), ([1, "x"], [int], False),
+])
+def test_schemas(value, schema, ok):
+    if ok:
+        check(value, schema)
+    else:
+        with pytest.raises(ValueError):
+            check(value, schema)
