@@ -289,11 +289,11 @@ def _broadcast_length(transport, length: int, root: int, name: str) -> int:
     return int(transport.broadcast_(torch.tensor([length], dtype=torch.int64), root, f"{name}.length")[0])
 
 
-def broadcast_file(transport, path: Path | None, root: int, name: str, chunk: int = CHUNK) -> Path | None:
+def broadcast_file(transport, path: Path | None, root: int, name: str, chunk: int | None = None) -> Path | None:
     """Collective: ``root`` sends the file ``path`` in ``chunk``-byte tensor broadcasts; every other
     rank writes it to a new temporary file (the caller deletes it) and returns its path; ``root``
     returns ``path``."""
-    is_root = transport.rank == root
+    is_root, chunk = transport.rank == root, chunk or CHUNK
     length = _broadcast_length(transport, os.path.getsize(path) if is_root else 0, root, name)
     source = open(path, "rb") if is_root else tempfile.NamedTemporaryFile(prefix="fa_hvd-ckpt-", delete=False)
     with source as fh:
@@ -309,9 +309,9 @@ def broadcast_file(transport, path: Path | None, root: int, name: str, chunk: in
         return Path(path) if is_root else Path(fh.name)
 
 
-def broadcast_bytes(transport, data: bytes | None, root: int, name: str, chunk: int = CHUNK) -> bytes | bytearray:
+def broadcast_bytes(transport, data: bytes | None, root: int, name: str, chunk: int | None = None) -> bytes | bytearray:
     """Collective: ``root``'s ``data`` on every rank, in ``chunk``-byte tensor broadcasts."""
-    is_root = transport.rank == root
+    is_root, chunk = transport.rank == root, chunk or CHUNK
     length = _broadcast_length(transport, len(data) if is_root else 0, root, name)
     out = bytearray(0 if is_root else length)
     for i, start in enumerate(range(0, length, chunk)):

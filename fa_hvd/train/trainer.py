@@ -75,8 +75,8 @@ def launcher_rank(environ=os.environ) -> int | None:
     return None
 
 
-def say(text: str, file=sys.stdout) -> None:
-    print(text, file=file, flush=True)
+def say(text: str, file=None) -> None:
+    print(text, file=file or sys.stdout, flush=True)
 
 
 class Trainer:
