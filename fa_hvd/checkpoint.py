@@ -347,6 +347,11 @@ class Writer:
         except BaseException as exc:  # reported by wait() in the training thread
             self._error = exc
 
+    @property
+    def busy(self) -> bool:
+        """Whether a write is in flight."""
+        return self._thread is not None and self._thread.is_alive()
+
     def wait(self) -> None:
         """Block until the write in flight (if any) is on disk; re-raise its error."""
         if self._thread is not None:
