@@ -37,6 +37,7 @@ generator, torch's CPU generator and every CUDA device's.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -122,18 +123,14 @@ class _Window(io.RawIOBase):
         return self.fh.readinto(memoryview(buffer)[:max(0, self.length - self.tell())])
 
 
-def write(path: str | Path, state: dict, step: int) -> Header:
-    """Stream ``state`` into the checkpoint file ``path`` (atomically: see the module docstring)."""
-    path = Path(path)
+@contextlib.contextmanager
+def _replacing(path: Path):
+    """An open temporary file that replaces ``path`` (fsync, rename, fsync of the directory) when the
+    block ends without an error; deleted if it raises."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as fh:
-            fh.write(MAGIC + _header_line("", 0, step))
-            payload = _HashingWriter(fh)
-            torch.save(state, payload)
-            header = Header(payload.sha.hexdigest(), payload.count, step, len(MAGIC) + HEADER_BYTES + 1)
-            fh.seek(len(MAGIC))
-            fh.write(_header_line(header.sha256, header.bytes, step))
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -141,23 +138,24 @@ def write(path: str | Path, state: dict, step: int) -> Header:
         if tmp.exists():
             tmp.unlink()
     fsync_directory(path.parent)
+
+
+def write(path: str | Path, state: dict, step: int) -> Header:
+    """Stream ``state`` into the checkpoint file ``path`` (atomically: see the module docstring)."""
+    with _replacing(Path(path)) as fh:
+        fh.write(MAGIC + _header_line("", 0, step))
+        payload = _HashingWriter(fh)
+        torch.save(state, payload)
+        header = Header(payload.sha.hexdigest(), payload.count, step, len(MAGIC) + HEADER_BYTES + 1)
+        fh.seek(len(MAGIC))
+        fh.write(_header_line(header.sha256, header.bytes, step))
     return header
 
 
 def write_atomic(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that ``path`` is either absent/old or complete."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_directory(path.parent)
+    with _replacing(Path(path)) as fh:
+        fh.write(data)
 
 
 _warned_directories: set[str] = set()
