@@ -7,7 +7,8 @@
 its tensors' SHA-256 printed; then step 2 is written, and the test kills the process mid-write.
 ``resume``: every rank resumes through fa_hvd.train.resume.choose (rank HIDE_RANK, if given,
 cannot read the run directory and gets the file by chunked broadcast) and prints, after
-``RESULT``, the step, the SHA-256 over the loaded tensors' bytes and its peak resident memory.
+``RESULT``, the step, the SHA-256 over the loaded tensors' bytes, its peak resident memory and
+its resident memory before the checkpoint (torch and Horovod imported).
 """
 
 import hashlib
@@ -42,14 +43,21 @@ def peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize()
+
+
 def main() -> None:
     mode, run_dir = sys.argv[1], Path(sys.argv[2])
     directory = run_dir / "checkpoints"
     if mode == "write":
+        baseline = resident_bytes()
         directory.mkdir(parents=True, exist_ok=True)
         first = state(int(sys.argv[3]), 1)
         checkpoint.write(checkpoint.path_for(directory, 1), first, 1)
-        print("RESULT " + json.dumps({"digest": digest(first["model"]), "peak_bytes": peak_bytes()}), flush=True)
+        print("RESULT " + json.dumps({"digest": digest(first["model"]), "peak_bytes": peak_bytes(),
+                                      "baseline_bytes": baseline}), flush=True)
         del first
         checkpoint.write(checkpoint.path_for(directory, 2), state(int(sys.argv[3]), 2), 2)
         return
@@ -57,6 +65,7 @@ def main() -> None:
     from fa_hvd.train import resume
 
     transport = get_transport("horovod")
+    baseline = resident_bytes()
     hide = int(sys.argv[3]) if len(sys.argv) > 3 else None
     if transport.rank == hide:
         real = checkpoint.verify
@@ -65,7 +74,7 @@ def main() -> None:
     lock = resume.RunLock(run_dir) if transport.rank == 0 else None
     loaded, notes = resume.choose(transport, run_dir, "auto", lambda s, p: None, lock)
     result = {"rank": transport.rank, "step": loaded["step"], "digest": digest(loaded["model"]),
-              "peak_bytes": peak_bytes(), "notes": notes}
+              "peak_bytes": peak_bytes(), "baseline_bytes": baseline, "notes": notes}
     del loaded
     if lock is not None:
         lock.release()
