@@ -169,10 +169,21 @@ def test_a_second_writer_is_refused_naming_the_first_and_a_stale_lock_is_taken_o
     assert not (tmp_path / resume.LOCK_NAME).exists()
 
 
-def test_a_lock_from_another_host_is_never_taken_over(tmp_path):
-    (tmp_path / resume.LOCK_NAME).write_text('{"host": "node-elsewhere", "pid": 1, "start": "1"}')
+def test_a_lock_from_another_host_is_taken_over_only_by_a_requeued_start_of_its_own_slurm_job(tmp_path,
+                                                                                               monkeypatch):
+    (tmp_path / resume.LOCK_NAME).write_text('{"host": "node-elsewhere", "pid": 1, "start": "1", "job": "77", '
+                                             '"restart": "0"}')
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     with pytest.raises(resume.UsageError, match="host node-elsewhere, pid 1"):
         resume.RunLock(tmp_path).acquire()
+    monkeypatch.setenv("SLURM_JOB_ID", "78")  # another job
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    with pytest.raises(resume.UsageError, match="host node-elsewhere, pid 1"):
+        resume.RunLock(tmp_path).acquire()
+    monkeypatch.setenv("SLURM_JOB_ID", "77")  # this job, requeued: its first start is over
+    lock = resume.RunLock(tmp_path)
+    assert "removed a stale lock of pid 1 on node-elsewhere" in lock.acquire()[0]
+    lock.release()
 
 
 # -- the trainer around it (one process) ----------------------------------------------------------

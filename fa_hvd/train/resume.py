@@ -3,10 +3,11 @@ write the run directory: one home for the plain loop (:mod:`~fa_hvd.train.traine
 mode (:mod:`~fa_hvd.train.elastic`).
 
 :class:`RunLock`: rank 0 holds ``<run dir>/fa-hvd-train.lock`` (host, pid and the pid's start
-time) for the whole run. A second run of the same directory is refused, naming the first one's
-host and pid; a lock whose process is gone (same host, no such pid or another process under
-that pid) is stale and taken over, saying so. A lock from another host cannot be checked and
-is never taken over.
+time, the SLURM job id and restart count) for the whole run. A second run of the same directory
+is refused, naming the first one's host and pid; a lock whose process is gone (same host, no
+such pid or another process under that pid; or an earlier start of this requeued SLURM job,
+wherever it ran) is stale and taken over, saying so. Any other lock from another host cannot be
+checked and is never taken over.
 
 :func:`choose` (collective, every rank at once) picks the checkpoint:
 
@@ -73,12 +74,13 @@ class RunLock:
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / LOCK_NAME
-        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid())}
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid()),
+                   "job": os.environ.get("SLURM_JOB_ID"), "restart": os.environ.get("SLURM_RESTART_COUNT", "0")}
         self.held = False
 
     def acquire(self) -> list[str]:
         """Take the lock; returns notes for the user. :class:`UsageError` if another run holds it."""
-        notes = []
+        notes: list[str] = []
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -114,9 +116,12 @@ class RunLock:
         return holder
 
     def _stale(self, holder: dict) -> bool:
-        """Whether the lock's process is gone: only decidable on its own host. An unreadable lock
-        (a writer killed between creating and filling it) is stale."""
+        """Whether the lock's process is gone: decidable on its own host, or when it was an earlier
+        start of this same SLURM job (a requeued job keeps its id; SLURM ended the earlier start).
+        An unreadable lock (a writer killed between creating and filling it) is stale."""
         if not holder:
+            return True
+        if self.me["job"] and holder.get("job") == self.me["job"] and holder.get("restart") != self.me["restart"]:
             return True
         if holder.get("host") != self.me["host"] or not isinstance(holder.get("pid"), int):
             return False

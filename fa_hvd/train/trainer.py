@@ -8,7 +8,8 @@ The loop is assembled from components with one job each: the config
 (:mod:`~fa_hvd.train.data`, :mod:`~fa_hvd.train.sharding`), the model
 (:mod:`~fa_hvd.train.models`), the optimizer and learning-rate schedule
 (:mod:`~fa_hvd.train.optim`) wrapped by ``fa_hvd.DistributedOptimizer``, the
-faults (:mod:`fa_hvd.faults`), checkpoints (:mod:`fa_hvd.checkpoint`), the
+faults (:mod:`fa_hvd.faults`), checkpoints (:mod:`fa_hvd.checkpoint`; which one to resume
+from, set-aside and the run lock: :mod:`~fa_hvd.train.resume`), the
 per-step agreement and preemption signals (:mod:`~fa_hvd.train.control`),
 metrics and progress (:mod:`~fa_hvd.train.metrics`), and elastic mode
 (:mod:`~fa_hvd.train.elastic`).
@@ -29,8 +30,9 @@ One optimizer step on rank ``r`` (step ``t``, counted from 0):
    checkpoints follow when due.
 
 Exit status: 0 finished; 2 bad config or input (one line ``fa-hvd-train: error:
-...`` from rank 0, before any rank trains); 75 a checkpoint was written after
-SIGTERM/SIGUSR1 and the run should be resumed with ``--resume auto``.
+...`` from rank 0, before any rank trains); 75 stopped by SIGTERM/SIGUSR1 (a
+checkpoint was written, or the signal came during set-up and the checkpoints are
+untouched): the run should be resumed with ``--resume auto``.
 """
 
 from __future__ import annotations
@@ -551,8 +553,8 @@ def _report(summary: dict, run_dir: Path) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Robust data-parallel training from a config, under horovodrun, mpirun or srun.",
-        epilog="Exit status: 0 finished, 2 bad config or input, 75 checkpointed after SIGTERM/SIGUSR1 "
-               "(resume with --resume auto).")
+        epilog="Exit status: 0 finished, 2 bad config or input, 75 stopped by SIGTERM/SIGUSR1 (checkpointed, "
+               "or stopped during set-up): resume with --resume auto.")
     parser.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (repeatable), e.g. --set optim.lr=0.05 "
@@ -561,7 +563,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                           "(default runs/<config file stem>)")
     parser.add_argument("--resume", default="auto", metavar="auto|never|PATH",
                         help="auto (default): continue from the newest valid checkpoint in the run directory, if "
-                             "any; never: start over (old checkpoints there are deleted); PATH: that checkpoint")
+                             "any; never: start over (old checkpoints there are deleted); PATH: that checkpoint. "
+                             "Checkpoints above the resumed step, and damaged ones, are moved to "
+                             "checkpoints/set-aside/")
     parser.add_argument("--resume-reshard", action="store_true",
                         help="accept a checkpoint from another world size or config (shards and sample order "
                              "are rebuilt for this world; the run is then not bit-identical to an "
