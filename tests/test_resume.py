@@ -273,3 +273,39 @@ def test_a_signal_during_data_loading_stops_cleanly_before_training(tmp_path, ca
     assert "during set-up, before training" in capfd.readouterr().out
     assert checkpoint.listing(run_dir / "checkpoints")[-1][1] == newest and newest.read_bytes() == before
     assert not hasattr(t, "optimizer") or t.step == 0
+
+
+def test_a_checkpoint_is_encoded_off_the_main_thread_from_a_snapshot(tmp_path, monkeypatch):
+    """The step loop waits only for the copy to host memory: torch.save and the SHA-256 run in the
+    writer's thread, on a snapshot that the next steps (parameters, momentum) do not change."""
+    t = _trainer(tmp_path / "run", ["optim.momentum=0.9"])
+    t.load_data()
+    t.check_world()
+    t.build()
+    (t.run_dir / "checkpoints").mkdir(parents=True)
+    t.train_step()
+    t.step = 1
+    model = {k: v.clone() for k, v in t.model.state_dict().items()}
+    momentum = [s["momentum_buffer"].clone() for s in t.optimizer.state.values()]
+    release, threads = threading.Event(), []
+    real_save = checkpoint.torch.save
+
+    def save(obj, f):
+        threads.append(threading.current_thread().name)
+        assert release.wait(30)
+        real_save(obj, f)
+
+    monkeypatch.setattr(checkpoint.torch, "save", save)
+    t.save_checkpoint(wait=False)
+    with checkpoint.torch.no_grad():  # the loop goes on while the file is written
+        for p in t.model.parameters():
+            p.add_(1.0)
+        for s in t.optimizer.state.values():
+            s["momentum_buffer"].add_(1.0)
+    release.set()
+    t.writer.wait()
+    saved = checkpoint.read(checkpoint.path_for(t.run_dir / "checkpoints", 1))
+    assert threads == ["fa_hvd-checkpoint"]
+    assert all(checkpoint.torch.equal(saved["model"][k], v) for k, v in model.items())
+    assert all(checkpoint.torch.equal(a["momentum_buffer"], b)
+               for a, b in zip(saved["optimizer"]["state"].values(), momentum))
