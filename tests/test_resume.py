@@ -309,3 +309,37 @@ def test_a_checkpoint_is_encoded_off_the_main_thread_from_a_snapshot(tmp_path, m
     assert all(checkpoint.torch.equal(saved["model"][k], v) for k, v in model.items())
     assert all(checkpoint.torch.equal(a["momentum_buffer"], b)
                for a, b in zip(saved["optimizer"]["state"].values(), momentum))
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler for ``signum`` (/proc/PID/status, SigCgt)."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            mask = next(int(line.split()[1], 16) for line in fh if line.startswith("SigCgt:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(mask >> (signum - 1) & 1)
+
+
+@pytest.mark.slow
+def test_fa_hvd_train_stops_cleanly_on_sigterm_as_soon_as_it_can_catch_it(tmp_path):
+    """A real fa-hvd-train process gets SIGTERM the moment its handler exists (before the transport,
+    the data and the model are set up): it ends with status 75, says so, and trains no step."""
+    from conftest import ROOT, job_env
+    from train_helpers import train_argv, write_config
+
+    config = write_config(tmp_path / "c.yaml", seed=1, data={"name": "digits"}, model={"name": "mlp", "hidden": 16},
+                          train={"steps": 50, "batch_size": 16})
+    proc = subprocess.Popen(train_argv(config, tmp_path / "run"), cwd=ROOT, env=job_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        while not _catches(proc.pid, signal.SIGTERM):
+            assert proc.poll() is None, proc.stdout.read()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == trainer.EXIT_PREEMPTED, out
+    assert "stop requested (SIGTERM) during set-up, before training" in out, out
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() and not checkpoint.listing(tmp_path / "run" / "checkpoints")
