@@ -193,7 +193,8 @@ def test_train_sbatch_owns_the_resume_policy_on_requeue(recorder, tmp_path, rest
     """The first start resumes as asked; every requeued start (SLURM_RESTART_COUNT > 0) with auto,
     so a --resume never does not start the run over at every requeue."""
     srun = tmp_path / "bin" / "srun"
-    srun.write_text(f'#!/bin/sh\nprintf "%s\\0" srun "$@" >> "{tmp_path / "calls"}"\nprintf "\\n" >> "{tmp_path / "calls"}"\n')
+    log = tmp_path / "calls"  # where the recorder reads its stand-ins' calls
+    srun.write_text(f'#!/bin/sh\nprintf "%s\\0" srun "$@" >> "{log}"\nprintf "\\n" >> "{log}"\n')
     srun.chmod(0o755)
     proc, calls = recorder(["bash", "slurm/train.sbatch", "configs/demo.yaml", *asked, "--set", "optim.lr=0.05"],
                            SLURM_JOB_ID="77", SLURM_RESTART_COUNT=restart, SLURM_NTASKS="1",

@@ -342,4 +342,5 @@ def test_fa_hvd_train_stops_cleanly_on_sigterm_as_soon_as_it_can_catch_it(tmp_pa
             proc.kill()
     assert proc.returncode == trainer.EXIT_PREEMPTED, out
     assert "stop requested (SIGTERM) during set-up, before training" in out, out
-    assert not (tmp_path / "run" / "metrics.jsonl").exists() and not checkpoint.listing(tmp_path / "run" / "checkpoints")
+    run_dir = tmp_path / "run"
+    assert not (run_dir / "metrics.jsonl").exists() and not checkpoint.listing(run_dir / "checkpoints")

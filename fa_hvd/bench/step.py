@@ -29,9 +29,10 @@ allreduce of ``n`` fp32 values, ``(p-1) * 4n`` for the allgather, the allreduce'
 plus the Gram words for the sharded exchange) and the memory the exchange held
 (the sharded exchange counts its own buffers; the allgather's is the model's).
 Sharded variants carry ``bytes_vs_allreduce`` (measured, the larger of sent and
-received; "not counted" when the sockets saw none of the allreduce's bytes) and a last summary line holds the sharded mode's bars: bytes per rank
-<= 1.1x the allreduce's, step <= 1.1x plain Horovod's. Timing figures belong to
-whoever reads them on a quiet machine.
+received; "not counted" when the sockets saw none of the allreduce's bytes) and a
+last summary line holds the sharded mode's bars: bytes per rank <= 1.1x the
+allreduce's, step <= 1.1x plain Horovod's. Timing figures belong to whoever reads
+them on a quiet machine.
 """
 
 from __future__ import annotations
