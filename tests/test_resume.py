@@ -344,3 +344,22 @@ def test_fa_hvd_train_stops_cleanly_on_sigterm_as_soon_as_it_can_catch_it(tmp_pa
     assert "stop requested (SIGTERM) during set-up, before training" in out, out
     run_dir = tmp_path / "run"
     assert not (run_dir / "metrics.jsonl").exists() and not checkpoint.listing(run_dir / "checkpoints")
+
+
+def test_resume_path_to_an_older_step_then_auto_continues_the_new_line(tmp_path, capfd):
+    """Steps 3, 6, 9 on disk; --resume PATH to step 3 with another learning rate writes a new step 6;
+    the next --resume auto continues from that new step 6, not from the abandoned run's step 9."""
+    run_dir = tmp_path / "run"
+    ckpts = run_dir / "checkpoints"
+    assert _run(_trainer(run_dir, ["train.steps=9"], checkpoint={"every_steps": 3, "keep": 3})) == trainer.EXIT_OK
+    assert _steps(ckpts) == [3, 6, 9]
+    new_line = ["train.steps=6", "optim.lr=0.2"]
+    branch = _trainer(run_dir, new_line, checkpoint={"every_steps": 3, "keep": 3})
+    assert _run(branch, _args(str(checkpoint.path_for(ckpts, 3)), reshard=True)) == trainer.EXIT_OK
+    assert _steps(ckpts) == [3, 6]
+    again = _trainer(run_dir, new_line, checkpoint={"every_steps": 3, "keep": 3})
+    assert _run(again) == trainer.EXIT_OK
+    out = capfd.readouterr().out
+    assert f"resuming from {checkpoint.path_for(ckpts, 6)} (step 6)" in out and again.step == 6
+    assert checkpoint.read(checkpoint.path_for(ckpts, 6))["config_hash"] == again.config_hash
+    assert sorted(p.name for p in (ckpts / "set-aside").iterdir()) == ["step-000000006.ckpt", "step-000000009.ckpt"]
