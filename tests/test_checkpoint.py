@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import json
 import math
@@ -234,3 +235,13 @@ def test_plot_draws_several_runs(tmp_path, capsys):
     with pytest.raises(SystemExit):
         plot.main([str(tmp_path)])
     assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_files_written_before_the_fixed_width_header_still_read(tmp_path):
+    """The earlier writer put the JSON header unpadded before the payload; the reader takes both."""
+    payload = checkpoint.dumps(STATE)
+    header = {"sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload), "step": 7}
+    path = checkpoint.path_for(tmp_path, 7)
+    path.write_bytes(checkpoint.MAGIC + json.dumps(header).encode() + b"\n" + payload)
+    assert checkpoint.verify(path).step == 7
+    assert torch.equal(checkpoint.read(path)["model"]["w"], STATE["model"]["w"])
