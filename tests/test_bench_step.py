@@ -39,3 +39,16 @@ def test_step_benchmark_reports_every_variant_with_exposed_communication():
         assert r["bytes_vs_allreduce"] <= 1.1 and r["exchange_peak_bytes"] == r["model_exchange_bytes"]
     assert summary["sharded_bytes_within_1_1x_allreduce"]
     assert summary["sharded_step_within_1_1x_horovod"] == all(r["vs_horovod"] <= 1.1 for r in rows[4:])
+
+
+def test_bytes_the_sockets_did_not_see_are_not_counted_instead_of_dividing_by_zero():
+    """Under horovodrun --mpi on one node, Open MPI moves the bytes through shared memory: the
+    sockets count none of the allreduce's, and the sharded rows say "not counted"."""
+    proc = launch("mpi", 2, ["fa-hvd-bench", "step", "--model", "cnn", "--rounds", "1", "--steps", "1",
+                             "--warmup", "1", "--exchange", "sharded"])
+    assert proc.returncode == 0, output(proc)
+    lines = [json.loads(line) for line in untagged(proc.stdout).splitlines() if '"bench": "step"' in line]
+    allreduce, sharded, summary = lines[0], lines[1:-1], lines[-1]["summary"]
+    assert allreduce["bytes_sent_per_rank_per_step"] == 0, "the transport counted bytes: nothing to check here"
+    assert [r["bytes_vs_allreduce"] for r in sharded] == ["not counted"] * 2
+    assert summary["sharded_bytes_within_1_1x_allreduce"] == "not counted"

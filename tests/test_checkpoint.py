@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import io
 import json
 import math
+import os
 import random
+import signal
+import stat
+import subprocess
+import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -14,6 +22,7 @@ import torch
 
 from fa_hvd import checkpoint, plot
 from fa_hvd.train import metrics
+from local_world import run_ranks
 
 STATE = {"step": 7, "model": {"w": torch.arange(6.0).reshape(2, 3)}, "config": {"optim": {"lr": 0.1}},
          "ranks": [{"stream": {"position": 3, "shard_size": 10}}]}
@@ -21,7 +30,7 @@ STATE = {"step": 7, "model": {"w": torch.arange(6.0).reshape(2, 3)}, "config": {
 
 def test_roundtrip_and_damage_is_named(tmp_path):
     path = checkpoint.path_for(tmp_path, 7)
-    checkpoint.write_atomic(path, checkpoint.encode(STATE, 7))
+    checkpoint.write(path, STATE, 7)
     back = checkpoint.read(path)
     assert torch.equal(back["model"]["w"], STATE["model"]["w"]) and back["ranks"] == STATE["ranks"]
     assert [p.name for p in tmp_path.iterdir()] == ["step-000000007.ckpt"]  # no temporary file left
@@ -43,21 +52,21 @@ class Evil:
     """Anything a weights-only load must refuse."""
 
 
-def test_payload_is_tensors_and_plain_data_only(tmp_path):
-    """weights_only loading: a checkpoint cannot carry arbitrary pickled objects."""
-    data = checkpoint.encode({"x": Evil()}, 1)
-    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
-        checkpoint.decode(data)
+def test_a_file_that_passes_its_checksum_but_not_weights_only_loading_is_corrupt(tmp_path):
+    """weights_only loading: a checkpoint cannot carry arbitrary pickled objects, and one that tries
+    is a CorruptCheckpoint like any other damage (so the resume falls back or refuses)."""
+    path = checkpoint.path_for(tmp_path, 1)
+    checkpoint.write(path, {"x": Evil()}, 1)
+    assert checkpoint.verify(path).step == 1  # length and SHA-256 are fine
+    with pytest.raises(checkpoint.CorruptCheckpoint, match="does not load as tensors and plain data"):
+        checkpoint.read(path)
+    with pytest.raises(checkpoint.CorruptCheckpoint, match="does not load as tensors and plain data"):
+        checkpoint.loads(checkpoint.dumps({"x": Evil()}))
 
 
-def test_newest_valid_skips_torn_files_and_prune_keeps_the_newest(tmp_path):
+def test_prune_keeps_the_newest(tmp_path):
     for step in (10, 20, 30):
-        checkpoint.write_atomic(checkpoint.path_for(tmp_path, step), checkpoint.encode({"step": step}, step))
-    newest = checkpoint.path_for(tmp_path, 30)
-    newest.write_bytes(newest.read_bytes()[:50])
-    path, state, problems = checkpoint.newest_valid(tmp_path)
-    assert path == checkpoint.path_for(tmp_path, 20) and state["step"] == 20
-    assert len(problems) == 1 and "step-000000030.ckpt" in problems[0] and "torn" in problems[0]
+        checkpoint.write(checkpoint.path_for(tmp_path, step), {"step": step}, step)
     assert [p.name for p in checkpoint.prune(tmp_path, 2)] == ["step-000000010.ckpt"]
     assert [s for s, _ in checkpoint.listing(tmp_path)] == [20, 30]
 
@@ -65,10 +74,10 @@ def test_newest_valid_skips_torn_files_and_prune_keeps_the_newest(tmp_path):
 def test_writer_writes_in_the_background_and_reports_failures(tmp_path):
     writer = checkpoint.Writer(keep=2)
     for step in (1, 2, 3):
-        writer.submit(checkpoint.path_for(tmp_path, step), checkpoint.encode({"step": step}, step))
+        writer.submit(checkpoint.path_for(tmp_path, step), {"step": step}, step)
     writer.wait()
     assert [s for s, _ in checkpoint.listing(tmp_path)] == [2, 3]
-    writer.submit(tmp_path / "no-such-dir" / "step-000000004.ckpt", b"x")
+    writer.submit(tmp_path / "no-such-dir" / "step-000000004.ckpt", {"step": 4}, 4)
     with pytest.raises(RuntimeError, match="writing a checkpoint failed"):
         writer.wait()
 
@@ -76,7 +85,7 @@ def test_writer_writes_in_the_background_and_reports_failures(tmp_path):
 def test_a_killed_writer_leaves_the_old_file_whole(tmp_path, monkeypatch):
     """The write goes to a temporary file; the final name appears only by rename."""
     path = checkpoint.path_for(tmp_path, 5)
-    checkpoint.write_atomic(path, checkpoint.encode({"step": 5, "v": 1}, 5))
+    checkpoint.write(path, {"step": 5, "v": 1}, 5)
     started, release = threading.Event(), threading.Event()
     real_fsync = checkpoint.os.fsync
 
@@ -86,7 +95,7 @@ def test_a_killed_writer_leaves_the_old_file_whole(tmp_path, monkeypatch):
         real_fsync(fd)
 
     monkeypatch.setattr(checkpoint.os, "fsync", slow_fsync)
-    thread = threading.Thread(target=checkpoint.write_atomic, args=(path, checkpoint.encode({"step": 5, "v": 2}, 5)))
+    thread = threading.Thread(target=checkpoint.write, args=(path, {"step": 5, "v": 2}, 5))
     thread.start()
     started.wait(5)
     assert checkpoint.read(path)["v"] == 1  # mid-write, the old content is what a reader sees
@@ -95,10 +104,76 @@ def test_a_killed_writer_leaves_the_old_file_whole(tmp_path, monkeypatch):
     assert checkpoint.read(path)["v"] == 2
 
 
+def test_directory_fsync_einval_degrades_and_says_so_once(tmp_path, monkeypatch, capsys):
+    """Some FUSE and parallel-FS mounts cannot fsync a directory: the checkpoint is still written."""
+    real_fsync = checkpoint.os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_fsync(fd)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", fsync)
+    for step in (1, 2):
+        checkpoint.write(checkpoint.path_for(tmp_path, step), {"step": step}, step)
+    assert [checkpoint.read(p)["step"] for _, p in checkpoint.listing(tmp_path)] == [1, 2]
+    err = capsys.readouterr().err
+    assert err.count("cannot fsync a directory") == 1 and str(tmp_path) in err
+
+
+WRITER = """
+import sys, torch
+from fa_hvd import checkpoint
+state = {f"t{i}": torch.full((1 << 21,), float(i)) for i in range(int(sys.argv[2]))}  # 8 MiB each
+checkpoint.write(sys.argv[1], state, 3)
+"""
+
+
+def test_a_writer_killed_mid_write_leaves_a_temporary_that_the_next_start_cleans(tmp_path):
+    """A real kill -9 in the middle of torch.save: the final name never appears, the temporary
+    stays behind, and clean_temporaries (run at start, under the run's lock) deletes it."""
+    path = checkpoint.path_for(tmp_path, 3)
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path), "48"], cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(p.name.startswith(".step-") and p.stat().st_size > (32 << 20) for p in tmp_path.iterdir()):
+            assert writer.poll() is None and time.monotonic() < deadline, "the writer ended before it was killed"
+            time.sleep(0.005)
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(30)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+    left = [p.name for p in tmp_path.iterdir()]
+    assert left == [f".{path.name}.tmp-{writer.pid}"] and not path.exists()
+    assert [p.name for p in checkpoint.clean_temporaries(tmp_path)] == left
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_files_and_bytes_travel_in_chunks_of_tensor_broadcasts(tmp_path):
+    """broadcast_file / broadcast_bytes: many fixed-size uint8 broadcasts, never one object."""
+    data = bytes(random.Random(1).randrange(256) for _ in range(10_000))
+    source = tmp_path / "source"
+    source.write_bytes(data)
+
+    def rank(transport):
+        got = checkpoint.broadcast_file(transport, source if transport.rank == 0 else None, 0, "f", chunk=999)
+        received = got.read_bytes()
+        if got != source:
+            got.unlink()
+        return received, bytes(checkpoint.broadcast_bytes(transport, data if transport.rank == 0 else None, 0,
+                                                          "b", chunk=4096)), transport.calls
+
+    results = run_ranks(3, rank)
+    assert all(f == data and b == data for f, b, _ in results)
+    calls = results[1][2]
+    assert [kind for kind, _ in calls] == ["broadcast"] * (1 + 11 + 1 + 3)
+
+
 def test_rng_state_round_trip():
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     np.random.standard_normal()  # leaves a cached Gaussian in NumPy's state
-    saved = checkpoint.decode(checkpoint.encode({"rng": checkpoint.rng_state()}, 0))["rng"]
+    saved = checkpoint.loads(checkpoint.dumps({"rng": checkpoint.rng_state()}))["rng"]
     first = (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist())
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     checkpoint.set_rng_state(saved)
@@ -160,3 +235,13 @@ def test_plot_draws_several_runs(tmp_path, capsys):
     with pytest.raises(SystemExit):
         plot.main([str(tmp_path)])
     assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_files_written_before_the_fixed_width_header_still_read(tmp_path):
+    """The earlier writer put the JSON header unpadded before the payload; the reader takes both."""
+    payload = checkpoint.dumps(STATE)
+    header = {"sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload), "step": 7}
+    path = checkpoint.path_for(tmp_path, 7)
+    path.write_bytes(checkpoint.MAGIC + json.dumps(header).encode() + b"\n" + payload)
+    assert checkpoint.verify(path).step == 7
+    assert torch.equal(checkpoint.read(path)["model"]["w"], STATE["model"]["w"])

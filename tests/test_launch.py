@@ -183,3 +183,23 @@ def test_local_and_mpi4py_launchers_train_the_same_parameters(tmp_path):
         assert (summary["status"], summary["step"], summary["world_size"]) == ("finished", 20, 4), summary
         crcs[script] = summary["params_crc32"]
     assert len(set(crcs.values())) == 1, crcs
+
+
+@pytest.mark.parametrize("restart, asked, expected", [
+    ("0", ["--resume", "never"], "never"), ("1", ["--resume", "never"], "auto"), ("3", ["--resume=never"], "auto"),
+    ("0", [], "auto"), ("0", ["--resume", "runs/x/checkpoints/step-000000010.ckpt"],
+                        "runs/x/checkpoints/step-000000010.ckpt")])
+def test_train_sbatch_owns_the_resume_policy_on_requeue(recorder, tmp_path, restart, asked, expected):
+    """The first start resumes as asked; every requeued start (SLURM_RESTART_COUNT > 0) with auto,
+    so a --resume never does not start the run over at every requeue."""
+    srun = tmp_path / "bin" / "srun"
+    log = tmp_path / "calls"  # where the recorder reads its stand-ins' calls
+    srun.write_text(f'#!/bin/sh\nprintf "%s\\0" srun "$@" >> "{log}"\nprintf "\\n" >> "{log}"\n')
+    srun.chmod(0o755)
+    proc, calls = recorder(["bash", "slurm/train.sbatch", "configs/demo.yaml", *asked, "--set", "optim.lr=0.05"],
+                           SLURM_JOB_ID="77", SLURM_RESTART_COUNT=restart, SLURM_NTASKS="1",
+                           SLURM_JOB_NODELIST="localhost", FA_HVD_LAUNCHER="srun")
+    [call] = calls
+    train = call[call.index("fa-hvd-train"):]
+    assert train == ["fa-hvd-train", "--config", "configs/demo.yaml", "--resume", expected, "--set", "optim.lr=0.05",
+                     "--run-dir", "runs/demo-77"], proc.stderr

@@ -123,3 +123,25 @@ def test_setup_names_missing_mpi_and_apt_get(tmp_path):
                           env={"PATH": path, "HOME": str(tmp_path)})
     assert proc.returncode == 1
     assert "no MPI (mpirun/mpicxx) and no apt-get" in proc.stderr, proc.stderr
+
+
+def test_setup_refuses_a_python_older_than_the_declared_minimum(tmp_path):
+    """pyproject.toml declares what the code needs (BaseException.add_note: 3.11; weights_only=True
+    is safe from torch 2.6), and tools/setup.sh checks the interpreter against the same bound."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["requires-python"] == ">=3.11"
+    assert "torch>=2.6" in project["dependencies"]
+    assert sys.version_info >= (3, 11) and tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 6)
+    copy = _setup_copy(tmp_path)
+    path = _restricted_path(tmp_path, BASIC + ["make", "cmake", "g++"])
+    old = tmp_path / "python3.10"
+    old.write_text("#!/bin/bash\n"  # plays Python 3.10: sys.version_info < (3, 11) is true there
+                   "[ \"$1\" = --version ] && { echo 'Python 3.10.12'; exit 0; }\n"
+                   "case \"$2\" in *'(3, 11)'*) exit 1 ;; esac\nexit 0\n")
+    old.chmod(0o755)
+    proc = subprocess.run(["bash", "tools/setup.sh"], cwd=copy, capture_output=True, text=True,
+                          env={"PATH": path, "HOME": str(tmp_path), "PYTHON": str(old)})
+    assert proc.returncode == 1
+    assert "is Python 3.10.12; fa_hvd needs Python >= 3.11" in proc.stderr, proc.stderr

@@ -126,8 +126,9 @@ def jobs(cluster):
     endless = write_config(tmp / "endless.yaml", [{"kind": "slow", "ranks": [0], "params": {"delay": SLOW_S}}],
                            steps=10_000, aggregator="mean", aggregator_params={"f": 0})
 
-    def train_job(name, config, *sbatch_args, env=None):
-        args = [*CPU_JOB, *sbatch_args, "slurm/train.sbatch", str(config), "--run-dir", str(cluster.run_dir(name))]
+    def train_job(name, config, *sbatch_args, env=None, extra=()):
+        args = [*CPU_JOB, *sbatch_args, "slurm/train.sbatch", str(config), *extra, "--run-dir",
+                str(cluster.run_dir(name))]
         return cluster.submit(name, args, env)
 
     grid = tmp / "grid.yaml"
@@ -142,6 +143,8 @@ def jobs(cluster):
         "horovodrun": train_job("horovodrun", train, "--time=30", env={"FA_HVD_LAUNCHER": "horovodrun"}),
         # --time=2 with the script's --signal=B:USR1@300: USR1 at SLURM's first check
         "time_limit": train_job("time_limit", train, "--time=2"),
+        # the same, submitted with --resume never: only the first start starts over
+        "time_limit_never": train_job("time_limit_never", train, "--time=2", extra=["--resume", "never"]),
         "crash": train_job("crash", crash, "--time=30"),
         "krum": train_job("krum", krum, "--time=30"),
         "missing": cluster.submit("missing", [*CPU_JOB, "slurm/train.sbatch", "configs/no-such-config.yaml"]),
@@ -154,6 +157,8 @@ def jobs(cluster):
         # equally short limit) is not signalled again at once.
         (lambda: "[train.sbatch] got SIGUSR1" in cluster.log(submitted["time_limit"]),
          lambda: cluster.scontrol("update", f"JobId={submitted['time_limit']}", "TimeLimit=10")),
+        (lambda: "[train.sbatch] got SIGUSR1" in cluster.log(submitted["time_limit_never"]),
+         lambda: cluster.scontrol("update", f"JobId={submitted['time_limit_never']}", "TimeLimit=10")),
         (lambda: (cluster.run_dir("cancel") / "metrics.jsonl").exists() and step_records(cluster, "cancel"),
          lambda: subprocess.run(["scancel", submitted["cancel"]], env=cluster.env, check=True)),
     ]
@@ -223,6 +228,24 @@ def test_time_limit_checkpoints_requeues_and_resumes_bit_exactly(cluster, jobs):
         assert line in log, (line, log)
     assert list((cluster.run_dir("time_limit") / "checkpoints").iterdir()), "no checkpoint"
     result = summary(cluster, "time_limit")
+    assert (result["status"], result["step"]) == ("finished", STEPS), result
+    cluster.wait(jobs["srun"])
+    assert result["params_crc32"] == summary(cluster, "srun")["params_crc32"]
+
+
+def test_resume_never_starts_over_once_and_the_requeue_resumes(cluster, jobs):
+    """sbatch slurm/train.sbatch CONFIG --resume never, then a time-limit USR1: the requeued start
+    resumes (--resume auto) from the checkpoint instead of starting over."""
+    job = jobs["time_limit_never"]
+    info = cluster.wait(job)
+    log = cluster.log(job)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log
+    assert int(info["Restarts"]) >= 1, log
+    first, _, requeued = log.partition(f"job {job} (restart 1)")
+    assert "--resume never" in first and "--resume auto" not in first, log
+    assert "--resume auto" in requeued and "--resume never" not in requeued, log
+    assert "resumed at step" in requeued and "--resume never: deleted" not in requeued, log
+    result = summary(cluster, "time_limit_never")
     assert (result["status"], result["step"]) == ("finished", STEPS), result
     cluster.wait(jobs["srun"])
     assert result["params_crc32"] == summary(cluster, "srun")["params_crc32"]

@@ -37,7 +37,7 @@ def _trainer(tmp_path, overrides=(), transport=None, **raw) -> trainer.Trainer:
 
 def _train_to_the_end(t: trainer.Trainer, steps: int) -> list[dict]:
     """``t.train()`` in one process with rank 0's outputs; returns the metrics.jsonl records."""
-    trainer.prepare_run_dir(t)
+    (t.run_dir / "checkpoints").mkdir(parents=True)
     t.last_checkpoint_time = 0.0
     t.log = trainer.metrics.MetricsLog(t.run_dir / "metrics.jsonl", None)
     t.progress = trainer.metrics.Progress(steps, 0, "none")

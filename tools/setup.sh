@@ -49,8 +49,8 @@ for tool in "$PYTHON" g++ make cmake; do
   command -v "$tool" >/dev/null || missing+=("$tool")
 done
 [ ${#missing[@]} -eq 0 ] || die "missing: ${missing[*]} (a C++ compiler, make and CMake >= 3.13 are needed to build Horovod)"
-"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 9))' \
-  || die "$PYTHON is $("$PYTHON" --version 2>&1); fa_hvd needs Python >= 3.9"
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+  || die "$PYTHON is $("$PYTHON" --version 2>&1); fa_hvd needs Python >= 3.11 (pyproject.toml: requires-python)"
 
 # --- 1. MPI ------------------------------------------------------------------
 if ! command -v mpirun >/dev/null || ! command -v mpicxx >/dev/null; then

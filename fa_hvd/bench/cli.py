@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 
-from . import aggregators, step
+from . import aggregators, checkpoint, step
 
-BENCHMARKS = (aggregators, step)
+BENCHMARKS = (aggregators, step, checkpoint)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,14 +23,17 @@ from __future__ import annotations
 
 import copy
 import time
+from typing import TYPE_CHECKING
 
 import horovod.torch as hvd
+import torch
 from horovod.common.elastic import State
 
 from fa_hvd import checkpoint
-from fa_hvd.train import control
-from fa_hvd.train.trainer import Trainer, UsageError, choose_checkpoint, open_outputs, prepare_run_dir, say, \
-    usage_error
+from fa_hvd.train import control, resume
+
+if TYPE_CHECKING:
+    from fa_hvd.train.trainer import Trainer
 
 EXIT_TOO_FEW = 1
 
@@ -42,9 +45,9 @@ class WorldTooSmall(RuntimeError):
 class ElasticState(State):
     """Horovod's state object for the trainer (see the module docstring)."""
 
-    def __init__(self, trainer: Trainer, resume: tuple[str, bool]):
+    def __init__(self, trainer: Trainer, resume_args: tuple[str, bool]):
         self.trainer = trainer
-        self.resume = resume  # (--resume, --resume-reshard), used by the first sync
+        self.resume = resume_args  # (--resume, --resume-reshard), used by the world's first sync
         self.committed = None
         self.changed_world = False
         super().__init__(bcast_object=self._broadcast, get_rank=hvd.rank)
@@ -68,21 +71,25 @@ class ElasticState(State):
         before = trainer.world
         trainer.transport.refresh()
         trainer.rank, trainer.world = trainer.transport.rank, trainer.transport.size
-        error, notes = None, []
-        if self.resume is not None and trainer.rank == 0:  # the first sync: rank 0 picks the checkpoint
-            try:
-                prepare_run_dir(trainer)
-                payload, notes = choose_checkpoint(trainer, *self.resume)
-                if payload is not None:
-                    trainer.load_shared(checkpoint.decode(payload))
-            except (UsageError, OSError) as exc:
-                error = str(exc)
+        first = torch.tensor([float(self.resume is not None)])  # rank 0's first sync is the world's
+        trainer.transport.broadcast_(first, 0, "fa_hvd.train.elastic.first")
+        notes = []
+        if float(first[0]):  # every rank: the checkpoint to start from (fa_hvd.train.resume)
+            how, reshard = self.resume
+            chosen, notes = resume.choose(trainer.transport, trainer.run_dir, how, trainer.compatible(reshard),
+                                          trainer.lock)
+            if trainer.rank == 0:
+                resume.write_config(trainer.run_dir, trainer.conf_data, trainer.config_hash)
+                if chosen is not None:
+                    trainer.load_shared(chosen)
+            del chosen
         self.resume = None
-        error, notes, state = hvd.broadcast_object(
-            (error, notes, trainer.shared_state()) if trainer.rank == 0 else None, root_rank=0,
-            name="fa_hvd.train.elastic.state")
-        if error is not None:
-            raise UsageError(error)
+        notes = hvd.broadcast_object(notes if trainer.rank == 0 else None, root_rank=0,
+                                     name="fa_hvd.train.elastic.notes")
+        payload = checkpoint.broadcast_bytes(trainer.transport, checkpoint.dumps(trainer.shared_state())
+                                             if trainer.rank == 0 else None, 0, "fa_hvd.train.elastic.state")
+        state = checkpoint.loads(payload, "elastic state from rank 0")
+        del payload
         trainer.load_shared(state)
         if trainer.log is not None:
             trainer.log.rewind(trainer.step)  # the steps after the last commit are done again
@@ -105,20 +112,20 @@ def join(trainer: Trainer) -> None:
         raise WorldTooSmall(f"elastic: cannot continue on {trainer.world} ranks: {exc}") from None
     trainer.join_world()
     if trainer.rank == 0 and trainer.log is None:
-        open_outputs(trainer)
+        trainer.open_outputs()
 
 
-def run_elastic(trainer: Trainer, args) -> int:
-    """Train under ``hvd.elastic.run``; returns the exit status."""
+def run_elastic(trainer: Trainer, args, signals: control.StopSignals) -> int:
+    """Train under ``hvd.elastic.run``; returns the exit status (:class:`~fa_hvd.train.resume.UsageError`
+    on bad input, for the caller to report)."""
     try:
         trainer.load_data()
         trainer.check_world()
-    except (ValueError, UsageError) as exc:
-        return usage_error(str(exc), trainer.rank)
+    except ValueError as exc:
+        raise resume.UsageError(str(exc)) from None
     trainer.build()
     trainer.last_checkpoint_time = time.monotonic()
-    state = ElasticState(trainer, resume=(args.resume, args.resume_reshard))
-    signals = control.StopSignals().install()
+    state = ElasticState(trainer, resume_args=(args.resume, args.resume_reshard))
 
     @hvd.elastic.run
     def train(state: ElasticState) -> int:
@@ -130,13 +137,9 @@ def run_elastic(trainer: Trainer, args) -> int:
 
     try:
         return train(state)
-    except UsageError as exc:
-        return usage_error(str(exc), trainer.rank)
     except WorldTooSmall as exc:
-        say(f"fa-hvd-train: rank {trainer.rank}: {exc}")
+        print(f"fa-hvd-train: rank {trainer.rank}: {exc}", flush=True)
         return EXIT_TOO_FEW
-    finally:
-        signals.uninstall()
 
 
 __all__ = ["ElasticState", "run_elastic"]

@@ -8,7 +8,8 @@ The loop is assembled from components with one job each: the config
 (:mod:`~fa_hvd.train.data`, :mod:`~fa_hvd.train.sharding`), the model
 (:mod:`~fa_hvd.train.models`), the optimizer and learning-rate schedule
 (:mod:`~fa_hvd.train.optim`) wrapped by ``fa_hvd.DistributedOptimizer``, the
-faults (:mod:`fa_hvd.faults`), checkpoints (:mod:`fa_hvd.checkpoint`), the
+faults (:mod:`fa_hvd.faults`), checkpoints (:mod:`fa_hvd.checkpoint`; which one to resume
+from, set-aside and the run lock: :mod:`~fa_hvd.train.resume`), the
 per-step agreement and preemption signals (:mod:`~fa_hvd.train.control`),
 metrics and progress (:mod:`~fa_hvd.train.metrics`), and elastic mode
 (:mod:`~fa_hvd.train.elastic`).
@@ -29,8 +30,9 @@ One optimizer step on rank ``r`` (step ``t``, counted from 0):
    checkpoints follow when due.
 
 Exit status: 0 finished; 2 bad config or input (one line ``fa-hvd-train: error:
-...`` from rank 0, before any rank trains); 75 a checkpoint was written after
-SIGTERM/SIGUSR1 and the run should be resumed with ``--resume auto``.
+...`` from rank 0, before any rank trains); 75 stopped by SIGTERM/SIGUSR1 (a
+checkpoint was written, or the signal came during set-up and the checkpoints are
+untouched): the run should be resumed with ``--resume auto``.
 """
 
 from __future__ import annotations
@@ -53,23 +55,19 @@ from fa_hvd import checkpoint
 from fa_hvd.aggregators import get as get_aggregator
 from fa_hvd.comm import get_transport
 from fa_hvd.comm.messages import Optional
-from fa_hvd.config import ConfigError, differences
+from fa_hvd.config import ConfigError
 from fa_hvd.exchange import replicated
 from fa_hvd.faults import FaultInjector, parse_faults, poison_for_rank
 from fa_hvd.faults.seeding import derive_seed
 from fa_hvd.optimizer import checksum
 from fa_hvd.train import config as train_config
-from fa_hvd.train import control, data, metrics, models, optim
+from fa_hvd.train import control, data, metrics, models, optim, resume
+from fa_hvd.train.resume import CHECKPOINT_FORMAT, UsageError
 from fa_hvd.train.sharding import ShardStream, partition, steps_per_epoch
 
 PROG = "fa-hvd-train"
 EXIT_OK, EXIT_USAGE, EXIT_PREEMPTED = 0, 2, 75
-CHECKPOINT_FORMAT = 1
 RANK_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID")
-
-
-class UsageError(Exception):
-    """Bad config or input: exit status 2, reported before any rank trains."""
 
 
 def launcher_rank(environ=os.environ) -> int | None:
@@ -80,8 +78,8 @@ def launcher_rank(environ=os.environ) -> int | None:
     return None
 
 
-def say(text: str, file=sys.stdout) -> None:
-    print(text, file=file, flush=True)
+def say(text: str, file=None) -> None:
+    print(text, file=file or sys.stdout, flush=True)
 
 
 class Trainer:
@@ -106,6 +104,7 @@ class Trainer:
         self.log = None
         self.progress = None
         self.writer = checkpoint.Writer(conf.checkpoint.keep)
+        self.lock = resume.RunLock(self.run_dir)
 
     # -- components for the current world ------------------------------------------------
     def _device(self) -> torch.device:
@@ -308,12 +307,12 @@ class Trainer:
             "config_hash": self.config_hash,
             "model_name": self.conf.model.name,
             "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "optimizer": checkpoint.host_copy(self.optimizer.state_dict()),
+            "scheduler": checkpoint.host_copy(self.scheduler.state_dict()),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "consumed_faults": sorted(self.consumed_faults),
             "progress": {"wall_s": self.total_wall_s(), "last_eval": self.last_eval,
-                         "last_loss": self.last_loss, "events": self.events},
+                         "last_loss": self.last_loss, "events": list(self.events)},
         }
 
     def gather_state(self) -> dict | None:
@@ -330,11 +329,10 @@ class Trainer:
         resharded (every rank's stream restarts at the same position, generators re-seeded)."""
         self.load_shared(state)
         self.wall_origin = time.perf_counter() - float(state.get("progress", {}).get("wall_s", 0.0))
-        ranks = state.get("ranks")
-        if ranks is None or len(ranks) != self.world:
+        if resume.resharded(state, self.world, self.config_hash):
             self.reseed()
             return
-        mine = ranks[self.rank]
+        mine = state["ranks"][self.rank]
         checkpoint.set_rng_state(mine["rng"])
         self.stream.load_state_dict(mine["stream"])
         buffers = dict(self.model.named_buffers())
@@ -404,7 +402,7 @@ class Trainer:
         if state is None:
             return
         path = checkpoint.path_for(self.run_dir / "checkpoints", self.step)
-        self.writer.submit(path, checkpoint.encode(state, self.step))
+        self.writer.submit(path, state, self.step)
         if wait:
             self.writer.wait()
 
@@ -416,6 +414,28 @@ class Trainer:
             self.progress.message(text) if self.progress is not None else say(text)
             if self.log is not None:
                 self.log.write(record)
+
+    def describe(self) -> str:
+        conf, split = self.conf, self.split
+        return (f"{PROG}: {self.world} ranks ({self.transport.name}, {self.device}), {conf.data.name} "
+                f"({len(split.train)} train / {len(split.test)} test), model {conf.model.name}, "
+                f"{self.total_steps} steps ({self.steps_per_epoch} per epoch), aggregator "
+                f"{self.optimizer.aggregator!r}, config hash {self.config_hash}")
+
+    def open_outputs(self) -> None:
+        """Rank 0: metrics.jsonl (cut back to the current step), the progress display, the run's description."""
+        self.log = metrics.MetricsLog(self.run_dir / "metrics.jsonl", self.step or None)
+        self.progress = metrics.Progress(self.total_steps, self.step, self.conf.log.progress,
+                                         self.conf.log.every_steps)
+        say(self.describe())
+        say("resolved config:\n  " + yaml.safe_dump(self.conf_data, sort_keys=False).rstrip().replace("\n", "\n  "))
+        for spec in self.specs:
+            say(f"fault: {spec.describe()} on rank(s) {spec.ranks}")
+
+    def compatible(self, reshard: bool):
+        """``compatible(state, path)`` for :func:`fa_hvd.train.resume.choose`: this run's checks."""
+        return lambda state, path: resume.check_compatible(state, self.conf, self.conf_data, self.config_hash,
+                                                           self.world, path, reshard)
 
     def summary(self, status: str, crc: int, identical: bool, faults: list) -> dict:
         final = dict(self.last_eval or {})
@@ -459,13 +479,15 @@ class Trainer:
             step_s = time.perf_counter() - started
             if self.rank == 0:
                 self._log_step(agreed, step_s, samples_per_step / step_s)
-            if self.eval_due():
-                self._evaluate()
-            if agreed.stop:
+            if agreed.stop:  # the checkpoint first: the grace period may not cover an evaluation too
                 self.event(f"stop requested ({signals.received or 'signal on another rank'}): checkpoint at step "
                            f"{self.step}, then exit {EXIT_PREEMPTED}")
                 self.save_checkpoint(wait=True)
+                if self.eval_due():
+                    self._evaluate()
                 return EXIT_PREEMPTED
+            if self.eval_due():
+                self._evaluate()
             if self.checkpoint_due() or agreed.checkpoint_due:
                 self.save_checkpoint(wait=False)
             if commit is not None and self.step % conf.elastic.commit_every_steps == 0:
@@ -544,8 +566,8 @@ def _report(summary: dict, run_dir: Path) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Robust data-parallel training from a config, under horovodrun, mpirun or srun.",
-        epilog="Exit status: 0 finished, 2 bad config or input, 75 checkpointed after SIGTERM/SIGUSR1 "
-               "(resume with --resume auto).")
+        epilog="Exit status: 0 finished, 2 bad config or input, 75 stopped by SIGTERM/SIGUSR1 (checkpointed, "
+               "or stopped during set-up): resume with --resume auto.")
     parser.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (repeatable), e.g. --set optim.lr=0.05 "
@@ -554,7 +576,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                           "(default runs/<config file stem>)")
     parser.add_argument("--resume", default="auto", metavar="auto|never|PATH",
                         help="auto (default): continue from the newest valid checkpoint in the run directory, if "
-                             "any; never: start over (old checkpoints there are deleted); PATH: that checkpoint")
+                             "any; never: start over (old checkpoints there are deleted); PATH: that checkpoint. "
+                             "Checkpoints above the resumed step, and damaged ones, are moved to "
+                             "checkpoints/set-aside/")
     parser.add_argument("--resume-reshard", action="store_true",
                         help="accept a checkpoint from another world size or config (shards and sample order "
                              "are rebuilt for this world; the run is then not bit-identical to an "
@@ -578,109 +602,33 @@ def agree_on_errors(transport, error: str | None) -> None:
     raise UsageError(failed[0][1] if same else "; ".join(f"rank {r}: {e}" for r, e in failed))
 
 
-def choose_checkpoint(trainer: Trainer, resume: str, reshard: bool) -> tuple[bytes | None, list[str]]:
-    """Rank 0: the checkpoint bytes to resume from (None: start fresh) and messages for the user."""
-    directory = trainer.run_dir / "checkpoints"
-    notes = []
-    if resume == "never":
-        removed = [path for _, path in checkpoint.listing(directory)]
-        for path in removed:
-            path.unlink()
-        if removed:
-            notes.append(f"--resume never: deleted {len(removed)} old checkpoint(s) in {directory}")
-        return None, notes
-    if resume == "auto":
-        candidates = [path for _, path in reversed(checkpoint.listing(directory))]
-    else:
-        candidates = [Path(resume)]
-        if not candidates[0].is_file():
-            raise UsageError(f"--resume {resume}: no such checkpoint file")
-    for path in candidates:
-        try:
-            raw = path.read_bytes()
-            state = checkpoint.decode(raw, str(path))
-        except (checkpoint.CorruptCheckpoint, OSError) as exc:
-            if resume != "auto":
-                raise UsageError(f"--resume {resume}: {exc}") from None
-            notes.append(f"skipping checkpoint {exc}; trying the previous one")
-            continue
-        check_compatible(trainer, state, path, reshard)
-        notes.append(f"resuming from {path} (step {state['step']})")
-        return raw, notes
-    if candidates:
-        notes.append("no valid checkpoint left: starting from step 0")
-    return None, notes
-
-
-def check_compatible(trainer: Trainer, state: dict, path: Path, reshard: bool) -> None:
-    problems = []
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(f"{path}: checkpoint format {state.get('format')!r}, this trainer reads {CHECKPOINT_FORMAT}")
-    if state["model_name"] != trainer.conf.model.name:
-        raise UsageError(f"{path}: the checkpoint is of model {state['model_name']!r}, the config builds "
-                         f"{trainer.conf.model.name!r}")
-    if state["world_size"] != trainer.world and not trainer.conf.elastic.enabled:
-        problems.append(f"it was written by {state['world_size']} ranks, this run has {trainer.world}")
-    if state["config_hash"] != trainer.config_hash:
-        changed = differences(train_config.identity(state["config"]), train_config.identity(trainer.conf_data))
-        problems.append(f"its config (hash {state['config_hash']}) differs from this one ({trainer.config_hash}): "
-                        + "; ".join(changed[:6]) + (" ..." if len(changed) > 6 else ""))
-    if problems and not reshard:
-        raise UsageError(f"{path}: refusing to resume: " + "; ".join(problems) + " (pass --resume-reshard to "
-                         f"continue anyway, or --resume never to start over)")
-
-
-def prepare_run_dir(trainer: Trainer) -> None:
-    """Rank 0: the run directory and config.yaml (the resolved config and its hash)."""
-    (trainer.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    text = f"# resolved config of this run; config_hash: {trainer.config_hash}\n"
-    text += yaml.safe_dump(trainer.conf_data, sort_keys=False)
-    checkpoint.write_atomic(trainer.run_dir / "config.yaml", text.encode())
-
-
 def start(trainer: Trainer, args) -> list[str]:
     """Build the world's components and load the checkpoint (collective). Returns notes for the user."""
     trainer.build()
-    error, payload, notes = None, None, []
+    state, notes = resume.choose(trainer.transport, trainer.run_dir, args.resume,
+                                 trainer.compatible(args.resume_reshard), trainer.lock)
     if trainer.rank == 0:
-        try:
-            prepare_run_dir(trainer)
-            payload, notes = choose_checkpoint(trainer, args.resume, args.resume_reshard)
-        except (UsageError, OSError) as exc:
-            error = str(exc)
-    error, payload = trainer.transport.broadcast_object((error, payload) if trainer.rank == 0 else None, 0,
-                                                        name="fa_hvd.train.resume")
-    if error is not None:
-        raise UsageError(error)
-    if payload is not None:
-        state = checkpoint.decode(payload)
+        resume.write_config(trainer.run_dir, trainer.conf_data, trainer.config_hash)
+    if state is not None:
         trainer.load_state(state)
-        resharded = state["world_size"] != trainer.world or state["config_hash"] != trainer.config_hash
+        resharded = resume.resharded(state, trainer.world, trainer.config_hash)
         notes.append(f"resumed at step {trainer.step}" + (" (resharded)" if resharded else ""))
     return notes
 
 
-def describe(trainer: Trainer) -> str:
-    conf, split = trainer.conf, trainer.split
-    return (f"{PROG}: {trainer.world} ranks ({trainer.transport.name}, {trainer.device}), {conf.data.name} "
-            f"({len(split.train)} train / {len(split.test)} test), model {conf.model.name}, "
-            f"{trainer.total_steps} steps ({trainer.steps_per_epoch} per epoch), aggregator "
-            f"{trainer.optimizer.aggregator!r}, config hash {trainer.config_hash}")
+def stopped_during_set_up(trainer: Trainer, signals: control.StopSignals) -> bool:
+    """Collective: whether any rank got SIGTERM/SIGUSR1 while setting up (rank 0 says so)."""
+    stop = trainer.transport.allreduce_sum(torch.tensor([float(signals.received is not None)]),
+                                           name="fa_hvd.train.setup_stop")
+    if float(stop[0]) and trainer.rank == 0:
+        say(f"{PROG}: stop requested ({signals.received or 'signal on another rank'}) during set-up, before "
+            f"training: nothing new to save, the checkpoints are untouched; exit {EXIT_PREEMPTED}")
+    return bool(float(stop[0]))
 
 
-def open_outputs(trainer: Trainer) -> None:
-    """Rank 0: metrics.jsonl (cut back to the current step), the progress display, the run's description."""
-    trainer.log = metrics.MetricsLog(trainer.run_dir / "metrics.jsonl", trainer.step or None)
-    trainer.progress = metrics.Progress(trainer.total_steps, trainer.step, trainer.conf.log.progress,
-                                        trainer.conf.log.every_steps)
-    say(describe(trainer))
-    say("resolved config:\n  " + yaml.safe_dump(trainer.conf_data, sort_keys=False).rstrip().replace("\n", "\n  "))
-    for spec in trainer.specs:
-        say(f"fault: {spec.describe()} on rank(s) {spec.ranks}")
-
-
-def run(trainer: Trainer, args) -> int:
-    """Train (non-elastic): set up, resume, loop, finish."""
+def run(trainer: Trainer, args, signals: control.StopSignals) -> int:
+    """Train (non-elastic): set up, resume, loop, finish. A stop signal during set-up ends the run
+    at the next point where the ranks agree, before training."""
     error = None
     try:
         trainer.load_data()
@@ -688,26 +636,34 @@ def run(trainer: Trainer, args) -> int:
     except (ValueError, UsageError) as exc:
         error = str(exc)
     agree_on_errors(trainer.transport, error)
+    if stopped_during_set_up(trainer, signals):
+        return EXIT_PREEMPTED
     notes = start(trainer, args)
+    if stopped_during_set_up(trainer, signals):
+        return EXIT_PREEMPTED
     trainer.launch_time = time.perf_counter()
     if trainer.step == 0:
         trainer.wall_origin = trainer.launch_time
     trainer.last_checkpoint_time = time.monotonic()
     if trainer.rank == 0:
-        open_outputs(trainer)
+        trainer.open_outputs()
     for note in notes:
         trainer.event(note)
-    signals = control.StopSignals().install()
-    try:
-        status = trainer.train(signals)
-        trainer.finish(status)
-    finally:
-        signals.uninstall()
+    status = trainer.train(signals)
+    trainer.finish(status)
     return status
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    signals = control.StopSignals().install()  # first: a signal during set-up must not kill the rank
+    try:
+        return _main(args, signals)
+    finally:
+        signals.uninstall()
+
+
+def _main(args, signals: control.StopSignals) -> int:
     rank = launcher_rank()
     try:
         conf, conf_data = train_config.load(args.config, args.set)
@@ -715,15 +671,19 @@ def main(argv=None) -> int:
         return usage_error(str(exc), rank)
     run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
     transport = get_transport(conf.robust.transport)
+    trainer = None
     try:
         trainer = Trainer(conf, conf_data, run_dir, transport)
         if conf.elastic.enabled:
             from fa_hvd.train.elastic import run_elastic
 
-            return run_elastic(trainer, args)
-        return run(trainer, args)
+            return run_elastic(trainer, args, signals)
+        return run(trainer, args, signals)
     except UsageError as exc:
         return usage_error(str(exc), transport.rank)
+    finally:
+        if trainer is not None:
+            trainer.lock.release()
 
 
 if __name__ == "__main__":
