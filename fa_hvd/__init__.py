@@ -27,13 +27,14 @@ def broadcast_optimizer_state(optimizer, root_rank, model=None):
     ``state_dict()`` but not of what Horovod broadcasts: after the usual "load the
     checkpoint on rank 0, broadcast" every rank aggregates alike. Over Horovod the
     optimizer's own state goes through Horovod's function (its state-initialising
-    step makes no gradient exchange); over the mpi4py transport the whole
-    ``state_dict()`` travels as one object. Any other optimizer: Horovod's function.
+    step makes no gradient exchange); over the mpi4py and torch.distributed
+    transports the whole ``state_dict()`` travels as one object. Any other optimizer: Horovod's function.
     """
     import torch
-    from horovod.torch.functions import broadcast_optimizer_state as horovod_broadcast_optimizer_state
 
     if not isinstance(optimizer, RobustOptimizer):
+        from horovod.torch.functions import broadcast_optimizer_state as horovod_broadcast_optimizer_state
+
         return horovod_broadcast_optimizer_state(optimizer, root_rank, model)
     transport = optimizer.transport
     if transport.name != "horovod":
@@ -45,6 +46,7 @@ def broadcast_optimizer_state(optimizer, root_rank, model=None):
             optimizer.load_state_dict(state)
         return None
     import horovod.torch as hvd
+    from horovod.torch.functions import broadcast_optimizer_state as horovod_broadcast_optimizer_state
 
     horovod_broadcast_optimizer_state(optimizer, root_rank, model)
     aggregator = optimizer.aggregator

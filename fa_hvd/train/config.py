@@ -181,7 +181,7 @@ class TrainConfig:
 class RobustConfig:
     aggregator: str = "flag"
     aggregator_params: dict = field(default_factory=dict)   # f, r, tau, ...
-    transport: Literal["horovod", "mpi"] = "horovod"
+    transport: Literal["horovod", "mpi", "torch"] = "horovod"  # torch: torch.distributed (torchrun)
     exchange: Literal["allgather", "sharded"] = "allgather"  # sharded: allreduce's traffic, O(n) memory
     replicas: int = 1                  # sharded only: each shard computed by this many ranks and compared
     allow_exceeding_f: bool = False    # more faulty ranks than f: a warning, not an error
