@@ -1,8 +1,8 @@
 """fa-hvd-train under torchrun (robust.transport torch, Gloo).
 
-* An uninterrupted reference run on two "nodes" (two torchrun agents on this host, ``--nnodes 2``,
-  c10d rendezvous), 2 ranks each.
-* The same run on one node, ``--nproc-per-node 4 --max-restarts 1``: one worker is SIGKILLed
+* An uninterrupted reference run on two "nodes": two torchrun agents on this host
+  (``NNODES=2 RDZV_ENDPOINT=... launch/torchrun.sh 2 ...``, c10d rendezvous), 2 ranks each.
+* The same run on one node, ``MAX_RESTARTS=1 launch/torchrun.sh 4 ...``: one worker is SIGKILLed
   once a checkpoint is on disk; torchrun restarts the whole group, which resumes (``--resume
   auto``, the default) from the newest checkpoint and ends with the reference's parameters (CRC32
   over every rank's bytes) and every logged step loss.
@@ -18,7 +18,7 @@ import pytest
 
 from conftest import BIN, ROOT, job_env
 from fa_hvd import checkpoint
-from train_helpers import finish, ranks, start, step_losses, summary, train_argv, wait_for, \
+from train_helpers import finish, ranks, step_losses, summary, train_argv, wait_for, \
     write_config
 
 pytestmark = pytest.mark.slow
@@ -49,23 +49,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _launch(tmp_path, nproc: int, config, run_dir, **env) -> subprocess.Popen:
+    """launch/torchrun.sh NPROC CONFIG --run-dir RUN_DIR in the background (``env``: its variables)."""
+    log = open(tmp_path / f"{run_dir.name}.{len(list(tmp_path.glob('*.log')))}.log", "w+")
+    job = subprocess.Popen(["launch/torchrun.sh", str(nproc), str(config), "--run-dir", str(run_dir)], cwd=ROOT,
+                           env=job_env(env), stdout=log, stderr=subprocess.STDOUT, text=True)
+    job.log = log
+    return job
+
+
 def test_a_killed_worker_is_restarted_by_torchrun_and_the_run_ends_bit_identical(tmp_path):
     config = _config(tmp_path)
     reference, restarted = tmp_path / "reference", tmp_path / "restarted"
-    reference.mkdir()
-    port = _free_port()
-    nodes = [start(2, config, reference, launcher=[
-        TORCHRUN, "--nnodes", "2", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-        "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "reference", "--no-python"]) for _ in range(2)]
-    logs = [finish(node) for node in nodes]
-    assert all(node.returncode == 0 for node in nodes), "\n=====\n".join(log[-3000:] for log in logs)
+    nodes = {"NNODES": "2", "RDZV_ENDPOINT": f"127.0.0.1:{_free_port()}", "RDZV_ID": "reference"}
+    agents = [_launch(tmp_path, 2, config, reference, **nodes) for _ in range(2)]
+    logs = [finish(agent) for agent in agents]
+    assert all(agent.returncode == 0 for agent in agents), "\n=====\n".join(log[-3000:] for log in logs)
 
-    restarted.mkdir()
-    # torchrun's workers share its rendezvous store by default, and a restarted group then reads
-    # the dead group's Gloo addresses (pytorch/pytorch#135712): launch/torchrun.sh sets this too.
-    job = start(4, config, restarted, launcher=["env", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", TORCHRUN,
-                                                "--standalone", "--nproc-per-node", "4", "--max-restarts", "1",
-                                                "--no-python"])
+    job = _launch(tmp_path, 4, config, restarted, MAX_RESTARTS="1")
     wait_for(lambda: checkpoint.path_for(restarted / "checkpoints", 10).exists() and len(ranks(job)) == 4, job,
              what="the checkpoint at step 10")
     victim = ranks(job)[1]
