@@ -65,7 +65,7 @@ class TorchDistTransport(Transport):
         self.size = len(self.ranks)
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.backend = dist.get_backend(self.group) if self.included else dist.get_backend()
-        self.device = (torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl"
+        self.device = (torch.device("cuda", self.local_rank % torch.cuda.device_count()) if self.backend == "nccl"
                        else torch.device("cpu"))
         self.timeout = collective_timeout()
         self._channels: dict[str, object] = {}
