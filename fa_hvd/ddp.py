@@ -115,7 +115,8 @@ def robust_hook(state: RobustHookState, bucket: dist.GradBucket) -> torch.future
     index = bucket.index()
     if state.gradient_transform is not None:
         flat = state.gradient_transform(flat, index, state.step)
-    future = torch.futures.Future()
+    # A CUDA-aware future for a GPU bucket: it records the stream the aggregate was written on.
+    future = torch.futures.Future(devices=[buffer.device] if buffer.device.type == "cuda" else None)
     state._pending[index] = (future, buffer)
     try:
         state.exchange.start(index, flat)
