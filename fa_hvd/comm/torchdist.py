@@ -17,7 +17,9 @@ Gloo and NCCL match collectives by their order on a group, not by name. So
 bucket) a group of its own, and buckets may start in any order; unprepared names
 share the main group, in program order.
 
-Object messages never unpickle another rank's bytes: :func:`encode_object` writes
+Object messages never unpickle another rank's bytes (and an allgathered one is at
+most ``MAX_GATHERED_BYTES`` a rank, so no rank can make the others allocate without
+bound; ``broadcast_object`` carries rank 0's checkpoint and is not bounded): :func:`encode_object` writes
 a bounded JSON tree (plain data: ``None``, bools, ints, floats, strings, lists,
 tuples, dicts with such keys) with tensors and ``bytes`` as raw blobs described in
 the JSON, and :func:`decode_object` rebuilds only those types (tensor dtypes from
@@ -41,6 +43,7 @@ from .base import Handle, Transport, collective_timeout, wait_until
 MAGIC = b"FAHVD-OBJ1"
 MAX_HEADER_BYTES = 16 << 20  # the JSON part of an object message
 MAX_DEPTH = 64  # nesting of lists, tuples and dicts
+MAX_GATHERED_BYTES = 256 << 20  # one rank's object in allgather_object (each rank pads to the largest)
 _ALL_GATHER = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 DTYPES = {str(t): t for t in (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64,
                                torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)}
@@ -123,6 +126,10 @@ class TorchDistTransport(Transport):
     def allgather_object(self, obj, name: str) -> list:
         payload = self._on_device(torch.frombuffer(bytearray(encode_object(obj)), dtype=torch.uint8))
         sizes = self.allgather(torch.tensor([payload.numel()], dtype=torch.int64), name=f"{name}.sizes").tolist()
+        for rank, size in enumerate(sizes):  # every rank sees the same sizes: the same decision everywhere
+            if not 0 < size <= MAX_GATHERED_BYTES:
+                raise ValueError(f"fa_hvd: rank {rank} announced a {size}-byte object message for {name!r} "
+                                 f"(at most {MAX_GATHERED_BYTES} per rank)")
         padded = torch.zeros(max(sizes), dtype=torch.uint8, device=self.device)
         padded[: payload.numel()] = payload
         everyone = self.allgather(padded.reshape(1, -1), name=name).cpu()
