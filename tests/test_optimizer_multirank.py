@@ -20,7 +20,7 @@ RANKS = 5
 CHECKS = ["mean_vs_horovod", "rules", "features", "mismatch", "bad_world", "process_sets", "slow_peer",
           "broadcast_state", "unused_on_some_ranks", "sparse_vs_horovod", "zero_step"]
 TORCH_CHECKS = ["mean_vs_horovod", "rules", "features", "mismatch", "bad_world", "process_sets", "slow_peer",
-                "broadcast_state"]
+                "broadcast_state", "object_bound"]
 JOBS = {  # launcher -> (transport argument of the check script, checks)
     "gloo": ("horovod", CHECKS),
     "mpi": ("horovod", CHECKS),
@@ -152,3 +152,10 @@ def test_process_sets_of_every_size_behave_as_horovods(ranks):
         assert len(per_rank) == ranks
         for rank, r in enumerate(per_rank):
             assert r["max_abs_diff"] < 1e-6 and r["moved"] > 1e-3, (k, rank, r)
+
+
+@pytest.mark.parametrize("report", jobs_with("object_bound"), indirect=True)
+def test_an_oversized_object_message_is_refused_on_every_rank_naming_the_sender(report):
+    errors = report["object_bound"]["errors"]
+    assert len(errors) == RANKS and len(set(errors)) == 1, errors
+    assert "rank 1 announced a 1099511627776-byte object message" in errors[0]

@@ -439,7 +439,27 @@ def check_broadcast_state(transport, rank):
     return out
 
 
-CHECKS = {"mean_vs_horovod": check_mean_vs_horovod, "rules": check_rules, "features": check_features,
+def check_object_bound(transport, rank):
+    """torch.distributed: rank 1 announces a 1 TiB object message; every rank refuses it, naming rank 1,
+    before allocating anything for it."""
+    from fa_hvd.comm.torchdist import TorchDistTransport
+
+    class Announcer(TorchDistTransport):
+        def allgather(self, tensor, name):
+            if name.endswith(".sizes") and self.rank == 1:
+                tensor = torch.tensor([1 << 40])
+            return super().allgather(tensor, name)
+
+    try:
+        Announcer().allgather_object({"ok": True}, name="check.bound")
+    except ValueError as exc:
+        error = str(exc)
+    else:
+        error = None
+    return {"errors": transport.allgather_object(error, name="check.bound.errors")}
+
+
+CHECKS = {"object_bound": check_object_bound, "mean_vs_horovod": check_mean_vs_horovod, "rules": check_rules, "features": check_features,
           "mismatch": check_mismatch, "bad_world": check_bad_world,
           "process_sets": check_process_sets, "slow_peer": check_slow_peer,
           "broadcast_state": check_broadcast_state, "unused_on_some_ranks": check_unused_on_some_ranks,
