@@ -30,13 +30,11 @@ def single(config: Path, run_dir: Path, *extra: str, timeout: float = 120) -> su
                           text=True, timeout=timeout)
 
 
-def start(np: int, config: Path, run_dir: Path, *extra: str, kind: str = "gloo",
-          launcher: list[str] | None = None) -> subprocess.Popen:
-    """A multi-rank fa-hvd-train job in the background (output to run_dir/../<name>.log); ``launcher``
-    (a command line ending where fa-hvd-train's begins) instead of ``kind``'s."""
+def start(np: int, config: Path, run_dir: Path, *extra: str, kind: str = "gloo") -> subprocess.Popen:
+    """A multi-rank fa-hvd-train job in the background (output to run_dir/../<name>.log)."""
     log = open(run_dir.parent / f"{run_dir.name}.{time.monotonic_ns()}.log", "w+")
-    proc = subprocess.Popen((launcher or LAUNCHERS[kind](np)) + train_argv(config, run_dir, *extra), cwd=ROOT,
-                            env=job_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(LAUNCHERS[kind](np) + train_argv(config, run_dir, *extra), cwd=ROOT, env=job_env(),
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
     proc.log = log
     return proc
 
