@@ -459,7 +459,8 @@ def check_object_bound(transport, rank):
     return {"errors": transport.allgather_object(error, name="check.bound.errors")}
 
 
-CHECKS = {"object_bound": check_object_bound, "mean_vs_horovod": check_mean_vs_horovod, "rules": check_rules, "features": check_features,
+CHECKS = {"object_bound": check_object_bound,
+          "mean_vs_horovod": check_mean_vs_horovod, "rules": check_rules, "features": check_features,
           "mismatch": check_mismatch, "bad_world": check_bad_world,
           "process_sets": check_process_sets, "slow_peer": check_slow_peer,
           "broadcast_state": check_broadcast_state, "unused_on_some_ranks": check_unused_on_some_ranks,
