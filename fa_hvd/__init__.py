@@ -27,16 +27,17 @@ def broadcast_optimizer_state(optimizer, root_rank, model=None):
     ``state_dict()`` but not of what Horovod broadcasts: after the usual "load the
     checkpoint on rank 0, broadcast" every rank aggregates alike. Over Horovod the
     optimizer's own state goes through Horovod's function (its state-initialising
-    step makes no gradient exchange); over the mpi4py transport the whole
-    ``state_dict()`` travels as one message. fa_hvd's messages are read back
+    step makes no gradient exchange); over the mpi4py and torch.distributed transports
+    the whole ``state_dict()`` travels as one message. fa_hvd's messages are read back
     weights-only (:meth:`~fa_hvd.comm.base.Transport.broadcast_state`): the root is
     trusted for the values, but cannot run code on the others. Any other optimizer:
     Horovod's function.
     """
     import torch
-    from horovod.torch.functions import broadcast_optimizer_state as horovod_broadcast_optimizer_state
 
     if not isinstance(optimizer, RobustOptimizer):
+        from horovod.torch.functions import broadcast_optimizer_state as horovod_broadcast_optimizer_state
+
         return horovod_broadcast_optimizer_state(optimizer, root_rank, model)
     transport = optimizer.transport
     if transport.name != "horovod":
@@ -47,6 +48,8 @@ def broadcast_optimizer_state(optimizer, root_rank, model=None):
         if transport.rank != root_rank:
             optimizer.load_state_dict(state)
         return None
+    from horovod.torch.functions import broadcast_optimizer_state as horovod_broadcast_optimizer_state
+
     horovod_broadcast_optimizer_state(optimizer, root_rank, model)
     aggregator = optimizer.aggregator
     if hasattr(aggregator, "state_dict"):

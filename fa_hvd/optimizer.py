@@ -553,7 +553,8 @@ def DistributedOptimizer(
     fa_hvd's own keywords: ``aggregator`` (a name for
     :func:`fa_hvd.aggregators.get`, or a callable ``(p, n) -> (n,)``),
     ``aggregator_params`` (e.g. ``{"f": 3}``), ``transport`` (``"horovod"``,
-    ``"mpi"`` or a :class:`~fa_hvd.comm.Transport`), ``exchange`` (a name in
+    ``"mpi"``, ``"torch"`` (torch.distributed; ``process_set`` is then a process
+    group) or a :class:`~fa_hvd.comm.Transport`), ``exchange`` (a name in
     :data:`fa_hvd.exchange.EXCHANGES`: ``"allgather"``, or ``"sharded"`` for allreduce traffic and O(n)
     memory, :mod:`fa_hvd.exchange`; or a factory ``(transport, aggregator, compression,
     prefix) -> GradientExchange`` such as ``fa_hvd.exchange.replicated(3)``),

@@ -26,6 +26,7 @@ LAUNCHERS = {
     "gloo": lambda np: [str(BIN / "horovodrun"), "-np", str(np), "-H", f"localhost:{np}", "--gloo"],
     "mpi": lambda np: [str(BIN / "horovodrun"), "-np", str(np), "-H", f"localhost:{np}", "--mpi"],
     "mpi4py": lambda np: ["mpirun", "--oversubscribe", "-np", str(np)],
+    "torchrun": lambda np: [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", str(np), "--no-python"],
 }
 
 

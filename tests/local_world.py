@@ -105,9 +105,6 @@ class LocalTransport(Transport):
         tensor.copy_(self.wait(self._post("broadcast", name, tensor.clone(), lambda everyone: everyone[root])))
         return tensor
 
-    def broadcast_object(self, obj, root, name):
-        return self.wait(self._post("broadcast_object", name, obj, lambda everyone: everyone[root]))
-
 
 def run_ranks(p: int, fn):
     """``[fn(transport_r) for r in range(p)]``, each in its own thread; re-raises the first error."""

@@ -1,5 +1,5 @@
-"""``fa-hvd-bench step`` under a real 4-rank horovodrun: every variant reported, with figures
-that hang together. Its timing bars (fa_hvd's step and exposed communication against
+"""``fa-hvd-bench step`` under a real 4-rank horovodrun (and torchrun, against plain DDP): every
+variant reported, with figures that hang together. Its timing bars (fa_hvd's step and exposed communication against
 Horovod's) are printed for a person on a quiet machine, never asserted here; the bytes,
 which the kernel counts, are."""
 
@@ -52,3 +52,20 @@ def test_bytes_the_sockets_did_not_see_are_not_counted_instead_of_dividing_by_ze
     assert allreduce["bytes_sent_per_rank_per_step"] == 0, "the transport counted bytes: nothing to check here"
     assert [r["bytes_vs_allreduce"] for r in sharded] == ["not counted"] * 2
     assert summary["sharded_bytes_within_1_1x_allreduce"] == "not counted"
+
+
+def test_step_benchmark_under_torchrun_against_plain_ddp():
+    proc = launch("torchrun", 4, ["fa-hvd-bench", "step", "--transport", "torch", "--model", "cnn", "--rounds", "1",
+                                  "--steps", "2", "--warmup", "1", "--bucket-bytes", "20000"])
+    assert proc.returncode == 0, output(proc)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if '"bench": "step"' in line]
+    assert [r["variant"] for r in rows] == ["ddp_allreduce", "ddp_hook_mean", "ddp_hook_flag", "fa_hvd_mean",
+                                            "fa_hvd_flag"]
+    n = rows[0]["parameters"]
+    assert rows[0]["model_bytes_per_rank_per_step"] == int(2 * 3 / 4 * 4 * n)
+    for r in rows:
+        assert r["vs_ddp"] == pytest.approx(r["median_s"] / rows[0]["median_s"]) and r["ranks"] == 4
+        for key in ("bytes_sent_per_rank_per_step", "bytes_received_per_rank_per_step"):
+            assert r["model_bytes_per_rank_per_step"] <= r[key] <= 1.5 * r["model_bytes_per_rank_per_step"], r
+    assert all(r["exposed_s"] is None for r in rows[:3])  # DDP's exchange runs inside backward
+    assert all(0 < r["exposed_s"] < r["median_s"] for r in rows[3:])

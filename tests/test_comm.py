@@ -1,9 +1,11 @@
-"""Transport plumbing that needs no second rank: how long a rank waits, and that it really waits."""
+"""Transport plumbing that needs no second rank: how long a rank waits, that it really waits, and
+the torch.distributed transport's object messages (no pickle between ranks)."""
 
 import logging
 import time
 
 import pytest
+import torch
 
 from fa_hvd.comm.base import collective_timeout, wait_until
 
@@ -41,3 +43,4 @@ def test_a_timeout_ends_the_wait():
     with pytest.raises(TimeoutError, match="no answer from every rank within 0 s"):
         wait_until(lambda: False, 0.2, "rank 1: allgather 'y'")
     assert 0.2 <= time.monotonic() - start < 1.0
+

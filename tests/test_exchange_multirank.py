@@ -1,4 +1,5 @@
-"""The exchanges on real 4-rank jobs: horovodrun (Gloo, MPI) and mpirun (mpi4py, over TCP)."""
+"""The exchanges on real 4-rank jobs: horovodrun (Gloo, MPI), mpirun (mpi4py, over TCP) and
+torchrun (torch.distributed over Gloo)."""
 
 import functools
 
@@ -15,6 +16,7 @@ JOBS = {  # launcher -> (transport, checks, extra environment)
     "mpi": ("horovod", ["alltoall", "gram_bits", "compression", "optimizer", "replicas"], {}),
     "mpi4py": ("mpi", ["alltoall", "rules", "gram_bits", "compression", "optimizer", "replicas", "bytes"],
                {"OMPI_MCA_btl": "tcp,self"}),
+    "torchrun": ("torch", ["alltoall", "rules", "gram_bits", "compression", "optimizer", "replicas", "bytes"], {}),
 }
 
 

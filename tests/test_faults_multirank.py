@@ -1,5 +1,5 @@
 """Faults in real 4-rank jobs: what faulty ranks send, robust rules staying finite, and
-crashed, hung and slow ranks under plain horovodrun."""
+crashed, hung and slow ranks under plain horovodrun; the gradient faults under torchrun too."""
 
 import time
 
@@ -10,9 +10,13 @@ from conftest import SCRIPTS, launch, output, results
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def report():
-    proc = launch("gloo", 4, ["python", str(SCRIPTS / "faults_check.py"), "sent", "finite", "slow"])
+JOBS = {"gloo": "horovod", "torchrun": "torch"}  # launcher -> transport
+
+
+@pytest.fixture(scope="module", params=sorted(JOBS))
+def report(request):
+    proc = launch(request.param, 4, ["python", str(SCRIPTS / "faults_check.py"), "--transport", JOBS[request.param],
+                                     "sent", "finite", "slow"])
     found = results(proc)
     assert proc.returncode == 0 and len(found) == 1, output(proc)
     return found[0]

@@ -42,11 +42,11 @@ def test_scripts_pass_shellcheck():
 
 @pytest.fixture
 def recorder(tmp_path):
-    """Stand-ins for horovodrun and mpirun that record their argv (one JSON list per call) and exit 0."""
+    """Stand-ins for horovodrun, mpirun and torchrun that record their argv (one JSON list per call) and exit 0."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     log = tmp_path / "calls"
-    for name in ("horovodrun", "mpirun"):
+    for name in ("horovodrun", "mpirun", "torchrun"):
         stub = bin_dir / name
         stub.write_text(f'#!/bin/sh\nprintf "%s\\0" "{name}" "$@" >> "{log}"\nprintf "\\n" >> "{log}"\n')
         stub.chmod(0o755)
@@ -114,11 +114,28 @@ def test_elastic_launcher_passes_the_discovery_script(recorder):
                                                  "--set", "elastic.enabled=true"]
 
 
+def test_torchrun_launcher_on_one_node_and_on_several(recorder):
+    proc, calls = recorder(["launch/torchrun.sh", "4", "configs/demo.yaml", "--set", "optim.lr=0.05"])
+    assert proc.returncode == 0, proc.stderr
+    train = ["--no-python", "fa-hvd-train", "--config", "configs/demo.yaml", "--set", "robust.transport=torch",
+             "--set", "optim.lr=0.05"]
+    expected = ["torchrun", "--standalone", "--nproc-per-node", "4", "--max-restarts", "0", *train]
+    assert calls == [expected] and printed_commands(proc.stderr) == [expected]
+    proc, calls = recorder(["launch/torchrun.sh", "2", "configs/demo.yaml", "--set", "optim.lr=0.05"], NNODES="3",
+                           RDZV_ENDPOINT="node1:29500", MAX_RESTARTS="2")
+    assert proc.returncode == 0, proc.stderr
+    assert calls == [["torchrun", "--nnodes", "3", "--rdzv-backend", "c10d", "--rdzv-endpoint", "node1:29500",
+                      "--rdzv-id", "fa_hvd", "--nproc-per-node", "2", "--max-restarts", "2", *train]]
+    proc, calls = recorder(["launch/torchrun.sh", "2", "configs/demo.yaml"], NNODES="3")
+    assert proc.returncode == 2 and calls == [] and "needs RDZV_ENDPOINT" in proc.stderr
+
+
 @pytest.mark.parametrize("script,args", [
     ("launch/local.sh", ["4", "configs/missing.yaml"]),
     ("launch/hosts.sh", ["/nonexistent/hosts", "configs/demo.yaml"]),
     ("launch/mpirun.sh", ["4", "configs/missing.yaml"]),
     ("launch/elastic.sh", ["4", "2", "4", "configs/missing.yaml"]),
+    ("launch/torchrun.sh", ["4", "configs/missing.yaml"]),
     ("launch/local.sh", ["4"]),
 ])
 def test_bad_input_is_refused_before_anything_runs(recorder, script, args):

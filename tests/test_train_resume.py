@@ -12,7 +12,8 @@ For FA and for cclip (whose centre is state), on 3 ranks with a Byzantine rank
    torn file is reported and skipped, the previous one taken, and the run ends.
 
 The final parameters (CRC32 over every rank's bytes) and every logged step loss
-must equal the reference's. Both aggregators' chains run side by side.
+must equal the reference's. Both aggregators' chains run side by side, under horovodrun (Gloo)
+and under torchrun (``robust.transport torch``).
 """
 
 from __future__ import annotations
@@ -29,9 +30,14 @@ from train_helpers import finish, kill_tree, last_step, ranks, start, step_losse
 
 STEPS = 60
 NP = 3
+TRANSPORTS = {"gloo": "horovod", "torchrun": "torch"}  # launcher -> robust.transport
+# How each launcher names the exit status of the rank that ended first.
+FIRST_EXIT = {"gloo": r"The first process to do so was:\s*Process name: \d+\s*Exit code: (\d+)",
+              "torchrun": r"Root Cause \(first observed failure\):\s*\[\d+\]:(?:\s*\w+\s*:[^\n]*\n)*?"
+                          r"\s*exitcode\s*:\s*(\d+)"}
 
 
-def _config(tmp_path, aggregator: str, params: dict):
+def _config(tmp_path, aggregator: str, params: dict, kind: str):
     return write_config(
         tmp_path / f"{aggregator}.yaml",
         seed=3,
@@ -40,32 +46,32 @@ def _config(tmp_path, aggregator: str, params: dict):
         optim={"name": "sgd", "lr": 0.05, "momentum": 0.9},
         schedule={"name": "cosine", "warmup_steps": 5},
         train={"steps": STEPS, "batch_size": 16, "eval_every_steps": 20},
-        robust={"aggregator": aggregator, "aggregator_params": {"f": 1, **params}},
+        robust={"aggregator": aggregator, "aggregator_params": {"f": 1, **params}, "transport": TRANSPORTS[kind]},
         faults=[{"kind": "gaussian", "ranks": [2], "params": {"sigma": 10.0}},
                 {"kind": "slow", "ranks": [0], "params": {"delay": 0.04}}],
         checkpoint={"every_steps": 10, "keep": 3},
     )
 
 
-def _chain(tmp_path, aggregator: str, params: dict, out: dict) -> None:
-    config = _config(tmp_path, aggregator, params)
+def _chain(tmp_path, aggregator: str, params: dict, out: dict, kind: str) -> None:
+    config = _config(tmp_path, aggregator, params, kind)
     reference, broken = tmp_path / f"{aggregator}-reference", tmp_path / f"{aggregator}-broken"
     logs = out.setdefault("logs", [])
-    reference_job = start(NP, config, reference)
+    reference_job = start(NP, config, reference, kind=kind)
     logs.append(finish(reference_job))
 
     # SIGTERM to one rank.
-    job = start(NP, config, broken)
+    job = start(NP, config, broken, kind=kind)
     wait_for(lambda: last_step(broken) >= 12 and len(ranks(job)) == NP, job, what="step 12")
     ranks(job)[1].send_signal(signal.SIGTERM)
     logs.append(finish(job))
     out["preempted"] = summary(broken)
-    out["first_exit"] = re.findall(r"The first process to do so was:\s*Process name: \d+\s*Exit code: (\d+)", logs[-1])
+    out["first_exit"] = re.findall(FIRST_EXIT[kind], logs[-1])
 
     # Resume, then SIGKILL of everything after a checkpoint past the stop.
     stopped = out["preempted"]["step"]
     target = (stopped // 10 + 2) * 10
-    job = start(NP, config, broken, "--resume", "auto")
+    job = start(NP, config, broken, "--resume", "auto", kind=kind)
     wait_for(lambda: checkpoint.path_for(broken / "checkpoints", target).exists(), job, what=f"checkpoint {target}")
     kill_tree(job.pid)
     logs.append(finish(job))
@@ -75,7 +81,7 @@ def _chain(tmp_path, aggregator: str, params: dict, out: dict) -> None:
     newest = checkpoint.listing(broken / "checkpoints")[-1][1]
     newest.write_bytes(newest.read_bytes()[:-100])
     out["torn"] = newest.name
-    job = start(NP, config, broken, "--resume", "auto")
+    job = start(NP, config, broken, "--resume", "auto", kind=kind)
     logs.append(finish(job))
     out["resumed_log"] = logs[-1]
     out["reference"], out["final"] = summary(reference), summary(broken)
@@ -83,14 +89,15 @@ def _chain(tmp_path, aggregator: str, params: dict, out: dict) -> None:
 
 
 @pytest.mark.slow
-def test_interrupted_runs_resume_bit_identical(tmp_path):
+@pytest.mark.parametrize("kind", sorted(TRANSPORTS))
+def test_interrupted_runs_resume_bit_identical(tmp_path, kind):
     chains = {"flag": {}, "cclip": {}}
     params = {"flag": {"r": 1}, "cclip": {"tau": 0.5}}
     errors = []
 
     def run(name):
         try:
-            _chain(tmp_path, name, params[name], chains[name])
+            _chain(tmp_path, name, params[name], chains[name], kind)
         except BaseException as exc:  # reported below, with the job logs
             errors.append((name, exc))
 

@@ -60,7 +60,7 @@ def ranks(proc: subprocess.Popen) -> dict[int, psutil.Process]:
             env = child.environ()
         except psutil.Error:
             continue
-        rank = env.get("HOROVOD_RANK", env.get("OMPI_COMM_WORLD_RANK"))
+        rank = env.get("HOROVOD_RANK", env.get("OMPI_COMM_WORLD_RANK", env.get("RANK")))  # RANK: torchrun
         if rank is not None:
             found[int(rank)] = child
     return found

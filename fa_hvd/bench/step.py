@@ -1,6 +1,7 @@
-"""``fa-hvd-bench step``: a training step with Horovod's allreduce vs fa_hvd, same run.
+"""``fa-hvd-bench step``: a training step with Horovod's allreduce (or DDP's) vs fa_hvd, same run.
 
-Run under ``horovodrun -np 4 fa-hvd-bench step``. Each rank builds the same model
+Run under ``horovodrun -np 4 fa-hvd-bench step``, or ``torchrun --nproc-per-node 4
+--no-python fa-hvd-bench step --transport torch``. Each rank builds the same model
 (ResNet-18 by default, on the CPU; ``--device cuda``: one GPU per rank) once per variant:
 
 * ``horovod_allreduce``: ``hvd.DistributedOptimizer`` (``op=Average``);
@@ -13,6 +14,14 @@ Run under ``horovodrun -np 4 fa-hvd-bench step``. Each rank builds the same mode
 * with ``--digest-cost``, also ``..._digest`` twins of the FA variants: the
   exchange with the per-step digest of the aggregate (:mod:`fa_hvd.exchange.digest`),
   so the digest's cost is the ratio of the two medians, measured in the same rounds.
+
+With ``--transport torch`` (torch.distributed, Gloo or NCCL) the baseline is
+``ddp_allreduce``, plain ``DistributedDataParallel``, and the variants are
+``ddp_hook_mean`` and ``ddp_hook_flag``: DDP with :mod:`fa_hvd.ddp`'s hook (what a DDP
+user adds), then ``fa_hvd_mean`` and ``fa_hvd_flag``: the optimizer over the torch
+transport (and the ``_sharded`` twins of all four). Ratios are ``vs_ddp``. Under DDP the
+exchange runs inside ``backward`` (DDP's buckets and the hook), so the DDP rows have no
+exposed time of their own (``null``).
 
 A step is ``zero_grad``, forward, ``backward``, ``synchronize()``, ``step()`` (under
 ``skip_synchronize``). Its *exposed communication* is the time from the end of
@@ -51,12 +60,18 @@ import torch.nn.functional as F
 
 ALLGATHER_VARIANTS = ("fa_hvd_mean", "fa_hvd_mean_one_bucket", "fa_hvd_flag")
 SHARDED_VARIANTS = ("fa_hvd_mean_sharded", "fa_hvd_flag_sharded")
+TORCH_VARIANTS = ("ddp_hook_mean", "ddp_hook_flag", "fa_hvd_mean", "fa_hvd_flag")
 EXCHANGES = ("allgather", "sharded")
+BASELINES = {"horovod": ("horovod_allreduce", "vs_horovod"), "torch": ("ddp_allreduce", "vs_ddp")}
 
 
-def variants_for(exchanges: list[str], digest_cost: bool = False) -> tuple[str, ...]:
-    """Horovod's allreduce, then fa_hvd's variants for each exchange asked for."""
-    names = ("horovod_allreduce",)
+def variants_for(exchanges: list[str], transport: str = "horovod", digest_cost: bool = False) -> tuple[str, ...]:
+    """The transport's own allreduce, then fa_hvd's variants for each exchange asked for."""
+    names = (BASELINES[transport][0],)
+    if transport == "torch":
+        for exchange in exchanges:
+            names += tuple(v + ("_sharded" if exchange == "sharded" else "") for v in TORCH_VARIANTS)
+        return names
     if "allgather" in exchanges:
         names += ALLGATHER_VARIANTS + (("fa_hvd_flag_digest",) if digest_cost else ())
     if "sharded" in exchanges:
@@ -74,8 +89,8 @@ def _exchanges(text: str) -> list[str]:
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
-        "step", help="seconds per training step and exposed communication: Horovod allreduce vs fa_hvd "
-                     "(run under horovodrun)",
+        "step", help="seconds per training step and exposed communication: Horovod allreduce (or DDP) vs "
+                     "fa_hvd (run under horovodrun, or torchrun with --transport torch)",
         description=__doc__.split("\n\n")[0],
     )
     parser.add_argument("--model", choices=("resnet18", "resnet50", "cnn"), default="resnet18",
@@ -86,6 +101,9 @@ def add_parser(subparsers) -> None:
                         help="fa_hvd's exchanges to time, comma list of allgather, sharded (default: allgather)")
     parser.add_argument("--digest-cost", action="store_true",
                         help="also time FA with the per-step digest of the aggregate (variants ..._digest)")
+    parser.add_argument("--transport", choices=tuple(BASELINES), default="horovod",
+                        help="horovod (under horovodrun; baseline Horovod's allreduce) or torch (under torchrun; "
+                             "baseline plain DDP)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cpu, or cuda: one GPU per rank (its local rank), NCCL where Horovod has it")
     parser.add_argument("--width", type=int, default=32, help="the small CNN's width (channels of the first conv)")
@@ -125,40 +143,52 @@ def vs_allreduce(mine: list[float], allreduce: list[float]) -> float | str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import horovod.torch as hvd
-
     import fa_hvd
+    import fa_hvd.ddp
+    from fa_hvd.comm import get_transport
     from fa_hvd.comm.traffic import SocketTraffic
     from fa_hvd.exchange.cost import exchange_cost
 
-    hvd.init()
+    transport = get_transport(args.transport)
     torch.set_num_threads(args.threads)
-    size, rank = hvd.size(), hvd.rank()
+    size, rank = transport.size, transport.rank
     device = torch.device("cpu")
     if args.device == "cuda":
-        torch.cuda.set_device(hvd.local_rank())
-        device = torch.device("cuda", hvd.local_rank())
+        device = torch.device("cuda", transport.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(args.batch_size, 3, args.image, args.image, generator=gen).to(device)
     y = torch.randint(0, args.num_classes, (args.batch_size,), generator=gen).to(device)
-    names = variants_for(args.exchange, args.digest_cost)
+    names = variants_for(args.exchange, args.transport, args.digest_cost)
+    baseline, ratio = BASELINES[args.transport]
+    flag = {"f": args.f, "r": args.r}
 
     def build(name):
         torch.manual_seed(0)
         model = build_model(args).to(device)
         inner = torch.optim.SGD(model.parameters(), lr=0.01)
         named = model.named_parameters()
-        if name == "horovod_allreduce":
-            return model, hvd.DistributedOptimizer(inner, named_parameters=named, op=hvd.Average)
-        bucket_bytes = 1 << 62 if name == "fa_hvd_mean_one_bucket" else args.bucket_bytes
         exchange = "sharded" if "_sharded" in name else "allgather"
+        if name == "horovod_allreduce":
+            import horovod.torch as hvd
+
+            return model, hvd.DistributedOptimizer(inner, named_parameters=named, op=hvd.Average)
+        if name.startswith("ddp_"):
+            ddp = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None,
+                bucket_cap_mb=args.bucket_bytes / 2**20 if args.bucket_bytes else None)
+            if name.startswith("ddp_hook"):
+                rule = "flag" if name.startswith("ddp_hook_flag") else "mean"
+                fa_hvd.ddp.wrap(ddp, aggregator=rule, exchange=exchange, **(flag if rule == "flag" else {}))
+            return ddp, inner
+        bucket_bytes = 1 << 62 if name == "fa_hvd_mean_one_bucket" else args.bucket_bytes
         if name.startswith("fa_hvd_flag"):
             return model, fa_hvd.DistributedOptimizer(inner, named_parameters=named, aggregator="flag",
-                                                      aggregator_params={"f": args.f, "r": args.r},
-                                                      bucket_bytes=bucket_bytes, exchange=exchange,
+                                                      aggregator_params=flag, bucket_bytes=bucket_bytes,
+                                                      exchange=exchange, transport=transport,
                                                       digest=name.endswith("_digest"))
         return model, fa_hvd.DistributedOptimizer(inner, named_parameters=named, aggregator="mean",
-                                                  bucket_bytes=bucket_bytes, exchange=exchange)
+                                                  bucket_bytes=bucket_bytes, exchange=exchange, transport=transport)
 
     variants = {name: build(name) for name in names}
     traffic = SocketTraffic()
@@ -176,6 +206,11 @@ def run(args: argparse.Namespace) -> int:
             start = clock()
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
+            if name.startswith("ddp_"):  # the exchange ran inside backward
+                opt.step()
+                if record:
+                    samples[name]["step_s"].append(clock() - start)
+                continue
             backward_done = clock()
             opt.synchronize()
             synced = clock()
@@ -196,36 +231,39 @@ def run(args: argparse.Namespace) -> int:
             # Byte counts outside two barriers: no peer's bytes of this round arrive before the
             # first snapshot, and all of them have arrived before the second (barriers: ~100 B).
             before = traffic.totals()
-            hvd.allreduce(torch.zeros(1), name=f"bench.barrier.{round_}.{name}")
+            transport.allreduce_sum(torch.zeros(1), name=f"bench.barrier.{round_}.{name}")
             steps(name, args.steps, record=True)
-            hvd.allreduce(torch.zeros(1), name=f"bench.barrier2.{round_}.{name}")
+            transport.allreduce_sum(torch.zeros(1), name=f"bench.barrier2.{round_}.{name}")
             after = traffic.totals()
             samples[name]["sent"].append((after[0] - before[0]) / args.steps)
             samples[name]["received"].append((after[1] - before[1]) / args.steps)
         if rank == 0:
             print(f"round {round_ + 1}/{args.rounds}", file=sys.stderr, flush=True)
 
-    n = sum(p.numel() for p in variants["horovod_allreduce"][0].parameters())
+    n = sum(p.numel() for p in variants[baseline][0].parameters())
     medians = {name: {k: statistics.median(v) for k, v in s.items() if v} for name, s in samples.items()}
     wire = torch.tensor([[[medians[name][k] for k in ("sent", "received")] for name in names]], dtype=torch.float64)
-    everyone = hvd.allgather(wire, name="bench.bytes")  # (ranks, variants, 2): bytes, not pickles
+    everyone = transport.allgather(wire, name="bench.bytes")  # (ranks, variants, 2): numbers, not pickles
     most = {name: everyone[:, i].amax(0).tolist() for i, name in enumerate(names)}
-    base = medians["horovod_allreduce"]
+    base = medians[baseline]
     if rank == 0:
         records = []
         for name in names:
             m = medians[name]
-            kind = "allreduce" if name == "horovod_allreduce" else "sharded" if "_sharded" in name else "allgather"
+            kind = "allreduce" if name == baseline else "sharded" if "_sharded" in name else "allgather"
             opt = variants[name][1]
-            sizes = [b.numel for b in opt._buckets] if kind != "allreduce" else [n]
+            buckets = getattr(opt, "_buckets", None) if kind != "allreduce" else None  # DDP's are its own
+            sizes = [b.numel for b in buckets] if buckets else [n]
             model = exchange_cost(kind, sizes, size, digest=name.endswith("_digest"))
             record = {
                 "bench": "step", "variant": name, "exchange": kind, "model": args.model, "device": args.device,
                 "ranks": size, "parameters": n, "batch_per_rank": args.batch_size,
-                "buckets": len(opt._buckets) if kind != "allreduce" else None,
+                "buckets": len(buckets) if buckets else None,
                 "median_s": m["step_s"], "min_s": min(samples[name]["step_s"]),
-                "vs_horovod": m["step_s"] / base["step_s"],
-                "exposed_s": m["exposed_s"], "exposed_vs_horovod": m["exposed_s"] / base["exposed_s"],
+                "max_s": max(samples[name]["step_s"]), ratio: m["step_s"] / base["step_s"],
+                "exposed_s": m.get("exposed_s"),
+                f"exposed_{ratio}": m["exposed_s"] / base["exposed_s"] if "exposed_s" in m and "exposed_s" in base
+                else None,
                 "bytes_sent_per_rank_per_step": int(most[name][0]),
                 "bytes_received_per_rank_per_step": int(most[name][1]),
                 "model_bytes_per_rank_per_step": int(model["bytes_received"]),
@@ -234,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
                 "model_exchange_bytes": int(model["memory_bytes"]),
             }
             if kind == "sharded":
-                record["bytes_vs_allreduce"] = vs_allreduce(most[name], most["horovod_allreduce"])
+                record["bytes_vs_allreduce"] = vs_allreduce(most[name], most[baseline])
             record.update({k: m[k] for k in ("wait_s", "aggregate_s") if k in m})
             if name.endswith("_digest"):  # the digest's cost: this median over its twin's without it
                 record["digest_cost"] = m["step_s"] / medians[name.removesuffix("_digest")]["step_s"] - 1
@@ -245,10 +283,10 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps({"bench": "step", "summary": {
                 "ranks": size, "model": args.model, "device": args.device,
                 "bytes_vs_allreduce": {r["variant"]: r["bytes_vs_allreduce"] for r in sharded},
-                "vs_horovod": {r["variant"]: r["vs_horovod"] for r in sharded},
+                ratio: {r["variant"]: r[ratio] for r in sharded},
                 "sharded_bytes_within_1_1x_allreduce": NOT_COUNTED if any(
                     r["bytes_vs_allreduce"] == NOT_COUNTED for r in sharded) else all(
                     r["bytes_vs_allreduce"] <= 1.1 for r in sharded),
-                "sharded_step_within_1_1x_horovod": all(r["vs_horovod"] <= 1.1 for r in sharded),
+                f"sharded_step_within_1_1x_{baseline.split('_')[0]}": all(r[ratio] <= 1.1 for r in sharded),
             }}), flush=True)
     return 0

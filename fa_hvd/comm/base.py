@@ -130,14 +130,6 @@ class Transport:
         """Sum of ``tensor`` over ranks (small tensors: counters, checks)."""
         raise NotImplementedError
 
-    def broadcast_object(self, obj, root: int, name: str):
-        """``root``'s picklable ``obj`` on every rank (``root`` counts ranks of this transport).
-
-        Pickled: only for what a root that is trusted anyway sends (rank 0's resume
-        and elastic state, see the README's threat model); prefer :meth:`broadcast_state`.
-        """
-        raise NotImplementedError
-
     # -- object messages without pickle (:mod:`fa_hvd.comm.messages`) -------------------
     def allgather_bytes(self, data: bytes, name: str, limit: int = messages.MAX_MESSAGE_BYTES) -> list[bytes]:
         """Every rank's ``data``, in rank order: the lengths, then the bytes padded to the longest

@@ -58,9 +58,6 @@ class HorovodTransport(Transport):
     def broadcast_(self, tensor: torch.Tensor, root: int, name: str) -> torch.Tensor:
         return hvd.broadcast_(tensor, root_rank=self._global_rank(root), name=name, process_set=self.process_set)
 
-    def broadcast_object(self, obj, root: int, name: str):
-        return hvd.broadcast_object(obj, root_rank=self._global_rank(root), name=name, process_set=self.process_set)
-
     def allreduce_sum(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
         return hvd.allreduce(tensor, op=hvd.Sum, name=name, process_set=self.process_set)
 

@@ -76,9 +76,6 @@ class MPITransport(Transport):
         self.comm.Allreduce(send.numpy(), recv.numpy(), op=MPI.SUM)
         return recv.to(tensor.device)
 
-    def broadcast_object(self, obj, root: int, name: str):
-        return self.comm.bcast(obj, root=root)
-
     def alltoall_async(self, tensor: torch.Tensor, splits: list[int], name: str,
                        received: list[int] | None = None) -> Handle:
         from mpi4py import MPI

@@ -182,7 +182,7 @@ class TrainConfig:
 class RobustConfig:
     aggregator: str = "flag"
     aggregator_params: dict = field(default_factory=dict)   # f, r, tau, ...
-    transport: Literal["horovod", "mpi"] = "horovod"
+    transport: Literal["horovod", "mpi", "torch"] = "horovod"  # torch: torch.distributed (torchrun)
     exchange: Literal["allgather", "sharded"] = "allgather"  # sharded: allreduce's traffic, O(n) memory
     replicas: int = 1                  # sharded only: 1, or >= f+1 ranks compute each shard (>= 2f+1: repaired)
     digest: bool = False               # compare the ranks' aggregates every step (an altered relayed block stops it)

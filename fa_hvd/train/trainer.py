@@ -1,7 +1,8 @@
-"""``fa-hvd-train``: robust data-parallel training from a config, under horovodrun, mpirun or srun.
+"""``fa-hvd-train``: robust data-parallel training from a config, under horovodrun, mpirun, srun or torchrun.
 
     horovodrun -np N fa-hvd-train --config configs/X.yaml [--set KEY=VALUE ...]
         [--run-dir DIR] [--resume auto|never|PATH] [--resume-reshard]
+    torchrun --nproc-per-node N fa-hvd-train --config configs/X.yaml --set robust.transport=torch ...
 
 The loop is assembled from components with one job each: the config
 (:mod:`fa_hvd.train.config`), the data and each rank's shard and sample order
@@ -67,7 +68,7 @@ from fa_hvd.train.sharding import ShardStream, partition, steps_per_epoch
 
 PROG = "fa-hvd-train"
 EXIT_OK, EXIT_USAGE, EXIT_PREEMPTED = 0, 2, 75
-RANK_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID")
+RANK_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "RANK", "SLURM_PROCID")
 
 
 def launcher_rank(environ=os.environ) -> int | None:
@@ -565,7 +566,8 @@ def _report(summary: dict, run_dir: Path) -> None:
 # -- start-up ------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Robust data-parallel training from a config, under horovodrun, mpirun or srun.",
+        prog=PROG, description="Robust data-parallel training from a config, under horovodrun, mpirun, srun or "
+                               "torchrun (with robust.transport torch).",
         epilog="Exit status: 0 finished, 2 bad config or input, 75 stopped by SIGTERM/SIGUSR1 (checkpointed, "
                "or stopped during set-up): resume with --resume auto.")
     parser.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
@@ -670,6 +672,9 @@ def _main(args, signals: control.StopSignals) -> int:
     except ConfigError as exc:
         return usage_error(str(exc), rank)
     run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
+    if "TORCHELASTIC_RUN_ID" in os.environ and conf.robust.transport != "torch":
+        return usage_error(f"launched by torchrun, but robust.transport is {conf.robust.transport}: "
+                           f"set robust.transport torch (--set robust.transport=torch)", rank)
     transport = get_transport(conf.robust.transport)
     trainer = None
     try:

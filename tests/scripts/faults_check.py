@@ -1,9 +1,9 @@
 """Multi-rank fault checks on the gathered matrix; rank 0 prints RESULT {json}.
 
-python faults_check.py sent|finite|slow
+python faults_check.py [--transport horovod|torch] sent|finite|slow
 """
+import argparse
 import json
-import sys
 import time
 
 import torch
@@ -110,7 +110,11 @@ def check_slow(transport, rank):
 CHECKS = {"sent": check_sent, "finite": check_finite, "slow": check_slow}
 
 if __name__ == "__main__":
-    transport = get_transport("horovod")
-    report = {name: CHECKS[name](transport, transport.rank) for name in sys.argv[1:]}
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--transport", default="horovod")
+    parser.add_argument("checks", nargs="+", choices=sorted(CHECKS))
+    args = parser.parse_args()
+    transport = get_transport(args.transport)
+    report = {name: CHECKS[name](transport, transport.rank) for name in args.checks}
     if transport.rank == 0:
         print("RESULT " + json.dumps(report), flush=True)

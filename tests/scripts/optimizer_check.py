@@ -1,6 +1,6 @@
 """Multi-rank checks of fa_hvd.DistributedOptimizer; rank 0 prints RESULT {json}.
 
-python optimizer_check.py --transport horovod|mpi CHECK [CHECK ...]
+python optimizer_check.py --transport horovod|mpi|torch CHECK [CHECK ...]
 """
 import argparse
 import json
@@ -45,17 +45,29 @@ def agree(transport, params):
     return all(s == sums[0] for s in sums)
 
 
-def check_mean_vs_horovod(transport, rank):
+def plain_average(model, inner, transport_name, process_set=None):
+    """The transport's own averaging of the same model: Horovod's optimizer (op=Average), or
+    DDP over ``process_set`` (a process group) under torch.distributed. Returns (model, optimizer)."""
+    if transport_name == "torch":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, process_group=process_set), inner
     import horovod.torch as hvd
 
     hvd.init()  # a no-op under horovodrun; under plain mpirun Horovod joins the same MPI world
+    kwargs = {} if process_set is None else {"process_set": process_set}
+    return model, hvd.DistributedOptimizer(inner, named_parameters=model.named_parameters(), **kwargs)
+
+
+def check_mean_vs_horovod(transport, rank):
+    """fa_hvd's mean against Horovod's average (DDP's under torch.distributed)."""
     model, x, y = model_and_data(rank)
     ours = fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), named_parameters=model.named_parameters(),
                                        aggregator="mean", transport=transport)
     train(model, ours, x, y)
     theirs_model, _, _ = model_and_data(rank)
-    theirs = hvd.DistributedOptimizer(torch.optim.SGD(theirs_model.parameters(), lr=0.1),
-                                      named_parameters=theirs_model.named_parameters(), op=hvd.Average)
+    theirs_model, theirs = plain_average(theirs_model, torch.optim.SGD(theirs_model.parameters(), lr=0.1),
+                                         transport.name)
     train(theirs_model, theirs, x, y)
     diff = max(float((a - b).abs().max()) for a, b in zip(model.parameters(), theirs_model.parameters()))
     moved = max(float((a - b).abs().max()) for a, b in zip(model.parameters(), model_and_data(rank)[0].parameters()))
@@ -212,21 +224,18 @@ def check_bad_world(transport, rank):
     return {"error": None}
 
 
-def twin_runs(rank, build, step_fn, steps, process_set=None, **ours):
-    """The same model and data trained with fa_hvd's mean and with Horovod's optimizer
-    (op=Average); the largest parameter difference and how far training moved them."""
-    import horovod.torch as hvd
-
-    hvd.init()  # a no-op under horovodrun; under plain mpirun Horovod joins the same MPI world
+def twin_runs(rank, build, step_fn, steps, process_set=None, transport_name="horovod", **ours):
+    """The same model and data trained with fa_hvd's mean and with the transport's own averaging
+    (:func:`plain_average`); the largest parameter difference and how far training moved them."""
     models = []
-    for wrap in ("fa_hvd", "horovod"):
+    for wrap in ("fa_hvd", "plain"):
         model, inner = build()
-        kwargs = {} if process_set is None else {"process_set": process_set}
         if wrap == "fa_hvd":
+            kwargs = {} if process_set is None else {"process_set": process_set, "transport": transport_name}
             opt = fa_hvd.DistributedOptimizer(inner, named_parameters=model.named_parameters(), aggregator="mean",
                                               **ours, **kwargs)
         else:
-            opt = hvd.DistributedOptimizer(inner, named_parameters=model.named_parameters(), **kwargs)
+            model, opt = plain_average(model, inner, transport_name, process_set)
         for step in range(steps):
             step_fn(model, opt, step)
         models.append(model)
@@ -303,9 +312,9 @@ def check_zero_step(transport, rank):
 
 
 def check_process_sets(transport, rank):
-    """Process sets {even ranks} and {odd ranks}, each aggregating only its own: fa_hvd's mean
-    against Horovod's optimizer with the same set. The mpi4py transport has no process
-    sets: there, passing one is refused."""
+    """Process sets {even ranks} and {odd ranks} (process groups under torch.distributed), each
+    aggregating only its own: fa_hvd's mean against the transport's own averaging over the same
+    set. The mpi4py transport has no process sets: there, passing one is refused."""
     if transport.name == "mpi":
         model, _, _ = model_and_data(rank)
         try:
@@ -314,10 +323,15 @@ def check_process_sets(transport, rank):
         except ValueError as exc:
             return {"refused": str(exc)}
         return {"refused": None}
-    import horovod.torch as hvd
+    if transport.name == "torch":
+        import torch.distributed as dist
 
-    evens = hvd.add_process_set(list(range(0, transport.size, 2)))
-    odds = hvd.add_process_set(list(range(1, transport.size, 2)))
+        evens, odds = (dist.new_group(list(range(start, transport.size, 2))) for start in (0, 1))
+    else:
+        import horovod.torch as hvd
+
+        evens = hvd.add_process_set(list(range(0, transport.size, 2)))
+        odds = hvd.add_process_set(list(range(1, transport.size, 2)))
     mine = evens if rank % 2 == 0 else odds
     _, x, y = model_and_data(rank)
 
@@ -330,17 +344,18 @@ def check_process_sets(transport, rank):
         F.cross_entropy(model(x), y).backward()
         opt.step()
 
-    out = twin_runs(rank, build, step, steps=3, process_set=mine)
+    out = twin_runs(rank, build, step, steps=3, process_set=mine, transport_name=transport.name)
     model, opt = build()
-    opt = fa_hvd.DistributedOptimizer(opt, aggregator="median", process_set=mine)
+    opt = fa_hvd.DistributedOptimizer(opt, aggregator="median", process_set=mine, transport=transport.name)
     for i in range(3):
         step(model, opt, i)
     sums = transport.allgather_json(checksum(model.parameters()), name="check.ps", schema=object)
     out.update(same_within=all(sums[r] == sums[rank % 2] for r in range(rank % 2, transport.size, 2)),
                differ_across=sums[0] != sums[1], set_size=opt.transport.size)
     out = {k: transport.allgather_json(v, name=f"check.ps.{k}", schema=object) for k, v in out.items()}
-    hvd.remove_process_set(odds)
-    hvd.remove_process_set(evens)
+    if transport.name == "horovod":
+        hvd.remove_process_set(odds)
+        hvd.remove_process_set(evens)
     return out
 
 
@@ -424,7 +439,28 @@ def check_broadcast_state(transport, rank):
     return out
 
 
-CHECKS = {"mean_vs_horovod": check_mean_vs_horovod, "rules": check_rules, "features": check_features,
+def check_object_bound(transport, rank):
+    """torch.distributed: rank 1 announces a 1 TiB object message; every rank refuses it, naming rank 1,
+    before allocating anything for it."""
+    from fa_hvd.comm.torchdist import TorchDistTransport
+
+    class Announcer(TorchDistTransport):
+        def allgather(self, tensor, name):
+            if name.endswith(".lengths") and self.rank == 1:
+                tensor = torch.tensor([[1 << 40]])
+            return super().allgather(tensor, name)
+
+    try:
+        Announcer().allgather_json({"ok": True}, name="check.bound", schema=object)
+    except ValueError as exc:
+        error = str(exc)
+    else:
+        error = None
+    return {"errors": transport.allgather_json(error, name="check.bound.errors", schema=object)}
+
+
+CHECKS = {"object_bound": check_object_bound,
+          "mean_vs_horovod": check_mean_vs_horovod, "rules": check_rules, "features": check_features,
           "mismatch": check_mismatch, "bad_world": check_bad_world,
           "process_sets": check_process_sets, "slow_peer": check_slow_peer,
           "broadcast_state": check_broadcast_state, "unused_on_some_ranks": check_unused_on_some_ranks,
