@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 
-from . import aggregators, step
+from . import aggregators, robustness, step
 
-BENCHMARKS = (aggregators, step)
+BENCHMARKS = (aggregators, robustness, step)
 
 
 def main(argv: list[str] | None = None) -> int:
