@@ -68,9 +68,14 @@ Modes:
   3. *Selection in gradient units.* Each mixed row's score is its summed squared distance
      to its ``p - f - 1`` nearest mixed rows (Multi-Krum's score, continuous in ``K``);
      ``s_i = ramp((S_(p-f) - S_i) / (MARGIN S_(p-f) + floor))`` keeps the ``p - f`` best
-     fully and lets the weight of the next fade. The output is the mean of the mixed rows
-     weighted by ``v_i s_i``: ``c = M^T (v * s) / sum(v * s)``. ``p`` identical rows give
-     that row; no rescaling is needed.
+     fully and lets the weight of the next fade. The centre is the mean of the mixed rows
+     weighted by ``v_i s_i``: ``z = c^T G`` with ``c = M^T (v * s) / sum(v * s)``.
+  4. *Every row back, clipped around the centre* (centred clipping, Karimireddy et al. ICML
+     2021, from this centre): ``CLIP_STEPS`` (3) times ``z <- z + (1/p) sum_i min(1, tau /
+     ||x_i - z||) (x_i - z)`` with ``tau`` the ``(p - f)``-th smallest ``||x_i - z||``. Honest
+     rows the selection left out count again (a selection of ``p - f`` rows is biased when
+     honest rows differ, non-IID), and a row beyond ``tau`` moves ``z`` by at most
+     ``tau / p``. ``p`` identical rows give that row; no rescaling is needed.
 
   Stability. Every choice is a ramp of width ``MARGIN`` (relative) or ``AGREEMENT_MARGIN``
   (absolute) around an order statistic, which is itself continuous in ``K``: a change of
@@ -108,6 +113,8 @@ REFERENCE_STOP = 1e-10
 DEFAULT_ITERATIONS = 20
 MARGIN = 0.25
 """Default mode: relative width of the ramps of the neighbour and selection choices."""
+CLIP_STEPS = 3
+"""Default mode: steps of the mean clipped around the selected centre (step 4)."""
 AGREEMENT_MARGIN = 0.1
 """Default mode: width of the vote's ramp, in agreement units (agreements lie in [-1, 1])."""
 FLOOR = 1e-12
@@ -206,7 +213,10 @@ class Flag(Aggregator):
         votes = self.fit(basis, f).votes
         selected = soft_selection(sq_distances(K=mixed), f, floor)
         weights = votes * selected
-        return (M.T @ (weights / weights.sum())).to(device)
+        c = M.T @ (weights / weights.sum())
+        for _ in range(CLIP_STEPS):
+            c = clipped_mean(K, c, f)
+        return c.to(device)
 
     # -- IRLS ------------------------------------------------------------------------
     def _irls_step(self, P: torch.Tensor, R: torch.Tensor, r: int, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -304,6 +314,16 @@ class FlagFit(NamedTuple):
     W: torch.Tensor
     votes: torch.Tensor
     r: int
+
+
+def clipped_mean(K: torch.Tensor, c: torch.Tensor, f: int) -> torch.Tensor:
+    """Step 4: ``z + (1/p) sum_i min(1, tau / ||x_i - z||) (x_i - z)`` for ``z = c^T G``, ``tau``
+    the ``(p - f)``-th smallest ``||x_i - z||``; returns its coefficients, from ``K``."""
+    p = K.shape[0]
+    d = (K.diagonal() - 2 * (K @ c) + c @ K @ c).clamp_min(0).sqrt()
+    tau = d.sort().values[p - f - 1]
+    s = torch.where(d > tau, tau / d, torch.ones_like(d))
+    return c * (1 - s.sum() / p) + s / p
 
 
 def ramp(x: torch.Tensor) -> torch.Tensor:

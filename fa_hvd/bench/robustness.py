@@ -23,7 +23,8 @@ this benchmark reports kappa-hat, the worst ratio over:
 Every draw is seeded by ``(seed, shape, distribution, attack)``; a rule gets a fresh instance
 per aggregation (cclip's centre starts at 0). A rule that refuses a shape (its precondition)
 shows ``refuses``. For every Gram-space rule it also measures the Byzantine rows' share of
-the weight, ``sum_B |c_i| ||x_i|| / sum_i |c_i| ||x_i||`` (``agg = sum_i c_i x_i``), over the
+the weight, ``sum_B w_i / sum_i w_i`` with ``w_i = |c_i|`` (``agg = sum_i c_i x_i``) or, for the
+rules that weight unit vectors (nmean, FA's reference mode), ``w_i = |c_i| ||x_i||``, over the
 cases where the honest rows agree more closely with each other than with them (the largest
 honest distance is below the smallest honest-Byzantine one), against ``f / p``.
 
@@ -69,8 +70,8 @@ ATTACK_CASES = {
     "offset": (None, {}),
 }  # fmt: skip
 """Label -> (fault kind, parameters) of the fixed attacks (``offset``: the bench's own)."""
-WEIGHT_RULES = ("flag", "flag-ref", "nmean", "multikrum", "geomed")
-"""Gram-space rules whose Byzantine weight share is reported."""
+WEIGHT_RULES = {"flag": False, "flag-ref": True, "nmean": True, "multikrum": False, "geomed": False}
+"""Gram-space rules whose Byzantine weight share is reported -> whether they weight unit vectors."""
 
 
 # -- command line ----------------------------------------------------------------------------------
@@ -162,9 +163,11 @@ def kappa(out: torch.Tensor, honest: torch.Tensor) -> float:
     return float((out - mu).pow(2).sum() / (honest - mu).pow(2).sum(1).mean())
 
 
-def weight_share(c: torch.Tensor, G: torch.Tensor, byzantine: torch.Tensor) -> float:
-    """``sum_B |c_i| ||x_i|| / sum_i |c_i| ||x_i||``: the Byzantine rows' share of the weight."""
-    mass = c.abs() * G.norm(dim=1)
+def weight_share(c: torch.Tensor, G: torch.Tensor, byzantine: torch.Tensor, unit: bool) -> float:
+    """The Byzantine rows' share of the weight: ``sum_B w_i / sum_i w_i`` with ``w_i = |c_i|``
+    (``agg = sum_i c_i x_i``, rules in gradient units) or, for rules that weight unit vectors
+    (``unit``), ``w_i = |c_i| ||x_i||``."""
+    mass = c.abs() * G.norm(dim=1) if unit else c.abs()
     total = float(mass.sum())
     return float(mass[byzantine].sum()) / total if total > 0 else 0.0
 
@@ -210,7 +213,7 @@ def measure_shape(p: int, f: int, labels: list[str], args: argparse.Namespace) -
                     worst[label] = (k, attack, distribution)
                 if label in shares and rule.weights is not None and rule.weights.numel() == p:
                     if honest_agree(honest, rows):
-                        share = weight_share(rule.weights, G, torch.arange(p - f, p))
+                        share = weight_share(rule.weights, G, torch.arange(p - f, p), WEIGHT_RULES[label])
                         if share > shares[label][0] or not shares[label][1]:
                             shares[label] = (share, f"{attack}/{distribution}")
     return worst, shares
@@ -276,7 +279,8 @@ def write_report(results: list[dict], args: argparse.Namespace) -> None:
             "",
             "## The Byzantine rows' share of the weight",
             "",
-            "Largest `sum_B |c_i| ||x_i|| / sum_i |c_i| ||x_i||` over the cases where the honest rows agree "
+            "Largest `sum_B w_i / sum_i w_i` (`w_i = |c_i|` for `agg = sum_i c_i x_i`; `|c_i| ||x_i||`, the "
+            "weight of a unit vector, for nmean and flag-ref) over the cases where the honest rows agree "
             "more closely with each other than with the Byzantine rows (largest honest distance < smallest "
             "honest-Byzantine distance); the bar is f/p (the column head). Cell: share (attack/distribution).",
             "",
