@@ -314,8 +314,7 @@ def heatmap(cell: dict, labels: list[str], shapes: list[tuple[int, int]], path: 
                 values[i, j] = math.log10(max(r["kappa"], 1e-12) / r["bound"]) if math.isfinite(r["kappa"]) else 12
     shown = np.clip(values, -1, 12)
     fig, ax = plt.subplots(figsize=(1.0 * len(shapes) + 2.5, 0.45 * len(labels) + 1.5))
-    cmap = plt.get_cmap("viridis_r").copy()
-    cmap.set_bad("lightgrey")
+    cmap = plt.get_cmap("viridis_r").with_extremes(bad="lightgrey")
     im = ax.imshow(np.ma.masked_invalid(shown), cmap=cmap, aspect="auto", vmin=-1, vmax=12)
     for i in range(len(labels)):
         for j in range(len(shapes)):
