@@ -107,6 +107,7 @@ import torch
 
 from .base import Aggregator, host_gram
 from .geometry import gram, sq_distances
+from .krum import krum_scores
 
 REFERENCE_EPS = 1e-7
 REFERENCE_STOP = 1e-10
@@ -355,8 +356,7 @@ def soft_selection(D: torch.Tensor, f: int, floor: float) -> torch.Tensor:
     p = D.shape[0]
     if f == 0 or p - f - 1 < 1:
         return torch.ones(p, dtype=D.dtype, device=D.device)
-    others = D.clone().fill_diagonal_(float("inf"))
-    scores = others.sort(dim=1).values[:, : p - f - 1].sum(1)
+    scores = krum_scores(D, f - 1)  # Krum's count, p - (f - 1) - 2 = p - f - 1 nearest others
     cut = scores.sort().values[p - f - 1]
     return ramp((cut - scores) / (MARGIN * cut + floor))
 
