@@ -93,3 +93,30 @@ def test_gram_floor(capsys):
     for mode in ("flag[default]", "flag[reference]"):
         assert rows[mode]["vs_gram"] == pytest.approx(rows[mode]["median_s"] / rows["gram"]["median_s"])
     assert set(records[-1]["summary"]["vs_gram"]) == {"flag[default]", "flag[reference]"}
+
+
+def test_robustness_kappa_table_and_weight_shares(capsys, tmp_path):
+    """``fa-hvd-bench robustness`` at a tiny size: one line per (rule, shape), the bound, the
+    refusals, inf for the mean under NaN rows, a median within the bound's order, the report."""
+    out = tmp_path / "robustness"
+    assert main(["robustness", "--shapes", "4/1", "--rules", "mean,median,multikrum,flag", "--n", "16",
+                 "--directions", "0", "--out", str(out)]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    cells = {(r["rule"], r["p"]): r for r in records}
+    assert set(cells) == {(rule, 4) for rule in ("mean", "median", "multikrum", "flag")}
+    assert cells[("multikrum", 4)]["refuses"] and not cells[("median", 4)].get("refuses")
+    assert cells[("mean", 4)]["kappa"] == float("inf") and cells[("mean", 4)]["attack"] == "nan"
+    assert cells[("median", 4)]["bound"] == 0.5
+    assert 0 < cells[("median", 4)]["kappa"] < 10 * cells[("median", 4)]["bound"]
+    assert 0 <= cells[("flag", 4)]["byzantine_share"] <= 1 and cells[("flag", 4)]["share_bound"] == 0.25
+    assert "| median |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 0
+
+
+def test_robustness_kappa_is_the_allouah_ratio():
+    import torch
+
+    from fa_hvd.bench.robustness import kappa
+
+    honest = torch.tensor([[0.0, 0.0], [2.0, 0.0]], dtype=torch.float64)  # mean (1, 0), spread 1
+    assert kappa(torch.tensor([1.0, 3.0], dtype=torch.float64), honest) == pytest.approx(9.0)
+    assert kappa(torch.tensor([float("nan"), 0.0], dtype=torch.float64), honest) == float("inf")

@@ -162,6 +162,44 @@ def test_mimic_copies_the_target_row(params, target):
     assert torch.equal(send(inj, rows[2]), rows[target])
 
 
+@pytest.mark.parametrize("direction", ["std", "unit", "sign"])
+def test_minmax_and_minsum_go_exactly_as_far_as_their_bound(direction):
+    rows = honest_world().double()
+    honest = rows[3:]
+    inj = injector([{"kind": "minmax", "ranks": [0, 1, 2], "params": {"direction": direction}}], world=15,
+                   transport=FakeTransport(0, rows))
+    sent = send(inj, rows[0]).double()
+    bound = float(torch.cdist(honest, honest).max())
+    assert float(torch.cdist(sent[None], honest).max()) == pytest.approx(bound, rel=1e-5)
+    assert float((sent - honest.mean(0)).norm()) > 0.1 * bound  # it did move off the mean
+    inj = injector([{"kind": "minsum", "ranks": [0, 1, 2], "params": {"direction": direction}}], world=15,
+                   transport=FakeTransport(0, rows))
+    sent = send(inj, rows[0]).double()
+    bound = float((torch.cdist(honest, honest) ** 2).sum(1).max())
+    assert float(((sent - honest) ** 2).sum()) == pytest.approx(bound, rel=1e-5)
+
+
+def test_tailored_search_beats_the_fixed_attacks_against_its_rule():
+    from fa_hvd.aggregators import get
+    from fa_hvd.faults.gradient import ATTACKS, HonestView
+
+    rows = honest_world(5).double()
+    honest = HonestView(rows[1:], (1, 2, 3, 4))
+    specs = parse_faults([{"kind": "tailored", "ranks": [0], "params": {"rule": "median"}}], 5, f=1)
+    assert specs[0].params == {"rule": "median", "f": 1, "count": 1, "directions": 4}
+    gen = torch.Generator().manual_seed(0)
+
+    def error(bad):
+        return float((get("median", f=1)(torch.cat([rows[1:], bad[None]])) - rows[1:].mean(0)).norm())
+
+    searched = error(ATTACKS["tailored"](rows[0], honest, gen, specs[0].params))
+    fixed = [ATTACKS["minmax"](rows[0], honest, gen, {"direction": "std"}),
+             ATTACKS["alie"](rows[0], honest, gen, {"z": 1.0, "sign": 1}), -rows[1:].mean(0)]
+    assert searched >= max(error(bad) for bad in fixed)
+    with pytest.raises(ValueError, match="params.rule must be an aggregator name"):
+        parse_faults([{"kind": "tailored", "ranks": [0], "params": {"rule": "nope"}}], 5, f=1)
+
+
 def test_honest_rows_exclude_ranks_whose_gradient_faults_fire_at_that_step():
     rows = honest_world()
     entries = [{"kind": "ipm", "ranks": [0]}, {"kind": "signflip", "ranks": [5], "start_step": 10}]

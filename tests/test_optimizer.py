@@ -22,14 +22,15 @@ def one_step(model, opt, x, y):
     opt.step()
 
 
-def test_an_elastic_shrink_rechecks_the_rules_preconditions():
+@pytest.mark.parametrize("rule", ["median", "flag"])
+def test_an_elastic_shrink_rechecks_the_rules_preconditions(rule):
     model, x, y = model_and_batch()
     link = LoopbackTransport(size=3)
-    opt = fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), aggregator="median",
+    opt = fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), aggregator=rule,
                                       aggregator_params={"f": 1}, transport=link)
     one_step(model, opt, x, y)
     link.resize(2)
-    with pytest.raises(ValueError, match=r"median: needs at least 3 workers for f=1 .*got p=2"):
+    with pytest.raises(ValueError, match=rf"{rule}: needs at least 3 workers for f=1 .*got p=2"):
         one_step(model, opt, x, y)
 
 

@@ -45,44 +45,56 @@ Modes:
   projection of the normalised gradients. The torch global RNG is reseeded by the
   release; this implementation uses its own generator and leaves the global RNG
   untouched.
-* ``mode="default"`` (the better FA, chosen on the standing robustness grid,
-  ``configs/eval/standing.yaml``):
+* ``mode="default"`` (the better FA, chosen on the empirical (f, kappa)-robustness of
+  ``fa-hvd-bench robustness`` in every shape from p/f = 4/1 to 64/21): a weighted mean of
+  the rows *in gradient units*, ``c^T G``, every weight a continuous function of ``K``:
 
-  1. *Fit to the honest majority.* IRLS from the flag mean (the top-``r``
-     eigenvectors of the cosine matrix) in which, at every step, the ``f`` rows
-     that agree least with the current fit get no weight: a row's agreement is
-     ``sign(<Y^T h_i, d>) ||Y^T h_i||^2`` (``d``: the rows' summed projections).
-     Rows whose norm exceeds ``NORM_OUTLIER`` (5) times the median go first, the
-     largest first (honest workers of one model on batches of one size rarely
-     differ by that much; label-flipping workers do), then rows opposed to the
-     consensus (a subspace cannot tell ``h`` from ``-h``: this is the sign step),
-     then the rows farthest from the subspace. The stop test is on ``E_lambda`` over the kept rows: stop when it
-     decreases by less than ``1e-6 (1 + E)``, keep the better iterate, at most
-     ``iterations`` (100) steps.
-  2. *No votes for copies.* The output is the mean of the kept rows' unit vectors
-     ``h_i``, not of their projections (a projection keeps a coherent group of
-     attackers whole and shrinks the honest rows' share). Kept row ``i`` has
-     multiplicity ``m_i = sum_{j kept} exp(-(1 - cos_ij) / b)``, with ``b =
-     DUPLICATE_BANDWIDTH`` times the median of ``1 - cos`` over kept pairs (at
-     least ``1000 eps``): about 1 for a row unlike the others, ``k`` for ``k`` rows
-     that coincide relative to how far apart rows typically are. Honest workers on
-     batches of their own never coincide; a group the ``f`` Byzantine workers could
-     form alone (``1.5 <= m_i <= f + 1.5``: copies of one direction, as ALIE, IPM
-     and mimic send) is left out. A larger group holds two honest rows that agree
-     and keeps its votes; so does every row when ``f = 0``, or when every kept row
-     has a twin (nothing tells them apart). On the standing grid this took FA's
-     worst case at p = 15, f = 3 from 88.4 % (ALIE mu - sigma, one vote per group)
-     to 96.2 %.
-  3. *A robust scale.* The unit-norm mean is multiplied by the median norm of the
-     kept rows (the mean of the two middle norms for an even count), so ``p``
-     identical gradients ``g`` give ``g`` and the update has gradient units.
+  1. *Soft nearest-neighbour mixing* (NNM, Allouah et al. AISTATS 2023, with a margin).
+     Row ``i`` becomes the weighted mean of the rows nearest to it: ``M_ij`` is
+     proportional to ``ramp((t_i - D_ij) / m_i)`` with ``D`` the squared distances,
+     ``t_i`` the ``(p - f)``-th smallest of row ``i`` (itself included), ``m_i =
+     MARGIN t_i + floor`` and ``ramp(x) = clamp(1 + x, 0, 1)``: the ``p - f``
+     nearest rows count fully, a row just beyond them partly, a row farther than
+     ``(1 + MARGIN) t_i`` not at all. Mixed rows ``M G``, Gram ``K' = M K M^T``.
+  2. *The flag median, fitted to the honest majority.* IRLS (the paper's step, above)
+     on the mixed rows' unit vectors, from the flag mean (the top-``r`` eigenvectors of
+     their cosine matrix), where every row's data weight is multiplied by its *vote*
+     ``v_i = ramp((a_i - a_(f+1)) / AGREEMENT_MARGIN)``: ``a_i = sign(<P_i, d>) ||P_i||^2``
+     is how well the fit holds row ``i`` on the consensus side (``P_i = Y^T h_i``, ``d =
+     sum_i v_i P_i``; a subspace alone cannot tell ``h`` from ``-h``), ``a_(f+1)`` the
+     ``(f + 1)``-th smallest agreement: the ``f`` rows that agree least lose their vote as
+     they fall more than the margin below the others. Exactly ``iterations`` (20) steps: a stop test
+     would be one more decision that rounding could flip.
+  3. *Selection in gradient units.* Each mixed row's score is its summed squared distance
+     to its ``p - f - 1`` nearest mixed rows (Multi-Krum's score, continuous in ``K``);
+     ``s_i = ramp((S_(p-f) - S_i) / (MARGIN S_(p-f) + floor))`` keeps the ``p - f`` best
+     fully and lets the weight of the next fade. The centre is the mean of the mixed rows
+     weighted by ``v_i s_i``: ``z = c^T G`` with ``c = M^T (v * s) / sum(v * s)``.
+  4. *Every row back, clipped around the centre* (centred clipping, Karimireddy et al. ICML
+     2021, from this centre): ``CLIP_STEPS`` (3) times ``z <- z + (1/p) sum_i min(1, tau /
+     ||x_i - z||) (x_i - z)`` with ``tau`` the ``(p - f)``-th smallest ``||x_i - z||``. Honest
+     rows the selection left out count again (a selection of ``p - f`` rows is biased when
+     honest rows differ, non-IID), and a row beyond ``tau`` moves ``z`` by at most
+     ``tau / p``. ``p`` identical rows give that row; no rescaling is needed.
 
-  Zero rows have no direction: their ``h_i`` is 0, they add nothing to the fit or
-  the mean, and their norm counts in the median only if they are kept.
+  Stability. Every choice is a ramp of width ``MARGIN`` (relative) or ``AGREEMENT_MARGIN``
+  (absolute) around an order statistic, which is itself continuous in ``K``: a change of
+  ``K`` by rounding (a sharded sum of partial Grams, another BLAS) moves the weights by
+  about that rounding over the margin, never by a whole row (``floor``: ``1e-12`` times the
+  largest ``K_ii``, far above fp64 rounding of ``K``). The flag fit's top-``r`` subspace
+  is the one exception: where eigenvalues ``r`` and ``r + 1`` of the weighted scatter
+  coincide, it is not unique; the votes then still change only rows within the margin.
+  Precondition ``p >= 2f + 1`` (an honest majority: ``p - f`` neighbours and ``p - f``
+  selected rows are then mostly honest); ``f`` larger is refused with a ``ValueError``
+  naming ``p`` and ``f``, as every rule's :meth:`check`.
+
+  Zero rows have no direction: their unit vector is 0 (no vote in the fit) but they keep
+  their place in the distances.
 
 Default mode is a Gram-space rule: the output is ``c^T G`` with ``c`` computed from
 ``K`` alone (:meth:`Flag.coefficients`). Reference mode is not: its random start needs
-``U^T G``. Precondition: ``r >= 1`` when given; any ``p >= 1``.
+``U^T G``. Preconditions: ``r >= 1`` when given; default mode ``p >= 2f + 1``, reference
+mode any ``p >= 1`` (the release has no notion of ``f``).
 """
 
 from __future__ import annotations
@@ -94,17 +106,20 @@ from typing import NamedTuple
 import torch
 
 from .base import Aggregator, host_gram
-from .geometry import gram
-from .median import sorted_median
+from .geometry import gram, sq_distances
+from .krum import krum_scores
 
 REFERENCE_EPS = 1e-7
 REFERENCE_STOP = 1e-10
-DEFAULT_MAX_ITERATIONS = 100
-DEFAULT_REL_TOL = 1e-6
-NORM_OUTLIER = 5.0
-"""A row whose norm exceeds this many times the median norm is left out before any other."""
-DUPLICATE_BANDWIDTH = 0.1
-"""Rows closer than about this fraction of the typical honest spread count as copies."""
+DEFAULT_ITERATIONS = 20
+MARGIN = 0.25
+"""Default mode: relative width of the ramps of the neighbour and selection choices."""
+CLIP_STEPS = 3
+"""Default mode: steps of the mean clipped around the selected centre (step 4)."""
+AGREEMENT_MARGIN = 0.1
+"""Default mode: width of the vote's ramp, in agreement units (agreements lie in [-1, 1])."""
+FLOOR = 1e-12
+"""Default mode: a ramp's width is at least this times the largest ``K_ii`` (far above fp64 rounding)."""
 
 
 def default_rank(p: int, f: int) -> int:
@@ -133,7 +148,7 @@ class Flag(Aggregator):
         if not isinstance(lambda_, (int, float)) or isinstance(lambda_, bool) or not lambda_ >= 0:
             raise ValueError(f"flag: lambda_ must be a number >= 0, got {lambda_!r}")
         if iterations is None:
-            iterations = 1 if mode == "reference" else DEFAULT_MAX_ITERATIONS
+            iterations = 1 if mode == "reference" else DEFAULT_ITERATIONS
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise ValueError(f"flag: iterations must be an integer >= 1, got {iterations!r}")
         if not eps > 0:
@@ -150,6 +165,13 @@ class Flag(Aggregator):
     def rank(self, p: int, f: int) -> int:
         """The subspace dimension used for ``p`` rows: ``r`` as given, else :func:`default_rank`."""
         return default_rank(p, f) if self.r is None else self.r
+
+    def min_workers(self, f: int) -> int:
+        """Default mode needs an honest majority, ``p >= 2f + 1``; reference mode any ``p >= 1``."""
+        return 2 * f + 1 if self.mode == "default" else 1
+
+    def precondition(self) -> str:
+        return "p >= 2f + 1" if self.mode == "default" else "p >= 1"
 
     def check(self, p: int, f: int | None = None) -> None:
         super().check(p, f)
@@ -181,14 +203,21 @@ class Flag(Aggregator):
             raise NotImplementedError("flag: reference mode's random start needs U^T G, not K alone")
         device = K.device
         K = K.to(device="cpu", dtype=torch.float64)  # p x p: dozens of tiny steps, cheapest on the CPU
-        basis = _gram_basis(K, eps)
+        p = K.shape[0]
+        floor = FLOOR * float(K.diagonal().amax().clamp_min(0)) or FLOOR
+        M = soft_neighbours(sq_distances(K=K), p - f, floor)
+        mixed = M @ K @ M.T
+        mixed = (mixed + mixed.T) / 2
+        basis = _gram_basis(mixed, eps)
         if basis is None:
-            return torch.zeros(K.shape[0], dtype=torch.float64, device=device)
-        norms = K.diagonal().clamp_min(0).sqrt()
-        kept = self.fit(basis, norms, f).kept & (norms > 0)
-        weights = _weights_without_copies(K * basis.inv[:, None] * basis.inv[None, :], kept, f, eps)
-        scale = sorted_median(norms[kept].sort().values) if kept.any() else norms.new_zeros(())
-        return (weights * scale * basis.inv).to(device)
+            return torch.zeros(p, dtype=torch.float64, device=device)
+        votes = self.fit(basis, f).votes
+        selected = soft_selection(sq_distances(K=mixed), f, floor)
+        weights = votes * selected
+        c = M.T @ (weights / weights.sum())
+        for _ in range(CLIP_STEPS):
+            c = clipped_mean(K, c, f)
+        return c.to(device)
 
     # -- IRLS ------------------------------------------------------------------------
     def _irls_step(self, P: torch.Tensor, R: torch.Tensor, r: int, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -265,76 +294,71 @@ class Flag(Aggregator):
         return self.combine_rows(G, basis.coefficients(W, total))
 
     # -- default mode ----------------------------------------------------------------
-    def fit(self, basis: "_GramBasis", norms: torch.Tensor, f: int) -> "FlagFit":
-        """Step 1 of the default mode: the subspace fitted to the ``p - f`` rows that agree with it."""
+    def fit(self, basis: "_GramBasis", f: int) -> "FlagFit":
+        """Step 2 of the default mode: the flag median of the unit rows, each weighted by its vote."""
         R = basis.R
         p, k = R.shape[1], R.shape[0]
         r = min(self.rank(p, f), k)
-        median = sorted_median(norms.sort().values)
-        excess = norms / (NORM_OUTLIER * median) if median > 0 else torch.zeros_like(norms)
         W = torch.eye(k, r, dtype=R.dtype, device=R.device)
         P = W.T @ R
-        kept = _agreeing(P, excess, f, degenerate=r >= k)
-        E = self._objective(P, kept, pairs=True)
+        votes = _votes(P, torch.ones(p, dtype=R.dtype), f)
         for _ in range(self.iterations):
-            W_new = self._irls_step(P, R, r, kept)
-            P_new = W_new.T @ R
-            kept_new = _agreeing(P_new, excess, f, degenerate=r >= k)
-            E_new = self._objective(P_new, kept_new, pairs=True)
-            if E_new < E:
-                W, P, kept = W_new, P_new, kept_new
-            if not E - E_new > DEFAULT_REL_TOL * (1 + E_new) or E_new <= REFERENCE_STOP:
-                break
-            E = E_new
-        return FlagFit(W, kept, r)
+            W = self._irls_step(P, R, r, votes)
+            P = W.T @ R
+            votes = _votes(P, votes, f)
+        return FlagFit(W, votes, r)
 
 
 class FlagFit(NamedTuple):
-    """Default mode's fit: ``Y = Q W``, the rows it keeps, its dimension."""
+    """Default mode's fit: ``Y = Q W``, each row's vote in [0, 1], the dimension."""
 
     W: torch.Tensor
-    kept: torch.Tensor
+    votes: torch.Tensor
     r: int
 
 
-def _agreeing(P: torch.Tensor, excess: torch.Tensor, f: int, degenerate: bool) -> torch.Tensor:
-    """The rows kept by a fit with projections ``P``: all but the ``f`` that agree least.
+def clipped_mean(K: torch.Tensor, c: torch.Tensor, f: int) -> torch.Tensor:
+    """Step 4: ``z + (1/p) sum_i min(1, tau / ||x_i - z||) (x_i - z)`` for ``z = c^T G``, ``tau``
+    the ``(p - f)``-th smallest ``||x_i - z||``; returns its coefficients, from ``K``."""
+    p = K.shape[0]
+    d = (K.diagonal() - 2 * (K @ c) + c @ K @ c).clamp_min(0).sqrt()
+    tau = d.sort().values[p - f - 1]
+    s = torch.where(d > tau, tau / d, torch.ones_like(d))
+    return c * (1 - s.sum() / p) + s / p
 
-    Agreement: ``sign(<P_i, d>) ||P_i||^2`` (in [-1, 1]) with ``d`` the sum of the projections;
-    ``-excess_i`` (below -1) for a row of outlying norm, ``excess_i = ||g_i|| / (NORM_OUTLIER
-    median) > 1``. When the subspace holds every row (``degenerate``) the fit says nothing beyond
-    the sign: only rows opposed to ``d`` are dropped (the most opposed first, at most ``f``).
-    """
-    p = P.shape[1]
-    kept = torch.ones(p, dtype=torch.bool, device=P.device)
+
+def ramp(x: torch.Tensor) -> torch.Tensor:
+    """``clamp(1 + x, 0, 1)``: 1 for ``x >= 0``, 0 for ``x <= -1``, linear between."""
+    return (1 + x).clamp(0, 1)
+
+
+def soft_neighbours(D: torch.Tensor, q: int, floor: float) -> torch.Tensor:
+    """Step 1: the ``(p, p)`` mixing matrix of soft NNM from squared distances ``D`` (rows sum to 1)."""
+    t = D.sort(dim=1).values[:, q - 1 : q]
+    near = ramp((t - D) / (MARGIN * t + floor))
+    return near / near.sum(1, keepdim=True)
+
+
+def _votes(P: torch.Tensor, previous: torch.Tensor, f: int) -> torch.Tensor:
+    """Step 2's votes: ``ramp((a_i - a_(f+1)) / AGREEMENT_MARGIN)`` with the agreements ``a_i``
+    of the projections ``P`` (``d``: the projections summed with the ``previous`` votes)."""
     if f == 0:
-        return kept
-    alignment = P.sum(1) @ P
-    if degenerate:
-        order = torch.argsort(alignment, stable=True)[:f]
-        kept[order[alignment[order] < 0]] = False
-        return kept
-    agreement = torch.where(excess > 1, -excess, torch.sign(alignment) * (P * P).sum(0))
-    kept[torch.argsort(agreement, stable=True)[:f]] = False
-    return kept
+        return torch.ones_like(previous)
+    alignment = (P @ previous) @ P
+    agreement = torch.sign(alignment) * (P * P).sum(0)
+    threshold = agreement.sort().values[f]
+    return ramp((agreement - threshold) / AGREEMENT_MARGIN)
 
 
-def _weights_without_copies(cosines: torch.Tensor, kept: torch.Tensor, f: int, eps: float) -> torch.Tensor:
-    """Step 2 of the default mode: weights summing to 1 over ``kept``, none for a group of at most
-    ``f + 1`` coinciding rows (see the module docstring); ``eps``: the data's precision."""
-    weights = kept.to(cosines.dtype)
-    count = int(kept.sum())
-    if count <= 1 or f == 0:
-        return weights / max(count, 1)
-    distance = (1 - cosines[kept][:, kept]).clamp_min(0)
-    upper = torch.triu_indices(count, count, 1, device=distance.device)
-    bandwidth = max(DUPLICATE_BANDWIDTH * float(distance[upper[0], upper[1]].median()), 1e3 * eps)
-    multiplicity = torch.exp(-distance / bandwidth).sum(1)
-    copied = (multiplicity >= 1.5) & (multiplicity <= f + 1.5)  # a group the Byzantine could form alone
-    if bool(copied.all()):  # every kept row has a twin: nothing tells them apart
-        return weights / count
-    weights[kept] = (~copied).to(weights.dtype)
-    return weights / weights.sum()
+def soft_selection(D: torch.Tensor, f: int, floor: float) -> torch.Tensor:
+    """Step 3: ``ramp((S_(p-f) - S_i) / (MARGIN S_(p-f) + floor))`` of the Multi-Krum scores
+    ``S_i`` (summed squared distances to the ``p - f - 1`` nearest other rows)."""
+    p = D.shape[0]
+    if f == 0 or p - f - 1 < 1:
+        return torch.ones(p, dtype=D.dtype, device=D.device)
+    scores = krum_scores(D, f - 1)  # Krum's count, p - (f - 1) - 2 = p - f - 1 nearest others
+    cut = scores.sort().values[p - f - 1]
+    return ramp((cut - scores) / (MARGIN * cut + floor))
 
 
 class _GramBasis(NamedTuple):

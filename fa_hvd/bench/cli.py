@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 
-from . import aggregators, checkpoint, step
+from . import aggregators, checkpoint, robustness, step
 
-BENCHMARKS = (aggregators, step, checkpoint)
+BENCHMARKS = (aggregators, robustness, step, checkpoint)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,9 +23,21 @@ Gradient faults (what the faulty rank sends instead of ``g``):
 * ``ipm``       -- -eps * mu (``eps``, default 0.1)
 * ``mimic``     -- a copy of honest rank ``target``'s g (default the lowest rank without
   gradient faults)
+* ``minmax``    -- mu + gamma d (Shejwalkar and Houmansadr, NDSS 2021), d = the unit vector of
+  -sigma (``direction: std``, default), -mu (``unit``) or -sign(mu) (``sign``); gamma the
+  largest for which the row's largest distance to an honest row stays within the largest
+  distance between two honest rows (solved exactly)
+* ``minsum``    -- the same with the row's summed squared distance to the honest rows within
+  the largest such sum of an honest row
+* ``tailored``  -- every faulty rank sends the same mu + s sigma_S u found by a black-box search
+  that maximises the distance of ``rule``'s aggregate to mu: ``rule`` (required) an aggregator
+  name, ``f`` (default: the spec's number of ranks) its parameter, ``count`` (default the same)
+  the Byzantine copies assumed, ``directions`` (default 4) random directions added to the
+  structured ones; about (8 + directions) x 15 + 12 evaluations of the rule per bucket per step
+  (see :func:`fa_hvd.faults.gradient.tailored`)
 
-``alie``, ``ipm`` and ``mimic`` are omniscient: they cost every rank one extra
-allgather per bucket per step while scheduled.
+``alie``, ``ipm``, ``mimic``, ``minmax``, ``minsum`` and ``tailored`` are omniscient: they cost
+every rank one extra allgather per bucket per step while scheduled.
 
 Data faults (the whole run; ``probability`` = fraction of samples poisoned):
 

@@ -22,7 +22,7 @@ import torch
 from .gradient import ATTACKS, HonestView
 from .roles import RoleLies
 from .seeding import derive_seed, uniform_draw
-from .spec import FaultSpec
+from .spec import OMNISCIENT_KINDS, FaultSpec
 
 
 def crash(rank: int, step: int, exit_code: int) -> None:
@@ -43,7 +43,7 @@ class FaultInjector:
     """This rank's view of the fault specs.
 
     ``counts`` maps a kind to the number of steps it was injected on this rank.
-    An omniscient attack (alie, ipm, mimic) anywhere in ``specs`` makes every rank
+    An omniscient attack (:data:`~.spec.OMNISCIENT_KINDS`) anywhere in ``specs`` makes every rank
     gather its honest buckets through ``transport`` at the steps where such an
     attack is scheduled: one extra allgather per bucket per step.
     """
@@ -73,7 +73,7 @@ class FaultInjector:
     def _check_transport(self) -> None:
         t = self._transport
         if t is None:
-            raise ValueError("FaultInjector: omniscient attacks (alie, ipm, mimic) need a transport")
+            raise ValueError(f"FaultInjector: omniscient attacks ({', '.join(OMNISCIENT_KINDS)}) need a transport")
         if (t.rank, t.size) != (self.rank, self.world_size):
             raise ValueError(f"FaultInjector: transport is rank {t.rank} of {t.size}, "
                              f"the injector rank {self.rank} of {self.world_size}")

@@ -28,8 +28,8 @@ import yaml
 from .roles import ROLE_KINDS, ROLE_PARAMS
 
 GRADIENT_KINDS = ("gaussian", "uniform", "signflip", "reverse", "zero", "nan", "inf", "bitflip",
-                  "alie", "ipm", "mimic")
-OMNISCIENT_KINDS = ("alie", "ipm", "mimic")
+                  "alie", "ipm", "mimic", "minmax", "minsum", "tailored")
+OMNISCIENT_KINDS = ("alie", "ipm", "mimic", "minmax", "minsum", "tailored")
 DATA_KINDS = ("labelflip", "lotka_volterra", "catmap")
 PROCESS_KINDS = ("crash", "hang", "slow")
 KINDS = GRADIENT_KINDS + DATA_KINDS + PROCESS_KINDS + ROLE_KINDS
@@ -53,6 +53,17 @@ class Param(NamedTuple):
 
 
 _POSITIVE = (lambda v: _is_real(v) and v > 0, "a number > 0")
+_DIRECTION = Param("std", lambda v: v in ("std", "unit", "sign"), "'std', 'unit' or 'sign'")
+
+
+def _rule_name(v) -> bool:
+    from fa_hvd.aggregators import get
+
+    try:
+        get(v)
+    except ValueError:
+        return False
+    return True
 
 
 def _int_at_least(k: int):
@@ -72,6 +83,13 @@ PARAMS: dict[str, dict[str, Param]] = {
              "sign": Param(1, lambda v: _is_int(v) and v in (1, -1), "+1 or -1")},
     "ipm": {"eps": Param(0.1, *_POSITIVE)},
     "mimic": {"target": Param(None, lambda v: v is None or _is_int(v), "an integer rank")},
+    "minmax": {"direction": _DIRECTION},
+    "minsum": {"direction": _DIRECTION},
+    "tailored": {"rule": Param(_REQUIRED, lambda v: isinstance(v, str) and _rule_name(v),
+                               "an aggregator name (fa_hvd.aggregators.get)"),
+                 "f": Param(None, lambda v: v is None or (_is_int(v) and v >= 0), "an integer >= 0"),
+                 "count": Param(None, lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1"),
+                 "directions": Param(4, *_int_at_least(0))},
     "labelflip": {"num_classes": Param(_REQUIRED, *_int_at_least(2))},
     "lotka_volterra": {"dt": Param(0.1, *_POSITIVE), "steps": Param(10, *_int_at_least(1))},
     "catmap": {"iterations": Param(1, *_int_at_least(1))},
@@ -203,7 +221,7 @@ def _check_schedule(where: str, spec: FaultSpec) -> None:
 
 
 def _resolve(i: int, spec: FaultSpec, specs: list[FaultSpec], world_size: int) -> FaultSpec:
-    """Fill in what depends on the world: ALIE's z, mimic's target."""
+    """Fill in what depends on the world: ALIE's z, mimic's target, the tailored search's ``f`` and ``count``."""
     if not spec.omniscient:
         return spec
     where = f"faults[{i}] (kind {spec.kind!r})"
@@ -214,6 +232,9 @@ def _resolve(i: int, spec: FaultSpec, specs: list[FaultSpec], world_size: int) -
     params = dict(spec.params)
     if spec.kind == "alie" and params["z"] is None:
         params["z"] = alie_z(world_size, len(spec.ranks), where)
+    if spec.kind == "tailored":
+        params["count"] = len(spec.ranks) if params["count"] is None else params["count"]
+        params["f"] = params["count"] if params["f"] is None else params["f"]
     if spec.kind == "mimic":
         target = params["target"]
         if target is None:
