@@ -4,10 +4,12 @@
 #   tools/cluster/cluster.sh up [N]            nodes node1..nodeN (default 2), each with sshd
 #   tools/cluster/cluster.sh down              stop what `up` started (by pid), remove it all
 #   tools/cluster/cluster.sh exec NODE CMD...  run CMD on NODE (its network, hosts file, ssh)
-#   tools/cluster/cluster.sh link NODE [delay MS] [loss PCT] [rate RATE]   netem on NODE's link
+#   tools/cluster/cluster.sh link NODE [delay MS] [loss PCT] [rate RATE]   fault NODE's link
 #   tools/cluster/cluster.sh link NODE clear   remove it
 #   tools/cluster/cluster.sh partition NODE    take NODE's link down (a cut cable)
 #   tools/cluster/cluster.sh heal NODE         bring it back up
+#   tools/cluster/cluster.sh crash NODE        kill every process on NODE at once (sshd too)
+#   tools/cluster/cluster.sh restart NODE      start NODE's sshd (and slurmd) again
 #   tools/cluster/cluster.sh slurm-up          munged, slurmctld on node1, one slurmd per node
 #   tools/cluster/cluster.sh slurm-down        stop them
 #   tools/cluster/cluster.sh nodes             the node names, one a line
@@ -107,8 +109,7 @@ start_node() {
   local node="$1" n a etc
   n="$(ns "$node")" a="$(addr "$node")" etc="/etc/netns/$(ns "$node")"
   ip netns add "$n"
-  ip link add "v-$node" type veth peer name eth0 netns "$n"
-  ip link set "v-$node" netns "$SW"
+  ip -n "$SW" link add "v-$node" type veth peer name eth0 netns "$n"
   ip -n "$SW" link set "v-$node" master br0 up
   ip -n "$n" link set lo up
   ip -n "$n" addr add "$a/24" dev eth0
@@ -127,6 +128,8 @@ Host *
   UserKnownHostsFile /dev/null
   LogLevel ERROR
   ConnectTimeout 5
+  ServerAliveInterval 3
+  ServerAliveCountMax 3
 EOF
   cat >"$etc/ssh/sshd_config" <<EOF
 $MARK: sshd on $node.
@@ -146,7 +149,23 @@ MaxSessions 200
 LogLevel ERROR
 Subsystem sftp internal-sftp
 EOF
-  on "$node" /usr/sbin/sshd -f /etc/ssh/sshd_config -E "$DIR/$node/sshd.log"
+  start_sshd "$node"
+}
+
+start_sshd() { on "$1" /usr/sbin/sshd -f /etc/ssh/sshd_config -E "$DIR/$1/sshd.log"; }
+
+crash() {  # every process on the node at once (sshd, slurmd, ranks): a node crash
+  known "$1"
+  rm -f "$DIR/$1/sshd.pid"
+  kill_in_ns "$(ns "$1")"
+  say "$1: crashed (every process in $(ns "$1") killed)"
+}
+
+restart() {  # the node boots again: its sshd, and its slurmd when SLURM is up
+  known "$1"
+  start_sshd "$1"
+  [ ! -f "/etc/netns/$(ns "$1")/slurm/slurm.conf" ] || slurmd_start "$1"
+  say "$1: restarted"
 }
 
 wait_for_ssh() {
@@ -180,32 +199,66 @@ up() {
   say "up: $(nodes | paste -sd' ') on $NET.0/24 (state in $DIR); e.g. $0 exec node1 ssh node2 hostname"
 }
 
+rate_bits() {  # 100mbit, 1gbit, 10gbit, 500kbit -> bits per second
+  [[ "$1" =~ ^([0-9]+)(kbit|mbit|gbit)$ ]] || die "rate must look like 100mbit, 1gbit or 10gbit, got '$1'"
+  local scale=1
+  case "${BASH_REMATCH[2]}" in kbit) scale=1000 ;; mbit) scale=1000000 ;; gbit) scale=1000000000 ;; esac
+  echo $((BASH_REMATCH[1] * scale))
+}
+
+# Link faults, both directions (egress of the node's eth0 and of the switch port towards it):
+# rate with tbf, delay with netem (when the kernel has it), loss with nftables on the node.
 link() {
-  local node="$1" n
+  local node="$1" n delay="" loss="" rate=""
   shift
   known "$node"
   n="$(ns "$node")"
-  # Both directions: egress of the node's eth0 and of the switch port towards it.
   if [ "${1:-}" = clear ]; then
     ip netns exec "$n" tc qdisc del dev eth0 root 2>/dev/null || true
     ip netns exec "$SW" tc qdisc del dev "v-$node" root 2>/dev/null || true
+    ! command -v nft >/dev/null || ip netns exec "$n" nft delete table inet fahvd_loss 2>/dev/null || true
     say "$node: link clear"
     return 0
   fi
   [ $# -gt 0 ] || die "usage: link NODE [delay MS] [loss PCT] [rate RATE] | clear"
-  local args=()
   while [ $# -gt 0 ]; do
     case "$1" in
-      delay) args+=(delay "${2:?delay MS}ms") ;;
-      loss) args+=(loss "${2:?loss PCT}%") ;;
-      rate) args+=(rate "${2:?rate, e.g. 1gbit}") ;;
+      delay) delay="${2:?delay MS}" ;;
+      loss) loss="${2:?loss PCT}" ;;
+      rate) rate="${2:?rate, e.g. 1gbit}"; rate_bits "$rate" >/dev/null ;;
       *) die "unknown link setting '$1' (delay MS, loss PCT, rate RATE)" ;;
     esac
     shift 2
   done
-  ip netns exec "$n" tc qdisc replace dev eth0 root netem "${args[@]}" limit 100000
-  ip netns exec "$SW" tc qdisc replace dev "v-$node" root netem "${args[@]}" limit 100000
-  say "$node: link ${args[*]}"
+  local qdisc=()
+  if [ -n "$delay" ]; then
+    [[ "$delay" =~ ^[0-9]+$ ]] || die "delay is whole milliseconds, got '$delay'"
+    ip netns exec "$SW" tc qdisc replace dev "v-$node" root netem delay 0ms 2>/dev/null \
+      || die "this kernel has no netem qdisc (CONFIG_NET_SCH_NETEM): a delay cannot be emulated here; rate (tbf) and loss (nftables) can"
+    qdisc=(netem delay "${delay}ms" limit 100000)
+    [ -z "$rate" ] || qdisc+=(rate "$rate")
+  elif [ -n "$rate" ]; then  # a bucket of 10 ms at the rate: short bursts pass, the mean is the rate
+    qdisc=(tbf rate "$rate" burst "$(( $(rate_bits "$rate") / 800 ))" latency 100ms)
+  fi
+  if [ ${#qdisc[@]} -gt 0 ]; then
+    ip netns exec "$n" tc qdisc replace dev eth0 root "${qdisc[@]}"
+    ip netns exec "$SW" tc qdisc replace dev "v-$node" root "${qdisc[@]}"
+  fi
+  if [ -n "$loss" ]; then
+    [[ "$loss" =~ ^[0-9]+(\.[0-9]{1,2})?$ ]] || die "loss is a percentage, e.g. 1 or 0.5, got '$loss'"
+    install_missing nft -- nftables
+    local per10k
+    per10k="$(awk -v p="$loss" 'BEGIN { printf "%d", p * 100 }')"
+    ip netns exec "$n" nft -f - <<EOF
+table inet fahvd_loss
+delete table inet fahvd_loss
+table inet fahvd_loss {
+  chain in { type filter hook input priority 0; numgen random mod 10000 < $per10k drop; }
+  chain out { type filter hook output priority 0; numgen random mod 10000 < $per10k drop; }
+}
+EOF
+  fi
+  say "$node: link${delay:+ delay $delay ms}${loss:+ loss $loss %}${rate:+ rate $rate} (each way)"
 }
 
 partition() {
@@ -309,6 +362,7 @@ case "$action" in
   heal) [ $# -eq 1 ] || die "usage: heal NODE"; partition "$1" up ;;
   slurm-up) slurm_up ;;
   slurm-down) slurm_down; say "slurm down" ;;
-  slurmd-start) [ $# -eq 1 ] || die "usage: slurmd-start NODE"; known "$1"; slurmd_start "$1" ;;
-  *) die "usage: $0 up [N] | down | nodes | exec NODE CMD... | link NODE ... | partition NODE | heal NODE | slurm-up | slurm-down | slurmd-start NODE" ;;
+  crash) [ $# -eq 1 ] || die "usage: crash NODE"; crash "$1" ;;
+  restart) [ $# -eq 1 ] || die "usage: restart NODE"; restart "$1" ;;
+  *) die "usage: $0 up [N] | down | nodes | exec NODE CMD... | link NODE ... | partition NODE | heal NODE | crash NODE | restart NODE | slurm-up | slurm-down" ;;
 esac
