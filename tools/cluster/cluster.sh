@@ -118,15 +118,16 @@ start_node() {
   cp "$DIR/hosts" "$etc/hosts"
   echo "$node" >"$etc/hostname"
   ssh-keygen -q -t ed25519 -N '' -C "$node" -f "$DIR/$node/host_key"
+  echo "$node,$a $(cut -d' ' -f1,2 "$DIR/$node/host_key.pub")" >>"$DIR/known_hosts"
   cat >"$etc/ssh/ssh_config" <<EOF
 $MARK: the client config on $node.
 Host *
   IdentityFile $DIR/id_ed25519
   IdentitiesOnly yes
   BatchMode yes
-  StrictHostKeyChecking no
-  UserKnownHostsFile /dev/null
-  LogLevel ERROR
+  StrictHostKeyChecking yes
+  UserKnownHostsFile $DIR/known_hosts
+  LogLevel INFO
   ConnectTimeout 5
   ServerAliveInterval 3
   ServerAliveCountMax 3
