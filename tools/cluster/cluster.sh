@@ -16,11 +16,10 @@
 #
 # Layout: a namespace PREFIX-sw holds the bridge (the switch); node i is the namespace
 # PREFIX-nodei with one veth, eth0, at 10.213.0.(10+i)/24 (FA_HVD_CLUSTER_NET, a /24 used
-# by nothing else). Nothing is added to this machine's own network namespace. `ip netns exec`
-# bind-mounts /etc/netns/NS/* over /etc in the namespace, which gives each node a private
-# /etc/hosts (every node by name), /etc/ssh (a client config with the cluster's own key, and
-# sshd's) and /etc/slurm. Processes started on a node also get their own UTS namespace, so
-# `hostname` says the node's name. The file system is shared, as NFS would share it.
+# by nothing else). Nothing is added to this machine's own network namespace. What runs on a
+# node sees /etc/netns/NS/* bound over /etc: a private /etc/hosts (every node by name),
+# /etc/ssh (a client config with the cluster's own key and known hosts, and sshd's) and
+# /etc/slurm; and its own UTS namespace, so `hostname` says the node's name. The file system is shared, as NFS would share it.
 # State (keys, pid files, logs, slurm spool) lives in DIR (FA_HVD_CLUSTER_DIR, default
 # /tmp/fa_hvd-cluster). `up` first takes down whatever a previous (perhaps crashed) run
 # left, so it can be rerun at any time. Needs root, iproute2 and tc; installs openssh-server
@@ -35,17 +34,23 @@ DIR="${FA_HVD_CLUSTER_DIR:-/tmp/fa_hvd-cluster}"
 NET="${FA_HVD_CLUSTER_NET:-10.213.0}"
 SW="$PREFIX-sw"
 MARK="# Written by tools/cluster/cluster.sh"
+LOCAL=/var/lib/fa_hvd-cluster-node  # on every node, its own DIR/NODE/local: node-local disk
 
 ns() { echo "$PREFIX-$1"; }                          # node name -> namespace
 addr() { echo "$NET.$((10 + ${1#node}))"; }          # node name -> address
 nodes() { [ -f "$DIR/nodes" ] && cat "$DIR/nodes" || true; }
 known() { grep -qx "$1" "$DIR/nodes" 2>/dev/null || die "no node '$1' in this cluster (nodes: $(nodes | paste -sd' '))"; }
 
-# on NODE CMD...: CMD in NODE's namespace, with NODE as its host name.
+# on NODE CMD...: CMD in NODE's network namespace, with NODE's files from /etc/netns/NS bound
+# over /etc (as `ip netns exec` binds them, but keeping this machine's /sys and its cgroups,
+# which slurmd needs), DIR/NODE/local over LOCAL, and NODE as its host name.
 on() {
   local node="$1"
   shift
-  ip netns exec "$(ns "$node")" unshare --uts -- sh -c 'hostname "$0" && exec "$@"' "$node" "$@"
+  nsenter --net="/run/netns/$(ns "$node")" unshare --mount --uts -- sh -c '
+    for f in "$1"/*; do [ -e "/etc/${f##*/}" ] && mount --bind "$f" "/etc/${f##*/}"; done
+    mount --bind "$2" "$3" && hostname "$0" && shift 3 && exec "$@"' \
+    "$node" "/etc/netns/$(ns "$node")" "$DIR/$node/local" "$LOCAL" "$@"
 }
 
 install_missing() {  # install_missing TOOL... -- PACKAGE...
@@ -91,7 +96,7 @@ down() {
     ip netns del "$n" 2>/dev/null || true
     rm -rf "/etc/netns/$n"
   done
-  rmdir /etc/netns 2>/dev/null || true
+  rmdir /etc/netns "$LOCAL" 2>/dev/null || true
   rm -rf "$DIR"
   say "down"
 }
@@ -114,7 +119,7 @@ start_node() {
   ip -n "$n" link set lo up
   ip -n "$n" addr add "$a/24" dev eth0
   ip -n "$n" link set eth0 up
-  mkdir -p "$DIR/$node" "$etc/ssh"
+  mkdir -p "$DIR/$node/local" "$etc/ssh"
   cp "$DIR/hosts" "$etc/hosts"
   echo "$node" >"$etc/hostname"
   ssh-keygen -q -t ed25519 -N '' -C "$node" -f "$DIR/$node/host_key"
@@ -157,7 +162,7 @@ start_sshd() { on "$1" /usr/sbin/sshd -f /etc/ssh/sshd_config -E "$DIR/$1/sshd.l
 
 crash() {  # every process on the node at once (sshd, slurmd, ranks): a node crash
   known "$1"
-  rm -f "$DIR/$1/sshd.pid"
+  rm -f "$DIR/$1/sshd.pid" "$DIR/$1/local/slurmd.pid"
   kill_in_ns "$(ns "$1")"
   say "$1: crashed (every process in $(ns "$1") killed)"
 }
@@ -185,7 +190,7 @@ up() {
   command -v ip >/dev/null && command -v tc >/dev/null || install_missing ip tc -- iproute2
   install_missing sshd ssh -- openssh-server openssh-client
   down
-  mkdir -p "$DIR" /run/sshd
+  mkdir -p "$DIR" /run/sshd "$LOCAL"
   chmod 0755 /run/sshd
   echo "$MARK" >"$DIR/cluster.conf"
   for i in $(seq 1 "$count"); do echo "node$i"; done >"$DIR/nodes"
@@ -269,19 +274,23 @@ partition() {
 }
 
 # --- SLURM: munged (a unix socket: every namespace reaches it through the file system),
-# slurmctld on node1, one slurmd per node, each reading its own /etc/slurm/slurm.conf.
+# slurmctld on node1, one slurmd per node, each reading /etc/slurm/slurm.conf (the same on all).
 slurm_down() {
   local f
-  for f in "$DIR"/slurm/*.pid "$DIR"/slurm/munge/munged.pid; do [ -f "$f" ] && stop_pidfile "$f"; done
+  for f in "$DIR"/*/local/slurmd.pid "$DIR"/slurm/slurmctld.pid "$DIR"/slurm/munge/munged.pid; do
+    [ -f "$f" ] && stop_pidfile "$f"
+  done
   rm -rf "$DIR/slurm"
   for f in /etc/netns/"$PREFIX"-*/slurm; do [ -d "$f" ] && rm -rf "$f"; done
   return 0
 }
 
-slurm_conf() {  # slurm_conf NODE: the conf seen on NODE (only the slurmd paths differ)
-  local node="$1" s="$DIR/slurm" n
+# slurmd's spool, its /tmp for PMIx and its pid file are node-local (LOCAL): PMIx expects the
+# same paths on every node, and a shared /tmp would mix the nodes' PMIx directories.
+slurm_conf() {
+  local s="$DIR/slurm" n
   cat <<EOF
-$MARK: SLURM on the namespace cluster (this copy for $node).
+$MARK: SLURM on the namespace cluster.
 ClusterName=fahvdnet
 SlurmctldHost=node1($(addr node1))
 SlurmctldPort=6817
@@ -292,12 +301,12 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket=$s/munge/munge.socket,cred_expire=10
 StateSaveLocation=$s/state
-SlurmdSpoolDir=$s/spool-$node
+SlurmdSpoolDir=$LOCAL/slurmd
+TmpFS=$LOCAL/tmp
 SlurmctldPidFile=$s/slurmctld.pid
-SlurmdPidFile=$s/slurmd-$node.pid
+SlurmdPidFile=$LOCAL/slurmd.pid
 SlurmctldLogFile=$s/log/slurmctld.log
-SlurmdLogFile=$s/log/slurmd-$node.log
-DebugFlags=NO_CONF_HASH
+SlurmdLogFile=$LOCAL/slurmd.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -335,9 +344,11 @@ slurm_up() {
   runuser -u munge -- mungekey --create --keyfile="$s/munge/munge.key"
   runuser -u munge -- munged --socket="$s/munge/munge.socket" --key-file="$s/munge/munge.key" \
     --pid-file="$s/munge/munged.pid" --log-file="$s/munge/munged.log" --seed-file="$s/munge/munged.seed"
+  slurm_conf >"$s/slurm.conf"
   for node in $(nodes); do
-    mkdir -p "/etc/netns/$(ns "$node")/slurm" "$s/spool-$node"
-    slurm_conf "$node" >"/etc/netns/$(ns "$node")/slurm/slurm.conf"
+    rm -rf "$DIR/$node/local/slurmd" "$DIR/$node/local/tmp"
+    mkdir -p "/etc/netns/$(ns "$node")/slurm" "$DIR/$node/local/slurmd" "$DIR/$node/local/tmp"
+    cp "$s/slurm.conf" "/etc/netns/$(ns "$node")/slurm/slurm.conf"
   done
   on node1 slurmctld -f /etc/slurm/slurm.conf -c
   for node in $(nodes); do slurmd_start "$node"; done
@@ -347,7 +358,8 @@ slurm_up() {
     [ "${idle:-0}" -eq "$(nodes | wc -l)" ] && break
     sleep 0.5
   done
-  [ "${idle:-0}" -eq "$(nodes | wc -l)" ] || { tail -n 20 "$s"/log/*.log >&2; die "not every node is idle after 60 s (logs: $s/log)"; }
+  [ "${idle:-0}" -eq "$(nodes | wc -l)" ] \
+    || { tail -n 20 "$s"/log/*.log "$DIR"/*/local/slurmd.log >&2; die "not every node is idle after 60 s (logs above)"; }
   say "slurm up: partition debug, nodes $(nodes | paste -sd,); submit on a node: $0 exec node1 sbatch ..."
 }
 
