@@ -26,6 +26,7 @@ pytestmark = pytest.mark.slow
 STEPS = 20
 DEMO = ["--config", "configs/demo.yaml", "--set", f"train.steps={STEPS}"]
 PARTITION_BOUND_S = 75  # ssh notices a dead link in 3 x 3 s, Gloo a silent peer in 30 s; then the teardown
+NODE_FAIL_BOUND_S = 60  # slurmctld pings every SlurmdTimeout/3 and takes a node DOWN after SlurmdTimeout (10 s)
 GRADIENT_BYTES = 4 * (64 * 64 + 64 + 64 * 10 + 10)  # the demo MLP's parameters, fp32
 
 
@@ -67,31 +68,22 @@ def test_hosts_launcher_with_gloo_across_nodes(netcluster, one_host_crc, tmp_pat
     assert netcluster.port_bytes("node2") - before > STEPS * 4 * GRADIENT_BYTES
 
 
-def test_mpirun_launcher_across_nodes(netcluster, one_host_crc, tmp_path):
-    """launch/mpirun.sh with HOSTFILE: Open MPI's TCP between the nodes, restricted to eth0."""
-    cmd = netcluster.on("node1", ["launch/mpirun.sh", "4", *DEMO[1:], "--run-dir", str(tmp_path / "run")])
-    env = job_env({"HOSTFILE": str(hostfile(tmp_path)), "OMPI_MCA_btl_tcp_if_include": "eth0",
-                   "OMPI_MCA_oob_tcp_if_include": "eth0"})
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, output(proc)
-    assert finished(tmp_path / "run")["params_crc32"] == one_host_crc
-
-
-def test_horovodrun_mpi_across_a_slow_link(netcluster, one_host_crc, tmp_path):
-    """horovodrun --mpi -H node1:2,node2:2 with node2's link limited to 1 Gbit/s each way (tbf; this
-    kernel has no netem, so no added delay: tools/cluster/cluster.sh says so when asked for one)."""
+def test_mpirun_launcher_across_a_slow_link(netcluster, one_host_crc, tmp_path):
+    """launch/mpirun.sh with HOSTFILE (Open MPI's TCP between the nodes, restricted to eth0 by
+    btl_tcp_if_include) with node2's link limited to 1 Gbit/s each way. The limit is tbf's: this
+    kernel has no netem, so no added delay (tools/cluster/cluster.sh says so when asked for one).
+    horovodrun under MPI across the nodes: the sbatch test's horovodrun job."""
     netcluster("link", "node2", "rate", "1gbit")
     try:
-        cmd = netcluster.on("node1", [str(BIN / "horovodrun"), "--verbose", "-np", "4", "-H", "node1:2,node2:2",
-                                      "--mpi", "--network-interface", "eth0", "fa-hvd-train", *DEMO,
-                                      "--run-dir", str(tmp_path / "run")])
-        proc = subprocess.run(cmd, cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=300)
-        qdisc = subprocess.run(["ip", "netns", "exec", netcluster.namespace("node2"), "tc", "-s", "-j", "qdisc", "show", "dev",
-                                "eth0"], capture_output=True, text=True, check=True)
+        cmd = netcluster.on("node1", ["launch/mpirun.sh", "4", *DEMO[1:], "--run-dir", str(tmp_path / "run")])
+        env = job_env({"HOSTFILE": str(hostfile(tmp_path)), "OMPI_MCA_btl_tcp_if_include": "eth0",
+                       "OMPI_MCA_oob_tcp_if_include": "eth0"})
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        qdisc = subprocess.run(["ip", "netns", "exec", netcluster.namespace("node2"), "tc", "-s", "-j", "qdisc",
+                                "show", "dev", "eth0"], capture_output=True, text=True, check=True)
     finally:
         netcluster("link", "node2", "clear")
     assert proc.returncode == 0, output(proc)
-    assert "-mca btl_tcp_if_include eth0" in proc.stdout, proc.stdout[:3000]  # horovodrun's mpirun command
     assert finished(tmp_path / "run")["params_crc32"] == one_host_crc
     (tbf,) = json.loads(qdisc.stdout)
     assert tbf["kind"] == "tbf" and tbf["options"]["rate"] == 125_000_000, tbf  # bytes/s
@@ -160,7 +152,7 @@ def test_elastic_node_crash_and_return(netcluster, tmp_path):
     hosts = tmp_path / "discovered"
     hosts.write_text("node1:2\nnode2:2\n")
     run_dir = tmp_path / "run"
-    steps = 400
+    steps = 300
     config = long_job(tmp_path, elastic={"enabled": True, "commit_every_steps": 5})
     conf = yaml.safe_load(config.read_text())
     conf["train"]["steps"] = steps
@@ -197,3 +189,93 @@ def test_elastic_node_crash_and_return(netcluster, tmp_path):
     assert [r["step"] for r in records] == list(range(1, steps + 1))  # one history: redone steps replace lost ones
     sizes = [r["world_size"] for r in records]
     assert sizes[0] == 4 and 2 in sizes and sizes[-1] == 4, sorted(set(sizes))
+
+
+# --- SLURM: slurmctld on node1, a slurmd on each node (tools/cluster/cluster.sh slurm-up) ---
+SBATCH = ["-N", "2", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=30"]
+SLURM_END = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
+
+
+class Slurm:
+    def __init__(self, cluster, tmp: Path):
+        self.cluster, self.tmp = cluster, tmp
+
+    def run(self, *argv: str, env: dict | None = None) -> str:
+        proc = subprocess.run(self.cluster.on("node1", list(argv)), cwd=ROOT, env=job_env(env),
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, output(proc)
+        return proc.stdout
+
+    def submit(self, name: str, *args: str, env: dict | None = None) -> str:
+        return self.run("sbatch", "--parsable", f"--job-name={name}", f"--output={self.tmp}/{name}-%j.out", *SBATCH,
+                        "slurm/train.sbatch", *args, env=env).strip()
+
+    def job(self, job: str) -> dict:
+        text = self.run("scontrol", "show", "job", "-o", job)
+        return dict(field.split("=", 1) for field in text.split() if "=" in field)
+
+    def wait(self, job: str, until=lambda info: info["JobState"] in SLURM_END, timeout: float = 300) -> dict:
+        deadline = time.monotonic() + timeout
+        while not until(info := self.job(job)):
+            assert time.monotonic() < deadline, f"job {job}: {info['JobState']} after {timeout} s\n{self.log(job)}"
+            time.sleep(1)
+        return info
+
+    def log(self, job: str) -> str:
+        files = list(self.tmp.glob(f"*-{job}.out"))
+        return files[0].read_text() if files else "(no output file)"
+
+
+@pytest.fixture(scope="module")
+def slurm(netcluster, tmp_path_factory):
+    netcluster("slurm-up")
+    yield Slurm(netcluster, tmp_path_factory.mktemp("slurm"))
+    netcluster("slurm-down")
+
+
+def test_sbatch_two_nodes_with_srun_pmix_and_horovodrun(slurm, one_host_crc):
+    """sbatch -N 2 --ntasks-per-node=2 slurm/train.sbatch: srun --mpi=pmix, and horovodrun over
+    `scontrol show hostnames`, train what 4 ranks train on one host."""
+    jobs = {launcher: slurm.submit(launcher, "configs/demo.yaml", "--set", f"train.steps={STEPS}", "--run-dir",
+                                   str(slurm.tmp / launcher), env={"FA_HVD_LAUNCHER": launcher})
+            for launcher in ("srun", "horovodrun")}
+    for launcher, job in jobs.items():
+        info = slurm.wait(job)
+        log = slurm.log(job)
+        assert info["JobState"] == "COMPLETED", log[-5000:]
+        assert "4 ranks on node[1-2]" in log, log[:2000]
+        assert ("srun --mpi=pmix" if launcher == "srun" else "horovodrun -np 4 -H node1:2,node2:2") in log, log[:2000]
+        assert finished(slurm.tmp / launcher)["params_crc32"] == one_host_crc, launcher
+
+
+def test_sbatch_node_failure_ends_the_job_and_the_requeue_resumes(slurm, netcluster, tmp_path):
+    """node2 crashes (its slurmd and its ranks killed) mid-run: SLURM takes it DOWN and the job's
+    start ends (NODE_FAIL, requeued); when node2 is back the job starts again and resumes from
+    the last checkpoint."""
+    steps = 60
+    config = long_job(tmp_path, checkpoint={"every_steps": 5})
+    conf = yaml.safe_load(config.read_text())
+    conf["train"]["steps"] = steps
+    config.write_text(yaml.safe_dump(conf))
+    run_dir = slurm.tmp / "node-failure"
+    job = slurm.submit("node-failure", str(config), "--run-dir", str(run_dir))
+    try:
+        deadline = time.monotonic() + 240
+        while len(steps_done(run_dir)) < 12:
+            assert time.monotonic() < deadline, slurm.log(job)[-5000:]
+            time.sleep(0.5)
+        netcluster("crash", "node2")
+        # the start ends and SLURM requeues the job (batch jobs are requeued on a node failure)
+        info = slurm.wait(job, until=lambda i: int(i["Restarts"]) >= 1 or i["JobState"] in SLURM_END,
+                          timeout=NODE_FAIL_BOUND_S)
+        assert int(info["Restarts"]) == 1 and info["JobState"] not in SLURM_END, info
+        node2 = slurm.run("sinfo", "-h", "-n", "node2", "-o", "%T").strip()
+        assert node2.startswith("down"), node2
+    finally:
+        netcluster("restart", "node2")
+    info = slurm.wait(job, timeout=300)
+    log = slurm.log(job)
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, (info, log[-5000:])
+    resumed = [line for line in log.splitlines() if "resuming from" in line]
+    assert resumed and "(step 0)" not in resumed[0], log[-5000:]
+    finished(run_dir, steps=steps)

@@ -167,8 +167,12 @@ crash() {  # every process on the node at once (sshd, slurmd, ranks): a node cra
   say "$1: crashed (every process in $(ns "$1") killed)"
 }
 
-restart() {  # the node boots again: its sshd, and its slurmd when SLURM is up
+# restart NODE: the node boots again with its local disk wiped (LOCAL: slurmd's spool, where
+# a crashed step leaves PMIx's socket, and /tmp), then its sshd, and its slurmd if SLURM is up.
+restart() {
   known "$1"
+  rm -rf "$DIR/$1/local/tmp" "$DIR/$1/local/slurmd"
+  mkdir "$DIR/$1/local/tmp" "$DIR/$1/local/slurmd"
   start_sshd "$1"
   [ ! -f "/etc/netns/$(ns "$1")/slurm/slurm.conf" ] || slurmd_start "$1"
   say "$1: restarted"
