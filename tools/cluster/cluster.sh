@@ -38,7 +38,7 @@ LOCAL=/var/lib/fa_hvd-cluster-node  # on every node, its own DIR/NODE/local: nod
 
 ns() { echo "$PREFIX-$1"; }                          # node name -> namespace
 addr() { echo "$NET.$((10 + ${1#node}))"; }          # node name -> address
-nodes() { [ -f "$DIR/nodes" ] && cat "$DIR/nodes" || true; }
+nodes() { if [ -f "$DIR/nodes" ]; then cat "$DIR/nodes"; fi; }
 known() { grep -qx "$1" "$DIR/nodes" 2>/dev/null || die "no node '$1' in this cluster (nodes: $(nodes | paste -sd' '))"; }
 
 # on NODE CMD...: CMD in NODE's network namespace, with NODE's files from /etc/netns/NS bound
@@ -47,6 +47,7 @@ known() { grep -qx "$1" "$DIR/nodes" 2>/dev/null || die "no node '$1' in this cl
 on() {
   local node="$1"
   shift
+  # shellcheck disable=SC2016  # expanded by the inner sh
   nsenter --net="/run/netns/$(ns "$node")" unshare --mount --uts -- sh -c '
     for f in "$1"/*; do [ -e "/etc/${f##*/}" ] && mount --bind "$f" "/etc/${f##*/}"; done
     mount --bind "$2" "$3" && hostname "$0" && shift 3 && exec "$@"' \
@@ -190,8 +191,8 @@ wait_for_ssh() {
 up() {
   local count="${1:-2}" node
   [ "$(id -u)" -eq 0 ] || die "needs root (network namespaces, sshd)"
-  [[ "$count" =~ ^[1-9][0-9]?$ ]] && [ "$count" -le 200 ] || die "N must be 1..200, got '$count'"
-  command -v ip >/dev/null && command -v tc >/dev/null || install_missing ip tc -- iproute2
+  [[ "$count" =~ ^[1-9][0-9]?$ ]] || die "N must be 1..99, got '$count'"
+  install_missing ip tc -- iproute2
   install_missing sshd ssh -- openssh-server openssh-client
   down
   mkdir -p "$DIR" /run/sshd "$LOCAL"
