@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from conftest import BIN, ROOT, job_env, output, untagged
-from train_helpers import kill_tree
+from train_helpers import kill_tree, last_step, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -107,15 +107,6 @@ def steps_done(run_dir: Path) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["kind"] == "step"]
 
 
-def wait(condition, proc: subprocess.Popen, log, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        log.seek(0)
-        assert proc.poll() is None, f"the job ended before {what}:\n{log.read()[-5000:]}"
-        assert time.monotonic() < deadline, f"not {what} after {timeout} s:\n{log.read()[-5000:]}"
-        time.sleep(0.2)
-
-
 def test_partition_ends_a_job_and_names_the_lost_ranks(netcluster, tmp_path):
     """node2's link goes down mid-run: the job (Gloo, not elastic) ends within the bound, and
     horovodrun names a rank of node2 as the first to fail, ssh saying node2 does not answer."""
@@ -125,8 +116,9 @@ def test_partition_ends_a_job_and_names_the_lost_ranks(netcluster, tmp_path):
                                   str(long_job(tmp_path)), "--run-dir", str(run_dir)])
     log = open(tmp_path / "job.log", "w+")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=job_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log = log
     try:
-        wait(lambda: len(steps_done(run_dir)) >= 5, proc, log, 120, "training")
+        wait_for(lambda: last_step(run_dir) >= 5, proc, 120, "training")
         netcluster("partition", "node2")
         cut = time.monotonic()
         proc.wait(timeout=PARTITION_BOUND_S)
@@ -163,17 +155,18 @@ def test_elastic_node_crash_and_return(netcluster, tmp_path):
                    "HOROVODRUN_ARGS": "--network-interface eth0 --blacklist-cooldown-range 1 2"})
     log = open(tmp_path / "job.log", "w+")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log = log
 
     def text() -> str:
         log.seek(0)
         return untagged(log.read())
 
     try:
-        wait(lambda: len(steps_done(run_dir)) >= 20, proc, log, 180, "training on 4 ranks")
+        wait_for(lambda: last_step(run_dir) >= 20, proc, 180, "training on 4 ranks")
         netcluster("crash", "node2")
         hosts.write_text("node1:2\n")  # what a scheduler's discovery says of a dead node
-        wait(lambda: "continuing at step" in text() and " on 2 ranks" in text(), proc, log, 120,
-             "continuing on node1")
+        wait_for(lambda: "continuing at step" in text() and " on 2 ranks" in text(), proc, 120,
+                 "continuing on node1")
         netcluster("restart", "node2")
         hosts.write_text("node1:2\nnode2:2\n")
         proc.wait(timeout=300)
@@ -261,7 +254,7 @@ def test_sbatch_node_failure_ends_the_job_and_the_requeue_resumes(slurm, netclus
     job = slurm.submit("node-failure", str(config), "--run-dir", str(run_dir))
     try:
         deadline = time.monotonic() + 240
-        while len(steps_done(run_dir)) < 12:
+        while last_step(run_dir) < 12:
             assert time.monotonic() < deadline, slurm.log(job)[-5000:]
             time.sleep(0.5)
         netcluster("crash", "node2")

@@ -34,7 +34,7 @@ DIR="${FA_HVD_CLUSTER_DIR:-/tmp/fa_hvd-cluster}"
 NET="${FA_HVD_CLUSTER_NET:-10.213.0}"
 SW="$PREFIX-sw"
 MARK="# Written by tools/cluster/cluster.sh"
-LOCAL=/var/lib/fa_hvd-cluster-node  # on every node, its own DIR/NODE/local: node-local disk
+LOCAL="/var/lib/$PREFIX-node"  # on every node, its own DIR/NODE/local: node-local disk
 
 ns() { echo "$PREFIX-$1"; }                          # node name -> namespace
 addr() { echo "$NET.$((10 + ${1#node}))"; }          # node name -> address
