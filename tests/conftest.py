@@ -85,3 +85,50 @@ def fixed_global_rngs():
 def tmp_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+class NetCluster:
+    """The nodes of tools/cluster/cluster.sh: run commands on them, fault their links."""
+
+    def __init__(self, env: dict):
+        self.env = env
+        self.script = str(ROOT / "tools" / "cluster" / "cluster.sh")
+
+    def __call__(self, *args: str) -> str:
+        """``cluster.sh ARGS`` (up, link, partition, crash...); its output, asserting it succeeded."""
+        proc = subprocess.run([self.script, *args], cwd=ROOT, env=self.env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, f"cluster.sh {' '.join(args)}: {proc.stdout}{proc.stderr}"
+        return proc.stdout + proc.stderr
+
+    def on(self, node: str, argv: list[str]) -> list[str]:
+        """``argv`` as it runs on ``node``."""
+        return ["env", *(f"{k}={self.env[k]}" for k in ("FA_HVD_CLUSTER_PREFIX", "FA_HVD_CLUSTER_DIR")),
+                self.script, "exec", node, *argv]
+
+    def namespace(self, node: str) -> str:
+        return f"{self.env['FA_HVD_CLUSTER_PREFIX']}-{node}"
+
+    def port_bytes(self, node: str) -> int:
+        """Bytes through the switch port of ``node`` so far, both directions."""
+        proc = subprocess.run(["ip", "-n", self.namespace("sw"), "-s", "-j", "link", "show",
+                               f"v-{node}"], capture_output=True, text=True, check=True)
+        stats = json.loads(proc.stdout)[0]["stats64"]
+        return stats["rx"]["bytes"] + stats["tx"]["bytes"]
+
+
+@pytest.fixture(scope="session")
+def netcluster():
+    """Two nodes (network namespaces node1, node2 with sshd), shared by every test of the session."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: tools/cluster/cluster.sh makes network namespaces and runs sshd")
+    probe = subprocess.run(["ip", "netns", "add", f"fahvd-probe-{os.getpid()}"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"network namespaces are not available here: {probe.stderr.strip()}")
+    subprocess.run(["ip", "netns", "del", f"fahvd-probe-{os.getpid()}"], check=True)
+    # Its own prefix and directory: a cluster someone brought up by hand is left alone.
+    cluster = NetCluster({**job_env(), "FA_HVD_CLUSTER_PREFIX": "fahvdtest",
+                          "FA_HVD_CLUSTER_DIR": "/tmp/fa_hvd-cluster-test"})
+    cluster("up", "2")
+    yield cluster
+    cluster("down")

@@ -14,7 +14,8 @@ import pytest
 from conftest import ROOT, job_env, output
 
 SCRIPTS = sorted(
-    [*ROOT.glob("launch/*.sh"), *ROOT.glob("slurm/*.sh"), *ROOT.glob("slurm/*.sbatch"), *ROOT.glob("tools/slurm/*.sh")]
+    [*ROOT.glob("launch/*.sh"), *ROOT.glob("slurm/*.sh"), *ROOT.glob("slurm/*.sbatch"), *ROOT.glob("tools/slurm/*.sh"),
+     *ROOT.glob("tools/cluster/*.sh")]
 )
 
 

@@ -1,0 +1,274 @@
+"""Across nodes: launchers, a slow link, a partition and a node crash on a two-node cluster.
+
+The cluster (tools/cluster/cluster.sh, fixture ``netcluster``: one for the session) is two
+network namespaces, node1 and node2, each with its own address on a bridge, a private hosts
+file and sshd; every job is started on node1 and reaches node2 over ssh and TCP, as on a real
+cluster (the file system is shared, as NFS would share it). The jobs train configs/demo.yaml
+for a few steps on 2 + 2 ranks; the allgather is exact and each rank's gradient depends only
+on its rank, so the parameters must agree bit for bit with the same 4 ranks on one host.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import BIN, ROOT, job_env, output, untagged
+from train_helpers import kill_tree, last_step, wait_for
+
+pytestmark = pytest.mark.slow
+
+STEPS = 20
+DEMO = ["--config", "configs/demo.yaml", "--set", f"train.steps={STEPS}"]
+PARTITION_BOUND_S = 75  # ssh notices a dead link in 3 x 3 s, Gloo a silent peer in 30 s; then the teardown
+NODE_FAIL_BOUND_S = 60  # slurmctld pings every SlurmdTimeout/3 and takes a node DOWN after SlurmdTimeout (10 s)
+GRADIENT_BYTES = 4 * (64 * 64 + 64 + 64 * 10 + 10)  # the demo MLP's parameters, fp32
+
+
+@pytest.fixture(scope="module")
+def one_host_crc(tmp_path_factory) -> str:
+    """The parameters' crc32 after the demo on 4 ranks of one host."""
+    run_dir = tmp_path_factory.mktemp("one-host") / "run"
+    proc = subprocess.run([str(BIN / "horovodrun"), "-np", "4", "-H", "localhost:4", "--gloo", "fa-hvd-train",
+                           *DEMO, "--run-dir", str(run_dir)], cwd=ROOT, env=job_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, output(proc)
+    return finished(run_dir)["params_crc32"]
+
+
+def finished(run_dir: Path, steps: int = STEPS, world: int = 4) -> dict:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["status"], summary["step"], summary["world_size"]) == ("finished", steps, world), summary
+    assert summary["params_identical_on_ranks"], summary
+    return summary
+
+
+def hostfile(tmp_path: Path) -> Path:
+    path = tmp_path / "hosts"
+    path.write_text("node1 slots=2\nnode2 slots=2\n")
+    return path
+
+
+def test_hosts_launcher_with_gloo_across_nodes(netcluster, one_host_crc, tmp_path):
+    """launch/hosts.sh: horovodrun (Gloo) over a hostfile, its traffic on the bridge (eth0)."""
+    before = netcluster.port_bytes("node2")
+    cmd = netcluster.on("node1", ["launch/hosts.sh", str(hostfile(tmp_path)), *DEMO[1:], "--run-dir",
+                                  str(tmp_path / "run")])
+    proc = subprocess.run(cmd, cwd=ROOT, env=job_env({"HOROVODRUN_ARGS": "--gloo --network-interface eth0"}),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, output(proc)
+    assert "horovodrun -np 4 -hostfile" in proc.stderr and "--network-interface eth0" in proc.stderr, proc.stderr
+    assert finished(tmp_path / "run")["params_crc32"] == one_host_crc
+    # at every step node2's two gradients left it and node1's two came in, through its switch port
+    assert netcluster.port_bytes("node2") - before > STEPS * 4 * GRADIENT_BYTES
+
+
+def test_mpirun_launcher_across_a_slow_link(netcluster, one_host_crc, tmp_path):
+    """launch/mpirun.sh with HOSTFILE (Open MPI's TCP between the nodes, restricted to eth0 by
+    btl_tcp_if_include) with node2's link limited to 1 Gbit/s each way. The limit is tbf's: this
+    kernel has no netem, so no added delay (tools/cluster/cluster.sh says so when asked for one).
+    horovodrun under MPI across the nodes: the sbatch test's horovodrun job."""
+    netcluster("link", "node2", "rate", "1gbit")
+    try:
+        cmd = netcluster.on("node1", ["launch/mpirun.sh", "4", *DEMO[1:], "--run-dir", str(tmp_path / "run")])
+        env = job_env({"HOSTFILE": str(hostfile(tmp_path)), "OMPI_MCA_btl_tcp_if_include": "eth0",
+                       "OMPI_MCA_oob_tcp_if_include": "eth0"})
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        qdisc = subprocess.run(["ip", "netns", "exec", netcluster.namespace("node2"), "tc", "-s", "-j", "qdisc",
+                                "show", "dev", "eth0"], capture_output=True, text=True, check=True)
+    finally:
+        netcluster("link", "node2", "clear")
+    assert proc.returncode == 0, output(proc)
+    assert finished(tmp_path / "run")["params_crc32"] == one_host_crc
+    (tbf,) = json.loads(qdisc.stdout)
+    assert tbf["kind"] == "tbf" and tbf["options"]["rate"] == 125_000_000, tbf  # bytes/s
+    assert tbf["bytes"] > STEPS * 2 * GRADIENT_BYTES, tbf  # node2's gradients left it through the slow link
+
+
+def long_job(tmp_path: Path, **extra) -> Path:
+    """configs/demo.yaml without its fault, rank 0 slowed to ~20 steps/s, and many steps."""
+    conf = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    conf["train"].update(steps=100_000, eval_every_epochs=10_000)
+    conf["faults"] = [{"kind": "slow", "ranks": [0], "params": {"delay": 0.05}}]
+    conf.update(extra)
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(conf))
+    return path
+
+
+def steps_done(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [r for r in map(json.loads, lines) if r["kind"] == "step"]
+
+
+def test_partition_ends_a_job_and_names_the_lost_ranks(netcluster, tmp_path):
+    """node2's link goes down mid-run: the job (Gloo, not elastic) ends within the bound, and
+    horovodrun names a rank of node2 as the first to fail, ssh saying node2 does not answer."""
+    run_dir = tmp_path / "run"
+    cmd = netcluster.on("node1", [str(BIN / "horovodrun"), "-np", "4", "-H", "node1:2,node2:2", "--gloo",
+                                  "--network-interface", "eth0", "fa-hvd-train", "--config",
+                                  str(long_job(tmp_path)), "--run-dir", str(run_dir)])
+    log = open(tmp_path / "job.log", "w+")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=job_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log = log
+    try:
+        wait_for(lambda: last_step(run_dir) >= 5, proc, 120, "training")
+        netcluster("partition", "node2")
+        cut = time.monotonic()
+        proc.wait(timeout=PARTITION_BOUND_S)
+        ended_after = time.monotonic() - cut
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+        netcluster("heal", "node2")
+        netcluster("crash", "node2")  # node2's ranks, cut off from the launcher: gone with the node
+        netcluster("restart", "node2")
+    log.seek(0)
+    out = log.read()
+    assert proc.returncode != 0, out[-5000:]
+    assert "Timeout, server node2 not responding" in out, out[-5000:]
+    first = out.split("The first process to do so was:", 1)[1].split()
+    assert first[:3] == ["Process", "name:", first[2]] and first[2] in ("2", "3"), out[-3000:]  # a rank of node2
+    print(f"partition: the job ended {ended_after:.1f} s after the link went down (bound {PARTITION_BOUND_S} s)")
+
+
+def test_elastic_node_crash_and_return(netcluster, tmp_path):
+    """Every process of node2 is killed at once: the survivors go on on node1 from the last
+    commit; node2 boots again, the discovery script names it and its ranks rejoin."""
+    hosts = tmp_path / "discovered"
+    hosts.write_text("node1:2\nnode2:2\n")
+    run_dir = tmp_path / "run"
+    steps = 300
+    config = long_job(tmp_path, elastic={"enabled": True, "commit_every_steps": 5})
+    conf = yaml.safe_load(config.read_text())
+    conf["train"]["steps"] = steps
+    config.write_text(yaml.safe_dump(conf))
+    cmd = netcluster.on("node1", [str(ROOT / "launch" / "elastic.sh"), "4", "2", "4", str(config),
+                                  "--run-dir", str(run_dir)])
+    env = job_env({"FA_HVD_HOSTS_FILE": str(hosts),
+                   "HOROVODRUN_ARGS": "--network-interface eth0 --blacklist-cooldown-range 1 2"})
+    log = open(tmp_path / "job.log", "w+")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log = log
+
+    def text() -> str:
+        log.seek(0)
+        return untagged(log.read())
+
+    try:
+        wait_for(lambda: last_step(run_dir) >= 20, proc, 180, "training on 4 ranks")
+        netcluster("crash", "node2")
+        hosts.write_text("node1:2\n")  # what a scheduler's discovery says of a dead node
+        wait_for(lambda: "continuing at step" in text() and " on 2 ranks" in text(), proc, 120,
+                 "continuing on node1")
+        netcluster("restart", "node2")
+        hosts.write_text("node1:2\nnode2:2\n")
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+    out = text()
+    assert proc.returncode == 0, out[-6000:]
+    summary = finished(run_dir, steps=steps)
+    events = summary["events"]
+    assert any("from 4 to 2 ranks" in e for e in events) and any("from 2 to 4 ranks" in e for e in events), events
+    records = steps_done(run_dir)
+    assert [r["step"] for r in records] == list(range(1, steps + 1))  # one history: redone steps replace lost ones
+    sizes = [r["world_size"] for r in records]
+    assert sizes[0] == 4 and 2 in sizes and sizes[-1] == 4, sorted(set(sizes))
+
+
+# --- SLURM: slurmctld on node1, a slurmd on each node (tools/cluster/cluster.sh slurm-up) ---
+SBATCH = ["-N", "2", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=30"]
+SLURM_END = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
+
+
+class Slurm:
+    def __init__(self, cluster, tmp: Path):
+        self.cluster, self.tmp = cluster, tmp
+
+    def run(self, *argv: str, env: dict | None = None) -> str:
+        proc = subprocess.run(self.cluster.on("node1", list(argv)), cwd=ROOT, env=job_env(env),
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, output(proc)
+        return proc.stdout
+
+    def submit(self, name: str, *args: str, env: dict | None = None) -> str:
+        return self.run("sbatch", "--parsable", f"--job-name={name}", f"--output={self.tmp}/{name}-%j.out", *SBATCH,
+                        "slurm/train.sbatch", *args, env=env).strip()
+
+    def job(self, job: str) -> dict:
+        text = self.run("scontrol", "show", "job", "-o", job)
+        return dict(field.split("=", 1) for field in text.split() if "=" in field)
+
+    def wait(self, job: str, until=lambda info: info["JobState"] in SLURM_END, timeout: float = 300) -> dict:
+        deadline = time.monotonic() + timeout
+        while not until(info := self.job(job)):
+            assert time.monotonic() < deadline, f"job {job}: {info['JobState']} after {timeout} s\n{self.log(job)}"
+            time.sleep(1)
+        return info
+
+    def log(self, job: str) -> str:
+        files = list(self.tmp.glob(f"*-{job}.out"))
+        return files[0].read_text() if files else "(no output file)"
+
+
+@pytest.fixture(scope="module")
+def slurm(netcluster, tmp_path_factory):
+    netcluster("slurm-up")
+    yield Slurm(netcluster, tmp_path_factory.mktemp("slurm"))
+    netcluster("slurm-down")
+
+
+def test_sbatch_two_nodes_with_srun_pmix_and_horovodrun(slurm, one_host_crc):
+    """sbatch -N 2 --ntasks-per-node=2 slurm/train.sbatch: srun --mpi=pmix, and horovodrun over
+    `scontrol show hostnames`, train what 4 ranks train on one host."""
+    jobs = {launcher: slurm.submit(launcher, "configs/demo.yaml", "--set", f"train.steps={STEPS}", "--run-dir",
+                                   str(slurm.tmp / launcher), env={"FA_HVD_LAUNCHER": launcher})
+            for launcher in ("srun", "horovodrun")}
+    for launcher, job in jobs.items():
+        info = slurm.wait(job)
+        log = slurm.log(job)
+        assert info["JobState"] == "COMPLETED", log[-5000:]
+        assert "4 ranks on node[1-2]" in log, log[:2000]
+        assert ("srun --mpi=pmix" if launcher == "srun" else "horovodrun -np 4 -H node1:2,node2:2") in log, log[:2000]
+        assert finished(slurm.tmp / launcher)["params_crc32"] == one_host_crc, launcher
+
+
+def test_sbatch_node_failure_ends_the_job_and_the_requeue_resumes(slurm, netcluster, tmp_path):
+    """node2 crashes (its slurmd and its ranks killed) mid-run: SLURM takes it DOWN and the job's
+    start ends (NODE_FAIL, requeued); when node2 is back the job starts again and resumes from
+    the last checkpoint."""
+    steps = 60
+    config = long_job(tmp_path, checkpoint={"every_steps": 5})
+    conf = yaml.safe_load(config.read_text())
+    conf["train"]["steps"] = steps
+    config.write_text(yaml.safe_dump(conf))
+    run_dir = slurm.tmp / "node-failure"
+    job = slurm.submit("node-failure", str(config), "--run-dir", str(run_dir))
+    try:
+        deadline = time.monotonic() + 240
+        while last_step(run_dir) < 12:
+            assert time.monotonic() < deadline, slurm.log(job)[-5000:]
+            time.sleep(0.5)
+        netcluster("crash", "node2")
+        # the start ends and SLURM requeues the job (batch jobs are requeued on a node failure)
+        info = slurm.wait(job, until=lambda i: int(i["Restarts"]) >= 1 or i["JobState"] in SLURM_END,
+                          timeout=NODE_FAIL_BOUND_S)
+        assert int(info["Restarts"]) == 1 and info["JobState"] not in SLURM_END, info
+        node2 = slurm.run("sinfo", "-h", "-n", "node2", "-o", "%T").strip()
+        assert node2.startswith("down"), node2
+    finally:
+        netcluster("restart", "node2")
+    info = slurm.wait(job, timeout=300)
+    log = slurm.log(job)
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, (info, log[-5000:])
+    resumed = [line for line in log.splitlines() if "resuming from" in line]
+    assert resumed and "(step 0)" not in resumed[0], log[-5000:]
+    finished(run_dir, steps=steps)
