@@ -24,15 +24,17 @@ through fp32:
   (:func:`cross_gram`: exact products, fp64 sums; a product of two fp32 numbers fits
   fp64's 53 bits, a row of norm 1e38 * sqrt(n) squares to 1e76 < 1.8e308). This is
   the only compensated product, and it runs only for such rows: a non-finite row
-  keeps a non-finite diagonal, a finite one a finite diagonal.
+  keeps a non-finite diagonal, a finite one a finite diagonal. Their entries err by at
+  most ``gamma64_{2n+2} ||g_i|| ||g_j||`` (today's fp64 bound), and a distance to such a
+  row by ``E_ii + E_jj + 2 E_ij`` from the entries' bounds ``E``.
 
 The bound (proved with the standard model ``fl(a op b) = (a op b)(1 + d)``,
 ``|d| <= u``, and ``gamma_k = k u / (1 - k u)``; ``u32 = 2^-24``, ``u64 = 2^-53``).
 Any summation order satisfies it, so it holds whatever the BLAS, its blocking and
 its thread count. For rows that are not redone, with ``N`` blocks:
 
-    |K^_ij - K_ij| <= gamma32_{b+2} (1 + gamma64_N) ||x_i|| ||x_j|| + n 2^-126
-                      + gamma64_{n+N+4} (||g_i|| + ||r||) (||g_j|| + ||r||)      (B_ij)
+    |K^_ij - K_ij| <= gamma32_{b+2} (1 + gamma64_N) ||x_i|| ||x_j|| + 2 n 2^-126
+                      + gamma64_{n+2N+12} (||g_i|| + ||r||) (||g_j|| + ||r||)      (B_ij)
 
 (an fp32 sum of ``b`` products errs by ``gamma32_b sum |x_ik x_jk|`` in any order;
 rounding ``g - r`` to ``x`` adds ``(2 u32 + u32^2) |x_i||x_j|`` (none when ``g`` and ``r``
@@ -45,7 +47,7 @@ distance ``K_ii + K_jj - 2 K_ij`` the errors of ``t`` cancel exactly (they enter
 own roundings remain (:func:`distance_error_bound`):
 
     |D^_ij - D_ij| <= F_ii + F_jj + 2 F_ij + gamma64_3 (||g_i|| + ||g_j||)^2,
-    F_ij = (gamma32_{b+2} (1 + gamma64_N) + gamma64_N) ||x_i|| ||x_j|| + n 2^-126
+    F_ij = (gamma32_{b+2} (1 + gamma64_N) + gamma64_{2N+4}) ||x_i|| ||x_j|| + 2 n 2^-126
            + 2 gamma64_6 (||x_i|| ||x_j|| + (||g_i|| + ||g_j|| + ||r||) ||r||)
 
 and the fp32 part is ``~ gamma32_b (||x_i|| + ||x_j||)^2``. Rows sharing a mean ``mu``
@@ -135,10 +137,11 @@ def distance_error_bound(G: torch.Tensor) -> torch.Tensor:
 
 def _bounds(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The Gram's and the distances' bounds. Rows that :func:`gram` redoes in fp64, and fp64 ``G``:
-    ``gamma64_{n+2} ||g_i|| ||g_j||``, the bound of that product, for both."""
+    ``gamma64_{2n+2} ||g_i|| ||g_j||`` (exact products, at most ``n`` additions in a block and one
+    per block), and a distance involving such a row: ``E_ii + E_jj + 2 E_ij`` from the entries' bounds."""
     p, n = G.shape
     norms = G.double().norm(dim=1)
-    exact = _gamma(n + 2, U64) * norms[:, None] * norms[None, :]
+    exact = _gamma(2 * n + 2, U64) * norms[:, None] * norms[None, :]
     if G.dtype == torch.float64:
         B, Bd = exact, _spread(exact)
     else:
@@ -147,13 +150,13 @@ def _bounds(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m = reference_row(G)
         x = (G.float() - G.float().index_select(0, m)).double().norm(dim=1)
         xx, r = x[:, None] * x[None, :], norms[m]
-        fp32 = (_gamma(b + 2, U32) * (1 + _gamma(blocks, U64)) + _gamma(blocks, U64)) * xx + n * TINY32
-        B = fp32 + _gamma(n + blocks + 4, U64) * (norms[:, None] + r) * (norms[None, :] + r)
+        fp32 = _gamma(b + 2, U32) * (1 + _gamma(blocks, U64)) * xx + 2 * n * TINY32
+        B = fp32 + _gamma(n + 2 * blocks + 12, U64) * (norms[:, None] + r) * (norms[None, :] + r)
         assembly = _gamma(6, U64) * 2 * (xx + (norms[:, None] + norms[None, :] + r) * r)
-        Bd = _spread(fp32 + assembly)
+        Bd = _spread(fp32 + _gamma(2 * blocks + 4, U64) * xx + assembly)
         redone = _centred_gram(G)[1]
         B[redone], B[:, redone] = exact[redone], exact[:, redone]
-        Bd[redone], Bd[:, redone] = _spread(exact)[redone], _spread(exact)[:, redone]
+        Bd = torch.where(redone[:, None] | redone[None, :], _spread(B), Bd)
     return B, Bd + _gamma(3, U64) * (norms[:, None] + norms[None, :]) ** 2  # + sq_distances' roundings
 
 
