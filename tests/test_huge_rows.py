@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from fa_hvd.aggregators import get
+from fa_hvd.aggregators import geometry, get
 from fa_hvd.aggregators.geometry import U64, distance_error_bound, gram, gram_error_bound, sq_distances
 
 P, F, N = 11, 2, 600
@@ -141,12 +141,14 @@ def fidelity_case(kind):
     return torch.cat([honest(), huge_rows(kind)])
 
 
+@pytest.mark.parametrize("terms", [None, 64])  # a CPU block's width; pieces of 64 (the accelerator path)
 @pytest.mark.parametrize("kind", ["near_duplicates", "shared_mean", "generic", 38, "flat", "bitflip"])
-def test_the_gram_and_its_distances_stay_within_the_stated_bound(kind):
+def test_the_gram_and_its_distances_stay_within_the_stated_bound(monkeypatch, kind, terms):
     """geometry's bounds, against correctly rounded values: |gram(G) - G G^T| <= gram_error_bound
     and |sq_distances(G) - D| <= distance_error_bound, entrywise. Where the rows share a large
     common part (near duplicates, mu / sigma = 1e5) the distance bound is a small fraction of
     every distance, which an uncentred fp32 product misses by more than that."""
+    monkeypatch.setitem(geometry.FP32_TERMS, "cpu", terms)
     G = fidelity_case(kind)
     K, B, Bd = gram(G), gram_error_bound(G), distance_error_bound(G)
     exact, exact_distances = exact_gram(G)

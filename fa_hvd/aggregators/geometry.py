@@ -14,9 +14,11 @@ through fp32:
   median squared distance to the rows, on the first :data:`SAMPLE_COLUMNS` columns in
   fp64); with ``c_i = g_i - r``,
   ``K_ij = t_i + t_j - t_m + c_i . c_j`` where ``t_i = g_i . r``;
-* one pass over ``G`` in cache-sized column blocks of ``b`` columns: ``X = G_blk - r_blk``
+* one pass over ``G`` in column blocks (cache-sized on the CPU): ``X = G_blk - r_blk``
   in fp32 (``x_i = fl(g_i - r)``), the symmetric fp32 product ``X X^T`` (the floor's
-  arithmetic), added to an fp64 accumulator, and ``t = G_blk r_blk`` in fp64 (exact
+  arithmetic), each entry an fp32 sum of at most ``b`` products (a CPU block's width;
+  :data:`FP32_TERMS` on an accelerator, whose wide blocks go through one batched product
+  of pieces), added to an fp64 accumulator, and ``t = G_blk r_blk`` in fp64 (exact
   products of fp32 values, a matrix-vector product: memory-bound, p times less work
   than the Gram);
 * rows whose fp32 block product could have overflowed (a diagonal entry above
@@ -31,7 +33,8 @@ through fp32:
 The bound (proved with the standard model ``fl(a op b) = (a op b)(1 + d)``,
 ``|d| <= u``, and ``gamma_k = k u / (1 - k u)``; ``u32 = 2^-24``, ``u64 = 2^-53``).
 Any summation order satisfies it, so it holds whatever the BLAS, its blocking and
-its thread count. For rows that are not redone, with ``N`` blocks:
+its thread count. For rows that are not redone, with ``N`` the number of fp32 sums and blocks
+added in fp64 per entry:
 
     |K^_ij - K_ij| <= gamma32_{b+2} (1 + gamma64_N) ||x_i|| ||x_j|| + 2 n 2^-126
                       + gamma64_{n+2N+12} (||g_i|| + ||r||) (||g_j|| + ||r||)      (B_ij)
@@ -66,6 +69,9 @@ import torch
 
 CPU_BLOCK = 1 << 18  # elements of G per block: fits a CPU cache
 ACCELERATOR_BLOCK = 1 << 24  # few, large products on a GPU
+FP32_TERMS = {"cpu": None, "accelerator": 1 << 12}
+"""Most products one fp32 sum adds (``b`` in the bound): a CPU block's width (None); 4096 on an
+accelerator, whose blocks are wide (one batched product over 4096-column pieces)."""
 SAMPLE_COLUMNS = 512  # columns of G (from the first) on which the reference row is chosen
 WILD = 2.0**100  # a block's fp32 diagonal above this: the row is redone in fp64 (fp32 max 2^128)
 U32, U64 = 2.0**-24, 2.0**-53  # unit roundoffs
@@ -106,13 +112,29 @@ def _centred_gram(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     for cols in column_chunks(n, p, _budget(G)):
         block = G[:, cols].float()
         r = block.index_select(0, m)
-        X = block - r
-        P = X @ X.T
-        redo |= ~(P.diagonal() <= WILD)  # NaN too
+        P, wild = _products(block - r, _terms(G))
+        redo |= wild
         centred += P
         t += (block.double() @ r.double().T).squeeze(1)
     K = centred + t[:, None] + t[None, :] - t[m]
     return (K + K.T) / 2, redo
+
+
+def _products(X: torch.Tensor, terms: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``X X^T`` in fp64 from fp32 sums of at most ``terms`` products (None: all ``X``'s columns in
+    one), and the ``(p,)`` rows with an fp32 diagonal above :data:`WILD` or NaN."""
+    p, w = X.shape
+    if terms is None or w <= terms:
+        P = (X @ X.T)[None]
+    else:
+        q = w // terms
+        pieces = X[:, : q * terms].reshape(p, q, terms).transpose(0, 1)
+        P = torch.bmm(pieces, pieces.transpose(1, 2))
+        if w > q * terms:
+            tail = X[:, q * terms :]
+            P = torch.cat([P, (tail @ tail.T)[None]])
+    wild = ~(P.diagonal(dim1=1, dim2=2) <= WILD).all(dim=0)
+    return P.double().sum(dim=0), wild
 
 
 def reference_row(G: torch.Tensor) -> torch.Tensor:
@@ -145,8 +167,10 @@ def _bounds(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if G.dtype == torch.float64:
         B, Bd = exact, _spread(exact)
     else:
-        blocks = len(range(0, n, max(1, _budget(G) // p)))
-        b = min(n, max(1, _budget(G) // p))
+        widths = [cols.stop - cols.start for cols in column_chunks(n, p, _budget(G))]
+        terms = _terms(G)
+        b = max(widths) if terms is None else min(max(widths), terms)
+        blocks = len(widths) + sum(-(-w // b) for w in widths)  # fp64 additions of fp32 sums, at most
         m = reference_row(G)
         x = (G.float() - G.float().index_select(0, m)).double().norm(dim=1)
         xx, r = x[:, None] * x[None, :], norms[m]
@@ -168,6 +192,10 @@ def _spread(E: torch.Tensor) -> torch.Tensor:
 
 def _gamma(k: int, u: float) -> float:
     return k * u / (1 - k * u)
+
+
+def _terms(G: torch.Tensor) -> int | None:
+    return FP32_TERMS["cpu" if G.device.type == "cpu" else "accelerator"]
 
 
 def _budget(G: torch.Tensor) -> int:
