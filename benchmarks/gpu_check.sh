@@ -6,8 +6,8 @@
 #      fp16/bf16 gradients aggregated in fp32, a handful of device syncs per call;
 #   2. fa-hvd-bench aggregators --device cuda at p = 8, 16, 64 and n = 1e6, 2.5e7, 1e8 in fp32
 #      (bf16 at p = 8, 64 and n = 2.5e7, 1e8): FA (default and reference), Multi-Krum, median,
-#      trimmed mean, geomed and mean, with the Gram product G G^T alone timed in the same run
-#      (--gram-floor: FA's vs_gram; the coordinate-wise rules' vs_mean);
+#      trimmed mean, geomed and mean, with geometry.gram alone and the floors (mean, fp32 syrk)
+#      timed in the same run (--gram-floor: FA's vs_gram; every rule's vs_mean and vs_syrk);
 #   3. fa-hvd-train on the GPU with amp bf16 and fp16 (one rank, a small CNN on the embedded
 #      digits, FA; benchmarks/gpu_train.yaml): run to the end twice, and resumed from the first
 #      run's halfway checkpoint; the parameters' CRC of each (is CUDA bit-deterministic, is the

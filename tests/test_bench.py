@@ -6,7 +6,7 @@ import pytest
 
 from fa_hvd.bench.cli import main
 
-ROW_KEYS = {"bench", "rule", "params", "n", "p", "dtype", "device", "repeats", "median_s", "min_s"}
+ROW_KEYS = {"bench", "rule", "params", "n", "p", "dtype", "device", "repeats", "threads", "median_s", "min_s", "max_s"}
 DIRECT_KEYS = {"direct_s", "direct_repeats", "speedup_vs_direct"}
 
 
@@ -23,12 +23,12 @@ def test_rows_summary_and_direct(capsys):
     rows = [r for r in records if "summary" not in r]
     summaries = [r["summary"] for r in records if "summary" in r]
     assert {(r["rule"], r["n"]) for r in rows} == {
-        (rule, n) for rule in ("flag[default]", "flag[reference]", "mean", "multikrum") for n in (3000, 1000)
+        (rule, n) for rule in ("syrk", "flag[default]", "flag[reference]", "mean", "multikrum") for n in (3000, 1000)
     }
     for row in rows:
         assert ROW_KEYS <= set(row) and row["bench"] == "aggregators"
-        assert (row["p"], row["dtype"], row["device"], row["repeats"]) == (7, "float32", "cpu", 2)
-        assert 0 < row["min_s"] <= row["median_s"]
+        assert (row["p"], row["dtype"], row["device"], row["repeats"], row["threads"]) == (7, "float32", "cpu", 2, 1)
+        assert 0 < row["min_s"] <= row["median_s"] <= row["max_s"]
         if row["rule"].startswith("flag["):
             assert row["params"]["mode"] in row["rule"]
             assert (row["params"]["lambda_"], row["params"]["iterations"]) == (1.0, 4)
@@ -51,6 +51,12 @@ def test_rows_summary_and_direct(capsys):
         assert s["speedup_vs_direct"] == {r["rule"]: r["speedup_vs_direct"] for r in fa}
         assert s["fa_within_1_5x_multikrum"] is all(r["vs_multikrum"] <= 1.5 for r in fa)
         assert s["fa_100x_faster_than_direct"] is all(r["speedup_vs_direct"] >= 100 for r in fa)
+        floors = {r["rule"]: r for r in size if r["rule"] in ("mean", "syrk")}
+        for row in (r for r in size if r["rule"] not in floors):
+            for floor in ("mean", "syrk"):
+                assert row[f"vs_{floor}"] == pytest.approx(row["median_s"] / floors[floor]["median_s"])
+                assert s[f"vs_{floor}"][row["rule"]] == row[f"vs_{floor}"]
+        assert s["fa_within_2x_mean"] is (s["vs_mean"]["flag[default]"] <= 2) and "fa_within_1_3x_syrk" not in s
     assert "multikrum added" in err and "n=3e3 p=7" in err  # the note and the table
 
 
@@ -58,14 +64,14 @@ def test_precondition_skip_and_defaults(capsys):
     records, err = bench(capsys, "--n", "500", "--p", "6", "--f", "2", "--rules", "krum,median,flag",
                          "--dtype", "bf16")
     rows = [r for r in records if "summary" not in r]
-    assert [r["rule"] for r in rows] == ["median", "flag[default]", "flag[reference]", "mean"]
+    assert [r["rule"] for r in rows] == ["syrk", "median", "flag[default]", "flag[reference]", "mean"]
     assert all(r["dtype"] == "bfloat16" for r in rows)
     assert "skip krum" in err and "skip multikrum" in err and "mean added" in err
     assert all(set(r["params"]) == {"f", "mode"} for r in rows if r["rule"].startswith("flag["))  # r follows p
     assert not DIRECT_KEYS & set().union(*rows) and "vs_multikrum" not in records[-1]["summary"]
-    assert rows[0]["vs_mean"] == pytest.approx(rows[0]["median_s"] / rows[-1]["median_s"])
-    assert records[-1]["summary"]["vs_mean"] == {"median": rows[0]["vs_mean"]}
-    assert records[-1]["summary"]["coordinatewise_within_3x_mean"] == (rows[0]["vs_mean"] <= 3)
+    assert rows[1]["vs_mean"] == pytest.approx(rows[1]["median_s"] / rows[-1]["median_s"])
+    assert records[-1]["summary"]["vs_mean"] == {r["rule"]: r["vs_mean"] for r in rows[1:-1]}
+    assert records[-1]["summary"]["coordinatewise_within_3x_mean"] == (rows[1]["vs_mean"] <= 3)
 
 
 BAD = [["--rules", "nope"], ["--n", "1.5"], ["--repeats", "0"], ["--dtype", "int8"]]
@@ -81,15 +87,17 @@ def test_help_describes_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["aggregators", "--help"])
     text = capsys.readouterr().out
-    for option in ("--rules", "--n", "--p", "--f", "--dtype", "--device", "--repeats", "--warmup",
+    for option in ("--rules", "--n", "--p", "--f", "--dtype", "--device", "--repeats", "--threads", "--warmup",
                    "--direct", "--gram-floor", "--lambda", "--iterations", "--r", "--seed"):  # fmt: skip
         assert f"  {option} " in text or f"  {option}\n" in text
 
 
 def test_gram_floor(capsys):
-    records, _ = bench(capsys, "--n", "2000", "--p", "5", "--f", "1", "--rules", "flag", "--gram-floor")
+    records, _ = bench(capsys, "--n", "2000", "--p", "15", "--f", "1", "--rules", "flag", "--gram-floor")
     rows = {r["rule"]: r for r in records if "summary" not in r}
-    assert set(rows) == {"gram", "flag[default]", "flag[reference]", "multikrum"}
+    assert set(rows) == {"syrk", "gram", "flag[default]", "flag[reference]", "multikrum", "mean"}
+    s = records[-1]["summary"]
+    assert s["fa_within_1_3x_syrk"] is (rows["flag[default]"]["vs_syrk"] <= 1.3) and "fa_within_2x_mean" not in s
     for mode in ("flag[default]", "flag[reference]"):
         assert rows[mode]["vs_gram"] == pytest.approx(rows[mode]["median_s"] / rows["gram"]["median_s"])
     assert set(records[-1]["summary"]["vs_gram"]) == {"flag[default]", "flag[reference]"}

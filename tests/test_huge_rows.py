@@ -1,11 +1,13 @@
 """Huge finite rows (norm 1e19 .. 1e38, one exponent bit flip) and fp32 cancellation: every
 robust rule stays finite, close to its own fp64 answer, and on the honest side."""
 
+import math
+
 import pytest
 import torch
 
-from fa_hvd.aggregators import get
-from fa_hvd.aggregators.geometry import gram, sq_distances
+from fa_hvd.aggregators import geometry, get
+from fa_hvd.aggregators.geometry import U64, distance_error_bound, gram, gram_error_bound, sq_distances
 
 P, F, N = 11, 2, 600
 ROBUST = {
@@ -112,3 +114,51 @@ def test_the_bitflip_attack_at_its_default_rate_never_breaks_a_robust_rule(name)
         assert torch.isfinite(out).all(), (name, draw)
         assert (out.double() - reference).norm() <= 1e-4 * reference.norm() + 1e-6, (name, draw)
     assert huge >= 5  # the draws really made huge finite rows
+
+
+def exact_gram(G):
+    """``G G^T`` and the squared distances, each correctly rounded (``math.fsum``) from products
+    that are exact in fp64 (fp32 values) and differences within one fp64 rounding."""
+    rows = G.double().tolist()
+    K = torch.empty(len(rows), len(rows), dtype=torch.float64)
+    D = torch.zeros_like(K)
+    for i, a in enumerate(rows):
+        for j in range(i, len(rows)):
+            K[i, j] = K[j, i] = math.fsum(x * y for x, y in zip(a, rows[j]))
+            D[i, j] = D[j, i] = math.fsum((x - y) ** 2 for x, y in zip(a, rows[j]))
+    return K, D
+
+
+def fidelity_case(kind):
+    """The fidelity cases of the bound's test: P finite rows."""
+    if kind == "near_duplicates":  # every row within 1e-5 (relative) of one row
+        base = honest()[0]
+        return base + 1e-5 * torch.randn(P, N, generator=torch.Generator().manual_seed(3))
+    if kind == "shared_mean":  # mu / sigma = 1e5
+        return honest(mean=1e3, spread=1e-2, rows=P)
+    if kind == "generic":
+        return honest(mean=0.0, rows=P)
+    return torch.cat([honest(), huge_rows(kind)])
+
+
+@pytest.mark.parametrize("terms", [None, 64])  # a CPU block's width; pieces of 64 (the accelerator path)
+@pytest.mark.parametrize("kind", ["near_duplicates", "shared_mean", "generic", 38, "flat", "bitflip"])
+def test_the_gram_and_its_distances_stay_within_the_stated_bound(monkeypatch, kind, terms):
+    """geometry's bounds, against correctly rounded values: |gram(G) - G G^T| <= gram_error_bound
+    and |sq_distances(G) - D| <= distance_error_bound, entrywise. Where the rows share a large
+    common part (near duplicates, mu / sigma = 1e5) the distance bound is a small fraction of
+    every distance, which an uncentred fp32 product misses by more than that."""
+    monkeypatch.setitem(geometry.FP32_TERMS, "cpu", terms)
+    G = fidelity_case(kind)
+    K, B, Bd = gram(G), gram_error_bound(G), distance_error_bound(G)
+    exact, exact_distances = exact_gram(G)
+    assert torch.isfinite(K).all() and torch.isfinite(B).all() and torch.isfinite(Bd).all()
+    assert ((K - exact).abs() <= B + U64 * exact.abs()).all(), kind  # + exact's own rounding
+    error = (sq_distances(K=K) - exact_distances).abs()
+    assert (error <= Bd + 3 * U64 * exact_distances).all(), kind
+    if kind in ("near_duplicates", "shared_mean"):
+        off = ~torch.eye(P, dtype=torch.bool)
+        assert (Bd[off] <= 1e-3 * exact_distances[off]).all(), kind
+        plain = (G @ G.T).double()  # the uncentred fp32 product: no such accuracy
+        plain_distances = plain.diagonal()[:, None] + plain.diagonal()[None, :] - 2 * plain
+        assert ((plain_distances - exact_distances).abs()[off] > Bd[off]).any(), kind

@@ -56,6 +56,12 @@ def test_rules_match_a_sort_over_many_blocks(monkeypatch, p, network_rows):
     assert torch.equal(G, before)  # the input is never written
 
 
+def test_blocks_are_sorted_by_torch_sort_off_the_cpu_and_above_the_network_size():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object: no GPU needed
+    assert not selection.sorts(selection.MAX_NETWORK_ROWS, cpu) and selection.sorts(selection.MAX_NETWORK_ROWS + 1, cpu)
+    assert all(selection.sorts(p, cuda) for p in (1, 4, 15, 64))
+
+
 def test_blocks_cover_the_columns_once(monkeypatch):
     monkeypatch.setitem(selection.BLOCK_ELEMENTS, "cpu", 30)
     G = torch.randn(6, 37)

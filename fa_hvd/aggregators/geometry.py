@@ -5,45 +5,201 @@ distance ``||g_i - g_j||^2 = K_ii + K_jj - 2 K_ij`` and every norm, so Krum,
 Multi-Krum, Bulyan, MDA, NNM and FA never form a ``(p, p, n)`` tensor. The small
 ``(p, p)`` results are fp64.
 
-Accuracy. ``K`` is accumulated in fp64 whatever ``G``'s dtype (see :func:`gram`):
+The product (:func:`gram`, ``G`` in fp32, fp16 or bf16; fp64 ``G`` is one fp64
+product). Distances cancel catastrophically in an fp32 product when the rows share
+a large common part, so the rows are centred first, and only the centred part goes
+through fp32:
 
-* no overflow: a finite fp32 row can have a norm near 1e38 * sqrt(n) (one bit flip
-  in an exponent makes one), whose square overflows fp32 (3.4e38) but not fp64
-  (1.8e308): the rules see the huge row for what it is and reject it;
-* no cancellation: for rows sharing a mean ``mu`` with spread ``sigma``, an fp32
-  accumulation errs by about ``n mu^2 2^-24`` on every entry, which swamps the
-  squared distances ``~ n sigma^2`` once ``sigma / mu`` falls below ~1e-3. A product
-  of two fp32 (or fp16, bf16) numbers is exact in fp64 (48 <= 53 mantissa bits), so
-  the fp64 sums err by about ``n mu^2 2^-53``: distances stay accurate to ~1e-16
-  ``(mu / sigma)^2`` relative, checked against an fp64 computation in the tests.
+* a reference row ``r = g_m`` (:func:`reference_row`: the row with the smallest
+  median squared distance to the rows, on the first :data:`SAMPLE_COLUMNS` columns in
+  fp64); with ``c_i = g_i - r``,
+  ``K_ij = t_i + t_j - t_m + c_i . c_j`` where ``t_i = g_i . r``;
+* one pass over ``G`` in column blocks (cache-sized on the CPU): ``X = G_blk - r_blk``
+  in fp32 (``x_i = fl(g_i - r)``), the symmetric fp32 product ``X X^T`` (the floor's
+  arithmetic), each entry an fp32 sum of at most ``b`` products (a CPU block's width;
+  :data:`FP32_TERMS` on an accelerator, whose wide blocks go through one batched product
+  of pieces), added to an fp64 accumulator, and ``t = G_blk r_blk`` in fp64 (exact
+  products of fp32 values, a matrix-vector product: memory-bound, p times less work
+  than the Gram);
+* rows whose fp32 block product could have overflowed (a diagonal entry above
+  :data:`WILD` or not finite: huge rows, bit flips, NaN/Inf) are redone in fp64
+  (:func:`cross_gram`: exact products, fp64 sums; a product of two fp32 numbers fits
+  fp64's 53 bits, a row of norm 1e38 * sqrt(n) squares to 1e76 < 1.8e308). This is
+  the only compensated product, and it runs only for such rows: a non-finite row
+  keeps a non-finite diagonal, a finite one a finite diagonal. Their entries err by at
+  most ``gamma64_{2n+2} ||g_i|| ||g_j||`` (today's fp64 bound), and a distance to such a
+  row by ``E_ii + E_jj + 2 E_ij`` from the entries' bounds ``E``.
 
-The cost: ``G`` is converted one column block at a time (cache-sized on the CPU,
-large on accelerators), about 1.5x an fp32 product on the CPU.
+The bound (proved with the standard model ``fl(a op b) = (a op b)(1 + d)``,
+``|d| <= u``, and ``gamma_k = k u / (1 - k u)``; ``u32 = 2^-24``, ``u64 = 2^-53``).
+Any summation order satisfies it, so it holds whatever the BLAS, its blocking and
+its thread count. For rows that are not redone, with ``N`` the number of fp32 sums and blocks
+added in fp64 per entry:
+
+    |K^_ij - K_ij| <= gamma32_{b+2} (1 + gamma64_N) ||x_i|| ||x_j|| + 2 n 2^-126
+                      + gamma64_{n+2N+12} (||g_i|| + ||r||) (||g_j|| + ||r||)      (B_ij)
+
+(an fp32 sum of ``b`` products errs by ``gamma32_b sum |x_ik x_jk|`` in any order;
+rounding ``g - r`` to ``x`` adds ``(2 u32 + u32^2) |x_i||x_j|`` (none when ``g`` and ``r``
+are within a factor 2, Sterbenz); an fp32 product that underflows (or is flushed to
+zero) loses less than 2^-126; Cauchy-Schwarz over the blocks; the fp64 sums of
+``t`` and of the blocks and the last additions give the second term). The first term
+scales with the spread of the rows around ``r``, not with their size, and in a squared
+distance ``K_ii + K_jj - 2 K_ij`` the errors of ``t`` cancel exactly (they enter as
+``d_i + d_j``), so only the fp32 part, the last fp64 additions and :func:`sq_distances`'
+own roundings remain (:func:`distance_error_bound`):
+
+    |D^_ij - D_ij| <= F_ii + F_jj + 2 F_ij + gamma64_3 (||g_i|| + ||g_j||)^2,
+    F_ij = (gamma32_{b+2} (1 + gamma64_N) + gamma64_{2N+4}) ||x_i|| ||x_j|| + 2 n 2^-126
+           + 2 gamma64_6 (||x_i|| ||x_j|| + (||g_i|| + ||g_j|| + ||r||) ||r||)
+
+and the fp32 part is ``~ gamma32_b (||x_i|| + ||x_j||)^2``. Rows sharing a mean ``mu``
+with spread ``sigma`` have ``||x|| ~ sqrt(2 n) sigma``: the distances keep their
+relative accuracy ``~ b u32`` whatever ``mu / sigma`` (an uncentred fp32 product errs by
+``~ n mu^2 u32``, which swamps them once ``sigma / mu < 1e-3``). :func:`gram_error_bound`
+evaluates ``B``; the tests check it on near-duplicate rows, rows sharing a large mean,
+1e38 rows and bit flips. The reference is a row of ``G``: a row that is central on
+the sample and far elsewhere can loosen ``B`` (never break it), and a huge or
+non-finite reference makes every row a redone one (today's fp64 cost, same result).
 """
 
 from __future__ import annotations
 
 import torch
 
-CPU_BLOCK = 1 << 18  # elements of G per fp64 block: fits a CPU cache
+CPU_BLOCK = 1 << 18  # elements of G per block: fits a CPU cache
 ACCELERATOR_BLOCK = 1 << 24  # few, large products on a GPU
+FP32_TERMS = {"cpu": None, "accelerator": 1 << 12}
+"""Most products one fp32 sum adds (``b`` in the bound): a CPU block's width (None); 4096 on an
+accelerator, whose blocks are wide (one batched product over 4096-column pieces)."""
+SAMPLE_COLUMNS = 512  # columns of G (from the first) on which the reference row is chosen
+WILD = 2.0**100  # a block's fp32 diagonal above this: the row is redone in fp64 (fp32 max 2^128)
+U32, U64 = 2.0**-24, 2.0**-53  # unit roundoffs
+TINY32 = 2.0**-126  # an fp32 product below it may underflow (or be flushed to zero)
 
 
 def cross_gram(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """``A B^T`` as fp64 ``(a, b)``, accumulated in fp64 one block of columns at a time."""
+    """``A B^T`` as fp64 ``(a, b)``: exact products, fp64 sums, one block of columns at a time."""
     if A.dtype == torch.float64 and B.dtype == torch.float64:
         return A @ B.T
-    budget = CPU_BLOCK if A.device.type == "cpu" else ACCELERATOR_BLOCK
     out = torch.zeros(A.shape[0], B.shape[0], dtype=torch.float64, device=A.device)
-    for cols in column_chunks(A.shape[1], max(A.shape[0], B.shape[0]), budget):
+    for cols in column_chunks(A.shape[1], max(A.shape[0], B.shape[0]), _budget(A)):
         out += A[:, cols].double() @ B[:, cols].double().T
     return out
 
 
 def gram(G: torch.Tensor) -> torch.Tensor:
-    """``K = G G^T`` as fp64 ``(p, p)``, accumulated in fp64 (exact products), symmetrised."""
-    K = cross_gram(G, G)
-    return (K + K.T) / 2
+    """``K = G G^T`` as fp64 ``(p, p)``, symmetric, within :func:`gram_error_bound` (module docstring)."""
+    if G.dtype == torch.float64:
+        K = G @ G.T
+        return (K + K.T) / 2
+    K, redone = _centred_gram(G)
+    if bool(redone.any()):  # the one host synchronisation
+        rows = redone.nonzero().flatten()
+        exact = cross_gram(G[rows], G)
+        K[rows] = exact
+        K[:, rows] = exact.T
+    return K
+
+
+def _centred_gram(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The centred fp32 product of :func:`gram` and the ``(p,)`` mask of the rows it must redo."""
+    p, n = G.shape
+    m = reference_row(G)
+    centred = torch.zeros(p, p, dtype=torch.float64, device=G.device)
+    t = torch.zeros(p, dtype=torch.float64, device=G.device)
+    redo = torch.zeros(p, dtype=torch.bool, device=G.device)
+    for cols in column_chunks(n, p, _budget(G)):
+        block = G[:, cols].float()
+        r = block.index_select(0, m)
+        P, wild = _products(block - r, _terms(G))
+        redo |= wild
+        centred += P
+        t += (block.double() @ r.double().T).squeeze(1)
+    K = centred + t[:, None] + t[None, :] - t[m]
+    return (K + K.T) / 2, redo
+
+
+def _products(X: torch.Tensor, terms: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``X X^T`` in fp64 from fp32 sums of at most ``terms`` products (None: all ``X``'s columns in
+    one), and the ``(p,)`` rows with an fp32 diagonal above :data:`WILD` or NaN."""
+    p, w = X.shape
+    if terms is None or w <= terms:
+        P = (X @ X.T)[None]
+    else:
+        q = w // terms
+        pieces = X[:, : q * terms].reshape(p, q, terms).transpose(0, 1)
+        P = torch.bmm(pieces, pieces.transpose(1, 2))
+        if w > q * terms:
+            tail = X[:, q * terms :]
+            P = torch.cat([P, (tail @ tail.T)[None]])
+    wild = ~(P.diagonal(dim1=1, dim2=2) <= WILD).all(dim=0)
+    return P.double().sum(dim=0), wild
+
+
+def reference_row(G: torch.Tensor) -> torch.Tensor:
+    """The index (a 1-element tensor on ``G``'s device) of the row whose median squared distance
+    to the rows, on the first :data:`SAMPLE_COLUMNS` columns in fp64, is smallest (first such row;
+    non-finite distances count as infinite). With an honest majority it lies within twice the
+    honest rows' diameter of each of them (on the sample)."""
+    S = G[:, :SAMPLE_COLUMNS].double()
+    D = sq_distances(K=S @ S.T).nan_to_num_(nan=float("inf"))
+    return D.median(dim=1).values.argmin().reshape(1)
+
+
+def gram_error_bound(G: torch.Tensor) -> torch.Tensor:
+    """``B`` (``(p, p)`` fp64): the bound on ``|gram(G) - G G^T|`` (module docstring), evaluated in fp64."""
+    return _bounds(G)[0]
+
+
+def distance_error_bound(G: torch.Tensor) -> torch.Tensor:
+    """``(p, p)`` fp64: the bound on ``|sq_distances(G) - D|`` (module docstring), evaluated in fp64."""
+    return _bounds(G)[1]
+
+
+def _bounds(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gram's and the distances' bounds. Rows that :func:`gram` redoes in fp64, and fp64 ``G``:
+    ``gamma64_{2n+2} ||g_i|| ||g_j||`` (exact products, at most ``n`` additions in a block and one
+    per block), and a distance involving such a row: ``E_ii + E_jj + 2 E_ij`` from the entries' bounds."""
+    p, n = G.shape
+    norms = G.double().norm(dim=1)
+    exact = _gamma(2 * n + 2, U64) * norms[:, None] * norms[None, :]
+    if G.dtype == torch.float64:
+        B, Bd = exact, _spread(exact)
+    else:
+        widths = [cols.stop - cols.start for cols in column_chunks(n, p, _budget(G))]
+        terms = _terms(G)
+        b = max(widths) if terms is None else min(max(widths), terms)
+        blocks = len(widths) + sum(-(-w // b) for w in widths)  # fp64 additions of fp32 sums, at most
+        m = reference_row(G)
+        x = (G.float() - G.float().index_select(0, m)).double().norm(dim=1)
+        xx, r = x[:, None] * x[None, :], norms[m]
+        fp32 = _gamma(b + 2, U32) * (1 + _gamma(blocks, U64)) * xx + 2 * n * TINY32
+        B = fp32 + _gamma(n + 2 * blocks + 12, U64) * (norms[:, None] + r) * (norms[None, :] + r)
+        assembly = _gamma(6, U64) * 2 * (xx + (norms[:, None] + norms[None, :] + r) * r)
+        Bd = _spread(fp32 + _gamma(2 * blocks + 4, U64) * xx + assembly)
+        redone = _centred_gram(G)[1]
+        B[redone], B[:, redone] = exact[redone], exact[:, redone]
+        Bd = torch.where(redone[:, None] | redone[None, :], _spread(B), Bd)
+    return B, Bd + _gamma(3, U64) * (norms[:, None] + norms[None, :]) ** 2  # + sq_distances' roundings
+
+
+def _spread(E: torch.Tensor) -> torch.Tensor:
+    """``E_ii + E_jj + 2 E_ij``: a bound on the error of ``K_ii + K_jj - 2 K_ij`` from entrywise bounds ``E``."""
+    d = E.diagonal()
+    return d[:, None] + d[None, :] + 2 * E
+
+
+def _gamma(k: int, u: float) -> float:
+    return k * u / (1 - k * u)
+
+
+def _terms(G: torch.Tensor) -> int | None:
+    return FP32_TERMS["cpu" if G.device.type == "cpu" else "accelerator"]
+
+
+def _budget(G: torch.Tensor) -> int:
+    return CPU_BLOCK if G.device.type == "cpu" else ACCELERATOR_BLOCK
 
 
 def sq_distances(G: torch.Tensor | None = None, K: torch.Tensor | None = None) -> torch.Tensor:

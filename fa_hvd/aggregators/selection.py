@@ -25,7 +25,10 @@ On the CPU the network is compiled to C (:mod:`.native`): each column's values
 stay in registers through the whole network and ``G`` is read once. Min and max
 are exact, so the values are exactly those of a sort (up to the sign of a zero). Above
 :data:`MAX_NETWORK_ROWS` rows the network (``O(p log^2 p)`` comparators) loses to
-``torch.sort``, which is used instead, on the same column blocks.
+``torch.sort``, which is used instead, on the same column blocks; so it is on an
+accelerator at every ``p`` (:func:`sorts`), where each comparator of the eager network
+is a kernel launch and a pass over the block (on an H200 the network took 10x to 110x
+mean's time), and one ``torch.sort`` kernel sorts the whole block.
 """
 
 from __future__ import annotations
@@ -89,6 +92,12 @@ def block_columns(p: int, device: torch.device) -> int:
     return max(1, BLOCK_ELEMENTS.get(device.type, BLOCK_ELEMENTS["cuda"]) // max(p, 1))
 
 
+def sorts(p: int, device: torch.device) -> bool:
+    """True when :func:`order_statistics` sorts blocks with ``torch.sort``: above
+    :data:`MAX_NETWORK_ROWS` rows, or off the CPU (one kernel instead of one per comparator)."""
+    return p > MAX_NETWORK_ROWS or device.type != "cpu"
+
+
 def order_statistics(
     G: torch.Tensor, positions: Sequence[int], rows: Sequence[int] | None = None
 ) -> Iterator[tuple[slice, list[torch.Tensor]]]:
@@ -103,7 +112,7 @@ def order_statistics(
     p = len(rows)
     positions = tuple(positions)
     width = block_columns(p, G.device)
-    if p > MAX_NETWORK_ROWS:
+    if sorts(p, G.device):
         for start in range(0, n, width):
             cols = slice(start, min(n, start + width))
             S = G[rows, cols].sort(dim=0).values

@@ -4,23 +4,31 @@ For every ``(n, p)`` one seeded ``G`` (``p`` honest gradients: a common mean plu
 noise) is generated and every rule is timed on it: ``warmup`` untimed calls, then
 ``repeats`` timed ones (``time.perf_counter``, ``torch.cuda.synchronize`` around each
 on CUDA), in rounds of one call of each rule, so that load on a shared machine
-falls on every rule alike. One JSON line per rule goes to stdout with the median
-and the minimum.
+falls on every rule alike. One JSON line per rule goes to stdout with the median,
+the minimum and the maximum.
+
+Two floors are timed in every run, on the same ``G`` and in the same rounds:
+``mean`` (one pass over ``G``: the limit of a Gram-space rule at small ``p``) and
+``syrk`` (the fp32 symmetric product ``G G^T`` as the BLAS computes it: the limit at
+large ``p``). Every other row carries ``vs_mean`` and ``vs_syrk`` (its median / the
+floor's median). The bench runs ``--threads`` threads (default 1): on a shared
+machine, every extra OpenMP thread waits at each barrier for the slowest one, which
+turned a 23 ms Gram into 67 ms and, with the machine busier, into seconds.
 
 FA runs in both modes, ``flag[default]`` and ``flag[reference]``, and Multi-Krum is
 always timed with it: FA rows carry ``vs_multikrum`` (FA median / Multi-Krum
-median, same ``G``). The coordinate-wise rules (median, trimmed mean, Bulyan) bring
-``mean`` along and carry ``vs_mean`` (their median / mean's median, same ``G``).
+median, same ``G``).
 With ``--direct`` the direct formulation of the released FA
 (:func:`fa_hvd.aggregators.flag_direct.flag_direct`) is timed once on the same ``G``
 (``direct_s``, ``direct_repeats``, ``speedup_vs_direct`` = direct / FA median), and
 ``flag[reference]``, which computes the same aggregate, gets ``max_rel_diff`` =
 ``||fa - direct|| / ||direct||`` from a second run of both on ``G.double()``. A
-summary line per ``(n, p)`` holds the bar checks for every FA mode measured:
-``fa_within_1_5x_multikrum`` and ``fa_100x_faster_than_direct``, and
-``coordinatewise_within_3x_mean`` for median and trimmed mean. With ``--gram-floor``
-the Gram product ``K = G G^T`` alone is timed too (row ``gram``: the floor of every
-Gram-space rule, FA included) and FA rows carry ``vs_gram``.
+summary line per ``(n, p)`` holds every rule's ``vs_mean`` and ``vs_syrk`` and the bar
+checks: ``fa_within_1_5x_multikrum`` and ``fa_100x_faster_than_direct`` for every FA
+mode measured, ``coordinatewise_within_3x_mean`` for median and trimmed mean, and for
+``flag[default]`` ``fa_within_2x_mean`` (``p`` < 15) or ``fa_within_1_3x_syrk`` (``p`` >=
+15). With ``--gram-floor`` :func:`fa_hvd.aggregators.geometry.gram` alone is timed too
+(row ``gram``: the product every Gram-space rule computes) and FA rows carry ``vs_gram``.
 """
 
 from __future__ import annotations
@@ -55,10 +63,13 @@ CHECKS = (
     ("speedup_vs_direct", "fa_100x_faster_than_direct", lambda speedup: speedup >= 100),
 )
 """(FA row key, summary check, bar) for the summary line."""
-COORDINATEWISE = ("median", "trimmed_mean", "bulyan")
-"""Rules timed against ``mean`` (``vs_mean``)."""
+FLOORS = ("mean", "syrk")
+"""Timed in every run: every other row carries ``vs_mean`` and ``vs_syrk``."""
 COORDINATEWISE_BAR = ("median", "trimmed_mean")
 """Rules whose ``vs_mean`` must be <= 3 (``coordinatewise_within_3x_mean``)."""
+FLOOR_BARS = (("fa_within_2x_mean", "vs_mean", 2.0, lambda p: p < 15),
+              ("fa_within_1_3x_syrk", "vs_syrk", 1.3, lambda p: p >= 15))
+"""(summary check, ratio, bar, the sizes it applies to) for ``flag[default]``."""
 
 
 # -- command line ------------------------------------------------------------------------
@@ -75,8 +86,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--rules", type=_rules, default=names(), metavar="LIST",
         help="comma list of rules (default: all: %s); flag runs in both modes, "
-        "flag[default] and flag[reference], and brings multikrum along; median, trimmed_mean "
-        "and bulyan bring mean along" % ",".join(names()),
+        "flag[default] and flag[reference], and brings multikrum along; the floors mean and syrk "
+        "(fp32 G G^T) are always timed" % ",".join(names()),
     )
     parser.add_argument("--n", type=_sizes, default=[1_000_000], metavar="LIST",
                         help="comma list of gradient lengths n, e.g. 1e5,1e6 (default: 1000000)")
@@ -90,7 +101,10 @@ def add_parser(subparsers) -> None:
                         "(default: float32; the rules compute fp16 and bf16 in fp32)")
     parser.add_argument("--device", type=_device, default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--repeats", type=_count(1), default=5,
-                        help="timed calls per rule; rows report their median and minimum (default: 5)")
+                        help="timed calls per rule; rows report their median, minimum and maximum (default: 5)")
+    parser.add_argument("--threads", type=_count(1), default=1,
+                        help="torch threads (default: 1; more threads on a shared machine wait on each "
+                        "other at every barrier)")
     parser.add_argument("--warmup", type=_count(0), default=1,
                         help="untimed calls per rule before the timed ones (default: 1)")
     parser.add_argument("--direct", action="store_true",
@@ -157,6 +171,7 @@ def _device(text: str) -> str:
 def run(args: argparse.Namespace) -> int:
     """Benchmark every (n, p): JSON lines on stdout, a table of medians on stderr."""
     specs = rule_specs(args)
+    torch.set_num_threads(args.threads)
     _log(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device}, {_dtype(args)}")
     rows = []
     for n in args.n:
@@ -182,10 +197,10 @@ def rule_specs(args: argparse.Namespace) -> list[tuple[str, dict]]:
     if "flag" in rules and "multikrum" not in rules:
         _log("multikrum added: FA rows report vs_multikrum")
         rules.append("multikrum")
-    if any(rule in COORDINATEWISE for rule in rules) and "mean" not in rules:
-        _log("mean added: coordinate-wise rows report vs_mean")
+    if "mean" not in rules:
+        _log("mean added: rows report vs_mean")
         rules.append("mean")
-    specs = [("gram", {})] if args.gram_floor else []
+    specs = [("syrk", {})] + ([("gram", {})] if args.gram_floor else [])
     for name in rules:
         if name == "flag":
             flag = {"f": args.f, **flag_settings(args)}
@@ -218,15 +233,15 @@ def bench_size(n: int, p: int, specs: list[tuple[str, dict]], args: argparse.Nam
     floor = next((row for row in rows if row["rule"] == "gram"), None)
     for row in fa if floor else ():
         row["vs_gram"] = row["median_s"] / floor["median_s"]
-    mean = next((row for row in rows if row["rule"] == "mean"), None)
-    coordinatewise = [row for row in rows if row["rule"] in COORDINATEWISE]
-    for row in coordinatewise if mean else ():
-        row["vs_mean"] = row["median_s"] / mean["median_s"]
+    floors = {name: row for row in rows if (name := row["rule"]) in FLOORS}
+    timed_rules = [row for row in rows if row["rule"] not in FLOORS]
+    for row in timed_rules:
+        row.update({f"vs_{name}": row["median_s"] / floor_row["median_s"] for name, floor_row in floors.items()})
     if args.direct and fa:
         compare_direct(G, fa, args)
     for row in rows:
         _emit(row)
-    _emit({"bench": "aggregators", "summary": summary(n, p, fa, coordinatewise, args)})
+    _emit({"bench": "aggregators", "summary": summary(n, p, fa, timed_rules, args)})
     return rows
 
 
@@ -234,6 +249,8 @@ def usable(G: torch.Tensor, label: str, params: dict):
     """The rule ``label`` built with ``params``; ``None`` (and a note on stderr) when its precondition fails."""
     if label == "gram":
         return gram
+    if label == "syrk":
+        return syrk
     aggregator = get(label.split("[")[0], **params)
     try:
         aggregator.check(G.shape[0])
@@ -248,7 +265,8 @@ def row_of(G: torch.Tensor, label: str, params: dict, times: list[float], args: 
         "bench": "aggregators", "rule": label, "params": params,
         "n": G.shape[1], "p": G.shape[0], "dtype": _dtype(args), "device": args.device,
         "repeats": args.repeats, "warmup": args.warmup,
-        "median_s": statistics.median(times), "min_s": min(times),
+        "threads": torch.get_num_threads(),
+        "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
     }  # fmt: skip
     _log(f"{label}: median {row['median_s'] * 1e3:.4g} ms")
     return row
@@ -302,9 +320,14 @@ def compare_direct(G: torch.Tensor, fa_rows: list[dict], args: argparse.Namespac
     _log(f"direct FA: {direct_s * 1e3:.4g} ms")
 
 
-def summary(n: int, p: int, fa_rows: list[dict], coordinatewise_rows: list[dict],
-            args: argparse.Namespace) -> dict:
-    """The FA figures of one ``(n, p)`` by mode, the coordinate-wise ratios, and each bar check."""
+def syrk(G: torch.Tensor) -> torch.Tensor:
+    """The fp32 floor at large ``p``: ``G G^T`` in fp32, one BLAS product."""
+    X = G.float()
+    return X @ X.T
+
+
+def summary(n: int, p: int, fa_rows: list[dict], timed_rows: list[dict], args: argparse.Namespace) -> dict:
+    """The FA figures of one ``(n, p)`` by mode, every rule's ratios to the floors, and each bar check."""
     out = {"n": n, "p": p, "dtype": _dtype(args), "device": args.device}
     for key, check, passes in CHECKS:
         values = {row["rule"]: row[key] for row in fa_rows if key in row}
@@ -314,27 +337,38 @@ def summary(n: int, p: int, fa_rows: list[dict], coordinatewise_rows: list[dict]
     floor = {row["rule"]: row["vs_gram"] for row in fa_rows if "vs_gram" in row}
     if floor:
         out["vs_gram"] = floor
-    ratios = {row["rule"]: row["vs_mean"] for row in coordinatewise_rows if "vs_mean" in row}
-    if ratios:
-        out["vs_mean"] = ratios
-        barred = [ratio for rule, ratio in ratios.items() if rule in COORDINATEWISE_BAR]
-        if barred:
-            out["coordinatewise_within_3x_mean"] = all(ratio <= 3 for ratio in barred)
+    for key in ("vs_mean", "vs_syrk"):
+        ratios = {row["rule"]: row[key] for row in timed_rows if key in row}
+        if ratios:
+            out[key] = ratios
+    barred = [ratio for rule, ratio in out.get("vs_mean", {}).items() if rule in COORDINATEWISE_BAR]
+    if barred:
+        out["coordinatewise_within_3x_mean"] = all(ratio <= 3 for ratio in barred)
+    for check, key, bar, applies in FLOOR_BARS:
+        if applies(p) and "flag[default]" in out.get(key, {}):
+            out[check] = out[key]["flag[default]"] <= bar
     return out
 
 
 def table(rows: list[dict], args: argparse.Namespace) -> str:
-    """Median milliseconds: one line per rule, one column per ``(n, p)``."""
+    """Median milliseconds (min-max) and the ratios to the floors: one line per rule, one column per ``(n, p)``."""
     sizes = list(dict.fromkeys((row["n"], row["p"]) for row in rows))
     rules = list(dict.fromkeys(row["rule"] for row in rows))
-    ms = {(row["rule"], row["n"], row["p"]): f"{row['median_s'] * 1e3:.4g}" for row in rows}
-    lines = [[f"median ms ({_dtype(args)}, {args.device})"] + [f"n={_short(n)} p={p}" for n, p in sizes]]
+    ms = {(row["rule"], row["n"], row["p"]): _cell(row) for row in rows}
+    head = f"median ms (min-max) x mean x syrk ({_dtype(args)}, {args.device}, {args.threads} thread(s))"
+    lines = [[head] + [f"n={_short(n)} p={p}" for n, p in sizes]]
     lines += [[rule] + [ms.get((rule, n, p), "-") for n, p in sizes] for rule in rules]
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     return "\n".join(
         "  ".join([line[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(line[1:], widths[1:])])
         for line in lines
     )
+
+
+def _cell(row: dict) -> str:
+    ms = f"{row['median_s'] * 1e3:.3g} ({row['min_s'] * 1e3:.3g}-{row['max_s'] * 1e3:.3g})"
+    ratios = "".join(f" {row[key]:.2f}x" for key in ("vs_mean", "vs_syrk") if key in row)
+    return ms + ratios
 
 
 def _short(n: int) -> str:

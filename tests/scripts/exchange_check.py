@@ -73,7 +73,7 @@ class GramSpy(ShardedExchange):
 
 
 def check_gram_bits(transport, rank):
-    """The summed Gram on every rank: the same bits, and the Gram of the whole matrix to fp64 rounding."""
+    """The summed Gram on every rank: the same bits, and its distance to the Gram of the whole matrix."""
     from fa_hvd.aggregators.geometry import gram
 
     p, n = transport.size, sum(SIZES)
@@ -82,7 +82,7 @@ def check_gram_bits(transport, rank):
     step(spy, G[rank])
     crcs = transport.allgather_json(crc(spy.last_gram), name="check.grambits.crc", schema=object)
     error = float(((spy.last_gram - gram(G)).abs() / gram(G).abs().max()).max())
-    return {"ranks_agree": all(c == crcs[0] for c in crcs), "rel_error": error}
+    return {"ranks_agree": all(c == crcs[0] for c in crcs), "rel_error": error, "n": n}
 
 
 def check_rules(transport, rank):
