@@ -331,14 +331,18 @@ def host_gram(G: torch.Tensor) -> torch.Tensor:
     return gram(G).cpu()
 
 
-def anchored_gram(G: torch.Tensor, anchors: torch.Tensor | None) -> torch.Tensor:
-    """fp64 Gram of ``G``'s rows followed by ``anchors``' (:func:`.geometry.gram`, ``cross_gram``)."""
-    K = gram(G)
+def anchored_gram(G: torch.Tensor, anchors: torch.Tensor | None, exact: bool = False) -> torch.Tensor:
+    """fp64 Gram of ``G``'s rows followed by ``anchors``': :func:`.geometry.gram` (within its bound),
+    or with ``exact`` every entry a sum of exact fp64 products (:func:`.geometry.cross_gram`), as the
+    sharded exchange's partial Grams must be: their diagonals are checked against each sender's own
+    fp64 squared norms and the whole against positive semidefiniteness (:mod:`fa_hvd.exchange.evidence`)."""
+    square = (lambda X: cross_gram(X, X)) if exact else gram
+    K = square(G)
     if anchors is None:
         return K
     anchors = anchors.to(G.dtype)
     cross = cross_gram(G, anchors)
-    return torch.cat([torch.cat([K, cross], 1), torch.cat([cross.T, gram(anchors)], 1)])
+    return torch.cat([torch.cat([K, cross], 1), torch.cat([cross.T, square(anchors)], 1)])
 
 
 def finite_rows(G: torch.Tensor) -> torch.Tensor:

@@ -261,7 +261,7 @@ class ShardedExchange(GradientExchange):
                 if aggregator.robust and not diagonal_flags:
                     finite &= finite_rows(block)
                 if aggregator.uses_gram:
-                    K += anchored_gram(block, None if anchors is None else anchors[:, cols])
+                    K += anchored_gram(block, None if anchors is None else anchors[:, cols], exact=True)
             if aggregator.robust and diagonal_flags:
                 finite &= K.diagonal()[:p].isfinite()
             finite, K = finite.cpu(), K.cpu()
