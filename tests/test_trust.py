@@ -245,10 +245,10 @@ def test_the_grid_selects_role_faults_and_the_simulation_sends_them_to_the_distr
     from test_eval import write_grid
 
     grid = load_grid(write_grid(tmp_path, trainer={"train": {"steps": 2}},
-                                faults={"flags": [{"kind": "false_flags"}]}))
-    cell = next(c for c in grid.cells if "flags" in c.key)
-    assert cell.run_config()["faults"][0]["kind"] == "false_flags"
-    with pytest.raises(ValueError, match="role faults \\(false_flags\\)"):
+                                faults={"loss": [{"kind": "lie_loss"}]}))
+    cell = next(c for c in grid.cells if "loss" in c.key)
+    assert cell.run_config()["faults"][0]["kind"] == "lie_loss"
+    with pytest.raises(ValueError, match="role faults \\(lie_loss\\)"):
         simulate(cell)
 
 
@@ -270,3 +270,11 @@ def test_the_optimizer_and_the_trainer_config_turn_the_digest_on(monkeypatch):
 
     assert all("ranks [2] differ" in error for error in run_ranks(P, body))
     assert train_config.parse({"robust": {"digest": True}}, [])[0].robust.digest is True
+
+
+def test_a_sharded_role_fault_without_the_sharded_exchange_is_refused_naming_the_entry():
+    from fa_hvd.config import ConfigError
+    from fa_hvd.train import config as train_config
+
+    with pytest.raises(ConfigError, match=r"faults\[0\] \(kind 'gram_scale'\): .*set robust.exchange sharded"):
+        train_config.parse({"robust": {"aggregator_params": {"f": 1}}, "faults": [{"kind": "gram_scale", "ranks": [1]}]}, [])

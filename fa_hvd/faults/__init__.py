@@ -54,11 +54,19 @@ Process faults (at the start of a step's first bucket):
   ``os._exit(exit_code)`` (default 13)
 * ``hang``   -- stop answering: sleep forever
 * ``slow``   -- sleep ``delay`` seconds (default 0.1) every active step
+
+Role faults (a rank lying in what it reports, relays or says; :mod:`.roles` has each
+kind's parameters): ``false_flags``, ``false_claims``, ``gram_scale``, ``gram_perturb``,
+``wrong_aggregate``, ``equivocate`` (the sharded exchange's roles: they need
+``exchange="sharded"``), ``lie_loss``, ``lie_stop``, ``lie_overflow`` (the per-step
+agreement) and ``malformed_message`` (object messages). The README's threat model
+says which are tolerated, detected or trusted.
 """
 
 from .data import PoisonedDataset, cat_map, label_flip, lotka_volterra, poison_for_rank
 from .gradient import ATTACKS, HonestView
 from .injector import FaultInjector
+from .roles import ROLE_KINDS, SHARDED_ROLE_KINDS, RoleLies
 from .spec import (
     DATA_KINDS,
     GRADIENT_KINDS,
@@ -73,8 +81,8 @@ from .spec import (
 )
 
 __all__ = [
-    "ATTACKS", "DATA_KINDS", "GRADIENT_KINDS", "KINDS", "OMNISCIENT_KINDS", "PROCESS_KINDS",
-    "FaultInjector", "FaultSpec", "HonestView", "PoisonedDataset",
+    "ATTACKS", "DATA_KINDS", "GRADIENT_KINDS", "KINDS", "OMNISCIENT_KINDS", "PROCESS_KINDS", "ROLE_KINDS",
+    "SHARDED_ROLE_KINDS", "FaultInjector", "FaultSpec", "HonestView", "PoisonedDataset", "RoleLies",
     "alie_z", "allow_exceeding_f_from_env", "cat_map", "faults_from_env", "label_flip",
     "lotka_volterra", "parse_faults", "poison_for_rank",
 ]

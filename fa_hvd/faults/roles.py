@@ -38,8 +38,8 @@ import pickle
 
 import torch
 
-ROLE_KINDS = ("false_flags", "false_claims", "gram_scale", "gram_perturb", "wrong_aggregate", "equivocate",
-              "lie_loss", "lie_stop", "lie_overflow", "malformed_message")
+SHARDED_ROLE_KINDS = ("false_flags", "false_claims", "gram_scale", "gram_perturb", "wrong_aggregate", "equivocate")
+ROLE_KINDS = SHARDED_ROLE_KINDS + ("lie_loss", "lie_stop", "lie_overflow", "malformed_message")
 
 
 def _real(v) -> bool:

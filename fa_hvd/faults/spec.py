@@ -139,7 +139,7 @@ def parse_faults(entries, world_size: int, f: int | None = None,
 
     Raises ``ValueError`` naming the entry at fault. ALIE's ``z`` and mimic's
     ``target`` are resolved here (they depend on the world). More distinct ranks
-    with gradient or data faults than ``f`` is an error, or a warning with
+    with gradient, data or role faults than ``f`` is an error, or a warning with
     ``allow_exceeding_f``.
     """
     if entries is None:
@@ -259,7 +259,7 @@ def _check_f(specs: list[FaultSpec], f: int | None, allow_exceeding_f: bool) -> 
     byzantine = sorted({r for s in specs if s.category != "process" for r in s.ranks})
     if f is None or len(byzantine) <= f:
         return
-    message = (f"faults make {len(byzantine)} ranks Byzantine {byzantine} (gradient or data faults) "
+    message = (f"faults make {len(byzantine)} ranks Byzantine {byzantine} (gradient, data or role faults) "
                f"but the aggregator tolerates f={f}")
     if not allow_exceeding_f:
         raise ValueError(f"{message}; set allow_exceeding_f (FA_HVD_ALLOW_EXCEEDING_F=1) to run anyway")

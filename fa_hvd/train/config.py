@@ -22,6 +22,7 @@ from typing import Literal, Optional
 from fa_hvd import config as cfg
 from fa_hvd.aggregators import get as get_aggregator
 from fa_hvd.faults import parse_faults
+from fa_hvd.faults.roles import SHARDED_ROLE_KINDS
 
 DATA_SOURCES = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic", "dir")
 BOOKKEEPING_SECTIONS = ("checkpoint", "log")
@@ -271,6 +272,11 @@ class RunConfig:
                                        "set robust.allow_exceeding_f")
             raise cfg.ConfigError(message if message.startswith("faults[") else
                                   f"faults / robust.aggregator_params.f: {message}") from None
+        for i, entry in enumerate(self.faults):
+            kind = entry.get("kind") if isinstance(entry, dict) else None
+            if kind in SHARDED_ROLE_KINDS and self.robust.exchange != "sharded":
+                raise cfg.ConfigError(f"faults[{i}] (kind {kind!r}): a lie in the sharded exchange's roles; "
+                                      f"set robust.exchange sharded")
         if self.elastic.enabled and self.robust.transport != "horovod":
             raise cfg.ConfigError("elastic.enabled: elastic mode needs robust.transport horovod")
 
