@@ -27,7 +27,8 @@ and ``L`` is the graph Laplacian with edge weights ``2 v_ij^2``. Everything is
 at most ``p - f - 1`` so that the subspace is fitted to, never filled by, the honest
 rows, and at least 1; ``p`` is the number of finite rows. With ``r >= p`` the
 subspace holds every gradient and FA loses what the fit tells it: reference mode
-returns ``sum_i h_i / r`` and default mode keeps only its sign step. A given ``r``
+returns ``sum_i h_i / r`` and default mode's votes keep only their sign (steps 1, 3 and 4
+still apply). A given ``r``
 that does this warns once.
 
 Modes:
@@ -83,7 +84,8 @@ Modes:
   about that rounding over the margin, never by a whole row (``floor``: ``1e-12`` times the
   largest ``K_ii``, far above fp64 rounding of ``K``). The flag fit's top-``r`` subspace
   is the one exception: where eigenvalues ``r`` and ``r + 1`` of the weighted scatter
-  coincide, it is not unique; the votes then still change only rows within the margin.
+  coincide it is not unique, and rounding can turn it and, through the votes, move the
+  output by more than the rounding (the test covers the ramps, not this case).
   Precondition ``p >= 2f + 1`` (an honest majority: ``p - f`` neighbours and ``p - f``
   selected rows are then mostly honest); ``f`` larger is refused with a ``ValueError``
   naming ``p`` and ``f``, as every rule's :meth:`check`.
@@ -178,7 +180,7 @@ class Flag(Aggregator):
         if self.r is not None and self.r >= p > 1 and not self._warned:
             self._warned = True
             what = ("sum_i h_i / r, the normalised sum" if self.mode == "reference"
-                    else "the normalised mean of the rows its sign step keeps")
+                    else "votes from the sign alone")
             warnings.warn(f"flag: r={self.r} >= p={p} rows: the subspace holds every gradient and FA computes "
                           f"{what}; choose r < p (leave r unset: it follows p, r={default_rank(p, self.f)} "
                           f"here)", stacklevel=2)
