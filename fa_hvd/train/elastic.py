@@ -53,7 +53,7 @@ class ElasticState(State):
         super().__init__(bcast_object=self._broadcast, get_rank=hvd.rank)
 
     @staticmethod
-    def _broadcast(obj):
+    def _broadcast(obj):  # Horovod's own host-update message from rank 0 (trusted: the README's threat model)
         return hvd.broadcast_object(obj, root_rank=0, name="fa_hvd.train.elastic.hosts")
 
     def save(self) -> None:
@@ -84,8 +84,8 @@ class ElasticState(State):
                     trainer.load_shared(chosen)
             del chosen
         self.resume = None
-        notes = hvd.broadcast_object(notes if trainer.rank == 0 else None, root_rank=0,
-                                     name="fa_hvd.train.elastic.notes")
+        notes = trainer.transport.broadcast_state(notes if trainer.rank == 0 else None, 0,
+                                                  name="fa_hvd.train.elastic.notes")
         payload = checkpoint.broadcast_bytes(trainer.transport, checkpoint.dumps(trainer.shared_state())
                                              if trainer.rank == 0 else None, 0, "fa_hvd.train.elastic.state")
         state = checkpoint.loads(payload, "elastic state from rank 0")
