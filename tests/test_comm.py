@@ -5,7 +5,6 @@ import logging
 import time
 
 import pytest
-import torch
 
 from fa_hvd.comm.base import collective_timeout, wait_until
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import yaml
 
 from fa_hvd.aggregators import get as get_aggregator
-from fa_hvd.eval import cli, report, runner
+from fa_hvd.eval import cli, report
 from fa_hvd.eval.grid import load_grid
 from fa_hvd.eval.simulate import simulate
 from fa_hvd.faults import FaultInjector, parse_faults, poison_for_rank
@@ -245,11 +245,12 @@ def test_a_cell_whose_rule_code_changes_is_stale(tmp_path, monkeypatch):
 def test_the_engines_agree_on_a_small_cell(tmp_path):
     # One horovodrun job of fa-hvd-train against the simulation of the same cell: normalised
     # inputs, Dirichlet shards, an omniscient attack (ALIE below the mean), a random one
-    # (Gaussian, seeded per bucket) and a data fault (label flip), aggregated by FA.
+    # (Gaussian, seeded per bucket) and a data fault (label flip), aggregated by FA (5 ranks
+    # for f = 2: FA needs p >= 2f + 1).
     from fa_hvd.eval.distributed import run_distributed
 
     grid = {"trainer": {"train": {"steps": 8, "batch_size": 16}},
-            "seeds": [2], "splits": {"d": 0.5}, "workers": [[4, 2]], "rules": {"flag": "flag"},
+            "seeds": [2], "splits": {"d": 0.5}, "workers": [[5, 2]], "rules": {"flag": "flag"},
             "faults": {"x": [{"kind": "alie", "ranks": [3], "params": {"z": 1.0, "sign": -1}},
                              {"kind": "gaussian", "ranks": [2], "params": {"sigma": 0.1}},
                              {"kind": "labelflip", "ranks": [2], "params": {"num_classes": 10}}]}}

@@ -112,8 +112,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--steps", type=int, default=3, help="steps per variant per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
-    parser.add_argument("--f", type=int, default=1, help="FA's f")
-    parser.add_argument("--r", type=int, default=2, help="FA's subspace dimension")
+    parser.add_argument("--f", type=int, default=None,
+                        help="FA's f (default: 1, or 0 below 3 ranks, where FA cannot tolerate one: p >= 2f + 1)")
+    parser.add_argument("--r", type=int, default=None, help="FA's subspace dimension (default: FA's own, it follows p)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--bucket-bytes", type=int, default=None,
                         help="fa_hvd's bucket size (default: automatic, about 1/8 of the model within 1..25 MiB)")
@@ -161,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
     y = torch.randint(0, args.num_classes, (args.batch_size,), generator=gen).to(device)
     names = variants_for(args.exchange, args.transport, args.digest_cost)
     baseline, ratio = BASELINES[args.transport]
-    flag = {"f": args.f, "r": args.r}
+    flag = {"f": min(1, (size - 1) // 2) if args.f is None else args.f,
+            **({} if args.r is None else {"r": args.r})}
 
     def build(name):
         torch.manual_seed(0)

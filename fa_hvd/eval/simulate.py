@@ -23,8 +23,9 @@ schedule, shards, faults, aggregators); each step ``t``:
    update, written into ``.grad`` in bucket order; ``optim.grad_clip`` clips it; the
    local optimizer steps and the learning-rate schedule follows.
 
-The model is built right after ``torch.manual_seed(seed)``; the step loss is the mean
-over workers of each worker's batch loss; the test loss and accuracy cover the whole
+The model is built right after ``torch.manual_seed(seed)``; the step loss is the median
+over workers of each worker's batch loss (:func:`fa_hvd.train.control.median_loss`, as the
+trainer logs it); the test loss and accuracy cover the whole
 test set. When the update turns non-finite the parameters can never recover (NaN and
 Inf propagate through every later step), so the run stops there and is reported as
 diverged. What the simulation cannot reproduce (dropout, mixed precision, elastic
@@ -52,6 +53,7 @@ from fa_hvd.faults import FaultInjector, parse_faults, poison_for_rank
 from fa_hvd.optimizer import _make_buckets
 from fa_hvd.train import config as train_config
 from fa_hvd.train import data, models, optim
+from fa_hvd.train.control import median_loss
 from fa_hvd.train.sharding import ShardStream, partition, steps_per_epoch
 
 from .grid import Cell
@@ -193,7 +195,7 @@ def simulate(cell: Cell, curve: bool = False) -> dict:
             for name, g in micro_grads.items():
                 grads[name] = grads[name] + g / passes if name in grads else g / passes
             step_losses = step_losses + micro_losses / passes
-        losses.append(float(step_losses.mean()))
+        losses.append(median_loss(step_losses.double()))
         rows = []
         for index, bucket in enumerate(layout):
             G = torch.cat([grads[name].reshape(p, -1) for name, _ in bucket], dim=1)

@@ -64,6 +64,12 @@ class StepAgreement:
     overflowed_ranks: int
 
 
+def median_loss(losses: torch.Tensor) -> float:
+    """The step's logged loss from every rank's: the median of the finite ones (nan if none)."""
+    finite = losses[losses.isfinite()]
+    return float(finite.quantile(0.5)) if finite.numel() else float("nan")
+
+
 def agree(transport, loss: float, stop: bool, checkpoint_due: bool, faulty: bool, overflowed: bool,
           nonfinite_rows=(), lies=None) -> StepAgreement:
     """One allgather of five numbers per rank: the step's shared decisions (see the module docstring).
@@ -78,12 +84,11 @@ def agree(transport, loss: float, stop: bool, checkpoint_due: bool, faulty: bool
     if lies is not None:
         local = lies.control(local)
     rows = transport.allgather(local, name="fa_hvd.train.agree").reshape(transport.size, 5)
-    losses = rows[:, 0][rows[:, 0].isfinite()]
     flags = rows[:, 1:] > 0
     bad_rows = torch.zeros(transport.size, dtype=torch.bool)
     bad_rows[[r for r in nonfinite_rows if 0 <= r < transport.size]] = True
     return StepAgreement(
-        loss=float(losses.quantile(0.5)) if losses.numel() else float("nan"),
+        loss=median_loss(rows[:, 0]),
         stop=bool(flags[:, 0].any()),
         checkpoint_due=bool(flags[0, 1]),
         faulty_ranks=int(flags[:, 2].sum()),

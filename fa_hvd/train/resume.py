@@ -41,6 +41,7 @@ import torch
 import yaml
 
 from fa_hvd import checkpoint
+from fa_hvd.comm.messages import Optional
 from fa_hvd.config import differences
 from fa_hvd.train import config as train_config
 
@@ -152,7 +153,7 @@ def check_compatible(state: dict, conf, conf_data: dict, config_hash: str, world
                         + "; ".join(changed[:6]) + (" ..." if len(changed) > 6 else ""))
     if problems and not reshard:
         raise UsageError(f"{path}: refusing to resume: " + "; ".join(problems) + " (pass --resume-reshard to "
-                         f"continue anyway, or --resume never to start over)")
+                         "continue anyway, or --resume never to start over)")
 
 
 def resharded(state: dict, world: int, config_hash: str) -> bool:
