@@ -117,18 +117,26 @@ class NetCluster:
         return stats["rx"]["bytes"] + stats["tx"]["bytes"]
 
 
+def cluster_env(owner: str) -> dict:
+    return {**job_env(), "FA_HVD_CLUSTER_PREFIX": f"fahvdt{owner}", "FA_HVD_CLUSTER_DIR": f"/tmp/fa_hvd-cluster-{owner}"}
+
+
 @pytest.fixture(scope="session")
 def netcluster():
     """Two nodes (network namespaces node1, node2 with sshd), shared by every test of the session."""
     if os.geteuid() != 0:
         pytest.skip("needs root: tools/cluster/cluster.sh makes network namespaces and runs sshd")
-    probe = subprocess.run(["ip", "netns", "add", f"fahvd-probe-{os.getpid()}"], capture_output=True, text=True)
+    probe = subprocess.run(["ip", "netns", "add", f"fahvdprobe-{os.getpid()}"], capture_output=True, text=True)
     if probe.returncode != 0:
         pytest.skip(f"network namespaces are not available here: {probe.stderr.strip()}")
-    subprocess.run(["ip", "netns", "del", f"fahvd-probe-{os.getpid()}"], check=True)
-    # Its own prefix and directory: a cluster someone brought up by hand is left alone.
-    cluster = NetCluster({**job_env(), "FA_HVD_CLUSTER_PREFIX": "fahvdtest",
-                          "FA_HVD_CLUSTER_DIR": "/tmp/fa_hvd-cluster-test"})
+    subprocess.run(["ip", "netns", "del", f"fahvdprobe-{os.getpid()}"], check=True)
+    # Named after this process: a cluster brought up by hand, or by another session, is left
+    # alone; one left by a killed session (its process gone) is taken down first.
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    for pid in {m.group(1) for m in map(re.compile(r"fahvdt(\d+)-").match, listed) if m}:
+        if not Path(f"/proc/{pid}").exists():
+            NetCluster(cluster_env(pid))("down")
+    cluster = NetCluster(cluster_env(str(os.getpid())))
     cluster("up", "2")
     yield cluster
     cluster("down")

@@ -207,7 +207,7 @@ up() {
   ip -n "$SW" link set br0 up
   for node in $(nodes); do start_node "$node"; done
   for node in $(nodes); do wait_for_ssh node1 "$node"; done
-  say "up: $(nodes | paste -sd' ') on $NET.0/24 (state in $DIR); e.g. $0 exec node1 ssh node2 hostname"
+  say "up: $(nodes | paste -sd' ') on $NET.0/24 (state in $DIR); e.g. $0 exec node1 ssh $(nodes | tail -n 1) hostname"
 }
 
 rate_bits() {  # 100mbit, 1gbit, 10gbit, 500kbit -> bits per second
