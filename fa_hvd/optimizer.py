@@ -189,6 +189,10 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 f"step the new optimizer")
         self._step_started = True
         self._marks = {"start": time.perf_counter(), **_byte_counters(self._transport)}
+        self._follow_world()
+
+    def _follow_world(self) -> None:
+        """After an elastic reset: this rank's new rank and size, the rule's preconditions checked again."""
         before = self._transport.size
         if self._transport.refresh():
             self._exchange.abandon()
@@ -629,6 +633,7 @@ def _register_elastic_state_handler() -> None:
         def sync(self):
             from . import broadcast_optimizer_state
 
+            self.value._follow_world()  # the new rank 0 must know it is the root
             broadcast_optimizer_state(self.value, root_rank=0)
 
     elastic_state.set_handler_registry([(RobustOptimizer, RobustOptimizerStateHandler), *registry])
