@@ -14,7 +14,7 @@ from fa_hvd.eval.grid import load_grid
 from fa_hvd.eval.simulate import simulate
 from fa_hvd.faults import FaultInjector, parse_faults, poison_for_rank
 from fa_hvd.train import data as datasets
-from fa_hvd.train import models
+from fa_hvd.train import control, models
 from fa_hvd.train.sharding import ShardStream, partition
 
 TINY = {
@@ -112,7 +112,7 @@ def per_rank_reference(cell):
             q.grad = update[offset:offset + q.numel()].view_as(q).clone()
             offset += q.numel()
         opt.step()
-        losses.append(sum(step_losses) / p)
+        losses.append(control.median_loss(torch.tensor(step_losses, dtype=torch.float64)))  # as logged
     return losses, model
 
 
