@@ -40,36 +40,49 @@ class AllgatherExchange(GradientExchange):
 
     def start(self, index: int, flat: torch.Tensor) -> None:
         wire, ctx = self.compression.compress(flat)
-        self.pending[index] = (self.transport.allgather_async(wire.reshape(1, -1), name=self.name(index)), ctx)
+        handle = self.transport.allgather_async(wire.reshape(1, -1), name=self.name(index))
+        self.pending[index] = (handle, ctx, flat.numel(), flat.dtype)
 
     def finish(self, count: int, device: torch.device, step: int) -> torch.Tensor:
-        rows = []
-        for index in range(count):
-            handle, ctx = self.pending.pop(index)
-            gathered = wait(self.transport, handle, step, f"bucket {index}")
-            rows.append(self.compression.decompress(gathered, ctx).to(device))
-        self.timings = {"arrived": time.perf_counter()}
-        update = self.aggregator(self._concatenate(rows))
+        G = self._assemble(count, device, step)
+        self.timings["assembled"] = time.perf_counter()
+        update = self.aggregator(G)
         if self.digest:
             check_agreement(self.transport, update, step, f"{self.prefix}.digest")
         self.timings["aggregated"] = time.perf_counter()
         return update
 
-    def _concatenate(self, rows: list[torch.Tensor]) -> torch.Tensor:
-        """The buckets side by side, ``(p, n)``, in a buffer kept across steps (a fresh
-        one each step costs more than the copy: its pages are touched anew). The
-        aggregate is copied into ``.grad`` at once, so only a rule that kept a view of
-        its input past the call could see the buffer change; none does."""
-        if len(rows) == 1:
-            return rows[0]
-        shape = (rows[0].shape[0], sum(r.shape[1] for r in rows))
-        dtype = functools.reduce(torch.promote_types, (r.dtype for r in rows))
-        buffer = self._buffer
-        if buffer is None or buffer.shape != shape or buffer.dtype != dtype or buffer.device != rows[0].device:
-            buffer = self._buffer = torch.empty(shape, dtype=dtype, device=rows[0].device)
-        return torch.cat(rows, dim=1, out=buffer)
+    def _assemble(self, count: int, device: torch.device, step: int) -> torch.Tensor:
+        """The buckets side by side, ``(p, n)``: each bucket is copied into place as soon as it
+        arrives, while the later ones are still on the wire. The buffer is kept across steps (a
+        fresh one each step costs more than the copy: its pages are touched anew); the aggregate
+        is copied into ``.grad`` at once, so only a rule that kept a view of its input past the
+        call could see the buffer change; none does. ``timings["arrived"]``: the last bucket
+        received."""
+        pending = [self.pending.pop(index) for index in range(count)]
+        if count == 1:
+            handle, ctx, _, _ = pending[0]
+            gathered = wait(self.transport, handle, step, "bucket 0")
+            self.timings = {"arrived": time.perf_counter()}
+            return self.compression.decompress(gathered, ctx).to(device)
+        n = sum(numel for _, _, numel, _ in pending)
+        dtype = functools.reduce(torch.promote_types, (dtype for *_, dtype in pending))
+        offset = 0
+        for index, (handle, ctx, numel, _) in enumerate(pending):
+            gathered = wait(self.transport, handle, step, f"bucket {index}")
+            arrived = time.perf_counter()
+            rows = self.compression.decompress(gathered, ctx)
+            buffer = self._buffer
+            shape = (rows.shape[0], n)
+            if index == 0 and (buffer is None or buffer.shape != shape or buffer.dtype != dtype
+                               or buffer.device != device):
+                buffer = self._buffer = torch.empty(shape, dtype=dtype, device=device)
+            buffer[:, offset: offset + numel].copy_(rows)
+            offset += numel
+        self.timings = {"arrived": arrived}
+        return buffer
 
     def abandon(self) -> None:
-        for handle, _ in self.pending.values():
+        for handle, *_ in self.pending.values():
             self.transport.abandon(handle)
         self.pending.clear()
