@@ -50,8 +50,8 @@ def test_step_benchmark_reports_every_variant_with_exposed_communication():
     # --profile: every variant on every rank, its phases in the order they happen.
     assert [(p["variant"], p["rank"]) for p in profiles] == [(r["variant"], k) for r in rows for k in range(4)]
     ordered = {"allreduce": ["forward", "backward", "wait", "optimizer_step"],
-               "allgather": ["forward", "backward", "flatten", "send", "wait", "assembled", "aggregated",
-                             "unflatten", "optimizer_step"],
+               "allgather": ["forward", "backward", "flatten", "send", "bucket_work", "wait", "assembled",
+                             "aggregated", "unflatten", "optimizer_step"],
                "sharded": ["forward", "backward", "flatten", "send", "wait", "gram", "solved", "combined",
                            "gathered", "aggregated", "unflatten", "optimizer_step"]}
     kinds = {r["variant"]: r["exchange"] for r in rows}

@@ -55,16 +55,20 @@ exchange.
 baseline, and one JSON line per variant and rank (``"bench": "step_profile"``) with the
 median seconds of each phase of the step, in the order they happen: ``forward``,
 ``backward`` (without fa_hvd's hooks), ``flatten`` (copying the gradients into buckets)
-and ``send`` (handing them to the exchange), both inside backward, ``wait`` (blocked on
-the last bucket; Horovod: all of ``synchronize()``), the exchange's stages after that
-(allgather: ``assembled``, the last bucket copied into the ``(p, n)`` matrix, then
-``aggregated``, the rule; sharded: ``gram``, the partial Gram, its allgather and the
+and ``send`` (handing them to the exchange), both inside backward, for the allgather
+exchange ``bucket_work`` (copying each bucket into the ``(p, n)`` matrix and, for a Gram
+rule, its NaN/Inf check and Gram blocks, while the later buckets travel), ``wait``
+(blocked on the last bucket, without ``bucket_work``; Horovod: all of ``synchronize()``),
+the exchange's stages after that (allgather: ``assembled``, the last bucket's own work,
+then ``aggregated``, the rest of the rule; sharded: ``gram``, the partial Gram, its allgather and the
 evidence, ``solved``, ``combined``, this rank's shard of the aggregate, ``gathered``,
 the aggregate's allgather, ``aggregated``), ``unflatten`` (the aggregate into ``.grad``)
-and ``optimizer_step``. For an allgather Gram-space rule, ``rule_parts`` splits the rule
-by running its pieces again on the same gathered matrix: ``finite_check`` (the rows
-with NaN or Inf), ``gram``, ``solve`` (the ``p x p`` coefficients) and ``combine``
-(``c^T G``). Rank 0 prints them as a table on stderr too.
+and ``optimizer_step``. For an allgather Gram-space rule, ``rule_parts`` says what each
+piece of the rule costs in all, by running it again on the same gathered matrix:
+``finite_check`` (the rows with NaN or Inf; robust rules only), ``gram``, ``solve`` (the
+``p x p`` coefficients) and ``combine`` (``c^T G``); for FA, Krum and the other plain Gram
+rules most of ``finite_check`` and ``gram`` ran in ``bucket_work``. Rank 0 prints them
+as a table on stderr too.
 
 Bytes: what each rank really sent and received per step, as the kernel counted
 them on its TCP sockets (:mod:`fa_hvd.comm.traffic`; everything the process moved
@@ -219,7 +223,10 @@ def step_phases(forward: float, backward: float, synchronize: float, optimizer_s
     phases = {"forward": forward, "backward": backward - hooks}
     if "phases" not in stats:
         return {**phases, "wait": synchronize, "optimizer_step": optimizer_step}
-    phases.update({"flatten": stats["flatten_s"], "send": stats["send_s"], "wait": stats["wait_s"]})
+    phases.update({"flatten": stats["flatten_s"], "send": stats["send_s"]})
+    if "overlapped_s" in stats:  # the allgather exchange's work on buckets while later ones travel
+        phases["bucket_work"] = stats["overlapped_s"]
+    phases["wait"] = stats["wait_s"] - stats.get("overlapped_s", 0.0)
     phases.update(stats["phases"])
     phases.update({"unflatten": stats["unflatten_s"], "optimizer_step": optimizer_step})
     return phases
@@ -247,7 +254,8 @@ def rule_parts(rule, G: torch.Tensor | None, repeats: int = 3) -> dict[str, floa
     times = {key: [] for key in ("finite_check", "gram", "solve", "combine")}
     for _ in range(repeats):
         start = time.perf_counter()
-        finite_rows(G)
+        if rule.robust:
+            finite_rows(G)
         checked = time.perf_counter()
         if rule.uses_gram:
             K = host_gram(G)
