@@ -51,24 +51,25 @@ Horovod's optimizer unchanged, but the bench waits for its handles as fa_hvd doe
 ``vs_horovod_polled``. Ratios from an oversubscribed run measure the waiting, not the
 exchange.
 
-``--profile``: after the rounds, ``--steps`` more steps of each fa_hvd variant and of the
-baseline, and one JSON line per variant and rank (``"bench": "step_profile"``) with the
-median seconds of each phase of the step, in the order they happen: ``forward``,
+``--profile``: after the rounds, ``--steps`` more steps of each fa_hvd variant and of
+the baseline, and one JSON line per variant and rank (``"bench": "step_profile"``) with
+the median seconds of each phase of the step, in the order they happen: ``forward``,
 ``backward`` (without fa_hvd's hooks), ``flatten`` (copying the gradients into buckets)
 and ``send`` (handing them to the exchange), both inside backward, for the allgather
 exchange ``bucket_work`` (copying each bucket into the ``(p, n)`` matrix and, for a Gram
 rule, its NaN/Inf check and Gram blocks, while the later buckets travel), ``wait``
-(blocked on the last bucket, without ``bucket_work``; Horovod: all of ``synchronize()``),
-the exchange's stages after that (allgather: ``assembled``, the last bucket's own work,
-then ``aggregated``, the rest of the rule; sharded: ``gram``, the partial Gram, its allgather and the
-evidence, ``solved``, ``combined``, this rank's shard of the aggregate, ``gathered``,
-the aggregate's allgather, ``aggregated``), ``unflatten`` (the aggregate into ``.grad``)
-and ``optimizer_step``. For an allgather Gram-space rule, ``rule_parts`` says what each
-piece of the rule costs in all, by running it again on the same gathered matrix:
-``finite_check`` (the rows with NaN or Inf; robust rules only), ``gram``, ``solve`` (the
-``p x p`` coefficients) and ``combine`` (``c^T G``); for FA, Krum and the other plain Gram
-rules most of ``finite_check`` and ``gram`` ran in ``bucket_work``. Rank 0 prints them
-as a table on stderr too.
+(blocked on the last bucket, without ``bucket_work``; Horovod: all of
+``synchronize()``), the exchange's stages after that (allgather: ``assembled``, the last
+bucket's own work, then ``aggregated``, the rest of the rule; sharded: ``gram``, the
+partial Gram, its allgather and the evidence, ``solved``, ``combined``, this rank's
+shard of the aggregate, ``gathered``, the aggregate's allgather, ``aggregated``),
+``unflatten`` (the aggregate into ``.grad``) and ``optimizer_step``. For an allgather
+Gram-space rule over several buckets, ``rule_parts`` says what each piece of the rule
+costs in all, by running it again on the same gathered matrix: ``finite_check`` (the
+rows with NaN or Inf; robust rules only), ``gram``, ``solve`` (the ``p x p``
+coefficients) and ``combine`` (``c^T G``); for FA, Krum and the other plain Gram rules
+most of ``finite_check`` and ``gram`` ran in ``bucket_work``. Rank 0 prints them as a
+table on stderr too.
 
 Bytes: what each rank really sent and received per step, as the kernel counted
 them on its TCP sockets (:mod:`fa_hvd.comm.traffic`; everything the process moved
@@ -232,21 +233,10 @@ def step_phases(forward: float, backward: float, synchronize: float, optimizer_s
     return phases
 
 
-class Capture:
-    """An allgather exchange's rule that keeps the last matrix it aggregated (for :func:`rule_parts`)."""
-
-    def __init__(self, rule):
-        self.rule, self.last = rule, None
-
-    def __call__(self, G: torch.Tensor) -> torch.Tensor:
-        self.last = G
-        return self.rule(G)
-
-
 def rule_parts(rule, G: torch.Tensor | None, repeats: int = 3) -> dict[str, float]:
     """An allgather rule's pieces, timed again on the matrix ``G`` it last saw (median of
-    ``repeats``): ``finite_check``, ``gram``, ``solve``, ``combine``; empty without ``G`` and for
-    rules that are not in Gram space."""
+    ``repeats``): ``finite_check``, ``gram``, ``solve``, ``combine``; empty without ``G`` (one
+    bucket: the exchange keeps no matrix) and for rules that are not in Gram space."""
     from fa_hvd.aggregators.base import combine, finite_rows, host_gram
 
     if G is None or not getattr(rule, "gram_space", False):
@@ -395,15 +385,11 @@ def run(args: argparse.Namespace) -> int:
         for name in names:
             if name.startswith("ddp_"):
                 continue
-            exchange = getattr(variants[name][1], "exchange", None)
-            capture = Capture(exchange.aggregator) if isinstance(exchange, AllgatherExchange) else None
-            if capture is not None:
-                exchange.aggregator = capture
             transport.allreduce_sum(torch.zeros(1), name=f"bench.profile.{name}")
             steps(name, args.steps, record=False, profile=True)
-            if capture is not None:
-                exchange.aggregator = capture.rule
-                parts[name] = rule_parts(capture.rule, capture.last)
+            exchange = getattr(variants[name][1], "exchange", None)
+            if isinstance(exchange, AllgatherExchange):  # its (p, n) matrix, kept across steps (several buckets)
+                parts[name] = rule_parts(exchange.aggregator, exchange._buffer)
     load_after = os.getloadavg()
     local = ranks_per_node(size)
     cores = len(os.sched_getaffinity(0))
