@@ -226,7 +226,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             self._next_ordered += 1
 
     def _start_bucket(self, bucket: _Bucket) -> None:
-        self._marks.setdefault("first_start", time.perf_counter())
+        began = time.perf_counter()
+        self._marks.setdefault("first_start", began)
         bucket.started = True
         pieces = []
         for p in bucket.params:
@@ -242,7 +243,10 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             flat = flat.float()  # Horovod's allgather has no bf16
         if self._gradient_transform is not None:
             flat = self._gradient_transform(flat, bucket.index, self.step_count)
+        flattened = time.perf_counter()
         self._exchange.start(bucket.index, flat)
+        self._marks["flatten_s"] = self._marks.get("flatten_s", 0.0) + flattened - began
+        self._marks["send_s"] = self._marks.get("send_s", 0.0) + time.perf_counter() - flattened
 
     # -- synchronize / step ------------------------------------------------------------
     def synchronize(self) -> None:
@@ -267,8 +271,9 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             update = self._exchange.finish(len(self._buckets), self._aggregation_device, self.step_count)
             if self._scale != 1.0:
                 update = update * self._scale
+            unflatten = time.perf_counter()
             self._write_back(update)
-            self._record_stats(waiting)
+            self._record_stats(waiting, unflatten)
             self.step_count += 1
         self._reset_step()
         self._synchronized = True
@@ -317,7 +322,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._next_ordered = 0
         self._step_started = False
 
-    def _record_stats(self, waiting: float) -> None:
+    def _record_stats(self, waiting: float, unflatten: float) -> None:
         """``stats``: the last exchange's seconds (and bytes, if the transport counts them)."""
         timings = self._exchange.timings
         done = time.perf_counter()
@@ -326,6 +331,10 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             "exchange_s": timings["arrived"] - self._marks.get("first_start", waiting),
             "wait_s": timings["arrived"] - waiting,
             "aggregate_s": done - timings["arrived"],
+            "flatten_s": self._marks.get("flatten_s", 0.0),
+            "send_s": self._marks.get("send_s", 0.0),
+            "unflatten_s": done - unflatten,
+            "phases": _phases(timings),
         }
         for key, value in _byte_counters(self._transport).items():
             stats[key] = value - self._marks.get(key, 0)
@@ -395,6 +404,14 @@ def _claim(optimizer, param):
     key = id(param)
     _HOOKS[key] = (weakref.ref(param, lambda _, key=key: _HOOKS.pop(key, None)), ref, handle)
     return handle
+
+
+def _phases(timings: dict) -> dict[str, float]:
+    """Seconds between the exchange's consecutive ``timings`` stamps after ``arrived``, each named
+    after the stamp that ends it (e.g. ``assembled``, ``aggregated``)."""
+    stamps = list(timings.items())
+    start = [name for name, _ in stamps].index("arrived") if "arrived" in timings else len(stamps)
+    return {name: at - before for (_, before), (name, at) in zip(stamps[start:], stamps[start + 1:])}
 
 
 def _byte_counters(transport: Transport) -> dict[str, int]:
@@ -575,7 +592,11 @@ def DistributedOptimizer(
     ``optimizer.stats`` describes the last gradient exchange: ``step`` (its index),
     ``exchange_s`` (first bucket sent to last bucket received: communication,
     overlapping the backward pass), ``wait_s`` (how long ``synchronize()`` blocked
-    for it), ``aggregate_s`` (the rule and the write-back), and, when the transport
+    for it), ``aggregate_s`` (the rule and the write-back), its parts ``phases`` (the
+    exchange's own stages after the last bucket arrived, in seconds, e.g. ``assembled``
+    and ``aggregated``) and ``unflatten_s`` (the write-back into ``.grad``), ``flatten_s``
+    (copying gradients into buckets) and ``send_s`` (handing them to the exchange),
+    both inside the backward pass, and, when the transport
     counts them, ``bytes_sent``/``bytes_received`` during that step; and the
     aggregator's diagnostics (:func:`fa_hvd.aggregators.base.describe`): ``nonfinite``
     and ``dropped`` (ranks), and ``weights`` (each rank's coefficient in the

@@ -14,9 +14,11 @@ pytestmark = pytest.mark.slow
 
 def test_step_benchmark_reports_every_variant_with_exposed_communication():
     proc = launch("gloo", 4, ["fa-hvd-bench", "step", "--model", "cnn", "--rounds", "2", "--steps", "2",
-                              "--warmup", "1", "--bucket-bytes", "20000", "--exchange", "allgather,sharded"])
+                              "--warmup", "1", "--bucket-bytes", "20000", "--exchange", "allgather,sharded",
+                              "--profile"])
     assert proc.returncode == 0, output(proc)
     lines = [json.loads(line) for line in untagged(proc.stdout).splitlines() if '"bench": "step"' in line]
+    profiles = [json.loads(line) for line in untagged(proc.stdout).splitlines() if '"bench": "step_profile"' in line]
     rows, [summary] = lines[:-1], [line["summary"] for line in lines[-1:]]
     assert [r["variant"] for r in rows] == ["horovod_allreduce", "fa_hvd_mean", "fa_hvd_mean_one_bucket",
                                             "fa_hvd_flag", "fa_hvd_mean_sharded", "fa_hvd_flag_sharded"]
@@ -39,6 +41,30 @@ def test_step_benchmark_reports_every_variant_with_exposed_communication():
         assert r["bytes_vs_allreduce"] <= 1.1 and r["exchange_peak_bytes"] == r["model_exchange_bytes"]
     assert summary["sharded_bytes_within_1_1x_allreduce"]
     assert summary["sharded_step_within_1_1x_horovod"] == all(r["vs_horovod"] <= 1.1 for r in rows[4:])
+    for r in rows:  # the spread of the per-round ratios, and what the machine was asked to carry
+        for key in ("vs_horovod_spread", "exposed_vs_horovod_spread"):
+            assert len(r[key]) == 3 and 0 < r[key][0] <= r[key][1] <= r[key][2], r
+        assert r["ranks_x_threads_per_node"] == 4 and r["oversubscribed"] == (4 > r["cores"])
+        assert len(r["load_average_before"]) == len(r["load_average_after"]) == 3
+    assert rows[0]["vs_horovod_spread"] == [1.0, 1.0, 1.0]
+    # --profile: every variant on every rank, its phases in the order they happen.
+    assert [(p["variant"], p["rank"]) for p in profiles] == [(r["variant"], k) for r in rows for k in range(4)]
+    ordered = {"allreduce": ["forward", "backward", "wait", "optimizer_step"],
+               "allgather": ["forward", "backward", "flatten", "send", "bucket_work", "wait", "assembled",
+                             "aggregated", "unflatten", "optimizer_step"],
+               "sharded": ["forward", "backward", "flatten", "send", "wait", "gram", "solved", "combined",
+                           "gathered", "aggregated", "unflatten", "optimizer_step"]}
+    kinds = {r["variant"]: r["exchange"] for r in rows}
+    buckets = {r["variant"]: r["buckets"] for r in rows}
+    for p in profiles:
+        assert list(p["phases"]) == ordered[kinds[p["variant"]]] and min(p["phases"].values()) >= 0, p
+        if kinds[p["variant"]] == "allgather" and buckets[p["variant"]] > 1:  # mean, FA: the rule in its parts
+            assert list(p["rule_parts"]) == ["finite_check", "gram", "solve", "combine"], p
+        else:  # one bucket: the exchange keeps no matrix to time the parts on
+            assert "rule_parts" not in p
+        assert p["phases"]["forward"] > 0 and p["phases"]["backward"] > 0
+    flag = [p for p in profiles if p["variant"] == "fa_hvd_flag"]
+    assert all(p["rule_parts"]["gram"] > 0 and p["rule_parts"]["solve"] > 0 for p in flag)
 
 
 def test_bytes_the_sockets_did_not_see_are_not_counted_instead_of_dividing_by_zero():

@@ -93,31 +93,62 @@ def gram(G: torch.Tensor) -> torch.Tensor:
     if G.dtype == torch.float64:
         K = G @ G.T
         return (K + K.T) / 2
-    K, redone = _centred_gram(G)
-    if bool(redone.any()):  # the one host synchronisation
-        rows = redone.nonzero().flatten()
-        exact = cross_gram(G[rows], G)
-        K[rows] = exact
-        K[:, rows] = exact.T
-    return K
+    product = CentredGram(G)
+    product.advance(G.shape[1])
+    return product.result()
 
 
-def _centred_gram(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The centred fp32 product of :func:`gram` and the ``(p,)`` mask of the rows it must redo."""
-    p, n = G.shape
-    m = reference_row(G)
-    centred = torch.zeros(p, p, dtype=torch.float64, device=G.device)
-    t = torch.zeros(p, dtype=torch.float64, device=G.device)
-    redo = torch.zeros(p, dtype=torch.bool, device=G.device)
-    for cols in column_chunks(n, p, _budget(G)):
-        block = G[:, cols].float()
-        r = block.index_select(0, m)
-        P, wild = _products(block - r, _terms(G))
-        redo |= wild
-        centred += P
-        t += (block.double() @ r.double().T).squeeze(1)
-    K = centred + t[:, None] + t[None, :] - t[m]
-    return (K + K.T) / 2, redo
+class CentredGram:
+    """:func:`gram`'s product of an fp32 (or narrower) ``G``, taken as ``G``'s columns become available.
+
+    ``advance(filled)``: columns ``[0, filled)`` of ``G`` hold their final values; the column
+    blocks (always the same blocks, cut from column 0) that lie within them are added, and the
+    reference row is chosen once the first :data:`SAMPLE_COLUMNS` are there. :meth:`result`,
+    once every column is, gives :func:`gram`'s ``K``, bit for bit, whatever the steps
+    ``filled`` took: each block's arithmetic is the same, in the same order. (An exchange
+    fills ``G`` bucket by bucket and overlaps the product with the buckets still travelling.)
+    """
+
+    def __init__(self, G: torch.Tensor):
+        p, n = G.shape
+        self.G, self.n = G, n
+        self.blocks = list(column_chunks(n, p, _budget(G)))
+        self.done = 0  # blocks added
+        self.m: torch.Tensor | None = None
+        self.centred = torch.zeros(p, p, dtype=torch.float64, device=G.device)
+        self.t = torch.zeros(p, dtype=torch.float64, device=G.device)
+        self.redo = torch.zeros(p, dtype=torch.bool, device=G.device)
+
+    def advance(self, filled: int) -> None:
+        if self.m is None:
+            if filled < min(SAMPLE_COLUMNS, self.n):
+                return
+            self.m = reference_row(self.G)
+        while self.done < len(self.blocks) and self.blocks[self.done].stop <= filled:
+            block = self.G[:, self.blocks[self.done]].float()
+            r = block.index_select(0, self.m)
+            P, wild = _products(block - r, _terms(self.G))
+            self.redo |= wild
+            self.centred += P
+            self.t += (block.double() @ r.double().T).squeeze(1)
+            self.done += 1
+
+    def centred_result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The centred fp32 product and the ``(p,)`` mask of the rows :meth:`result` redoes in fp64."""
+        if self.done < len(self.blocks):
+            raise ValueError(f"CentredGram: {self.done} of {len(self.blocks)} column blocks added; advance to n first")
+        t = self.t
+        K = self.centred + t[:, None] + t[None, :] - t[self.m]
+        return (K + K.T) / 2, self.redo
+
+    def result(self) -> torch.Tensor:
+        K, redone = self.centred_result()
+        if bool(redone.any()):  # the one host synchronisation
+            rows = redone.nonzero().flatten()
+            exact = cross_gram(self.G[rows], self.G)
+            K[rows] = exact
+            K[:, rows] = exact.T
+        return K
 
 
 def _products(X: torch.Tensor, terms: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,7 +209,9 @@ def _bounds(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B = fp32 + _gamma(n + 2 * blocks + 12, U64) * (norms[:, None] + r) * (norms[None, :] + r)
         assembly = _gamma(6, U64) * 2 * (xx + (norms[:, None] + norms[None, :] + r) * r)
         Bd = _spread(fp32 + _gamma(2 * blocks + 4, U64) * xx + assembly)
-        redone = _centred_gram(G)[1]
+        product = CentredGram(G)
+        product.advance(n)
+        redone = product.centred_result()[1]
         B[redone], B[:, redone] = exact[redone], exact[:, redone]
         Bd = torch.where(redone[:, None] | redone[None, :], _spread(B), Bd)
     return B, Bd + _gamma(3, U64) * (norms[:, None] + norms[None, :]) ** 2  # + sq_distances' roundings

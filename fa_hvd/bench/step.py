@@ -24,13 +24,52 @@ exchange runs inside ``backward`` (DDP's buckets and the hook), so the DDP rows 
 exposed time of their own (``null``).
 
 A step is ``zero_grad``, forward, ``backward``, ``synchronize()``, ``step()`` (under
-``skip_synchronize``). Its *exposed communication* is the time from the end of
-``backward`` (the last gradient) to the end of ``synchronize()`` (the aggregate in
-``.grad``): the communication that backward did not hide, plus, for fa_hvd, the
-rule. Rounds interleave the variants (``steps`` steps each per round) so machine
-noise hits all alike; rank 0 prints one JSON line per variant with medians of the
-step time and the exposed time, their ratios to Horovod's, fa_hvd's own split
-(``wait_s``: blocked on communication, ``aggregate_s``: the rule).
+``skip_synchronize``), the same span for every variant. Its *exposed communication* is
+the time from the end of ``backward`` (the last gradient) to the end of
+``synchronize()`` (the aggregate in ``.grad``): the communication that backward did not
+hide, plus, for fa_hvd, the rule.
+
+Fairness. Warm-up (``--warmup`` rounds, untimed) and timed rounds both interleave the
+variants, ``steps`` steps each, and each round starts one variant later than the one
+before (no variant always runs first, after the barrier, or after the same neighbour),
+so machine noise and drift hit all alike. Rank 0 prints one JSON line per variant: the
+median, min and max step time, the ratio of medians to the baseline's
+(``vs_horovod``) and the spread of the per-round ratios (``vs_horovod_spread``: min,
+median, max of this variant's round median over the baseline's in the same round), the
+same for the exposed time, fa_hvd's own split (``wait_s``: blocked on communication,
+``aggregate_s``: the rule), the machine's ``cores``, ``ranks_per_node x threads`` and
+whether that ``oversubscribed`` the cores, and the load averages before and after.
+
+Oversubscribed (more ranks x threads on a node than cores), a rank that waits competes
+with the ranks that compute, and how it waits decides the figures: Horovod's
+``synchronize()`` spins (its C++ ``WaitAndClear`` polls with ``std::this_thread::yield()``),
+fa_hvd's transport polls with sleeps from 10 us to 1 ms (:func:`fa_hvd.comm.base.wait_until`)
+and gives its core away. That, not fa_hvd's exchange, is why 4 ranks on 2 cores printed
+fa_hvd at 0.41x-0.46x Horovod's step. ``--horovod-poll`` adds ``horovod_allreduce_polled``:
+Horovod's optimizer unchanged, but the bench waits for its handles as fa_hvd does
+(``hvd.poll`` and the same sleeps) before ``synchronize()``; fa_hvd's rows then also carry
+``vs_horovod_polled``. Ratios from an oversubscribed run measure the waiting, not the
+exchange.
+
+``--profile``: after the rounds, ``--steps`` more steps of each fa_hvd variant and of
+the baseline, and one JSON line per variant and rank (``"bench": "step_profile"``) with
+the median seconds of each phase of the step, in the order they happen: ``forward``,
+``backward`` (without fa_hvd's hooks), ``flatten`` (copying the gradients into buckets)
+and ``send`` (handing them to the exchange), both inside backward, for the allgather
+exchange ``bucket_work`` (copying each bucket into the ``(p, n)`` matrix and, for a Gram
+rule, its NaN/Inf check and Gram blocks, while the later buckets travel), ``wait``
+(blocked on the last bucket, without ``bucket_work``; Horovod: all of
+``synchronize()``), the exchange's stages after that (allgather: ``assembled``, the last
+bucket's own work, then ``aggregated``, the rest of the rule; sharded: ``gram``, the
+partial Gram, its allgather and the evidence, ``solved``, ``combined``, this rank's
+shard of the aggregate, ``gathered``, the aggregate's allgather, ``aggregated``),
+``unflatten`` (the aggregate into ``.grad``) and ``optimizer_step``. For an allgather
+Gram-space rule over several buckets, ``rule_parts`` says what each piece of the rule
+costs in all, by running it again on the same gathered matrix: ``finite_check`` (the
+rows with NaN or Inf; robust rules only), ``gram``, ``solve`` (the ``p x p``
+coefficients) and ``combine`` (``c^T G``); for FA, Krum and the other plain Gram rules
+most of ``finite_check`` and ``gram`` ran in ``bucket_work``. Rank 0 prints them as a
+table on stderr too.
 
 Bytes: what each rank really sent and received per step, as the kernel counted
 them on its TCP sockets (:mod:`fa_hvd.comm.traffic`; everything the process moved
@@ -51,6 +90,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -63,11 +103,14 @@ SHARDED_VARIANTS = ("fa_hvd_mean_sharded", "fa_hvd_flag_sharded")
 TORCH_VARIANTS = ("ddp_hook_mean", "ddp_hook_flag", "fa_hvd_mean", "fa_hvd_flag")
 EXCHANGES = ("allgather", "sharded")
 BASELINES = {"horovod": ("horovod_allreduce", "vs_horovod"), "torch": ("ddp_allreduce", "vs_ddp")}
+POLLED = "horovod_allreduce_polled"
 
 
-def variants_for(exchanges: list[str], transport: str = "horovod", digest_cost: bool = False) -> tuple[str, ...]:
-    """The transport's own allreduce, then fa_hvd's variants for each exchange asked for."""
-    names = (BASELINES[transport][0],)
+def variants_for(exchanges: list[str], transport: str = "horovod", digest_cost: bool = False,
+                 horovod_poll: bool = False) -> tuple[str, ...]:
+    """The transport's own allreduce (and, with ``horovod_poll``, Horovod's waited for as fa_hvd
+    waits), then fa_hvd's variants for each exchange asked for."""
+    names = (BASELINES[transport][0],) + ((POLLED,) if horovod_poll and transport == "horovod" else ())
     if transport == "torch":
         for exchange in exchanges:
             names += tuple(v + ("_sharded" if exchange == "sharded" else "") for v in TORCH_VARIANTS)
@@ -110,8 +153,14 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--image", type=int, default=32, help="input images are 3 x IMAGE x IMAGE")
     parser.add_argument("--batch-size", type=int, default=16, help="per rank")
     parser.add_argument("--steps", type=int, default=3, help="steps per variant per round")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (each runs every variant)")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="untimed rounds first (each runs every variant, one step each)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print where one step's time goes, per variant and rank (step_profile lines)")
+    parser.add_argument("--horovod-poll", action="store_true",
+                        help="also time horovod_allreduce_polled: Horovod's optimizer, waited for as fa_hvd "
+                             "waits (polls and sleeps instead of spinning)")
     parser.add_argument("--f", type=int, default=None,
                         help="FA's f (default: 1, or 0 below 3 ranks, where FA cannot tolerate one: p >= 2f + 1)")
     parser.add_argument("--r", type=int, default=None, help="FA's subspace dimension (default: FA's own, it follows p)")
@@ -143,11 +192,82 @@ def vs_allreduce(mine: list[float], allreduce: list[float]) -> float | str:
     return max(m / a for m, a in zip(mine, allreduce))
 
 
+def ranks_per_node(size: int) -> int:
+    """Ranks on this node, from the launcher's environment (horovodrun, mpirun, torchrun); else ``size``."""
+    for key in ("HOROVOD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "LOCAL_WORLD_SIZE"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return size
+
+
+def spread(values: list[float]) -> list[float] | None:
+    """``[min, median, max]`` (None when empty)."""
+    return [min(values), statistics.median(values), max(values)] if values else None
+
+
+def wait_for_horovod(opt) -> None:
+    """Wait for Horovod's allreduce handles as fa_hvd's transport waits (``hvd.poll``, then sleeps
+    growing from 10 us to 1 ms), so that ``synchronize()`` finds them done and never spins."""
+    import horovod.torch as hvd
+    from fa_hvd.comm.base import wait_until
+
+    for handle, _ in list(opt._handles.values()):
+        if isinstance(handle, int):
+            wait_until(lambda: hvd.poll(handle), None, "fa-hvd-bench: Horovod's allreduce")
+
+
+def step_phases(forward: float, backward: float, synchronize: float, optimizer_step: float,
+                stats: dict) -> dict[str, float]:
+    """One step's phases in order (module docstring): fa_hvd's from its ``stats``; Horovod's
+    ``synchronize()`` is all ``wait``."""
+    hooks = stats.get("flatten_s", 0.0) + stats.get("send_s", 0.0)
+    phases = {"forward": forward, "backward": backward - hooks}
+    if "phases" not in stats:
+        return {**phases, "wait": synchronize, "optimizer_step": optimizer_step}
+    phases.update({"flatten": stats["flatten_s"], "send": stats["send_s"]})
+    if "overlapped_s" in stats:  # the allgather exchange's work on buckets while later ones travel
+        phases["bucket_work"] = stats["overlapped_s"]
+    phases["wait"] = stats["wait_s"] - stats.get("overlapped_s", 0.0)
+    phases.update(stats["phases"])
+    phases.update({"unflatten": stats["unflatten_s"], "optimizer_step": optimizer_step})
+    return phases
+
+
+def rule_parts(rule, G: torch.Tensor | None, repeats: int = 3) -> dict[str, float]:
+    """An allgather rule's pieces, timed again on the matrix ``G`` it last saw (median of
+    ``repeats``): ``finite_check``, ``gram``, ``solve``, ``combine``; empty without ``G`` (one
+    bucket: the exchange keeps no matrix) and for rules that are not in Gram space."""
+    from fa_hvd.aggregators.base import combine, finite_rows, host_gram
+
+    if G is None or not getattr(rule, "gram_space", False):
+        return {}
+    times = {key: [] for key in ("finite_check", "gram", "solve", "combine")}
+    for _ in range(repeats):
+        start = time.perf_counter()
+        if rule.robust:
+            finite_rows(G)
+        checked = time.perf_counter()
+        if rule.uses_gram:
+            K = host_gram(G)
+            gram_done = time.perf_counter()
+            c = rule.coefficients(K, rule.f)
+            solved = time.perf_counter()
+            combine(G, c)
+        else:  # the mean: one pass, no Gram
+            gram_done = solved = checked
+            G.mean(dim=0)
+        done = time.perf_counter()
+        for key, seconds in zip(times, (checked - start, gram_done - checked, solved - gram_done, done - solved)):
+            times[key].append(seconds)
+    return {key: statistics.median(v) for key, v in times.items()}
+
+
 def run(args: argparse.Namespace) -> int:
     import fa_hvd
     import fa_hvd.ddp
     from fa_hvd.comm import get_transport
     from fa_hvd.comm.traffic import SocketTraffic
+    from fa_hvd.exchange import AllgatherExchange
     from fa_hvd.exchange.cost import exchange_cost
 
     transport = get_transport(args.transport)
@@ -160,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(args.batch_size, 3, args.image, args.image, generator=gen).to(device)
     y = torch.randint(0, args.num_classes, (args.batch_size,), generator=gen).to(device)
-    names = variants_for(args.exchange, args.transport, args.digest_cost)
+    names = variants_for(args.exchange, args.transport, args.digest_cost, args.horovod_poll)
     baseline, ratio = BASELINES[args.transport]
     flag = {"f": min(1, (size - 1) // 2) if args.f is None else args.f,
             **({} if args.r is None else {"r": args.r})}
@@ -171,7 +291,7 @@ def run(args: argparse.Namespace) -> int:
         inner = torch.optim.SGD(model.parameters(), lr=0.01)
         named = model.named_parameters()
         exchange = "sharded" if "_sharded" in name else "allgather"
-        if name == "horovod_allreduce":
+        if name.startswith("horovod_allreduce"):
             import horovod.torch as hvd
 
             return model, hvd.DistributedOptimizer(inner, named_parameters=named, op=hvd.Average)
@@ -194,6 +314,7 @@ def run(args: argparse.Namespace) -> int:
 
     variants = {name: build(name) for name in names}
     traffic = SocketTraffic()
+    load_before = os.getloadavg()
 
     def clock() -> float:
         if device.type == "cuda":
@@ -201,46 +322,86 @@ def run(args: argparse.Namespace) -> int:
         return time.perf_counter()
     keys = ("step_s", "exposed_s", "wait_s", "aggregate_s", "sent", "received", "peak_bytes")
     samples = {name: {key: [] for key in keys} for name in names}
+    per_round = {name: {"step_s": [], "exposed_s": []} for name in names}  # each round's median
+    profiles = {name: [] for name in names}
+    parts: dict[str, dict] = {}
 
-    def steps(name, count, record):
+    def steps(name, count, record, profile=False):
         model, opt = variants[name]
         for _ in range(count):
             start = clock()
             opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
+            loss = F.cross_entropy(model(x), y)
+            forward_done = clock()
+            loss.backward()
             if name.startswith("ddp_"):  # the exchange ran inside backward
                 opt.step()
                 if record:
                     samples[name]["step_s"].append(clock() - start)
                 continue
             backward_done = clock()
+            if name == "horovod_allreduce_polled":
+                wait_for_horovod(opt)
             opt.synchronize()
             synced = clock()
             with opt.skip_synchronize():
                 opt.step()
+            done = clock()
+            stats = getattr(opt, "stats", {})
             if record:
-                samples[name]["step_s"].append(clock() - start)
+                samples[name]["step_s"].append(done - start)
                 samples[name]["exposed_s"].append(synced - backward_done)
-                stats = getattr(opt, "stats", {})
                 for key in ("wait_s", "aggregate_s", "peak_bytes"):
                     if key in stats:
                         samples[name][key].append(stats[key])
+            if profile:
+                profiles[name].append(step_phases(forward_done - start, backward_done - forward_done,
+                                                  synced - backward_done, done - synced, stats))
 
-    for name in names:
-        steps(name, args.warmup, record=False)
+    order = list(names)
+    for _ in range(args.warmup):  # as the timed rounds: interleaved, one variant later each time
+        for name in order:
+            steps(name, 1, record=False)
+        order = order[1:] + order[:1]
     for round_ in range(args.rounds):
-        for name in names:
+        for name in order:
             # Byte counts outside two barriers: no peer's bytes of this round arrive before the
             # first snapshot, and all of them have arrived before the second (barriers: ~100 B).
             before = traffic.totals()
             transport.allreduce_sum(torch.zeros(1), name=f"bench.barrier.{round_}.{name}")
+            count = len(samples[name]["step_s"])
             steps(name, args.steps, record=True)
             transport.allreduce_sum(torch.zeros(1), name=f"bench.barrier2.{round_}.{name}")
             after = traffic.totals()
             samples[name]["sent"].append((after[0] - before[0]) / args.steps)
             samples[name]["received"].append((after[1] - before[1]) / args.steps)
+            for key in per_round[name]:
+                if samples[name][key][count:]:
+                    per_round[name][key].append(statistics.median(samples[name][key][count:]))
+        order = order[1:] + order[:1]
         if rank == 0:
             print(f"round {round_ + 1}/{args.rounds}", file=sys.stderr, flush=True)
+    if args.profile:
+        for name in names:
+            if name.startswith("ddp_"):
+                continue
+            transport.allreduce_sum(torch.zeros(1), name=f"bench.profile.{name}")
+            steps(name, args.steps, record=False, profile=True)
+            exchange = getattr(variants[name][1], "exchange", None)
+            if isinstance(exchange, AllgatherExchange):  # its (p, n) matrix, kept across steps (several buckets)
+                parts[name] = rule_parts(exchange.aggregator, exchange._buffer)
+    load_after = os.getloadavg()
+    local = ranks_per_node(size)
+    cores = len(os.sched_getaffinity(0))
+    machine = {"cores": cores, "ranks_x_threads_per_node": local * args.threads,
+               "oversubscribed": local * args.threads > cores,
+               "load_average_before": [round(v, 2) for v in load_before],
+               "load_average_after": [round(v, 2) for v in load_after]}
+    if rank == 0 and machine["oversubscribed"]:
+        print(f"fa-hvd-bench step: {local} ranks x {args.threads} thread(s) on {cores} cores: oversubscribed; "
+              f"waiting ranks compete with computing ones and Horovod's synchronize() spins while fa_hvd's "
+              f"transport sleeps, so the ratios measure the waiting (see --horovod-poll)", file=sys.stderr,
+              flush=True)
 
     n = sum(p.numel() for p in variants[baseline][0].parameters())
     medians = {name: {k: statistics.median(v) for k, v in s.items() if v} for name, s in samples.items()}
@@ -248,11 +409,18 @@ def run(args: argparse.Namespace) -> int:
     everyone = transport.allgather(wire, name="bench.bytes")  # (ranks, variants, 2): numbers, not pickles
     most = {name: everyone[:, i].amax(0).tolist() for i, name in enumerate(names)}
     base = medians[baseline]
+    profile_rows = gather_profiles(transport, names, profiles, parts) if args.profile else {}
+
+    def round_ratios(name: str, other: str, key: str) -> list[float] | None:
+        """This variant's round medians over ``other``'s in the same rounds: ``[min, median, max]``."""
+        pairs = list(zip(per_round[name][key], per_round[other][key]))
+        return spread([a / b for a, b in pairs]) if len(pairs) == args.rounds else None
+
     if rank == 0:
         records = []
         for name in names:
             m = medians[name]
-            kind = "allreduce" if name == baseline else "sharded" if "_sharded" in name else "allgather"
+            kind = "allreduce" if name in (baseline, POLLED) else "sharded" if "_sharded" in name else "allgather"
             opt = variants[name][1]
             buckets = getattr(opt, "_buckets", None) if kind != "allreduce" else None  # DDP's are its own
             sizes = [b.numel for b in buckets] if buckets else [n]
@@ -263,9 +431,12 @@ def run(args: argparse.Namespace) -> int:
                 "buckets": len(buckets) if buckets else None,
                 "median_s": m["step_s"], "min_s": min(samples[name]["step_s"]),
                 "max_s": max(samples[name]["step_s"]), ratio: m["step_s"] / base["step_s"],
+                f"{ratio}_spread": round_ratios(name, baseline, "step_s"),
                 "exposed_s": m.get("exposed_s"),
                 f"exposed_{ratio}": m["exposed_s"] / base["exposed_s"] if "exposed_s" in m and "exposed_s" in base
                 else None,
+                f"exposed_{ratio}_spread": round_ratios(name, baseline, "exposed_s"),
+                "rounds": args.rounds, "steps_per_round": args.steps, "threads": args.threads, **machine,
                 "bytes_sent_per_rank_per_step": int(most[name][0]),
                 "bytes_received_per_rank_per_step": int(most[name][1]),
                 "model_bytes_per_rank_per_step": int(model["bytes_received"]),
@@ -276,6 +447,9 @@ def run(args: argparse.Namespace) -> int:
             if kind == "sharded":
                 record["bytes_vs_allreduce"] = vs_allreduce(most[name], most[baseline])
             record.update({k: m[k] for k in ("wait_s", "aggregate_s") if k in m})
+            if POLLED in names and name.startswith("fa_hvd"):
+                record["vs_horovod_polled"] = m["step_s"] / medians[POLLED]["step_s"]
+                record["vs_horovod_polled_spread"] = round_ratios(name, POLLED, "step_s")
             if name.endswith("_digest"):  # the digest's cost: this median over its twin's without it
                 record["digest_cost"] = m["step_s"] / medians[name.removesuffix("_digest")]["step_s"] - 1
             records.append(record)
@@ -291,4 +465,41 @@ def run(args: argparse.Namespace) -> int:
                     r["bytes_vs_allreduce"] <= 1.1 for r in sharded),
                 f"sharded_step_within_1_1x_{baseline.split('_')[0]}": all(r[ratio] <= 1.1 for r in sharded),
             }}), flush=True)
+        for name, rows in profile_rows.items():
+            for r, phases in enumerate(rows):
+                print(json.dumps({"bench": "step_profile", "variant": name, "rank": r, **phases}), flush=True)
+        if profile_rows:
+            print_profiles(profile_rows)
     return 0
+
+
+def gather_profiles(transport, names, profiles: dict, parts: dict) -> dict[str, list[dict]]:
+    """Every rank's median phases (``{"phases": ..., "rule_parts": ...}``) per profiled variant, for
+    rank 0 (one allgather of numbers per variant; every rank has the same phases for a variant)."""
+    rows = {}
+    for name in names:
+        if not profiles[name]:
+            continue
+        keys = list(profiles[name][0])
+        mine = [statistics.median(step[key] for step in profiles[name]) for key in keys]
+        extra = list(parts.get(name, {}))
+        mine += [parts[name][key] for key in extra]
+        everyone = transport.allgather(torch.tensor([mine], dtype=torch.float64), name=f"bench.profile.{name}.rows")
+        rows[name] = [{"phases": dict(zip(keys, values[: len(keys)])),
+                       **({"rule_parts": dict(zip(extra, values[len(keys):]))} if extra else {})}
+                      for values in everyone.tolist()]
+    return rows
+
+
+def print_profiles(rows: dict[str, list[dict]]) -> None:
+    """The profile as a table on stderr: one line per variant and rank, milliseconds per phase."""
+    for name, ranks in rows.items():
+        print(f"profile of {name} (ms per step, median):", file=sys.stderr)
+        for r, row in enumerate(ranks):
+            cells = [f"{key} {1e3 * seconds:.1f}" for key, seconds in row["phases"].items()]
+            if "rule_parts" in row:
+                cells.append("[rule: " + ", ".join(f"{key} {1e3 * seconds:.1f}"
+                                                   for key, seconds in row["rule_parts"].items()) + "]")
+            total = sum(row["phases"].values())
+            print(f"  rank {r}: " + " | ".join(cells) + f" | total {1e3 * total:.1f}", file=sys.stderr)
+    sys.stderr.flush()

@@ -13,8 +13,9 @@ class GradientExchange:
     otherwise), then :meth:`finish` once, which waits and returns the ``(n,)``
     aggregate of all buckets, concatenated in bucket-index order, on ``device``.
     :meth:`abandon` drops a step in flight (``load_state_dict``, elastic restore).
-    ``timings`` holds the last :meth:`finish`'s ``arrived`` and ``aggregated``
-    ``time.perf_counter()`` stamps.
+    ``timings`` holds the last :meth:`finish`'s ``time.perf_counter()`` stamps in the
+    order they happened: ``arrived`` (the last bucket received), the exchange's own
+    stages, and ``aggregated``.
     """
 
     timings: dict

@@ -82,9 +82,11 @@ class ShardedExchange(GradientExchange):
     optimizer; :func:`replicated` makes a factory with ``replicas``. :meth:`start` takes
     each bucket's flat gradient (in any order), :meth:`finish` returns the aggregate,
     :meth:`abandon` drops a step in flight. ``timings`` holds the last finish's
-    ``arrived`` (the last alltoall received) and ``aggregated`` stamps, so the
-    optimizer's ``aggregate_s`` includes the two small collectives after the
-    alltoalls; ``stats`` holds its ``peak_bytes`` (the most bytes of tensors the
+    ``arrived`` (the last alltoall received), ``gram`` (the partial Gram, its allgather
+    and the evidence), ``solved`` (the rule's ``p x p`` work), ``combined`` (this rank's
+    shard of the aggregate), ``gathered`` (the aggregate's allgather) and ``aggregated``
+    stamps, so the optimizer's ``aggregate_s`` includes the two small collectives after
+    the alltoalls; ``stats`` holds its ``peak_bytes`` (the most bytes of tensors the
     exchange itself held at once).
     """
 
@@ -210,6 +212,7 @@ class ShardedExchange(GradientExchange):
         self.timings = {"arrived": time.perf_counter()}
         n = offset
         K, rows, evidence = self._gram(pieces, digests, n, compute, device, step)
+        self.timings["gram"] = time.perf_counter()
         self.aggregator.weights = None
         if rows.none_left:
             self.aggregator.diagnostics = {**describe(self.p, rows, None), **evidence}
@@ -222,6 +225,7 @@ class ShardedExchange(GradientExchange):
             keep = torch.cat([rows.keep, torch.arange(self.p, K.shape[0])])  # anchors stay
             K = K[keep][:, keep]
         rule = self.aggregator.by_columns(kept, K, rows.f)
+        self.timings["solved"] = time.perf_counter()
         self.aggregator.diagnostics = {**describe(self.p, rows, self.aggregator.weights), **evidence}
         widths = [-(-size // self.p) for size in sizes]
         starts = [sum(widths[:i]) for i in range(len(widths))]
@@ -233,7 +237,9 @@ class ShardedExchange(GradientExchange):
         held += _bytes(out)
         if self.lies is not None:
             out = self.lies.aggregate(self.held, out)
+        self.timings["combined"] = time.perf_counter()
         aggregate, gathered = self._gather(out, sizes, widths, starts, step)
+        self.timings["gathered"] = time.perf_counter()
         self.stats = {"peak_bytes": held + gathered}
         if self.digest:
             check_agreement(self.transport, aggregate, step, f"{self.prefix}.digest")
