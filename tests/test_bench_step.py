@@ -14,7 +14,8 @@ pytestmark = pytest.mark.slow
 
 def test_step_benchmark_reports_every_variant_with_exposed_communication():
     proc = launch("gloo", 4, ["fa-hvd-bench", "step", "--model", "cnn", "--rounds", "2", "--steps", "2",
-                              "--warmup", "1", "--bucket-bytes", "20000", "--exchange", "allgather,sharded",
+                              "--warmup", "1", "--width", "128", "--bucket-bytes", "300000",
+                              "--exchange", "allgather,sharded",
                               "--profile"])
     assert proc.returncode == 0, output(proc)
     lines = [json.loads(line) for line in untagged(proc.stdout).splitlines() if '"bench": "step"' in line]
