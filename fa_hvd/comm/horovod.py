@@ -47,7 +47,8 @@ class HorovodTransport(Transport):
         return _HorovodHandle(hvd.allgather_async(tensor, name=name, process_set=self.process_set), name)
 
     def wait(self, handle: Handle) -> torch.Tensor:
-        wait_until(lambda: hvd.poll(handle.handle), self.timeout, f"fa_hvd: rank {self.rank}: {handle.name!r}")
+        wait_until(lambda: hvd.poll(handle.handle), self.timeout, f"fa_hvd: rank {self.rank}: {handle.name!r}",
+                   who=self.stall_report)
         result = hvd.synchronize(handle.handle)
         return result[0] if isinstance(result, tuple) else result  # alltoall: (rows, received splits)
 

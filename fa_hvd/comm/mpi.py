@@ -58,7 +58,8 @@ class MPITransport(Transport):
         return _MPIHandle(request, send, recv, tensor.device, tensor.dtype, shape)
 
     def wait(self, handle: Handle) -> torch.Tensor:
-        wait_until(handle.request.Test, self.timeout, f"fa_hvd: rank {self.rank}: allgather")
+        wait_until(handle.request.Test, self.timeout, f"fa_hvd: rank {self.rank}: allgather",
+                   who=self.stall_report)
         return handle.recv.view(handle.dtype).reshape(handle.shape).to(handle.device)
 
     def broadcast_(self, tensor: torch.Tensor, root: int, name: str) -> torch.Tensor:

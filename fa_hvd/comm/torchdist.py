@@ -79,7 +79,8 @@ class TorchDistTransport(Transport):
         return _TorchHandle(work, output, tensor.device, name)
 
     def wait(self, handle: Handle) -> torch.Tensor:
-        wait_until(handle.work.is_completed, self.timeout, f"fa_hvd: rank {self.rank}: {handle.name!r}")
+        wait_until(handle.work.is_completed, self.timeout, f"fa_hvd: rank {self.rank}: {handle.name!r}",
+                   who=self.stall_report)
         handle.work.wait()
         return handle.output.to(handle.device)
 

@@ -607,6 +607,7 @@ def agree_on_errors(transport, error: str | None) -> None:
 def start(trainer: Trainer, args) -> list[str]:
     """Build the world's components and load the checkpoint (collective). Returns notes for the user."""
     trainer.build()
+    trainer.transport.start_roll_call()
     state, notes = resume.choose(trainer.transport, trainer.run_dir, args.resume,
                                  trainer.compatible(args.resume_reshard), trainer.lock)
     if trainer.rank == 0:
