@@ -11,6 +11,8 @@ on its rank, so the parameters must agree bit for bit with the same 4 ranks on o
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -138,9 +140,70 @@ def test_partition_ends_a_job_and_names_the_lost_ranks(netcluster, tmp_path):
     print(f"partition: the job ended {ended_after:.1f} s after the link went down (bound {PARTITION_BOUND_S} s)")
 
 
-def test_elastic_node_crash_and_return(netcluster, tmp_path):
-    """Every process of node2 is killed at once: the survivors go on on node1 from the last
-    commit; node2 boots again, the discovery script names it and its ranks rejoin."""
+FROZEN_TIMEOUT_S = 10  # fa_hvd's collective timeout in the test below: below Gloo's (30 s), above start-up skew
+FROZEN_BOUND_S = 90  # Gloo's timeout (a rank exits only once Horovod's background loop lets go), the teardown
+
+
+def ranks_on(netcluster, node: str) -> list[int]:
+    """The pids of the fa-hvd-train ranks running on ``node``."""
+    pids = subprocess.run(["ip", "netns", "pids", netcluster.namespace(node)], capture_output=True, text=True,
+                          check=True).stdout.split()
+    found = []
+    for pid in pids:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(Path(arg.decode()).name == "fa-hvd-train" for arg in argv[:2]):
+            found.append(int(pid))
+    return found
+
+
+def test_a_frozen_node_is_named_by_the_collective_timeout(netcluster, tmp_path):
+    """node2's ranks freeze (SIGSTOP: a node hung, its sshd still answering, so horovodrun sees
+    nothing): fa_hvd's collective timeout, before Gloo's, ends the job, and each rank on node1
+    names the ranks that did not answer its roll call, with their host."""
+    run_dir = tmp_path / "run"
+    cmd = netcluster.on("node1", [str(BIN / "horovodrun"), "-np", "4", "-H", "node1:2,node2:2", "--gloo",
+                                  "--network-interface", "eth0", "fa-hvd-train", "--config",
+                                  str(long_job(tmp_path)), "--run-dir", str(run_dir)])
+    env = job_env({"FA_HVD_COLLECTIVE_TIMEOUT_SECONDS": str(FROZEN_TIMEOUT_S)})
+    log = open(tmp_path / "job.log", "w+")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log = log
+    try:
+        wait_for(lambda: last_step(run_dir) >= 5, proc, 120, "training")
+        frozen = ranks_on(netcluster, "node2")
+        assert len(frozen) == 2, frozen
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        proc.wait(timeout=FROZEN_BOUND_S)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+        netcluster("crash", "node2")  # the frozen ranks: gone with the node
+        netcluster("restart", "node2")
+    log.seek(0)
+    out = untagged(log.read())
+    assert proc.returncode != 0, out[-5000:]
+    for rank in (0, 1):
+        said = [line for line in out.splitlines() if f"fa_hvd: rank {rank}: " in line and "no answer from" in line]
+        assert said and f"within {FROZEN_TIMEOUT_S} s; no answer from rank 2 (node2), rank 3 (node2) (a rank" \
+            in said[0], out[-5000:]
+
+
+# A crashed node's connections reset at once; a partitioned node's ranks are lost only when Gloo
+# gives up on them (HOROVOD_GLOO_TIMEOUT_SECONDS, 30 s): then the survivors reset and go on.
+# Horovod blacklists node2 meanwhile, so its cut-off ranks, answering again once the link is
+# back, are ignored ("already blacklisted"); ranks launched on it anew rejoin.
+ELASTIC_LOSS_BOUND_S = 120
+
+
+@pytest.mark.parametrize("lose,back", [("crash", "restart"), ("partition", "heal")])
+def test_elastic_node_loss_and_return(netcluster, tmp_path, lose, back):
+    """node2 is lost, by a crash (every process of it killed at once) or a partition (its link
+    down): the survivors go on on node1 from the last commit; node2 comes back (boots again, or
+    its link is up), the discovery script names it again and new ranks of it rejoin."""
     hosts = tmp_path / "discovered"
     hosts.write_text("node1:2\nnode2:2\n")
     run_dir = tmp_path / "run"
@@ -164,18 +227,24 @@ def test_elastic_node_crash_and_return(netcluster, tmp_path):
 
     try:
         wait_for(lambda: last_step(run_dir) >= 20, proc, 180, "training on 4 ranks")
-        netcluster("crash", "node2")
-        hosts.write_text("node1:2\n")  # what a scheduler's discovery says of a dead node
-        wait_for(lambda: "continuing at step" in text() and " on 2 ranks" in text(), proc, 120,
+        netcluster(lose, "node2")
+        hosts.write_text("node1:2\n")  # what a scheduler's discovery says of a node it cannot reach
+        wait_for(lambda: "continuing at step" in text() and " on 2 ranks" in text(), proc, ELASTIC_LOSS_BOUND_S,
                  "continuing on node1")
-        netcluster("restart", "node2")
+        netcluster(back, "node2")
         hosts.write_text("node1:2\nnode2:2\n")
         proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
             kill_tree(proc.pid)
+        if lose == "partition":
+            netcluster("heal", "node2")
+            netcluster("crash", "node2")  # the cut-off ranks, if still there: gone with the node
+            netcluster("restart", "node2")
     out = text()
     assert proc.returncode == 0, out[-6000:]
+    if lose == "partition":  # Gloo's timeout noticed the silent peers; the new ranks joined, the old were refused
+        assert "Timed out waiting" in out, out[-6000:]
     summary = finished(run_dir, steps=steps)
     events = summary["events"]
     assert any("from 4 to 2 ranks" in e for e in events) and any("from 2 to 4 ranks" in e for e in events), events
@@ -223,7 +292,9 @@ class Slurm:
 @pytest.fixture(scope="module")
 def slurm(netcluster, tmp_path_factory):
     netcluster("slurm-up")
-    yield Slurm(netcluster, tmp_path_factory.mktemp("slurm"))
+    slurm = Slurm(netcluster, tmp_path_factory.mktemp("slurm"))
+    slurm.run("scontrol", "update", "nodename=node3", "state=drain", "reason=spare")  # the jobs run on node1, node2
+    yield slurm
     netcluster("slurm-down")
 
 
@@ -242,22 +313,38 @@ def test_sbatch_two_nodes_with_srun_pmix_and_horovodrun(slurm, one_host_crc):
         assert finished(slurm.tmp / launcher)["params_crc32"] == one_host_crc, launcher
 
 
-def test_sbatch_node_failure_ends_the_job_and_the_requeue_resumes(slurm, netcluster, tmp_path):
-    """node2 crashes (its slurmd and its ranks killed) mid-run: SLURM takes it DOWN and the job's
-    start ends (NODE_FAIL, requeued); when node2 is back the job starts again and resumes from
-    the last checkpoint."""
-    steps = 60
+def checkpointed_job(slurm: Slurm, tmp_path: Path, name: str, steps: int = 60) -> tuple[str, Path]:
+    """Submit the long job for ``steps`` steps, a checkpoint every 5; return once it is past step 12."""
     config = long_job(tmp_path, checkpoint={"every_steps": 5})
     conf = yaml.safe_load(config.read_text())
     conf["train"]["steps"] = steps
     config.write_text(yaml.safe_dump(conf))
-    run_dir = slurm.tmp / "node-failure"
-    job = slurm.submit("node-failure", str(config), "--run-dir", str(run_dir))
+    run_dir = slurm.tmp / name
+    job = slurm.submit(name, str(config), "--run-dir", str(run_dir))
+    deadline = time.monotonic() + 240
+    while last_step(run_dir) < 12:
+        assert time.monotonic() < deadline, slurm.log(job)[-5000:]
+        time.sleep(0.5)
+    return job, run_dir
+
+
+def assert_resumed(slurm: Slurm, job: str, run_dir: Path, steps: int = 60) -> str:
+    """The job completed after a requeue, its second start resuming from a checkpoint; its log."""
+    info = slurm.wait(job, timeout=300)
+    log = slurm.log(job)
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, (info, log[-5000:])
+    resumed = [line for line in log.splitlines() if "resuming from" in line]
+    assert resumed and "(step 0)" not in resumed[0], log[-5000:]
+    finished(run_dir, steps=steps)
+    return log
+
+
+def test_sbatch_node_failure_ends_the_job_and_the_requeue_resumes(slurm, netcluster, tmp_path):
+    """node2 crashes (its slurmd and its ranks killed) mid-run: SLURM takes it DOWN and the job's
+    start ends (NODE_FAIL, requeued); when node2 is back the job starts again and resumes from
+    the last checkpoint (node3, the spare, is drained here)."""
+    job, run_dir = checkpointed_job(slurm, tmp_path, "node-failure")
     try:
-        deadline = time.monotonic() + 240
-        while last_step(run_dir) < 12:
-            assert time.monotonic() < deadline, slurm.log(job)[-5000:]
-            time.sleep(0.5)
         netcluster("crash", "node2")
         # the start ends and SLURM requeues the job (batch jobs are requeued on a node failure)
         info = slurm.wait(job, until=lambda i: int(i["Restarts"]) >= 1 or i["JobState"] in SLURM_END,
@@ -267,9 +354,20 @@ def test_sbatch_node_failure_ends_the_job_and_the_requeue_resumes(slurm, netclus
         assert node2.startswith("down"), node2
     finally:
         netcluster("restart", "node2")
-    info = slurm.wait(job, timeout=300)
-    log = slurm.log(job)
-    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, (info, log[-5000:])
-    resumed = [line for line in log.splitlines() if "resuming from" in line]
-    assert resumed and "(step 0)" not in resumed[0], log[-5000:]
-    finished(run_dir, steps=steps)
+    assert "4 ranks on node[1-2]" in assert_resumed(slurm, job, run_dir).split("(restart 1)", 1)[1]
+
+
+def test_sbatch_node_failure_requeues_on_a_spare_node(slurm, netcluster, tmp_path):
+    """node3 idle as a spare: node2 crashes mid-run and stays down; the requeued job starts on
+    node1 and node3 and resumes from the last checkpoint."""
+    slurm.run("scontrol", "update", "nodename=node3", "state=resume")
+    try:
+        job, run_dir = checkpointed_job(slurm, tmp_path, "spare")
+        assert slurm.job(job)["NodeList"] == "node[1-2]"  # SLURM takes idle nodes in their order
+        netcluster("crash", "node2")
+        log = assert_resumed(slurm, job, run_dir)
+    finally:
+        netcluster("restart", "node2")
+        slurm.run("scontrol", "update", "nodename=node3", "state=drain", "reason=spare")
+    assert slurm.job(job)["NodeList"] == "node[1,3]", log[-3000:]
+    assert "(restart 1): 4 ranks on node[1,3]" in log, log[-5000:]

@@ -109,6 +109,7 @@ class Transport:
     included = True
     passthrough_errors: tuple[type[BaseException], ...] = ()
     lies = None  # fault injection: fa_hvd.faults.roles.RoleLies, asked what this rank's messages say
+    timeout: float | None = None  # seconds a wait may last (fa_hvd.comm.base.collective_timeout)
     roll_call: RollCall | None = None  # once start_roll_call() ran: who answers when a wait stalls
 
     def start_roll_call(self) -> None:
@@ -117,6 +118,18 @@ class Transport:
         if self.roll_call is not None:
             self.roll_call.close()
         self.roll_call = RollCall(self)
+
+    def wait_for(self, done: Callable[[], bool], name: str) -> None:
+        """:func:`wait_until` ``done`` (``self.timeout``) for collective ``name``; meanwhile the roll
+        call tells the other ranks that this rank waits in ``name``."""
+        call = self.roll_call
+        if call is not None:
+            call.waiting = name
+        try:
+            wait_until(done, self.timeout, f"fa_hvd: rank {self.rank}: {name!r}", who=self.stall_report)
+        finally:
+            if call is not None:
+                call.waiting = ""
 
     def stall_report(self) -> str | None:
         """Who does not answer the roll call (``None`` before :meth:`start_roll_call`)."""
