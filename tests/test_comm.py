@@ -68,6 +68,7 @@ def test_the_roll_call_names_the_ranks_that_do_not_answer_and_where_the_others_w
         assert calls[0].answers() == {1: "", 2: "eval", 3: None}
         assert calls[0].report() == (f"no answer from rank 3 ({host}); in no collective (busy or hung): rank 1 ({host}); "
                                      f"rank 2 ({host}) waits in 'eval'")
+        assert calls[0].report(where=False) == f"no answer from rank 3 ({host})"  # after a failure
     finally:
         for call in calls:
             call.close()

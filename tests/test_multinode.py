@@ -243,8 +243,9 @@ def test_elastic_node_loss_and_return(netcluster, tmp_path, lose, back):
             netcluster("restart", "node2")
     out = text()
     assert proc.returncode == 0, out[-6000:]
-    if lose == "partition":  # Gloo's timeout noticed the silent peers; the new ranks joined, the old were refused
+    if lose == "partition":  # Gloo's timeout noticed the silent peers; the survivors' roll call names them
         assert "Timed out waiting" in out, out[-6000:]
+        assert "failed in Horovod; no answer from rank 2 (node2), rank 3 (node2)" in out, out[-6000:]
     summary = finished(run_dir, steps=steps)
     events = summary["events"]
     assert any("from 4 to 2 ranks" in e for e in events) and any("from 2 to 4 ranks" in e for e in events), events

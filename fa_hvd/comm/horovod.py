@@ -57,9 +57,9 @@ class HorovodTransport(Transport):
         try:
             result = hvd.synchronize(handle.handle)
         except HorovodInternalError:  # Gloo or MPI gave up on a peer (its timeout, a reset connection)
-            report = self.stall_report()
-            if report:
-                _log.warning("fa_hvd: rank %d: %r failed in Horovod; %s", self.rank, handle.name, report)
+            if self.roll_call is not None:
+                _log.warning("fa_hvd: rank %d: %r failed in Horovod; %s", self.rank, handle.name,
+                             self.roll_call.report(where=False))
             raise
         return result[0] if isinstance(result, tuple) else result  # alltoall: (rows, received splits)
 

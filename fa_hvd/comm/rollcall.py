@@ -77,8 +77,9 @@ class RollCall:
         with ThreadPoolExecutor(max_workers=min(MAX_CALLS_AT_ONCE, len(others))) as pool:
             return dict(zip(others, pool.map(self._call, others)))
 
-    def report(self) -> str:
-        """One clause for a stall message: who did not answer, who waits in no or another collective."""
+    def report(self, where: bool = True) -> str:
+        """One clause for a stall message: who did not answer; with ``where``, who waits in no
+        or another collective (after a failure the others have left their waits: ``where=False``)."""
         answers = self.answers()
 
         def named(ranks) -> str:
@@ -88,6 +89,8 @@ class RollCall:
         idle = [r for r, a in answers.items() if a == ""]
         elsewhere = [r for r, a in answers.items() if a and a != self.waiting]
         parts = [f"no answer from {named(missing)}"] if missing else []
+        if not where:
+            return parts[0] if parts else "every other rank answers the roll call"
         if idle:
             parts.append(f"in no collective (busy or hung): {named(idle)}")
         parts += [f"{named([r])} waits in {answers[r]!r}" for r in elsewhere]
