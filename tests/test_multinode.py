@@ -92,6 +92,23 @@ def test_mpirun_launcher_across_a_slow_link(netcluster, one_host_crc, tmp_path):
     assert tbf["bytes"] > STEPS * 2 * GRADIENT_BYTES, tbf  # node2's gradients left it through the slow link
 
 
+def test_a_link_delay_is_netem_or_refused_with_the_reason(netcluster):
+    """`link NODE delay MS` adds the delay with netem where the kernel has it; elsewhere (this
+    machine: no CONFIG_NET_SCH_NETEM, nor fq or etf) it refuses, saying so, and adds nothing."""
+    proc = subprocess.run([netcluster.script, "link", "node2", "delay", "20"], env=netcluster.env,
+                          capture_output=True, text=True, timeout=60)
+    try:
+        qdisc = subprocess.run(["ip", "netns", "exec", netcluster.namespace("node2"), "tc", "-j", "qdisc", "show",
+                                "dev", "eth0"], capture_output=True, text=True, check=True)
+    finally:
+        netcluster("link", "node2", "clear")
+    kinds = [q["kind"] for q in json.loads(qdisc.stdout)]
+    if proc.returncode == 0:
+        assert "netem" in kinds, kinds
+    else:
+        assert "no netem qdisc (CONFIG_NET_SCH_NETEM)" in proc.stderr and "netem" not in kinds, (proc.stderr, kinds)
+
+
 def long_job(tmp_path: Path, **extra) -> Path:
     """configs/demo.yaml without its fault, rank 0 slowed to ~20 steps/s, and many steps."""
     conf = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
@@ -314,38 +331,23 @@ def test_sbatch_two_nodes_with_srun_pmix_and_horovodrun(slurm, one_host_crc):
         assert finished(slurm.tmp / launcher)["params_crc32"] == one_host_crc, launcher
 
 
-def checkpointed_job(slurm: Slurm, tmp_path: Path, name: str, steps: int = 60) -> tuple[str, Path]:
-    """Submit the long job for ``steps`` steps, a checkpoint every 5; return once it is past step 12."""
+def test_sbatch_node_failure_ends_the_job_and_the_requeue_resumes_on_a_spare(slurm, netcluster, tmp_path):
+    """node2 crashes (its slurmd and its ranks killed) mid-run: SLURM takes it DOWN and the job's
+    start ends (NODE_FAIL, requeued); the job waits, two nodes not being up, until node3, the
+    spare, is: it starts again on node1 and node3 and resumes from the last checkpoint."""
+    steps = 60
     config = long_job(tmp_path, checkpoint={"every_steps": 5})
     conf = yaml.safe_load(config.read_text())
     conf["train"]["steps"] = steps
     config.write_text(yaml.safe_dump(conf))
-    run_dir = slurm.tmp / name
-    job = slurm.submit(name, str(config), "--run-dir", str(run_dir))
-    deadline = time.monotonic() + 240
-    while last_step(run_dir) < 12:
-        assert time.monotonic() < deadline, slurm.log(job)[-5000:]
-        time.sleep(0.5)
-    return job, run_dir
-
-
-def assert_resumed(slurm: Slurm, job: str, run_dir: Path, steps: int = 60) -> str:
-    """The job completed after a requeue, its second start resuming from a checkpoint; its log."""
-    info = slurm.wait(job, timeout=300)
-    log = slurm.log(job)
-    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, (info, log[-5000:])
-    resumed = [line for line in log.splitlines() if "resuming from" in line]
-    assert resumed and "(step 0)" not in resumed[0], log[-5000:]
-    finished(run_dir, steps=steps)
-    return log
-
-
-def test_sbatch_node_failure_ends_the_job_and_the_requeue_resumes(slurm, netcluster, tmp_path):
-    """node2 crashes (its slurmd and its ranks killed) mid-run: SLURM takes it DOWN and the job's
-    start ends (NODE_FAIL, requeued); when node2 is back the job starts again and resumes from
-    the last checkpoint (node3, the spare, is drained here)."""
-    job, run_dir = checkpointed_job(slurm, tmp_path, "node-failure")
+    run_dir = slurm.tmp / "node-failure"
+    job = slurm.submit("node-failure", str(config), "--run-dir", str(run_dir))
     try:
+        deadline = time.monotonic() + 240
+        while last_step(run_dir) < 12:
+            assert time.monotonic() < deadline, slurm.log(job)[-5000:]
+            time.sleep(0.5)
+        assert slurm.job(job)["NodeList"] == "node[1-2]"
         netcluster("crash", "node2")
         # the start ends and SLURM requeues the job (batch jobs are requeued on a node failure)
         info = slurm.wait(job, until=lambda i: int(i["Restarts"]) >= 1 or i["JobState"] in SLURM_END,
@@ -353,22 +355,13 @@ def test_sbatch_node_failure_ends_the_job_and_the_requeue_resumes(slurm, netclus
         assert int(info["Restarts"]) == 1 and info["JobState"] not in SLURM_END, info
         node2 = slurm.run("sinfo", "-h", "-n", "node2", "-o", "%T").strip()
         assert node2.startswith("down"), node2
+        slurm.run("scontrol", "update", "nodename=node3", "state=resume")
+        info = slurm.wait(job, timeout=300)
     finally:
         netcluster("restart", "node2")
-    assert "4 ranks on node[1-2]" in assert_resumed(slurm, job, run_dir).split("(restart 1)", 1)[1]
-
-
-def test_sbatch_node_failure_requeues_on_a_spare_node(slurm, netcluster, tmp_path):
-    """node3 idle as a spare: node2 crashes mid-run and stays down; the requeued job starts on
-    node1 and node3 and resumes from the last checkpoint."""
-    slurm.run("scontrol", "update", "nodename=node3", "state=resume")
-    try:
-        job, run_dir = checkpointed_job(slurm, tmp_path, "spare")
-        assert slurm.job(job)["NodeList"] == "node[1-2]"  # SLURM takes idle nodes in their order
-        netcluster("crash", "node2")
-        log = assert_resumed(slurm, job, run_dir)
-    finally:
-        netcluster("restart", "node2")
-        slurm.run("scontrol", "update", "nodename=node3", "state=drain", "reason=spare")
-    assert slurm.job(job)["NodeList"] == "node[1,3]", log[-3000:]
-    assert "(restart 1): 4 ranks on node[1,3]" in log, log[-5000:]
+    log = slurm.log(job)
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == 1, (info, log[-5000:])
+    assert info["NodeList"] == "node[1,3]" and "(restart 1): 4 ranks on node[1,3]" in log, (info, log[-5000:])
+    resumed = [line for line in log.splitlines() if "resuming from" in line]
+    assert resumed and "(step 0)" not in resumed[0], log[-5000:]
+    finished(run_dir, steps=steps)
