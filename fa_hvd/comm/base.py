@@ -115,9 +115,14 @@ class Transport:
     def start_roll_call(self) -> None:
         """Collective: (re)start this rank's part of the roll call (:mod:`fa_hvd.comm.rollcall`),
         after which a stalled wait names the ranks that do not answer. Again after the world changed."""
+        self.stop_roll_call()
+        self.roll_call = RollCall(self)
+
+    def stop_roll_call(self) -> None:
+        """Stop answering the roll call and forget its roster."""
         if self.roll_call is not None:
             self.roll_call.close()
-        self.roll_call = RollCall(self)
+            self.roll_call = None
 
     def wait_for(self, done: Callable[[], bool], name: str) -> None:
         """:func:`wait_until` ``done`` (``self.timeout``) for collective ``name``; meanwhile the roll

@@ -549,6 +549,7 @@ class Trainer:
             self.log.close()
             _report(summary, self.run_dir)
         self.transport.allreduce_sum(torch.zeros(1), name="fa_hvd.train.done")
+        self.transport.stop_roll_call()  # after the last collective: nothing is left to wait for
 
 
 def _report(summary: dict, run_dir: Path) -> None:
