@@ -1,9 +1,10 @@
-"""Across nodes: launchers, a slow link, a partition and a node crash on a two-node cluster.
+"""Across nodes: launchers, a slow link, a partition, a frozen node and a node crash.
 
-The cluster (tools/cluster/cluster.sh, fixture ``netcluster``: one for the session) is two
-network namespaces, node1 and node2, each with its own address on a bridge, a private hosts
-file and sshd; every job is started on node1 and reaches node2 over ssh and TCP, as on a real
-cluster (the file system is shared, as NFS would share it). The jobs train configs/demo.yaml
+The cluster (tools/cluster/cluster.sh, fixture ``netcluster``: one for the session) is three
+network namespaces, node1..node3, each with its own address on a bridge, a private hosts file
+and sshd; every job is started on node1 and reaches node2 over ssh and TCP, as on a real
+cluster (the file system is shared, as NFS would share it); node3 is the spare a SLURM
+requeue lands on. The jobs train configs/demo.yaml
 for a few steps on 2 + 2 ranks; the allgather is exact and each rank's gradient depends only
 on its rank, so the parameters must agree bit for bit with the same 4 ranks on one host.
 """
