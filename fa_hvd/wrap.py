@@ -93,7 +93,10 @@ def robust_optimizer(aggregator: str, params: dict, transport: str, environ=os.e
         if link.rank == 0:
             print(f"fa_hvd.wrap: hvd.DistributedOptimizer -> fa_hvd ({aggregator}, {params}) "
                   f"on {link.size} ranks", file=sys.stderr, flush=True)
-        return fa_optimizer.DistributedOptimizer(**kwargs)
+        robust = fa_optimizer.DistributedOptimizer(**kwargs)
+        if link.included and environ.get("HOROVOD_ELASTIC") != "1":  # collective, as the optimizer's model check
+            link.start_roll_call()  # a stalled exchange names the ranks that do not answer
+        return robust
 
     return DistributedOptimizer
 

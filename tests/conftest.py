@@ -123,7 +123,8 @@ def cluster_env(owner: str) -> dict:
 
 @pytest.fixture(scope="session")
 def netcluster():
-    """Two nodes (network namespaces node1, node2 with sshd), shared by every test of the session."""
+    """Three nodes (network namespaces node1..node3 with sshd), shared by every test of the session:
+    the jobs run on node1 and node2; node3 is the spare that a SLURM requeue may land on."""
     if os.geteuid() != 0:
         pytest.skip("needs root: tools/cluster/cluster.sh makes network namespaces and runs sshd")
     probe = subprocess.run(["ip", "netns", "add", f"fahvdprobe-{os.getpid()}"], capture_output=True, text=True)
@@ -137,6 +138,6 @@ def netcluster():
         if not Path(f"/proc/{pid}").exists():
             NetCluster(cluster_env(pid))("down")
     cluster = NetCluster(cluster_env(str(os.getpid())))
-    cluster("up", "2")
+    cluster("up", "3")
     yield cluster
     cluster("down")

@@ -2,11 +2,14 @@
 the torch.distributed transport's object messages (no pickle between ranks)."""
 
 import logging
+import socket
 import time
 
 import pytest
 
 from fa_hvd.comm.base import collective_timeout, wait_until
+from fa_hvd.comm.rollcall import RollCall
+from local_world import run_ranks
 
 
 @pytest.mark.parametrize("environ,expected", [
@@ -43,3 +46,58 @@ def test_a_timeout_ends_the_wait():
         wait_until(lambda: False, 0.2, "rank 1: allgather 'y'")
     assert 0.2 <= time.monotonic() - start < 1.0
 
+
+
+def roll_calls(p: int) -> list[RollCall]:
+    """The roll calls of an in-process world of ``p`` ranks (their listeners answer until closed)."""
+    return run_ranks(p, lambda transport: RollCall(transport, timeout=0.5))
+
+
+def test_the_roll_call_names_the_ranks_that_do_not_answer_and_where_the_others_wait():
+    calls = roll_calls(4)
+    try:
+        host = socket.gethostname()
+        assert [call.roster[r][0] for call in calls for r in range(4)] == [host] * 16
+        for call in calls:
+            call.waiting = "grad"
+        assert [call.answers() for call in calls] == [{r: "grad" for r in range(4) if r != me} for me in range(4)]
+        assert calls[0].report() == "every other rank answers the roll call and waits in this collective"
+        calls[1].waiting = ""  # busy in its own code, or hung there
+        calls[2].waiting = "eval"
+        calls[3].close()  # gone: nothing listens on its port
+        assert calls[0].answers() == {1: "", 2: "eval", 3: None}
+        assert calls[0].report() == (f"no answer from rank 3 ({host}); in no collective (busy or hung): rank 1 ({host}); "
+                                     f"rank 2 ({host}) waits in 'eval'")
+        assert calls[0].report(where=False) == f"no answer from rank 3 ({host})"  # after a failure
+    finally:
+        for call in calls:
+            call.close()
+
+
+def test_the_roll_call_names_a_rank_that_takes_the_call_but_never_answers():
+    """A stopped process: its kernel still accepts the connection, but nothing ever replies."""
+    calls = roll_calls(2)
+    mute = socket.create_server(("127.0.0.1", 0))  # listens, never accepts
+    try:
+        calls[0].roster[1] = [calls[0].roster[1][0], mute.getsockname()[1]]
+        start = time.monotonic()
+        assert calls[0].answers() == {1: None}
+        assert time.monotonic() - start < 5  # one call's timeout (0.5 s), not a hang
+    finally:
+        mute.close()
+        for call in calls:
+            call.close()
+
+
+def test_a_stalled_wait_names_the_ranks_that_do_not_answer(caplog):
+    calls = roll_calls(3)
+    calls[1].close()
+    try:
+        with caplog.at_level(logging.WARNING, logger="fa_hvd"), \
+                pytest.raises(TimeoutError, match=r"within 1 s; no answer from rank 1 \(.+\); in no collective"):
+            wait_until(lambda: False, 0.6, "rank 0: allgather 'z'", first_notice=0.1, who=calls[0].report)
+        assert any("still waiting after" in m and "no answer from rank 1 (" in m
+                   for m in (r.getMessage() for r in caplog.records)), caplog.text
+    finally:
+        for call in calls:
+            call.close()

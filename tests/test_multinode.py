@@ -1,9 +1,10 @@
-"""Across nodes: launchers, a slow link, a partition and a node crash on a two-node cluster.
+"""Across nodes: launchers, a slow link, a partition, a frozen node and a node crash.
 
-The cluster (tools/cluster/cluster.sh, fixture ``netcluster``: one for the session) is two
-network namespaces, node1 and node2, each with its own address on a bridge, a private hosts
-file and sshd; every job is started on node1 and reaches node2 over ssh and TCP, as on a real
-cluster (the file system is shared, as NFS would share it). The jobs train configs/demo.yaml
+The cluster (tools/cluster/cluster.sh, fixture ``netcluster``: one for the session) is three
+network namespaces, node1..node3, each with its own address on a bridge, a private hosts file
+and sshd; every job is started on node1 and reaches node2 over ssh and TCP, as on a real
+cluster (the file system is shared, as NFS would share it); node3 is the spare a SLURM
+requeue lands on. The jobs train configs/demo.yaml
 for a few steps on 2 + 2 ranks; the allgather is exact and each rank's gradient depends only
 on its rank, so the parameters must agree bit for bit with the same 4 ranks on one host.
 """
@@ -11,6 +12,8 @@ on its rank, so the parameters must agree bit for bit with the same 4 ranks on o
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -90,6 +93,23 @@ def test_mpirun_launcher_across_a_slow_link(netcluster, one_host_crc, tmp_path):
     assert tbf["bytes"] > STEPS * 2 * GRADIENT_BYTES, tbf  # node2's gradients left it through the slow link
 
 
+def test_a_link_delay_is_netem_or_refused_with_the_reason(netcluster):
+    """`link NODE delay MS` adds the delay with netem where the kernel has it; elsewhere (this
+    machine: no CONFIG_NET_SCH_NETEM, nor fq or etf) it refuses, saying so, and adds nothing."""
+    proc = subprocess.run([netcluster.script, "link", "node2", "delay", "20"], env=netcluster.env,
+                          capture_output=True, text=True, timeout=60)
+    try:
+        qdisc = subprocess.run(["ip", "netns", "exec", netcluster.namespace("node2"), "tc", "-j", "qdisc", "show",
+                                "dev", "eth0"], capture_output=True, text=True, check=True)
+    finally:
+        netcluster("link", "node2", "clear")
+    kinds = [q["kind"] for q in json.loads(qdisc.stdout)]
+    if proc.returncode == 0:
+        assert "netem" in kinds, kinds
+    else:
+        assert "no netem qdisc (CONFIG_NET_SCH_NETEM)" in proc.stderr and "netem" not in kinds, (proc.stderr, kinds)
+
+
 def long_job(tmp_path: Path, **extra) -> Path:
     """configs/demo.yaml without its fault, rank 0 slowed to ~20 steps/s, and many steps."""
     conf = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
@@ -138,9 +158,70 @@ def test_partition_ends_a_job_and_names_the_lost_ranks(netcluster, tmp_path):
     print(f"partition: the job ended {ended_after:.1f} s after the link went down (bound {PARTITION_BOUND_S} s)")
 
 
-def test_elastic_node_crash_and_return(netcluster, tmp_path):
-    """Every process of node2 is killed at once: the survivors go on on node1 from the last
-    commit; node2 boots again, the discovery script names it and its ranks rejoin."""
+FROZEN_TIMEOUT_S = 10  # fa_hvd's collective timeout in the test below: below Gloo's (30 s), above start-up skew
+FROZEN_BOUND_S = 90  # Gloo's timeout (a rank exits only once Horovod's background loop lets go), the teardown
+
+
+def ranks_on(netcluster, node: str) -> list[int]:
+    """The pids of the fa-hvd-train ranks running on ``node``."""
+    pids = subprocess.run(["ip", "netns", "pids", netcluster.namespace(node)], capture_output=True, text=True,
+                          check=True).stdout.split()
+    found = []
+    for pid in pids:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(Path(arg.decode()).name == "fa-hvd-train" for arg in argv[:2]):
+            found.append(int(pid))
+    return found
+
+
+def test_a_frozen_node_is_named_by_the_collective_timeout(netcluster, tmp_path):
+    """node2's ranks freeze (SIGSTOP: a node hung, its sshd still answering, so horovodrun sees
+    nothing): fa_hvd's collective timeout, before Gloo's, ends the job, and each rank on node1
+    names the ranks that did not answer its roll call, with their host."""
+    run_dir = tmp_path / "run"
+    cmd = netcluster.on("node1", [str(BIN / "horovodrun"), "-np", "4", "-H", "node1:2,node2:2", "--gloo",
+                                  "--network-interface", "eth0", "fa-hvd-train", "--config",
+                                  str(long_job(tmp_path)), "--run-dir", str(run_dir)])
+    env = job_env({"FA_HVD_COLLECTIVE_TIMEOUT_SECONDS": str(FROZEN_TIMEOUT_S)})
+    log = open(tmp_path / "job.log", "w+")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log = log
+    try:
+        wait_for(lambda: last_step(run_dir) >= 5, proc, 120, "training")
+        frozen = ranks_on(netcluster, "node2")
+        assert len(frozen) == 2, frozen
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        proc.wait(timeout=FROZEN_BOUND_S)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+        netcluster("crash", "node2")  # the frozen ranks: gone with the node
+        netcluster("restart", "node2")
+    log.seek(0)
+    out = untagged(log.read())
+    assert proc.returncode != 0, out[-5000:]
+    for rank in (0, 1):
+        said = [line for line in out.splitlines() if f"fa_hvd: rank {rank}: " in line and "no answer from" in line]
+        assert said and f"within {FROZEN_TIMEOUT_S} s; no answer from rank 2 (node2), rank 3 (node2) (a rank" \
+            in said[0], out[-5000:]
+
+
+# A crashed node's connections reset at once; a partitioned node's ranks are lost only when Gloo
+# gives up on them (HOROVOD_GLOO_TIMEOUT_SECONDS, 30 s): then the survivors reset and go on.
+# Horovod blacklists node2 meanwhile, so its cut-off ranks, answering again once the link is
+# back, are ignored ("already blacklisted"); ranks launched on it anew rejoin.
+ELASTIC_LOSS_BOUND_S = 120
+
+
+@pytest.mark.parametrize("lose,back", [("crash", "restart"), ("partition", "heal")])
+def test_elastic_node_loss_and_return(netcluster, tmp_path, lose, back):
+    """node2 is lost, by a crash (every process of it killed at once) or a partition (its link
+    down): the survivors go on on node1 from the last commit; node2 comes back (boots again, or
+    its link is up), the discovery script names it again and new ranks of it rejoin."""
     hosts = tmp_path / "discovered"
     hosts.write_text("node1:2\nnode2:2\n")
     run_dir = tmp_path / "run"
@@ -164,18 +245,25 @@ def test_elastic_node_crash_and_return(netcluster, tmp_path):
 
     try:
         wait_for(lambda: last_step(run_dir) >= 20, proc, 180, "training on 4 ranks")
-        netcluster("crash", "node2")
-        hosts.write_text("node1:2\n")  # what a scheduler's discovery says of a dead node
-        wait_for(lambda: "continuing at step" in text() and " on 2 ranks" in text(), proc, 120,
+        netcluster(lose, "node2")
+        hosts.write_text("node1:2\n")  # what a scheduler's discovery says of a node it cannot reach
+        wait_for(lambda: "continuing at step" in text() and " on 2 ranks" in text(), proc, ELASTIC_LOSS_BOUND_S,
                  "continuing on node1")
-        netcluster("restart", "node2")
+        netcluster(back, "node2")
         hosts.write_text("node1:2\nnode2:2\n")
         proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
             kill_tree(proc.pid)
+        if lose == "partition":
+            netcluster("heal", "node2")
+            netcluster("crash", "node2")  # the cut-off ranks, if still there: gone with the node
+            netcluster("restart", "node2")
     out = text()
     assert proc.returncode == 0, out[-6000:]
+    if lose == "partition":  # Gloo's timeout noticed the silent peers; the survivors' roll call names them
+        assert "Timed out waiting" in out, out[-6000:]
+        assert "failed in Horovod; no answer from rank 2 (node2), rank 3 (node2)" in out, out[-6000:]
     summary = finished(run_dir, steps=steps)
     events = summary["events"]
     assert any("from 4 to 2 ranks" in e for e in events) and any("from 2 to 4 ranks" in e for e in events), events
@@ -223,7 +311,9 @@ class Slurm:
 @pytest.fixture(scope="module")
 def slurm(netcluster, tmp_path_factory):
     netcluster("slurm-up")
-    yield Slurm(netcluster, tmp_path_factory.mktemp("slurm"))
+    slurm = Slurm(netcluster, tmp_path_factory.mktemp("slurm"))
+    slurm.run("scontrol", "update", "nodename=node3", "state=drain", "reason=spare")  # the jobs run on node1, node2
+    yield slurm
     netcluster("slurm-down")
 
 
@@ -242,10 +332,10 @@ def test_sbatch_two_nodes_with_srun_pmix_and_horovodrun(slurm, one_host_crc):
         assert finished(slurm.tmp / launcher)["params_crc32"] == one_host_crc, launcher
 
 
-def test_sbatch_node_failure_ends_the_job_and_the_requeue_resumes(slurm, netcluster, tmp_path):
+def test_sbatch_node_failure_ends_the_job_and_the_requeue_resumes_on_a_spare(slurm, netcluster, tmp_path):
     """node2 crashes (its slurmd and its ranks killed) mid-run: SLURM takes it DOWN and the job's
-    start ends (NODE_FAIL, requeued); when node2 is back the job starts again and resumes from
-    the last checkpoint."""
+    start ends (NODE_FAIL, requeued); the job waits, two nodes not being up, until node3, the
+    spare, is: it starts again on node1 and node3 and resumes from the last checkpoint."""
     steps = 60
     config = long_job(tmp_path, checkpoint={"every_steps": 5})
     conf = yaml.safe_load(config.read_text())
@@ -258,6 +348,7 @@ def test_sbatch_node_failure_ends_the_job_and_the_requeue_resumes(slurm, netclus
         while last_step(run_dir) < 12:
             assert time.monotonic() < deadline, slurm.log(job)[-5000:]
             time.sleep(0.5)
+        assert slurm.job(job)["NodeList"] == "node[1-2]"
         netcluster("crash", "node2")
         # the start ends and SLURM requeues the job (batch jobs are requeued on a node failure)
         info = slurm.wait(job, until=lambda i: int(i["Restarts"]) >= 1 or i["JobState"] in SLURM_END,
@@ -265,11 +356,13 @@ def test_sbatch_node_failure_ends_the_job_and_the_requeue_resumes(slurm, netclus
         assert int(info["Restarts"]) == 1 and info["JobState"] not in SLURM_END, info
         node2 = slurm.run("sinfo", "-h", "-n", "node2", "-o", "%T").strip()
         assert node2.startswith("down"), node2
+        slurm.run("scontrol", "update", "nodename=node3", "state=resume")
+        info = slurm.wait(job, timeout=300)
     finally:
         netcluster("restart", "node2")
-    info = slurm.wait(job, timeout=300)
     log = slurm.log(job)
-    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, (info, log[-5000:])
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == 1, (info, log[-5000:])
+    assert info["NodeList"] == "node[1,3]" and "(restart 1): 4 ranks on node[1,3]" in log, (info, log[-5000:])
     resumed = [line for line in log.splitlines() if "resuming from" in line]
     assert resumed and "(step 0)" not in resumed[0], log[-5000:]
     finished(run_dir, steps=steps)

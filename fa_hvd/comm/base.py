@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from . import messages
+from .rollcall import RollCall
 from .traffic import SocketTraffic
 
 TIMEOUT_ENV = "FA_HVD_COLLECTIVE_TIMEOUT_SECONDS"
@@ -55,12 +56,14 @@ def _seconds(environ, key: str) -> float:
 
 
 def wait_until(done: Callable[[], bool], timeout: float | None, what: str,
-               first_notice: float = FIRST_NOTICE_SECONDS) -> None:
+               first_notice: float = FIRST_NOTICE_SECONDS, who: Callable[[], str | None] | None = None) -> None:
     """Poll ``done`` until it is true; raise ``TimeoutError`` past ``timeout`` (``None``: never).
 
     The sleep between polls grows from 10 us to 1 ms in the first second, then to
     10 ms. A wait longer than ``first_notice`` seconds is logged (naming ``what``),
-    again at every doubling, so every waiting rank says what it waits for.
+    again at every doubling, so every waiting rank says what it waits for; ``who``
+    (:meth:`Transport.stall_report`) adds to each notice and to the error which ranks
+    do not answer, with their hosts.
     """
     if done():
         return
@@ -70,14 +73,19 @@ def wait_until(done: Callable[[], bool], timeout: float | None, what: str,
     while not done():
         waited = time.monotonic() - start
         if timeout is not None and waited > timeout:
-            raise TimeoutError(f"{what}: no answer from every rank within {timeout:.0f} s "
+            raise TimeoutError(f"{what}: no answer from every rank within {timeout:.0f} s{_who(who)} "
                                f"(a rank is hung or dead; {TIMEOUT_ENV} sets the limit)")
         if waited > notice:
-            _log.warning("%s: still waiting after %.0f s (a rank is busy or hung; %s=SECONDS bounds the wait)",
-                         what, waited, TIMEOUT_ENV)
+            _log.warning("%s: still waiting after %.0f s%s (a rank is busy or hung; %s=SECONDS bounds the wait)",
+                         what, waited, _who(who), TIMEOUT_ENV)
             notice *= 2
         time.sleep(pause)
         pause = min(2 * pause, 1e-3 if waited < 1 else 1e-2)
+
+
+def _who(who: Callable[[], str | None] | None) -> str:
+    text = who() if who is not None else None
+    return f"; {text}" if text else ""
 
 
 class Handle:
@@ -101,6 +109,36 @@ class Transport:
     included = True
     passthrough_errors: tuple[type[BaseException], ...] = ()
     lies = None  # fault injection: fa_hvd.faults.roles.RoleLies, asked what this rank's messages say
+    timeout: float | None = None  # seconds a wait may last (fa_hvd.comm.base.collective_timeout)
+    roll_call: RollCall | None = None  # once start_roll_call() ran: who answers when a wait stalls
+
+    def start_roll_call(self) -> None:
+        """Collective: (re)start this rank's part of the roll call (:mod:`fa_hvd.comm.rollcall`),
+        after which a stalled wait names the ranks that do not answer. Again after the world changed."""
+        self.stop_roll_call()
+        self.roll_call = RollCall(self)
+
+    def stop_roll_call(self) -> None:
+        """Stop answering the roll call and forget its roster."""
+        if self.roll_call is not None:
+            self.roll_call.close()
+            self.roll_call = None
+
+    def wait_for(self, done: Callable[[], bool], name: str) -> None:
+        """:func:`wait_until` ``done`` (``self.timeout``) for collective ``name``; meanwhile the roll
+        call tells the other ranks that this rank waits in ``name``."""
+        call = self.roll_call
+        if call is not None:
+            call.waiting = name
+        try:
+            wait_until(done, self.timeout, f"fa_hvd: rank {self.rank}: {name!r}", who=self.stall_report)
+        finally:
+            if call is not None:
+                call.waiting = ""
+
+    def stall_report(self) -> str | None:
+        """Who does not answer the roll call (``None`` before :meth:`start_roll_call`)."""
+        return self.roll_call.report() if self.roll_call is not None else None
 
     def refresh(self) -> bool:
         return False

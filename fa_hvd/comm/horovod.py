@@ -4,15 +4,21 @@ Waiting is Horovod's: its stall inspector warns on rank 0 after
 ``HOROVOD_STALL_CHECK_TIME_SECONDS`` (60), naming the ranks that did not submit,
 and shuts the job down only when ``HOROVOD_STALL_SHUTDOWN_TIME_SECONDS`` is set
 (under MPI); see :func:`fa_hvd.comm.base.collective_timeout` for fa_hvd's own bound.
+When Horovod gives up on a peer (``HorovodInternalError``), each rank logs who does not
+answer its roll call (:mod:`fa_hvd.comm.rollcall`) before the error goes on.
 """
 
 from __future__ import annotations
+
+import logging
 
 import horovod.torch as hvd
 import torch
 from horovod.common.exceptions import HorovodInternalError, HostsUpdatedInterrupt
 
-from .base import Handle, Transport, collective_timeout, wait_until
+from .base import Handle, Transport, collective_timeout
+
+_log = logging.getLogger("fa_hvd")
 
 
 class _HorovodHandle(Handle):
@@ -47,8 +53,14 @@ class HorovodTransport(Transport):
         return _HorovodHandle(hvd.allgather_async(tensor, name=name, process_set=self.process_set), name)
 
     def wait(self, handle: Handle) -> torch.Tensor:
-        wait_until(lambda: hvd.poll(handle.handle), self.timeout, f"fa_hvd: rank {self.rank}: {handle.name!r}")
-        result = hvd.synchronize(handle.handle)
+        self.wait_for(lambda: hvd.poll(handle.handle), handle.name)
+        try:
+            result = hvd.synchronize(handle.handle)
+        except HorovodInternalError:  # Gloo or MPI gave up on a peer (its timeout, a reset connection)
+            if self.roll_call is not None:
+                _log.warning("fa_hvd: rank %d: %r failed in Horovod; %s", self.rank, handle.name,
+                             self.roll_call.report(where=False))
+            raise
         return result[0] if isinstance(result, tuple) else result  # alltoall: (rows, received splits)
 
     def _global_rank(self, rank: int) -> int:

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from .base import Handle, Transport, collective_timeout, wait_until
+from .base import Handle, Transport, collective_timeout
 
 
 class _MPIHandle(Handle):
@@ -58,7 +58,7 @@ class MPITransport(Transport):
         return _MPIHandle(request, send, recv, tensor.device, tensor.dtype, shape)
 
     def wait(self, handle: Handle) -> torch.Tensor:
-        wait_until(handle.request.Test, self.timeout, f"fa_hvd: rank {self.rank}: allgather")
+        self.wait_for(handle.request.Test, "allgather")
         return handle.recv.view(handle.dtype).reshape(handle.shape).to(handle.device)
 
     def broadcast_(self, tensor: torch.Tensor, root: int, name: str) -> torch.Tensor:

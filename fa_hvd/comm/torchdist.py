@@ -31,7 +31,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from .base import Handle, Transport, collective_timeout, wait_until
+from .base import Handle, Transport, collective_timeout
 
 _ALL_GATHER = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 
@@ -79,7 +79,7 @@ class TorchDistTransport(Transport):
         return _TorchHandle(work, output, tensor.device, name)
 
     def wait(self, handle: Handle) -> torch.Tensor:
-        wait_until(handle.work.is_completed, self.timeout, f"fa_hvd: rank {self.rank}: {handle.name!r}")
+        self.wait_for(handle.work.is_completed, handle.name)
         handle.work.wait()
         return handle.output.to(handle.device)
 

@@ -70,6 +70,7 @@ class ElasticState(State):
         trainer = self.trainer
         before = trainer.world
         trainer.transport.refresh()
+        trainer.transport.start_roll_call()  # the roster of this world
         trainer.rank, trainer.world = trainer.transport.rank, trainer.transport.size
         first = torch.tensor([float(self.resume is not None)])  # rank 0's first sync is the world's
         trainer.transport.broadcast_(first, 0, "fa_hvd.train.elastic.first")

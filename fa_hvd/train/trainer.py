@@ -549,6 +549,7 @@ class Trainer:
             self.log.close()
             _report(summary, self.run_dir)
         self.transport.allreduce_sum(torch.zeros(1), name="fa_hvd.train.done")
+        self.transport.stop_roll_call()  # after the last collective: nothing is left to wait for
 
 
 def _report(summary: dict, run_dir: Path) -> None:
@@ -607,6 +608,7 @@ def agree_on_errors(transport, error: str | None) -> None:
 def start(trainer: Trainer, args) -> list[str]:
     """Build the world's components and load the checkpoint (collective). Returns notes for the user."""
     trainer.build()
+    trainer.transport.start_roll_call()
     state, notes = resume.choose(trainer.transport, trainer.run_dir, args.resume,
                                  trainer.compatible(args.resume_reshard), trainer.lock)
     if trainer.rank == 0:

@@ -245,7 +245,7 @@ link() {
   if [ -n "$delay" ]; then
     [[ "$delay" =~ ^[0-9]+$ ]] || die "delay is whole milliseconds, got '$delay'"
     ip netns exec "$SW" tc qdisc replace dev "v-$node" root netem delay 0ms 2>/dev/null \
-      || die "this kernel has no netem qdisc (CONFIG_NET_SCH_NETEM): a delay cannot be emulated here; rate (tbf) and loss (nftables) can"
+      || die "this kernel has no netem qdisc (CONFIG_NET_SCH_NETEM): a delay cannot be emulated here (nor with fq or etf, which would honour a BPF-set departure time: absent too; a userspace NFQUEUE relay would cap the link far below the rates measured); rate (tbf) and loss (nftables) can"
     qdisc=(netem delay "${delay}ms" limit 100000)
     [ -z "$rate" ] || qdisc+=(rate "$rate")
   elif [ -n "$rate" ]; then  # a bucket of 10 ms at the rate: short bursts pass, the mean is the rate
