@@ -23,6 +23,7 @@ from fa_hvd import config as cfg
 from fa_hvd.aggregators import get as get_aggregator
 from fa_hvd.faults import parse_faults
 from fa_hvd.faults.roles import SHARDED_ROLE_KINDS
+from fa_hvd.train import trust
 
 DATA_SOURCES = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic", "dir")
 BOOKKEEPING_SECTIONS = ("checkpoint", "log")
@@ -235,9 +236,26 @@ class ElasticConfig:
 
 
 @dataclass
+class SuspectsConfig:
+    """When the trust ledger names a rank a suspect (:mod:`fa_hvd.train.trust`; defaults measured there)."""
+
+    window: int = trust.Thresholds.window               # steps
+    min_weight: float = trust.Thresholds.min_weight     # mean relative weight (1 = 1/p) below this over the window
+    max_nonfinite: float = trust.Thresholds.max_nonfinite  # or non-finite in more than this share of the window
+
+    def validate(self) -> None:
+        try:
+            trust.Thresholds(self.window, self.min_weight, self.max_nonfinite).check("log.suspects")
+        except ValueError as exc:
+            raise cfg.ConfigError(str(exc)) from None
+
+
+@dataclass
 class LogConfig:
     progress: Literal["auto", "bar", "lines", "none"] = "auto"  # auto: a bar on a terminal, lines otherwise
     every_steps: Optional[int] = None  # plain progress lines; null = about 20 per run
+    tensorboard: Optional[str] = None  # a directory for TensorBoard event files (pip install fa_hvd[tensorboard])
+    suspects: SuspectsConfig = field(default_factory=SuspectsConfig)
 
     def validate(self) -> None:
         _positive("log.every_steps", self.every_steps, integer=True)

@@ -62,7 +62,7 @@ from fa_hvd.faults import FaultInjector, parse_faults, poison_for_rank
 from fa_hvd.faults.seeding import derive_seed
 from fa_hvd.optimizer import checksum
 from fa_hvd.train import config as train_config
-from fa_hvd.train import control, data, metrics, models, optim, resume
+from fa_hvd.train import control, data, metrics, models, optim, resume, tensorboard, trust
 from fa_hvd.train.resume import CHECKPOINT_FORMAT, UsageError
 from fa_hvd.train.sharding import ShardStream, partition, steps_per_epoch
 
@@ -104,6 +104,8 @@ class Trainer:
         self.total_steps: int | None = None
         self.log = None
         self.progress = None
+        self.board = None
+        self.trust: trust.TrustLedger | None = None
         self.writer = checkpoint.Writer(conf.checkpoint.keep)
         self.lock = resume.RunLock(self.run_dir)
 
@@ -207,6 +209,17 @@ class Trainer:
         self.injector.counts = dict(counts)
         lies = self.injector.roles or None  # role faults (fa_hvd.faults.roles) are told where they are asked
         self.optimizer.exchange.lies = self.transport.lies = lies
+
+    def open_trust(self) -> None:
+        """A fresh trust ledger for this world, with every rank's identity (collective)."""
+        s = self.conf.log.suspects
+        thresholds = trust.Thresholds(window=s.window, min_weight=s.min_weight, max_nonfinite=s.max_nonfinite)
+        self.trust = trust.TrustLedger(self.world, thresholds, trust.gather_identities(self.transport, self.device))
+
+    def account_trust(self) -> None:
+        """Feed this step's diagnostics to the ledger; name each new suspect once (every rank alike)."""
+        for suspect in self.trust.observe(self.step, self.optimizer.stats):
+            self.event(self.trust.describe(suspect), suspect=suspect)
 
     # -- one step ---------------------------------------------------------------------------
     def _outgoing(self, flat: torch.Tensor, bucket: int, step: int) -> torch.Tensor:
@@ -432,6 +445,7 @@ class Trainer:
         say("resolved config:\n  " + yaml.safe_dump(self.conf_data, sort_keys=False).rstrip().replace("\n", "\n  "))
         for spec in self.specs:
             say(f"fault: {spec.describe()} on rank(s) {spec.ranks}")
+        self.board = tensorboard.open_board(self.conf.log.tensorboard, say)
 
     def compatible(self, reshard: bool):
         """``compatible(state, path)`` for :func:`fa_hvd.train.resume.choose`: this run's checks."""
@@ -440,6 +454,7 @@ class Trainer:
 
     def summary(self, status: str, crc: int, identical: bool, faults: list) -> dict:
         final = dict(self.last_eval or {})
+        trust_figures = self.trust.summary()
         return {
             "status": status,
             "step": self.step,
@@ -454,6 +469,8 @@ class Trainer:
             "config_hash": self.config_hash,
             "aggregator": repr(self.optimizer.aggregator),
             "faults_injected": {str(r): counts for r, counts in enumerate(faults) if counts},
+            "suspects": trust_figures.pop("suspects"),
+            "trust": trust_figures,
             "events": [e["event"] for e in self.events],
         }
 
@@ -462,6 +479,8 @@ class Trainer:
         """Steps until the end or a stop request; returns the exit status (collective)."""
         conf = self.conf
         samples_per_step = self.world * conf.train.batch_size * self.passes
+        if self.trust is None:
+            self.open_trust()
         while self.step < self.total_steps:
             started = time.perf_counter()
             faults_before = sum(self.injector.counts.values())
@@ -469,6 +488,7 @@ class Trainer:
             self.step += 1
             self.max_step_seen = max(self.max_step_seen, self.step)
             self._spend_process_faults()
+            self.account_trust()
             agreed = control.agree(self.transport, loss, stop=signals.received is not None,
                                    checkpoint_due=self.timed_checkpoint_due(),
                                    faulty=sum(self.injector.counts.values()) > faults_before,
@@ -525,6 +545,8 @@ class Trainer:
         if self.scaler is not None:
             record["loss_scale"] = self.scaler.get_scale()
         self.log.write(record)
+        if self.board is not None:
+            self.board.step(record)
         self.progress.step(self.step, self.epoch, agreed.loss, samples_per_s)
 
     def _evaluate(self) -> None:
@@ -534,6 +556,8 @@ class Trainer:
             self.log.write({"kind": "eval", "step": self.step, "epoch": self.epoch, "test_loss": test_loss,
                             "test_accuracy": accuracy})
             self.progress.evaluation(self.step, self.epoch, test_loss, accuracy)
+            if self.board is not None:
+                self.board.evaluation(self.step, test_loss, accuracy)
 
     def finish(self, status: int) -> None:
         """Every rank: checksums, fault counts; rank 0 writes summary.json. Ends with a barrier, so no
@@ -547,6 +571,8 @@ class Trainer:
             metrics.write_summary(self.run_dir, summary)
             self.progress.close()
             self.log.close()
+            if self.board is not None:
+                self.board.close()
             _report(summary, self.run_dir)
         self.transport.allreduce_sum(torch.zeros(1), name="fa_hvd.train.done")
 
@@ -560,6 +586,9 @@ def _report(summary: dict, run_dir: Path) -> None:
         f"({'identical on every rank' if summary['params_identical_on_ranks'] else 'DIFFERENT across ranks'})")
     for rank, counts in summary["faults_injected"].items():
         say(f"rank {rank} injected: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
+    suspects = summary["suspects"]
+    say("suspects: " + ("; ".join(f"rank {s['rank']} on {trust.where(s)} (named at step {s['step']}: {s['reason']})"
+                                  for s in suspects) if suspects else "none"))
     say(f"run directory: {run_dir} (summary.json, metrics.jsonl, checkpoints/)")
 
 
@@ -581,6 +610,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "any; never: start over (old checkpoints there are deleted); PATH: that checkpoint. "
                              "Checkpoints above the resumed step, and damaged ones, are moved to "
                              "checkpoints/set-aside/")
+    parser.add_argument("--tensorboard", metavar="DIR",
+                        help="also write TensorBoard scalars to DIR (the config's log.tensorboard; needs the "
+                             "tensorboard package: pip install 'fa_hvd[tensorboard]')")
     parser.add_argument("--resume-reshard", action="store_true",
                         help="accept a checkpoint from another world size or config (shards and sample order "
                              "are rebuilt for this world; the run is then not bit-identical to an "
@@ -668,7 +700,8 @@ def main(argv=None) -> int:
 def _main(args, signals: control.StopSignals) -> int:
     rank = launcher_rank()
     try:
-        conf, conf_data = train_config.load(args.config, args.set)
+        overrides = args.set + ([f"log.tensorboard={args.tensorboard}"] if args.tensorboard else [])
+        conf, conf_data = train_config.load(args.config, overrides)
     except ConfigError as exc:
         return usage_error(str(exc), rank)
     run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)

@@ -1,0 +1,145 @@
+"""Per-rank trust and named suspects (fa_hvd.train.trust): the ledger on hand-made diagnostics,
+the trainer on 4 in-process ranks (both exchanges) and on 4 horovodrun ranks with one rank
+injecting a fault, and the TensorBoard scalars read back with tensorboard's EventAccumulator."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+from conftest import untagged
+from fa_hvd.train import config as train_config
+from fa_hvd.train import control, metrics, tensorboard, trainer, trust
+from local_world import run_ranks
+from train_helpers import finish, start, write_config
+
+EQUAL = {"nonfinite": [], "dropped": [], "weights": [0.25] * 4}
+
+
+def test_relative_weights_are_shares_of_the_sum():
+    assert trust.relative_weights(4, {"weights": [0.5, 0.5, 0.5, 0.5]}) == [1.0] * 4
+    assert trust.relative_weights(4, {"weights": [0.3, 0.3, 0.4, 0.0]}) == pytest.approx([1.2, 1.2, 1.6, 0.0])
+    assert trust.relative_weights(4, {"nonfinite": [1], "dropped": [1]}) is None
+    assert trust.relative_weights(4, {"weights": [0.0] * 4}) is None
+
+
+def test_a_rank_is_named_once_when_its_window_crosses_the_threshold():
+    ledger = trust.TrustLedger(4, trust.Thresholds(window=4, min_weight=0.2),
+                               [{"host": f"node{r}", "local_rank": r} for r in range(4)])
+    low = {"nonfinite": [], "dropped": [], "weights": [0.33, 0.33, 0.33, 0.01]}
+    named = [ledger.observe(step, EQUAL if step <= 5 else low) for step in range(1, 13)]
+    # the window mean of rank 3 (1.0 per equal step, 0.04 per low one) falls below 0.2 at step 9
+    assert [step for step, n in enumerate(named, 1) if n] == [9]
+    (suspect,) = named[8]
+    assert (suspect["rank"], suspect["host"], suspect["step"]) == (3, "node3", 9)
+    assert suspect["window_weight"] == pytest.approx(0.04)
+    assert "warning: suspect rank 3 on host node3 (local rank 3)" in ledger.describe(suspect)
+    figures = ledger.summary()
+    assert [s["rank"] for s in figures["suspects"]] == [3]
+    assert figures["ranks"][3]["run_weight"] == pytest.approx((5 + 7 * 0.04) / 12)
+    assert figures["ranks"][0]["window_weight"] == pytest.approx(4 * 0.33)
+
+
+def test_dropped_and_nonfinite_steps_are_kept_as_ranges():
+    ledger = trust.TrustLedger(4, trust.Thresholds(window=3, max_nonfinite=0.5))
+    for step in range(1, 9):
+        bad = step in (2, 3, 4, 7)
+        ledger.observe(step, {"nonfinite": [1] if bad else [], "dropped": [1] if bad else [2]})
+    ranks = ledger.summary()["ranks"]
+    assert ranks[1]["nonfinite"] == [[2, 4], [7, 7]] and ranks[1]["nonfinite_steps"] == 4
+    assert ranks[2]["dropped"] == [[1, 1], [5, 6], [8, 8]] and ranks[2]["nonfinite_steps"] == 0
+    # no weights (a coordinate-wise rule): only non-finite rows can be named; rank 1 at step 3 (2 of 3)
+    assert [(s["rank"], s["step"]) for s in ledger.summary()["suspects"]] == [(1, 3)]
+    assert ranks[2]["window_weight"] is None
+
+
+def test_honest_ranks_with_unequal_weights_are_not_named():
+    ledger = trust.TrustLedger(4, trust.Thresholds(window=2, min_weight=0.2))
+    for step in range(1, 20):
+        ledger.observe(step, {"nonfinite": [], "dropped": [], "weights": [0.4, 0.3, 0.2, 0.1]})
+    assert ledger.suspects == {}
+
+
+def test_thresholds_are_validated_naming_the_key():
+    for key, value in (("window", 0), ("min_weight", 1.5), ("max_nonfinite", 1.0)):
+        with pytest.raises(train_config.cfg.ConfigError, match=f"log.suspects.{key}: must be"):
+            train_config.parse({"log": {"suspects": {key: value}}})
+
+
+def _config(**extra) -> dict:
+    return {"seed": 1, "data": {"name": "digits"}, "model": {"name": "mlp", "hidden": 16},
+            "optim": {"lr": 0.05, "momentum": 0.0}, "train": {"steps": 12, "batch_size": 8, "device": "cpu"},
+            "robust": {"aggregator": "flag", "aggregator_params": {"f": 1}},
+            "faults": [{"kind": "reverse", "ranks": [3]}], "log": {"suspects": {"window": 5}}, **extra}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exchange", ["allgather", "sharded"])
+def test_four_ranks_in_process_name_the_faulty_rank(tmp_path, exchange):
+    """Rank 3 sends -100 x its gradient: every rank's ledger names rank 3 alone (in the sharded
+    exchange from what the shard owners reported), rank 0 logs one event and lists it in summary.json."""
+    conf, conf_data = train_config.parse(_config(robust={"aggregator": "flag", "aggregator_params": {"f": 1},
+                                                         "exchange": exchange}))
+
+    def rank(transport):
+        t = trainer.Trainer(conf, conf_data, tmp_path / f"run{transport.rank}", transport)
+        t.load_data()
+        t.check_world()
+        t.build()
+        (t.run_dir / "checkpoints").mkdir(parents=True)
+        t.last_checkpoint_time = 0.0
+        if t.rank == 0:
+            t.log = metrics.MetricsLog(t.run_dir / "metrics.jsonl", None)
+            t.progress = metrics.Progress(12, 0, "none")
+        t.finish(t.train(control.StopSignals()))
+        return sorted(t.trust.suspects)
+
+    assert run_ranks(4, rank) == [[3]] * 4
+    summary = json.loads((tmp_path / "run0" / "summary.json").read_text())
+    assert [(s["rank"], s["host"], s["local_rank"]) for s in summary["suspects"]] == [(3, socket.gethostname(), 3)]
+    assert summary["trust"]["ranks"][3]["run_weight"] < 0.2 < min(r["run_weight"] for r in summary["trust"]["ranks"][:3])
+    events = [r for r in metrics.read(tmp_path / "run0") if r["kind"] == "event" and "suspect" in r]
+    assert [(e["suspect"]["rank"], e["step"]) for e in events] == [(3, 5)]
+
+
+@pytest.mark.slow
+def test_horovodrun_four_ranks_one_faulty_names_its_host_and_writes_tensorboard(tmp_path):
+    """The bar: 4 ranks under horovodrun, rank 3 injecting a fault; the suspect is named with its host
+    (warning line and final line), listed in summary.json, and the TensorBoard event file holds every
+    rank's relative weight."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = write_config(tmp_path / "c.yaml", **_config())
+    run_dir, board = tmp_path / "run", tmp_path / "tb"
+    out = untagged(finish(start(4, config, run_dir, "--tensorboard", str(board)), timeout=300))
+    host = socket.gethostname()
+    assert f"warning: suspect rank 3 on host {host} (local rank 3)" in out, out
+    assert f"suspects: rank 3 on host {host} (local rank 3)" in out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["faults_injected"]["3"]
+    assert [(s["rank"], s["host"]) for s in summary["suspects"]] == [(3, host)]
+    events = EventAccumulator(str(board))
+    events.Reload()
+    weights = {r: [e.value for e in events.Scalars(f"trust/weight/rank_{r}")] for r in range(4)}
+    assert all(len(w) == 12 for w in weights.values())
+    assert max(weights[3]) < 0.2 and min(min(weights[r]) for r in range(3)) > 0.5
+    assert len(events.Scalars("eval/test_accuracy")) == 1 and len(events.Scalars("train/loss")) == 12
+
+
+def test_without_the_tensorboard_package_one_line_and_no_board(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    said = []
+    assert tensorboard.open_board("somewhere", said.append) is None
+    assert said == [tensorboard.MISSING]
+    assert tensorboard.open_board(None, said.append) is None and len(said) == 1
