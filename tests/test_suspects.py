@@ -143,3 +143,48 @@ def test_without_the_tensorboard_package_one_line_and_no_board(monkeypatch):
     assert tensorboard.open_board("somewhere", said.append) is None
     assert said == [tensorboard.MISSING]
     assert tensorboard.open_board(None, said.append) is None and len(said) == 1
+
+
+def test_the_ledger_round_trips_through_its_state():
+    ledger = trust.TrustLedger(4, trust.Thresholds(window=3))
+    low = {"nonfinite": [2], "dropped": [2, 3], "weights": [0.5, 0.5, 0.0, 0.0]}
+    for step in range(1, 6):
+        ledger.observe(step, low)
+    again = trust.TrustLedger(4, trust.Thresholds(window=3))
+    again.load_state_dict(ledger.state_dict())
+    assert again.summary() == ledger.summary() and sorted(again.suspects) == [2, 3]
+    assert again.observe(6, low) == [] and again.summary()["ranks"][3]["dropped"] == [[1, 6]]
+    with pytest.raises(ValueError, match="trust state of 4 ranks"):
+        trust.TrustLedger(3).load_state_dict(ledger.state_dict())
+
+
+def test_a_resumed_run_keeps_its_trust_and_names_no_one_twice(tmp_path):
+    """Four simulated ranks (loopback), rank 3 sending -100 x rank 0's gradient: named at step 3;
+    the run resumed from its step-4 checkpoint goes on with the same figures and no second event."""
+    from loopback import LoopbackTransport
+
+    def run(steps, state=None):
+        conf, conf_data = train_config.parse(_config(train={"steps": steps, "batch_size": 8, "device": "cpu"},
+                                                     faults=[], log={"suspects": {"window": 3}},
+                                                     checkpoint={"every_steps": 4}))
+        t = trainer.Trainer(conf, conf_data, tmp_path / "run", LoopbackTransport(4, lambda row, r: -100 * row
+                                                                                 if r == 3 else row))
+        t.load_data()
+        t.check_world()
+        t.build()
+        if state is not None:
+            t.load_state(state)
+        (t.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        t.last_checkpoint_time = 0.0
+        t.log = metrics.MetricsLog(t.run_dir / "metrics.jsonl", t.step or None)
+        t.progress = metrics.Progress(steps, t.step, "none")
+        t.train(control.StopSignals())
+        t.writer.wait()
+        return t
+
+    first = run(4)
+    resumed = run(6, trainer.checkpoint.read(tmp_path / "run" / "checkpoints" / "step-000000004.ckpt"))
+    assert resumed.trust.steps == 6 and sorted(resumed.trust.suspects) == [3]
+    assert resumed.trust.suspects[3]["step"] == first.trust.suspects[3]["step"] == 3
+    events = [r for r in metrics.read(tmp_path / "run") if r["kind"] == "event" and "suspect" in r]
+    assert [e["step"] for e in events] == [3]

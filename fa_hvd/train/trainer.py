@@ -106,6 +106,7 @@ class Trainer:
         self.progress = None
         self.board = None
         self.trust: trust.TrustLedger | None = None
+        self.trust_state: dict | None = None  # a checkpoint's, for the ledger of a world of its size
         self.writer = checkpoint.Writer(conf.checkpoint.keep)
         self.lock = resume.RunLock(self.run_dir)
 
@@ -215,6 +216,9 @@ class Trainer:
         s = self.conf.log.suspects
         thresholds = trust.Thresholds(window=s.window, min_weight=s.min_weight, max_nonfinite=s.max_nonfinite)
         self.trust = trust.TrustLedger(self.world, thresholds, trust.gather_identities(self.transport, self.device))
+        if self.trust_state is not None and self.trust_state["p"] == self.world:
+            self.trust.load_state_dict(self.trust_state)
+        self.trust_state = None
 
     def account_trust(self) -> None:
         """Feed this step's diagnostics to the ledger; name each new suspect once (every rank alike)."""
@@ -325,6 +329,7 @@ class Trainer:
             "scheduler": checkpoint.host_copy(self.scheduler.state_dict()),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "consumed_faults": sorted(self.consumed_faults),
+            "trust": self.trust.state_dict() if self.trust is not None else None,
             "progress": {"wall_s": self.total_wall_s(), "last_eval": self.last_eval,
                          "last_loss": self.last_loss, "events": list(self.events)},
         }
@@ -368,6 +373,8 @@ class Trainer:
         progress = state.get("progress", {})
         self.last_eval, self.last_loss = progress.get("last_eval"), progress.get("last_loss")
         self.events = list(progress.get("events", []))
+        self.trust_state = state.get("trust")
+        self.trust = None  # opened again from trust_state by the next train()
 
     def reseed(self) -> None:
         """This rank's stream and generators for a new world, from the step alone."""

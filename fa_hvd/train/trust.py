@@ -201,6 +201,24 @@ class TrustLedger:
         return {"steps": self.steps, "thresholds": vars(self.thresholds).copy(), "ranks": ranks,
                 "suspects": [self.suspects[r] for r in sorted(self.suspects)]}
 
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps, so that a resumed run goes on with the same figures and names no one twice."""
+        return {"p": self.p, "steps": self.steps, "weight_sum": list(self._weight_sum),
+                "weight_steps": self._weight_steps,
+                "window": [[w, sorted(bad)] for w, bad in self._window],
+                "dropped": [r.ranges for r in self._dropped], "nonfinite": [r.ranges for r in self._nonfinite],
+                "suspects": [self.suspects[r] for r in sorted(self.suspects)]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["p"] != self.p:
+            raise ValueError(f"trust state of {state['p']} ranks, this world has {self.p}")
+        self.steps, self._weight_steps = int(state["steps"]), int(state["weight_steps"])
+        self._weight_sum = [float(w) for w in state["weight_sum"]]
+        self._window = deque((w, frozenset(bad)) for w, bad in state["window"][-self.thresholds.window:])
+        self._dropped = [_Ranges(r) for r in state["dropped"]]
+        self._nonfinite = [_Ranges(r) for r in state["nonfinite"]]
+        self.suspects = {int(s["rank"]): dict(s) for s in state["suspects"]}
+
     def describe(self, suspect: dict) -> str:
         """The operator's line for a named suspect."""
         return (f"warning: suspect rank {suspect['rank']} on {where(suspect)} at step {suspect['step']}: "
