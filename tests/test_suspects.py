@@ -188,3 +188,20 @@ def test_a_resumed_run_keeps_its_trust_and_names_no_one_twice(tmp_path):
     assert resumed.trust.suspects[3]["step"] == first.trust.suspects[3]["step"] == 3
     events = [r for r in metrics.read(tmp_path / "run") if r["kind"] == "event" and "suspect" in r]
     assert [e["step"] for e in events] == [3]
+
+
+def test_plot_draws_the_trust_heatmap_with_the_suspect(tmp_path):
+    """fa-hvd-plot reads the per-step weights and the suspect event back from metrics.jsonl."""
+    from fa_hvd import plot
+
+    log = metrics.MetricsLog(tmp_path / "metrics.jsonl", None)
+    for step in range(1, 6):
+        log.write({"kind": "step", "step": step, "loss": 1.0, "world_size": 4, "nonfinite": [2] if step == 2 else [],
+                   "dropped": [2] if step == 2 else [], "weights": [0.3, 0.3, 0.0 if step == 2 else 0.3, 0.1]})
+    log.write({"kind": "event", "step": 4, "event": "warning: suspect rank 3", "suspect": {"rank": 3}})
+    log.write({"kind": "eval", "step": 5, "test_loss": 1.0, "test_accuracy": 0.5})
+    log.close()
+    steps, rows, suspects = plot.trust_map(tmp_path)
+    assert steps == [1, 2, 3, 4, 5] and suspects == [(4, 3)]
+    assert rows[0] == pytest.approx([1.2, 1.2, 1.2, 0.4]) and rows[1][2] == -float("inf")
+    assert plot.main([str(tmp_path), "--out", str(tmp_path / "c.png")]) == 0 and (tmp_path / "c.png").stat().st_size
