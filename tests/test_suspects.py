@@ -205,3 +205,66 @@ def test_plot_draws_the_trust_heatmap_with_the_suspect(tmp_path):
     assert steps == [1, 2, 3, 4, 5] and suspects == [(4, 3)]
     assert rows[0] == pytest.approx([1.2, 1.2, 1.2, 0.4]) and rows[1][2] == -float("inf")
     assert plot.main([str(tmp_path), "--out", str(tmp_path / "c.png")]) == 0 and (tmp_path / "c.png").stat().st_size
+
+
+def _evicting(tmp_path, monkeypatch, hosts, evict={"window": 4, "threshold": 0.2}):
+    """A loopback trainer of ``len(hosts)`` simulated ranks on ``hosts`` (their identities), the last
+    sending -100 x rank 0's gradient."""
+    from loopback import LoopbackTransport
+
+    world = len(hosts)
+    monkeypatch.setattr(trust, "gather_identities", lambda transport, device=None: [
+        {"host": host, "local_rank": r, "cuda_device": None, "gpu_uuid": None, "slurm_node": None, "slurm_job": None}
+        for r, host in enumerate(hosts)])
+    conf, conf_data = train_config.parse(_config(train={"steps": 12, "batch_size": 8, "device": "cpu"}, faults=[],
+                                                 robust={"aggregator": "flag", "aggregator_params": {"f": 1},
+                                                         "evict": evict}))
+    t = trainer.Trainer(conf, conf_data, tmp_path / "run", LoopbackTransport(world, lambda row, r: -100 * row
+                                                                             if r == world - 1 else row))
+    t.load_data()
+    t.check_world()
+    t.build()
+    (t.run_dir / "checkpoints").mkdir(parents=True)
+    t.last_checkpoint_time = 0.0
+    t.log = metrics.MetricsLog(t.run_dir / "metrics.jsonl", None)
+    t.progress = metrics.Progress(12, 0, "none")
+    return t
+
+
+def _evict_events(tmp_path):
+    return [r for r in metrics.read(tmp_path / "run") if r["kind"] == "event" and "evicted" in r]
+
+
+def test_eviction_stops_with_a_checkpoint_and_lists_the_host(tmp_path, monkeypatch):
+    t = _evicting(tmp_path, monkeypatch, ["node0", "node0", "node0", "node1"])
+    assert t.train(control.StopSignals()) == trainer.EXIT_EVICTED and t.step == 4
+    t.writer.wait()
+    assert (tmp_path / "run" / "checkpoints" / "step-000000004.ckpt").exists()
+    (event,) = _evict_events(tmp_path)
+    assert event["evicted"] == [3] and event["excluded"] == ["node1"]
+    assert "evict: rank 3 on host node1" in event["event"] and "drain node1" in event["event"]
+    assert (tmp_path / "run" / trainer.EXCLUDED_HOSTS).read_text() == "node1\n"
+    t.evict([{**t.trust.identities[0], "rank": 0, "reason": "r"}])  # a second host over the run: > f
+    *_, event = _evict_events(tmp_path)
+    assert event["excluded"] == [] and "2 hosts excluded over this run (already node1), more than f = 1" in event["event"]
+    assert (tmp_path / "run" / trainer.EXCLUDED_HOSTS).read_text() == "node1\n"
+
+
+def test_eviction_never_leaves_fewer_ranks_than_the_rule_needs_nor_takes_more_than_f(tmp_path, monkeypatch):
+    t = _evicting(tmp_path, monkeypatch, ["node0", "node0", "node1", "node1"])
+    assert t.train(control.StopSignals()) == trainer.EXIT_EVICTED
+    (event,) = _evict_events(tmp_path)  # draining node1 would leave 2 ranks; FA needs 3 for f = 1
+    assert event["excluded"] == [] and "would leave 2 ranks, fewer than flag needs (p >= 2f + 1" in event["event"]
+    assert not (tmp_path / "run" / trainer.EXCLUDED_HOSTS).exists()
+    t.evict([{**t.trust.identities[r], "rank": r, "reason": "r"} for r in (0, 3)])
+    *_, event = _evict_events(tmp_path)
+    assert event["excluded"] == [] and "2 ranks crossed robust.evict's threshold at once, more than f = 1: " \
+        "stopping to ask" in event["event"]
+    assert not (tmp_path / "run" / trainer.EXCLUDED_HOSTS).exists()
+
+
+def test_evict_config_is_validated_naming_the_key():
+    with pytest.raises(train_config.cfg.ConfigError, match="robust.evict.threshold: must be in"):
+        train_config.parse({"robust": {"evict": {"threshold": 2}}})
+    with pytest.raises(train_config.cfg.ConfigError, match="robust.evict.windw: unknown key"):
+        train_config.parse({"robust": {"evict": {"windw": 2}}})

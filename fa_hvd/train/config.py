@@ -181,6 +181,22 @@ class TrainConfig:
 
 
 @dataclass
+class EvictConfig:
+    """``robust.evict``: stop the run to drain a rank whose mean relative weight over ``window`` steps
+    fell below ``threshold`` (or whose row was non-finite in more than ``log.suspects.max_nonfinite``
+    of them); :mod:`fa_hvd.train.trust`, README "Eviction"."""
+
+    window: int = 100
+    threshold: float = 0.2
+
+    def validate(self) -> None:
+        try:
+            trust.Thresholds(self.window, self.threshold).check("robust.evict")
+        except ValueError as exc:
+            raise cfg.ConfigError(str(exc).replace("robust.evict.min_weight", "robust.evict.threshold")) from None
+
+
+@dataclass
 class RobustConfig:
     aggregator: str = "flag"
     aggregator_params: dict = field(default_factory=dict)   # f, r, tau, ...
@@ -189,6 +205,7 @@ class RobustConfig:
     replicas: int = 1                  # sharded only: 1, or >= f+1 ranks compute each shard (>= 2f+1: repaired)
     digest: bool = False               # compare the ranks' aggregates every step (an altered relayed block stops it)
     allow_exceeding_f: bool = False    # more faulty ranks than f: a warning, not an error
+    evict: Optional[EvictConfig] = None  # {window, threshold}: stop to drain a distrusted rank's host
 
     def validate(self) -> None:
         try:

@@ -33,7 +33,9 @@ One optimizer step on rank ``r`` (step ``t``, counted from 0):
 Exit status: 0 finished; 2 bad config or input (one line ``fa-hvd-train: error:
 ...`` from rank 0, before any rank trains); 75 stopped by SIGTERM/SIGUSR1 (a
 checkpoint was written, or the signal came during set-up and the checkpoints are
-untouched): the run should be resumed with ``--resume auto``.
+untouched): the run should be resumed with ``--resume auto``; 76 stopped by
+``robust.evict`` with a checkpoint, naming the host to drain (listed in
+``RUN_DIR/excluded_hosts`` when excluding it is safe).
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ from fa_hvd.train.resume import CHECKPOINT_FORMAT, UsageError
 from fa_hvd.train.sharding import ShardStream, partition, steps_per_epoch
 
 PROG = "fa-hvd-train"
-EXIT_OK, EXIT_USAGE, EXIT_PREEMPTED = 0, 2, 75
+EXIT_OK, EXIT_USAGE, EXIT_PREEMPTED, EXIT_EVICTED = 0, 2, 75, 76
+EXCLUDED_HOSTS = "excluded_hosts"  # in the run directory: hosts to drain, one a line (launch/, slurm/ read it)
 RANK_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "RANK", "SLURM_PROCID")
 
 
@@ -106,6 +109,7 @@ class Trainer:
         self.progress = None
         self.board = None
         self.trust: trust.TrustLedger | None = None
+        self.evictor: trust.TrustLedger | None = None  # robust.evict's thresholds over the same diagnostics
         self.trust_state: dict | None = None  # a checkpoint's, for the ledger of a world of its size
         self.writer = checkpoint.Writer(conf.checkpoint.keep)
         self.lock = resume.RunLock(self.run_dir)
@@ -215,15 +219,55 @@ class Trainer:
         """A fresh trust ledger for this world, with every rank's identity (collective)."""
         s = self.conf.log.suspects
         thresholds = trust.Thresholds(window=s.window, min_weight=s.min_weight, max_nonfinite=s.max_nonfinite)
-        self.trust = trust.TrustLedger(self.world, thresholds, trust.gather_identities(self.transport, self.device))
+        identities = trust.gather_identities(self.transport, self.device)
+        self.trust = trust.TrustLedger(self.world, thresholds, identities)
+        evict = self.conf.robust.evict
+        if evict is not None:
+            self.evictor = trust.TrustLedger(self.world, trust.Thresholds(evict.window, evict.threshold,
+                                                                          s.max_nonfinite), identities)
         if self.trust_state is not None and self.trust_state["p"] == self.world:
             self.trust.load_state_dict(self.trust_state)
         self.trust_state = None
 
-    def account_trust(self) -> None:
-        """Feed this step's diagnostics to the ledger; name each new suspect once (every rank alike)."""
+    def account_trust(self) -> list[dict]:
+        """Feed this step's diagnostics to the ledgers; name each new suspect once (every rank alike).
+        Returns the ranks that crossed ``robust.evict``'s threshold at this step."""
         for suspect in self.trust.observe(self.step, self.optimizer.stats):
             self.event(self.trust.describe(suspect), suspect=suspect)
+        return self.evictor.observe(self.step, self.optimizer.stats) if self.evictor is not None else []
+
+    def evict(self, ranks: list[dict]) -> int:
+        """Stop with a checkpoint, naming the hosts of ``ranks`` to drain (every rank alike). Their hosts go
+        into ``RUN_DIR/excluded_hosts`` (rank 0's file) unless that would take more than ``f`` ranks out, or
+        more than ``f`` hosts over the run (then the operator decides), or leave fewer ranks than the rule
+        needs."""
+        f = self.conf.robust.f
+        hosts = sorted({trust.node(s) for s in ranks})
+        path = self.run_dir / EXCLUDED_HOSTS
+        known = path.read_text().split() if path.exists() else []
+        left = sum(trust.node(identity) not in hosts for identity in self.trust.identities)
+        rule = self.optimizer.aggregator
+        if len(ranks) > f:
+            verdict = (f"{len(ranks)} ranks crossed robust.evict's threshold at once, more than f = {f}: "
+                       f"stopping to ask, nothing excluded")
+            hosts = []
+        elif len(set(known + hosts)) > f:
+            verdict = (f"draining {', '.join(hosts)} would make {len(set(known + hosts))} hosts excluded over "
+                       f"this run (already {', '.join(known)}), more than f = {f}: stopping to ask, nothing excluded")
+            hosts = []
+        elif left < rule.min_workers(f):
+            verdict = (f"draining {', '.join(hosts)} would leave {left} ranks, fewer than {rule.name} needs "
+                       f"({rule.precondition()}, f = {f}): stopping, nothing excluded")
+            hosts = []
+        else:
+            verdict = f"drain {', '.join(hosts)}: listed in {self.run_dir / EXCLUDED_HOSTS}"
+            if self.rank == 0:
+                checkpoint.write_atomic(path, "".join(f"{h}\n" for h in dict.fromkeys(known + hosts)).encode())
+        named = "; ".join(f"rank {s['rank']} on {trust.where(s)} ({s['reason']})" for s in ranks)
+        self.event(f"evict: {named}. {verdict}. Checkpoint at step {self.step}, exit {EXIT_EVICTED}",
+                   evicted=[s["rank"] for s in ranks], excluded=hosts)
+        self.save_checkpoint(wait=True)
+        return EXIT_EVICTED
 
     # -- one step ---------------------------------------------------------------------------
     def _outgoing(self, flat: torch.Tensor, bucket: int, step: int) -> torch.Tensor:
@@ -495,7 +539,7 @@ class Trainer:
             self.step += 1
             self.max_step_seen = max(self.max_step_seen, self.step)
             self._spend_process_faults()
-            self.account_trust()
+            evicted = self.account_trust()
             agreed = control.agree(self.transport, loss, stop=signals.received is not None,
                                    checkpoint_due=self.timed_checkpoint_due(),
                                    faulty=sum(self.injector.counts.values()) > faults_before,
@@ -514,6 +558,8 @@ class Trainer:
                 if self.eval_due():
                     self._evaluate()
                 return EXIT_PREEMPTED
+            if evicted:
+                return self.evict(evicted)
             if self.eval_due():
                 self._evaluate()
             if self.checkpoint_due() or agreed.checkpoint_due:
@@ -573,7 +619,7 @@ class Trainer:
         faults = self.transport.allgather_json(dict(self.injector.counts), name="fa_hvd.train.faults",
                                                schema={str: int})
         if self.rank == 0:
-            name = "finished" if status == EXIT_OK else "preempted"
+            name = {EXIT_OK: "finished", EXIT_EVICTED: "evicted"}.get(status, "preempted")
             summary = self.summary(name, crcs[0], all(c == crcs[0] for c in crcs), faults)
             metrics.write_summary(self.run_dir, summary)
             self.progress.close()
@@ -605,7 +651,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog=PROG, description="Robust data-parallel training from a config, under horovodrun, mpirun, srun or "
                                "torchrun (with robust.transport torch).",
         epilog="Exit status: 0 finished, 2 bad config or input, 75 stopped by SIGTERM/SIGUSR1 (checkpointed, "
-               "or stopped during set-up): resume with --resume auto.")
+               "or stopped during set-up): resume with --resume auto; 76 stopped by robust.evict (checkpointed): "
+               "drain the host it names (RUN_DIR/excluded_hosts), then resume.")
     parser.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (repeatable), e.g. --set optim.lr=0.05 "

@@ -82,6 +82,11 @@ def gather_identities(transport, device: torch.device | None = None) -> list[dic
     return [dict(zip(IDENTITY_KEYS, values)) for values in gathered]
 
 
+def node(identity: dict) -> str:
+    """The machine to drain: the SLURM node name when there is one, else the host name."""
+    return identity.get("slurm_node") or identity.get("host")
+
+
 def where(identity: dict) -> str:
     """``host h (local rank l, GPU 2 GPU-..., SLURM node n, job j)``: what an operator drains."""
     parts = [f"local rank {identity.get('local_rank')}"]
