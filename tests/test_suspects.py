@@ -268,3 +268,5 @@ def test_evict_config_is_validated_naming_the_key():
         train_config.parse({"robust": {"evict": {"threshold": 2}}})
     with pytest.raises(train_config.cfg.ConfigError, match="robust.evict.windw: unknown key"):
         train_config.parse({"robust": {"evict": {"windw": 2}}})
+    with pytest.raises(train_config.cfg.ConfigError, match="robust.evict: not available in elastic mode yet"):
+        train_config.parse({"robust": {"evict": {}}, "elastic": {"enabled": True}})

@@ -314,6 +314,10 @@ class RunConfig:
                                       f"set robust.exchange sharded")
         if self.elastic.enabled and self.robust.transport != "horovod":
             raise cfg.ConfigError("elastic.enabled: elastic mode needs robust.transport horovod")
+        if self.elastic.enabled and self.robust.evict is not None:
+            raise cfg.ConfigError("robust.evict: not available in elastic mode yet (an elastic world that drops the "
+                                  "evicted host must also lower f, which stays what the config says); without "
+                                  "elastic the run stops with a checkpoint naming the host to drain")
 
 
 def _world_for_checks(entries) -> int:
