@@ -135,9 +135,25 @@ class TrustLedger:
         self._weight_sum = [0.0] * p  # whole run, over steps with weights
         self._weight_steps = 0
         self._window: deque = deque()  # (relative weights or None, nonfinite ranks)
+        self._window_sums()
         self._dropped = [_Ranges() for _ in range(p)]
         self._nonfinite = [_Ranges() for _ in range(p)]
         self.suspects: dict[int, dict] = {}
+
+    def _window_sums(self) -> None:
+        """The window's per-rank sums, kept as steps enter and leave it (O(p) a step)."""
+        self._win_weight = [math.fsum(w[r] for w, _ in self._window if w is not None) for r in range(self.p)]
+        self._win_weighted = sum(w is not None for w, _ in self._window)
+        self._win_nonfinite = [sum(r in bad for _, bad in self._window) for r in range(self.p)]
+
+    def _slide(self, entry: tuple, sign: int) -> None:
+        weights, bad = entry
+        if weights is not None:
+            self._win_weighted += sign
+            for r in range(self.p):
+                self._win_weight[r] += sign * weights[r]
+        for r in bad:
+            self._win_nonfinite[r] += sign
 
     def observe(self, step: int, diagnostics: dict) -> list[dict]:
         """Account for ``step``'s diagnostics; returns the suspects named at this step."""
@@ -155,8 +171,9 @@ class TrustLedger:
             for r in range(p):
                 self._weight_sum[r] += weights[r]
         self._window.append((weights, frozenset(nonfinite)))
+        self._slide(self._window[-1], 1)
         if len(self._window) > self.thresholds.window:
-            self._window.popleft()
+            self._slide(self._window.popleft(), -1)
         if len(self._window) < self.thresholds.window:
             return []
         named = []
@@ -171,10 +188,8 @@ class TrustLedger:
 
     def window_figures(self, r: int) -> tuple[float | None, float]:
         """Rank ``r``'s mean relative weight (None: no weights) and non-finite fraction over the window."""
-        known = [w[r] for w, _ in self._window if w is not None]
-        weight = math.fsum(known) / len(known) if known else None
-        nonfinite = sum(r in bad for _, bad in self._window) / max(1, len(self._window))
-        return weight, nonfinite
+        weight = self._win_weight[r] / self._win_weighted if self._win_weighted else None
+        return weight, self._win_nonfinite[r] / max(1, len(self._window))
 
     def _crossed(self, r: int) -> dict | None:
         weight, nonfinite = self.window_figures(r)
@@ -220,6 +235,7 @@ class TrustLedger:
         self.steps, self._weight_steps = int(state["steps"]), int(state["weight_steps"])
         self._weight_sum = [float(w) for w in state["weight_sum"]]
         self._window = deque((w, frozenset(bad)) for w, bad in state["window"][-self.thresholds.window:])
+        self._window_sums()
         self._dropped = [_Ranges(r) for r in state["dropped"]]
         self._nonfinite = [_Ranges(r) for r in state["nonfinite"]]
         self.suspects = {int(s["rank"]): dict(s) for s in state["suspects"]}
