@@ -32,6 +32,12 @@ def launch(np: int, config: str, run_dir: Path, overrides: list[str]) -> subproc
         return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
+def suspects(summary: dict) -> str:
+    """``rank 3 (host h, step 20)`` for each rank the run named a suspect (fa_hvd.train.trust), or ``none``."""
+    named = summary.get("suspects", [])
+    return ", ".join(f"rank {s['rank']} (host {s['host']}, step {s['step']})" for s in named) or "none"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fa-hvd-demo",
                                      description="The trainer on 4 ranks, FA against the plain mean.")
@@ -68,8 +74,8 @@ def main(argv=None) -> int:
         print(f"[{name}] {summary['step']} steps in {time.perf_counter() - started:.1f} s (training "
               f"{summary['wall_s']:.1f} s): final test accuracy {final['test_accuracy']:.3f}, train loss "
               f"{float(final['train_loss']):.4g}; parameters "
-              f"{'bit-identical on every rank' if summary['params_identical_on_ranks'] else 'DIFFER across ranks'}",
-              flush=True)
+              f"{'bit-identical on every rank' if summary['params_identical_on_ranks'] else 'DIFFER across ranks'}; "
+              f"suspects: {suspects(summary)}", flush=True)
     png = plot.plot([args.out / name for name, _ in runs], args.out / "curves.png", [name for name, _ in runs])
     accuracies = ", ".join(f"{name} {results[name]['final']['test_accuracy']:.3f}" for name, _ in runs)
     print(f"final test accuracy: {accuracies}")

@@ -1,11 +1,15 @@
-"""``fa-hvd-plot RUN_DIR...``: training loss and test accuracy of one or more runs, in one PNG.
+"""``fa-hvd-plot RUN_DIR...``: training loss, test accuracy and per-rank trust of one or more runs, in one PNG.
 
     fa-hvd-plot runs/demo/flag runs/demo/mean [--out runs/demo/curves.png] [--labels FA mean]
 
-Reads each run's ``metrics.jsonl`` (see :mod:`fa_hvd.train.metrics`): the left
-panel is the step loss (mean over ranks, log scale) against the optimizer step, the right
-panel the test accuracy at each evaluation. Losses that are not finite are drawn
+Reads each run's ``metrics.jsonl`` (see :mod:`fa_hvd.train.metrics`): the first
+panel is the step loss (mean over ranks, log scale) against the optimizer step, the second
+the test accuracy at each evaluation. Losses that are not finite are drawn
 at the top edge of the panel with an ``x`` (a run that diverged stays visible).
+Then, for each run whose rule reported weights, a trust heatmap: steps x ranks, each
+cell the rank's relative weight ``p c_i / sum c`` (1: an equal share; 0: dropped;
+:func:`fa_hvd.train.trust.relative_weights`), non-finite rows black, and each suspect the
+run named (:mod:`fa_hvd.train.trust`) marked with a triangle at the step it was named.
 Default output: ``RUN_DIR/curves.png`` for one run, ``./curves.png`` for several.
 """
 
@@ -17,6 +21,9 @@ import sys
 from pathlib import Path
 
 from fa_hvd.train import metrics
+from fa_hvd.train.trust import relative_weights
+
+TRUST_MAX = 2.0  # the heatmap's colour scale: relative weight 0 .. 2, 1 (an equal share) in the middle
 
 
 def _number(value) -> float:
@@ -31,13 +38,56 @@ def curves(run_dir: Path) -> tuple[list, list, list, list]:
             [r["step"] for r in evals], [_number(r["test_accuracy"]) for r in evals])
 
 
+def trust_map(run_dir: Path) -> tuple[list, list, list] | None:
+    """``(steps, rows, suspects)``: per step the ranks' relative weights (NaN where unknown, -inf
+    for a non-finite row) and the ``(step, rank)`` of each named suspect; None without weights."""
+    records = metrics.read(run_dir)
+    steps, rows = [], []
+    for r in records:
+        if r.get("kind") != "step" or "weights" not in r:
+            continue
+        p = r.get("world_size", len(r["weights"]))
+        row = relative_weights(p, r) or [math.nan] * p
+        steps.append(r["step"])
+        rows.append([-math.inf if i in r.get("nonfinite", ()) else w for i, w in enumerate(row)])
+    if not steps:
+        return None
+    suspects = [(r["step"], r["suspect"]["rank"]) for r in records if r.get("kind") == "event" and "suspect" in r]
+    return steps, rows, suspects
+
+
+def _draw_trust(ax, fig, steps, rows, suspects, label) -> None:
+    import numpy as np
+    from matplotlib import colormaps
+
+    width = max(len(row) for row in rows)
+    grid = np.full((width, len(steps)), np.nan)
+    for j, row in enumerate(rows):
+        grid[: len(row), j] = row
+    cmap = colormaps["RdYlGn"].with_extremes(bad="lightgrey", under="black")
+    image = ax.imshow(np.clip(grid, -1, TRUST_MAX), aspect="auto", cmap=cmap, vmin=0, vmax=TRUST_MAX,
+                      interpolation="nearest", origin="lower", extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5,
+                                                                        width - 0.5))
+    for step, rank in suspects:
+        ax.plot([step], [rank], marker="v", color="black", markersize=8, markeredgecolor="white")
+    ax.set_yticks(range(width))
+    ax.set_yticklabels([f"{r}" + (" suspect" if any(r == s for _, s in suspects) else "") for r in range(width)])
+    ax.set(xlabel="step", ylabel="rank", title=f"trust: {label} (weight / (1/p))")
+    fig.colorbar(image, ax=ax, extend="both")
+
+
 def plot(run_dirs: list[Path], out: Path, labels: list[str] | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    maps = [(labels[i] if labels else d.name, trust_map(d)) for i, d in enumerate(run_dirs)]
+    maps = [(label, m) for label, m in maps if m is not None]
+    fig, axes = plt.subplots(1, 2 + len(maps), figsize=(11 + 5 * len(maps), 4))
+    ax_loss, ax_acc = axes[0], axes[1]
+    for ax, (label, (steps, rows, suspects)) in zip(axes[2:], maps):
+        _draw_trust(ax, fig, steps, rows, suspects, label)
     finite_losses = []
     drawn = []
     for i, run_dir in enumerate(run_dirs):
@@ -66,7 +116,9 @@ def plot(run_dirs: list[Path], out: Path, labels: list[str] | None = None) -> Pa
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fa-hvd-plot",
-                                     description="Training loss and test accuracy of one or more runs, in one PNG.")
+                                     description="Training loss, test accuracy and a per-rank trust heatmap (steps x "
+                                                 "ranks, weight relative to 1/p, suspects marked) of one or more "
+                                                 "runs, in one PNG.")
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", type=Path)
     parser.add_argument("--out", type=Path, help="the PNG to write")
     parser.add_argument("--labels", nargs="+", help="one legend label per run (default: the directory names)")

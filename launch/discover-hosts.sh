@@ -5,7 +5,18 @@
 #                      runs to add or remove hosts;
 #   SLURM_JOB_NODELIST the nodes of the SLURM job, SLURM_NTASKS_PER_NODE slots each;
 #   otherwise          localhost with FA_HVD_SLOTS slots (default: the number of CPUs).
+# Hosts listed in FA_HVD_EXCLUDE_FILE (one a line, e.g. RUN_DIR/excluded_hosts, which
+# fa-hvd-train's robust.evict writes) are left out.
 set -euo pipefail
+exclude() {
+  if [ -n "${FA_HVD_EXCLUDE_FILE:-}" ] && [ -s "$FA_HVD_EXCLUDE_FILE" ]; then
+    awk 'NR == FNR { if (NF) drop[$1] = 1; next } { host = $0; sub(/:.*/, "", host); if (!(host in drop)) print }' \
+      "$FA_HVD_EXCLUDE_FILE" -
+  else
+    cat
+  fi
+}
+{
 if [ -n "${FA_HVD_HOSTS_FILE:-}" ]; then
   grep -v -e '^[[:space:]]*#' -e '^[[:space:]]*$' "$FA_HVD_HOSTS_FILE"
 elif [ -n "${SLURM_JOB_NODELIST:-}" ]; then
@@ -13,3 +24,4 @@ elif [ -n "${SLURM_JOB_NODELIST:-}" ]; then
 else
   echo "localhost:${FA_HVD_SLOTS:-$(nproc)}"
 fi
+} | exclude

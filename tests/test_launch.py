@@ -184,6 +184,11 @@ def test_discover_hosts(tmp_path):
 
     assert discover(FA_HVD_HOSTS_FILE=str(hosts), SLURM_JOB_NODELIST="x") == ["node1:4", "node2:2"]
     assert discover(FA_HVD_SLOTS="3") == ["localhost:3"]  # SLURM's node list: tests/test_slurm.py
+    excluded = tmp_path / "excluded_hosts"
+    excluded.write_text("node2\n")  # what fa-hvd-train's robust.evict writes
+    assert discover(FA_HVD_HOSTS_FILE=str(hosts), FA_HVD_EXCLUDE_FILE=str(excluded)) == ["node1:4"]
+    assert discover(FA_HVD_SLOTS="3", FA_HVD_EXCLUDE_FILE=str(excluded)) == ["localhost:3"]
+    assert discover(FA_HVD_SLOTS="3", FA_HVD_EXCLUDE_FILE=str(tmp_path / "none")) == ["localhost:3"]
 
 
 @pytest.mark.slow

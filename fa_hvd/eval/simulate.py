@@ -143,10 +143,12 @@ def _materialized(dataset):
     return TensorDataset(x, y)
 
 
-def simulate(cell: Cell, curve: bool = False) -> dict:
+def simulate(cell: Cell, curve: bool = False, observe=None) -> dict:
     """Train ``cell`` and return its result: ``test_accuracy``, ``test_loss``, ``train_loss``
     (the last step's loss, as the trainer's summary has it), ``diverged``, ``steps`` run,
-    ``wall_s``, and with ``curve`` the per-step losses ``losses``."""
+    ``wall_s``, and with ``curve`` the per-step losses ``losses``. ``observe(step, diagnostics)``,
+    when given, is told the aggregator's diagnostics after every step (steps counted from 1, as
+    the trainer's ``metrics.jsonl``)."""
     start = time.perf_counter()
     try:
         conf, _ = train_config.parse(cell.run_config())
@@ -206,6 +208,8 @@ def simulate(cell: Cell, curve: bool = False) -> dict:
                     G[rank] = injector.gradient_transform(G[rank], index, step)
             rows.append(G)
         update = aggregator(torch.cat(rows, dim=1) if len(rows) > 1 else rows[0])
+        if observe is not None:
+            observe(step + 1, aggregator.diagnostics)
         offset = 0
         for bucket in layout:
             for _, param in bucket:

@@ -23,6 +23,7 @@ from fa_hvd import config as cfg
 from fa_hvd.aggregators import get as get_aggregator
 from fa_hvd.faults import parse_faults
 from fa_hvd.faults.roles import SHARDED_ROLE_KINDS
+from fa_hvd.train import trust
 
 DATA_SOURCES = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic", "dir")
 BOOKKEEPING_SECTIONS = ("checkpoint", "log")
@@ -180,6 +181,22 @@ class TrainConfig:
 
 
 @dataclass
+class EvictConfig:
+    """``robust.evict``: stop the run to drain a rank whose mean relative weight over ``window`` steps
+    fell below ``threshold`` (or whose row was non-finite in more than ``log.suspects.max_nonfinite``
+    of them); :mod:`fa_hvd.train.trust`, README "Eviction"."""
+
+    window: int = 100
+    threshold: float = 0.2
+
+    def validate(self) -> None:
+        try:
+            trust.Thresholds(self.window, self.threshold).check("robust.evict")
+        except ValueError as exc:
+            raise cfg.ConfigError(str(exc).replace("robust.evict.min_weight", "robust.evict.threshold")) from None
+
+
+@dataclass
 class RobustConfig:
     aggregator: str = "flag"
     aggregator_params: dict = field(default_factory=dict)   # f, r, tau, ...
@@ -188,6 +205,7 @@ class RobustConfig:
     replicas: int = 1                  # sharded only: 1, or >= f+1 ranks compute each shard (>= 2f+1: repaired)
     digest: bool = False               # compare the ranks' aggregates every step (an altered relayed block stops it)
     allow_exceeding_f: bool = False    # more faulty ranks than f: a warning, not an error
+    evict: Optional[EvictConfig] = None  # {window, threshold}: stop to drain a distrusted rank's host
 
     def validate(self) -> None:
         try:
@@ -235,9 +253,26 @@ class ElasticConfig:
 
 
 @dataclass
+class SuspectsConfig:
+    """When the trust ledger names a rank a suspect (:mod:`fa_hvd.train.trust`; defaults measured there)."""
+
+    window: int = trust.Thresholds.window               # steps
+    min_weight: float = trust.Thresholds.min_weight     # mean relative weight (1 = 1/p) below this over the window
+    max_nonfinite: float = trust.Thresholds.max_nonfinite  # or non-finite in more than this share of the window
+
+    def validate(self) -> None:
+        try:
+            trust.Thresholds(self.window, self.min_weight, self.max_nonfinite).check("log.suspects")
+        except ValueError as exc:
+            raise cfg.ConfigError(str(exc)) from None
+
+
+@dataclass
 class LogConfig:
     progress: Literal["auto", "bar", "lines", "none"] = "auto"  # auto: a bar on a terminal, lines otherwise
     every_steps: Optional[int] = None  # plain progress lines; null = about 20 per run
+    tensorboard: Optional[str] = None  # a directory for TensorBoard event files (pip install fa_hvd[tensorboard])
+    suspects: SuspectsConfig = field(default_factory=SuspectsConfig)
 
     def validate(self) -> None:
         _positive("log.every_steps", self.every_steps, integer=True)
@@ -279,6 +314,10 @@ class RunConfig:
                                       f"set robust.exchange sharded")
         if self.elastic.enabled and self.robust.transport != "horovod":
             raise cfg.ConfigError("elastic.enabled: elastic mode needs robust.transport horovod")
+        if self.elastic.enabled and self.robust.evict is not None:
+            raise cfg.ConfigError("robust.evict: not available in elastic mode yet (an elastic world that drops the "
+                                  "evicted host must also lower f, which stays what the config says); without "
+                                  "elastic the run stops with a checkpoint naming the host to drain")
 
 
 def _world_for_checks(entries) -> int:

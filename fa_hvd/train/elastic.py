@@ -16,7 +16,9 @@ fa-hvd-train ...`` (Gloo). :class:`ElasticState` is the Horovod state object:
 
 The aggregator's ``f`` stays what the config says; when the world falls below
 what the rule needs, the run stops with a message saying so (exit status 1).
-A world change is an event in the log (``metrics.jsonl`` and rank 0's output).
+A world change is an event in the log (``metrics.jsonl`` and rank 0's output); a world
+of another size starts the trust ledger (:mod:`fa_hvd.train.trust`) again, as its ranks
+are numbered anew.
 """
 
 from __future__ import annotations
@@ -112,6 +114,7 @@ def join(trainer: Trainer) -> None:
     except ValueError as exc:
         raise WorldTooSmall(f"elastic: cannot continue on {trainer.world} ranks: {exc}") from None
     trainer.join_world()
+    trainer.open_trust()  # a world of another size numbers its ranks anew: trust starts again
     if trainer.rank == 0 and trainer.log is None:
         trainer.open_outputs()
 

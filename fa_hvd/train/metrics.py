@@ -12,7 +12,8 @@ diagnostics by rank: ``nonfinite``, ``dropped`` and (rules that combine rows, FA
 among them) ``weights``;
 ``loss_scale`` under fp16), ``"kind": "eval"`` records
 (``step``, ``epoch``, ``test_loss``, ``test_accuracy``) and ``"kind": "event"``
-records (resume, preemption, elastic resets). On resume the file is cut back to
+records (resume, preemption, elastic resets, a suspect named by :mod:`fa_hvd.train.trust`
+with its evidence in ``suspect``, an eviction). On resume the file is cut back to
 the checkpoint's step, so it always tells one consistent history.
 """
 

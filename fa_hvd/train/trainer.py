@@ -33,7 +33,9 @@ One optimizer step on rank ``r`` (step ``t``, counted from 0):
 Exit status: 0 finished; 2 bad config or input (one line ``fa-hvd-train: error:
 ...`` from rank 0, before any rank trains); 75 stopped by SIGTERM/SIGUSR1 (a
 checkpoint was written, or the signal came during set-up and the checkpoints are
-untouched): the run should be resumed with ``--resume auto``.
+untouched): the run should be resumed with ``--resume auto``; 76 stopped by
+``robust.evict`` with a checkpoint, naming the host to drain (listed in
+``RUN_DIR/excluded_hosts`` when excluding it is safe).
 """
 
 from __future__ import annotations
@@ -62,12 +64,13 @@ from fa_hvd.faults import FaultInjector, parse_faults, poison_for_rank
 from fa_hvd.faults.seeding import derive_seed
 from fa_hvd.optimizer import checksum
 from fa_hvd.train import config as train_config
-from fa_hvd.train import control, data, metrics, models, optim, resume
+from fa_hvd.train import control, data, metrics, models, optim, resume, tensorboard, trust
 from fa_hvd.train.resume import CHECKPOINT_FORMAT, UsageError
 from fa_hvd.train.sharding import ShardStream, partition, steps_per_epoch
 
 PROG = "fa-hvd-train"
-EXIT_OK, EXIT_USAGE, EXIT_PREEMPTED = 0, 2, 75
+EXIT_OK, EXIT_USAGE, EXIT_PREEMPTED, EXIT_EVICTED = 0, 2, 75, 76
+EXCLUDED_HOSTS = "excluded_hosts"  # in the run directory: hosts to drain, one a line (launch/, slurm/ read it)
 RANK_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "RANK", "SLURM_PROCID")
 
 
@@ -104,6 +107,10 @@ class Trainer:
         self.total_steps: int | None = None
         self.log = None
         self.progress = None
+        self.board = None
+        self.trust: trust.TrustLedger | None = None
+        self.evictor: trust.TrustLedger | None = None  # robust.evict's thresholds over the same diagnostics
+        self.trust_state: dict | None = None  # a checkpoint's, for the ledger of a world of its size
         self.writer = checkpoint.Writer(conf.checkpoint.keep)
         self.lock = resume.RunLock(self.run_dir)
 
@@ -207,6 +214,60 @@ class Trainer:
         self.injector.counts = dict(counts)
         lies = self.injector.roles or None  # role faults (fa_hvd.faults.roles) are told where they are asked
         self.optimizer.exchange.lies = self.transport.lies = lies
+
+    def open_trust(self) -> None:
+        """A fresh trust ledger for this world, with every rank's identity (collective)."""
+        s = self.conf.log.suspects
+        thresholds = trust.Thresholds(window=s.window, min_weight=s.min_weight, max_nonfinite=s.max_nonfinite)
+        identities = trust.gather_identities(self.transport, self.device)
+        self.trust = trust.TrustLedger(self.world, thresholds, identities)
+        evict = self.conf.robust.evict
+        if evict is not None:
+            self.evictor = trust.TrustLedger(self.world, trust.Thresholds(evict.window, evict.threshold,
+                                                                          s.max_nonfinite), identities)
+        if self.trust_state is not None and self.trust_state["p"] == self.world:
+            self.trust.load_state_dict(self.trust_state)
+        self.trust_state = None
+
+    def account_trust(self) -> list[dict]:
+        """Feed this step's diagnostics to the ledgers; name each new suspect once (every rank alike).
+        Returns the ranks that crossed ``robust.evict``'s threshold at this step."""
+        for suspect in self.trust.observe(self.step, self.optimizer.stats):
+            self.event(self.trust.describe(suspect), suspect=suspect)
+        return self.evictor.observe(self.step, self.optimizer.stats) if self.evictor is not None else []
+
+    def evict(self, ranks: list[dict]) -> int:
+        """Stop with a checkpoint, naming the hosts of ``ranks`` to drain (every rank alike). Their hosts go
+        into ``RUN_DIR/excluded_hosts`` (rank 0's file) unless that would take more than ``f`` ranks out, or
+        more than ``f`` hosts over the run (then the operator decides), or leave fewer ranks than the rule
+        needs."""
+        f = self.conf.robust.f
+        hosts = sorted({trust.node(s) for s in ranks})
+        path = self.run_dir / EXCLUDED_HOSTS
+        known = path.read_text().split() if path.exists() else []
+        left = sum(trust.node(identity) not in hosts for identity in self.trust.identities)
+        rule = self.optimizer.aggregator
+        if len(ranks) > f:
+            verdict = (f"{len(ranks)} ranks crossed robust.evict's threshold at once, more than f = {f}: "
+                       f"stopping to ask, nothing excluded")
+            hosts = []
+        elif len(set(known + hosts)) > f:
+            verdict = (f"draining {', '.join(hosts)} would make {len(set(known + hosts))} hosts excluded over "
+                       f"this run (already {', '.join(known)}), more than f = {f}: stopping to ask, nothing excluded")
+            hosts = []
+        elif left < rule.min_workers(f):
+            verdict = (f"draining {', '.join(hosts)} would leave {left} ranks, fewer than {rule.name} needs "
+                       f"({rule.precondition()}, f = {f}): stopping, nothing excluded")
+            hosts = []
+        else:
+            verdict = f"drain {', '.join(hosts)}: listed in {self.run_dir / EXCLUDED_HOSTS}"
+            if self.rank == 0:
+                checkpoint.write_atomic(path, "".join(f"{h}\n" for h in dict.fromkeys(known + hosts)).encode())
+        named = "; ".join(f"rank {s['rank']} on {trust.where(s)} ({s['reason']})" for s in ranks)
+        self.event(f"evict: {named}. {verdict}. Checkpoint at step {self.step}, exit {EXIT_EVICTED}",
+                   evicted=[s["rank"] for s in ranks], excluded=hosts)
+        self.save_checkpoint(wait=True)
+        return EXIT_EVICTED
 
     # -- one step ---------------------------------------------------------------------------
     def _outgoing(self, flat: torch.Tensor, bucket: int, step: int) -> torch.Tensor:
@@ -312,6 +373,7 @@ class Trainer:
             "scheduler": checkpoint.host_copy(self.scheduler.state_dict()),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "consumed_faults": sorted(self.consumed_faults),
+            "trust": self.trust.state_dict() if self.trust is not None else None,
             "progress": {"wall_s": self.total_wall_s(), "last_eval": self.last_eval,
                          "last_loss": self.last_loss, "events": list(self.events)},
         }
@@ -355,6 +417,8 @@ class Trainer:
         progress = state.get("progress", {})
         self.last_eval, self.last_loss = progress.get("last_eval"), progress.get("last_loss")
         self.events = list(progress.get("events", []))
+        self.trust_state = state.get("trust")
+        self.trust = None  # opened again from trust_state by the next train()
 
     def reseed(self) -> None:
         """This rank's stream and generators for a new world, from the step alone."""
@@ -432,6 +496,7 @@ class Trainer:
         say("resolved config:\n  " + yaml.safe_dump(self.conf_data, sort_keys=False).rstrip().replace("\n", "\n  "))
         for spec in self.specs:
             say(f"fault: {spec.describe()} on rank(s) {spec.ranks}")
+        self.board = tensorboard.open_board(self.conf.log.tensorboard, say)
 
     def compatible(self, reshard: bool):
         """``compatible(state, path)`` for :func:`fa_hvd.train.resume.choose`: this run's checks."""
@@ -440,6 +505,7 @@ class Trainer:
 
     def summary(self, status: str, crc: int, identical: bool, faults: list) -> dict:
         final = dict(self.last_eval or {})
+        trust_figures = self.trust.summary()
         return {
             "status": status,
             "step": self.step,
@@ -454,6 +520,8 @@ class Trainer:
             "config_hash": self.config_hash,
             "aggregator": repr(self.optimizer.aggregator),
             "faults_injected": {str(r): counts for r, counts in enumerate(faults) if counts},
+            "suspects": trust_figures.pop("suspects"),
+            "trust": trust_figures,
             "events": [e["event"] for e in self.events],
         }
 
@@ -462,6 +530,8 @@ class Trainer:
         """Steps until the end or a stop request; returns the exit status (collective)."""
         conf = self.conf
         samples_per_step = self.world * conf.train.batch_size * self.passes
+        if self.trust is None:
+            self.open_trust()
         while self.step < self.total_steps:
             started = time.perf_counter()
             faults_before = sum(self.injector.counts.values())
@@ -469,6 +539,7 @@ class Trainer:
             self.step += 1
             self.max_step_seen = max(self.max_step_seen, self.step)
             self._spend_process_faults()
+            evicted = self.account_trust()
             agreed = control.agree(self.transport, loss, stop=signals.received is not None,
                                    checkpoint_due=self.timed_checkpoint_due(),
                                    faulty=sum(self.injector.counts.values()) > faults_before,
@@ -487,6 +558,8 @@ class Trainer:
                 if self.eval_due():
                     self._evaluate()
                 return EXIT_PREEMPTED
+            if evicted:
+                return self.evict(evicted)
             if self.eval_due():
                 self._evaluate()
             if self.checkpoint_due() or agreed.checkpoint_due:
@@ -525,6 +598,8 @@ class Trainer:
         if self.scaler is not None:
             record["loss_scale"] = self.scaler.get_scale()
         self.log.write(record)
+        if self.board is not None:
+            self.board.step(record)
         self.progress.step(self.step, self.epoch, agreed.loss, samples_per_s)
 
     def _evaluate(self) -> None:
@@ -534,6 +609,8 @@ class Trainer:
             self.log.write({"kind": "eval", "step": self.step, "epoch": self.epoch, "test_loss": test_loss,
                             "test_accuracy": accuracy})
             self.progress.evaluation(self.step, self.epoch, test_loss, accuracy)
+            if self.board is not None:
+                self.board.evaluation(self.step, test_loss, accuracy)
 
     def finish(self, status: int) -> None:
         """Every rank: checksums, fault counts; rank 0 writes summary.json. Ends with a barrier, so no
@@ -542,11 +619,13 @@ class Trainer:
         faults = self.transport.allgather_json(dict(self.injector.counts), name="fa_hvd.train.faults",
                                                schema={str: int})
         if self.rank == 0:
-            name = "finished" if status == EXIT_OK else "preempted"
+            name = {EXIT_OK: "finished", EXIT_EVICTED: "evicted"}.get(status, "preempted")
             summary = self.summary(name, crcs[0], all(c == crcs[0] for c in crcs), faults)
             metrics.write_summary(self.run_dir, summary)
             self.progress.close()
             self.log.close()
+            if self.board is not None:
+                self.board.close()
             _report(summary, self.run_dir)
         self.transport.allreduce_sum(torch.zeros(1), name="fa_hvd.train.done")
         self.transport.stop_roll_call()  # after the last collective: nothing is left to wait for
@@ -561,6 +640,9 @@ def _report(summary: dict, run_dir: Path) -> None:
         f"({'identical on every rank' if summary['params_identical_on_ranks'] else 'DIFFERENT across ranks'})")
     for rank, counts in summary["faults_injected"].items():
         say(f"rank {rank} injected: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
+    suspects = summary["suspects"]
+    say("suspects: " + ("; ".join(f"rank {s['rank']} on {trust.where(s)} (named at step {s['step']}: {s['reason']})"
+                                  for s in suspects) if suspects else "none"))
     say(f"run directory: {run_dir} (summary.json, metrics.jsonl, checkpoints/)")
 
 
@@ -570,7 +652,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog=PROG, description="Robust data-parallel training from a config, under horovodrun, mpirun, srun or "
                                "torchrun (with robust.transport torch).",
         epilog="Exit status: 0 finished, 2 bad config or input, 75 stopped by SIGTERM/SIGUSR1 (checkpointed, "
-               "or stopped during set-up): resume with --resume auto.")
+               "or stopped during set-up): resume with --resume auto; 76 stopped by robust.evict (checkpointed): "
+               "drain the host it names (RUN_DIR/excluded_hosts), then resume.")
     parser.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (repeatable), e.g. --set optim.lr=0.05 "
@@ -582,6 +665,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "any; never: start over (old checkpoints there are deleted); PATH: that checkpoint. "
                              "Checkpoints above the resumed step, and damaged ones, are moved to "
                              "checkpoints/set-aside/")
+    parser.add_argument("--tensorboard", metavar="DIR",
+                        help="also write TensorBoard scalars to DIR (the config's log.tensorboard; needs the "
+                             "tensorboard package: pip install 'fa_hvd[tensorboard]')")
     parser.add_argument("--resume-reshard", action="store_true",
                         help="accept a checkpoint from another world size or config (shards and sample order "
                              "are rebuilt for this world; the run is then not bit-identical to an "
@@ -670,7 +756,8 @@ def main(argv=None) -> int:
 def _main(args, signals: control.StopSignals) -> int:
     rank = launcher_rank()
     try:
-        conf, conf_data = train_config.load(args.config, args.set)
+        overrides = args.set + ([f"log.tensorboard={args.tensorboard}"] if args.tensorboard else [])
+        conf, conf_data = train_config.load(args.config, overrides)
     except ConfigError as exc:
         return usage_error(str(exc), rank)
     run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)

@@ -1,0 +1,246 @@
+"""Per-rank trust over a run, and the suspects it names.
+
+After every aggregation the rule says what it did with each rank's row
+(:func:`fa_hvd.aggregators.base.describe`): the rows it dropped as non-finite, the
+rows it gave no weight and, for rules that combine rows (``agg = c^T G``: FA's
+default mode, Krum, Multi-Krum, geomed, nmean, ...), each row's coefficient
+``c_i``. :class:`TrustLedger` accumulates that per rank:
+
+* the *relative weight* ``w_i = p c_i / sum_j c_j`` (1 for every row of the plain
+  mean; a dropped row has 0), as a whole-run mean and a mean over the last
+  ``window`` steps;
+* the steps at which the rank was dropped (weight 0 or non-finite) and those at
+  which it was non-finite, as ranges of steps.
+
+A rank becomes a *suspect* once, over a full window, its mean relative weight is
+below ``min_weight`` (rules that report weights) or its row was non-finite in more
+than ``max_nonfinite`` of the window's steps (every robust rule). It is named once,
+at the step it crosses. Coordinate-wise rules (median, trimmed mean, Bulyan) and
+cclip report no weights: they can name only non-finite rows. The default
+thresholds come from measured false-positive rates on the no-attack cells of a
+grid (``docs/results/suspects/``, written by :mod:`fa_hvd.eval.suspects`).
+
+Every rank computes the same aggregate from the same rows, so every rank's
+diagnostics, and so its ledger, are the same; in the sharded exchange they are
+what the shard owners reported (the finiteness flags and the partial Grams).
+Decisions taken on the ledger need no further message.
+
+Identity (:func:`gather_identities`): each rank's host, local rank, CUDA device
+and GPU UUID when it has one, SLURM node and job id, gathered once at the start
+through the pickle-free JSON transport (:meth:`fa_hvd.comm.base.Transport.allgather_json`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from fa_hvd.comm.messages import Optional
+
+IDENTITY_SCHEMA = (str, int, Optional(int), Optional(str), Optional(str), Optional(str))
+IDENTITY_KEYS = ("host", "local_rank", "cuda_device", "gpu_uuid", "slurm_node", "slurm_job")
+MAX_RANGES = 50  # step ranges kept per rank in the summary (the count is always whole)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """When a rank becomes a suspect (see the module docstring); measured defaults."""
+
+    window: int = 100
+    min_weight: float = 0.2
+    max_nonfinite: float = 0.5
+
+    def check(self, where: str) -> None:
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"{where}.window: must be an integer >= 1, got {self.window!r}")
+        if not 0 <= self.min_weight <= 1:
+            raise ValueError(f"{where}.min_weight: must be in [0, 1], got {self.min_weight!r}")
+        if not 0 <= self.max_nonfinite < 1:
+            raise ValueError(f"{where}.max_nonfinite: must be in [0, 1), got {self.max_nonfinite!r}")
+
+
+def local_identity(local_rank: int, device: torch.device | None = None, environ=os.environ) -> list:
+    """This rank's identity, in :data:`IDENTITY_KEYS` order (the JSON message it sends)."""
+    cuda_device = gpu_uuid = None
+    if device is not None and device.type == "cuda":
+        cuda_device = device.index if device.index is not None else torch.cuda.current_device()
+        uuid = getattr(torch.cuda.get_device_properties(cuda_device), "uuid", None)
+        gpu_uuid = f"GPU-{uuid}" if uuid is not None else None
+    return [socket.gethostname(), int(local_rank), cuda_device, gpu_uuid,
+            environ.get("SLURMD_NODENAME") or None, environ.get("SLURM_JOB_ID") or None]
+
+
+def gather_identities(transport, device: torch.device | None = None) -> list[dict]:
+    """Every rank's identity (collective), in rank order."""
+    mine = local_identity(transport.local_rank, device)
+    gathered = transport.allgather_json(mine, name="fa_hvd.train.identity", schema=IDENTITY_SCHEMA)
+    return [dict(zip(IDENTITY_KEYS, values)) for values in gathered]
+
+
+def node(identity: dict) -> str:
+    """The machine to drain: the SLURM node name when there is one, else the host name."""
+    return identity.get("slurm_node") or identity.get("host")
+
+
+def where(identity: dict) -> str:
+    """``host h (local rank l, GPU 2 GPU-..., SLURM node n, job j)``: what an operator drains."""
+    parts = [f"local rank {identity.get('local_rank')}"]
+    if identity.get("cuda_device") is not None:
+        parts.append(f"GPU {identity['cuda_device']}" + (f" {identity['gpu_uuid']}" if identity.get("gpu_uuid") else ""))
+    if identity.get("slurm_node"):
+        parts.append(f"SLURM node {identity['slurm_node']}")
+    if identity.get("slurm_job"):
+        parts.append(f"job {identity['slurm_job']}")
+    return f"host {identity.get('host')} ({', '.join(parts)})"
+
+
+def relative_weights(p: int, diagnostics: dict) -> list[float] | None:
+    """``p c_i / sum_j c_j`` per rank, or None when the step reported no usable weights."""
+    weights = diagnostics.get("weights")
+    if weights is None or len(weights) != p:
+        return None
+    total = math.fsum(weights)
+    if not math.isfinite(total) or total <= 0:
+        return None
+    return [p * w / total for w in weights]
+
+
+class _Ranges:
+    """Steps as sorted ``[first, last]`` ranges (steps arrive in increasing order)."""
+
+    def __init__(self, ranges=()):
+        self.ranges = [list(r) for r in ranges]
+        self.count = sum(b - a + 1 for a, b in self.ranges)
+
+    def add(self, step: int) -> None:
+        if self.ranges and self.ranges[-1][1] == step - 1:
+            self.ranges[-1][1] = step
+        else:
+            self.ranges.append([step, step])
+        self.count += 1
+
+
+class TrustLedger:
+    """Trust of ``p`` ranks over a run, from each step's diagnostics (:meth:`observe`)."""
+
+    def __init__(self, p: int, thresholds: Thresholds = Thresholds(), identities: list[dict] | None = None):
+        self.p, self.thresholds = p, thresholds
+        self.identities = identities or [{} for _ in range(p)]
+        self.steps = 0
+        self._weight_sum = [0.0] * p  # whole run, over steps with weights
+        self._weight_steps = 0
+        self._window: deque = deque()  # (relative weights or None, nonfinite ranks)
+        self._window_sums()
+        self._dropped = [_Ranges() for _ in range(p)]
+        self._nonfinite = [_Ranges() for _ in range(p)]
+        self.suspects: dict[int, dict] = {}
+
+    def _window_sums(self) -> None:
+        """The window's per-rank sums, kept as steps enter and leave it (O(p) a step)."""
+        self._win_weight = [math.fsum(w[r] for w, _ in self._window if w is not None) for r in range(self.p)]
+        self._win_weighted = sum(w is not None for w, _ in self._window)
+        self._win_nonfinite = [sum(r in bad for _, bad in self._window) for r in range(self.p)]
+
+    def _slide(self, entry: tuple, sign: int) -> None:
+        weights, bad = entry
+        if weights is not None:
+            self._win_weighted += sign
+            for r in range(self.p):
+                self._win_weight[r] += sign * weights[r]
+        for r in bad:
+            self._win_nonfinite[r] += sign
+
+    def observe(self, step: int, diagnostics: dict) -> list[dict]:
+        """Account for ``step``'s diagnostics; returns the suspects named at this step."""
+        p = self.p
+        weights = relative_weights(p, diagnostics)
+        nonfinite = {r for r in diagnostics.get("nonfinite", ()) if 0 <= r < p}
+        dropped = {r for r in diagnostics.get("dropped", ()) if 0 <= r < p} | nonfinite
+        self.steps += 1
+        for r in sorted(dropped):
+            self._dropped[r].add(step)
+        for r in sorted(nonfinite):
+            self._nonfinite[r].add(step)
+        if weights is not None:
+            self._weight_steps += 1
+            for r in range(p):
+                self._weight_sum[r] += weights[r]
+        self._window.append((weights, frozenset(nonfinite)))
+        self._slide(self._window[-1], 1)
+        if len(self._window) > self.thresholds.window:
+            self._slide(self._window.popleft(), -1)
+        if len(self._window) < self.thresholds.window:
+            return []
+        named = []
+        for r in range(p):
+            if r in self.suspects:
+                continue
+            evidence = self._crossed(r)
+            if evidence is not None:
+                self.suspects[r] = {"rank": r, **self.identities[r], "step": step, **evidence}
+                named.append(self.suspects[r])
+        return named
+
+    def window_figures(self, r: int) -> tuple[float | None, float]:
+        """Rank ``r``'s mean relative weight (None: no weights) and non-finite fraction over the window."""
+        weight = self._win_weight[r] / self._win_weighted if self._win_weighted else None
+        return weight, self._win_nonfinite[r] / max(1, len(self._window))
+
+    def _crossed(self, r: int) -> dict | None:
+        weight, nonfinite = self.window_figures(r)
+        t = self.thresholds
+        reasons = []
+        if weight is not None and weight < t.min_weight:
+            reasons.append(f"mean relative weight {weight:.3f} < {t.min_weight} over the last {t.window} steps")
+        if nonfinite > t.max_nonfinite:
+            reasons.append(f"non-finite in {nonfinite:.0%} > {t.max_nonfinite:.0%} of the last {t.window} steps")
+        if not reasons:
+            return None
+        return {"reason": "; ".join(reasons), "window": t.window, "window_weight": weight,
+                "window_nonfinite": nonfinite, "dropped_steps": self._dropped[r].count,
+                "nonfinite_steps": self._nonfinite[r].count}
+
+    def run_weight(self, r: int) -> float | None:
+        return self._weight_sum[r] / self._weight_steps if self._weight_steps else None
+
+    def summary(self) -> dict:
+        """``ranks``: each rank's identity and figures; ``suspects``: the named ones, with evidence."""
+        ranks = []
+        for r in range(self.p):
+            weight, nonfinite = self.window_figures(r)
+            ranks.append({"rank": r, **self.identities[r], "run_weight": self.run_weight(r),
+                          "window_weight": weight, "window_nonfinite": nonfinite,
+                          "dropped_steps": self._dropped[r].count, "dropped": self._dropped[r].ranges[:MAX_RANGES],
+                          "nonfinite_steps": self._nonfinite[r].count,
+                          "nonfinite": self._nonfinite[r].ranges[:MAX_RANGES]})
+        return {"steps": self.steps, "thresholds": vars(self.thresholds).copy(), "ranks": ranks,
+                "suspects": [self.suspects[r] for r in sorted(self.suspects)]}
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps, so that a resumed run goes on with the same figures and names no one twice."""
+        return {"p": self.p, "steps": self.steps, "weight_sum": list(self._weight_sum),
+                "weight_steps": self._weight_steps,
+                "window": [[w, sorted(bad)] for w, bad in self._window],
+                "dropped": [r.ranges for r in self._dropped], "nonfinite": [r.ranges for r in self._nonfinite],
+                "suspects": [self.suspects[r] for r in sorted(self.suspects)]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["p"] != self.p:
+            raise ValueError(f"trust state of {state['p']} ranks, this world has {self.p}")
+        self.steps, self._weight_steps = int(state["steps"]), int(state["weight_steps"])
+        self._weight_sum = [float(w) for w in state["weight_sum"]]
+        self._window = deque((w, frozenset(bad)) for w, bad in state["window"][-self.thresholds.window:])
+        self._window_sums()
+        self._dropped = [_Ranges(r) for r in state["dropped"]]
+        self._nonfinite = [_Ranges(r) for r in state["nonfinite"]]
+        self.suspects = {int(s["rank"]): dict(s) for s in state["suspects"]}
+
+    def describe(self, suspect: dict) -> str:
+        """The operator's line for a named suspect."""
+        return (f"warning: suspect rank {suspect['rank']} on {where(suspect)} at step {suspect['step']}: "
+                f"{suspect['reason']}; dropped at {suspect['dropped_steps']} of {self.steps} steps")

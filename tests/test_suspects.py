@@ -1,0 +1,272 @@
+"""Per-rank trust and named suspects (fa_hvd.train.trust): the ledger on hand-made diagnostics,
+the trainer on 4 in-process ranks (both exchanges) and on 4 horovodrun ranks with one rank
+injecting a fault, and the TensorBoard scalars read back with tensorboard's EventAccumulator."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+from conftest import untagged
+from fa_hvd.train import config as train_config
+from fa_hvd.train import control, metrics, tensorboard, trainer, trust
+from local_world import run_ranks
+from train_helpers import finish, start, write_config
+
+EQUAL = {"nonfinite": [], "dropped": [], "weights": [0.25] * 4}
+
+
+def test_relative_weights_are_shares_of_the_sum():
+    assert trust.relative_weights(4, {"weights": [0.5, 0.5, 0.5, 0.5]}) == [1.0] * 4
+    assert trust.relative_weights(4, {"weights": [0.3, 0.3, 0.4, 0.0]}) == pytest.approx([1.2, 1.2, 1.6, 0.0])
+    assert trust.relative_weights(4, {"nonfinite": [1], "dropped": [1]}) is None
+    assert trust.relative_weights(4, {"weights": [0.0] * 4}) is None
+
+
+def test_a_rank_is_named_once_when_its_window_crosses_the_threshold():
+    ledger = trust.TrustLedger(4, trust.Thresholds(window=4, min_weight=0.2),
+                               [{"host": f"node{r}", "local_rank": r} for r in range(4)])
+    low = {"nonfinite": [], "dropped": [], "weights": [0.33, 0.33, 0.33, 0.01]}
+    named = [ledger.observe(step, EQUAL if step <= 5 else low) for step in range(1, 13)]
+    # the window mean of rank 3 (1.0 per equal step, 0.04 per low one) falls below 0.2 at step 9
+    assert [step for step, n in enumerate(named, 1) if n] == [9]
+    (suspect,) = named[8]
+    assert (suspect["rank"], suspect["host"], suspect["step"]) == (3, "node3", 9)
+    assert suspect["window_weight"] == pytest.approx(0.04)
+    assert "warning: suspect rank 3 on host node3 (local rank 3)" in ledger.describe(suspect)
+    figures = ledger.summary()
+    assert [s["rank"] for s in figures["suspects"]] == [3]
+    assert figures["ranks"][3]["run_weight"] == pytest.approx((5 + 7 * 0.04) / 12)
+    assert figures["ranks"][0]["window_weight"] == pytest.approx(4 * 0.33)
+
+
+def test_dropped_and_nonfinite_steps_are_kept_as_ranges():
+    ledger = trust.TrustLedger(4, trust.Thresholds(window=3, max_nonfinite=0.5))
+    for step in range(1, 9):
+        bad = step in (2, 3, 4, 7)
+        ledger.observe(step, {"nonfinite": [1] if bad else [], "dropped": [1] if bad else [2]})
+    ranks = ledger.summary()["ranks"]
+    assert ranks[1]["nonfinite"] == [[2, 4], [7, 7]] and ranks[1]["nonfinite_steps"] == 4
+    assert ranks[2]["dropped"] == [[1, 1], [5, 6], [8, 8]] and ranks[2]["nonfinite_steps"] == 0
+    # no weights (a coordinate-wise rule): only non-finite rows can be named; rank 1 at step 3 (2 of 3)
+    assert [(s["rank"], s["step"]) for s in ledger.summary()["suspects"]] == [(1, 3)]
+    assert ranks[2]["window_weight"] is None
+
+
+def test_honest_ranks_with_unequal_weights_are_not_named():
+    ledger = trust.TrustLedger(4, trust.Thresholds(window=2, min_weight=0.2))
+    for step in range(1, 20):
+        ledger.observe(step, {"nonfinite": [], "dropped": [], "weights": [0.4, 0.3, 0.2, 0.1]})
+    assert ledger.suspects == {}
+
+
+def test_thresholds_are_validated_naming_the_key():
+    for key, value in (("window", 0), ("min_weight", 1.5), ("max_nonfinite", 1.0)):
+        with pytest.raises(train_config.cfg.ConfigError, match=f"log.suspects.{key}: must be"):
+            train_config.parse({"log": {"suspects": {key: value}}})
+
+
+def _config(**extra) -> dict:
+    return {"seed": 1, "data": {"name": "digits"}, "model": {"name": "mlp", "hidden": 16},
+            "optim": {"lr": 0.05, "momentum": 0.0}, "train": {"steps": 12, "batch_size": 8, "device": "cpu"},
+            "robust": {"aggregator": "flag", "aggregator_params": {"f": 1}},
+            "faults": [{"kind": "reverse", "ranks": [3]}], "log": {"suspects": {"window": 5}}, **extra}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exchange", ["allgather", "sharded"])
+def test_four_ranks_in_process_name_the_faulty_rank(tmp_path, exchange):
+    """Rank 3 sends -100 x its gradient: every rank's ledger names rank 3 alone (in the sharded
+    exchange from what the shard owners reported), rank 0 logs one event and lists it in summary.json."""
+    conf, conf_data = train_config.parse(_config(robust={"aggregator": "flag", "aggregator_params": {"f": 1},
+                                                         "exchange": exchange}))
+
+    def rank(transport):
+        t = trainer.Trainer(conf, conf_data, tmp_path / f"run{transport.rank}", transport)
+        t.load_data()
+        t.check_world()
+        t.build()
+        (t.run_dir / "checkpoints").mkdir(parents=True)
+        t.last_checkpoint_time = 0.0
+        if t.rank == 0:
+            t.log = metrics.MetricsLog(t.run_dir / "metrics.jsonl", None)
+            t.progress = metrics.Progress(12, 0, "none")
+        t.finish(t.train(control.StopSignals()))
+        return sorted(t.trust.suspects)
+
+    assert run_ranks(4, rank) == [[3]] * 4
+    summary = json.loads((tmp_path / "run0" / "summary.json").read_text())
+    assert [(s["rank"], s["host"], s["local_rank"]) for s in summary["suspects"]] == [(3, socket.gethostname(), 3)]
+    assert summary["trust"]["ranks"][3]["run_weight"] < 0.2 < min(r["run_weight"] for r in summary["trust"]["ranks"][:3])
+    events = [r for r in metrics.read(tmp_path / "run0") if r["kind"] == "event" and "suspect" in r]
+    assert [(e["suspect"]["rank"], e["step"]) for e in events] == [(3, 5)]
+
+
+@pytest.mark.slow
+def test_horovodrun_four_ranks_one_faulty_names_its_host_and_writes_tensorboard(tmp_path):
+    """The bar: 4 ranks under horovodrun, rank 3 injecting a fault; the suspect is named with its host
+    (warning line and final line), listed in summary.json, and the TensorBoard event file holds every
+    rank's relative weight."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = write_config(tmp_path / "c.yaml", **_config())
+    run_dir, board = tmp_path / "run", tmp_path / "tb"
+    out = untagged(finish(start(4, config, run_dir, "--tensorboard", str(board)), timeout=300))
+    host = socket.gethostname()
+    assert f"warning: suspect rank 3 on host {host} (local rank 3)" in out, out
+    assert f"suspects: rank 3 on host {host} (local rank 3)" in out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["faults_injected"]["3"]
+    assert [(s["rank"], s["host"]) for s in summary["suspects"]] == [(3, host)]
+    events = EventAccumulator(str(board))
+    events.Reload()
+    weights = {r: [e.value for e in events.Scalars(f"trust/weight/rank_{r}")] for r in range(4)}
+    assert all(len(w) == 12 for w in weights.values())
+    assert max(weights[3]) < 0.2 and min(min(weights[r]) for r in range(3)) > 0.5
+    assert len(events.Scalars("eval/test_accuracy")) == 1 and len(events.Scalars("train/loss")) == 12
+
+
+def test_without_the_tensorboard_package_one_line_and_no_board(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    said = []
+    assert tensorboard.open_board("somewhere", said.append) is None
+    assert said == [tensorboard.MISSING]
+    assert tensorboard.open_board(None, said.append) is None and len(said) == 1
+
+
+def test_the_ledger_round_trips_through_its_state():
+    ledger = trust.TrustLedger(4, trust.Thresholds(window=3))
+    low = {"nonfinite": [2], "dropped": [2, 3], "weights": [0.5, 0.5, 0.0, 0.0]}
+    for step in range(1, 6):
+        ledger.observe(step, low)
+    again = trust.TrustLedger(4, trust.Thresholds(window=3))
+    again.load_state_dict(ledger.state_dict())
+    assert again.summary() == ledger.summary() and sorted(again.suspects) == [2, 3]
+    assert again.observe(6, low) == [] and again.summary()["ranks"][3]["dropped"] == [[1, 6]]
+    with pytest.raises(ValueError, match="trust state of 4 ranks"):
+        trust.TrustLedger(3).load_state_dict(ledger.state_dict())
+
+
+def test_a_resumed_run_keeps_its_trust_and_names_no_one_twice(tmp_path):
+    """Four simulated ranks (loopback), rank 3 sending -100 x rank 0's gradient: named at step 3;
+    the run resumed from its step-4 checkpoint goes on with the same figures and no second event."""
+    from loopback import LoopbackTransport
+
+    def run(steps, state=None):
+        conf, conf_data = train_config.parse(_config(train={"steps": steps, "batch_size": 8, "device": "cpu"},
+                                                     faults=[], log={"suspects": {"window": 3}},
+                                                     checkpoint={"every_steps": 4}))
+        t = trainer.Trainer(conf, conf_data, tmp_path / "run", LoopbackTransport(4, lambda row, r: -100 * row
+                                                                                 if r == 3 else row))
+        t.load_data()
+        t.check_world()
+        t.build()
+        if state is not None:
+            t.load_state(state)
+        (t.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        t.last_checkpoint_time = 0.0
+        t.log = metrics.MetricsLog(t.run_dir / "metrics.jsonl", t.step or None)
+        t.progress = metrics.Progress(steps, t.step, "none")
+        t.train(control.StopSignals())
+        t.writer.wait()
+        return t
+
+    first = run(4)
+    resumed = run(6, trainer.checkpoint.read(tmp_path / "run" / "checkpoints" / "step-000000004.ckpt"))
+    assert resumed.trust.steps == 6 and sorted(resumed.trust.suspects) == [3]
+    assert resumed.trust.suspects[3]["step"] == first.trust.suspects[3]["step"] == 3
+    events = [r for r in metrics.read(tmp_path / "run") if r["kind"] == "event" and "suspect" in r]
+    assert [e["step"] for e in events] == [3]
+
+
+def test_plot_draws_the_trust_heatmap_with_the_suspect(tmp_path):
+    """fa-hvd-plot reads the per-step weights and the suspect event back from metrics.jsonl."""
+    from fa_hvd import plot
+
+    log = metrics.MetricsLog(tmp_path / "metrics.jsonl", None)
+    for step in range(1, 6):
+        log.write({"kind": "step", "step": step, "loss": 1.0, "world_size": 4, "nonfinite": [2] if step == 2 else [],
+                   "dropped": [2] if step == 2 else [], "weights": [0.3, 0.3, 0.0 if step == 2 else 0.3, 0.1]})
+    log.write({"kind": "event", "step": 4, "event": "warning: suspect rank 3", "suspect": {"rank": 3}})
+    log.write({"kind": "eval", "step": 5, "test_loss": 1.0, "test_accuracy": 0.5})
+    log.close()
+    steps, rows, suspects = plot.trust_map(tmp_path)
+    assert steps == [1, 2, 3, 4, 5] and suspects == [(4, 3)]
+    assert rows[0] == pytest.approx([1.2, 1.2, 1.2, 0.4]) and rows[1][2] == -float("inf")
+    assert plot.main([str(tmp_path), "--out", str(tmp_path / "c.png")]) == 0 and (tmp_path / "c.png").stat().st_size
+
+
+def _evicting(tmp_path, monkeypatch, hosts, evict={"window": 4, "threshold": 0.2}):
+    """A loopback trainer of ``len(hosts)`` simulated ranks on ``hosts`` (their identities), the last
+    sending -100 x rank 0's gradient."""
+    from loopback import LoopbackTransport
+
+    world = len(hosts)
+    monkeypatch.setattr(trust, "gather_identities", lambda transport, device=None: [
+        {"host": host, "local_rank": r, "cuda_device": None, "gpu_uuid": None, "slurm_node": None, "slurm_job": None}
+        for r, host in enumerate(hosts)])
+    conf, conf_data = train_config.parse(_config(train={"steps": 12, "batch_size": 8, "device": "cpu"}, faults=[],
+                                                 robust={"aggregator": "flag", "aggregator_params": {"f": 1},
+                                                         "evict": evict}))
+    t = trainer.Trainer(conf, conf_data, tmp_path / "run", LoopbackTransport(world, lambda row, r: -100 * row
+                                                                             if r == world - 1 else row))
+    t.load_data()
+    t.check_world()
+    t.build()
+    (t.run_dir / "checkpoints").mkdir(parents=True)
+    t.last_checkpoint_time = 0.0
+    t.log = metrics.MetricsLog(t.run_dir / "metrics.jsonl", None)
+    t.progress = metrics.Progress(12, 0, "none")
+    return t
+
+
+def _evict_events(tmp_path):
+    return [r for r in metrics.read(tmp_path / "run") if r["kind"] == "event" and "evicted" in r]
+
+
+def test_eviction_stops_with_a_checkpoint_and_lists_the_host(tmp_path, monkeypatch):
+    t = _evicting(tmp_path, monkeypatch, ["node0", "node0", "node0", "node1"])
+    assert t.train(control.StopSignals()) == trainer.EXIT_EVICTED and t.step == 4
+    t.writer.wait()
+    assert (tmp_path / "run" / "checkpoints" / "step-000000004.ckpt").exists()
+    (event,) = _evict_events(tmp_path)
+    assert event["evicted"] == [3] and event["excluded"] == ["node1"]
+    assert "evict: rank 3 on host node1" in event["event"] and "drain node1" in event["event"]
+    assert (tmp_path / "run" / trainer.EXCLUDED_HOSTS).read_text() == "node1\n"
+    t.evict([{**t.trust.identities[0], "rank": 0, "reason": "r"}])  # a second host over the run: > f
+    *_, event = _evict_events(tmp_path)
+    assert event["excluded"] == [] and "2 hosts excluded over this run (already node1), more than f = 1" in event["event"]
+    assert (tmp_path / "run" / trainer.EXCLUDED_HOSTS).read_text() == "node1\n"
+
+
+def test_eviction_never_leaves_fewer_ranks_than_the_rule_needs_nor_takes_more_than_f(tmp_path, monkeypatch):
+    t = _evicting(tmp_path, monkeypatch, ["node0", "node0", "node1", "node1"])
+    assert t.train(control.StopSignals()) == trainer.EXIT_EVICTED
+    (event,) = _evict_events(tmp_path)  # draining node1 would leave 2 ranks; FA needs 3 for f = 1
+    assert event["excluded"] == [] and "would leave 2 ranks, fewer than flag needs (p >= 2f + 1" in event["event"]
+    assert not (tmp_path / "run" / trainer.EXCLUDED_HOSTS).exists()
+    t.evict([{**t.trust.identities[r], "rank": r, "reason": "r"} for r in (0, 3)])
+    *_, event = _evict_events(tmp_path)
+    assert event["excluded"] == [] and "2 ranks crossed robust.evict's threshold at once, more than f = 1: " \
+        "stopping to ask" in event["event"]
+    assert not (tmp_path / "run" / trainer.EXCLUDED_HOSTS).exists()
+
+
+def test_evict_config_is_validated_naming_the_key():
+    with pytest.raises(train_config.cfg.ConfigError, match="robust.evict.threshold: must be in"):
+        train_config.parse({"robust": {"evict": {"threshold": 2}}})
+    with pytest.raises(train_config.cfg.ConfigError, match="robust.evict.windw: unknown key"):
+        train_config.parse({"robust": {"evict": {"windw": 2}}})
+    with pytest.raises(train_config.cfg.ConfigError, match="robust.evict: not available in elastic mode yet"):
+        train_config.parse({"robust": {"evict": {}}, "elastic": {"enabled": True}})
