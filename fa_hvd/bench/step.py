@@ -11,9 +11,12 @@ Run under ``horovodrun -np 4 fa-hvd-bench step``, or ``torchrun --nproc-per-node
 * ``fa_hvd_flag``: FA with its default buckets;
 * with ``--exchange allgather,sharded``, also ``fa_hvd_mean_sharded`` and
   ``fa_hvd_flag_sharded``: the same rules with ``exchange="sharded"``;
-* with ``--digest-cost``, also ``..._digest`` twins of the FA variants: the
-  exchange with the per-step digest of the aggregate (:mod:`fa_hvd.exchange.digest`),
-  so the digest's cost is the ratio of the two medians, measured in the same rounds.
+* with ``--digest-cost``, also ``..._digest`` twins of the FA variants with the
+  deferred digest of the aggregate (:mod:`fa_hvd.exchange.digest`, the trainer's
+  default), and every FA variant then ends its step as the trainer does, with the
+  control row (:func:`fa_hvd.train.control.agree`), which the twin's digest words
+  ride in: the digest's cost is the ratio of the two medians (``digest_cost``),
+  measured in the same rounds.
 
 With ``--transport torch`` (torch.distributed, Gloo or NCCL) the baseline is
 ``ddp_allreduce``, plain ``DistributedDataParallel``, and the variants are
@@ -100,7 +103,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--exchange", type=_exchanges, default=["allgather"], metavar="LIST",
                         help="fa_hvd's exchanges to time, comma list of allgather, sharded (default: allgather)")
     parser.add_argument("--digest-cost", action="store_true",
-                        help="also time FA with the per-step digest of the aggregate (variants ..._digest)")
+                        help="also time FA with the deferred digest of the aggregate (variants ..._digest); FA "
+                             "and its twin then end each step with the trainer's control row, which carries it")
     parser.add_argument("--transport", choices=tuple(BASELINES), default="horovod",
                         help="horovod (under horovodrun; baseline Horovod's allreduce) or torch (under torchrun; "
                              "baseline plain DDP)")
@@ -149,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
     from fa_hvd.comm import get_transport
     from fa_hvd.comm.traffic import SocketTraffic
     from fa_hvd.exchange.cost import exchange_cost
+    from fa_hvd.train import control
 
     transport = get_transport(args.transport)
     torch.set_num_threads(args.threads)
@@ -162,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
     y = torch.randint(0, args.num_classes, (args.batch_size,), generator=gen).to(device)
     names = variants_for(args.exchange, args.transport, args.digest_cost)
     baseline, ratio = BASELINES[args.transport]
+    with_control_row = {n for name in names if name.endswith("_digest") for n in (name, name.removesuffix("_digest"))}
     flag = {"f": min(1, (size - 1) // 2) if args.f is None else args.f,
             **({} if args.r is None else {"r": args.r})}
 
@@ -188,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
             return model, fa_hvd.DistributedOptimizer(inner, named_parameters=named, aggregator="flag",
                                                       aggregator_params=flag, bucket_bytes=bucket_bytes,
                                                       exchange=exchange, transport=transport,
-                                                      digest=name.endswith("_digest"))
+                                                      digest="deferred" if name.endswith("_digest") else False)
         return model, fa_hvd.DistributedOptimizer(inner, named_parameters=named, aggregator="mean",
                                                   bucket_bytes=bucket_bytes, exchange=exchange, transport=transport)
 
@@ -218,6 +224,9 @@ def run(args: argparse.Namespace) -> int:
             synced = clock()
             with opt.skip_synchronize():
                 opt.step()
+            if name in with_control_row:  # the trainer's control row, the twin's digest words in it
+                control.agree(transport, 0.0, stop=False, checkpoint_due=False, faulty=False, overflowed=False,
+                              digest=opt.digest)
             if record:
                 samples[name]["step_s"].append(clock() - start)
                 samples[name]["exposed_s"].append(synced - backward_done)
@@ -256,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
             opt = variants[name][1]
             buckets = getattr(opt, "_buckets", None) if kind != "allreduce" else None  # DDP's are its own
             sizes = [b.numel for b in buckets] if buckets else [n]
-            model = exchange_cost(kind, sizes, size, digest=name.endswith("_digest"))
+            model = exchange_cost(kind, sizes, size)  # the deferred digest adds no exchange traffic
             record = {
                 "bench": "step", "variant": name, "exchange": kind, "model": args.model, "device": args.device,
                 "ranks": size, "parameters": n, "batch_per_rank": args.batch_size,

@@ -186,7 +186,7 @@ class RobustConfig:
     transport: Literal["horovod", "mpi", "torch"] = "horovod"  # torch: torch.distributed (torchrun)
     exchange: Literal["allgather", "sharded"] = "allgather"  # sharded: allreduce's traffic, O(n) memory
     replicas: int = 1                  # sharded only: 1, or >= f+1 ranks compute each shard (>= 2f+1: repaired)
-    digest: bool = False               # compare the ranks' aggregates every step (an altered relayed block stops it)
+    digest: bool = True                # compare the ranks' aggregates, one step late in the control row
     allow_exceeding_f: bool = False    # more faulty ranks than f: a warning, not an error
 
     def validate(self) -> None:
