@@ -351,18 +351,18 @@ def test_the_fingerprint_changes_with_every_bit_and_with_the_key():
             assert digest_module.fingerprint(altered.view(torch.float32), key) != before, (word, bit)
 
 
-def test_the_compiled_lanes_and_numpy_compute_the_sums_of_the_definition(monkeypatch):
-    monkeypatch.setenv("FA_HVD_NATIVE", "1")  # the suite runs numpy (tests/conftest.py); both are checked here
+def test_the_compiled_lanes_numpy_and_torch_compute_the_sums_of_the_definition(monkeypatch):
+    monkeypatch.setenv("FA_HVD_NATIVE", "1")  # the suite runs numpy's path (tests/conftest.py)
     assert digest_module._kernel() is not None, "no C compiler: the compiled lanes cannot be checked"
-    gen = torch.Generator().manual_seed(1)
-    rows = 3
-    words = torch.randint(0, 2**32, (rows * digest_module.ROW_WORDS,), dtype=torch.int64, generator=gen)
-    weights = torch.randint(0, 2**32, (2 * digest_module.ROW_WORDS,), dtype=torch.int64, generator=gen)
-    x, v = words.numpy().astype("<u4"), weights.numpy().astype("<u4")
-    expected = [[sum(int(a) * int(b) for a, b in zip(x[r * 1024 : (r + 1) * 1024], v[lane * 1024 : (lane + 1) * 1024]))
-                 % 2**64 for lane in (0, 1)] for r in range(rows)]
-    for native_kernel in (True, False):
-        assert digest_module.lane_sums(x, rows, v, native_kernel=native_kernel).tolist() == expected
+    gen, width, rows = torch.Generator().manual_seed(1), digest_module.ROW_WORDS, 3
+    words = torch.randint(-2**31, 2**31, (rows, width), dtype=torch.int32, generator=gen)
+    weights = torch.randint(-2**31, 2**31, (2, width), dtype=torch.int32, generator=gen)
+    unsigned = [[int(w) % 2**32 for w in row] for row in (*words.tolist(), *weights.tolist())]  # the bits
+    expected = [[sum(a * b for a, b in zip(unsigned[r], unsigned[rows + lane])) % 2**64 for lane in (0, 1)]
+                for r in range(rows)]
+    for path in ("native", "numpy", "torch"):  # torch's is the GPU's, run here on the CPU
+        sums = digest_module.lane_sums(words, weights, path=path)
+        assert [[int(s) % 2**64 for s in row] for row in sums.tolist()] == expected, path
 
 
 def test_the_trainer_checks_the_digest_by_default_and_saves_no_checkpoint_of_a_diverged_step(tmp_path, monkeypatch):

@@ -16,7 +16,10 @@ Run under ``horovodrun -np 4 fa-hvd-bench step``, or ``torchrun --nproc-per-node
   default), and every FA variant then ends its step as the trainer does, with the
   control row (:func:`fa_hvd.train.control.agree`), which the twin's digest words
   ride in: the digest's cost is the ratio of the two medians (``digest_cost``),
-  measured in the same rounds.
+  measured in the same rounds, with each round's ratio (``digest_cost_per_round``:
+  the spread), and, less noisy, the median time of rank 0's fingerprint
+  (``fingerprint_s``, the only work the digest adds) over the median step
+  (``fingerprint_share``).
 
 With ``--transport torch`` (torch.distributed, Gloo or NCCL) the baseline is
 ``ddp_allreduce``, plain ``DistributedDataParallel``, and the variants are
@@ -138,6 +141,14 @@ def build_model(args) -> torch.nn.Module:
 NOT_COUNTED = "not counted"
 
 
+def per_round_cost(mine: list[float], twin: list[float], steps: int) -> list[float]:
+    """Each round's median step over its twin's in the same round, minus 1 (the spread of the cost:
+    the rounds interleave the variants, so a round's noise hits both)."""
+    rounds = range(0, len(mine), steps)
+    return [round(statistics.median(mine[i : i + steps]) / statistics.median(twin[i : i + steps]) - 1, 4)
+            for i in rounds]
+
+
 def vs_allreduce(mine: list[float], allreduce: list[float]) -> float | str:
     """The larger of the sent and received byte ratios to Horovod's allreduce, or "not counted"
     when the sockets saw none of the allreduce's bytes (Open MPI's shared memory between ranks
@@ -205,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter()
-    keys = ("step_s", "exposed_s", "wait_s", "aggregate_s", "sent", "received", "peak_bytes")
+    keys = ("step_s", "exposed_s", "wait_s", "aggregate_s", "sent", "received", "peak_bytes", "fingerprint_s")
     samples = {name: {key: [] for key in keys} for name in names}
 
     def steps(name, count, record):
@@ -227,6 +238,8 @@ def run(args: argparse.Namespace) -> int:
             if name in with_control_row:  # the trainer's control row, the twin's digest words in it
                 control.agree(transport, 0.0, stop=False, checkpoint_due=False, faulty=False, overflowed=False,
                               digest=opt.digest)
+                if record and opt.digest is not None:
+                    samples[name]["fingerprint_s"].append(opt.digest.seconds)
             if record:
                 samples[name]["step_s"].append(clock() - start)
                 samples[name]["exposed_s"].append(synced - backward_done)
@@ -286,7 +299,12 @@ def run(args: argparse.Namespace) -> int:
                 record["bytes_vs_allreduce"] = vs_allreduce(most[name], most[baseline])
             record.update({k: m[k] for k in ("wait_s", "aggregate_s") if k in m})
             if name.endswith("_digest"):  # the digest's cost: this median over its twin's without it
-                record["digest_cost"] = m["step_s"] / medians[name.removesuffix("_digest")]["step_s"] - 1
+                twin = name.removesuffix("_digest")
+                record["digest_cost"] = m["step_s"] / medians[twin]["step_s"] - 1
+                record["digest_cost_per_round"] = per_round_cost(samples[name]["step_s"], samples[twin]["step_s"],
+                                                                 args.steps)
+                record["fingerprint_s"] = m["fingerprint_s"]  # what the digest adds on this rank, its share:
+                record["fingerprint_share"] = m["fingerprint_s"] / m["step_s"]
             records.append(record)
             print(json.dumps(record), flush=True)
         sharded = [r for r in records if r["exchange"] == "sharded"]

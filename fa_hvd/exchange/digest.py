@@ -26,9 +26,9 @@ that ignored the altered row) changes nothing that could diverge. Two ways:
 ``x``, in rows of ``W = 1024`` (what is left over, under ``W`` words, is hashed as
 it is). A 32-byte key ``K`` gives two lanes of ``W`` 32-bit weights ``v_l``
 (SHAKE-256 of ``K``); each row ``r`` gives ``s_lr = sum_c x_rc v_lc mod 2^64``
-(32 x 32 -> 64-bit multiply-adds, compiled to C: memory speed, about 3 ms for
-ResNet-18's 11.2M fp32 on one core here; a numpy path, about 40 ms, where no C
-compiler works, with the same result), and the fingerprint is the first 8 bytes
+(32 x 32 -> 64-bit multiply-adds, compiled to C: memory speed, about 3-5 ms for
+ResNet-18's 11.2M fp32 on one core here; numpy, about 40 ms, where no C compiler
+works; torch's int64 arithmetic on a GPU; the same bits on each), and the fingerprint is the first 8 bytes
 of SHA-256 over ``K``, the dtype, the length, every ``s_lr`` and the leftover
 (1/64 of the aggregate's bytes). Strength, for a key independent of the two
 aggregates: they differ in some row, ``d = x_r - x'_r != 0`` with ``|d_c| < 2^32``;
@@ -62,6 +62,7 @@ import hashlib
 import logging
 import math
 import secrets
+import time
 
 import numpy as np
 import torch
@@ -108,31 +109,49 @@ def check_agreement(transport, aggregate: torch.Tensor, step: int, name: str) ->
 
 
 def fingerprint(t: torch.Tensor, key: bytes) -> int:
-    """``t``'s keyed fingerprint under ``key`` (module docstring), as a signed 64-bit integer."""
-    data = t.detach().contiguous().view(torch.uint8).cpu().numpy().reshape(-1)
-    rows = data.size // (4 * ROW_WORDS)
+    """``t``'s keyed fingerprint under ``key`` (module docstring), as a signed 64-bit integer; a CUDA
+    tensor is read where it is (only the lanes' sums, 1/64 of it, come to the host)."""
+    flat = t.detach().reshape(-1).contiguous()
+    if flat.storage_offset() * flat.element_size() % 4:
+        flat = flat.clone()  # 32-bit words need an aligned start
+    data = flat.view(torch.uint8)
+    rows = data.numel() // (4 * ROW_WORDS)
     bulk = rows * ROW_WORDS * 4
-    weights = np.frombuffer(hashlib.shake_256(key).digest(8 * ROW_WORDS), dtype="<u4")
-    sums = lane_sums(data[:bulk].view("<u4"), rows, weights)
+    weights = torch.frombuffer(bytearray(hashlib.shake_256(key).digest(8 * ROW_WORDS)), dtype=torch.int32)
+    sums = lane_sums(data[:bulk].view(torch.int32).reshape(rows, ROW_WORDS), weights.reshape(2, ROW_WORDS))
     h = hashlib.sha256(key)
     h.update(f"{t.dtype} {t.numel()}".encode())
-    h.update(sums.tobytes())
-    h.update(data[bulk:].tobytes())
+    h.update(sums.cpu().numpy().tobytes())
+    h.update(data[bulk:].cpu().numpy().tobytes())
     return int.from_bytes(h.digest()[:8], "little", signed=True)
 
 
-def lane_sums(words: np.ndarray, rows: int, weights: np.ndarray, native_kernel: bool = True) -> np.ndarray:
-    """``(rows, 2)`` uint64: row ``r``'s sums ``sum_c words[r, c] * weights[l, c] mod 2^64``, lanes ``l = 0, 1``
-    (the compiled kernel, or numpy where it cannot be built, ``FA_HVD_NATIVE=0`` or ``native_kernel``
-    is False)."""
-    out = np.empty((rows, 2), dtype=np.uint64)
-    kernel = _kernel() if native_kernel and native.enabled() else None
-    if kernel is not None:
-        kernel(words.ctypes.data, rows, ROW_WORDS, weights.ctypes.data, out.ctypes.data)
+def lane_sums(words: torch.Tensor, weights: torch.Tensor, path: str | None = None) -> torch.Tensor:
+    """``(rows, 2)`` int64 holding the bits of row ``r``'s sums ``sum_c words[r, c] * weights[l, c] mod 2^64``,
+    lanes ``l = 0, 1``; ``words`` ``(rows, W)`` and ``weights`` ``(2, W)`` int32 read as unsigned.
+
+    ``path``: ``"native"`` (the compiled kernel: the CPU's default), ``"numpy"`` (the CPU's where the
+    kernel cannot be built or ``FA_HVD_NATIVE=0``) or ``"torch"`` (other devices: int64 arithmetic
+    wraps mod 2^64, so any order of summation gives the same bits)."""
+    if path is None:
+        cpu = words.device.type == "cpu"
+        path = "torch" if not cpu else "native" if native.enabled() and _kernel() is not None else "numpy"
+    rows = words.shape[0]
+    if path == "native":
+        out = torch.empty(rows, 2, dtype=torch.int64)
+        _kernel()(words.data_ptr(), rows, ROW_WORDS, weights.contiguous().data_ptr(), out.data_ptr())
         return out
-    matrix, lanes = words.reshape(rows, ROW_WORDS), weights.astype(np.uint64).reshape(2, ROW_WORDS).T.copy()
-    for start in range(0, rows, 256):  # uint64 products wrap mod 2^64, as in C; blocks bound the memory
-        out[start : start + 256] = matrix[start : start + 256].astype(np.uint64) @ lanes
+    if path == "numpy":
+        x, lanes = words.numpy().view(np.uint32), weights.numpy().view(np.uint32).astype(np.uint64).T.copy()
+        out = np.empty((rows, 2), dtype=np.uint64)
+        for start in range(0, rows, 256):  # uint64 products wrap mod 2^64, as in C; blocks bound the memory
+            out[start : start + 256] = x[start : start + 256].astype(np.uint64) @ lanes
+        return torch.from_numpy(out.view(np.int64))
+    out = torch.empty(rows, 2, dtype=torch.int64, device=words.device)
+    lanes = weights.to(device=words.device, dtype=torch.int64) & 0xFFFFFFFF
+    for start in range(0, rows, 256):  # blocks bound the (rows, 2, W) products
+        block = words[start : start + 256].to(torch.int64) & 0xFFFFFFFF
+        out[start : start + 256] = (block.unsqueeze(1) * lanes).sum(-1)
     return out
 
 
@@ -145,7 +164,7 @@ def _kernel():
     try:
         function = native.function(_LANES, "lanes")
     except (OSError, subprocess.SubprocessError) as exc:
-        _log.warning("fa_hvd: the compiled digest kernel is unavailable (%s); the digest uses numpy", exc)
+        _log.warning("fa_hvd: the compiled digest kernel is unavailable (%s); the digest uses numpy (slower)", exc)
         return None
     function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
     return function
@@ -171,6 +190,7 @@ class DeferredDigest:
     def reset(self) -> None:
         """Forget the last aggregate and fingerprint (a resume or an elastic reset: on every rank alike)."""
         self.held: tuple[int, torch.Tensor] | None = None  # (step, aggregate) until its key is known
+        self.seconds = 0.0  # the last fingerprint's time (what the check adds to a step: the benchmark reads it)
         self.published: tuple[int, int] | None = None  # (step, fingerprint) of the last aggregate
         self.verified: tuple[int, int] | None = None
 
@@ -191,8 +211,9 @@ class DeferredDigest:
         last = self.published[0] if self.published is not None else None
         _raise_unless_equal(_values(words[:, 1:]), last)
         if self.held is not None:
-            step, aggregate = self.held
+            started, (step, aggregate) = time.perf_counter(), self.held
             self.published, self.held = (step, fingerprint(aggregate, key_for(step, words[:, 0]))), None
+            self.seconds = time.perf_counter() - started
 
     def verify(self, transport, name: str = "fa_hvd.digest.verify") -> None:
         """Compare the last fingerprint now (collective; nothing to do if it was verified already)."""
