@@ -266,6 +266,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                     self._start_bucket(bucket)
         if self._buckets:
             waiting = time.perf_counter()
+            if self.digest is not None:
+                self.digest.settle()  # the last aggregate's fingerprint is done before the exchange reuses buffers
             update = self._exchange.finish(len(self._buckets), self._aggregation_device, self.step_count)
             if self.digest is not None:
                 self.digest.hold(update, self.step_count)

@@ -296,6 +296,7 @@ def deferred_steps(steps, verify_after=None, liar=None):
                 opt.step()
                 control.agree(t, 1.0, stop=False, checkpoint_due=False, faulty=False, overflowed=False,
                               digest=opt.digest)
+                opt.digest.settle()  # the fingerprint of this step's aggregate, computed on the worker
                 published.append(opt.digest.published)
                 if step == verify_after:
                     opt.digest.verify(t)
@@ -393,6 +394,15 @@ def test_the_trainer_checks_the_digest_by_default_and_saves_no_checkpoint_of_a_d
     results = run_ranks(P, body)
     assert all(error is not None and "step 1:" in error and "ranks [2] differ" in error for error, _ in results)
     assert results[0][1] == [checkpoint.path_for(Path("."), 1).name]  # step 1's weights were never saved
+
+
+def test_a_run_resumes_with_the_digest_turned_on_or_off_but_not_with_other_robust_changes():
+    from fa_hvd.train import config as train_config
+
+    def hashed(robust):
+        return train_config.config_hash(train_config.parse({"robust": robust}, [])[1])
+
+    assert hashed({"digest": True}) == hashed({"digest": False}) != hashed({"digest": False, "exchange": "sharded"})
 
 
 def test_the_optimizer_and_the_trainer_config_turn_the_digest_on(monkeypatch):

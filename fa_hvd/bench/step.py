@@ -18,8 +18,9 @@ Run under ``horovodrun -np 4 fa-hvd-bench step``, or ``torchrun --nproc-per-node
   ride in: the digest's cost is the ratio of the two medians (``digest_cost``),
   measured in the same rounds, with each round's ratio (``digest_cost_per_round``:
   the spread), and, less noisy, the median time of rank 0's fingerprint
-  (``fingerprint_s``, the only work the digest adds) over the median step
-  (``fingerprint_share``).
+  (``fingerprint_s``, the only work the digest adds, on a worker thread) over the
+  median step (``fingerprint_share``) and how long the step waited for it
+  (``fingerprint_wait_s``).
 
 With ``--transport torch`` (torch.distributed, Gloo or NCCL) the baseline is
 ``ddp_allreduce``, plain ``DistributedDataParallel``, and the variants are
@@ -216,7 +217,8 @@ def run(args: argparse.Namespace) -> int:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter()
-    keys = ("step_s", "exposed_s", "wait_s", "aggregate_s", "sent", "received", "peak_bytes", "fingerprint_s")
+    keys = ("step_s", "exposed_s", "wait_s", "aggregate_s", "sent", "received", "peak_bytes", "fingerprint_s",
+            "fingerprint_wait_s")
     samples = {name: {key: [] for key in keys} for name in names}
 
     def steps(name, count, record):
@@ -238,8 +240,9 @@ def run(args: argparse.Namespace) -> int:
             if name in with_control_row:  # the trainer's control row, the twin's digest words in it
                 control.agree(transport, 0.0, stop=False, checkpoint_due=False, faulty=False, overflowed=False,
                               digest=opt.digest)
-                if record and opt.digest is not None:
+                if record and opt.digest is not None:  # the last step's fingerprint (settled by this row)
                     samples[name]["fingerprint_s"].append(opt.digest.seconds)
+                    samples[name]["fingerprint_wait_s"].append(opt.digest.waited)
             if record:
                 samples[name]["step_s"].append(clock() - start)
                 samples[name]["exposed_s"].append(synced - backward_done)
@@ -305,6 +308,7 @@ def run(args: argparse.Namespace) -> int:
                                                                  args.steps)
                 record["fingerprint_s"] = m["fingerprint_s"]  # what the digest adds on this rank, its share:
                 record["fingerprint_share"] = m["fingerprint_s"] / m["step_s"]
+                record["fingerprint_wait_s"] = m["fingerprint_wait_s"]  # the part the next step waited for
             records.append(record)
             print(json.dumps(record), flush=True)
         sharded = [r for r in records if r["exchange"] == "sharded"]

@@ -63,6 +63,7 @@ import logging
 import math
 import secrets
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -180,8 +181,12 @@ class DeferredDigest:
     """Step ``t``'s aggregate, checked in step ``t + 1``'s control row (module docstring).
 
     The optimizer calls :meth:`hold` with each aggregate; the control row carries
-    :meth:`words` and hands every rank's back to :meth:`receive`; :meth:`verify`
-    compares the last fingerprint at once (one allgather) before anything is saved.
+    :meth:`words` and hands every rank's back to :meth:`receive`, which starts the
+    fingerprint on a worker thread (it overlaps the next forward and backward; the
+    compiled kernel, numpy and hashlib release the GIL); :meth:`settle` waits for it
+    (the optimizer calls it before the next exchange may reuse its buffers, the next
+    row before it publishes it); :meth:`verify` compares the last fingerprint at
+    once (one allgather) before anything is saved.
     """
 
     def __init__(self):
@@ -190,15 +195,27 @@ class DeferredDigest:
     def reset(self) -> None:
         """Forget the last aggregate and fingerprint (a resume or an elastic reset: on every rank alike)."""
         self.held: tuple[int, torch.Tensor] | None = None  # (step, aggregate) until its key is known
-        self.seconds = 0.0  # the last fingerprint's time (what the check adds to a step: the benchmark reads it)
+        self.pending: tuple[int, Future] | None = None  # (step, fingerprint under way)
         self.published: tuple[int, int] | None = None  # (step, fingerprint) of the last aggregate
         self.verified: tuple[int, int] | None = None
+        self.seconds = 0.0  # the last fingerprint's time on the worker (the CPU time the check adds)
+        self.waited = 0.0  # how long the last settle blocked (the wall time a step pays; the benchmark reads both)
 
     def hold(self, aggregate: torch.Tensor, step: int) -> None:
         self.held = (step, aggregate)
 
+    def settle(self) -> None:
+        """Wait for the fingerprint under way, if any, and publish it."""
+        if self.pending is None:
+            return
+        started, (step, future) = time.perf_counter(), self.pending
+        value, self.seconds = future.result()
+        self.published, self.pending = (step, value), None
+        self.waited = time.perf_counter() - started
+
     def words(self) -> list[float]:
         """This rank's control-row words: a fresh nonce (NaN without an aggregate), the last fingerprint."""
+        self.settle()
         nonce = float(secrets.randbits(NONCE_BITS)) if self.held is not None else math.nan
         if self.published is None:
             return [nonce, math.nan, math.nan]
@@ -207,22 +224,32 @@ class DeferredDigest:
 
     def receive(self, words: torch.Tensor) -> None:
         """Every rank's words, ``(p, WORDS)``: :class:`Divergence` unless the fingerprints agree, then
-        this step's aggregate fingerprinted with the key from everyone's nonces."""
+        this step's aggregate fingerprinted (on the worker) with the key from everyone's nonces."""
         last = self.published[0] if self.published is not None else None
         _raise_unless_equal(_values(words[:, 1:]), last)
         if self.held is not None:
-            started, (step, aggregate) = time.perf_counter(), self.held
-            self.published, self.held = (step, fingerprint(aggregate, key_for(step, words[:, 0]))), None
-            self.seconds = time.perf_counter() - started
+            (step, aggregate), key = self.held, key_for(self.held[0], words[:, 0])
+            self.pending, self.held = (step, _worker().submit(_timed_fingerprint, aggregate, key)), None
 
     def verify(self, transport, name: str = "fa_hvd.digest.verify") -> None:
         """Compare the last fingerprint now (collective; nothing to do if it was verified already)."""
+        self.settle()
         if self.published is None or self.published == self.verified:
             return
         value = self.published[1]
         mine = torch.tensor([[float(value >> 32), float(value & 0xFFFFFFFF)]], dtype=torch.float64)
         _raise_unless_equal(_values(transport.allgather(mine, name=name).reshape(-1, 2)), self.published[0])
         self.verified = self.published
+
+
+def _timed_fingerprint(aggregate: torch.Tensor, key: bytes) -> tuple[int, float]:
+    started = time.perf_counter()
+    return fingerprint(aggregate, key), time.perf_counter() - started
+
+
+@functools.lru_cache(maxsize=1)
+def _worker() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="fa_hvd_digest")
 
 
 def _values(words: torch.Tensor) -> list[tuple]:

@@ -9,7 +9,9 @@ any of them trains.
 
 ``identity(conf)`` is what a checkpoint must match to be resumed: the whole
 config except ``checkpoint`` and ``log`` (where and how often to save and print
-changes nothing in the numbers).
+changes nothing in the numbers) and ``robust.digest`` (a check, not arithmetic: a
+run may resume with it turned on or off, and checkpoints written before it
+existed still resume).
 """
 
 from __future__ import annotations
@@ -308,7 +310,10 @@ def parse(raw: dict, overrides=()) -> tuple[RunConfig, dict]:
 
 def identity(data: dict) -> dict:
     """The part of a config's plain data that a resumed run must share with its checkpoint."""
-    return {k: v for k, v in data.items() if k not in BOOKKEEPING_SECTIONS}
+    kept = {k: v for k, v in data.items() if k not in BOOKKEEPING_SECTIONS}
+    if isinstance(kept.get("robust"), dict):
+        kept["robust"] = {k: v for k, v in kept["robust"].items() if k != "digest"}
+    return kept
 
 
 def config_hash(data: dict) -> str:
