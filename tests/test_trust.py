@@ -260,11 +260,12 @@ def test_the_grid_selects_role_faults_and_the_simulation_sends_them_to_the_distr
 # -- the deferred digest: no collective of its own, the lie named at the next control row ------------------
 
 class RelayingOnce(LocalTransport):
-    """Rank 1 alters rank 0's gradient block on its way to rank 2, in the second exchange of each bucket only."""
+    """Rank 1 alters rank 0's block on its way to rank 2 in the second step only: its gradient buckets
+    (allgather exchange) or its shard of the aggregate (sharded exchange)."""
 
     def allgather_async(self, tensor, name):
         handle = super().allgather_async(tensor, name)
-        if self.rank == 2 and ".bucket" in name and handle.key[1] == 2:  # uses count from 1
+        if self.rank == 2 and (".bucket" in name or name.endswith(".out")) and handle.key[1] == 2:  # from 1
             result = handle.result
             handle.result = lambda everyone: torch.cat([result(everyone)[:1] * 1.5, result(everyone)[1:]])
         return handle
@@ -278,14 +279,14 @@ class LyingDigest(digest_module.DeferredDigest):
         return [nonce, *([7.0, 7.0] if self.published is not None else fingerprint)]
 
 
-def deferred_steps(steps, verify_after=None, liar=None):
+def deferred_steps(steps, verify_after=None, liar=None, exchange="allgather"):
     """``steps`` steps of the optimizer with the deferred digest, each followed by the control row; per rank:
     the error text (None if every step passed) and the fingerprints published."""
 
     def body(t):
         weight = torch.nn.Parameter(torch.ones(5))
         opt = fa_hvd.DistributedOptimizer(torch.optim.SGD([weight], lr=0.1), aggregator="mean", transport=t,
-                                          digest="deferred")
+                                          exchange=exchange, digest="deferred")
         if t.rank == liar:
             opt.digest = LyingDigest()
         published = []
@@ -315,9 +316,10 @@ def test_the_deferred_digest_passes_honest_steps_with_the_same_fingerprints_on_e
     assert len({value for _, value in fingerprints[0]}) == 3  # each step its own aggregate and key
 
 
-def test_an_altered_relayed_block_is_named_at_the_next_control_row(monkeypatch):
+@pytest.mark.parametrize("exchange", ["allgather", "sharded"])
+def test_an_altered_relayed_block_is_named_at_the_next_control_row(monkeypatch, exchange):
     monkeypatch.setattr(local_world, "LocalTransport", RelayingOnce)
-    results = deferred_steps(3)  # the lie in step 1; step 2's row compares step 1's fingerprints
+    results = deferred_steps(3, exchange=exchange)  # the lie in step 1; step 2's row compares step 1's
     assert all(error is not None and "step 1: the ranks computed different aggregates" in error
                and "ranks [2] differ from the largest group" in error for error, _ in results), results
     assert all(len(published) == 2 for _, published in results)  # step 2's row raised

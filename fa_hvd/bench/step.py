@@ -20,7 +20,9 @@ Run under ``horovodrun -np 4 fa-hvd-bench step``, or ``torchrun --nproc-per-node
   the spread), and, less noisy, the median time of rank 0's fingerprint
   (``fingerprint_s``, the only work the digest adds, on a worker thread) over the
   median step (``fingerprint_share``) and how long the step waited for it
-  (``fingerprint_wait_s``).
+  (``fingerprint_wait_s``); and the same ratios of the CPU seconds the rank's
+  process spent per step, all threads (``digest_cpu_cost`` and per round), which
+  other jobs on the machine disturb less than wall time.
 
 With ``--transport torch`` (torch.distributed, Gloo or NCCL) the baseline is
 ``ddp_allreduce``, plain ``DistributedDataParallel``, and the variants are
@@ -218,13 +220,13 @@ def run(args: argparse.Namespace) -> int:
             torch.cuda.synchronize(device)
         return time.perf_counter()
     keys = ("step_s", "exposed_s", "wait_s", "aggregate_s", "sent", "received", "peak_bytes", "fingerprint_s",
-            "fingerprint_wait_s")
+            "fingerprint_wait_s", "cpu_s")
     samples = {name: {key: [] for key in keys} for name in names}
 
     def steps(name, count, record):
         model, opt = variants[name]
         for _ in range(count):
-            start = clock()
+            start, cpu = clock(), time.process_time()
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
             if name.startswith("ddp_"):  # the exchange ran inside backward
@@ -245,6 +247,7 @@ def run(args: argparse.Namespace) -> int:
                     samples[name]["fingerprint_wait_s"].append(opt.digest.waited)
             if record:
                 samples[name]["step_s"].append(clock() - start)
+                samples[name]["cpu_s"].append(time.process_time() - cpu)
                 samples[name]["exposed_s"].append(synced - backward_done)
                 stats = getattr(opt, "stats", {})
                 for key in ("wait_s", "aggregate_s", "peak_bytes"):
@@ -309,6 +312,9 @@ def run(args: argparse.Namespace) -> int:
                 record["fingerprint_s"] = m["fingerprint_s"]  # what the digest adds on this rank, its share:
                 record["fingerprint_share"] = m["fingerprint_s"] / m["step_s"]
                 record["fingerprint_wait_s"] = m["fingerprint_wait_s"]  # the part the next step waited for
+                record["digest_cpu_cost"] = m["cpu_s"] / medians[twin]["cpu_s"] - 1
+                record["digest_cpu_cost_per_round"] = per_round_cost(samples[name]["cpu_s"], samples[twin]["cpu_s"],
+                                                                     args.steps)
             records.append(record)
             print(json.dumps(record), flush=True)
         sharded = [r for r in records if r["exchange"] == "sharded"]
