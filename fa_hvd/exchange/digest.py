@@ -14,7 +14,8 @@ that ignored the altered row) changes nothing that could diverge. Two ways:
   the trainer's ``robust.digest``, on by default): no collective of its own. Step
   ``t``'s aggregate is fingerprinted with a key drawn after it was fixed and the
   fingerprint rides in step ``t + 1``'s control row (:func:`fa_hvd.train.control.agree`,
-  which every step gathers anyway): a relayed lie is named one step late. Before
+  which every step gathers anyway): a relayed lie is named one step late. The
+  fingerprint runs on a worker thread, overlapping the next forward and backward. Before
   anything is saved (a checkpoint, an elastic commit, the end of the run)
   :meth:`DeferredDigest.verify` compares the last fingerprints at once, so nothing
   saved rests on an unverified aggregate.
@@ -30,7 +31,7 @@ it is). A 32-byte key ``K`` gives two lanes of ``W`` 32-bit weights ``v_l``
 ResNet-18's 11.2M fp32 on one core here; numpy, about 40 ms, where no C compiler
 works; torch's int64 arithmetic on a GPU; the same bits on each), and the fingerprint is the first 8 bytes
 of SHA-256 over ``K``, the dtype, the length, every ``s_lr`` and the leftover
-(1/64 of the aggregate's bytes). Strength, for a key independent of the two
+(1/256 of the aggregate's bytes). Strength, for a key independent of the two
 aggregates: they differ in some row, ``d = x_r - x'_r != 0`` with ``|d_c| < 2^32``;
 take the ``c`` whose ``d_c`` has the fewest trailing zero bits, ``z < 32``. Whatever
 the other weights, ``d_c v_lc`` must hit one residue mod ``2^64``, which one residue
@@ -111,7 +112,7 @@ def check_agreement(transport, aggregate: torch.Tensor, step: int, name: str) ->
 
 def fingerprint(t: torch.Tensor, key: bytes) -> int:
     """``t``'s keyed fingerprint under ``key`` (module docstring), as a signed 64-bit integer; a CUDA
-    tensor is read where it is (only the lanes' sums, 1/64 of it, come to the host)."""
+    tensor is read where it is (only the lanes' sums, 1/256 of it, come to the host)."""
     flat = t.detach().reshape(-1).contiguous()
     if flat.storage_offset() * flat.element_size() % 4:
         flat = flat.clone()  # 32-bit words need an aligned start
