@@ -368,7 +368,11 @@ def test_the_compiled_lanes_numpy_and_torch_compute_the_sums_of_the_definition(m
         assert [[int(s) % 2**64 for s in row] for row in sums.tolist()] == expected, path
 
 
-def test_the_trainer_checks_the_digest_by_default_and_saves_no_checkpoint_of_a_diverged_step(tmp_path, monkeypatch):
+@pytest.mark.parametrize("steps, saving, saved", [(3, {"every_steps": 1}, [1]), (2, {}, []), (2, {"at_end": False}, [])])
+def test_the_trainer_checks_the_digest_by_default_and_saves_no_checkpoint_of_a_diverged_step(tmp_path, monkeypatch,
+                                                                                             steps, saving, saved):
+    """The lie is in the second exchange (numbered 1): named before a checkpoint after it (every step, or at
+    the end) would be written, and at the end of the run when nothing is saved."""
     from test_train import _trainer
 
     from fa_hvd.train import config as train_config
@@ -377,11 +381,11 @@ def test_the_trainer_checks_the_digest_by_default_and_saves_no_checkpoint_of_a_d
     monkeypatch.setattr(local_world, "LocalTransport", RelayingOnce)
 
     def body(t):
-        trainer = _trainer(tmp_path / str(t.rank), transport=t, train={"steps": 3}, checkpoint={"every_steps": 1})
+        trainer = _trainer(tmp_path / str(t.rank), transport=t, train={"steps": steps}, checkpoint=saving)
         trainer.model.load_state_dict(start)
         (trainer.run_dir / "checkpoints").mkdir(parents=True)
         trainer.log = trainer_module.metrics.MetricsLog(trainer.run_dir / "metrics.jsonl", None)
-        trainer.progress = trainer_module.metrics.Progress(3, 0, "none")
+        trainer.progress = trainer_module.metrics.Progress(steps, 0, "none")
         try:
             trainer.train(control.StopSignals())
         except Divergence as exc:
@@ -395,7 +399,7 @@ def test_the_trainer_checks_the_digest_by_default_and_saves_no_checkpoint_of_a_d
              for name, shape in {"1.weight": (16, 64), "1.bias": (16,), "3.weight": (10, 16), "3.bias": (10,)}.items()}
     results = run_ranks(P, body)
     assert all(error is not None and "step 1:" in error and "ranks [2] differ" in error for error, _ in results)
-    assert results[0][1] == [checkpoint.path_for(Path("."), 1).name]  # step 1's weights were never saved
+    assert results[0][1] == [checkpoint.path_for(Path("."), step).name for step in saved]  # only before the lie
 
 
 def test_a_run_resumes_with_the_digest_turned_on_or_off_but_not_with_other_robust_changes():
