@@ -63,6 +63,7 @@ import torch
 from .aggregators import Aggregator, get as get_aggregator
 from .comm import NoCompression, Transport, get_transport
 from .exchange import EXCHANGES, GradientExchange, rule_name
+from .exchange.digest import DeferredDigest
 
 MIN_BUCKET_BYTES = 1 << 20  # automatic bucket sizes: total / TARGET_BUCKETS, within these bounds
 MAX_BUCKET_BYTES = 25 << 20
@@ -104,7 +105,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                  gradient_predivide_factor: float, groups, sparse_as_dense: bool, process_set,
                  aggregator: Callable[[torch.Tensor], torch.Tensor], transport: Transport, exchange,
                  bucket_bytes: int | None, gradient_transform: Callable[[torch.Tensor, int, int], torch.Tensor] | None,
-                 digest: bool):
+                 digest: bool | str):
         super(self.__class__, self).__init__(params)
         # Horovod's attributes, with Horovod's meaning.
         self._compression = compression
@@ -129,7 +130,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._ordered = bool(getattr(getattr(gradient_transform, "__self__", gradient_transform),
                                      "uses_collectives", False))
         self._exchange = (EXCHANGES[exchange] if isinstance(exchange, str) else exchange)(
-            transport, aggregator, compression, self._prefix, **({"digest": True} if digest else {}))
+            transport, aggregator, compression, self._prefix, **({"digest": True} if digest is True else {}))
+        self.digest = DeferredDigest() if digest == "deferred" else None  # the caller's control row checks it
         self._buckets = _make_buckets(self.param_groups, groups, bucket_bytes)
         self._bucket_of = {p: b for b in self._buckets for p in b.params}
         self._aggregation_device = _aggregation_device(self._buckets)
@@ -268,7 +270,11 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                     self._start_bucket(bucket)
         if self._buckets:
             waiting = time.perf_counter()
+            if self.digest is not None:
+                self.digest.settle()  # the last aggregate's fingerprint is done before the exchange reuses buffers
             update = self._exchange.finish(len(self._buckets), self._aggregation_device, self.step_count)
+            if self.digest is not None:
+                self.digest.hold(update, self.step_count)
             if self._scale != 1.0:
                 update = update * self._scale
             unflatten = time.perf_counter()
@@ -366,10 +372,13 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict):
-        """Load the state (and the aggregator's); as Horovod, drop what is in flight."""
+        """Load the state (and the aggregator's); as Horovod, drop what is in flight (and the deferred
+        digest's last aggregate: the ranks restart its check alike)."""
         state_dict = dict(state_dict)
         aggregator_state = state_dict.pop("fa_hvd_aggregator", None)
         self._exchange.abandon()
+        if self.digest is not None:
+            self.digest.reset()
         self._reset_step()
         self._synchronized = False
         self._should_synchronize = True
@@ -550,7 +559,7 @@ def DistributedOptimizer(
     exchange: str | Callable[..., GradientExchange] = "allgather",
     bucket_bytes: int | None = None,
     gradient_transform: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
-    digest: bool = False,
+    digest: bool | str = False,
 ):
     """Wrap ``optimizer`` so that gradients are all-gathered and robustly aggregated.
 
@@ -583,9 +592,13 @@ def DistributedOptimizer(
     :func:`_make_buckets`), ``gradient_transform`` (``(flat_grad, bucket_index,
     step) -> tensor``, applied to what this rank sends; fault injection uses it; an
     object whose ``uses_collectives`` is true gets buckets in index order),
-    ``digest`` (compare every rank's aggregate each step and stop the step on a
-    difference: :mod:`fa_hvd.exchange.digest`; off by default, it costs more than
-    1 % of a step; an ``exchange`` factory then gets ``digest=True``). An
+    ``digest`` (compare every rank's aggregate, :mod:`fa_hvd.exchange.digest`; off by
+    default here): ``True`` stops the step on a difference with one more allgather
+    and a SHA-256 of the aggregate (tens of percent of a CPU step; an ``exchange``
+    factory then gets ``digest=True``); ``"deferred"`` keeps each aggregate in
+    ``optimizer.digest`` (a :class:`~fa_hvd.exchange.digest.DeferredDigest`) for the
+    caller's per-step control row to check one step later, with no collective of its
+    own (:func:`fa_hvd.train.control.agree`; the trainer's default). An
     aggregator that cannot work with the world size fails here, before training
     starts.
 
@@ -621,6 +634,8 @@ def DistributedOptimizer(
     elif process_set is not None:
         raise ValueError("fa_hvd: pass process_set only with transport='horovod' "
                          "(a transport object carries its own process set)")
+    if digest not in (False, True, "deferred"):
+        raise ValueError(f"fa_hvd: digest must be False, True or 'deferred', got {digest!r}")
     if isinstance(exchange, str) and exchange not in EXCHANGES:
         raise ValueError(f"fa_hvd: unknown exchange {exchange!r}; known: {', '.join(EXCHANGES)}")
     op, op_name = _resolve_op(op, gradient_predivide_factor)

@@ -68,6 +68,25 @@ def test_step_benchmark_reports_every_variant_with_exposed_communication():
     assert all(p["rule_parts"]["gram"] > 0 and p["rule_parts"]["solve"] > 0 for p in flag)
 
 
+def test_step_benchmark_prices_the_deferred_digest_against_its_twin():
+    proc = launch("gloo", 2, ["fa-hvd-bench", "step", "--model", "cnn", "--rounds", "2", "--steps", "2",
+                              "--warmup", "1", "--digest-cost"])
+    assert proc.returncode == 0, output(proc)
+    rows = {r["variant"]: r for r in (json.loads(line) for line in untagged(proc.stdout).splitlines()
+                                      if '"variant"' in line)}
+    assert list(rows) == ["horovod_allreduce", "fa_hvd_mean", "fa_hvd_mean_one_bucket", "fa_hvd_flag",
+                          "fa_hvd_flag_digest"]
+    base, twin = rows["fa_hvd_flag"], rows["fa_hvd_flag_digest"]
+    assert twin["digest_cost"] == pytest.approx(twin["median_s"] / base["median_s"] - 1)
+    assert len(twin["digest_cost_per_round"]) == 2 and twin["fingerprint_s"] > 0 and twin["fingerprint_wait_s"] >= 0
+    assert twin["fingerprint_share"] == pytest.approx(twin["fingerprint_s"] / twin["median_s"])
+    assert len(twin["digest_cpu_cost_per_round"]) == 2 and twin["digest_cpu_cost"] > -1
+    assert twin["model_bytes_per_rank_per_step"] == base["model_bytes_per_rank_per_step"]  # no exchange traffic
+    for key in ("bytes_sent_per_rank_per_step", "bytes_received_per_rank_per_step"):  # 24 more bytes in the row
+        assert abs(twin[key] - base[key]) <= 0.05 * base[key], (twin[key], base[key])
+    assert "digest_cost" not in base
+
+
 def test_bytes_the_sockets_did_not_see_are_not_counted_instead_of_dividing_by_zero():
     """Under horovodrun --mpi on one node, Open MPI moves the bytes through shared memory: the
     sockets count none of the allreduce's, and the sharded rows say "not counted"."""

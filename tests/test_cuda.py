@@ -82,3 +82,12 @@ def test_sharded_exchange_with_cuda_tensors(name):
         assert out.device.type == "cuda"
         assert torch.equal(out, outs[0])
         assert torch.allclose(out.cpu(), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_the_digest_fingerprints_a_cuda_aggregate_where_it_is_as_the_cpu_does(dtype):
+    from fa_hvd.exchange.digest import ROW_WORDS, fingerprint, key_for
+
+    aggregate = torch.randn(5 * ROW_WORDS + 3, generator=torch.Generator().manual_seed(0)).to(dtype)
+    key = key_for(3, torch.tensor([1.0, 2.0]))
+    assert fingerprint(aggregate.cuda(), key) == fingerprint(aggregate, key)

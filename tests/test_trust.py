@@ -4,14 +4,19 @@ detected (the named error on every rank, naming the liar) or trusted (documented
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+import fa_hvd
 import local_world
+from fa_hvd import checkpoint
 from fa_hvd.aggregators import get
 from fa_hvd.comm import NoCompression
 from fa_hvd.comm.messages import MessageError
 from fa_hvd.exchange import AllgatherExchange, ShardedExchange, ShardMismatch
+from fa_hvd.exchange import digest as digest_module
 from fa_hvd.exchange.digest import Divergence
 from fa_hvd.faults import FaultInjector, parse_faults
 from fa_hvd.train import control
@@ -250,6 +255,160 @@ def test_the_grid_selects_role_faults_and_the_simulation_sends_them_to_the_distr
     assert cell.run_config()["faults"][0]["kind"] == "lie_loss"
     with pytest.raises(ValueError, match="role faults \\(lie_loss\\)"):
         simulate(cell)
+
+
+# -- the deferred digest: no collective of its own, the lie named at the next control row ------------------
+
+class RelayingOnce(LocalTransport):
+    """Rank 1 alters rank 0's block on its way to rank 2 in the second step only: its gradient buckets
+    (allgather exchange) or its shard of the aggregate (sharded exchange)."""
+
+    def allgather_async(self, tensor, name):
+        handle = super().allgather_async(tensor, name)
+        if self.rank == 2 and (".bucket" in name or name.endswith(".out")) and handle.key[1] == 2:  # from 1
+            result = handle.result
+            handle.result = lambda everyone: torch.cat([result(everyone)[:1] * 1.5, result(everyone)[1:]])
+        return handle
+
+
+class LyingDigest(digest_module.DeferredDigest):
+    """A rank that publishes a fingerprint it did not compute."""
+
+    def words(self):
+        nonce, *fingerprint = super().words()
+        return [nonce, *([7.0, 7.0] if self.published is not None else fingerprint)]
+
+
+def deferred_steps(steps, verify_after=None, liar=None, exchange="allgather"):
+    """``steps`` steps of the optimizer with the deferred digest, each followed by the control row; per rank:
+    the error text (None if every step passed) and the fingerprints published."""
+
+    def body(t):
+        weight = torch.nn.Parameter(torch.ones(5))
+        opt = fa_hvd.DistributedOptimizer(torch.optim.SGD([weight], lr=0.1), aggregator="mean", transport=t,
+                                          exchange=exchange, digest="deferred")
+        if t.rank == liar:
+            opt.digest = LyingDigest()
+        published = []
+        try:
+            for step in range(steps):
+                opt.zero_grad()
+                (weight * (t.rank + 1) * (step + 1)).sum().backward()
+                opt.step()
+                control.agree(t, 1.0, stop=False, checkpoint_due=False, faulty=False, overflowed=False,
+                              digest=opt.digest)
+                opt.digest.settle()  # the fingerprint of this step's aggregate, computed on the worker
+                published.append(opt.digest.published)
+                if step == verify_after:
+                    opt.digest.verify(t)
+        except Divergence as exc:
+            return str(exc), published
+        return None, published
+
+    return run_ranks(P, body)
+
+
+def test_the_deferred_digest_passes_honest_steps_with_the_same_fingerprints_on_every_rank():
+    results = deferred_steps(3, verify_after=2)
+    assert all(error is None for error, _ in results), results
+    fingerprints = [published for _, published in results]
+    assert all(f == fingerprints[0] for f in fingerprints) and [s for s, _ in fingerprints[0]] == [0, 1, 2]
+    assert len({value for _, value in fingerprints[0]}) == 3  # each step its own aggregate and key
+
+
+@pytest.mark.parametrize("exchange", ["allgather", "sharded"])
+def test_an_altered_relayed_block_is_named_at_the_next_control_row(monkeypatch, exchange):
+    monkeypatch.setattr(local_world, "LocalTransport", RelayingOnce)
+    results = deferred_steps(3, exchange=exchange)  # the lie in step 1; step 2's row compares step 1's
+    assert all(error is not None and "step 1: the ranks computed different aggregates" in error
+               and "ranks [2] differ from the largest group" in error for error, _ in results), results
+    assert all(len(published) == 2 for _, published in results)  # step 2's row raised
+
+
+def test_verifying_before_a_save_names_the_divergence_of_the_step_just_taken(monkeypatch):
+    monkeypatch.setattr(local_world, "LocalTransport", RelayingOnce)
+    results = deferred_steps(3, verify_after=1)
+    assert all(error is not None and "step 1:" in error and "ranks [2] differ" in error and len(published) == 2
+               for error, published in results), results
+
+
+def test_a_rank_lying_in_its_digest_word_stops_the_run_naming_it():
+    results = deferred_steps(3, liar=3)
+    assert all(error is not None and "ranks [3] differ from the largest group" in error for error, _ in results)
+
+
+def test_the_fingerprint_changes_with_every_bit_and_with_the_key():
+    words = 3 * digest_module.ROW_WORDS + 37  # three rows for the lanes and a leftover hashed as it is
+    aggregate = torch.randn(words, generator=torch.Generator().manual_seed(0))
+    aggregate[5], aggregate[6] = 0.0, 1e-42  # a zero and a denormal
+    key = digest_module.key_for(4, torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    before = digest_module.fingerprint(aggregate, key)
+    assert digest_module.fingerprint(aggregate.clone(), key) == before
+    assert digest_module.fingerprint(aggregate, digest_module.key_for(5, torch.tensor([1.0, 2.0, 3.0, 4.0]))) != before
+    assert digest_module.fingerprint(aggregate, digest_module.key_for(4, torch.tensor([1.0, 2.0, 3.0, 5.0]))) != before
+    bits = aggregate.view(torch.int32)
+    for word in (0, 5, 6, 1023, 1024, 2047, 2048 + 511, 3 * 1024 - 1, 3 * 1024, words - 1):
+        for bit in (0, 17, 31):  # the last bit, a middle one, the sign (-0.0 against 0.0 at word 5)
+            altered = bits.clone()
+            altered[word] ^= (1 << bit) if bit < 31 else -(1 << 31)
+            assert digest_module.fingerprint(altered.view(torch.float32), key) != before, (word, bit)
+
+
+def test_the_compiled_lanes_numpy_and_torch_compute_the_sums_of_the_definition(monkeypatch):
+    monkeypatch.setenv("FA_HVD_NATIVE", "1")  # the suite runs numpy's path (tests/conftest.py)
+    assert digest_module._kernel() is not None, "no C compiler: the compiled lanes cannot be checked"
+    gen, width, rows = torch.Generator().manual_seed(1), digest_module.ROW_WORDS, 3
+    words = torch.randint(-2**31, 2**31, (rows, width), dtype=torch.int32, generator=gen)
+    weights = torch.randint(-2**31, 2**31, (2, width), dtype=torch.int32, generator=gen)
+    unsigned = [[int(w) % 2**32 for w in row] for row in (*words.tolist(), *weights.tolist())]  # the bits
+    expected = [[sum(a * b for a, b in zip(unsigned[r], unsigned[rows + lane])) % 2**64 for lane in (0, 1)]
+                for r in range(rows)]
+    for path in ("native", "numpy", "torch"):  # torch's is the GPU's, run here on the CPU
+        sums = digest_module.lane_sums(words, weights, path=path)
+        assert [[int(s) % 2**64 for s in row] for row in sums.tolist()] == expected, path
+
+
+@pytest.mark.parametrize("steps, saving, saved", [(3, {"every_steps": 1}, [1]), (2, {}, []), (2, {"at_end": False}, [])])
+def test_the_trainer_checks_the_digest_by_default_and_saves_no_checkpoint_of_a_diverged_step(tmp_path, monkeypatch,
+                                                                                             steps, saving, saved):
+    """The lie is in the second exchange (numbered 1): named before a checkpoint after it (every step, or at
+    the end) would be written, and at the end of the run when nothing is saved."""
+    from test_train import _trainer
+
+    from fa_hvd.train import config as train_config
+
+    assert train_config.parse({}, [])[0].robust.digest is True
+    monkeypatch.setattr(local_world, "LocalTransport", RelayingOnce)
+
+    def body(t):
+        trainer = _trainer(tmp_path / str(t.rank), transport=t, train={"steps": steps}, checkpoint=saving)
+        trainer.model.load_state_dict(start)
+        (trainer.run_dir / "checkpoints").mkdir(parents=True)
+        trainer.log = trainer_module.metrics.MetricsLog(trainer.run_dir / "metrics.jsonl", None)
+        trainer.progress = trainer_module.metrics.Progress(steps, 0, "none")
+        try:
+            trainer.train(control.StopSignals())
+        except Divergence as exc:
+            trainer.writer.wait()
+            return str(exc), sorted(path.name for path in (trainer.run_dir / "checkpoints").iterdir())
+        return None, None
+
+    from fa_hvd.train import trainer as trainer_module
+
+    start = {name: 0.1 * torch.randn(shape, generator=torch.Generator().manual_seed(0))
+             for name, shape in {"1.weight": (16, 64), "1.bias": (16,), "3.weight": (10, 16), "3.bias": (10,)}.items()}
+    results = run_ranks(P, body)
+    assert all(error is not None and "step 1:" in error and "ranks [2] differ" in error for error, _ in results)
+    assert results[0][1] == [checkpoint.path_for(Path("."), step).name for step in saved]  # only before the lie
+
+
+def test_a_run_resumes_with_the_digest_turned_on_or_off_but_not_with_other_robust_changes():
+    from fa_hvd.train import config as train_config
+
+    def hashed(robust):
+        return train_config.config_hash(train_config.parse({"robust": robust}, [])[1])
+
+    assert hashed({"digest": True}) == hashed({"digest": False}) != hashed({"digest": False, "exchange": "sharded"})
 
 
 def test_the_optimizer_and_the_trainer_config_turn_the_digest_on(monkeypatch):

@@ -98,10 +98,14 @@ def run(network, p: int, reduction, rows: list[torch.Tensor], out: torch.Tensor)
 
 @functools.lru_cache(maxsize=None)
 def _function(network, p: int, reduction, dtype: torch.dtype):
-    code = source(network, p, reduction, _TYPES[dtype])
-    library = ctypes.CDLL(str(_built(code)))
-    library.network.restype = None
-    return library.network
+    return function(source(network, p, reduction, _TYPES[dtype]), "network")
+
+
+def function(code: str, name: str):
+    """The C function ``name`` (returning ``void``) of ``code``, compiled once (see :func:`_built`)."""
+    found = getattr(ctypes.CDLL(str(_built(code))), name)
+    found.restype = None
+    return found
 
 
 def cache_dir() -> Path:

@@ -11,9 +11,18 @@ Run under ``horovodrun -np 4 fa-hvd-bench step``, or ``torchrun --nproc-per-node
 * ``fa_hvd_flag``: FA with its default buckets;
 * with ``--exchange allgather,sharded``, also ``fa_hvd_mean_sharded`` and
   ``fa_hvd_flag_sharded``: the same rules with ``exchange="sharded"``;
-* with ``--digest-cost``, also ``..._digest`` twins of the FA variants: the
-  exchange with the per-step digest of the aggregate (:mod:`fa_hvd.exchange.digest`),
-  so the digest's cost is the ratio of the two medians, measured in the same rounds.
+* with ``--digest-cost``, also ``..._digest`` twins of the FA variants with the
+  deferred digest of the aggregate (:mod:`fa_hvd.exchange.digest`, the trainer's
+  default), and every FA variant then ends its step as the trainer does, with the
+  control row (:func:`fa_hvd.train.control.agree`), which the twin's digest words
+  ride in: the digest's cost is the ratio of the two medians (``digest_cost``),
+  measured in the same rounds, with each round's ratio (``digest_cost_per_round``:
+  the spread), and, less noisy, the median time of rank 0's fingerprint
+  (``fingerprint_s``, the only work the digest adds, on a worker thread) over the
+  median step (``fingerprint_share``) and how long the step waited for it
+  (``fingerprint_wait_s``); and the same ratios of the CPU seconds the rank's
+  process spent per step, all threads (``digest_cpu_cost`` and per round), which
+  other jobs on the machine disturb less than wall time.
 
 With ``--transport torch`` (torch.distributed, Gloo or NCCL) the baseline is
 ``ddp_allreduce``, plain ``DistributedDataParallel``, and the variants are
@@ -143,7 +152,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--exchange", type=_exchanges, default=["allgather"], metavar="LIST",
                         help="fa_hvd's exchanges to time, comma list of allgather, sharded (default: allgather)")
     parser.add_argument("--digest-cost", action="store_true",
-                        help="also time FA with the per-step digest of the aggregate (variants ..._digest)")
+                        help="also time FA with the deferred digest of the aggregate (variants ..._digest); FA "
+                             "and its twin then end each step with the trainer's control row, which carries it")
     parser.add_argument("--transport", choices=tuple(BASELINES), default="horovod",
                         help="horovod (under horovodrun; baseline Horovod's allreduce) or torch (under torchrun; "
                              "baseline plain DDP)")
@@ -181,6 +191,14 @@ def build_model(args) -> torch.nn.Module:
 
 
 NOT_COUNTED = "not counted"
+
+
+def per_round_cost(mine: list[float], twin: list[float], steps: int) -> list[float]:
+    """Each round's median step over its twin's in the same round, minus 1 (the spread of the cost:
+    the rounds interleave the variants, so a round's noise hits both)."""
+    rounds = range(0, len(mine), steps)
+    return [round(statistics.median(mine[i : i + steps]) / statistics.median(twin[i : i + steps]) - 1, 4)
+            for i in rounds]
 
 
 def vs_allreduce(mine: list[float], allreduce: list[float]) -> float | str:
@@ -269,6 +287,7 @@ def run(args: argparse.Namespace) -> int:
     from fa_hvd.comm.traffic import SocketTraffic
     from fa_hvd.exchange import AllgatherExchange
     from fa_hvd.exchange.cost import exchange_cost
+    from fa_hvd.train import control
 
     transport = get_transport(args.transport)
     torch.set_num_threads(args.threads)
@@ -282,6 +301,7 @@ def run(args: argparse.Namespace) -> int:
     y = torch.randint(0, args.num_classes, (args.batch_size,), generator=gen).to(device)
     names = variants_for(args.exchange, args.transport, args.digest_cost, args.horovod_poll)
     baseline, ratio = BASELINES[args.transport]
+    with_control_row = {n for name in names if name.endswith("_digest") for n in (name, name.removesuffix("_digest"))}
     flag = {"f": min(1, (size - 1) // 2) if args.f is None else args.f,
             **({} if args.r is None else {"r": args.r})}
 
@@ -308,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
             return model, fa_hvd.DistributedOptimizer(inner, named_parameters=named, aggregator="flag",
                                                       aggregator_params=flag, bucket_bytes=bucket_bytes,
                                                       exchange=exchange, transport=transport,
-                                                      digest=name.endswith("_digest"))
+                                                      digest="deferred" if name.endswith("_digest") else False)
         return model, fa_hvd.DistributedOptimizer(inner, named_parameters=named, aggregator="mean",
                                                   bucket_bytes=bucket_bytes, exchange=exchange, transport=transport)
 
@@ -320,7 +340,8 @@ def run(args: argparse.Namespace) -> int:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter()
-    keys = ("step_s", "exposed_s", "wait_s", "aggregate_s", "sent", "received", "peak_bytes")
+    keys = ("step_s", "exposed_s", "wait_s", "aggregate_s", "sent", "received", "peak_bytes", "fingerprint_s",
+            "fingerprint_wait_s", "cpu_s")
     samples = {name: {key: [] for key in keys} for name in names}
     per_round = {name: {"step_s": [], "exposed_s": []} for name in names}  # each round's median
     profiles = {name: [] for name in names}
@@ -329,7 +350,7 @@ def run(args: argparse.Namespace) -> int:
     def steps(name, count, record, profile=False):
         model, opt = variants[name]
         for _ in range(count):
-            start = clock()
+            start, cpu = clock(), time.process_time()
             opt.zero_grad()
             loss = F.cross_entropy(model(x), y)
             forward_done = clock()
@@ -348,8 +369,15 @@ def run(args: argparse.Namespace) -> int:
                 opt.step()
             done = clock()
             stats = getattr(opt, "stats", {})
+            if name in with_control_row:  # the trainer's control row, the twin's digest words in it
+                control.agree(transport, 0.0, stop=False, checkpoint_due=False, faulty=False, overflowed=False,
+                              digest=opt.digest)
+                if record and opt.digest is not None:  # the last step's fingerprint (settled by this row)
+                    samples[name]["fingerprint_s"].append(opt.digest.seconds)
+                    samples[name]["fingerprint_wait_s"].append(opt.digest.waited)
             if record:
-                samples[name]["step_s"].append(done - start)
+                samples[name]["step_s"].append(clock() - start)
+                samples[name]["cpu_s"].append(time.process_time() - cpu)
                 samples[name]["exposed_s"].append(synced - backward_done)
                 for key in ("wait_s", "aggregate_s", "peak_bytes"):
                     if key in stats:
@@ -424,7 +452,7 @@ def run(args: argparse.Namespace) -> int:
             opt = variants[name][1]
             buckets = getattr(opt, "_buckets", None) if kind != "allreduce" else None  # DDP's are its own
             sizes = [b.numel for b in buckets] if buckets else [n]
-            model = exchange_cost(kind, sizes, size, digest=name.endswith("_digest"))
+            model = exchange_cost(kind, sizes, size)  # the deferred digest adds no exchange traffic
             record = {
                 "bench": "step", "variant": name, "exchange": kind, "model": args.model, "device": args.device,
                 "ranks": size, "parameters": n, "batch_per_rank": args.batch_size,
@@ -451,7 +479,16 @@ def run(args: argparse.Namespace) -> int:
                 record["vs_horovod_polled"] = m["step_s"] / medians[POLLED]["step_s"]
                 record["vs_horovod_polled_spread"] = round_ratios(name, POLLED, "step_s")
             if name.endswith("_digest"):  # the digest's cost: this median over its twin's without it
-                record["digest_cost"] = m["step_s"] / medians[name.removesuffix("_digest")]["step_s"] - 1
+                twin = name.removesuffix("_digest")
+                record["digest_cost"] = m["step_s"] / medians[twin]["step_s"] - 1
+                record["digest_cost_per_round"] = per_round_cost(samples[name]["step_s"], samples[twin]["step_s"],
+                                                                 args.steps)
+                record["fingerprint_s"] = m["fingerprint_s"]  # what the digest adds on this rank, its share:
+                record["fingerprint_share"] = m["fingerprint_s"] / m["step_s"]
+                record["fingerprint_wait_s"] = m["fingerprint_wait_s"]  # the part the next step waited for
+                record["digest_cpu_cost"] = m["cpu_s"] / medians[twin]["cpu_s"] - 1
+                record["digest_cpu_cost_per_round"] = per_round_cost(samples[name]["cpu_s"], samples[twin]["cpu_s"],
+                                                                     args.steps)
             records.append(record)
             print(json.dumps(record), flush=True)
         sharded = [r for r in records if r["exchange"] == "sharded"]

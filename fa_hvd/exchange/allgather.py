@@ -2,9 +2,10 @@
 
 Each rank trusts no other rank's arithmetic: it aggregates the gathered rows
 itself. What it trusts is the collective that relays the rows; with ``digest``
-(off by default: it costs more than 1 % of a step, see the README) a block
-altered in transit, or sent differently to different ranks, stops the step it
-happened in (:mod:`fa_hvd.exchange.digest`).
+(the in-step check: one more allgather, tens of percent of a CPU step, see the
+README; the trainer's default is the deferred check in its control row instead) a
+block altered in transit, or sent differently to different ranks, stops the step
+it happened in (:mod:`fa_hvd.exchange.digest`).
 
 Overlap. Each bucket's allgather starts as soon as backward has produced it (the
 optimizer's hooks), and :meth:`AllgatherExchange.finish` works on each bucket as it

@@ -19,8 +19,10 @@ about ``n / p``):
   values; with ``k > 1`` also its send buffers (``k n``) and contiguous copies of
   the received chunks (``k p W``).
 
-With ``digest`` both exchanges add one allgather of one 8-byte word per rank,
-``8 (p - 1)`` bytes, for the aggregate's digest (:mod:`.digest`).
+With ``digest`` (the in-step check, ``DistributedOptimizer(digest=True)``) both
+exchanges add one allgather of one 8-byte word per rank, ``8 (p - 1)`` bytes, for
+the aggregate's digest (:mod:`.digest`); the trainer's deferred digest adds none
+here (three words in its control row).
 
 These are models; :mod:`fa_hvd.comm.traffic` counts what really went over TCP.
 """

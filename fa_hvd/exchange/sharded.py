@@ -28,8 +28,8 @@ bucket, its shard ``G_j`` (``p x n/p`` over all buckets).
 5. Rank ``j`` computes its shard of the aggregate, ``a_j = c^T G_j`` (or the
    coordinate-wise rule on ``G_j``), and one allgather of the ``a_j`` gives the
    aggregate on every rank (only one copy of each ``a_j`` exists, so every rank holds
-   the same bits), reassembled in bucket order; with ``digest`` (off by default)
-   one word per rank compares the aggregates (:mod:`.digest`).
+   the same bits), reassembled in bucket order; with ``digest`` (the in-step
+   check) one word per rank compares the aggregates (:mod:`.digest`).
 
 Traffic per rank: ``(p - 1) W`` values each way for the alltoall and for the
 allgather (``W = sum_b W_b``), a ring allreduce's ``2 n (p - 1) / p``, plus the Gram

@@ -9,7 +9,9 @@ any of them trains.
 
 ``identity(conf)`` is what a checkpoint must match to be resumed: the whole
 config except ``checkpoint`` and ``log`` (where and how often to save and print
-changes nothing in the numbers).
+changes nothing in the numbers) and ``robust.digest`` (a check, not arithmetic: a
+run may resume with it turned on or off, and checkpoints written before it
+existed still resume).
 """
 
 from __future__ import annotations
@@ -203,7 +205,7 @@ class RobustConfig:
     transport: Literal["horovod", "mpi", "torch"] = "horovod"  # torch: torch.distributed (torchrun)
     exchange: Literal["allgather", "sharded"] = "allgather"  # sharded: allreduce's traffic, O(n) memory
     replicas: int = 1                  # sharded only: 1, or >= f+1 ranks compute each shard (>= 2f+1: repaired)
-    digest: bool = False               # compare the ranks' aggregates every step (an altered relayed block stops it)
+    digest: bool = True                # compare the ranks' aggregates, one step late in the control row
     allow_exceeding_f: bool = False    # more faulty ranks than f: a warning, not an error
     evict: Optional[EvictConfig] = None  # {window, threshold}: stop to drain a distrusted rank's host
 
@@ -347,7 +349,10 @@ def parse(raw: dict, overrides=()) -> tuple[RunConfig, dict]:
 
 def identity(data: dict) -> dict:
     """The part of a config's plain data that a resumed run must share with its checkpoint."""
-    return {k: v for k, v in data.items() if k not in BOOKKEEPING_SECTIONS}
+    kept = {k: v for k, v in data.items() if k not in BOOKKEEPING_SECTIONS}
+    if isinstance(kept.get("robust"), dict):
+        kept["robust"] = {k: v for k, v in kept["robust"].items() if k != "digest"}
+    return kept
 
 
 def config_hash(data: dict) -> str:

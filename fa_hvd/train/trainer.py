@@ -27,8 +27,11 @@ One optimizer step on rank ``r`` (step ``t``, counted from 0):
    ``skip_synchronize()``, as Horovod documents;
 3. the learning-rate schedule steps; the ranks agree on the median loss, a stop
    request (SIGTERM/SIGUSR1 on any rank) and a timed checkpoint
-   (:func:`~fa_hvd.train.control.agree`); rank 0 logs; evaluation and
-   checkpoints follow when due.
+   (:func:`~fa_hvd.train.control.agree`), and, with ``robust.digest`` (the default),
+   compare the last step's aggregate digests in the same row; rank 0 logs;
+   evaluation and checkpoints follow when due (a checkpoint, an elastic commit and
+   the end of the run first compare this step's digests: nothing saved rests on an
+   unverified aggregate).
 
 Exit status: 0 finished; 2 bad config or input (one line ``fa-hvd-train: error:
 ...`` from rank 0, before any rank trains); 75 stopped by SIGTERM/SIGUSR1 (a
@@ -195,7 +198,7 @@ class Trainer:
             transport=self.transport,
             gradient_transform=self._outgoing,
             exchange=replicated(conf.robust.replicas) if conf.robust.replicas > 1 else conf.robust.exchange,
-            digest=conf.robust.digest,
+            digest="deferred" if conf.robust.digest else False,
         )
         self.scheduler = optim.build_scheduler(self.optimizer, conf.schedule, conf.optim.lr, self.total_steps,
                                                self.steps_per_epoch)
@@ -461,7 +464,14 @@ class Trainer:
         minutes = self.conf.checkpoint.every_minutes
         return bool(minutes) and time.monotonic() - self.last_checkpoint_time >= 60 * minutes
 
+    def verify_aggregates(self) -> None:
+        """The last step's aggregate digests compared now (collective), so nothing saved rests on an
+        unverified aggregate: :class:`~fa_hvd.exchange.digest.Divergence` names the groups otherwise."""
+        if self.optimizer.digest is not None:
+            self.optimizer.digest.verify(self.transport)
+
     def save_checkpoint(self, wait: bool) -> None:
+        self.verify_aggregates()
         state = self.gather_state()
         self.last_checkpoint_time = time.monotonic()
         if state is None:
@@ -545,7 +555,7 @@ class Trainer:
                                    faulty=sum(self.injector.counts.values()) > faults_before,
                                    overflowed=self._overflowed,
                                    nonfinite_rows=self.optimizer.stats.get("nonfinite", ()),
-                                   lies=self.injector.roles or None)
+                                   lies=self.injector.roles or None, digest=self.optimizer.digest)
             self.last_loss = agreed.loss
             self._back_off_if_overflowed(agreed.overflowed_ranks)
             step_s = time.perf_counter() - started
@@ -565,7 +575,9 @@ class Trainer:
             if self.checkpoint_due() or agreed.checkpoint_due:
                 self.save_checkpoint(wait=False)
             if commit is not None and self.step % conf.elastic.commit_every_steps == 0:
+                self.verify_aggregates()
                 commit()
+        self.verify_aggregates()
         if conf.checkpoint.at_end:
             self.save_checkpoint(wait=True)
         self.writer.wait()
