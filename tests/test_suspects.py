@@ -160,13 +160,17 @@ def test_the_ledger_round_trips_through_its_state():
 
 def test_a_resumed_run_keeps_its_trust_and_names_no_one_twice(tmp_path):
     """Four simulated ranks (loopback), rank 3 sending -100 x rank 0's gradient: named at step 3;
-    the run resumed from its step-4 checkpoint goes on with the same figures and no second event."""
+    the run resumed from its step-4 checkpoint goes on with the same figures and no second event.
+    The digest is off: loopback ranks echo rank 0's control row (rank 3's scaled), so they cannot
+    publish fingerprints of their own (tests/test_trust.py checks the digest with real ranks)."""
     from loopback import LoopbackTransport
 
     def run(steps, state=None):
         conf, conf_data = train_config.parse(_config(train={"steps": steps, "batch_size": 8, "device": "cpu"},
                                                      faults=[], log={"suspects": {"window": 3}},
-                                                     checkpoint={"every_steps": 4}))
+                                                     checkpoint={"every_steps": 4},
+                                                     robust={"aggregator": "flag", "aggregator_params": {"f": 1},
+                                                             "digest": False}))
         t = trainer.Trainer(conf, conf_data, tmp_path / "run", LoopbackTransport(4, lambda row, r: -100 * row
                                                                                  if r == 3 else row))
         t.load_data()
@@ -209,7 +213,7 @@ def test_plot_draws_the_trust_heatmap_with_the_suspect(tmp_path):
 
 def _evicting(tmp_path, monkeypatch, hosts, evict={"window": 4, "threshold": 0.2}):
     """A loopback trainer of ``len(hosts)`` simulated ranks on ``hosts`` (their identities), the last
-    sending -100 x rank 0's gradient."""
+    sending -100 x rank 0's gradient (the digest off, as loopback ranks publish no fingerprints)."""
     from loopback import LoopbackTransport
 
     world = len(hosts)
@@ -218,7 +222,7 @@ def _evicting(tmp_path, monkeypatch, hosts, evict={"window": 4, "threshold": 0.2
         for r, host in enumerate(hosts)])
     conf, conf_data = train_config.parse(_config(train={"steps": 12, "batch_size": 8, "device": "cpu"}, faults=[],
                                                  robust={"aggregator": "flag", "aggregator_params": {"f": 1},
-                                                         "evict": evict}))
+                                                         "evict": evict, "digest": False}))
     t = trainer.Trainer(conf, conf_data, tmp_path / "run", LoopbackTransport(world, lambda row, r: -100 * row
                                                                              if r == world - 1 else row))
     t.load_data()
