@@ -64,16 +64,22 @@ def test_honest_ranks_with_unequal_weights_are_not_named():
 
 
 def test_thresholds_are_validated_naming_the_key():
-    for key, value in (("window", 0), ("min_weight", 1.5), ("max_nonfinite", 1.0)):
+    for key, value in (("window", 0), ("min_weight", 1.5), ("max_nonfinite", 1.0), ("min_alignment", 0.1),
+                       ("min_distance", 1.0)):
         with pytest.raises(train_config.cfg.ConfigError, match=f"log.suspects.{key}: must be"):
             train_config.parse({"log": {"suspects": {key: value}}})
+
+
+# Runs of a dozen steps judge windows of 3 to 5 steps: too few for the alignment and distance thresholds,
+# measured on 100-step windows (an honest rank of the 4-rank run below reaches a 5-step mean alignment of -0.30).
+NOISY = {"window": 5, "min_alignment": None, "min_distance": None}
 
 
 def _config(**extra) -> dict:
     return {"seed": 1, "data": {"name": "digits"}, "model": {"name": "mlp", "hidden": 16},
             "optim": {"lr": 0.05, "momentum": 0.0}, "train": {"steps": 12, "batch_size": 8, "device": "cpu"},
             "robust": {"aggregator": "flag", "aggregator_params": {"f": 1}},
-            "faults": [{"kind": "reverse", "ranks": [3]}], "log": {"suspects": {"window": 5}}, **extra}
+            "faults": [{"kind": "reverse", "ranks": [3]}], "log": {"suspects": NOISY}, **extra}
 
 
 @pytest.mark.slow
@@ -166,7 +172,7 @@ def test_a_resumed_run_keeps_its_trust_and_names_no_one_twice(tmp_path):
 
     def run(steps, state=None):
         conf, conf_data = train_config.parse(_config(train={"steps": steps, "batch_size": 8, "device": "cpu"},
-                                                     faults=[], log={"suspects": {"window": 3}},
+                                                     faults=[], log={"suspects": {**NOISY, "window": 3}},
                                                      checkpoint={"every_steps": 4}))
         t = trainer.Trainer(conf, conf_data, tmp_path / "run", LoopbackTransport(4, lambda row, r: -100 * row
                                                                                  if r == 3 else row))
