@@ -37,7 +37,9 @@ Shared behaviour, implemented once here:
 * Diagnostics. After each aggregation :attr:`Aggregator.diagnostics` says what the
   rule did with the ``p`` rows (:func:`describe`): the non-finite rows it dropped
   and, for rules that combine rows (``agg = c^T G``), each row's coefficient
-  ``c_i`` and the rows it gave no weight. The optimizer reports them in ``stats``.
+  ``c_i`` and the rows it gave no weight, and with the Gram the weights came from
+  (:attr:`Aggregator.gram`) each row's place against the aggregate (:func:`residuals`).
+  The optimizer reports them in ``stats``.
 """
 
 from __future__ import annotations

@@ -184,7 +184,7 @@ class TrainConfig:
 class EvictConfig:
     """``robust.evict``: stop the run to drain a rank whose mean relative weight over ``window`` steps
     fell below ``threshold`` (or whose row was non-finite in more than ``log.suspects.max_nonfinite``
-    of them); :mod:`fa_hvd.train.trust`, README "Eviction"."""
+    of them, or whose mean alignment or distance crossed ``log.suspects.min_alignment`` or ``min_distance``); :mod:`fa_hvd.train.trust`, README "Eviction"."""
 
     window: int = 100
     threshold: float = 0.2
