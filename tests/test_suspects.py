@@ -392,3 +392,24 @@ def test_the_signals_survive_a_checkpoint_and_an_old_state_still_loads():
     assert ranks[3]["window_alignment"] is None and ranks[3]["window_weight"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="trust state version 3"):
         legacy.load_state_dict({**old, "version": 3})
+
+
+def test_the_sweep_counts_a_rank_named_by_a_signal_alone():
+    """fa_hvd.eval.suspects: a cell whose Byzantine rank (1) only crosses the alignment threshold is detected
+    with the signals and not by weights alone; the honest rank (0) crosses nothing."""
+    from fa_hvd.eval import suspects
+
+    never = {str(t): None for t in suspects.CANDIDATES}
+    signals = {key: {"min": [0.0, -0.5], "max": [0.0, -0.3],
+                     "crossed": [{str(t): None for t in ts}, {str(t): (150 if t >= -0.4 else None) for t in ts}]}
+               for key, ts in suspects.SIGNAL_CANDIDATES.items()}
+    signals["distance"]["crossed"][1] = {str(t): None for t in suspects.SIGNAL_CANDIDATES["distance"]}
+    base = {"p": 2, "rule": "flag", "window": 100, "max_nonfinite": [0.0, 0.0], "crossed": [never, never],
+            "signals": signals}
+    calm = {key: {**figures, "crossed": [figures["crossed"][0]] * 2} for key, figures in signals.items()}
+    cells = [{**base, "fault": "signflip", "byzantine": [1]}, {**base, "fault": "none", "byzantine": [], "signals": calm}]
+    assert suspects.named_at(cells[0], 1, 0.2, 0.5, -0.3, 0.15) == 150
+    assert suspects.named_at(cells[0], 1, 0.2, 0.5) is None and suspects.named_at(cells[0], 0, 0.2, 0.5, -0.2, 0.25) is None
+    rows = suspects.signal_report(cells).splitlines()
+    assert "| flag | - | - | 0/1 (0 %) | 0/1 (0 %) | - | 0/1 |" in rows
+    assert "| flag | -0.3 | 0.15 | 0/1 (0 %) | 1/1 (100 %) | 150 / 150 | 0/1 |" in rows

@@ -95,7 +95,7 @@ def named_at(cell: dict, rank: int, min_weight: float, max_nonfinite: float,
     steps = [cell["crossed"][rank][str(min_weight)]] if str(min_weight) in cell["crossed"][rank] else []
     for key, t in (("alignment", min_alignment), ("distance", min_distance)):
         if t is not None and key in cell.get("signals", {}):
-            steps.append(cell["signals"][key]["crossed"][rank][str(t)])
+            steps.append(cell["signals"][key]["crossed"][rank].get(str(t)))  # None: not a recorded candidate
     if cell["max_nonfinite"][rank] > max_nonfinite:
         steps.append(cell["window"])
     steps = [s for s in steps if s is not None]
