@@ -90,6 +90,13 @@ def test_the_sharded_exchange_reports_what_one_process_computes(name):
         assert report["nonfinite"] == alone.diagnostics["nonfinite"] and report["dropped"] == alone.diagnostics["dropped"]
         if "weights" in report:
             assert report["weights"] == pytest.approx(alone.diagnostics["weights"], rel=1e-6, abs=1e-12)
+        for key in ("alignment", "distance"):  # the trust signals: from the partial Grams (fa_hvd.train.trust)
+            assert (key in report) == (name != "median")
+            if key in report:
+                mine, theirs = report[key], alone.diagnostics[key]
+                assert [v is None for v in mine] == [v is None for v in theirs] and any(v is None for v in mine)
+                assert [v for v in mine if v is not None] == pytest.approx([v for v in theirs if v is not None],
+                                                                           rel=1e-6, abs=1e-9)
 
 
 def test_optimizer_stats_carry_the_diagnostics():

@@ -8,6 +8,7 @@ import json
 import socket
 
 import pytest
+import torch
 
 from conftest import untagged
 from fa_hvd.train import config as train_config
@@ -63,16 +64,22 @@ def test_honest_ranks_with_unequal_weights_are_not_named():
 
 
 def test_thresholds_are_validated_naming_the_key():
-    for key, value in (("window", 0), ("min_weight", 1.5), ("max_nonfinite", 1.0)):
+    for key, value in (("window", 0), ("min_weight", 1.5), ("max_nonfinite", 1.0), ("min_alignment", 0.1),
+                       ("min_distance", 1.0)):
         with pytest.raises(train_config.cfg.ConfigError, match=f"log.suspects.{key}: must be"):
             train_config.parse({"log": {"suspects": {key: value}}})
+
+
+# Runs of a dozen steps judge windows of 3 to 5 steps: too few for the alignment and distance thresholds,
+# measured on 100-step windows (an honest rank of the 4-rank run below reaches a 5-step mean alignment of -0.30).
+NOISY = {"window": 5, "min_alignment": None, "min_distance": None}
 
 
 def _config(**extra) -> dict:
     return {"seed": 1, "data": {"name": "digits"}, "model": {"name": "mlp", "hidden": 16},
             "optim": {"lr": 0.05, "momentum": 0.0}, "train": {"steps": 12, "batch_size": 8, "device": "cpu"},
             "robust": {"aggregator": "flag", "aggregator_params": {"f": 1}},
-            "faults": [{"kind": "reverse", "ranks": [3]}], "log": {"suspects": {"window": 5}}, **extra}
+            "faults": [{"kind": "reverse", "ranks": [3]}], "log": {"suspects": NOISY}, **extra}
 
 
 @pytest.mark.slow
@@ -167,7 +174,7 @@ def test_a_resumed_run_keeps_its_trust_and_names_no_one_twice(tmp_path):
 
     def run(steps, state=None):
         conf, conf_data = train_config.parse(_config(train={"steps": steps, "batch_size": 8, "device": "cpu"},
-                                                     faults=[], log={"suspects": {"window": 3}},
+                                                     faults=[], log={"suspects": {**NOISY, "window": 3}},
                                                      checkpoint={"every_steps": 4},
                                                      robust={"aggregator": "flag", "aggregator_params": {"f": 1},
                                                              "digest": False}))
@@ -274,3 +281,139 @@ def test_evict_config_is_validated_naming_the_key():
         train_config.parse({"robust": {"evict": {"windw": 2}}})
     with pytest.raises(train_config.cfg.ConfigError, match="robust.evict: not available in elastic mode yet"):
         train_config.parse({"robust": {"evict": {}}, "elastic": {"enabled": True}})
+
+
+def _residuals_by_hand(G, c):
+    """alignment (cosine with the others' aggregate) and relative distance straight from the rows (the
+    definitions, not the Gram identities)."""
+    G64, c64 = G.double(), c.double()
+    a = c64 @ G64
+    others = a - c64[:, None] * G64
+    alignment = ((G64 * others).sum(1) / (G64.norm(dim=1) * others.norm(dim=1))).tolist()
+    spread = ((G64 - a) ** 2).sum(1)
+    return alignment, (spread / spread.median()).tolist()
+
+
+def _attacked_rows(seed=0, p=8, n=400):
+    """Honest rows: a common gradient plus their own noise; row p-2 sends -g (sign flip), row p-1 sits at
+    the honest mean (ALIE with z = 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(n, generator=gen, dtype=torch.float64)
+    G = g + 0.8 * torch.randn(p, n, generator=gen, dtype=torch.float64)
+    G[p - 2] = -G[p - 2]
+    G[p - 1] = G[: p - 2].mean(0)
+    return G
+
+
+def test_residuals_from_the_gram_match_the_rows():
+    from fa_hvd.aggregators.base import residuals
+
+    G = _attacked_rows()
+    for c in (torch.full((8,), 1 / 8, dtype=torch.float64), torch.linspace(0.05, 0.2, 8, dtype=torch.float64)):
+        alignment, distance = residuals(G @ G.T, c)
+        want_alignment, want_distance = _residuals_by_hand(G, c)
+        assert alignment == pytest.approx(want_alignment, rel=1e-9, abs=1e-9)
+        assert distance == pytest.approx(want_distance, rel=1e-9, abs=1e-9)
+    assert residuals(torch.zeros(3, 3), torch.full((3,), 1 / 3)) == (None, None)  # a = 0: undefined
+
+
+@pytest.mark.parametrize("rule", ["flag", "multikrum", "geomed"])
+def test_rules_report_the_signals_of_the_aggregate_they_return(rule):
+    """The diagnostics' weights give the aggregate the rule returned (FA's default mode included,
+    clipping and all: a = c^T G), and its alignment and distance are those of these rows; the sign
+    flip points against the others, the row at the honest mean sits closest."""
+    from fa_hvd.aggregators import get
+
+    G = _attacked_rows(seed=1)
+    aggregator = get(rule, f=2)
+    a = aggregator(G).double()
+    d = aggregator.diagnostics
+    c = torch.tensor(d["weights"], dtype=torch.float64)
+    assert (c @ G).tolist() == pytest.approx(a.tolist(), rel=1e-6, abs=1e-6)  # the weights give the aggregate
+    alignment, distance = _residuals_by_hand(G, c)
+    assert d["alignment"] == pytest.approx(alignment, rel=1e-6, abs=1e-6)
+    assert d["distance"] == pytest.approx(distance, rel=1e-6, abs=1e-6)
+    assert d["alignment"][6] < -0.5 < min(d["alignment"][:6])
+    assert d["distance"][7] < min(d["distance"][:6]) / 2
+
+
+def test_describe_spreads_the_signals_over_the_kept_rows():
+    from fa_hvd.aggregators.base import Rows, describe
+
+    G = _attacked_rows(p=4)[[0, 1, 3]]
+    c = torch.full((3,), 1 / 3, dtype=torch.float64)
+    d = describe(4, Rows(torch.tensor([0, 1, 3]), 1), c, G @ G.T)
+    alignment, distance = _residuals_by_hand(G, c)
+    assert d["alignment"][2] is None and d["distance"][2] is None and d["nonfinite"] == [2]
+    assert [d["alignment"][r] for r in (0, 1, 3)] == pytest.approx(alignment)
+    assert [d["distance"][r] for r in (0, 1, 3)] == pytest.approx(distance)
+    assert "alignment" not in describe(4, Rows(None, 1), torch.full((4,), 0.25), None)
+
+
+def _signals(alignment, distance):
+    return {**EQUAL, "alignment": alignment, "distance": distance}
+
+
+def test_a_rank_pulling_against_the_aggregate_is_named_at_its_full_window():
+    """Weights say nothing (equal shares); rank 3's mean alignment is -2 over the window, the honest
+    ranks' swing between -0.4 and +0.4 step to step and average 0."""
+    ledger = trust.TrustLedger(4, trust.Thresholds(window=4, min_alignment=-0.5, min_distance=0.2))
+    named = []
+    for step in range(1, 9):
+        swing = 0.4 if step % 2 else -0.4
+        named += ledger.observe(step, _signals([swing, -swing, swing, -2.0], [1.0, 1.2, 0.9, 1.1]))
+    assert [(s["rank"], s["step"]) for s in named] == [(3, 4)]
+    assert named[0]["window_alignment"] == pytest.approx(-2.0) and "pulls against it" in named[0]["reason"]
+    assert ledger.summary()["ranks"][0]["window_alignment"] == pytest.approx(0.0)
+
+
+def test_a_rank_too_close_to_the_aggregate_is_named_and_missing_figures_are_skipped():
+    """Rank 2 sits at the centre (distance 0.05) on the steps that report signals; steps without them
+    (None: a dropped row, an undefined step) count for nothing, in either direction."""
+    ledger = trust.TrustLedger(4, trust.Thresholds(window=3, min_alignment=-0.5, min_distance=0.2))
+    ledger.observe(1, _signals([0.0, 0.0, None, 0.0], [1.0, 1.0, None, 1.0]))
+    ledger.observe(2, EQUAL)  # no signals at all
+    assert ledger.observe(3, _signals([0.1, 0.0, -0.1, 0.0], [1.0, 0.8, 0.05, 1.5])) == []  # rank 2: one step
+    (named,) = ledger.observe(4, _signals([0.1, 0.0, -0.1, 0.0], [1.0, 0.8, 0.05, 1.5]))
+    assert named["rank"] == 2 and named["window_distance"] == pytest.approx(0.05)
+    assert "closer than honest noise allows" in named["reason"]
+    off = trust.TrustLedger(4, trust.Thresholds(window=1, min_alignment=None, min_distance=None))
+    assert off.observe(1, _signals([-2.0] * 4, [0.0] * 4)) == []
+
+
+def test_the_signals_survive_a_checkpoint_and_an_old_state_still_loads():
+    ledger = trust.TrustLedger(4, trust.Thresholds(window=3))
+    for step in range(1, 6):
+        ledger.observe(step, _signals([0.0, 0.1, -0.1, -1.5 + step / 10], [1.0, 0.9, 1.1, 0.5]))
+    again = trust.TrustLedger(4, trust.Thresholds(window=3))
+    again.load_state_dict(ledger.state_dict())
+    assert again.summary() == ledger.summary() and again.summary()["ranks"][3]["window_alignment"] == pytest.approx(-1.1)
+    old = {**ledger.state_dict(), "window": [[w, bad] for w, bad, *_ in ledger.state_dict()["window"]]}
+    del old["version"], old["run_signals"]  # what the first ledger saved
+    legacy = trust.TrustLedger(4, trust.Thresholds(window=3))
+    legacy.load_state_dict(old)
+    ranks = legacy.summary()["ranks"]
+    assert ranks[3]["window_alignment"] is None and ranks[3]["window_weight"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="trust state version 3"):
+        legacy.load_state_dict({**old, "version": 3})
+
+
+def test_the_sweep_counts_a_rank_named_by_a_signal_alone():
+    """fa_hvd.eval.suspects: a cell whose Byzantine rank (1) only crosses the alignment threshold is detected
+    with the signals and not by weights alone; the honest rank (0) crosses nothing."""
+    from fa_hvd.eval import suspects
+
+    never = {str(t): None for t in suspects.CANDIDATES}
+    signals = {key: {"min": [0.0, -0.5], "max": [0.0, -0.3],
+                     "crossed": [{str(t): None for t in ts}, {str(t): (150 if t >= -0.4 else None) for t in ts}]}
+               for key, ts in suspects.SIGNAL_CANDIDATES.items()}
+    signals["distance"]["crossed"][1] = {str(t): None for t in suspects.SIGNAL_CANDIDATES["distance"]}
+    base = {"p": 2, "rule": "flag", "window": 100, "max_nonfinite": [0.0, 0.0], "crossed": [never, never],
+            "signals": signals}
+    calm = {key: {**figures, "crossed": [figures["crossed"][0]] * 2} for key, figures in signals.items()}
+    cells = [{**base, "fault": "signflip", "byzantine": [1]}, {**base, "fault": "none", "byzantine": [], "signals": calm}]
+    assert suspects.named_at(cells[0], 1, 0.2, 0.5, -0.3, 0.15) == 150
+    assert suspects.named_at(cells[0], 1, 0.2, 0.5) is None and suspects.named_at(cells[0], 0, 0.2, 0.5, -0.2, 0.25) is None
+    rows = suspects.signal_report(cells).splitlines()
+    assert "| flag | - | - | 0/1 (0 %) | 0/1 (0 %) | - | 0/1 |" in rows
+    assert "| flag | -0.3 | 0.15 | 0/1 (0 %) | 1/1 (100 %) | 150 / 150 | 0/1 |" in rows

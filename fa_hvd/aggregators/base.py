@@ -37,11 +37,14 @@ Shared behaviour, implemented once here:
 * Diagnostics. After each aggregation :attr:`Aggregator.diagnostics` says what the
   rule did with the ``p`` rows (:func:`describe`): the non-finite rows it dropped
   and, for rules that combine rows (``agg = c^T G``), each row's coefficient
-  ``c_i`` and the rows it gave no weight. The optimizer reports them in ``stats``.
+  ``c_i`` and the rows it gave no weight, and with the Gram the weights came from
+  (:attr:`Aggregator.gram`) each row's place against the aggregate (:func:`residuals`).
+  The optimizer reports them in ``stats``.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import torch
@@ -64,6 +67,7 @@ class Aggregator:
     def __init__(self, f: int = 0):
         self.f = check_f(f, self.name)
         self.weights: torch.Tensor | None = None  # the last aggregate's c, when it was c^T G
+        self.gram: torch.Tensor | None = None  # the Gram of the rows that c was computed from, when known
         self.diagnostics: dict = {}  # the last aggregation, per row: describe()
 
     # -- preconditions ---------------------------------------------------------
@@ -91,7 +95,8 @@ class Aggregator:
     def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
         """Aggregate finite rows ``G`` (``(p, n)``, fp32 or fp64) with ``f`` Byzantine."""
         if self.gram_space:
-            return self.combine_rows(G, self.coefficients(host_gram(G), f))
+            K = self.gram = host_gram(G)
+            return self.combine_rows(G, self.coefficients(K, f))
         raise NotImplementedError
 
     def combine_rows(self, G: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -125,6 +130,7 @@ class Aggregator:
         if not self.gram_space:
             raise NotImplementedError(f"{self.name}: cannot be computed by column blocks")
         c = self.weights = self.coefficients(K, f)
+        self.gram = K[:p, :p]
         return lambda block, cols: combine(block, c)
 
     def observe(self, aggregate: torch.Tensor) -> None:
@@ -134,7 +140,7 @@ class Aggregator:
         G = check_matrix(G, self.name)
         work = G if G.dtype in (torch.float32, torch.float64) else G.float()
         rows = surviving_rows(finite_rows(work), self.f) if self.robust else Rows(None, self.f)
-        self.weights = None
+        self.weights = self.gram = None
         if rows.none_left:
             self.diagnostics = describe(G.shape[0], rows, None)
             return torch.zeros(work.shape[1], dtype=G.dtype, device=G.device)
@@ -142,7 +148,7 @@ class Aggregator:
             work = work[rows.keep]
         self.check(work.shape[0], rows.f)
         out = self.aggregate(work, rows.f)
-        self.diagnostics = describe(G.shape[0], rows, self.weights)
+        self.diagnostics = describe(G.shape[0], rows, self.weights, self.gram)
         self.observe(out)
         return out.to(G.dtype)
 
@@ -306,14 +312,16 @@ def surviving_rows(finite: torch.Tensor, f: int) -> Rows:
     return Rows(finite.nonzero().flatten(), max(f - bad, 0))
 
 
-def describe(p: int, rows: Rows, weights: torch.Tensor | None) -> dict:
+def describe(p: int, rows: Rows, weights: torch.Tensor | None, K: torch.Tensor | None = None) -> dict:
     """What a rule did with ``p`` rows, by row index (rank).
 
     ``nonfinite``: the rows dropped for NaN or Inf. ``weights`` (only when the
     aggregate was ``c^T G`` over the kept rows): each row's ``c_i``, 0 for a
     dropped row (the mean gives ``1/p`` each; FA ``w_i m / ||g_i||``). ``dropped``:
     the non-finite rows and, with weights, every row of weight 0 (Krum's losers,
-    the rows FA left out).
+    the rows FA left out). With the kept rows' Gram ``K`` as well, ``alignment`` and
+    ``distance`` (:func:`residuals`; None for a dropped row or a step where they are
+    undefined).
     """
     kept = list(range(p)) if rows.keep is None else rows.keep.tolist()
     nonfinite = sorted(set(range(p)) - set(kept))
@@ -322,7 +330,44 @@ def describe(p: int, rows: Rows, weights: torch.Tensor | None) -> dict:
     full = [0.0] * p
     for row, weight in zip(kept, weights.tolist()):
         full[row] = weight
-    return {"nonfinite": nonfinite, "weights": full, "dropped": [i for i in range(p) if full[i] == 0.0]}
+    out = {"nonfinite": nonfinite, "weights": full, "dropped": [i for i in range(p) if full[i] == 0.0]}
+    if K is not None and tuple(K.shape) == (len(kept), len(kept)):
+        for key, values in zip(("alignment", "distance"), residuals(K, weights)):
+            spread = [None] * p
+            for row, value in zip(kept, values or ()):
+                spread[row] = value
+            out[key] = spread
+    return out
+
+
+def residuals(K: torch.Tensor, c: torch.Tensor) -> tuple[list[float] | None, list[float] | None]:
+    """Where each row ``x_i`` sits against the aggregate ``a = c^T G``, from the rows' Gram ``K`` alone.
+
+    ``alignment_i``: the cosine of ``x_i`` with the aggregate of the *others*, ``a - c_i x_i``:
+    ``((Kc)_i - c_i K_ii) / sqrt(K_ii (c^T K c - 2 c_i (Kc)_i + c_i^2 K_ii))``. Leaving the row out
+    keeps its own share (large where batch noise dominates the rows) from making it agree with
+    itself. Positive for an honest row (the others share its expected gradient); about minus an
+    honest row's for a sign flip; about -1 for IPM's ``-eps mean``. Bounded, so that a window's
+    mean is not ruled by the steps where ``a`` is small.
+    ``distance_i = ||x_i - a||^2 / median_j ||x_j - a||^2 = (K_ii - 2 (Kc)_i + c^T K c) / median``:
+    about 1 for rows of similar noise, far below 1 for a row placed at the centre (ALIE, IPM),
+    which no row with its own batch noise is.
+    Each is None where undefined (``a = 0``, a zero median; a zero row, or no other row with weight).
+    O(p^2) on the host.
+    """
+    K = K.to(device="cpu", dtype=torch.float64)
+    c = c.to(device="cpu", dtype=torch.float64)
+    Kc, diag = K @ c, K.diagonal().clamp_min(0)
+    q = float(c @ Kc)
+    if not math.isfinite(q) or q <= 0:
+        return None, None
+    others = (q - 2 * c * Kc + c * c * diag).clamp_min(0)
+    norms = (diag * others).sqrt()
+    alignment = [float(v / n) if n > 0 else None for v, n in zip(Kc - c * diag, norms)]
+    spread = (diag - 2 * Kc + q).clamp_min(0)
+    median = float(spread.median())
+    distance = (spread / median).tolist() if median > 0 and math.isfinite(median) else None
+    return alignment, distance
 
 
 def host_gram(G: torch.Tensor) -> torch.Tensor:

@@ -193,7 +193,8 @@ class Flag(Aggregator):
     def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
         eps = torch.finfo(G.dtype).eps
         if self.mode == "default":
-            return self.combine_rows(G, self.coefficients(host_gram(G), f, eps))
+            K = self.gram = host_gram(G)
+            return self.combine_rows(G, self.coefficients(K, f, eps))
         basis = _gram_basis(gram(G), eps)
         if basis is None:
             return torch.zeros(G.shape[1], dtype=G.dtype, device=G.device)

@@ -140,9 +140,9 @@ class _GramAsItArrives:
         if not bool(self.finite.all()):
             return rule(G)
         rule.check(p, rule.f)
-        rule.weights = None
+        rule.weights = rule.gram = None
         K = self.product.result().cpu()  # host_gram(G): the p x p work runs on the host
         update = rule.by_columns(p, K, rule.f)(G, slice(0, self.n))
-        rule.diagnostics = describe(p, Rows(None, rule.f), rule.weights)
+        rule.diagnostics = describe(p, Rows(None, rule.f), rule.weights, rule.gram)
         rule.observe(update)
         return update

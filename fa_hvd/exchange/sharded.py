@@ -213,7 +213,7 @@ class ShardedExchange(GradientExchange):
         n = offset
         K, rows, evidence = self._gram(pieces, digests, n, compute, device, step)
         self.timings["gram"] = time.perf_counter()
-        self.aggregator.weights = None
+        self.aggregator.weights = self.aggregator.gram = None
         if rows.none_left:
             self.aggregator.diagnostics = {**describe(self.p, rows, None), **evidence}
             self.stats = {"peak_bytes": held}
@@ -226,7 +226,8 @@ class ShardedExchange(GradientExchange):
             K = K[keep][:, keep]
         rule = self.aggregator.by_columns(kept, K, rows.f)
         self.timings["solved"] = time.perf_counter()
-        self.aggregator.diagnostics = {**describe(self.p, rows, self.aggregator.weights), **evidence}
+        self.aggregator.diagnostics = {**describe(self.p, rows, self.aggregator.weights, self.aggregator.gram),
+                                       **evidence}
         widths = [-(-size // self.p) for size in sizes]
         starts = [sum(widths[:i]) for i in range(len(widths))]
         out = torch.zeros(self.replicas, sum(widths), dtype=result, device=device)  # chunks padded to W_b

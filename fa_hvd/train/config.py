@@ -186,7 +186,7 @@ class TrainConfig:
 class EvictConfig:
     """``robust.evict``: stop the run to drain a rank whose mean relative weight over ``window`` steps
     fell below ``threshold`` (or whose row was non-finite in more than ``log.suspects.max_nonfinite``
-    of them); :mod:`fa_hvd.train.trust`, README "Eviction"."""
+    of them, or whose mean alignment or distance crossed ``log.suspects.min_alignment`` or ``min_distance``); :mod:`fa_hvd.train.trust`, README "Eviction"."""
 
     window: int = 100
     threshold: float = 0.2
@@ -261,10 +261,15 @@ class SuspectsConfig:
     window: int = trust.Thresholds.window               # steps
     min_weight: float = trust.Thresholds.min_weight     # mean relative weight (1 = 1/p) below this over the window
     max_nonfinite: float = trust.Thresholds.max_nonfinite  # or non-finite in more than this share of the window
+    min_alignment: Optional[float] = trust.Thresholds.min_alignment  # or mean alignment with the aggregate below this
+    min_distance: Optional[float] = trust.Thresholds.min_distance  # or mean relative distance to it below this
+
+    def thresholds(self) -> trust.Thresholds:
+        return trust.Thresholds(self.window, self.min_weight, self.max_nonfinite, self.min_alignment, self.min_distance)
 
     def validate(self) -> None:
         try:
-            trust.Thresholds(self.window, self.min_weight, self.max_nonfinite).check("log.suspects")
+            self.thresholds().check("log.suspects")
         except ValueError as exc:
             raise cfg.ConfigError(str(exc)) from None
 

@@ -9,7 +9,7 @@
 rank 0's ``optimizer.stats`` when the optimizer has them: ``exchange_s``,
 ``aggregate_s``, ``bytes_sent``, ``bytes_received``, and the aggregator's
 diagnostics by rank: ``nonfinite``, ``dropped`` and (rules that combine rows, FA
-among them) ``weights``;
+among them) ``weights``, ``alignment`` and ``distance`` (:func:`fa_hvd.aggregators.base.residuals`);
 ``loss_scale`` under fp16), ``"kind": "eval"`` records
 (``step``, ``epoch``, ``test_loss``, ``test_accuracy``) and ``"kind": "event"``
 records (resume, preemption, elastic resets, a suspect named by :mod:`fa_hvd.train.trust`

@@ -221,13 +221,13 @@ class Trainer:
     def open_trust(self) -> None:
         """A fresh trust ledger for this world, with every rank's identity (collective)."""
         s = self.conf.log.suspects
-        thresholds = trust.Thresholds(window=s.window, min_weight=s.min_weight, max_nonfinite=s.max_nonfinite)
         identities = trust.gather_identities(self.transport, self.device)
-        self.trust = trust.TrustLedger(self.world, thresholds, identities)
+        self.trust = trust.TrustLedger(self.world, s.thresholds(), identities)
         evict = self.conf.robust.evict
         if evict is not None:
             self.evictor = trust.TrustLedger(self.world, trust.Thresholds(evict.window, evict.threshold,
-                                                                          s.max_nonfinite), identities)
+                                                                          s.max_nonfinite, s.min_alignment,
+                                                                          s.min_distance), identities)
         if self.trust_state is not None and self.trust_state["p"] == self.world:
             self.trust.load_state_dict(self.trust_state)
         self.trust_state = None

@@ -12,13 +12,41 @@ default mode, Krum, Multi-Krum, geomed, nmean, ...), each row's coefficient
 * the steps at which the rank was dropped (weight 0 or non-finite) and those at
   which it was non-finite, as ranges of steps.
 
+Rules that combine rows report, with ``c``, the Gram ``K`` of the rows it came from, and
+so two more per-rank figures each step (:func:`fa_hvd.aggregators.base.residuals`; O(p)
+here, O(p^2) in the rule), which the ledger averages over the same window:
+
+* the *alignment*: the cosine of the row with the aggregate of the others, ``a - c_i x_i``
+  (leaving the row out keeps its own share from making it agree with itself). An honest row
+  shares the others' expected gradient: its window mean is near 0 or above (IID: -0.05 at the
+  lowest in the measured grid; a non-IID shard can point away from the rest: -0.25). A sign
+  flip points against the others (-0.28 to -0.48), IPM's ``-eps mean`` straight back (about
+  -1). It cannot catch a row along the aggregate (ALIE: +0.57 to +0.86), and in non-IID it
+  separates a sign flip from an honest but unusual shard by a thin margin only;
+* the *distance* ``d_i = ||x_i - a||^2 / median_j ||x_j - a||^2`` of the row to the
+  aggregate, relative to the typical row's. Every honest row carries its own batch noise,
+  which keeps ``d_i`` near 1 (the median), and an honest row does not sit at the centre
+  step after step. A row computed from the others' statistics (ALIE at the mean minus
+  ``z`` standard deviations, IPM at ``-eps`` times the mean) sits far closer than any
+  honest row: ``d_i`` near 0 (ALIE 0.01 to 0.12, IPM 0.07 to 0.31 in the grid). It names
+  such a row only as *too close*: an ALIE row at ``z = 0`` is the honest mean and harmless,
+  and is named by this alone (reliably: it stays near 0 however the data is split); one
+  that adds noise of the honest size to its row is not named at all. Its false positives
+  are honest rows that sit near the aggregate step after step: under geomed, whose
+  aggregate can lie on a data row, an honest rank came to 0.157 against the default 0.15.
+
+Both are means over the window's steps that reported them, judged only when at least half
+of the window's steps did; their thresholds are measured on 100-step windows (shorter ones
+are noisier).
+
 A rank becomes a *suspect* once, over a full window, its mean relative weight is
-below ``min_weight`` (rules that report weights) or its row was non-finite in more
+below ``min_weight``, its mean alignment below ``min_alignment`` or its mean distance
+below ``min_distance`` (rules that report weights), or its row was non-finite in more
 than ``max_nonfinite`` of the window's steps (every robust rule). It is named once,
 at the step it crosses. Coordinate-wise rules (median, trimmed mean, Bulyan) and
 cclip report no weights: they can name only non-finite rows. The default
-thresholds come from measured false-positive rates on the no-attack cells of a
-grid (``docs/results/suspects/``, written by :mod:`fa_hvd.eval.suspects`).
+thresholds come from the honest ranks' extremes on a grid, with and without attacks,
+IID and non-IID (``docs/results/suspects/``, written by :mod:`fa_hvd.eval.suspects`).
 
 Every rank computes the same aggregate from the same rows, so every rank's
 diagnostics, and so its ledger, are the same; in the sharded exchange they are
@@ -54,6 +82,8 @@ class Thresholds:
     window: int = 100
     min_weight: float = 0.2
     max_nonfinite: float = 0.5
+    min_alignment: float | None = -0.3  # None: not judged
+    min_distance: float | None = 0.15
 
     def check(self, where: str) -> None:
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
@@ -62,6 +92,10 @@ class Thresholds:
             raise ValueError(f"{where}.min_weight: must be in [0, 1], got {self.min_weight!r}")
         if not 0 <= self.max_nonfinite < 1:
             raise ValueError(f"{where}.max_nonfinite: must be in [0, 1), got {self.max_nonfinite!r}")
+        if self.min_alignment is not None and not -2 <= self.min_alignment < 0:
+            raise ValueError(f"{where}.min_alignment: must be in [-2, 0) or null, got {self.min_alignment!r}")
+        if self.min_distance is not None and not 0 <= self.min_distance < 1:
+            raise ValueError(f"{where}.min_distance: must be in [0, 1) or null, got {self.min_distance!r}")
 
 
 def local_identity(local_rank: int, device: torch.device | None = None, environ=os.environ) -> list:
@@ -125,6 +159,33 @@ class _Ranges:
         self.count += 1
 
 
+SIGNALS = ("alignment", "distance")  # per-rank figures beside the weights (diagnostics keys, may hold None)
+
+
+def _signal(p: int, diagnostics: dict, key: str) -> list | None:
+    values = diagnostics.get(key)
+    if values is None or len(values) != p:
+        return None
+    return [v if v is not None and math.isfinite(v) else None for v in values]
+
+
+class _Mean:
+    """Per-rank sums and counts of values that may be None (O(p) an update)."""
+
+    def __init__(self, p: int, sums=None, counts=None):
+        self.sums = [float(v) for v in sums] if sums is not None else [0.0] * p
+        self.counts = [int(v) for v in counts] if counts is not None else [0] * p
+
+    def add(self, values: list | None, sign: int = 1) -> None:
+        for r, v in enumerate(values or ()):
+            if v is not None:
+                self.sums[r] += sign * v
+                self.counts[r] += sign
+
+    def mean(self, r: int) -> float | None:
+        return self.sums[r] / self.counts[r] if self.counts[r] else None
+
+
 class TrustLedger:
     """Trust of ``p`` ranks over a run, from each step's diagnostics (:meth:`observe`)."""
 
@@ -134,7 +195,8 @@ class TrustLedger:
         self.steps = 0
         self._weight_sum = [0.0] * p  # whole run, over steps with weights
         self._weight_steps = 0
-        self._window: deque = deque()  # (relative weights or None, nonfinite ranks)
+        self._run = {key: _Mean(p) for key in SIGNALS}  # whole run
+        self._window: deque = deque()  # (relative weights or None, nonfinite ranks, alignment, distance)
         self._window_sums()
         self._dropped = [_Ranges() for _ in range(p)]
         self._nonfinite = [_Ranges() for _ in range(p)]
@@ -142,23 +204,30 @@ class TrustLedger:
 
     def _window_sums(self) -> None:
         """The window's per-rank sums, kept as steps enter and leave it (O(p) a step)."""
-        self._win_weight = [math.fsum(w[r] for w, _ in self._window if w is not None) for r in range(self.p)]
-        self._win_weighted = sum(w is not None for w, _ in self._window)
-        self._win_nonfinite = [sum(r in bad for _, bad in self._window) for r in range(self.p)]
+        self._win_weight = [math.fsum(w[r] for w, *_ in self._window if w is not None) for r in range(self.p)]
+        self._win_weighted = sum(w is not None for w, *_ in self._window)
+        self._win_nonfinite = [sum(r in bad for _, bad, *_ in self._window) for r in range(self.p)]
+        self._win = {key: _Mean(self.p) for key in SIGNALS}
+        for entry in self._window:
+            for key, values in zip(SIGNALS, entry[2:]):
+                self._win[key].add(values)
 
     def _slide(self, entry: tuple, sign: int) -> None:
-        weights, bad = entry
+        weights, bad, *signals = entry
         if weights is not None:
             self._win_weighted += sign
             for r in range(self.p):
                 self._win_weight[r] += sign * weights[r]
         for r in bad:
             self._win_nonfinite[r] += sign
+        for key, values in zip(SIGNALS, signals):
+            self._win[key].add(values, sign)
 
     def observe(self, step: int, diagnostics: dict) -> list[dict]:
         """Account for ``step``'s diagnostics; returns the suspects named at this step."""
         p = self.p
         weights = relative_weights(p, diagnostics)
+        signals = [_signal(p, diagnostics, key) for key in SIGNALS]
         nonfinite = {r for r in diagnostics.get("nonfinite", ()) if 0 <= r < p}
         dropped = {r for r in diagnostics.get("dropped", ()) if 0 <= r < p} | nonfinite
         self.steps += 1
@@ -170,7 +239,9 @@ class TrustLedger:
             self._weight_steps += 1
             for r in range(p):
                 self._weight_sum[r] += weights[r]
-        self._window.append((weights, frozenset(nonfinite)))
+        for key, values in zip(SIGNALS, signals):
+            self._run[key].add(values)
+        self._window.append((weights, frozenset(nonfinite), *signals))
         self._slide(self._window[-1], 1)
         if len(self._window) > self.thresholds.window:
             self._slide(self._window.popleft(), -1)
@@ -191,17 +262,32 @@ class TrustLedger:
         weight = self._win_weight[r] / self._win_weighted if self._win_weighted else None
         return weight, self._win_nonfinite[r] / max(1, len(self._window))
 
+    def window_signals(self, r: int) -> dict:
+        """Rank ``r``'s mean ``alignment`` and ``distance`` over the window's steps that reported them
+        (None: fewer than half of the window's steps did)."""
+        return {key: self._win[key].mean(r) if 2 * self._win[key].counts[r] >= len(self._window) else None
+                for key in SIGNALS}
+
     def _crossed(self, r: int) -> dict | None:
         weight, nonfinite = self.window_figures(r)
+        signals = self.window_signals(r)
         t = self.thresholds
         reasons = []
         if weight is not None and weight < t.min_weight:
             reasons.append(f"mean relative weight {weight:.3f} < {t.min_weight} over the last {t.window} steps")
+        alignment, distance = signals["alignment"], signals["distance"]
+        if alignment is not None and t.min_alignment is not None and alignment < t.min_alignment:
+            reasons.append(f"mean alignment with the aggregate {alignment:.3f} < {t.min_alignment} "
+                           f"over the last {t.window} steps (pulls against it)")
+        if distance is not None and t.min_distance is not None and distance < t.min_distance:
+            reasons.append(f"mean relative distance to the aggregate {distance:.3f} < {t.min_distance} "
+                           f"over the last {t.window} steps (closer than honest noise allows)")
         if nonfinite > t.max_nonfinite:
             reasons.append(f"non-finite in {nonfinite:.0%} > {t.max_nonfinite:.0%} of the last {t.window} steps")
         if not reasons:
             return None
         return {"reason": "; ".join(reasons), "window": t.window, "window_weight": weight,
+                "window_alignment": alignment, "window_distance": distance,
                 "window_nonfinite": nonfinite, "dropped_steps": self._dropped[r].count,
                 "nonfinite_steps": self._nonfinite[r].count}
 
@@ -213,8 +299,11 @@ class TrustLedger:
         ranks = []
         for r in range(self.p):
             weight, nonfinite = self.window_figures(r)
+            signals = self.window_signals(r)
             ranks.append({"rank": r, **self.identities[r], "run_weight": self.run_weight(r),
                           "window_weight": weight, "window_nonfinite": nonfinite,
+                          **{f"run_{key}": self._run[key].mean(r) for key in SIGNALS},
+                          **{f"window_{key}": signals[key] for key in SIGNALS},
                           "dropped_steps": self._dropped[r].count, "dropped": self._dropped[r].ranges[:MAX_RANGES],
                           "nonfinite_steps": self._nonfinite[r].count,
                           "nonfinite": self._nonfinite[r].ranges[:MAX_RANGES]})
@@ -222,19 +311,30 @@ class TrustLedger:
                 "suspects": [self.suspects[r] for r in sorted(self.suspects)]}
 
     def state_dict(self) -> dict:
-        """What a checkpoint keeps, so that a resumed run goes on with the same figures and names no one twice."""
-        return {"p": self.p, "steps": self.steps, "weight_sum": list(self._weight_sum),
+        """What a checkpoint keeps, so that a resumed run goes on with the same figures and names no one twice.
+
+        Version 2 adds the signals: each window entry ``[weights, nonfinite, alignment, distance]`` and
+        ``run_signals``; a version-1 state (entries ``[weights, nonfinite]``) loads with no signal figures."""
+        return {"version": 2, "p": self.p, "steps": self.steps, "weight_sum": list(self._weight_sum),
                 "weight_steps": self._weight_steps,
-                "window": [[w, sorted(bad)] for w, bad in self._window],
+                "run_signals": {key: [m.sums, m.counts] for key, m in self._run.items()},
+                "window": [[w, sorted(bad), *signals] for w, bad, *signals in self._window],
                 "dropped": [r.ranges for r in self._dropped], "nonfinite": [r.ranges for r in self._nonfinite],
                 "suspects": [self.suspects[r] for r in sorted(self.suspects)]}
 
     def load_state_dict(self, state: dict) -> None:
         if state["p"] != self.p:
             raise ValueError(f"trust state of {state['p']} ranks, this world has {self.p}")
+        version = state.get("version", 1)
+        if version not in (1, 2):
+            raise ValueError(f"trust state version {version!r}: this fa_hvd reads versions 1 and 2")
         self.steps, self._weight_steps = int(state["steps"]), int(state["weight_steps"])
         self._weight_sum = [float(w) for w in state["weight_sum"]]
-        self._window = deque((w, frozenset(bad)) for w, bad in state["window"][-self.thresholds.window:])
+        run = state.get("run_signals", {})
+        self._run = {key: _Mean(self.p, *run[key]) if key in run else _Mean(self.p) for key in SIGNALS}
+        empty = [None] * len(SIGNALS)
+        self._window = deque((w, frozenset(bad), *(signals or empty))
+                             for w, bad, *signals in state["window"][-self.thresholds.window:])
         self._window_sums()
         self._dropped = [_Ranges(r) for r in state["dropped"]]
         self._nonfinite = [_Ranges(r) for r in state["nonfinite"]]
