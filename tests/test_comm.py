@@ -101,3 +101,24 @@ def test_a_stalled_wait_names_the_ranks_that_do_not_answer(caplog):
     finally:
         for call in calls:
             call.close()
+
+
+def test_a_backend_failure_names_who_does_not_answer_once_per_roster(caplog):
+    """After Horovod gave up on a peer (any collective, Horovod's own elastic broadcast included: the
+    elastic state's restore() reports too), each rank logs once who does not answer its roll call."""
+    from loopback import LoopbackTransport
+
+    calls = roll_calls(3)
+    calls[2].close()
+    transport = LoopbackTransport(3)
+    transport.roll_call = calls[0]
+    try:
+        with caplog.at_level(logging.WARNING, logger="fa_hvd"):
+            transport.report_failure("fa_hvd.opt0.bucket0")
+            transport.report_failure()  # the elastic restore after the same failure: said already
+        messages = [r.getMessage() for r in caplog.records if "failed in Horovod" in r.getMessage()]
+        assert messages == [f"fa_hvd: rank 0: 'fa_hvd.opt0.bucket0' failed in Horovod; "
+                            f"no answer from rank 2 ({socket.gethostname()})"], caplog.text
+    finally:
+        for call in calls:
+            call.close()

@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -217,6 +218,19 @@ def test_a_frozen_node_is_named_by_the_collective_timeout(netcluster, tmp_path):
 ELASTIC_LOSS_BOUND_S = 120
 
 
+def hash_seed_placing_node1_first() -> str:
+    """A PYTHONHASHSEED under which horovodrun's elastic driver gives node1 the low ranks: it orders
+    the hosts it first discovers by iterating a set (``HostManager.order_available_hosts``), so the
+    layout otherwise changes from run to run. A partition of rank 0's node is not covered here
+    (the README: seen not to recover within the bound)."""
+    for seed in range(64):
+        proc = subprocess.run([sys.executable, "-c", "print(next(iter({'node1', 'node2'})))"],
+                              env={"PYTHONHASHSEED": str(seed)}, capture_output=True, text=True, check=True)
+        if proc.stdout.strip() == "node1":
+            return str(seed)
+    raise AssertionError("no hash seed in 0..63 puts node1 first")
+
+
 @pytest.mark.parametrize("lose,back", [("crash", "restart"), ("partition", "heal")])
 def test_elastic_node_loss_and_return(netcluster, tmp_path, lose, back):
     """node2 is lost, by a crash (every process of it killed at once) or a partition (its link
@@ -233,7 +247,7 @@ def test_elastic_node_loss_and_return(netcluster, tmp_path, lose, back):
     config.write_text(yaml.safe_dump(conf))
     cmd = netcluster.on("node1", [str(ROOT / "launch" / "elastic.sh"), "4", "2", "4", str(config),
                                   "--run-dir", str(run_dir)])
-    env = job_env({"FA_HVD_HOSTS_FILE": str(hosts),
+    env = job_env({"FA_HVD_HOSTS_FILE": str(hosts), "PYTHONHASHSEED": hash_seed_placing_node1_first(),
                    "HOROVODRUN_ARGS": "--network-interface eth0 --blacklist-cooldown-range 1 2"})
     log = open(tmp_path / "job.log", "w+")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)

@@ -136,6 +136,16 @@ class Transport:
             if call is not None:
                 call.waiting = ""
 
+    def report_failure(self, name: str | None = None) -> None:
+        """After the backend gave up on a peer (Gloo's timeout, a reset connection): log, once per
+        roll call, who does not answer it (the others have left their waits). ``name``: the
+        collective that failed, when this rank knows it."""
+        call = self.roll_call
+        if call is not None and not call.failure_reported:
+            call.failure_reported = True
+            _log.warning("fa_hvd: rank %d: %s failed in Horovod; %s", self.rank,
+                         repr(name) if name else "a collective", call.report(where=False))
+
     def stall_report(self) -> str | None:
         """Who does not answer the roll call (``None`` before :meth:`start_roll_call`)."""
         return self.roll_call.report() if self.roll_call is not None else None

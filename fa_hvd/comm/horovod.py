@@ -10,7 +10,6 @@ answer its roll call (:mod:`fa_hvd.comm.rollcall`) before the error goes on.
 
 from __future__ import annotations
 
-import logging
 
 import horovod.torch as hvd
 import torch
@@ -18,7 +17,6 @@ from horovod.common.exceptions import HorovodInternalError, HostsUpdatedInterrup
 
 from .base import Handle, Transport, collective_timeout
 
-_log = logging.getLogger("fa_hvd")
 
 
 class _HorovodHandle(Handle):
@@ -57,9 +55,7 @@ class HorovodTransport(Transport):
         try:
             result = hvd.synchronize(handle.handle)
         except HorovodInternalError:  # Gloo or MPI gave up on a peer (its timeout, a reset connection)
-            if self.roll_call is not None:
-                _log.warning("fa_hvd: rank %d: %r failed in Horovod; %s", self.rank, handle.name,
-                             self.roll_call.report(where=False))
+            self.report_failure(handle.name)
             raise
         return result[0] if isinstance(result, tuple) else result  # alltoall: (rows, received splits)
 

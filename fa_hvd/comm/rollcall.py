@@ -31,6 +31,7 @@ class RollCall:
     def __init__(self, transport, timeout: float = ANSWER_TIMEOUT_S):
         """Collective over ``transport``: listen, then gather every rank's host and port."""
         self.rank, self.timeout, self.waiting = transport.rank, timeout, ""
+        self.failure_reported = False  # Transport.report_failure: once per roster
         self._socket = socket.create_server(("0.0.0.0", 0), backlog=128)
         threading.Thread(target=self._answer, name="fa_hvd-rollcall", daemon=True).start()
         self.roster = transport.allgather_json([socket.gethostname(), self._socket.getsockname()[1]],

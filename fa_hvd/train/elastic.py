@@ -62,6 +62,9 @@ class ElasticState(State):
         self.committed = copy.deepcopy(self.trainer.shared_state())
 
     def restore(self) -> None:
+        """After a failure: name who no longer answers (whichever collective this rank was in, Horovod's
+        own host-update broadcast at a commit included), then go back to the last commit."""
+        self.trainer.transport.report_failure()
         if self.committed is not None:
             self.trainer.load_shared(self.committed)
 
