@@ -10,13 +10,11 @@ answer its roll call (:mod:`fa_hvd.comm.rollcall`) before the error goes on.
 
 from __future__ import annotations
 
-
 import horovod.torch as hvd
 import torch
 from horovod.common.exceptions import HorovodInternalError, HostsUpdatedInterrupt
 
 from .base import Handle, Transport, collective_timeout
-
 
 
 class _HorovodHandle(Handle):
