@@ -13,7 +13,7 @@ demo: setup
 	@$(ROOT_MPI) PATH=$(CURDIR)/$(VENV):$$PATH launch/demo.sh $(NP)
 
 test: setup
-	@$(ROOT_MPI) PATH=$(CURDIR)/$(VENV):$$PATH $(VENV)/python -m pytest -q
+	@$(ROOT_MPI) PATH=$(CURDIR)/$(VENV):$$PATH $(VENV)/python -m pytest -q --durations=25
 
 test-fast: setup
 	@PATH=$(CURDIR)/$(VENV):$$PATH $(VENV)/python -m pytest -q -m "not slow"
