@@ -661,6 +661,9 @@ def _report(summary: dict, run_dir: Path) -> None:
     suspects = summary["suspects"]
     say("suspects: " + ("; ".join(f"rank {s['rank']} on {trust.where(s)} (named at step {s['step']}: {s['reason']})"
                                   for s in suspects) if suspects else "none"))
+    if summary["evicted"]:  # ranks numbered as in the world they were evicted from
+        say("evicted: " + "; ".join(f"rank {e['rank']} on host {e['host']} at step {e['step']}"
+                                    for e in summary["evicted"]))
     say(f"run directory: {run_dir} (summary.json, metrics.jsonl, checkpoints/)")
 
 
