@@ -316,6 +316,21 @@ def test_under_elastic_the_evicted_host_is_excluded_and_training_goes_on(tmp_pat
         "with 3 ranks, f = 1. Training goes on" in event["event"]
 
 
+def test_under_elastic_a_refused_eviction_stops_with_a_checkpoint(tmp_path, monkeypatch):
+    """Elastic, 2 ranks on each of two hosts: draining rank 3's would leave 2 ranks, fewer than FA needs
+    with f = 1 (f is not lowered): the run stops at step 4 with a checkpoint and status 76, nothing excluded."""
+    t = _evicting(tmp_path, monkeypatch, ["box"] * 4, launcher_hosts=["localhost"] * 2 + ["127.0.0.1"] * 2,
+                  elastic=True)
+    commits = []
+    assert t.train(control.StopSignals(), commit=lambda: commits.append(t.step)) == trainer.EXIT_EVICTED
+    assert t.step == 4 and commits == [] and t.evicted == []
+    t.writer.wait()
+    assert trainer.checkpoint.read(tmp_path / "run" / "checkpoints" / "step-000000004.ckpt")["step"] == 4
+    (event,) = _evict_events(tmp_path)
+    assert event["excluded"] == [] and "draining 127.0.0.1 would leave 2 ranks" in event["event"]
+    assert not (tmp_path / "run" / trainer.EXCLUDED_HOSTS).exists()
+
+
 def test_eviction_decisions():
     """eviction.decide on hand-made worlds (FA with f = 1 needs 3 ranks)."""
     from fa_hvd.aggregators import get as get_aggregator
