@@ -358,7 +358,7 @@ def test_eviction_decisions():
     assert v.hosts == [] and v.text.startswith("2 ranks crossed robust.evict's threshold at once, more than f = 1")
     v = decide(["a", "b", "c", "d", "e"], [1], elastic=True, earlier=[{"step": 5, "rank": 4, "host": "z"}])
     assert v.hosts == [] and "would make 2 ranks evicted over this run (hosts z already)" in v.text
-    v = decide(["a", "b", "c", "d", "e", "f", "g"], [1], elastic=True, f=2, earlier=[{"step": 5, "rank": 4, "host": "z"}])
+    v = decide(list("abcdefg"), [1], elastic=True, f=2, earlier=[{"step": 5, "rank": 4, "host": "z"}])
     assert (v.hosts, v.stop) == (["b"], False) and "goes on with 6 ranks, f = 2" in v.text
 
 
