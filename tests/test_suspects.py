@@ -358,8 +358,9 @@ def test_eviction_decisions():
     assert v.hosts == [] and v.text.startswith("2 ranks crossed robust.evict's threshold at once, more than f = 1")
     v = decide(["a", "b", "c", "d", "e"], [1], elastic=True, earlier=[{"step": 5, "rank": 4, "host": "z"}])
     assert v.hosts == [] and "would make 2 ranks evicted over this run (hosts z already)" in v.text
-    v = decide(list("abcdefg"), [1], elastic=True, f=2, earlier=[{"step": 5, "rank": 4, "host": "z"}])
-    assert (v.hosts, v.stop) == (["b"], False) and "goes on with 6 ranks, f = 2" in v.text
+    v = decide(list("abcdefz"), [6, 1], elastic=True, f=2, earlier=[{"step": 5, "rank": 6, "host": "z"}])
+    assert (v.hosts, v.stop, [s["rank"] for s in v.suspects]) == (["b"], False, [1])  # rank 6 on z: pending
+    assert "goes on with 5 ranks, f = 2" in v.text  # without b and z; FA needs 5 with f = 2
 
 
 def _residuals_by_hand(G, c):

@@ -32,7 +32,8 @@ from fa_hvd.train import trust
 class Verdict:
     """What to do about the suspects of one step."""
 
-    text: str  # the operator's sentence after the suspects' names
+    suspects: list[dict]  # those decided on (the pending ones left out)
+    text: str  # the operator's sentence after their names
     hosts: list[str] = field(default_factory=list)  # to exclude now (empty: nothing excluded)
     evicted: list[dict] = field(default_factory=list)  # the suspects evicted now: {step, rank, host}
     stop: bool = True  # checkpoint and exit 76
@@ -52,19 +53,19 @@ def decide(suspects: list[dict], identities: list[dict], earlier: list[dict], f:
     over_run = len(earlier) + len(fresh)
     left = sum(trust.node(identity, elastic) not in excluded + hosts for identity in identities)
     if len(fresh) > f:
-        return Verdict(f"{len(fresh)} ranks crossed robust.evict's threshold at once, more than f = {f}: "
+        return Verdict(fresh, f"{len(fresh)} ranks crossed robust.evict's threshold at once, more than f = {f}: "
                        f"stopping to ask, nothing excluded")
     if over_run > f:
-        return Verdict(f"draining {', '.join(hosts)} would make {over_run} ranks evicted over this run (hosts "
+        return Verdict(fresh, f"draining {', '.join(hosts)} would make {over_run} ranks evicted over this run (hosts "
                        f"{', '.join(excluded)} already), more than f = {f}: stopping to ask, nothing excluded")
     if left < rule.min_workers(f):
-        return Verdict(f"draining {', '.join(hosts)} would leave {left} ranks, fewer than {rule.name} needs "
+        return Verdict(fresh, f"draining {', '.join(hosts)} would leave {left} ranks, fewer than {rule.name} needs "
                        f"({rule.precondition()}, f = {f}): stopping, nothing excluded")
     records = [{"step": step, "rank": s["rank"], "host": trust.node(s, elastic)} for s in fresh]
     if elastic:
-        return Verdict(f"{', '.join(hosts)} excluded (listed in {where}): Horovod's host discovery drops it and "
+        return Verdict(fresh, f"{', '.join(hosts)} excluded (listed in {where}): Horovod's host discovery drops it and "
                        f"the run goes on with {left} ranks, f = {f}", hosts, records, stop=False)
-    return Verdict(f"drain {', '.join(hosts)}: listed in {where}", hosts, records)
+    return Verdict(fresh, f"drain {', '.join(hosts)}: listed in {where}", hosts, records)
 
 
 __all__ = ["Verdict", "decide"]

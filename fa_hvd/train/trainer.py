@@ -264,9 +264,9 @@ class Trainer:
             if self.rank == 0:
                 known = path.read_text().split() if path.exists() else []
                 checkpoint.write_atomic(path, "".join(f"{h}\n" for h in dict.fromkeys(known + verdict.hosts)).encode())
-        named = "; ".join(f"rank {s['rank']} on {trust.where(s)} ({s['reason']})" for s in ranks)
+        named = "; ".join(f"rank {s['rank']} on {trust.where(s)} ({s['reason']})" for s in verdict.suspects)
         ending = f"Checkpoint at step {self.step}, exit {EXIT_EVICTED}" if verdict.stop else "Training goes on"
-        self.event(f"evict: {named}. {verdict.text}. {ending}", evicted=[s["rank"] for s in ranks],
+        self.event(f"warning: evict: {named}. {verdict.text}. {ending}", evicted=[s["rank"] for s in verdict.suspects],
                    excluded=verdict.hosts)
         if not verdict.stop:
             return None
