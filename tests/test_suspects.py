@@ -308,6 +308,9 @@ def test_under_elastic_the_evicted_host_is_excluded_and_training_goes_on(tmp_pat
     assert t.train(control.StopSignals(), commit=lambda: commits.append((t.step, t.shared_state()))) == trainer.EXIT_OK
     assert t.step == 12 and [step for step, _ in commits] == [4, 5, 10]
     assert commits[0][1]["evicted"] == [{"step": 4, "rank": 3, "host": "127.0.0.1"}]
+    t.evicted = []
+    t.load_shared(commits[0][1])  # what a reset restores and a sync broadcasts
+    assert t.evicted == [{"step": 4, "rank": 3, "host": "127.0.0.1"}]
     assert exclude.read_text() == "127.0.0.1\n" and not (tmp_path / "run" / trainer.EXCLUDED_HOSTS).exists()
     (event,) = _evict_events(tmp_path)
     assert event["evicted"] == [3] and event["excluded"] == ["127.0.0.1"]
