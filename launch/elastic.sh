@@ -7,6 +7,9 @@
 # seconds (see there: a hosts file you edit, the SLURM job's nodes, or this machine).
 # On one machine Horovod needs two host names (or --network-interface through
 # HOROVODRUN_ARGS): FA_HVD_HOSTS_FILE with "localhost:2" and "127.0.0.1:2" works.
+# robust.evict lists the hosts to drain in FA_HVD_EXCLUDE_FILE (default: RUN_DIR/excluded_hosts,
+# RUN_DIR from --run-dir or fa-hvd-train's default runs/<config stem>); the discovery script
+# leaves them out, so the run goes on without them.
 set -euo pipefail
 # shellcheck source=launch/common.sh
 source "$(dirname "$0")/common.sh"
@@ -15,6 +18,16 @@ np="$1" min_np="$2" max_np="$3" config="$4"
 shift 4
 [ -f "$config" ] || die "config not found: $config"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+run_dir="runs/$(basename "${config%.*}")"
+previous=""
+for arg in "$@"; do
+  case "$previous" in --run-dir) run_dir="$arg" ;; esac
+  case "$arg" in --run-dir=*) run_dir="${arg#--run-dir=}" ;; esac
+  previous="$arg"
+done
+[[ "$run_dir" = /* ]] || run_dir="$PWD/$run_dir"
+export FA_HVD_EXCLUDE_FILE="${FA_HVD_EXCLUDE_FILE:-$run_dir/excluded_hosts}"
+say "hosts robust.evict excludes: $FA_HVD_EXCLUDE_FILE"
 # shellcheck disable=SC2086  # HOROVODRUN_ARGS is a list of options
 run horovodrun -np "$np" --min-np "$min_np" --max-np "$max_np" \
   --host-discovery-script "$(cd "$(dirname "$0")" && pwd)/discover-hosts.sh" ${HOROVODRUN_ARGS:-} \

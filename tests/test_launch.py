@@ -115,6 +115,18 @@ def test_elastic_launcher_passes_the_discovery_script(recorder):
                                                  "--set", "elastic.enabled=true"]
 
 
+def test_elastic_launcher_sets_the_exclusion_file_in_the_run_directory(recorder, monkeypatch):
+    """robust.evict writes FA_HVD_EXCLUDE_FILE, discover-hosts.sh reads it: elastic.sh points it into RUN_DIR."""
+    monkeypatch.delenv("FA_HVD_EXCLUDE_FILE", raising=False)
+    for extra, env, expected in (([], {}, ROOT / "runs" / "demo" / "excluded_hosts"),
+                                 (["--run-dir", "x/y"], {}, ROOT / "x" / "y" / "excluded_hosts"),
+                                 (["--run-dir=/abs/run"], {}, "/abs/run/excluded_hosts"),
+                                 (["--run-dir", "x"], {"FA_HVD_EXCLUDE_FILE": "/mine"}, "/mine")):
+        proc, (call,) = recorder(["launch/elastic.sh", "4", "2", "6", "configs/demo.yaml", *extra], **env)
+        assert proc.returncode == 0 and call[len(call) - len(extra):] == extra, proc.stderr
+        assert f"[elastic.sh] hosts robust.evict excludes: {expected}\n" in proc.stderr
+
+
 def test_torchrun_launcher_on_one_node_and_on_several(recorder):
     proc, calls = recorder(["launch/torchrun.sh", "4", "configs/demo.yaml", "--set", "optim.lr=0.05"])
     assert proc.returncode == 0, proc.stderr

@@ -218,18 +218,27 @@ def test_plot_draws_the_trust_heatmap_with_the_suspect(tmp_path):
     assert plot.main([str(tmp_path), "--out", str(tmp_path / "c.png")]) == 0 and (tmp_path / "c.png").stat().st_size
 
 
-def _evicting(tmp_path, monkeypatch, hosts, evict={"window": 4, "threshold": 0.2}):
-    """A loopback trainer of ``len(hosts)`` simulated ranks on ``hosts`` (their identities), the last
-    sending -100 x rank 0's gradient (the digest off, as loopback ranks publish no fingerprints)."""
+def _identity(host: str, r: int, launcher_host: str | None = None) -> dict:
+    return {"host": host, "local_rank": r, "cuda_device": None, "gpu_uuid": None, "slurm_node": None,
+            "slurm_job": None, "launcher_host": launcher_host}
+
+
+def _evicting(tmp_path, monkeypatch, hosts, evict={"window": 4, "threshold": 0.2}, launcher_hosts=None,
+              elastic=False):
+    """A loopback trainer of ``len(hosts)`` simulated ranks on ``hosts`` (their identities; horovodrun's
+    names for them ``launcher_hosts``), the last sending -100 x rank 0's gradient (the digest off, as
+    loopback ranks publish no fingerprints)."""
     from loopback import LoopbackTransport
 
     world = len(hosts)
+    launcher_hosts = launcher_hosts or [None] * world
     monkeypatch.setattr(trust, "gather_identities", lambda transport, device=None: [
-        {"host": host, "local_rank": r, "cuda_device": None, "gpu_uuid": None, "slurm_node": None, "slurm_job": None}
-        for r, host in enumerate(hosts)])
+        _identity(host, r, launcher) for r, (host, launcher) in enumerate(zip(hosts, launcher_hosts))])
+    monkeypatch.delenv(trainer.EXCLUDE_FILE_VARIABLE, raising=False)
     conf, conf_data = train_config.parse(_config(train={"steps": 12, "batch_size": 8, "device": "cpu"}, faults=[],
                                                  robust={"aggregator": "flag", "aggregator_params": {"f": 1},
-                                                         "evict": evict, "digest": False}))
+                                                         "evict": evict, "digest": False},
+                                                 elastic={"enabled": elastic, "commit_every_steps": 5}))
     t = trainer.Trainer(conf, conf_data, tmp_path / "run", LoopbackTransport(world, lambda row, r: -100 * row
                                                                              if r == world - 1 else row))
     t.load_data()
@@ -255,10 +264,14 @@ def test_eviction_stops_with_a_checkpoint_and_lists_the_host(tmp_path, monkeypat
     assert event["evicted"] == [3] and event["excluded"] == ["node1"]
     assert "evict: rank 3 on host node1" in event["event"] and "drain node1" in event["event"]
     assert (tmp_path / "run" / trainer.EXCLUDED_HOSTS).read_text() == "node1\n"
-    t.evict([{**t.trust.identities[0], "rank": 0, "reason": "r"}])  # a second host over the run: > f
+    assert trainer.checkpoint.read(tmp_path / "run" / "checkpoints" / "step-000000004.ckpt")["evicted"] == [
+        {"step": 4, "rank": 3, "host": "node1"}]  # a resumed run counts it against f
+    t.evict([{**t.trust.identities[0], "rank": 0, "reason": "r"}])  # a second one over the run: > f
     *_, event = _evict_events(tmp_path)
-    assert event["excluded"] == [] and "2 hosts excluded over this run (already node1), more than f = 1" in event["event"]
+    assert event["excluded"] == [] and "would make 2 ranks evicted over this run (hosts node1 already), " \
+        "more than f = 1: stopping to ask" in event["event"]
     assert (tmp_path / "run" / trainer.EXCLUDED_HOSTS).read_text() == "node1\n"
+    assert t.evict([{**t.trust.identities[3], "rank": 3, "reason": "r"}]) is None  # node1: already on its way out
 
 
 def test_eviction_never_leaves_fewer_ranks_than_the_rule_needs_nor_takes_more_than_f(tmp_path, monkeypatch):
@@ -279,8 +292,78 @@ def test_evict_config_is_validated_naming_the_key():
         train_config.parse({"robust": {"evict": {"threshold": 2}}})
     with pytest.raises(train_config.cfg.ConfigError, match="robust.evict.windw: unknown key"):
         train_config.parse({"robust": {"evict": {"windw": 2}}})
-    with pytest.raises(train_config.cfg.ConfigError, match="robust.evict: not available in elastic mode yet"):
-        train_config.parse({"robust": {"evict": {}}, "elastic": {"enabled": True}})
+    conf, _ = train_config.parse({"robust": {"evict": {"window": 7}}, "elastic": {"enabled": True}})
+    assert conf.robust.evict.window == 7 and conf.elastic.enabled
+
+
+def test_under_elastic_the_evicted_host_is_excluded_and_training_goes_on(tmp_path, monkeypatch):
+    """Elastic: rank 3 on the host horovodrun calls 127.0.0.1 (the same machine as the others: one host
+    name for all) crosses at step 4; 127.0.0.1 goes into FA_HVD_EXCLUDE_FILE, the run commits at once
+    (out of the 5-step schedule) and goes on to the end; the eviction is in the committed state."""
+    t = _evicting(tmp_path, monkeypatch, ["box"] * 4, launcher_hosts=["localhost"] * 3 + ["127.0.0.1"], elastic=True)
+    exclude = tmp_path / "shared" / "exclude"
+    exclude.parent.mkdir()
+    monkeypatch.setenv(trainer.EXCLUDE_FILE_VARIABLE, str(exclude))
+    commits = []
+    assert t.train(control.StopSignals(), commit=lambda: commits.append((t.step, t.shared_state()))) == trainer.EXIT_OK
+    assert t.step == 12 and [step for step, _ in commits] == [4, 5, 10]
+    assert commits[0][1]["evicted"] == [{"step": 4, "rank": 3, "host": "127.0.0.1"}]
+    t.evicted = []
+    t.load_shared(commits[0][1])  # what a reset restores and a sync broadcasts
+    assert t.evicted == [{"step": 4, "rank": 3, "host": "127.0.0.1"}]
+    assert exclude.read_text() == "127.0.0.1\n" and not (tmp_path / "run" / trainer.EXCLUDED_HOSTS).exists()
+    (event,) = _evict_events(tmp_path)
+    assert event["evicted"] == [3] and event["excluded"] == ["127.0.0.1"]
+    assert "evict: rank 3 on host box (local rank 3)" in event["event"]
+    assert f"127.0.0.1 excluded (listed in {exclude}): Horovod's host discovery drops it and the run goes on " \
+        "with 3 ranks, f = 1. Training goes on" in event["event"]
+
+
+def test_under_elastic_a_refused_eviction_stops_with_a_checkpoint(tmp_path, monkeypatch):
+    """Elastic, 2 ranks on each of two hosts: draining rank 3's would leave 2 ranks, fewer than FA needs
+    with f = 1 (f is not lowered): the run stops at step 4 with a checkpoint and status 76, nothing excluded."""
+    t = _evicting(tmp_path, monkeypatch, ["box"] * 4, launcher_hosts=["localhost"] * 2 + ["127.0.0.1"] * 2,
+                  elastic=True)
+    commits = []
+    assert t.train(control.StopSignals(), commit=lambda: commits.append(t.step)) == trainer.EXIT_EVICTED
+    assert t.step == 4 and commits == [] and t.evicted == []
+    t.writer.wait()
+    assert trainer.checkpoint.read(tmp_path / "run" / "checkpoints" / "step-000000004.ckpt")["step"] == 4
+    (event,) = _evict_events(tmp_path)
+    assert event["excluded"] == [] and "draining 127.0.0.1 would leave 2 ranks" in event["event"]
+    assert not (tmp_path / "run" / trainer.EXCLUDED_HOSTS).exists()
+
+
+def test_eviction_decisions():
+    """eviction.decide on hand-made worlds (FA with f = 1 needs 3 ranks)."""
+    from fa_hvd.aggregators import get as get_aggregator
+    from fa_hvd.train import eviction
+
+    flag = get_aggregator("flag", f=1)
+
+    def decide(hosts, suspects, earlier=(), elastic=False, launchers=None, f=1):
+        world = [_identity(h, r, (launchers or [None] * len(hosts))[r]) for r, h in enumerate(hosts)]
+        return eviction.decide([{**world[r], "rank": r} for r in suspects], world, list(earlier), f, flag,
+                               elastic, 9, "FILE")
+
+    one_machine = {"hosts": ["box"] * 4, "launchers": ["localhost"] * 3 + ["127.0.0.1"]}
+    v = decide(**one_machine, suspects=[3], elastic=True)
+    assert (v.hosts, v.stop, v.evicted) == (["127.0.0.1"], False, [{"step": 9, "rank": 3, "host": "127.0.0.1"}])
+    v = decide(**one_machine, suspects=[3])  # without elastic the machine's own name: draining it leaves none
+    assert (v.hosts, v.stop) == ([], True) and "draining box would leave 0 ranks, fewer than flag needs" in v.text
+    assert decide(**one_machine, suspects=[3], elastic=True, earlier=[{"step": 5, "rank": 3, "host": "127.0.0.1"}]) \
+        is None  # pending: Horovod has not dropped it yet
+    v = decide(["a", "a", "b", "b", "b"], [0])  # rank 1, honest, leaves with host a: 3 ranks are left
+    assert (v.hosts, v.stop) == (["a"], True) and v.text == "drain a: listed in FILE"
+    v = decide(["a", "a", "a", "b", "b"], [0], elastic=True)  # host a holds 3 ranks: 2 would be left
+    assert (v.hosts, v.stop) == ([], True) and "would leave 2 ranks" in v.text
+    v = decide(["a", "b", "c", "d", "e"], [0, 1], elastic=True)
+    assert v.hosts == [] and v.text.startswith("2 ranks crossed robust.evict's threshold at once, more than f = 1")
+    v = decide(["a", "b", "c", "d", "e"], [1], elastic=True, earlier=[{"step": 5, "rank": 4, "host": "z"}])
+    assert v.hosts == [] and "would make 2 ranks evicted over this run (hosts z already)" in v.text
+    v = decide(list("abcdefz"), [6, 1], elastic=True, f=2, earlier=[{"step": 5, "rank": 6, "host": "z"}])
+    assert (v.hosts, v.stop, [s["rank"] for s in v.suspects]) == (["b"], False, [1])  # rank 6 on z: pending
+    assert "goes on with 5 ranks, f = 2" in v.text  # without b and z; FA needs 5 with f = 2
 
 
 def _residuals_by_hand(G, c):

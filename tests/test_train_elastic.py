@@ -9,6 +9,11 @@ discovery script prints the hosts file (``FA_HVD_HOSTS_FILE``) the test edits: o
 survivors say so, a third host name with one slot is added, a new worker starts there and
 the run ends on 4 ranks. The crash is not repeated by the newcomer.
 
+The same job with ``robust.evict`` instead of the crash: the rank on 127.0.0.1 sends
+-100 x its gradient, crosses the threshold, its launcher host goes into the exclusion file
+that the discovery script reads, Horovod drops that host and the run finishes on the 3
+ranks of localhost.
+
 Horovod orders newly discovered hosts by iterating a Python set, so which host gets
 rank 0 depends on string hashing: the job runs with ``PYTHONHASHSEED=0`` and the test
 iterates the same set under the same seed to know where rank 0 goes.
@@ -47,22 +52,23 @@ def first_host(env: dict) -> str:
                           check=True).stdout.strip()
 
 
-@pytest.mark.slow
-def test_crash_then_growth(tmp_path):
+def start_job(tmp_path, steps: int, faults, **extra):
+    """``launch/elastic.sh 4 3 4`` on 3 slots of localhost and 1 of 127.0.0.1 (the hosts file
+    ``tmp_path/hosts``), with the faults ``faults(r)`` for ``r`` the rank on 127.0.0.1. Returns the
+    hosts file, the run directory, the process, a function giving its output so far, and ``r``."""
     hosts = tmp_path / "hosts"
     env = job_env({"PYTHONHASHSEED": "0", "FA_HVD_HOSTS_FILE": str(hosts)})
-    crash_rank = 3 if first_host(env) == "localhost" else 0  # the rank on 127.0.0.1, the 1-slot host
+    env.pop("FA_HVD_EXCLUDE_FILE", None)
+    lone = 3 if first_host(env) == "localhost" else 0  # the rank on 127.0.0.1, the 1-slot host
     config = write_config(
         tmp_path / "elastic.yaml",
         data={"name": "digits"},
         model={"name": "mlp", "hidden": 32},
         optim={"lr": 0.05},
-        train={"steps": STEPS, "batch_size": 16, "eval_every_steps": 100},
-        robust={"aggregator": "flag", "aggregator_params": {"f": 1}},
-        faults=[{"kind": "crash", "ranks": [crash_rank], "start_step": 15},
-                {"kind": "signflip", "ranks": [2]},
-                {"kind": "slow", "ranks": [1], "params": {"delay": 0.05}}],
+        faults=faults(lone),
         elastic={"enabled": True, "commit_every_steps": 5},
+        **{"train": {"steps": steps, "batch_size": 16, "eval_every_steps": 100},
+           "robust": {"aggregator": "flag", "aggregator_params": {"f": 1}}, **extra},
     )
     hosts.write_text("localhost:3\n127.0.0.1:1\n")
     run_dir = tmp_path / "run"
@@ -74,12 +80,14 @@ def test_crash_then_growth(tmp_path):
         log.seek(0)
         return untagged(log.read())
 
+    return hosts, run_dir, proc, text, lone
+
+
+def finish_job(proc, text, run_dir, steps: int, world: int, during=lambda: None):
+    """Wait for the job (after ``during()``); check it finished its ``steps`` on ``world`` ranks with one
+    history of steps and a trained model. Returns its output, summary and the world size at each step."""
     try:
-        deadline = time.monotonic() + 240
-        while "on 3 ranks" not in text():
-            assert proc.poll() is None and time.monotonic() < deadline, text()[-5000:]
-            time.sleep(0.2)
-        hosts.write_text(f"localhost:3\n127.0.0.1:1\n{third_local_host()}:1\n")
+        during()
         proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
@@ -87,16 +95,60 @@ def test_crash_then_growth(tmp_path):
     out = text()
     assert proc.returncode == 0, out[-6000:]
     summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["step"] == steps, summary
+    assert summary["world_size"] == world and summary["params_identical_on_ranks"], summary
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if r["kind"] == "step"]
+    assert [r["step"] for r in records] == list(range(1, steps + 1))  # one history: redone steps replace the lost ones
+    assert summary["final"]["test_accuracy"] > 0.8, summary
+    return out, summary, [r["world_size"] for r in records]
+
+
+@pytest.mark.slow
+def test_crash_then_growth(tmp_path):
+    hosts, run_dir, proc, text, crash_rank = start_job(
+        tmp_path, STEPS, lambda lone: [{"kind": "crash", "ranks": [lone], "start_step": 15},
+                                       {"kind": "signflip", "ranks": [2]},
+                                       {"kind": "slow", "ranks": [1], "params": {"delay": 0.05}}])
+
+    def grow():
+        deadline = time.monotonic() + 240
+        while "on 3 ranks" not in text():
+            assert proc.poll() is None and time.monotonic() < deadline, text()[-5000:]
+            time.sleep(0.2)
+        hosts.write_text(f"localhost:3\n127.0.0.1:1\n{third_local_host()}:1\n")
+
+    out, summary, sizes = finish_job(proc, text, run_dir, STEPS, 4, grow)  # signflip on rank 2 did not break FA
     events = summary["events"]
-    assert summary["status"] == "finished" and summary["step"] == STEPS, summary
     assert "[elastic.sh] + horovodrun -np 4 --min-np 3 --max-np 4 --host-discovery-script" in out, out[:3000]
     assert f"fa_hvd fault: rank {crash_rank} crashes at step 15" in out
     assert out.count("crashes at step") == 1, out[-6000:]
     assert any("from 4 to 3 ranks" in e for e in events) and any("from 3 to 4 ranks" in e for e in events), events
-    assert summary["world_size"] == 4 and summary["params_identical_on_ranks"], summary
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if r["kind"] == "step"]
-    assert [r["step"] for r in steps] == list(range(1, STEPS + 1))  # one history: redone steps replace the lost ones
-    sizes = [r["world_size"] for r in steps]
     assert sizes[0] == 4 and 3 in sizes and sizes[-1] == 4, sorted(set(sizes))
-    assert summary["final"]["test_accuracy"] > 0.8, summary  # signflip on rank 1 did not break FA
+
+
+EVICT_STEPS = 100
+
+
+@pytest.mark.slow
+def test_eviction_drops_the_faulty_host_and_the_run_finishes_on_the_others(tmp_path):
+    """The bar's eviction under elastic: the rank on 127.0.0.1 sends -100 x its gradient; named over a
+    5-step window, its launcher host 127.0.0.1 goes into RUN_DIR/excluded_hosts (launch/elastic.sh points
+    FA_HVD_EXCLUDE_FILE there); the discovery script leaves it out, Horovod removes its worker and the run
+    finishes on localhost's 3 ranks (FA with f = 1 needs 3)."""
+    _, run_dir, proc, text, faulty = start_job(
+        tmp_path, EVICT_STEPS, lambda lone: [{"kind": "reverse", "ranks": [lone]}],
+        robust={"aggregator": "flag", "aggregator_params": {"f": 1}, "evict": {"window": 5, "threshold": 0.2}},
+        log={"suspects": {"window": 5, "min_alignment": None, "min_distance": None}})
+    assert faulty == 3  # rank 0 on localhost: a fault follows its rank number, and a new world renumbers ranks
+    out, summary, sizes = finish_job(proc, text, run_dir, EVICT_STEPS, 3)
+    assert (run_dir / "excluded_hosts").read_text() == "127.0.0.1\n"
+    (evicted,) = summary["evicted"]
+    assert (evicted["rank"], evicted["host"]) == (3, "127.0.0.1") and evicted["step"] >= 5, evicted
+    events = summary["events"]
+    (evict,) = [e for e in events if "evict:" in e]
+    assert evict.startswith(f"warning: evict: rank 3 on host {socket.gethostname()} (local rank 0)") and \
+        "127.0.0.1 excluded (listed in " in evict and "goes on with 3 ranks, f = 1" in evict, evict
+    assert any("from 4 to 3 ranks" in e for e in events), events
+    assert f"evicted: rank 3 on host 127.0.0.1 at step {evicted['step']}" in out
+    assert sizes[0] == 4 and sizes[-1] == 3 and sorted(set(sizes)) == [3, 4], sizes

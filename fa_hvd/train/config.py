@@ -184,9 +184,12 @@ class TrainConfig:
 
 @dataclass
 class EvictConfig:
-    """``robust.evict``: stop the run to drain a rank whose mean relative weight over ``window`` steps
+    """``robust.evict``: drain the host of a rank whose mean relative weight over ``window`` steps
     fell below ``threshold`` (or whose row was non-finite in more than ``log.suspects.max_nonfinite``
-    of them, or whose mean alignment or distance crossed ``log.suspects.min_alignment`` or ``min_distance``); :mod:`fa_hvd.train.trust`, README "Eviction"."""
+    of them, or whose mean alignment or distance crossed ``log.suspects.min_alignment`` or ``min_distance``):
+    its host goes into the exclusion file and the run stops with a checkpoint, or under elastic goes on
+    without that host; never more than ``f`` ranks over the run, never below the rule's need, ``f`` unchanged
+    (:mod:`fa_hvd.train.eviction`, README "Eviction")."""
 
     window: int = 100
     threshold: float = 0.2
@@ -207,7 +210,7 @@ class RobustConfig:
     replicas: int = 1                  # sharded only: 1, or >= f+1 ranks compute each shard (>= 2f+1: repaired)
     digest: bool = True                # compare the ranks' aggregates, one step late in the control row
     allow_exceeding_f: bool = False    # more faulty ranks than f: a warning, not an error
-    evict: Optional[EvictConfig] = None  # {window, threshold}: stop to drain a distrusted rank's host
+    evict: Optional[EvictConfig] = None  # {window, threshold}: drain a distrusted rank's host (elastic: go on)
 
     def validate(self) -> None:
         try:
@@ -321,10 +324,6 @@ class RunConfig:
                                       f"set robust.exchange sharded")
         if self.elastic.enabled and self.robust.transport != "horovod":
             raise cfg.ConfigError("elastic.enabled: elastic mode needs robust.transport horovod")
-        if self.elastic.enabled and self.robust.evict is not None:
-            raise cfg.ConfigError("robust.evict: not available in elastic mode yet (an elastic world that drops the "
-                                  "evicted host must also lower f, which stays what the config says); without "
-                                  "elastic the run stops with a checkpoint naming the host to drain")
 
 
 def _world_for_checks(entries) -> int:

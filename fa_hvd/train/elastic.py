@@ -16,6 +16,10 @@ fa-hvd-train ...`` (Gloo). :class:`ElasticState` is the Horovod state object:
 
 The aggregator's ``f`` stays what the config says; when the world falls below
 what the rule needs, the run stops with a message saying so (exit status 1).
+``robust.evict`` (:mod:`fa_hvd.train.eviction`) lists a distrusted rank's host in the
+exclusion file that the host discovery reads, commits at once and trains on: Horovod
+drops the host at a later commit (a reset without a sync, so :func:`run_elastic`'s
+loop syncs) and the others continue from that commit.
 A world change is an event in the log (``metrics.jsonl`` and rank 0's output); a world
 of another size starts the trust ledger (:mod:`fa_hvd.train.trust`) again, as its ranks
 are numbered anew.

@@ -37,8 +37,10 @@ Exit status: 0 finished; 2 bad config or input (one line ``fa-hvd-train: error:
 ...`` from rank 0, before any rank trains); 75 stopped by SIGTERM/SIGUSR1 (a
 checkpoint was written, or the signal came during set-up and the checkpoints are
 untouched): the run should be resumed with ``--resume auto``; 76 stopped by
-``robust.evict`` with a checkpoint, naming the host to drain (listed in
-``RUN_DIR/excluded_hosts`` when excluding it is safe).
+``robust.evict`` with a checkpoint, naming the host to drain (listed in the exclusion
+file, ``FA_HVD_EXCLUDE_FILE`` or ``RUN_DIR/excluded_hosts``, when excluding it is safe).
+Under elastic an eviction that is safe does not stop the run: the host's ranks leave and
+the others go on (:mod:`fa_hvd.train.eviction`).
 """
 
 from __future__ import annotations
@@ -67,13 +69,14 @@ from fa_hvd.faults import FaultInjector, parse_faults, poison_for_rank
 from fa_hvd.faults.seeding import derive_seed
 from fa_hvd.optimizer import checksum
 from fa_hvd.train import config as train_config
-from fa_hvd.train import control, data, metrics, models, optim, resume, tensorboard, trust
+from fa_hvd.train import control, data, eviction, metrics, models, optim, resume, tensorboard, trust
 from fa_hvd.train.resume import CHECKPOINT_FORMAT, UsageError
 from fa_hvd.train.sharding import ShardStream, partition, steps_per_epoch
 
 PROG = "fa-hvd-train"
 EXIT_OK, EXIT_USAGE, EXIT_PREEMPTED, EXIT_EVICTED = 0, 2, 75, 76
 EXCLUDED_HOSTS = "excluded_hosts"  # in the run directory: hosts to drain, one a line (launch/, slurm/ read it)
+EXCLUDE_FILE_VARIABLE = "FA_HVD_EXCLUDE_FILE"  # the exclusion file, when not RUN_DIR/excluded_hosts
 RANK_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "RANK", "SLURM_PROCID")
 
 
@@ -83,6 +86,12 @@ def launcher_rank(environ=os.environ) -> int | None:
         if environ.get(name, "").isdigit():
             return int(environ[name])
     return None
+
+
+def exclusion_file(run_dir: Path, environ=os.environ) -> Path:
+    """Where robust.evict lists the hosts to drain: ``FA_HVD_EXCLUDE_FILE`` (which
+    ``launch/discover-hosts.sh`` reads; ``launch/elastic.sh`` sets it), else ``RUN_DIR/excluded_hosts``."""
+    return Path(environ.get(EXCLUDE_FILE_VARIABLE) or Path(run_dir) / EXCLUDED_HOSTS)
 
 
 def say(text: str, file=None) -> None:
@@ -103,6 +112,7 @@ class Trainer:
         self.step = 0
         self.max_step_seen = 0
         self.consumed_faults: set[int] = set()
+        self.evicted: list[dict] = []  # robust.evict's evictions over the run: {step, rank, host}
         self.launch_time = self.wall_origin = time.perf_counter()
         self.last_eval: dict | None = None
         self.last_loss: float | None = None
@@ -239,36 +249,27 @@ class Trainer:
             self.event(self.trust.describe(suspect), suspect=suspect)
         return self.evictor.observe(self.step, self.optimizer.stats) if self.evictor is not None else []
 
-    def evict(self, ranks: list[dict]) -> int:
-        """Stop with a checkpoint, naming the hosts of ``ranks`` to drain (every rank alike). Their hosts go
-        into ``RUN_DIR/excluded_hosts`` (rank 0's file) unless that would take more than ``f`` ranks out, or
-        more than ``f`` hosts over the run (then the operator decides), or leave fewer ranks than the rule
-        needs."""
-        f = self.conf.robust.f
-        hosts = sorted({trust.node(s) for s in ranks})
-        path = self.run_dir / EXCLUDED_HOSTS
-        known = path.read_text().split() if path.exists() else []
-        left = sum(trust.node(identity) not in hosts for identity in self.trust.identities)
-        rule = self.optimizer.aggregator
-        if len(ranks) > f:
-            verdict = (f"{len(ranks)} ranks crossed robust.evict's threshold at once, more than f = {f}: "
-                       f"stopping to ask, nothing excluded")
-            hosts = []
-        elif len(set(known + hosts)) > f:
-            verdict = (f"draining {', '.join(hosts)} would make {len(set(known + hosts))} hosts excluded over "
-                       f"this run (already {', '.join(known)}), more than f = {f}: stopping to ask, nothing excluded")
-            hosts = []
-        elif left < rule.min_workers(f):
-            verdict = (f"draining {', '.join(hosts)} would leave {left} ranks, fewer than {rule.name} needs "
-                       f"({rule.precondition()}, f = {f}): stopping, nothing excluded")
-            hosts = []
-        else:
-            verdict = f"drain {', '.join(hosts)}: listed in {self.run_dir / EXCLUDED_HOSTS}"
+    def evict(self, ranks: list[dict]) -> int | None:
+        """Act on the ranks that crossed ``robust.evict`` (every rank alike; :func:`fa_hvd.train.eviction.decide`):
+        rank 0 lists their hosts in the exclusion file when that is safe, and an event names ranks, hosts
+        and verdict. Returns :data:`EXIT_EVICTED` after a checkpoint when the run stops (always without
+        elastic), None when it goes on (under elastic, or when every host is already excluded)."""
+        path = exclusion_file(self.run_dir)
+        verdict = eviction.decide(ranks, self.trust.identities, self.evicted, self.conf.robust.f,
+                                  self.optimizer.aggregator, self.conf.elastic.enabled, self.step, str(path))
+        if verdict is None:
+            return None
+        if verdict.hosts:
+            self.evicted += verdict.evicted
             if self.rank == 0:
-                checkpoint.write_atomic(path, "".join(f"{h}\n" for h in dict.fromkeys(known + hosts)).encode())
-        named = "; ".join(f"rank {s['rank']} on {trust.where(s)} ({s['reason']})" for s in ranks)
-        self.event(f"evict: {named}. {verdict}. Checkpoint at step {self.step}, exit {EXIT_EVICTED}",
-                   evicted=[s["rank"] for s in ranks], excluded=hosts)
+                known = path.read_text().split() if path.exists() else []
+                checkpoint.write_atomic(path, "".join(f"{h}\n" for h in dict.fromkeys(known + verdict.hosts)).encode())
+        named = "; ".join(f"rank {s['rank']} on {trust.where(s)} ({s['reason']})" for s in verdict.suspects)
+        ending = f"Checkpoint at step {self.step}, exit {EXIT_EVICTED}" if verdict.stop else "Training goes on"
+        self.event(f"warning: evict: {named}. {verdict.text}. {ending}", evicted=[s["rank"] for s in verdict.suspects],
+                   excluded=verdict.hosts)
+        if not verdict.stop:
+            return None
         self.save_checkpoint(wait=True)
         return EXIT_EVICTED
 
@@ -376,6 +377,7 @@ class Trainer:
             "scheduler": checkpoint.host_copy(self.scheduler.state_dict()),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "consumed_faults": sorted(self.consumed_faults),
+            "evicted": [dict(e) for e in self.evicted],
             "trust": self.trust.state_dict() if self.trust is not None else None,
             "progress": {"wall_s": self.total_wall_s(), "last_eval": self.last_eval,
                          "last_loss": self.last_loss, "events": list(self.events)},
@@ -417,6 +419,7 @@ class Trainer:
         self.step = int(state["step"])
         self.max_step_seen = max(self.max_step_seen, self.step)
         self.consumed_faults = set(state.get("consumed_faults", []))
+        self.evicted = [dict(e) for e in state.get("evicted", [])]
         progress = state.get("progress", {})
         self.last_eval, self.last_loss = progress.get("last_eval"), progress.get("last_loss")
         self.events = list(progress.get("events", []))
@@ -531,6 +534,7 @@ class Trainer:
             "aggregator": repr(self.optimizer.aggregator),
             "faults_injected": {str(r): counts for r, counts in enumerate(faults) if counts},
             "suspects": trust_figures.pop("suspects"),
+            "evicted": [dict(e) for e in self.evicted],
             "trust": trust_figures,
             "events": [e["event"] for e in self.events],
         }
@@ -549,7 +553,7 @@ class Trainer:
             self.step += 1
             self.max_step_seen = max(self.max_step_seen, self.step)
             self._spend_process_faults()
-            evicted = self.account_trust()
+            crossed = self.account_trust()
             agreed = control.agree(self.transport, loss, stop=signals.received is not None,
                                    checkpoint_due=self.timed_checkpoint_due(),
                                    faulty=sum(self.injector.counts.values()) > faults_before,
@@ -568,13 +572,15 @@ class Trainer:
                 if self.eval_due():
                     self._evaluate()
                 return EXIT_PREEMPTED
-            if evicted:
-                return self.evict(evicted)
+            evictions = len(self.evicted)
+            if crossed and (status := self.evict(crossed)) is not None:
+                return status
             if self.eval_due():
                 self._evaluate()
             if self.checkpoint_due() or agreed.checkpoint_due:
                 self.save_checkpoint(wait=False)
-            if commit is not None and self.step % conf.elastic.commit_every_steps == 0:
+            due = self.step % conf.elastic.commit_every_steps == 0
+            if commit is not None and (due or len(self.evicted) > evictions):  # a reset must not forget an eviction
                 self.verify_aggregates()
                 commit()
         self.verify_aggregates()
@@ -655,6 +661,9 @@ def _report(summary: dict, run_dir: Path) -> None:
     suspects = summary["suspects"]
     say("suspects: " + ("; ".join(f"rank {s['rank']} on {trust.where(s)} (named at step {s['step']}: {s['reason']})"
                                   for s in suspects) if suspects else "none"))
+    if summary["evicted"]:  # ranks numbered as in the world they were evicted from
+        say("evicted: " + "; ".join(f"rank {e['rank']} on host {e['host']} at step {e['step']}"
+                                    for e in summary["evicted"]))
     say(f"run directory: {run_dir} (summary.json, metrics.jsonl, checkpoints/)")
 
 
@@ -665,7 +674,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                "torchrun (with robust.transport torch).",
         epilog="Exit status: 0 finished, 2 bad config or input, 75 stopped by SIGTERM/SIGUSR1 (checkpointed, "
                "or stopped during set-up): resume with --resume auto; 76 stopped by robust.evict (checkpointed): "
-               "drain the host it names (RUN_DIR/excluded_hosts), then resume.")
+               "drain the host it names ($FA_HVD_EXCLUDE_FILE, else RUN_DIR/excluded_hosts), then resume. "
+               "Under elastic, robust.evict lists the host there and the run goes on without it.")
     parser.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (repeatable), e.g. --set optim.lr=0.05 "

@@ -54,7 +54,8 @@ what the shard owners reported (the finiteness flags and the partial Grams).
 Decisions taken on the ledger need no further message.
 
 Identity (:func:`gather_identities`): each rank's host, local rank, CUDA device
-and GPU UUID when it has one, SLURM node and job id, gathered once at the start
+and GPU UUID when it has one, SLURM node and job id, and the host name horovodrun
+started it under (``HOROVOD_HOSTNAME``, set by its Gloo launcher), gathered once at the start
 through the pickle-free JSON transport (:meth:`fa_hvd.comm.base.Transport.allgather_json`).
 """
 
@@ -70,8 +71,8 @@ import torch
 
 from fa_hvd.comm.messages import Optional
 
-IDENTITY_SCHEMA = (str, int, Optional(int), Optional(str), Optional(str), Optional(str))
-IDENTITY_KEYS = ("host", "local_rank", "cuda_device", "gpu_uuid", "slurm_node", "slurm_job")
+IDENTITY_SCHEMA = (str, int, Optional(int), Optional(str), Optional(str), Optional(str), Optional(str))
+IDENTITY_KEYS = ("host", "local_rank", "cuda_device", "gpu_uuid", "slurm_node", "slurm_job", "launcher_host")
 MAX_RANGES = 50  # step ranges kept per rank in the summary (the count is always whole)
 
 
@@ -106,7 +107,8 @@ def local_identity(local_rank: int, device: torch.device | None = None, environ=
         uuid = getattr(torch.cuda.get_device_properties(cuda_device), "uuid", None)
         gpu_uuid = f"GPU-{uuid}" if uuid is not None else None
     return [socket.gethostname(), int(local_rank), cuda_device, gpu_uuid,
-            environ.get("SLURMD_NODENAME") or None, environ.get("SLURM_JOB_ID") or None]
+            environ.get("SLURMD_NODENAME") or None, environ.get("SLURM_JOB_ID") or None,
+            environ.get("HOROVOD_HOSTNAME") or None]
 
 
 def gather_identities(transport, device: torch.device | None = None) -> list[dict]:
@@ -116,9 +118,12 @@ def gather_identities(transport, device: torch.device | None = None) -> list[dic
     return [dict(zip(IDENTITY_KEYS, values)) for values in gathered]
 
 
-def node(identity: dict) -> str:
-    """The machine to drain: the SLURM node name when there is one, else the host name."""
-    return identity.get("slurm_node") or identity.get("host")
+def node(identity: dict, launcher: bool = False) -> str:
+    """The machine to drain: the SLURM node name when there is one, else the host name. With
+    ``launcher`` (elastic runs) first the name horovodrun started the rank under (``HOROVOD_HOSTNAME``:
+    the name its host discovery printed, which the exclusion file must repeat; on one machine
+    ``localhost`` and ``127.0.0.1`` are two such names for one host name)."""
+    return (launcher and identity.get("launcher_host")) or identity.get("slurm_node") or identity.get("host")
 
 
 def where(identity: dict) -> str:
