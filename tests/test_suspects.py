@@ -165,6 +165,37 @@ def test_the_ledger_round_trips_through_its_state():
         trust.TrustLedger(3).load_state_dict(ledger.state_dict())
 
 
+def test_suspects_survive_a_world_of_another_size_and_are_named_once():
+    """4 ranks name rank 3 (node1); a world of 3 without node1 starts its figures afresh but lists it (with
+    the world it was named in), through a checkpoint too; back on 4 ranks, node1 at rank 1 is not named again."""
+    places = [_identity(f"node{h}", r, None) for h, r in ((0, 0), (0, 1), (0, 2), (1, 0))]
+    low3 = {"nonfinite": [], "dropped": [3], "weights": [1 / 3, 1 / 3, 1 / 3, 0.0]}
+    four = trust.TrustLedger(4, trust.Thresholds(window=2), places)
+    for step in (1, 2):
+        four.observe(step, low3)
+    (named,) = four.summary()["suspects"]
+    assert (named["rank"], named["host"], named["step"]) == (3, "node1", 2)
+
+    three = trust.TrustLedger(3, trust.Thresholds(window=2), places[:3])
+    three.carry(json.loads(json.dumps(four.state_dict())))
+    assert three.summary()["suspects"] == [{**named, "world_size": 4}]
+    assert three.steps == 0 and three.summary()["ranks"][2]["run_weight"] is None
+    for step in (3, 4):
+        three.observe(step, {"nonfinite": [], "dropped": [2], "weights": [0.5, 0.5, 0.0]})
+    assert [(s["rank"], s["host"], s["step"]) for s in three.summary()["suspects"]] == [(3, "node1", 2),
+                                                                                       (2, "node0", 4)]
+    resumed = trust.TrustLedger(3, trust.Thresholds(window=2), places[:3])
+    resumed.load_state_dict(json.loads(json.dumps(three.state_dict())))
+    assert resumed.summary() == three.summary()
+
+    again = trust.TrustLedger(4, trust.Thresholds(window=2), [places[0], places[3], places[1], places[2]])
+    again.carry(resumed.state_dict())
+    assert [(s["rank"], s["step"], s["world_size"]) for s in again.summary()["suspects"]] == [(3, 2, 4), (2, 4, 3)]
+    low1 = {"nonfinite": [], "dropped": [1], "weights": [1 / 3, 0.0, 1 / 3, 1 / 3]}
+    assert [again.observe(step, low1) for step in (5, 6)] == [[], []]  # node1 was named on 4 ranks already
+    assert len(again.summary()["suspects"]) == 2 and again.summary()["ranks"][1]["run_weight"] == 0.0
+
+
 def test_a_resumed_run_keeps_its_trust_and_names_no_one_twice(tmp_path):
     """Four simulated ranks (loopback), rank 3 sending -100 x rank 0's gradient: named at step 3;
     the run resumed from its step-4 checkpoint goes on with the same figures and no second event.
@@ -311,6 +342,15 @@ def test_under_elastic_the_evicted_host_is_excluded_and_training_goes_on(tmp_pat
     t.evicted = []
     t.load_shared(commits[0][1])  # what a reset restores and a sync broadcasts
     assert t.evicted == [{"step": 4, "rank": 3, "host": "127.0.0.1"}]
+    t.load_shared(commits[1][1])  # step 5: rank 3 named over log.suspects' 5-step window
+    t.world = 3  # the world without 127.0.0.1 (as elastic.join opens it)
+    monkeypatch.setattr(trust, "gather_identities", lambda transport, device=None: [
+        _identity("box", r, "localhost") for r in range(3)])
+    t.open_trust()
+    (suspect,) = t.summary("finished", 0, True, [])["suspects"]
+    assert (suspect["rank"], suspect["step"], suspect["world_size"], suspect["evicted"]) == (3, 5, 4, 4)
+    assert trainer._suspect(suspect).endswith(") [evicted at step 4]") and "named at step 5 on 4 ranks" in \
+        trainer._suspect(suspect)
     assert exclude.read_text() == "127.0.0.1\n" and not (tmp_path / "run" / trainer.EXCLUDED_HOSTS).exists()
     (event,) = _evict_events(tmp_path)
     assert event["evicted"] == [3] and event["excluded"] == ["127.0.0.1"]

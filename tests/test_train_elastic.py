@@ -135,7 +135,7 @@ def test_eviction_drops_the_faulty_host_and_the_run_finishes_on_the_others(tmp_p
     """The bar's eviction under elastic: the rank on 127.0.0.1 sends -100 x its gradient; named over a
     5-step window, its launcher host 127.0.0.1 goes into RUN_DIR/excluded_hosts (launch/elastic.sh points
     FA_HVD_EXCLUDE_FILE there); the discovery script leaves it out, Horovod removes its worker and the run
-    finishes on localhost's 3 ranks (FA with f = 1 needs 3)."""
+    finishes on localhost's 3 ranks (FA with f = 1 needs 3), still listing the evicted suspect."""
     _, run_dir, proc, text, faulty = start_job(
         tmp_path, EVICT_STEPS, lambda lone: [{"kind": "reverse", "ranks": [lone]}],
         robust={"aggregator": "flag", "aggregator_params": {"f": 1}, "evict": {"window": 5, "threshold": 0.2}},
@@ -151,4 +151,9 @@ def test_eviction_drops_the_faulty_host_and_the_run_finishes_on_the_others(tmp_p
         "127.0.0.1 excluded (listed in " in evict and "goes on with 3 ranks, f = 1" in evict, evict
     assert any("from 4 to 3 ranks" in e for e in events), events
     assert f"evicted: rank 3 on host 127.0.0.1 at step {evicted['step']}" in out
+    (suspect,) = summary["suspects"]  # named on 4 ranks, kept by the 3-rank world's ledger (which names no one)
+    assert (suspect["rank"], suspect["launcher_host"], suspect["world_size"], suspect["evicted"]) == \
+        (3, "127.0.0.1", 4, evicted["step"]), suspect
+    assert f"suspects: rank 3 on host {socket.gethostname()} (local rank 0) (named at step {suspect['step']} on " \
+        f"4 ranks: " in out and f") [evicted at step {evicted['step']}]" in out, out[-3000:]
     assert sizes[0] == 4 and sizes[-1] == 3 and sorted(set(sizes)) == [3, 4], sizes

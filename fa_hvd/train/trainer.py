@@ -229,7 +229,8 @@ class Trainer:
         self.optimizer.exchange.lies = self.transport.lies = lies
 
     def open_trust(self) -> None:
-        """A fresh trust ledger for this world, with every rank's identity (collective)."""
+        """A fresh trust ledger for this world, with every rank's identity (collective): a checkpoint's or
+        commit's from a world of this size goes on; from another, only its suspects are kept."""
         s = self.conf.log.suspects
         identities = trust.gather_identities(self.transport, self.device)
         self.trust = trust.TrustLedger(self.world, s.thresholds(), identities)
@@ -240,6 +241,8 @@ class Trainer:
                                                                           s.min_distance), identities)
         if self.trust_state is not None and self.trust_state["p"] == self.world:
             self.trust.load_state_dict(self.trust_state)
+        elif self.trust_state is not None:
+            self.trust.carry(self.trust_state)
         self.trust_state = None
 
     def account_trust(self) -> list[dict]:
@@ -519,6 +522,9 @@ class Trainer:
     def summary(self, status: str, crc: int, identical: bool, faults: list) -> dict:
         final = dict(self.last_eval or {})
         trust_figures = self.trust.summary()
+        drained = {e["host"]: e["step"] for e in self.evicted}
+        suspects = [{**s, "evicted": drained.get(trust.node(s, self.conf.elastic.enabled))}
+                    for s in trust_figures.pop("suspects")]
         return {
             "status": status,
             "step": self.step,
@@ -533,7 +539,7 @@ class Trainer:
             "config_hash": self.config_hash,
             "aggregator": repr(self.optimizer.aggregator),
             "faults_injected": {str(r): counts for r, counts in enumerate(faults) if counts},
-            "suspects": trust_figures.pop("suspects"),
+            "suspects": suspects,
             "evicted": [dict(e) for e in self.evicted],
             "trust": trust_figures,
             "events": [e["event"] for e in self.events],
@@ -649,6 +655,13 @@ class Trainer:
         self.transport.stop_roll_call()  # after the last collective: nothing is left to wait for
 
 
+def _suspect(s: dict) -> str:
+    """A suspect in the final line: one named in an earlier world says its size, an evicted one its step."""
+    world = f" on {s['world_size']} ranks" if "world_size" in s else ""
+    evicted = f" [evicted at step {s['evicted']}]" if s["evicted"] is not None else ""
+    return f"rank {s['rank']} on {trust.where(s)} (named at step {s['step']}{world}: {s['reason']}){evicted}"
+
+
 def _report(summary: dict, run_dir: Path) -> None:
     final = summary["final"]
     accuracy = final["test_accuracy"]
@@ -659,8 +672,7 @@ def _report(summary: dict, run_dir: Path) -> None:
     for rank, counts in summary["faults_injected"].items():
         say(f"rank {rank} injected: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
     suspects = summary["suspects"]
-    say("suspects: " + ("; ".join(f"rank {s['rank']} on {trust.where(s)} (named at step {s['step']}: {s['reason']})"
-                                  for s in suspects) if suspects else "none"))
+    say("suspects: " + ("; ".join(_suspect(s) for s in suspects) if suspects else "none"))
     if summary["evicted"]:  # ranks numbered as in the world they were evicted from
         say("evicted: " + "; ".join(f"rank {e['rank']} on host {e['host']} at step {e['step']}"
                                     for e in summary["evicted"]))

@@ -149,6 +149,11 @@ def relative_weights(p: int, diagnostics: dict) -> list[float] | None:
     return [p * w / total for w in weights]
 
 
+def _place(entry: dict) -> tuple | None:
+    """The identity that names one GPU across worlds (None for a ledger without identities)."""
+    return tuple(entry.get(key) for key in IDENTITY_KEYS) if entry.get("host") else None
+
+
 class _Ranges:
     """Steps as sorted ``[first, last]`` ranges (steps arrive in increasing order)."""
 
@@ -206,6 +211,7 @@ class TrustLedger:
         self._dropped = [_Ranges() for _ in range(p)]
         self._nonfinite = [_Ranges() for _ in range(p)]
         self.suspects: dict[int, dict] = {}
+        self.earlier: list[dict] = []  # suspects named in the run's earlier worlds (:meth:`carry`)
 
     def _window_sums(self) -> None:
         """The window's per-rank sums, kept as steps enter and leave it (O(p) a step)."""
@@ -254,13 +260,25 @@ class TrustLedger:
             return []
         named = []
         for r in range(p):
-            if r in self.suspects:
+            if r in self.suspects or self._named_earlier(r):
                 continue
             evidence = self._crossed(r)
             if evidence is not None:
                 self.suspects[r] = {"rank": r, **self.identities[r], "step": step, **evidence}
                 named.append(self.suspects[r])
         return named
+
+    def carry(self, state: dict) -> None:
+        """From the state of another world's ledger (an elastic change, a resume resharded to another size):
+        keep the suspects it named or carried, each with the ``world_size`` it was named in, and listed by
+        :meth:`summary`; the per-rank figures start again here (the ranks are numbered anew). A rank of
+        this world with the same identity as one of them is not named again."""
+        self.earlier = [dict(s) for s in state.get("earlier", [])] + \
+            [{**s, "world_size": state["p"]} for s in state["suspects"]]
+
+    def _named_earlier(self, r: int) -> bool:
+        place = _place(self.identities[r])
+        return place is not None and any(_place(s) == place for s in self.earlier)
 
     def window_figures(self, r: int) -> tuple[float | None, float]:
         """Rank ``r``'s mean relative weight (None: no weights) and non-finite fraction over the window."""
@@ -300,7 +318,8 @@ class TrustLedger:
         return self._weight_sum[r] / self._weight_steps if self._weight_steps else None
 
     def summary(self) -> dict:
-        """``ranks``: each rank's identity and figures; ``suspects``: the named ones, with evidence."""
+        """``ranks``: each rank's identity and figures; ``suspects``: the named ones, with evidence (those of
+        earlier worlds first, with their ``world_size``)."""
         ranks = []
         for r in range(self.p):
             weight, nonfinite = self.window_figures(r)
@@ -313,19 +332,20 @@ class TrustLedger:
                           "nonfinite_steps": self._nonfinite[r].count,
                           "nonfinite": self._nonfinite[r].ranges[:MAX_RANGES]})
         return {"steps": self.steps, "thresholds": vars(self.thresholds).copy(), "ranks": ranks,
-                "suspects": [self.suspects[r] for r in sorted(self.suspects)]}
+                "suspects": self.earlier + [self.suspects[r] for r in sorted(self.suspects)]}
 
     def state_dict(self) -> dict:
         """What a checkpoint keeps, so that a resumed run goes on with the same figures and names no one twice.
 
         Version 2 adds the signals: each window entry ``[weights, nonfinite, alignment, distance]`` and
-        ``run_signals``; a version-1 state (entries ``[weights, nonfinite]``) loads with no signal figures."""
+        ``run_signals``; a version-1 state (entries ``[weights, nonfinite]``) loads with no signal figures.
+        ``earlier`` (:meth:`carry`) may be absent: none."""
         return {"version": 2, "p": self.p, "steps": self.steps, "weight_sum": list(self._weight_sum),
                 "weight_steps": self._weight_steps,
                 "run_signals": {key: [m.sums, m.counts] for key, m in self._run.items()},
                 "window": [[w, sorted(bad), *signals] for w, bad, *signals in self._window],
                 "dropped": [r.ranges for r in self._dropped], "nonfinite": [r.ranges for r in self._nonfinite],
-                "suspects": [self.suspects[r] for r in sorted(self.suspects)]}
+                "suspects": [self.suspects[r] for r in sorted(self.suspects)], "earlier": self.earlier}
 
     def load_state_dict(self, state: dict) -> None:
         if state["p"] != self.p:
@@ -344,6 +364,7 @@ class TrustLedger:
         self._dropped = [_Ranges(r) for r in state["dropped"]]
         self._nonfinite = [_Ranges(r) for r in state["nonfinite"]]
         self.suspects = {int(s["rank"]): dict(s) for s in state["suspects"]}
+        self.earlier = [dict(s) for s in state.get("earlier", [])]
 
     def describe(self, suspect: dict) -> str:
         """The operator's line for a named suspect."""
