@@ -21,8 +21,8 @@ exclusion file that the host discovery reads, commits at once and trains on: Hor
 drops the host at a later commit (a reset without a sync, so :func:`run_elastic`'s
 loop syncs) and the others continue from that commit.
 A world change is an event in the log (``metrics.jsonl`` and rank 0's output); a world
-of another size starts the trust ledger (:mod:`fa_hvd.train.trust`) again, as its ranks
-are numbered anew.
+of another size starts the trust ledger's per-rank figures (:mod:`fa_hvd.train.trust`) again,
+as its ranks are numbered anew, and keeps the suspects named before.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def join(trainer: Trainer) -> None:
     except ValueError as exc:
         raise WorldTooSmall(f"elastic: cannot continue on {trainer.world} ranks: {exc}") from None
     trainer.join_world()
-    trainer.open_trust()  # a world of another size numbers its ranks anew: trust starts again
+    trainer.open_trust()  # a world of another size numbers its ranks anew: trust starts again, its suspects kept
     if trainer.rank == 0 and trainer.log is None:
         trainer.open_outputs()
 
