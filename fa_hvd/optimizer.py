@@ -49,6 +49,7 @@ others are already training.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -135,6 +136,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._buckets = _make_buckets(self.param_groups, groups, bucket_bytes)
         self._bucket_of = {p: b for b in self._buckets for p in b.params}
         self._aggregation_device = _aggregation_device(self._buckets)
+        if self._buckets:
+            self._exchange.plan([b.numel for b in self._buckets], _sent_dtype(self._buckets), self._aggregation_device)
         self._next_ordered = 0
         self._step_started = False
         self._taken_over: set[str] = set()
@@ -335,7 +338,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         stats = {
             "step": self.step_count,
             "exchange_s": timings["arrived"] - self._marks.get("first_start", waiting),
-            "wait_s": timings["arrived"] - waiting,
+            "wait_s": timings["arrived"] - waiting,  # >= 0: the exchange stamps arrived no earlier than finish()
             "aggregate_s": done - timings["arrived"],
             "flatten_s": self._marks.get("flatten_s", 0.0),
             "send_s": self._marks.get("send_s", 0.0),
@@ -531,6 +534,12 @@ def _make_buckets(param_groups, groups, bucket_bytes: int | None) -> list[_Bucke
         for device in dict.fromkeys(p.device for p in params):
             by_device.append([p for p in params if p.device == device])
     return [_Bucket(i, params) for i, params in enumerate(b for b in by_device if b)]
+
+
+def _sent_dtype(buckets: list[_Bucket]) -> torch.dtype:
+    """The dtype every bucket fits: the parameters' dtypes promoted, bf16 sent as fp32 (:meth:`_start_bucket`)."""
+    dtypes = (torch.float32 if p.dtype == torch.bfloat16 else p.dtype for b in buckets for p in b.params)
+    return functools.reduce(torch.promote_types, dtypes)
 
 
 def _aggregation_device(buckets: list[_Bucket]) -> torch.device:

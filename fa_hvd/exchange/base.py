@@ -21,6 +21,11 @@ class GradientExchange:
     timings: dict
     lies = None  # fault injection: fa_hvd.faults.roles.RoleLies (only the sharded exchange asks it)
 
+    def plan(self, sizes: list[int], dtype: torch.dtype, device: torch.device) -> None:
+        """Told once, before any step: every step's buckets have these sizes (elements), are of
+        ``dtype`` or narrower and are aggregated on ``device``. An exchange may use it to work
+        on buckets before :meth:`finish`; by default it is not used."""
+
     def start(self, index: int, flat: torch.Tensor) -> None:
         raise NotImplementedError
 
