@@ -4,12 +4,12 @@ The baseline every robust rule is compared with. It is not robust: one
 Byzantine worker can move it anywhere, and a non-finite row makes it non-finite.
 Horovod's allreduce with ``op=hvd.Average`` computes the same thing.
 
-Computed in fixed column blocks (:meth:`Mean.blocks`, cut from column 0), each block
-``G[:, cols].mean(0)``: torch's column mean of a block can differ in the last bit from
-the same columns of the whole matrix's mean (where its kernel treats a block's tail
-differently, at larger ``p``), so fixing the blocks lets the allgather exchange take the
-mean of each block as soon as its bucket arrives with the same bits as the mean of the
-whole matrix.
+Computed column by column as ``((g_0 + g_1) + ... + g_{p-1}) / p`` (:meth:`Mean.columns`:
+elementwise additions and one division, IEEE-rounded whatever the vector width), so any split
+of the columns gives the same bits: the allgather exchange takes the mean of each bucket as
+it arrives, without copying it into a ``(p, n)`` matrix, with the bits of the whole
+matrix's mean. (torch's ``G.mean(0)`` sums a block's tail columns in another order at
+larger ``p``, so its bits depend on where the blocks end.)
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from .base import Aggregator
 from .geometry import column_chunks
 
-BLOCK = 1 << 20  # elements of G per block (a few MB: few calls, each in cache)
+BLOCK = 1 << 16  # columns per block: the running sum stays in cache
 
 
 class Mean(Aggregator):
@@ -30,22 +30,29 @@ class Mean(Aggregator):
 
     def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
         out = torch.empty(G.shape[1], dtype=G.dtype, device=G.device)  # c = 1/p without forming K
-        for cols in self.blocks(*G.shape):
-            self.block_mean(G, cols, out)
+        for cols in column_chunks(G.shape[1], 1, BLOCK):
+            self.columns(G[:, cols], out[cols])
         return out
 
     @staticmethod
-    def blocks(p: int, n: int) -> list[slice]:
-        """The fixed column blocks of a ``(p, n)`` matrix."""
-        return list(column_chunks(n, p, BLOCK))
-
-    @staticmethod
-    def block_mean(G: torch.Tensor, cols: slice, out: torch.Tensor) -> None:
-        """``out[cols]``: the mean of ``G[:, cols]``'s rows."""
-        torch.mean(G[:, cols], dim=0, out=out[cols])
+    def columns(rows: torch.Tensor, out: torch.Tensor) -> None:
+        """``out``: the mean of ``rows`` (``(p, w)``), ``((g_0 + g_1) + ... + g_{p-1}) / p`` per column."""
+        p = rows.shape[0]
+        if p == 1:
+            out.copy_(rows[0])
+            return
+        torch.add(rows[0], rows[1], out=out)
+        for i in range(2, p):
+            out.add_(rows[i])
+        out.div_(p)
 
     def by_columns(self, p: int, K, f: int):
-        return lambda block, cols: block.mean(dim=0)
+        def mean(block: torch.Tensor, cols: slice) -> torch.Tensor:
+            out = torch.empty(block.shape[1], dtype=block.dtype, device=block.device)
+            self.columns(block, out)
+            return out
+
+        return mean
 
     def coefficients(self, K: torch.Tensor, f: int) -> torch.Tensor:
         p = K.shape[0]

@@ -186,7 +186,7 @@ class _Assembly:
         self.exchange, self.count, self.n, self.dtype, self.device, self.step = exchange, count, n, dtype, device, step
         rule = exchange.aggregator
         self.work = (_GramAsItArrives(rule, n) if _gram_as_it_arrives(rule, dtype)
-                     else _MeanAsItArrives(rule, n) if _mean_as_it_arrives(rule, dtype) else None)
+                     else _MeanAsItArrives(rule, n, dtype, device) if _mean_as_it_arrives(rule, dtype) else None)
         self.entries: dict[int, tuple] = {}
         self.next = self.offset = 0
         self.G: torch.Tensor | None = None
@@ -228,13 +228,15 @@ class _Assembly:
 
     def _take(self, gathered: torch.Tensor, ctx, numel: int) -> None:
         rows = self.exchange.compression.decompress(gathered, ctx).to(self.device)
-        if self.count == 1:
+        if isinstance(self.work, _MeanAsItArrives):
+            self.work.add(rows, self.offset)
+        elif self.count == 1:
             self.G = rows
         else:
             if self.G is None:
                 self.G = self.exchange._matrix((rows.shape[0], self.n), self.dtype, self.device)
             self.G[:, self.offset: self.offset + numel].copy_(rows)
-        if self.work is not None:
+        if isinstance(self.work, _GramAsItArrives):
             self.work.filled(self.G, self.offset, self.offset + numel)
         self.offset += numel
         self.next += 1
@@ -254,32 +256,28 @@ def _gram_as_it_arrives(rule, dtype: torch.dtype) -> bool:
 
 
 def _mean_as_it_arrives(rule, dtype: torch.dtype) -> bool:
-    """Whether the mean of each block of columns may be taken as its bucket arrives: the plain
-    mean (:class:`~fa_hvd.aggregators.mean.Mean`, fixed blocks) on fp32 or fp64 rows."""
+    """Whether each bucket's mean may be taken as it arrives, straight from the gathered rows (no
+    ``(p, n)`` matrix): the plain mean (:class:`~fa_hvd.aggregators.mean.Mean`, whose bits do not
+    depend on how the columns are split) on fp32 or fp64 rows."""
     return type(rule) is Mean and dtype in (torch.float32, torch.float64)
 
 
 class _MeanAsItArrives:
-    """The mean's blocks (:meth:`~fa_hvd.aggregators.mean.Mean.blocks`) as their columns arrive."""
+    """The mean, bucket by bucket (:meth:`~fa_hvd.aggregators.mean.Mean.columns`)."""
 
-    def __init__(self, rule: Mean, n: int):
-        self.rule, self.n = rule, n
-        self.out: torch.Tensor | None = None
-        self.blocks: list[slice] = []
-        self.done = 0
+    def __init__(self, rule: Mean, n: int, dtype: torch.dtype, device: torch.device):
+        self.rule = rule
+        self.out = torch.empty(n, dtype=dtype, device=device)  # fresh each step: a deferred digest holds the last
+        self.p = 0
 
-    def filled(self, G: torch.Tensor, start: int, stop: int) -> None:
-        """Columns ``[start, stop)`` of ``G`` hold their values."""
-        if self.out is None:  # a fresh aggregate each step: a deferred digest still holds the last one
-            self.out = torch.empty(self.n, dtype=G.dtype, device=G.device)
-            self.blocks = self.rule.blocks(G.shape[0], self.n)
-        while self.done < len(self.blocks) and self.blocks[self.done].stop <= stop:
-            self.rule.block_mean(G, self.blocks[self.done], self.out)
-            self.done += 1
+    def add(self, rows: torch.Tensor, start: int) -> None:
+        """A bucket's gathered ``(p, w)`` rows, columns ``[start, start + w)`` of the whole."""
+        self.p = rows.shape[0]
+        self.rule.columns(rows.to(self.out.dtype), self.out[start: start + rows.shape[1]])
 
-    def result(self, G: torch.Tensor) -> torch.Tensor:
+    def result(self, G=None) -> torch.Tensor:
         """What ``rule(G)`` gives (:meth:`~fa_hvd.aggregators.base.Aggregator.__call__`)."""
-        rule, p = self.rule, G.shape[0]
+        rule, p = self.rule, self.p
         rule.check(p, rule.f)
         rule.weights = rule.gram = None
         rule.diagnostics = describe(p, Rows(None, rule.f), None, None)
