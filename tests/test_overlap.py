@@ -200,3 +200,22 @@ def test_a_bucket_off_the_plan_is_refused():
         exchange.start(1, torch.zeros(4))
     with pytest.raises(ValueError, match="bucket 0 has 50001 torch.float64 elements"):
         exchange.start(0, torch.zeros(SIZES[0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_bucket_work_that_fails_fails_finish_as_it_is(threaded):
+    """A bucket whose rows do not fit the plan (here: a transport that returns too few columns)
+    fails finish() with torch's error; the worker thread survives it for the next step."""
+    G = rows(seed=7)
+    exchange, transport = exchange_of(G, "flag", {"f": 1}, threaded=threaded, held=[0])
+    good = transport.wait
+    transport.wait = lambda handle: good(handle)[:, :2] if handle.index == 1 else good(handle)
+    transport.held[0].set()
+    if threaded:
+        assert exchange._step.finished.wait(60)  # the worker stopped on it (a hang guard)
+    with pytest.raises(RuntimeError, match="size"):
+        exchange.finish(len(SIZES), torch.device("cpu"), 0)
+    transport.wait = good
+    for index, size in enumerate(SIZES):
+        exchange.start(index, torch.zeros(size))
+    assert torch.equal(exchange.finish(len(SIZES), torch.device("cpu"), 1), get("flag", f=1)(G.clone()))

@@ -41,7 +41,7 @@ import torch
 from ..aggregators.base import Aggregator, Rows, describe, finite_rows
 from ..aggregators.geometry import CentredGram
 from ..aggregators.mean import Mean
-from .base import GradientExchange, wait
+from .base import GradientExchange, raise_failure
 from .digest import check_agreement
 
 
@@ -108,22 +108,19 @@ class AllgatherExchange(GradientExchange):
                 self.abandon_step(work)
                 raise ValueError(f"fa_hvd: finish({count}, {device}) after planning {work.count} buckets on "
                                  f"{work.device}")
-            work.step = step
             work.finished.wait()
-            if work.error is not None:
-                raise work.error
+            work.raise_error(step)
             self.timings = {"arrived": max(work.arrived, called), "assembled": max(work.assembled, called)}
             self.stats = {"worker_s": work.busy}
         else:
             pending = [self.pending.pop(index) for index in range(count)]
             n = sum(numel for _, _, numel, _ in pending)
             dtype = functools.reduce(torch.promote_types, (dtype for *_, dtype in pending))
-            work = _Assembly(self, count, n, dtype, device, step)
+            work = _Assembly(self, count, n, dtype, device)
             for index, entry in enumerate(pending):
                 work.entries[index] = entry
                 work.advance()
-                if work.error is not None:
-                    raise work.error
+                work.raise_error(step)
             self.timings = {"arrived": work.arrived, "assembled": work.assembled}
             self.stats = {"overlapped_s": work.overlapped}
         update = work.result()
@@ -181,9 +178,8 @@ class _Worker:
 class _Assembly:
     """One step's buckets becoming the ``(p, n)`` matrix (and the rule's work on them), in index order."""
 
-    def __init__(self, exchange: AllgatherExchange, count: int, n: int, dtype: torch.dtype, device: torch.device,
-                 step: int = -1):
-        self.exchange, self.count, self.n, self.dtype, self.device, self.step = exchange, count, n, dtype, device, step
+    def __init__(self, exchange: AllgatherExchange, count: int, n: int, dtype: torch.dtype, device: torch.device):
+        self.exchange, self.count, self.n, self.dtype, self.device = exchange, count, n, dtype, device
         rule = exchange.aggregator
         self.work = (_GramAsItArrives(rule, n) if _gram_as_it_arrives(rule, dtype)
                      else _MeanAsItArrives(rule, n, dtype, device) if _mean_as_it_arrives(rule, dtype) else None)
@@ -192,7 +188,8 @@ class _Assembly:
         self.G: torch.Tensor | None = None
         self.arrived = self.assembled = 0.0
         self.overlapped = self.busy = 0.0
-        self.error: BaseException | None = None
+        self.error: Exception | None = None
+        self.failed = ""  # the wait that failed
         self.cancelled = self.waiting = False
         self.lock = threading.Lock()
         self.finished = threading.Event()
@@ -207,17 +204,20 @@ class _Assembly:
                     return
                 self.waiting = True
             try:
-                gathered = wait(exchange.transport, handle, self.step, f"bucket {self.next}")
-            except BaseException as exc:  # noqa: BLE001 - handed to finish() on the training thread
-                self.error = exc
-                self.finished.set()
+                gathered = exchange.transport.wait(handle)
+            except Exception as exc:  # noqa: BLE001 - finish() raises it, naming its step (raise_failure)
+                self._fail(exc, f"bucket {self.next}")
                 return
             arrived = time.perf_counter()
             with self.lock:
                 self.waiting = False
                 if self.cancelled:
                     return
-                self._take(gathered, ctx, numel)
+                try:
+                    self._take(gathered, ctx, numel)
+                except Exception as exc:  # noqa: BLE001 - finish() raises it as it is
+                    self._fail(exc, "")
+                    return
             done = time.perf_counter()
             self.arrived, self.assembled = arrived, done
             self.busy += done - arrived
@@ -225,6 +225,18 @@ class _Assembly:
                 self.overlapped += done - arrived
             else:
                 self.finished.set()
+
+    def _fail(self, exc: Exception, stage: str) -> None:
+        """Keep the failure for :meth:`AllgatherExchange.finish` (``stage``: the wait that failed, or
+        empty for the bucket work) and stop: the worker thread itself never raises."""
+        self.error, self.failed = exc, stage
+        self.finished.set()
+
+    def raise_error(self, step: int) -> None:
+        if self.error is not None:
+            if self.failed:
+                raise_failure(self.exchange.transport, self.error, step, self.failed)
+            raise self.error
 
     def _take(self, gathered: torch.Tensor, ctx, numel: int) -> None:
         rows = self.exchange.compression.decompress(gathered, ctx).to(self.device)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 import torch
 
 
@@ -37,17 +39,21 @@ class GradientExchange:
 
 
 def wait(transport, handle, step: int, stage: str) -> torch.Tensor:
-    """The handle's result. Horovod's elastic errors (``transport.passthrough_errors``) leave
-    unchanged, with a note naming this rank, the step and ``stage``; anything else becomes a
-    ``RuntimeError`` saying the same."""
-    failure = f"fa_hvd: rank {transport.rank}: the gradient exchange failed at step {step} ({stage})"
+    """The handle's result; a failure as :func:`raise_failure` says."""
     try:
         return transport.wait(handle)
-    except transport.passthrough_errors as exc:
-        exc.add_note(failure)
-        raise
     except Exception as exc:
-        raise RuntimeError(f"{failure}: {exc}") from exc
+        raise_failure(transport, exc, step, stage)
+
+
+def raise_failure(transport, exc: Exception, step: int, stage: str) -> NoReturn:
+    """Horovod's elastic errors (``transport.passthrough_errors``) leave unchanged, with a note naming
+    this rank, the step and ``stage``; anything else becomes a ``RuntimeError`` saying the same."""
+    failure = f"fa_hvd: rank {transport.rank}: the gradient exchange failed at step {step} ({stage})"
+    if isinstance(exc, transport.passthrough_errors):
+        exc.add_note(failure)
+        raise exc
+    raise RuntimeError(f"{failure}: {exc}") from exc
 
 
 def rule_name(aggregator) -> str:
