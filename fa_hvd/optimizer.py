@@ -618,7 +618,9 @@ def DistributedOptimizer(
     exchange's own stages after the last bucket arrived, in seconds, e.g. ``assembled``
     and ``aggregated``) and ``unflatten_s`` (the write-back into ``.grad``), ``flatten_s``
     (copying gradients into buckets) and ``send_s`` (handing them to the exchange),
-    both inside the backward pass, and, when the transport
+    both inside the backward pass, the exchange's ``stats`` (allgather: ``worker_s``, its
+    worker thread's seconds of bucket work beside backward, or ``overlapped_s``
+    without one, :mod:`fa_hvd.exchange.allgather`; sharded: ``peak_bytes``) and, when the transport
     counts them, ``bytes_sent``/``bytes_received`` during that step; and the
     aggregator's diagnostics (:func:`fa_hvd.aggregators.base.describe`): ``nonfinite``
     and ``dropped`` (ranks), and ``weights`` (each rank's coefficient in the
