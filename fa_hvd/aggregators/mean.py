@@ -19,7 +19,7 @@ import torch
 from .base import Aggregator
 from .geometry import column_chunks
 
-BLOCK = 1 << 16  # columns per block: the running sum stays in cache
+BLOCK = 1 << 18  # columns per block: the running sum (1 MB in fp32) stays in a CPU's L2 cache
 
 
 class Mean(Aggregator):
@@ -30,21 +30,15 @@ class Mean(Aggregator):
 
     def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
         out = torch.empty(G.shape[1], dtype=G.dtype, device=G.device)  # c = 1/p without forming K
-        for cols in column_chunks(G.shape[1], 1, BLOCK):
-            self.columns(G[:, cols], out[cols])
+        self.columns(G, out)
         return out
 
     @staticmethod
     def columns(rows: torch.Tensor, out: torch.Tensor) -> None:
-        """``out``: the mean of ``rows`` (``(p, w)``), ``((g_0 + g_1) + ... + g_{p-1}) / p`` per column."""
-        p = rows.shape[0]
-        if p == 1:
-            out.copy_(rows[0])
-            return
-        torch.add(rows[0], rows[1], out=out)
-        for i in range(2, p):
-            out.add_(rows[i])
-        out.div_(p)
+        """``out``: the mean of ``rows`` (``(p, w)``), ``((g_0 + g_1) + ... + g_{p-1}) / p`` per column,
+        :data:`BLOCK` columns at a time."""
+        for cols in column_chunks(rows.shape[1], 1, BLOCK):
+            _sum_in_order(rows[:, cols], out[cols])
 
     def by_columns(self, p: int, K, f: int):
         def mean(block: torch.Tensor, cols: slice) -> torch.Tensor:
@@ -57,3 +51,15 @@ class Mean(Aggregator):
     def coefficients(self, K: torch.Tensor, f: int) -> torch.Tensor:
         p = K.shape[0]
         return torch.full((p,), 1.0 / p, dtype=torch.float64, device=K.device)
+
+
+def _sum_in_order(rows: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = ((rows[0] + rows[1]) + ...) / p``: one elementwise operation at a time."""
+    p = rows.shape[0]
+    if p == 1:
+        out.copy_(rows[0])
+        return
+    torch.add(rows[0], rows[1], out=out)
+    for i in range(2, p):
+        out.add_(rows[i])
+    out.div_(p)
