@@ -65,9 +65,9 @@ the baseline, and one JSON line per variant and rank (``"bench": "step_profile"`
 the median seconds of each phase of the step, in the order they happen: ``forward``,
 ``backward`` (without fa_hvd's hooks), ``flatten`` (copying the gradients into buckets)
 and ``send`` (handing them to the exchange), both inside backward, for the allgather
-exchange without its worker thread ``bucket_work`` (copying each bucket into the ``(p, n)``
-matrix and, for a Gram rule, its NaN/Inf check and Gram blocks, for the mean its columns'
-mean, while the later buckets travel), ``wait`` (blocked on the last bucket, without
+exchange without its worker thread ``bucket_work`` (for a Gram rule each bucket copied into
+the ``(p, n)`` matrix, its NaN/Inf check and Gram blocks; for the mean the bucket's mean from
+its gathered rows; while the later buckets travel), ``wait`` (blocked on the last bucket, without
 ``bucket_work``; with the worker thread: until it is done with the last bucket; Horovod:
 all of ``synchronize()``), the exchange's stages after that (allgather: ``assembled``, the last
 bucket's own work, then ``aggregated``, the rest of the rule; sharded: ``gram``, the
