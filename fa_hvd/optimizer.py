@@ -49,6 +49,7 @@ others are already training.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -135,6 +136,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._buckets = _make_buckets(self.param_groups, groups, bucket_bytes)
         self._bucket_of = {p: b for b in self._buckets for p in b.params}
         self._aggregation_device = _aggregation_device(self._buckets)
+        if self._buckets:
+            self._exchange.plan([b.numel for b in self._buckets], _sent_dtype(self._buckets), self._aggregation_device)
         self._next_ordered = 0
         self._step_started = False
         self._taken_over: set[str] = set()
@@ -335,7 +338,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         stats = {
             "step": self.step_count,
             "exchange_s": timings["arrived"] - self._marks.get("first_start", waiting),
-            "wait_s": timings["arrived"] - waiting,
+            "wait_s": timings["arrived"] - waiting,  # >= 0: the exchange stamps arrived no earlier than finish()
             "aggregate_s": done - timings["arrived"],
             "flatten_s": self._marks.get("flatten_s", 0.0),
             "send_s": self._marks.get("send_s", 0.0),
@@ -533,6 +536,12 @@ def _make_buckets(param_groups, groups, bucket_bytes: int | None) -> list[_Bucke
     return [_Bucket(i, params) for i, params in enumerate(b for b in by_device if b)]
 
 
+def _sent_dtype(buckets: list[_Bucket]) -> torch.dtype:
+    """The dtype every bucket fits: the parameters' dtypes promoted, bf16 sent as fp32 (:meth:`_start_bucket`)."""
+    dtypes = (torch.float32 if p.dtype == torch.bfloat16 else p.dtype for b in buckets for p in b.params)
+    return functools.reduce(torch.promote_types, dtypes)
+
+
 def _aggregation_device(buckets: list[_Bucket]) -> torch.device:
     """Where the gathered matrix is aggregated: the first accelerator holding parameters, else the CPU."""
     for bucket in buckets:
@@ -609,7 +618,9 @@ def DistributedOptimizer(
     exchange's own stages after the last bucket arrived, in seconds, e.g. ``assembled``
     and ``aggregated``) and ``unflatten_s`` (the write-back into ``.grad``), ``flatten_s``
     (copying gradients into buckets) and ``send_s`` (handing them to the exchange),
-    both inside the backward pass, and, when the transport
+    both inside the backward pass, the exchange's ``stats`` (allgather: ``worker_s``, its
+    worker thread's seconds of bucket work beside backward, or ``overlapped_s``
+    without one, :mod:`fa_hvd.exchange.allgather`; sharded: ``peak_bytes``) and, when the transport
     counts them, ``bytes_sent``/``bytes_received`` during that step; and the
     aggregator's diagnostics (:func:`fa_hvd.aggregators.base.describe`): ``nonfinite``
     and ``dropped`` (ranks), and ``weights`` (each rank's coefficient in the

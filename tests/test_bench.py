@@ -3,7 +3,9 @@
 import json
 
 import pytest
+import torch
 
+from fa_hvd.aggregators import get
 from fa_hvd.bench.cli import main
 
 ROW_KEYS = {"bench", "rule", "params", "n", "p", "dtype", "device", "repeats", "threads", "median_s", "min_s", "max_s"}
@@ -128,3 +130,14 @@ def test_robustness_kappa_is_the_allouah_ratio():
     honest = torch.tensor([[0.0, 0.0], [2.0, 0.0]], dtype=torch.float64)  # mean (1, 0), spread 1
     assert kappa(torch.tensor([1.0, 3.0], dtype=torch.float64), honest) == pytest.approx(9.0)
     assert kappa(torch.tensor([float("nan"), 0.0], dtype=torch.float64), honest) == float("inf")
+
+
+def test_the_mean_floor_is_one_pass_and_the_mean_rule_is_not_it():
+    """The ``mean`` row is the floor itself (torch's one pass), not the Mean rule, which sums rows
+    in order so that its bits do not depend on how the columns are split."""
+    from fa_hvd.bench import aggregators as bench
+
+    G = torch.randn(7, 1000, generator=torch.Generator().manual_seed(0))
+    assert bench.usable(G, "mean", {}) is bench.one_pass
+    assert bench.usable(G, "median", {"f": 1}).name == "median"
+    torch.testing.assert_close(bench.one_pass(G), get("mean")(G))

@@ -1,6 +1,9 @@
 """The sharded exchange against one-process aggregation (what allgather mode computes), on an in-process
 world of p ranks (tests/local_world.py)."""
 
+import collections
+import threading
+
 import pytest
 import torch
 from horovod.torch import Compression
@@ -9,6 +12,7 @@ import local_world
 from fa_hvd.aggregators import get
 from fa_hvd.aggregators.geometry import gram
 from fa_hvd.exchange import ShardedExchange, ShardMismatch, replicated
+from fa_hvd.exchange import sharded as sharded_module
 from fa_hvd.exchange.cost import exchange_cost
 from local_world import LocalTransport, run_ranks
 
@@ -180,10 +184,10 @@ def test_replicas_agree_with_the_plain_sharded_exchange(replicas):
 
 
 class LyingGram(ShardedExchange):
-    def _gram(self, pieces, *args):
+    def _gram(self, partial, *args):
         if self.rank == 2:
-            pieces[0][0][2][0, 0] += 1.0  # its first shard's first value, as if miscomputed
-        return super()._gram(pieces, *args)
+            partial.K[0][0, 0] += 1.0  # its first shard's partial Gram, as if miscomputed
+        return super()._gram(partial, *args)
 
 
 class LyingShard(ShardedExchange):
@@ -355,7 +359,7 @@ def test_finite_rows_from_the_gram_only_where_its_squares_cannot_overflow(monkey
         K, rows, evidence = original(self, *args)
         kept = torch.ones(self.p, dtype=torch.bool) if rows.keep is None else torch.zeros(self.p, dtype=torch.bool)
         kept[rows.keep if rows.keep is not None else []] = True
-        flags.setdefault(args[3], kept)  # by compute dtype
+        flags.setdefault(args[0].compute, kept)  # by compute dtype
         return K, rows, evidence
 
     monkeypatch.setattr(ShardedExchange, "_gram", spy)
@@ -367,3 +371,27 @@ def test_finite_rows_from_the_gram_only_where_its_squares_cannot_overflow(monkey
     sharded("geomed", G64, sizes=[30])
     expected = torch.tensor([True, False, True, True, True])
     assert torch.equal(flags[torch.float32], expected) and torch.equal(flags[torch.float64], expected)
+
+
+def test_each_buckets_partial_gram_is_added_as_it_arrives(monkeypatch):
+    """Step 2 overlaps the later alltoalls: a bucket's piece of the partial Gram is added before
+    the next bucket is waited for (per rank, in bucket order), not after the last one."""
+    events = collections.defaultdict(list)
+    waited, added = sharded_module.wait, sharded_module._PartialGram.add
+
+    def logged_wait(transport, handle, step, stage):
+        events[threading.get_ident()].append(stage)
+        return waited(transport, handle, step, stage)
+
+    def logged_add(self, t, piece, cols):
+        events[threading.get_ident()].append("add")
+        added(self, t, piece, cols)
+
+    monkeypatch.setattr(sharded_module, "wait", logged_wait)
+    monkeypatch.setattr(sharded_module._PartialGram, "add", logged_add)
+    sharded("krum", honest(p=5, n=sum(SIZES)))
+    buckets = [f"bucket {i}" for i in range(len(SIZES))]
+    assert len(events) == 5
+    for log in events.values():
+        assert log[: 2 * len(SIZES)] == [e for b in buckets for e in (b, "add")]
+        assert log[2 * len(SIZES)] == "partial Grams"

@@ -8,7 +8,8 @@ falls on every rule alike. One JSON line per rule goes to stdout with the median
 the minimum and the maximum.
 
 Two floors are timed in every run, on the same ``G`` and in the same rounds:
-``mean`` (one pass over ``G``: the limit of a Gram-space rule at small ``p``) and
+``mean`` (torch's ``G.mean(0)``, one pass over ``G``: the limit of a Gram-space rule at
+small ``p``) and
 ``syrk`` (the fp32 symmetric product ``G G^T`` as the BLAS computes it: the limit at
 large ``p``). Every other row carries ``vs_mean`` and ``vs_syrk`` (its median / the
 floor's median). The bench runs ``--threads`` threads (default 1): on a shared
@@ -251,6 +252,8 @@ def usable(G: torch.Tensor, label: str, params: dict):
         return gram
     if label == "syrk":
         return syrk
+    if label == "mean":
+        return one_pass
     aggregator = get(label.split("[")[0], **params)
     try:
         aggregator.check(G.shape[0])
@@ -318,6 +321,14 @@ def compare_direct(G: torch.Tensor, fa_rows: list[dict], args: argparse.Namespac
             actual = get("flag", **row["params"])(G64)
             row["max_rel_diff"] = float((actual - expected).norm() / expected.norm())
     _log(f"direct FA: {direct_s * 1e3:.4g} ms")
+
+
+def one_pass(G: torch.Tensor) -> torch.Tensor:
+    """The floor at small ``p``, row ``mean``: torch's ``G.mean(0)``, one pass over ``G``. (The
+    ``mean`` rule sums the rows in order, column block by column block, so that its bits do not
+    depend on how the columns are split, :mod:`fa_hvd.aggregators.mean`: up to about 2x this
+    at p = 15; the floor is the pass itself.)"""
+    return G.mean(dim=0)
 
 
 def syrk(G: torch.Tensor) -> torch.Tensor:

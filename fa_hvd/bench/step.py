@@ -65,10 +65,11 @@ the baseline, and one JSON line per variant and rank (``"bench": "step_profile"`
 the median seconds of each phase of the step, in the order they happen: ``forward``,
 ``backward`` (without fa_hvd's hooks), ``flatten`` (copying the gradients into buckets)
 and ``send`` (handing them to the exchange), both inside backward, for the allgather
-exchange ``bucket_work`` (copying each bucket into the ``(p, n)`` matrix and, for a Gram
-rule, its NaN/Inf check and Gram blocks, while the later buckets travel), ``wait``
-(blocked on the last bucket, without ``bucket_work``; Horovod: all of
-``synchronize()``), the exchange's stages after that (allgather: ``assembled``, the last
+exchange without its worker thread ``bucket_work`` (for a Gram rule each bucket copied into
+the ``(p, n)`` matrix, its NaN/Inf check and Gram blocks; for the mean the bucket's mean from
+its gathered rows; while the later buckets travel), ``wait`` (blocked on the last bucket, without
+``bucket_work``; with the worker thread: until it is done with the last bucket; Horovod:
+all of ``synchronize()``), the exchange's stages after that (allgather: ``assembled``, the last
 bucket's own work, then ``aggregated``, the rest of the rule; sharded: ``gram``, the
 partial Gram, its allgather and the evidence, ``solved``, ``combined``, this rank's
 shard of the aggregate, ``gathered``, the aggregate's allgather, ``aggregated``),
@@ -77,7 +78,9 @@ Gram-space rule over several buckets, ``rule_parts`` says what each piece of the
 costs in all, by running it again on the same gathered matrix: ``finite_check`` (the
 rows with NaN or Inf; robust rules only), ``gram``, ``solve`` (the ``p x p``
 coefficients) and ``combine`` (``c^T G``); for FA, Krum and the other plain Gram rules
-most of ``finite_check`` and ``gram`` ran in ``bucket_work``. Rank 0 prints them as a
+most of ``finite_check`` and ``gram`` ran in ``bucket_work`` or on the worker thread,
+whose seconds of bucket work in the last step (beside the training thread, so not in the
+step's sum) ``rule_parts`` holds as ``worker_thread``. Rank 0 prints them as a
 table on stderr too.
 
 Bytes: what each rank really sent and received per step, as the kernel counted
@@ -417,7 +420,8 @@ def run(args: argparse.Namespace) -> int:
             steps(name, args.steps, record=False, profile=True)
             exchange = getattr(variants[name][1], "exchange", None)
             if isinstance(exchange, AllgatherExchange):  # its (p, n) matrix, kept across steps (several buckets)
-                parts[name] = rule_parts(exchange.aggregator, exchange._buffer)
+                beside = {"worker_thread": exchange.stats["worker_s"]} if "worker_s" in exchange.stats else {}
+                parts[name] = {**beside, **rule_parts(exchange.aggregator, exchange._buffer)}
     load_after = os.getloadavg()
     local = ranks_per_node(size)
     cores = len(os.sched_getaffinity(0))
@@ -535,7 +539,7 @@ def print_profiles(rows: dict[str, list[dict]]) -> None:
         for r, row in enumerate(ranks):
             cells = [f"{key} {1e3 * seconds:.1f}" for key, seconds in row["phases"].items()]
             if "rule_parts" in row:
-                cells.append("[rule: " + ", ".join(f"{key} {1e3 * seconds:.1f}"
+                cells.append("[beside the step: " + ", ".join(f"{key} {1e3 * seconds:.1f}"
                                                    for key, seconds in row["rule_parts"].items()) + "]")
             total = sum(row["phases"].values())
             print(f"  rank {r}: " + " | ".join(cells) + f" | total {1e3 * total:.1f}", file=sys.stderr)

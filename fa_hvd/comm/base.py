@@ -111,6 +111,7 @@ class Transport:
     lies = None  # fault injection: fa_hvd.faults.roles.RoleLies, asked what this rank's messages say
     timeout: float | None = None  # seconds a wait may last (fa_hvd.comm.base.collective_timeout)
     roll_call: RollCall | None = None  # once start_roll_call() ran: who answers when a wait stalls
+    waits_from_any_thread = False  # wait() may run on another thread than allgather_async() (an exchange's worker)
 
     def start_roll_call(self) -> None:
         """Collective: (re)start this rank's part of the roll call (:mod:`fa_hvd.comm.rollcall`),

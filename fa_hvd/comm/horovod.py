@@ -25,6 +25,7 @@ class _HorovodHandle(Handle):
 class HorovodTransport(Transport):
     name = "horovod"
     passthrough_errors = (HorovodInternalError, HostsUpdatedInterrupt)
+    waits_from_any_thread = True  # Horovod's handle table is locked; its background thread does the work
 
     def __init__(self, process_set=None):
         if not hvd.is_initialized():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 import torch
 
 
@@ -21,6 +23,11 @@ class GradientExchange:
     timings: dict
     lies = None  # fault injection: fa_hvd.faults.roles.RoleLies (only the sharded exchange asks it)
 
+    def plan(self, sizes: list[int], dtype: torch.dtype, device: torch.device) -> None:
+        """Told once, before any step: every step's buckets have these sizes (elements), are of
+        ``dtype`` or narrower and are aggregated on ``device``. An exchange may use it to work
+        on buckets before :meth:`finish`; by default it is not used."""
+
     def start(self, index: int, flat: torch.Tensor) -> None:
         raise NotImplementedError
 
@@ -32,17 +39,21 @@ class GradientExchange:
 
 
 def wait(transport, handle, step: int, stage: str) -> torch.Tensor:
-    """The handle's result. Horovod's elastic errors (``transport.passthrough_errors``) leave
-    unchanged, with a note naming this rank, the step and ``stage``; anything else becomes a
-    ``RuntimeError`` saying the same."""
-    failure = f"fa_hvd: rank {transport.rank}: the gradient exchange failed at step {step} ({stage})"
+    """The handle's result; a failure as :func:`raise_failure` says."""
     try:
         return transport.wait(handle)
-    except transport.passthrough_errors as exc:
-        exc.add_note(failure)
-        raise
     except Exception as exc:
-        raise RuntimeError(f"{failure}: {exc}") from exc
+        raise_failure(transport, exc, step, stage)
+
+
+def raise_failure(transport, exc: Exception, step: int, stage: str) -> NoReturn:
+    """Horovod's elastic errors (``transport.passthrough_errors``) leave unchanged, with a note naming
+    this rank, the step and ``stage``; anything else becomes a ``RuntimeError`` saying the same."""
+    failure = f"fa_hvd: rank {transport.rank}: the gradient exchange failed at step {step} ({stage})"
+    if isinstance(exc, transport.passthrough_errors):
+        exc.add_note(failure)
+        raise exc
+    raise RuntimeError(f"{failure}: {exc}") from exc
 
 
 def rule_name(aggregator) -> str:

@@ -6,8 +6,9 @@ bucket, its shard ``G_j`` (``p x n/p`` over all buckets).
 
 1. alltoall, one per bucket as soon as the optimizer starts it: rank ``j`` receives
    chunk ``j`` of that bucket from every rank (rows in rank order).
-2. Rank ``j`` computes its partial Gram ``K_j = G_j G_j^T`` (fp64, with the rule's
-   anchors appended, e.g. cclip's centre; :func:`~fa_hvd.aggregators.base.anchored_gram`)
+2. Rank ``j`` computes its partial Gram ``K_j = G_j G_j^T`` bucket by bucket, as each
+   alltoall arrives while the later ones travel (fp64, with the rule's anchors appended,
+   e.g. cclip's centre; :func:`~fa_hvd.aggregators.base.anchored_gram`)
    and which rows of ``G_j`` hold NaN or Inf (from the Gram's diagonal for fp32 and
    narrower data, where fp64 sums of squares cannot overflow; by
    :func:`~fa_hvd.aggregators.base.finite_rows` otherwise and for rules without a Gram).
@@ -189,6 +190,7 @@ class ShardedExchange(GradientExchange):
         held = sum(send.numel() * send.element_size() for *_, send in pending if send is not None)
         pieces: list[list[tuple[int, slice, torch.Tensor]]] = [[] for _ in self.held]  # per held chunk
         digests = [[hashlib.blake2b(digest_size=8) for _ in range(self.p)] for _ in self.held]
+        partial = _PartialGram(self.aggregator, self.p, len(self.held), sum(sizes), compute, device)
         offset = 0
         for index, (handle, ctx, _, size, _) in enumerate(pending):
             wire = wait(self.transport, handle, step, f"bucket {index}")
@@ -207,11 +209,12 @@ class ShardedExchange(GradientExchange):
                                                   .view(torch.uint8).cpu().numpy())
                 if b > a:  # (bucket, coordinates in the whole gradient, the chunk from every rank)
                     pieces[t].append((index, slice(offset + a, offset + b), piece))
+                    partial.add(t, piece, slice(offset + a, offset + b))  # while later buckets travel
                 column += b - a
             offset += size
         self.timings = {"arrived": time.perf_counter()}
         n = offset
-        K, rows, evidence = self._gram(pieces, digests, n, compute, device, step)
+        K, rows, evidence = self._gram(partial, digests, step)
         self.timings["gram"] = time.perf_counter()
         self.aggregator.weights = self.aggregator.gram = None
         if rows.none_left:
@@ -248,30 +251,16 @@ class ShardedExchange(GradientExchange):
         self.timings["aggregated"] = time.perf_counter()
         return aggregate
 
-    def _gram(self, pieces, digests, n: int, compute, device, step: int) -> tuple[torch.Tensor | None, Rows, dict]:
+    def _gram(self, partial: "_PartialGram", digests, step: int) -> tuple[torch.Tensor | None, Rows, dict]:
         """Steps 2 to 4: ``K`` (fp64 on the host, summed in shard order; None if the rule needs none),
         the rows the rule aggregates and what the evidence showed (:mod:`.evidence`; replicas: the
         majority's copy of each shard, the odd holders named)."""
-        p, aggregator = self.p, self.aggregator
-        anchors = aggregator.anchors(n, compute, device) if aggregator.uses_gram else None
-        m = p + (0 if anchors is None else anchors.shape[0])
+        p, aggregator, compute = self.p, self.aggregator, partial.compute
+        m = partial.m
         upper = torch.triu_indices(m, m)
-        # A row is finite iff its squared norm is: the Gram sums exact fp64 products of fp32 (or
-        # narrower) values, which cannot overflow, so its diagonal saves the finite_rows passes.
-        diagonal_flags = aggregator.uses_gram and compute != torch.float64
         packed = []
-        for t, shard in enumerate(pieces):
-            finite = torch.ones(p, dtype=torch.bool, device=device)
-            K = torch.zeros(m, m, dtype=torch.float64, device=device)
-            for _, cols, piece in shard:
-                block = piece.to(compute)
-                if aggregator.robust and not diagonal_flags:
-                    finite &= finite_rows(block)
-                if aggregator.uses_gram:
-                    K += anchored_gram(block, None if anchors is None else anchors[:, cols], exact=True)
-            if aggregator.robust and diagonal_flags:
-                finite &= K.diagonal()[:p].isfinite()
-            finite, K = finite.cpu(), K.cpu()
+        for t in range(len(self.held)):
+            finite, K = partial.result(t)
             if self.lies is not None:
                 finite, K = self.lies.report(self.held[t], finite, K)
             fields = [finite.long()]
@@ -380,6 +369,37 @@ class ShardedExchange(GradientExchange):
             aggregate[offset : offset + size] = shards[:, start : start + width].reshape(-1)[:size]
             offset += size
         return aggregate, held + _bytes(aggregate)
+
+
+class _PartialGram:
+    """Step 2 for each held chunk, one bucket's piece at a time as the alltoalls arrive (in bucket
+    order, so the sums are the same whenever they run): the partial Gram ``K_t`` of the pieces with
+    the rule's anchors, and which rows are finite."""
+
+    def __init__(self, aggregator: Aggregator, p: int, held: int, n: int, compute: torch.dtype,
+                 device: torch.device):
+        self.aggregator, self.p, self.compute = aggregator, p, compute
+        self.anchors = aggregator.anchors(n, compute, device) if aggregator.uses_gram else None
+        self.m = p + (0 if self.anchors is None else self.anchors.shape[0])
+        # A row is finite iff its squared norm is: the Gram sums exact fp64 products of fp32 (or
+        # narrower) values, which cannot overflow, so its diagonal saves the finite_rows passes.
+        self.diagonal_flags = aggregator.uses_gram and compute != torch.float64
+        self.finite = [torch.ones(p, dtype=torch.bool, device=device) for _ in range(held)]
+        self.K = [torch.zeros(self.m, self.m, dtype=torch.float64, device=device) for _ in range(held)]
+
+    def add(self, t: int, piece: torch.Tensor, cols: slice) -> None:
+        block = piece.to(self.compute)
+        if self.aggregator.robust and not self.diagonal_flags:
+            self.finite[t] &= finite_rows(block)
+        if self.aggregator.uses_gram:
+            self.K[t] += anchored_gram(block, None if self.anchors is None else self.anchors[:, cols], exact=True)
+
+    def result(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Held chunk ``t``'s row flags and partial Gram, on the host."""
+        finite, K = self.finite[t], self.K[t]
+        if self.aggregator.robust and self.diagonal_flags:
+            finite = finite & K.diagonal()[: self.p].isfinite()
+        return finite.cpu(), K.cpu()
 
 
 def replicated(replicas: int):
