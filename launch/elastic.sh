@@ -7,6 +7,9 @@
 # seconds (see there: a hosts file you edit, the SLURM job's nodes, or this machine).
 # On one machine Horovod needs two host names (or --network-interface through
 # HOROVODRUN_ARGS): FA_HVD_HOSTS_FILE with "localhost:2" and "127.0.0.1:2" works.
+# horovodrun runs as `python -m fa_hvd.horovodrun` (the python on PATH, where fa_hvd is
+# installed): the same driver, except that telling rank 0 of a host change no longer holds up
+# the survivors when rank 0's node is cut off (see fa_hvd/horovodrun.py).
 set -euo pipefail
 # shellcheck source=launch/common.sh
 source "$(dirname "$0")/common.sh"
@@ -16,6 +19,6 @@ shift 4
 [ -f "$config" ] || die "config not found: $config"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 # shellcheck disable=SC2086  # HOROVODRUN_ARGS is a list of options
-run horovodrun -np "$np" --min-np "$min_np" --max-np "$max_np" \
+run python -m fa_hvd.horovodrun -np "$np" --min-np "$min_np" --max-np "$max_np" \
   --host-discovery-script "$(cd "$(dirname "$0")" && pwd)/discover-hosts.sh" ${HOROVODRUN_ARGS:-} \
   fa-hvd-train --config "$config" --set elastic.enabled=true "$@"
