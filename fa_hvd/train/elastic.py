@@ -1,7 +1,8 @@
 """Elastic mode (``elastic.enabled``): Horovod's ``hvd.elastic.run`` around the training loop.
 
-Launch with ``horovodrun -np N --min-np M --max-np K --host-discovery-script S
-fa-hvd-train ...`` (Gloo). :class:`ElasticState` is the Horovod state object:
+Launch with ``launch/elastic.sh`` or ``python -m fa_hvd.horovodrun -np N --min-np M --max-np K
+--host-discovery-script S fa-hvd-train ...`` (Gloo; :mod:`fa_hvd.horovodrun` is horovodrun not held
+up by a cut-off rank 0). :class:`ElasticState` is the Horovod state object:
 
 * ``commit()`` every ``elastic.commit_every_steps`` steps keeps an in-memory
   copy of the shared state (model, optimizer with the aggregator's state,
