@@ -37,12 +37,12 @@ def bounded(notify):
 
     @functools.wraps(notify)
     def notify_hosts_updated(client, timestamp, update_res):
-        failed: list[BaseException] = []
+        failed: list[Exception] = []
 
         def send():
             try:
                 notify(client, timestamp, update_res)
-            except BaseException as exc:  # noqa: BLE001  (handed to the caller, which logs it)
+            except Exception as exc:  # noqa: BLE001 -- handed to the caller: Horovod's driver logs it
                 failed.append(exc)
 
         thread = threading.Thread(target=send, name="fa_hvd-hosts-notice", daemon=True)
