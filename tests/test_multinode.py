@@ -299,6 +299,7 @@ def test_elastic_node_loss_and_return(netcluster, tmp_path, lose, back, rank0_on
     summary = finished(run_dir, steps=steps)
     events = summary["events"]
     assert any("from 4 to 2 ranks" in e for e in events) and any("from 2 to 4 ranks" in e for e in events), events
+    assert not (run_dir / "fa-hvd-train.lock").exists()  # rank 0 released it: a lost rank 0's passed to the new one
     records = steps_done(run_dir)
     assert [r["step"] for r in records] == list(range(1, steps + 1))  # one history: redone steps replace lost ones
     sizes = [r["world_size"] for r in records]

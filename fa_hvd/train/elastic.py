@@ -119,7 +119,8 @@ def join(trainer: Trainer) -> None:
         raise WorldTooSmall(f"elastic: cannot continue on {trainer.world} ranks: {exc}") from None
     trainer.join_world()
     trainer.open_trust()  # a world of another size numbers its ranks anew: trust starts again
-    if trainer.rank == 0 and trainer.log is None:
+    if trainer.rank == 0 and trainer.log is None:  # the world's first rank 0, or one after rank 0 was lost
+        trainer.lock.take_over()
         trainer.open_outputs()
 
 
