@@ -10,6 +10,9 @@
 # robust.evict lists the hosts to drain in FA_HVD_EXCLUDE_FILE (default: RUN_DIR/excluded_hosts,
 # RUN_DIR from --run-dir or fa-hvd-train's default runs/<config stem>); the discovery script
 # leaves them out, so the run goes on without them.
+# horovodrun runs as `python -m fa_hvd.horovodrun` (the python on PATH, where fa_hvd is
+# installed): the same driver, except that telling rank 0 of a host change no longer holds up
+# the survivors when rank 0's node is cut off (see fa_hvd/horovodrun.py).
 set -euo pipefail
 # shellcheck source=launch/common.sh
 source "$(dirname "$0")/common.sh"
@@ -29,6 +32,6 @@ done
 export FA_HVD_EXCLUDE_FILE="${FA_HVD_EXCLUDE_FILE:-$run_dir/excluded_hosts}"
 say "hosts robust.evict excludes: $FA_HVD_EXCLUDE_FILE"
 # shellcheck disable=SC2086  # HOROVODRUN_ARGS is a list of options
-run horovodrun -np "$np" --min-np "$min_np" --max-np "$max_np" \
+run python -m fa_hvd.horovodrun -np "$np" --min-np "$min_np" --max-np "$max_np" \
   --host-discovery-script "$(cd "$(dirname "$0")" && pwd)/discover-hosts.sh" ${HOROVODRUN_ARGS:-} \
   fa-hvd-train --config "$config" --set elastic.enabled=true "$@"

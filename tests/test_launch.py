@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -43,11 +45,11 @@ def test_scripts_pass_shellcheck():
 
 @pytest.fixture
 def recorder(tmp_path):
-    """Stand-ins for horovodrun, mpirun and torchrun that record their argv (one JSON list per call) and exit 0."""
+    """Stand-ins for horovodrun, mpirun, torchrun and python that record their argv (one JSON list per call) and exit 0."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     log = tmp_path / "calls"
-    for name in ("horovodrun", "mpirun", "torchrun"):
+    for name in ("horovodrun", "mpirun", "torchrun", "python"):
         stub = bin_dir / name
         stub.write_text(f'#!/bin/sh\nprintf "%s\\0" "{name}" "$@" >> "{log}"\nprintf "\\n" >> "{log}"\n')
         stub.chmod(0o755)
@@ -108,7 +110,7 @@ def test_elastic_launcher_passes_the_discovery_script(recorder):
     proc, calls = recorder(["launch/elastic.sh", "4", "2", "6", "configs/demo.yaml"])
     assert proc.returncode == 0, proc.stderr
     (call,) = calls
-    assert call[:7] == ["horovodrun", "-np", "4", "--min-np", "2", "--max-np", "6"]
+    assert call[:9] == ["python", "-m", "fa_hvd.horovodrun", "-np", "4", "--min-np", "2", "--max-np", "6"]
     script = call[call.index("--host-discovery-script") + 1]
     assert script == str(ROOT / "launch" / "discover-hosts.sh")
     assert call[call.index("fa-hvd-train"):] == ["fa-hvd-train", "--config", "configs/demo.yaml",
@@ -125,6 +127,47 @@ def test_elastic_launcher_sets_the_exclusion_file_in_the_run_directory(recorder,
         proc, (call,) = recorder(["launch/elastic.sh", "4", "2", "6", "configs/demo.yaml", *extra], **env)
         assert proc.returncode == 0 and call[len(call) - len(extra):] == extra, proc.stderr
         assert f"[elastic.sh] hosts robust.evict excludes: {expected}\n" in proc.stderr
+
+
+class NoticeClient:
+    """What fa_hvd.horovodrun's wrapper reads of Horovod's WorkerNotificationClient: rank 0's addresses."""
+
+    def addresses(self):
+        return {"eth0": [("10.213.0.12", 4567)]}
+
+
+def test_horovodrun_leaves_a_host_update_that_rank_0_does_not_take(monkeypatch, caplog):
+    """fa_hvd.horovodrun: Horovod's elastic driver sends rank 0 each host change holding the lock
+    that the survivors' new world waits for; the notice is given NOTICE_WAIT_S, then goes on in the
+    background with a warning naming where rank 0 was. A notice that fails or is taken in time
+    ends as Horovod's own does."""
+    from fa_hvd import horovodrun
+
+    release, sent = threading.Event(), []
+
+    def unanswered(client, timestamp, update):  # a connect to a cut-off node: ends when the kernel gives up
+        release.wait(60)
+        sent.append(timestamp)
+
+    monkeypatch.setattr(horovodrun, "NOTICE_WAIT_S", 0.05)
+    with caplog.at_level(logging.WARNING):
+        horovodrun.bounded(unanswered)(NoticeClient(), 1.0, 2)
+    assert sent == []  # back to the driver while the notice still waits
+    assert "fa_hvd: rank 0 (10.213.0.12:4567) did not take the host update within 0.05 s" in caplog.text
+    release.set()
+
+    def refused(client, timestamp, update):
+        raise ConnectionRefusedError("refused")
+
+    def taken(client, timestamp, update):
+        sent.append((timestamp, update))
+
+    monkeypatch.setattr(horovodrun, "NOTICE_WAIT_S", 600.0)  # returns as soon as the notice ends
+    caplog.clear()
+    with pytest.raises(ConnectionRefusedError, match="refused"):  # Horovod's driver logs it, as before
+        horovodrun.bounded(refused)(NoticeClient(), 2.0, 2)
+    horovodrun.bounded(taken)(NoticeClient(), 3.0, 1)
+    assert (3.0, 1) in sent and "did not take" not in caplog.text
 
 
 def test_torchrun_launcher_on_one_node_and_on_several(recorder):

@@ -5,6 +5,7 @@ checkpoints are set aside, never deleted, one run per directory; and the trainer
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -184,6 +185,23 @@ def test_a_lock_from_another_host_is_taken_over_only_by_a_requeued_start_of_its_
     lock = resume.RunLock(tmp_path)
     assert "removed a stale lock of pid 1 on node-elsewhere" in lock.acquire()[0]
     lock.release()
+
+
+def test_a_new_rank_0_takes_its_runs_lock_over_and_the_lost_one_leaves_it_alone(tmp_path, monkeypatch):
+    """Elastic: rank 0 is lost with its node (its process may come back); the rank that becomes
+    rank 0 holds the run's lock from then on and removes it at the end, the lost one does not."""
+    lost = resume.RunLock(tmp_path)
+    lost.acquire()
+    monkeypatch.setattr(resume.socket, "gethostname", lambda: "node1")  # the new rank 0, on another node
+    new = resume.RunLock(tmp_path)
+    new.take_over()
+    holder = json.loads((tmp_path / resume.LOCK_NAME).read_text())
+    assert (holder["host"], holder["pid"]) == ("node1", os.getpid()) and new.held
+    assert sorted(p.name for p in tmp_path.iterdir()) == [resume.LOCK_NAME]  # no spare file left
+    lost.release()  # the lost rank 0, back: the lock is not its own any more
+    assert (tmp_path / resume.LOCK_NAME).exists()
+    new.release()
+    assert not (tmp_path / resume.LOCK_NAME).exists()
 
 
 # -- the trainer around it (one process) ----------------------------------------------------------

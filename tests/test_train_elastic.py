@@ -120,7 +120,7 @@ def test_crash_then_growth(tmp_path):
 
     out, summary, sizes = finish_job(proc, text, run_dir, STEPS, 4, grow)  # signflip on rank 2 did not break FA
     events = summary["events"]
-    assert "[elastic.sh] + horovodrun -np 4 --min-np 3 --max-np 4 --host-discovery-script" in out, out[:3000]
+    assert "[elastic.sh] + python -m fa_hvd.horovodrun -np 4 --min-np 3 --max-np 4 --host-discovery-script" in out, out[:3000]
     assert f"fa_hvd fault: rank {crash_rank} crashes at step 15" in out
     assert out.count("crashes at step") == 1, out[-6000:]
     assert any("from 4 to 3 ranks" in e for e in events) and any("from 3 to 4 ranks" in e for e in events), events

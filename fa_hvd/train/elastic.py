@@ -1,7 +1,8 @@
 """Elastic mode (``elastic.enabled``): Horovod's ``hvd.elastic.run`` around the training loop.
 
-Launch with ``horovodrun -np N --min-np M --max-np K --host-discovery-script S
-fa-hvd-train ...`` (Gloo). :class:`ElasticState` is the Horovod state object:
+Launch with ``launch/elastic.sh`` or ``python -m fa_hvd.horovodrun -np N --min-np M --max-np K
+--host-discovery-script S fa-hvd-train ...`` (Gloo; :mod:`fa_hvd.horovodrun` is horovodrun not held
+up by a cut-off rank 0). :class:`ElasticState` is the Horovod state object:
 
 * ``commit()`` every ``elastic.commit_every_steps`` steps keeps an in-memory
   copy of the shared state (model, optimizer with the aggregator's state,
@@ -122,7 +123,8 @@ def join(trainer: Trainer) -> None:
         raise WorldTooSmall(f"elastic: cannot continue on {trainer.world} ranks: {exc}") from None
     trainer.join_world()
     trainer.open_trust()  # a world of another size numbers its ranks anew: trust starts again, its suspects kept
-    if trainer.rank == 0 and trainer.log is None:
+    if trainer.rank == 0 and trainer.log is None:  # the world's first rank 0, or one after rank 0 was lost
+        trainer.lock.take_over()
         trainer.open_outputs()
 
 

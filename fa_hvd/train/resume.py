@@ -7,7 +7,8 @@ time, the SLURM job id and restart count) for the whole run. A second run of the
 is refused, naming the first one's host and pid; a lock whose process is gone (same host, no
 such pid or another process under that pid; or an earlier start of this requeued SLURM job,
 wherever it ran) is stale and taken over, saying so. Any other lock from another host cannot be
-checked and is never taken over.
+checked and is never taken over. Under elastic, a rank that becomes rank 0 (the old one lost with
+its node) takes its own run's lock over (:meth:`RunLock.take_over`) and releases it at the end.
 
 :func:`choose` (collective, every rank at once) picks the checkpoint:
 
@@ -101,10 +102,23 @@ class RunLock:
                              f"(that process is gone) from {self.path}")
                 continue
             with os.fdopen(fd, "w") as fh:
-                json.dump({**self.me, "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}, fh)
+                json.dump(self._record(), fh)
             self.held = True
             return notes
         raise UsageError(f"cannot take the lock {self.path}: another run keeps creating it")
+
+    def take_over(self) -> None:
+        """Hold this run's lock from this process on: an elastic run whose rank 0 was lost goes on
+        under a new rank 0. The lost one, if it comes back, leaves the lock alone (:meth:`release`)."""
+        if self.held:
+            return
+        spare = self.path.with_name(f"{LOCK_NAME}.{self.me['host']}.{self.me['pid']}")
+        spare.write_text(json.dumps(self._record()))
+        os.replace(spare, self.path)
+        self.held = True
+
+    def _record(self) -> dict:
+        return {**self.me, "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
     def _holder(self) -> dict:
         try:
