@@ -89,10 +89,10 @@ Modes:
      place (a tie needs ``sep <= diam``), so it is continuous in ``K``; between ``diam`` and
      ``(1 + SEPARATION_MARGIN) diam`` the raise is partial and the bound is not promised.
 
-  Stability. Every choice is a ramp of width ``MARGIN`` or ``SEPARATION_MARGIN`` (relative) or
-  ``AGREEMENT_MARGIN`` (absolute) around an order statistic, which is itself continuous in ``K``: a change of
-  ``K`` by rounding (a sharded sum of partial Grams, another BLAS) moves the weights by
-  about that rounding over the margin, never by a whole row (``floor``: ``1e-12`` times the
+  Stability. Every choice is a ramp of width ``MARGIN`` or ``SEPARATION_MARGIN`` (relative)
+  or ``AGREEMENT_MARGIN`` (absolute) around an order statistic, which is itself continuous in
+  ``K``: a change of ``K`` by rounding (a sharded sum of partial Grams, another BLAS) moves
+  the weights by about that rounding over the margin, never by a whole row (``floor``: ``1e-12`` times the
   largest ``K_ii``, far above fp64 rounding of ``K``). The flag fit's top-``r`` subspace
   is the one exception: where eigenvalues ``r`` and ``r + 1`` of the weighted scatter
   coincide it is not unique, and rounding can turn it and, through the votes, move the
@@ -233,7 +233,7 @@ class Flag(Aggregator):
         selected = soft_selection(sq_distances(K=mixed), f, floor)
         weights = votes * selected
         c = M.T @ (weights / weights.sum())
-        core = soft_core(radius, p - f, floor)
+        core = soft_smallest(radius, p - f, floor)
         gate = separation_gate(D, radius, p - f, floor)
         for _ in range(CLIP_STEPS):
             c = clipped_mean(K, c, f, core, gate)
@@ -367,11 +367,11 @@ def soft_neighbours(D: torch.Tensor, t: torch.Tensor, floor: float) -> torch.Ten
     return near / near.sum(1, keepdim=True)
 
 
-def soft_core(t: torch.Tensor, q: int, floor: float) -> torch.Tensor:
-    """Step 4's core: ``ramp((t_(q) - t_i) / (MARGIN t_(q) + floor))`` of the radii ``t``, 1 on the
-    ``q`` rows of smallest radius."""
-    cut = t.sort().values[q - 1]
-    return ramp((cut - t) / (MARGIN * cut + floor))
+def soft_smallest(x: torch.Tensor, q: int, floor: float) -> torch.Tensor:
+    """``ramp((x_(q) - x_i) / (MARGIN x_(q) + floor))``: 1 on the ``q`` smallest of ``x`` (>= 0),
+    fading to 0 over ``MARGIN`` above the ``q``-th (step 3's selection, step 4's core)."""
+    cut = x.sort().values[q - 1]
+    return ramp((cut - x) / (MARGIN * cut + floor))
 
 
 def separation_gate(D: torch.Tensor, t: torch.Tensor, q: int, floor: float) -> float:
@@ -405,9 +405,7 @@ def soft_selection(D: torch.Tensor, f: int, floor: float) -> torch.Tensor:
     p = D.shape[0]
     if f == 0 or p - f - 1 < 1:
         return torch.ones(p, dtype=D.dtype, device=D.device)
-    scores = krum_scores(D, f - 1)  # Krum's count, p - (f - 1) - 2 = p - f - 1 nearest others
-    cut = scores.sort().values[p - f - 1]
-    return ramp((cut - scores) / (MARGIN * cut + floor))
+    return soft_smallest(krum_scores(D, f - 1), p - f, floor)  # Krum's count: p - f - 1 nearest others
 
 
 class _GramBasis(NamedTuple):
