@@ -283,6 +283,46 @@ def test_byzantine_row_gets_no_weight_beside_a_tight_honest_pair():
     assert byzantine_share(agg.weights, slice(3, 4)) <= 0.25
 
 
+def separated_core(offset, n=64):
+    """p = 7, f = 2: four honest rows within 0.01 of a (one of them at a + 0.01 e1), a fifth at
+    a + e0 (honest diameter sqrt(1.0001)), and two Byzantine copies at a + offset e1: farther
+    from every honest row than that diameter when offset > 0.01 + sqrt(1.0001), yet closer to
+    the centre they pull than the fifth row."""
+    gen = torch.Generator().manual_seed(0)
+    e = torch.eye(n, dtype=torch.float64)
+    a = 10 * torch.nn.functional.normalize(torch.randn(n, generator=gen, dtype=torch.float64), dim=0)
+    honest = torch.stack([a + 0.01 * e[3], a - 0.01 * e[3], a + 0.01 * e[4], a + 0.01 * e[1], a + e[0]])
+    return honest, torch.stack([a + offset * e[1]] * 2)
+
+
+def test_a_separated_honest_group_is_not_clipped_below_the_byzantine_rows():
+    """The case centred clipping alone lost (Byzantine share 0.294 > 2/7): the copies sit nearer
+    the centre than the far honest row, which the clip cut while it kept them whole."""
+    honest, bad = separated_core(1.05)
+    G = torch.cat([honest, bad])
+    assert float(torch.cdist(honest, honest).max()) < float(torch.cdist(honest, bad).min())
+    c = get("flag", f=2).coefficients(G @ G.T, 2)
+    assert byzantine_share(c, slice(5, 7)) <= 2 / 7 + 1e-12
+    assert float(c[:5].min()) >= float(c[5:].max()) - 1e-12  # the far honest row counts as much as a copy
+
+
+def test_the_separation_gate_moves_the_output_only_by_the_rounding_at_its_threshold():
+    """Copies exactly as far from the honest rows as the honest diameter: a rounding-level change
+    of K crosses sep = diam both ways; the gate opens over SEPARATION_MARGIN, not at once."""
+    honest, bad = separated_core(0.01 + 1.0001 ** 0.5)
+    G = torch.cat([honest, bad])
+    K = G @ G.T
+    scale = float(K.diagonal().max())
+    agg = get("flag", f=2)
+    base = agg.coefficients(K, 2)
+    gen = torch.Generator().manual_seed(1)
+    worst = 0.0
+    for trial in range(20):
+        noise = torch.randn(7, 7, generator=gen, dtype=torch.float64) * 1e-14 * scale
+        worst = max(worst, float((agg.coefficients(K + (noise + noise.T) / 2, 2) - base).abs().max()))
+    assert worst < 1e-9
+
+
 def test_decisions_near_their_thresholds_move_the_output_only_by_the_rounding():
     """Rows placed so that the neighbourhoods and the selection tie (rows 1..4 are all at one
     distance from row 0, and Multi-Krum keeps 3 of them): a rounding-level change of K moves

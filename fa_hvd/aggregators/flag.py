@@ -77,11 +77,22 @@ Modes:
      rows the selection left out count again (a selection of ``p - f`` rows is biased when
      honest rows differ, non-IID), and a row beyond ``tau`` moves ``z`` by at most
      ``tau / p``. ``p`` identical rows give that row; no rescaling is needed.
+     *A separated group is never clipped.* Call the ``p - f`` rows of smallest radius ``t_i``
+     (step 1) the core, ``diam`` the largest squared distance within it and ``sep`` the
+     smallest from it to another row. When ``sep > diam`` (the honest rows agree more closely
+     with each other than with any other row: then they are the core), ``tau`` is raised by
+     ``gate * (max_i k_i ||x_i - z|| - tau)``, ``k_i = ramp((t_(p-f) - t_i) / (MARGIN t_(p-f) +
+     floor))`` (1 on the core) and ``gate = clamp((sep - diam) / (SEPARATION_MARGIN diam +
+     floor), 0, 1)``: at ``gate = 1`` no core row is clipped and an outside row counts at
+     most as much as one, so a single step holds the outside rows' share of ``c`` to at most
+     ``f / p``, whatever the centre. The gate is 0 wherever two rows tie for the core's last
+     place (a tie needs ``sep <= diam``), so it is continuous in ``K``; between ``diam`` and
+     ``(1 + SEPARATION_MARGIN) diam`` the raise is partial and the bound is not promised.
 
-  Stability. Every choice is a ramp of width ``MARGIN`` (relative) or ``AGREEMENT_MARGIN``
-  (absolute) around an order statistic, which is itself continuous in ``K``: a change of
-  ``K`` by rounding (a sharded sum of partial Grams, another BLAS) moves the weights by
-  about that rounding over the margin, never by a whole row (``floor``: ``1e-12`` times the
+  Stability. Every choice is a ramp of width ``MARGIN`` or ``SEPARATION_MARGIN`` (relative)
+  or ``AGREEMENT_MARGIN`` (absolute) around an order statistic, which is itself continuous in
+  ``K``: a change of ``K`` by rounding (a sharded sum of partial Grams, another BLAS) moves
+  the weights by about that rounding over the margin, never by a whole row (``floor``: ``1e-12`` times the
   largest ``K_ii``, far above fp64 rounding of ``K``). The flag fit's top-``r`` subspace
   is the one exception: where eigenvalues ``r`` and ``r + 1`` of the weighted scatter
   coincide it is not unique, and rounding can turn it and, through the votes, move the
@@ -118,6 +129,8 @@ MARGIN = 0.25
 """Default mode: relative width of the ramps of the neighbour and selection choices."""
 CLIP_STEPS = 3
 """Default mode: steps of the mean clipped around the selected centre (step 4)."""
+SEPARATION_MARGIN = 0.02
+"""Default mode: relative width of the gate that stops step 4 clipping a separated core (squared distances)."""
 AGREEMENT_MARGIN = 0.1
 """Default mode: width of the vote's ramp, in agreement units (agreements lie in [-1, 1])."""
 FLOOR = 1e-12
@@ -208,7 +221,9 @@ class Flag(Aggregator):
         K = K.to(device="cpu", dtype=torch.float64)  # p x p: dozens of tiny steps, cheapest on the CPU
         p = K.shape[0]
         floor = FLOOR * float(K.diagonal().amax().clamp_min(0)) or FLOOR
-        M = soft_neighbours(sq_distances(K=K), p - f, floor)
+        D = sq_distances(K=K)
+        radius = neighbour_radius(D, p - f)
+        M = soft_neighbours(D, radius, floor)
         mixed = M @ K @ M.T
         mixed = (mixed + mixed.T) / 2
         basis = _gram_basis(mixed, eps)
@@ -218,8 +233,10 @@ class Flag(Aggregator):
         selected = soft_selection(sq_distances(K=mixed), f, floor)
         weights = votes * selected
         c = M.T @ (weights / weights.sum())
+        core = soft_smallest(radius, p - f, floor)
+        gate = separation_gate(D, radius, p - f, floor)
         for _ in range(CLIP_STEPS):
-            c = clipped_mean(K, c, f)
+            c = clipped_mean(K, c, f, core, gate)
         return c.to(device)
 
     # -- IRLS ------------------------------------------------------------------------
@@ -320,12 +337,15 @@ class FlagFit(NamedTuple):
     r: int
 
 
-def clipped_mean(K: torch.Tensor, c: torch.Tensor, f: int) -> torch.Tensor:
+def clipped_mean(K: torch.Tensor, c: torch.Tensor, f: int, core: torch.Tensor, gate: float) -> torch.Tensor:
     """Step 4: ``z + (1/p) sum_i min(1, tau / ||x_i - z||) (x_i - z)`` for ``z = c^T G``, ``tau``
-    the ``(p - f)``-th smallest ``||x_i - z||``; returns its coefficients, from ``K``."""
+    the ``(p - f)``-th smallest ``||x_i - z||`` raised by ``gate`` towards the farthest ``core``
+    row; returns its coefficients, from ``K``."""
     p = K.shape[0]
     d = (K.diagonal() - 2 * (K @ c) + c @ K @ c).clamp_min(0).sqrt()
     tau = d.sort().values[p - f - 1]
+    if gate > 0:
+        tau = tau + gate * ((core * d).amax() - tau)
     s = torch.where(d > tau, tau / d, torch.ones_like(d))
     return c * (1 - s.sum() / p) + s / p
 
@@ -335,11 +355,37 @@ def ramp(x: torch.Tensor) -> torch.Tensor:
     return (1 + x).clamp(0, 1)
 
 
-def soft_neighbours(D: torch.Tensor, q: int, floor: float) -> torch.Tensor:
-    """Step 1: the ``(p, p)`` mixing matrix of soft NNM from squared distances ``D`` (rows sum to 1)."""
-    t = D.sort(dim=1).values[:, q - 1 : q]
-    near = ramp((t - D) / (MARGIN * t + floor))
+def neighbour_radius(D: torch.Tensor, q: int) -> torch.Tensor:
+    """Each row's ``t_i``: the ``q``-th smallest of its squared distances ``D`` (itself included)."""
+    return D.sort(dim=1).values[:, q - 1]
+
+
+def soft_neighbours(D: torch.Tensor, t: torch.Tensor, floor: float) -> torch.Tensor:
+    """Step 1: the ``(p, p)`` mixing matrix of soft NNM from squared distances ``D`` and the
+    radii ``t`` (:func:`neighbour_radius`; rows sum to 1)."""
+    near = ramp((t[:, None] - D) / (MARGIN * t[:, None] + floor))
     return near / near.sum(1, keepdim=True)
+
+
+def soft_smallest(x: torch.Tensor, q: int, floor: float) -> torch.Tensor:
+    """``ramp((x_(q) - x_i) / (MARGIN x_(q) + floor))``: 1 on the ``q`` smallest of ``x`` (>= 0),
+    fading to 0 over ``MARGIN`` above the ``q``-th (step 3's selection, step 4's core)."""
+    cut = x.sort().values[q - 1]
+    return ramp((cut - x) / (MARGIN * cut + floor))
+
+
+def separation_gate(D: torch.Tensor, t: torch.Tensor, q: int, floor: float) -> float:
+    """Step 4's gate: 1 when the ``q`` rows of smallest radius ``t`` are farther (squared
+    distances ``D``) from every other row than ``1 + SEPARATION_MARGIN`` times their largest
+    distance among themselves, 0 when not farther at all, linear between (``floor``: the
+    smallest width)."""
+    order = t.sort().indices
+    core, rest = order[:q], order[q:]
+    if rest.numel() == 0:
+        return 0.0
+    diam = float(D[core][:, core].amax())
+    sep = float(D[core][:, rest].amin())
+    return min(max((sep - diam) / (SEPARATION_MARGIN * diam + floor), 0.0), 1.0)
 
 
 def _votes(P: torch.Tensor, previous: torch.Tensor, f: int) -> torch.Tensor:
@@ -359,9 +405,7 @@ def soft_selection(D: torch.Tensor, f: int, floor: float) -> torch.Tensor:
     p = D.shape[0]
     if f == 0 or p - f - 1 < 1:
         return torch.ones(p, dtype=D.dtype, device=D.device)
-    scores = krum_scores(D, f - 1)  # Krum's count, p - (f - 1) - 2 = p - f - 1 nearest others
-    cut = scores.sort().values[p - f - 1]
-    return ramp((cut - scores) / (MARGIN * cut + floor))
+    return soft_smallest(krum_scores(D, f - 1), p - f, floor)  # Krum's count: p - f - 1 nearest others
 
 
 class _GramBasis(NamedTuple):
