@@ -18,11 +18,14 @@ here, O(p^2) in the rule), which the ledger averages over the same window:
 
 * the *alignment*: the cosine of the row with the aggregate of the others, ``a - c_i x_i``
   (leaving the row out keeps its own share from making it agree with itself). An honest row
-  shares the others' expected gradient: its window mean is near 0 or above (IID: -0.05 at the
-  lowest in the measured grid; a non-IID shard can point away from the rest: -0.25). A sign
-  flip points against the others (-0.28 to -0.48), IPM's ``-eps mean`` straight back (about
-  -1). It cannot catch a row along the aggregate (ALIE: +0.57 to +0.86), and in non-IID it
-  separates a sign flip from an honest but unusual shard by a thin margin only;
+  shares the others' expected gradient; a sign flip points against the others, IPM's
+  ``-eps mean`` straight back (about -1). It cannot catch a row along the aggregate (ALIE).
+  How far an honest row's alignment falls depends on the data split: in IID every row's is
+  near 0 or above, in non-IID *every* row's drops (a Dirichlet shard points away from the
+  rest; with alpha 0.1 the lowest honest window mean was -0.47, below a sign flip's -0.28 in
+  IID). So a rank is judged on its *alignment gap*, its window mean minus the median rank's
+  (an honest figure while fewer than half the ranks are Byzantine): a row that pulls against
+  the aggregate more than the typical row does, whatever the split;
 * the *distance* ``d_i = ||x_i - a||^2 / median_j ||x_j - a||^2`` of the row to the
   aggregate, relative to the typical row's. Every honest row carries its own batch noise,
   which keeps ``d_i`` near 1 (the median), and an honest row does not sit at the centre
@@ -40,7 +43,7 @@ of the window's steps did; their thresholds are measured on 100-step windows (sh
 are noisier).
 
 A rank becomes a *suspect* once, over a full window, its mean relative weight is
-below ``min_weight``, its mean alignment below ``min_alignment`` or its mean distance
+below ``min_weight``, its alignment gap below ``min_alignment`` or its mean distance
 below ``min_distance`` (rules that report weights), or its row was non-finite in more
 than ``max_nonfinite`` of the window's steps (every robust rule). It is named once,
 at the step it crosses. Coordinate-wise rules (median, trimmed mean, Bulyan) and
@@ -63,6 +66,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import statistics
 from collections import deque
 from dataclasses import dataclass
 
@@ -82,7 +86,7 @@ class Thresholds:
     window: int = 100
     min_weight: float = 0.2
     max_nonfinite: float = 0.5
-    min_alignment: float | None = -0.3  # None: not judged
+    min_alignment: float | None = -0.3  # on the alignment gap (window mean minus the median rank's); None: not judged
     min_distance: float | None = 0.15
 
     def check(self, where: str) -> None:
@@ -248,10 +252,11 @@ class TrustLedger:
         if len(self._window) < self.thresholds.window:
             return []
         named = []
+        table = self.window_table()
         for r in range(p):
             if r in self.suspects:
                 continue
-            evidence = self._crossed(r)
+            evidence = self._crossed(r, table[r])
             if evidence is not None:
                 self.suspects[r] = {"rank": r, **self.identities[r], "step": step, **evidence}
                 named.append(self.suspects[r])
@@ -268,17 +273,29 @@ class TrustLedger:
         return {key: self._win[key].mean(r) if 2 * self._win[key].counts[r] >= len(self._window) else None
                 for key in SIGNALS}
 
-    def _crossed(self, r: int) -> dict | None:
-        weight, nonfinite = self.window_figures(r)
-        signals = self.window_signals(r)
+    def window_table(self) -> list[dict]:
+        """Per rank, the figures judged over the window: ``weight``, ``nonfinite`` (:meth:`window_figures`),
+        ``alignment``, ``distance`` (:meth:`window_signals`) and ``alignment_gap``, the rank's alignment
+        minus the median of the ranks' that have one (None without). O(p log p)."""
+        rows = []
+        for r in range(self.p):
+            weight, nonfinite = self.window_figures(r)
+            rows.append({"weight": weight, "nonfinite": nonfinite, **self.window_signals(r)})
+        known = [row["alignment"] for row in rows if row["alignment"] is not None]
+        middle = statistics.median(known) if known else None
+        for row in rows:
+            row["alignment_gap"] = None if row["alignment"] is None else row["alignment"] - middle
+        return rows
+
+    def _crossed(self, r: int, row: dict) -> dict | None:
+        weight, nonfinite, gap, distance = row["weight"], row["nonfinite"], row["alignment_gap"], row["distance"]
         t = self.thresholds
         reasons = []
         if weight is not None and weight < t.min_weight:
             reasons.append(f"mean relative weight {weight:.3f} < {t.min_weight} over the last {t.window} steps")
-        alignment, distance = signals["alignment"], signals["distance"]
-        if alignment is not None and t.min_alignment is not None and alignment < t.min_alignment:
-            reasons.append(f"mean alignment with the aggregate {alignment:.3f} < {t.min_alignment} "
-                           f"over the last {t.window} steps (pulls against it)")
+        if gap is not None and t.min_alignment is not None and gap < t.min_alignment:
+            reasons.append(f"mean alignment with the aggregate {row['alignment']:.3f}, {-gap:.3f} below the median "
+                           f"rank's (more than {-t.min_alignment}) over the last {t.window} steps (pulls against it)")
         if distance is not None and t.min_distance is not None and distance < t.min_distance:
             reasons.append(f"mean relative distance to the aggregate {distance:.3f} < {t.min_distance} "
                            f"over the last {t.window} steps (closer than honest noise allows)")
@@ -287,7 +304,7 @@ class TrustLedger:
         if not reasons:
             return None
         return {"reason": "; ".join(reasons), "window": t.window, "window_weight": weight,
-                "window_alignment": alignment, "window_distance": distance,
+                "window_alignment": row["alignment"], "window_alignment_gap": gap, "window_distance": distance,
                 "window_nonfinite": nonfinite, "dropped_steps": self._dropped[r].count,
                 "nonfinite_steps": self._nonfinite[r].count}
 
@@ -297,13 +314,11 @@ class TrustLedger:
     def summary(self) -> dict:
         """``ranks``: each rank's identity and figures; ``suspects``: the named ones, with evidence."""
         ranks = []
-        for r in range(self.p):
-            weight, nonfinite = self.window_figures(r)
-            signals = self.window_signals(r)
+        for r, row in enumerate(self.window_table()):
             ranks.append({"rank": r, **self.identities[r], "run_weight": self.run_weight(r),
-                          "window_weight": weight, "window_nonfinite": nonfinite,
+                          "window_weight": row["weight"], "window_nonfinite": row["nonfinite"],
                           **{f"run_{key}": self._run[key].mean(r) for key in SIGNALS},
-                          **{f"window_{key}": signals[key] for key in SIGNALS},
+                          **{f"window_{key}": row[key] for key in (*SIGNALS, "alignment_gap")},
                           "dropped_steps": self._dropped[r].count, "dropped": self._dropped[r].ranges[:MAX_RANGES],
                           "nonfinite_steps": self._nonfinite[r].count,
                           "nonfinite": self._nonfinite[r].ranges[:MAX_RANGES]})
