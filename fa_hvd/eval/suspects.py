@@ -204,7 +204,7 @@ def extremes(cells: list[dict]) -> str:
     groups = (("calibration", lambda c: c["fault"] == NO_ATTACK and c["seed"] == CALIBRATION_SEED),
               ("held-out", lambda c: c["fault"] == NO_ATTACK and c["seed"] != CALIBRATION_SEED),
               ("attacked", lambda c: c["fault"] != NO_ATTACK))
-    for key in ("weight", "alignment_gap", "distance"):
+    for key in ("weight", "alignment", "alignment_gap", "distance"):
         sign = FIGURES[key][1]
         for rule in sorted({c["rule"] for c in cells}):
             for split in dict.fromkeys(c["split"] for c in cells):
@@ -235,7 +235,7 @@ def report(cells: list[dict], margin: float, defaults: Thresholds = Thresholds()
             + breakdown(cells, defaults, "split")
             + "\n## Detected attacked cells per fault\n\n" + breakdown(cells, defaults, "fault")
             + "\n## Detected attacked cells per shape\n\n" + breakdown(cells, defaults, "shape")
-            + "\n## Most suspect window figures (weight, alignment gap, distance: lowest)\n\n" + extremes(cells))
+            + "\n## Most suspect window figures (weight, alignment (not judged), alignment gap, distance: lowest)\n\n" + extremes(cells))
 
 
 def main(argv=None) -> int:
