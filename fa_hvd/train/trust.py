@@ -31,12 +31,12 @@ here, O(p^2) in the rule), which the ledger averages over the same window:
   which keeps ``d_i`` near 1 (the median), and an honest row does not sit at the centre
   step after step. A row computed from the others' statistics (ALIE at the mean minus
   ``z`` standard deviations, IPM at ``-eps`` times the mean) sits far closer than any
-  honest row: ``d_i`` near 0 (ALIE 0.01 to 0.12, IPM 0.07 to 0.31 in the grid). It names
+  honest row: ``d_i`` near 0 (ALIE 0.0 to 0.2, IPM 0.07 to 0.31 in the grid). It names
   such a row only as *too close*: an ALIE row at ``z = 0`` is the honest mean and harmless,
   and is named by this alone (reliably: it stays near 0 however the data is split); one
   that adds noise of the honest size to its row is not named at all. Its false positives
   are honest rows that sit near the aggregate step after step: under geomed, whose
-  aggregate can lie on a data row, an honest rank came to 0.157 against the default 0.15.
+  aggregate can lie on a data row, an honest rank came to 0.157 with an attacker far away.
 
 Both are means over the window's steps that reported them, judged only when at least half
 of the window's steps did; their thresholds are measured on 100-step windows (shorter ones
@@ -48,8 +48,9 @@ below ``min_distance`` (rules that report weights), or its row was non-finite in
 than ``max_nonfinite`` of the window's steps (every robust rule). It is named once,
 at the step it crosses. Coordinate-wise rules (median, trimmed mean, Bulyan) and
 cclip report no weights: they can name only non-finite rows. The default
-thresholds come from the honest ranks' extremes on a grid, with and without attacks,
-IID and non-IID (``docs/results/suspects/``, written by :mod:`fa_hvd.eval.suspects`).
+thresholds come from the honest ranks' extremes in a grid's no-attack cells, IID and
+non-IID, with a margin (:class:`Thresholds`; ``docs/results/suspects/``, written by
+:mod:`fa_hvd.eval.suspects`, which also measures them on held-out seeds and attacks).
 
 Every rank computes the same aggregate from the same rows, so every rank's
 diagnostics, and so its ledger, are the same; in the sharded exchange they are
@@ -81,13 +82,16 @@ MAX_RANGES = 50  # step ranges kept per rank in the summary (the count is always
 
 @dataclass(frozen=True)
 class Thresholds:
-    """When a rank becomes a suspect (see the module docstring); measured defaults."""
+    """When a rank becomes a suspect (see the module docstring). The defaults lie 1.5x beyond the
+    honest ranks' most suspect window figures in the calibration cells of ``docs/results/suspects/``
+    (no attack, seed 0, p = 4 to 8, IID and Dirichlet(0.5): weight 0.098, alignment gap -0.208,
+    distance 0.517), rounded outward; measured on 100-step windows."""
 
     window: int = 100
-    min_weight: float = 0.2
+    min_weight: float = 0.06
     max_nonfinite: float = 0.5
-    min_alignment: float | None = -0.3  # on the alignment gap (window mean minus the median rank's); None: not judged
-    min_distance: float | None = 0.15
+    min_alignment: float | None = -0.32  # on the alignment gap (window mean minus the median rank's); None: not judged
+    min_distance: float | None = 0.34
 
     def check(self, where: str) -> None:
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
