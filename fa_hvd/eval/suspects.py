@@ -235,7 +235,8 @@ def report(cells: list[dict], margin: float, defaults: Thresholds = Thresholds()
             + breakdown(cells, defaults, "split")
             + "\n## Detected attacked cells per fault\n\n" + breakdown(cells, defaults, "fault")
             + "\n## Detected attacked cells per shape\n\n" + breakdown(cells, defaults, "shape")
-            + "\n## Most suspect window figures (weight, alignment (not judged), alignment gap, distance: lowest)\n\n" + extremes(cells))
+            + "\n## Most suspect window figures (weight, alignment (not judged), alignment gap, distance: lowest)\n\n"
+            + extremes(cells))
 
 
 def main(argv=None) -> int:
@@ -261,9 +262,8 @@ def main(argv=None) -> int:
         done.add(cell.key)
         with open(path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
-        print(f"{cell.key}: lowest honest alignment gap "
-              f"{min((v for r in honest(record) if (v := extreme(record, r, 'alignment_gap')) is not None), default=None)}",
-              flush=True)
+        gaps = [v for r in honest(record) if (v := extreme(record, r, "alignment_gap")) is not None]
+        print(f"{cell.key}: lowest honest alignment gap {min(gaps, default=None)}", flush=True)
     cells = list({cell["key"]: cell for cell in map(json.loads, path.read_text().splitlines())}.values())  # last wins
     text = (f"# Suspects: {len(cells)} cells of {', '.join(args.grid)} (simulation engine, window {args.window})\n\n"
             + report(cells, args.margin))
