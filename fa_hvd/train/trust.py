@@ -22,7 +22,7 @@ here, O(p^2) in the rule), which the ledger averages over the same window:
   ``-eps mean`` straight back (about -1). It cannot catch a row along the aggregate (ALIE).
   How far an honest row's alignment falls depends on the data split: in IID every row's is
   near 0 or above, in non-IID *every* row's drops (a Dirichlet shard points away from the
-  rest; with alpha 0.1 the lowest honest window mean was -0.47, below a sign flip's -0.28 in
+  rest; with alpha 0.1 the lowest honest window mean was -0.56, below a sign flip's -0.26 in
   IID). So a rank is judged on its *alignment gap*, its window mean minus the median rank's
   (an honest figure while fewer than half the ranks are Byzantine): a row that pulls against
   the aggregate more than the typical row does, whatever the split;
@@ -31,12 +31,13 @@ here, O(p^2) in the rule), which the ledger averages over the same window:
   which keeps ``d_i`` near 1 (the median), and an honest row does not sit at the centre
   step after step. A row computed from the others' statistics (ALIE at the mean minus
   ``z`` standard deviations, IPM at ``-eps`` times the mean) sits far closer than any
-  honest row: ``d_i`` near 0 (ALIE 0.0 to 0.2, IPM 0.07 to 0.31 in the grid). It names
+  honest row: ``d_i`` near 0 (ALIE 0.0 to 0.28, IPM 0.07 to 0.31 in the grid). It names
   such a row only as *too close*: an ALIE row at ``z = 0`` is the honest mean and harmless,
   and is named by this alone (reliably: it stays near 0 however the data is split); one
   that adds noise of the honest size to its row is not named at all. Its false positives
-  are honest rows that sit near the aggregate step after step: under geomed, whose
-  aggregate can lie on a data row, an honest rank came to 0.157 with an attacker far away.
+  are honest rows that sit near the aggregate step after step: in non-IID, most under geomed
+  (whose aggregate can lie on a data row), honest ranks came to 0.03 (Dirichlet(0.5)) and 0.0
+  (Dirichlet(0.1)) with no attack: the default names honest ranks there.
 
 Both are means over the window's steps that reported them, judged only when at least half
 of the window's steps did; their thresholds are measured on 100-step windows (shorter ones
@@ -84,14 +85,15 @@ MAX_RANGES = 50  # step ranges kept per rank in the summary (the count is always
 class Thresholds:
     """When a rank becomes a suspect (see the module docstring). The defaults lie 1.5x beyond the
     honest ranks' most suspect window figures in the calibration cells of ``docs/results/suspects/``
-    (no attack, seed 0, p = 4 to 8, IID and Dirichlet(0.5): weight 0.098, alignment gap -0.208,
-    distance 0.517), rounded outward; measured on 100-step windows."""
+    (no attack, seed 0, p = 4 to 15, IID and Dirichlet(0.5): weight 0.098, alignment gap -0.208,
+    distance 0.256), rounded outward; measured on 100-step windows. Measured on held-out seeds
+    they name honest ranks far too often in non-IID (``docs/results/suspects/README.md``)."""
 
     window: int = 100
     min_weight: float = 0.06
     max_nonfinite: float = 0.5
     min_alignment: float | None = -0.32  # on the alignment gap (window mean minus the median rank's); None: not judged
-    min_distance: float | None = 0.34
+    min_distance: float | None = 0.17
 
     def check(self, where: str) -> None:
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
