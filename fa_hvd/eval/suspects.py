@@ -5,10 +5,11 @@
 Runs each cell of one or more grids in the simulation engine (:func:`fa_hvd.eval.simulate.simulate`)
 with a :class:`~fa_hvd.train.trust.TrustLedger` fed every step's diagnostics, and records, per
 rank and per judged figure (:data:`FIGURES`: the window's mean relative weight, non-finite
-fraction, alignment gap and distance), every step at which the figure reached a new extreme in
-the suspect direction (a running minimum, or maximum for the non-finite fraction). From these
-*records* the step at which any threshold would have named the rank is exact (:func:`named_at`),
-so one sweep judges every threshold. ``OUT/results.jsonl`` holds one line per cell (cells
+fraction, alignment gap and distance), every step at which the figure, rounded to :data:`DIGITS`
+decimals, reached a new extreme in the suspect direction (a running minimum, or maximum for the
+non-finite fraction). From these *records* the step at which any threshold (of at most
+:data:`DIGITS` decimals) would have named the rank is exact (:func:`named_at`), so one sweep judges
+every threshold. ``OUT/results.jsonl`` holds one line per cell (cells
 already there are skipped); ``OUT/table.md`` is the report:
 
 * the thresholds, set from the honest ranks of the *calibration* cells (no attack, seed
@@ -43,6 +44,7 @@ FIGURES = {"weight": ("min_weight", -1), "nonfinite": ("max_nonfinite", 1),
 """Window figure -> (its threshold in :class:`Thresholds`, None: recorded, not judged; the suspect
 direction: -1 below, +1 above)."""
 CALIBRATION_SEED = 0
+DIGITS = 4  # recorded figures are rounded to this many decimals (thresholds have two)
 NO_ATTACK = "none"
 
 
@@ -61,7 +63,10 @@ class _Recorder:
         for r, row in enumerate(self.ledger.window_table()):
             for key, (_, sign) in FIGURES.items():
                 value, mine = row[key], self.records[key][r]
-                if value is not None and (not mine or sign * (value - mine[-1][1]) > 0):
+                if value is None:
+                    continue
+                value = round(value, DIGITS)
+                if not mine or sign * (value - mine[-1][1]) > 0:
                     mine.append([step, value])
 
 
