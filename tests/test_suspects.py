@@ -521,22 +521,93 @@ def test_the_signals_survive_a_checkpoint_and_an_old_state_still_loads():
         legacy.load_state_dict({**old, "version": 3})
 
 
-def test_the_sweep_counts_a_rank_named_by_a_signal_alone():
-    """fa_hvd.eval.suspects: a cell whose Byzantine rank (1) only crosses the alignment threshold is detected
-    with the signals and not by weights alone; the honest rank (0) crosses nothing."""
+def test_the_alignment_is_judged_against_the_median_rank():
+    """Non-IID: every rank's alignment is low (-0.4 to -0.3): no one is named on that alone; a rank 0.5 below
+    the median rank's is, and its evidence gives both figures."""
+    ledger = trust.TrustLedger(5, trust.Thresholds(window=2, min_alignment=-0.3, min_distance=None))
+    spread = [-0.4, -0.35, -0.3, -0.35, -0.38]
+    weights = {"nonfinite": [], "dropped": [], "weights": [0.2] * 5}
+    assert [ledger.observe(step, {**weights, "alignment": spread, "distance": [1.0] * 5}) for step in (1, 2)] == [[], []]
+    assert ledger.window_table()[0]["alignment_gap"] == pytest.approx(-0.4 - -0.35)
+    low = spread[:4] + [-0.9]
+    assert ledger.observe(3, {**weights, "alignment": low, "distance": [1.0] * 5}) == []  # window mean -0.64: gap -0.29
+    (named,) = ledger.observe(4, {**weights, "alignment": low, "distance": [1.0] * 5})
+    assert named["rank"] == 4 and named["window_alignment"] == pytest.approx(-0.9)
+    assert named["window_alignment_gap"] == pytest.approx(-0.9 - -0.35)
+    assert "0.550 below the median rank's" in named["reason"]
+    assert ledger.summary()["ranks"][4]["window_alignment_gap"] == pytest.approx(-0.55)
+
+
+def _swept_cell(fault, byzantine, records, seed=0, p=2):
     from fa_hvd.eval import suspects
 
-    never = {str(t): None for t in suspects.CANDIDATES}
-    signals = {key: {"min": [0.0, -0.5], "max": [0.0, -0.3],
-                     "crossed": [{str(t): None for t in ts}, {str(t): (150 if t >= -0.4 else None) for t in ts}]}
-               for key, ts in suspects.SIGNAL_CANDIDATES.items()}
-    signals["distance"]["crossed"][1] = {str(t): None for t in suspects.SIGNAL_CANDIDATES["distance"]}
-    base = {"p": 2, "rule": "flag", "window": 100, "max_nonfinite": [0.0, 0.0], "crossed": [never, never],
-            "signals": signals}
-    calm = {key: {**figures, "crossed": [figures["crossed"][0]] * 2} for key, figures in signals.items()}
-    cells = [{**base, "fault": "signflip", "byzantine": [1]}, {**base, "fault": "none", "byzantine": [], "signals": calm}]
-    assert suspects.named_at(cells[0], 1, 0.2, 0.5, -0.3, 0.15) == 150
-    assert suspects.named_at(cells[0], 1, 0.2, 0.5) is None and suspects.named_at(cells[0], 0, 0.2, 0.5, -0.2, 0.25) is None
-    rows = suspects.signal_report(cells).splitlines()
-    assert "| flag | - | - | 0/1 (0 %) | 0/1 (0 %) | - | 0/1 |" in rows
-    assert "| flag | -0.3 | 0.15 | 0/1 (0 %) | 1/1 (100 %) | 150 / 150 | 0/1 |" in rows
+    full = {key: [[] for _ in range(p)] for key in suspects.FIGURES}
+    for key, ranks in records.items():
+        full[key] = ranks
+    return {"p": p, "rule": "flag", "split": "iid", "f": len(byzantine), "fault": fault, "seed": seed,
+            "window": 100, "byzantine": byzantine, "records": full}
+
+
+def test_the_sweep_records_each_new_extreme_and_names_at_the_first_crossing():
+    """fa_hvd.eval.suspects: the recorder keeps a figure's running minimum (the non-finite fraction's maximum)
+    from the first full window on, and named_at finds the step at which any threshold was first crossed."""
+    from fa_hvd.eval import suspects
+
+    recorder = suspects._Recorder(2, window=2)
+    for step, (a0, a1, bad) in enumerate([(0.1, 0.1, []), (0.1, -0.5, []), (0.1, -0.9, [1]), (0.1, 0.1, [1])], 1):
+        recorder(step, {"nonfinite": bad, "dropped": bad, "weights": [0.5, 0.5] if not bad else [1.0, 0.0],
+                        "alignment": [a0, a1 if not bad else None], "distance": [1.0, 1.0 if not bad else None]})
+    records = recorder.records
+    # rank 1 reports no alignment at steps 3 and 4: judged on one step of two at 3, not at all at 4
+    assert records["alignment"][1] == [[2, pytest.approx(-0.2)], [3, pytest.approx(-0.5)]]
+    assert records["alignment_gap"][1] == [[2, pytest.approx(-0.15)], [3, pytest.approx(-0.3)]]  # against the median
+    assert records["weight"][1] == [[2, 1.0], [3, 0.5], [4, 0.0]] and records["weight"][0] == [[2, 1.0]]
+    assert records["nonfinite"][1] == [[2, 0.0], [3, 0.5], [4, 1.0]]
+    cell = _swept_cell("signflip", [1], records)
+    defaults = trust.Thresholds()
+    assert suspects.named_at(cell, 1, trust.Thresholds(min_weight=0.6, min_alignment=None, min_distance=None)) == 3
+    assert suspects.named_at(cell, 1, trust.Thresholds(min_weight=0.0, max_nonfinite=0.6, min_alignment=-0.6)) == 4
+    assert suspects.named_at(cell, 1, trust.Thresholds(min_weight=0.0, min_alignment=-0.1, max_nonfinite=0.9)) == 2
+    assert suspects.named_at(cell, 0, defaults) is None
+
+
+def test_the_sweep_counts_false_positives_and_detection_per_rule():
+    """Held-out no-attack cells (seed != 0) count for the false positives, per cell and per honest rank-cell;
+    attacked cells count as detected only when every Byzantine rank is named, at the last one's step."""
+    from fa_hvd.eval import suspects
+
+    t = trust.Thresholds(min_weight=0.2, min_alignment=-0.3, min_distance=0.15)
+    gap = lambda *values: {"alignment_gap": [[[150, v]] if v is not None else [] for v in values]}  # noqa: E731
+    clean = [_swept_cell("none", [], gap(-0.1, -0.2, -0.1), seed=1, p=3),
+             _swept_cell("none", [], gap(-0.35, -0.1, -0.31), seed=2, p=3),
+             _swept_cell("none", [], gap(-0.9, -0.9, -0.9), seed=0, p=3)]  # calibration: not counted
+    attacked = [_swept_cell("signflip", [1, 2], gap(-0.1, -0.5, -0.4), p=3),
+                _swept_cell("signflip", [1, 2], gap(-0.1, -0.5, -0.2), p=3)]
+    assert suspects.false_positives(clean[:2], t) == (1, 2, 2, 6)
+    assert suspects.detection(attacked, t) == (1, 2, [150])
+    rows = suspects.rates(clean + attacked, t).splitlines()
+    assert rows[2] == ("| flag | 1/2 (50.0 %, <= 97.5 %) | 2/6 (33.3 %, <= 72.9 %) | 1/2 (50.0 %) | 150 / 150 | 0/2 |")
+
+
+def test_upper_bound_is_the_exact_one_sided_binomial_bound():
+    from fa_hvd.eval.suspects import upper_bound
+
+    assert upper_bound(0, 300) == pytest.approx(1 - 0.05 ** (1 / 300), rel=1e-9)  # about 3/300: the rule of three
+    assert upper_bound(0, 300) == pytest.approx(0.01, rel=0.01)
+    assert upper_bound(1, 10) == pytest.approx(0.3942, abs=1e-4)  # (1 - u)^10 + 10 u (1 - u)^9 = 0.05
+    assert upper_bound(3, 3) == 1.0 and upper_bound(0, 0) == 1.0
+
+
+def test_thresholds_are_calibrated_beyond_the_honest_ranks_extremes():
+    """The lowest honest weight and distance divided by the margin, the lowest alignment gap times it; the
+    Byzantine rank's figures play no part."""
+    from fa_hvd.eval import suspects
+
+    records = {"weight": [[[100, 0.9], [120, 0.6]], [[100, 0.01]], [[100, 0.8]]],
+               "alignment_gap": [[[100, -0.1]], [[100, -2.0]], [[100, -0.2]]],
+               "distance": [[[100, 0.9]], [[100, 0.001]], [[100, 0.45]]]}
+    cells = [_swept_cell("none", [1], records, p=3)]
+    out = suspects.calibrate(cells, margin=1.5)
+    assert out["min_weight"] == pytest.approx((0.6, 0.4))
+    assert out["min_alignment"] == pytest.approx((-0.2, -0.3))
+    assert out["min_distance"] == pytest.approx((0.45, 0.3))

@@ -18,35 +18,40 @@ here, O(p^2) in the rule), which the ledger averages over the same window:
 
 * the *alignment*: the cosine of the row with the aggregate of the others, ``a - c_i x_i``
   (leaving the row out keeps its own share from making it agree with itself). An honest row
-  shares the others' expected gradient: its window mean is near 0 or above (IID: -0.05 at the
-  lowest in the measured grid; a non-IID shard can point away from the rest: -0.25). A sign
-  flip points against the others (-0.28 to -0.48), IPM's ``-eps mean`` straight back (about
-  -1). It cannot catch a row along the aggregate (ALIE: +0.57 to +0.86), and in non-IID it
-  separates a sign flip from an honest but unusual shard by a thin margin only;
+  shares the others' expected gradient; a sign flip points against the others, IPM's
+  ``-eps mean`` straight back (about -1). It cannot catch a row along the aggregate (ALIE).
+  How far an honest row's alignment falls depends on the data split: in IID every row's is
+  near 0 or above, in non-IID *every* row's drops (a Dirichlet shard points away from the
+  rest; with alpha 0.1 the lowest honest window mean was -0.56, below a sign flip's -0.26 in
+  IID). So a rank is judged on its *alignment gap*, its window mean minus the median rank's
+  (an honest figure while fewer than half the ranks are Byzantine): a row that pulls against
+  the aggregate more than the typical row does, whatever the split;
 * the *distance* ``d_i = ||x_i - a||^2 / median_j ||x_j - a||^2`` of the row to the
   aggregate, relative to the typical row's. Every honest row carries its own batch noise,
   which keeps ``d_i`` near 1 (the median), and an honest row does not sit at the centre
   step after step. A row computed from the others' statistics (ALIE at the mean minus
   ``z`` standard deviations, IPM at ``-eps`` times the mean) sits far closer than any
-  honest row: ``d_i`` near 0 (ALIE 0.01 to 0.12, IPM 0.07 to 0.31 in the grid). It names
+  honest row: ``d_i`` near 0 (ALIE 0.0 to 0.28, IPM 0.07 to 0.31 in the grid). It names
   such a row only as *too close*: an ALIE row at ``z = 0`` is the honest mean and harmless,
   and is named by this alone (reliably: it stays near 0 however the data is split); one
   that adds noise of the honest size to its row is not named at all. Its false positives
-  are honest rows that sit near the aggregate step after step: under geomed, whose
-  aggregate can lie on a data row, an honest rank came to 0.157 against the default 0.15.
+  are honest rows that sit near the aggregate step after step: in non-IID, most under geomed
+  (whose aggregate can lie on a data row), honest ranks came to 0.03 (Dirichlet(0.5)) and 0.0
+  (Dirichlet(0.1)) with no attack: the default names honest ranks there.
 
 Both are means over the window's steps that reported them, judged only when at least half
 of the window's steps did; their thresholds are measured on 100-step windows (shorter ones
 are noisier).
 
 A rank becomes a *suspect* once, over a full window, its mean relative weight is
-below ``min_weight``, its mean alignment below ``min_alignment`` or its mean distance
+below ``min_weight``, its alignment gap below ``min_alignment`` or its mean distance
 below ``min_distance`` (rules that report weights), or its row was non-finite in more
 than ``max_nonfinite`` of the window's steps (every robust rule). It is named once,
 at the step it crosses. Coordinate-wise rules (median, trimmed mean, Bulyan) and
 cclip report no weights: they can name only non-finite rows. The default
-thresholds come from the honest ranks' extremes on a grid, with and without attacks,
-IID and non-IID (``docs/results/suspects/``, written by :mod:`fa_hvd.eval.suspects`).
+thresholds come from the honest ranks' extremes in a grid's no-attack cells, IID and
+non-IID, with a margin (:class:`Thresholds`; ``docs/results/suspects/``, written by
+:mod:`fa_hvd.eval.suspects`, which also measures them on held-out seeds and attacks).
 
 Every rank computes the same aggregate from the same rows, so every rank's
 diagnostics, and so its ledger, are the same; in the sharded exchange they are
@@ -64,6 +69,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import statistics
 from collections import deque
 from dataclasses import dataclass
 
@@ -78,13 +84,17 @@ MAX_RANGES = 50  # step ranges kept per rank in the summary (the count is always
 
 @dataclass(frozen=True)
 class Thresholds:
-    """When a rank becomes a suspect (see the module docstring); measured defaults."""
+    """When a rank becomes a suspect (see the module docstring). The defaults lie 1.5x beyond the
+    honest ranks' most suspect window figures in the calibration cells of ``docs/results/suspects/``
+    (no attack, seed 0, p = 4 to 15, IID and Dirichlet(0.5): weight 0.098, alignment gap -0.208,
+    distance 0.256), rounded outward; measured on 100-step windows. Measured on held-out seeds
+    they name honest ranks far too often in non-IID (``docs/results/suspects/README.md``)."""
 
     window: int = 100
-    min_weight: float = 0.2
+    min_weight: float = 0.06
     max_nonfinite: float = 0.5
-    min_alignment: float | None = -0.3  # None: not judged
-    min_distance: float | None = 0.15
+    min_alignment: float | None = -0.32  # on the alignment gap (window mean minus the median rank's); None: not judged
+    min_distance: float | None = 0.17
 
     def check(self, where: str) -> None:
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
@@ -259,10 +269,11 @@ class TrustLedger:
         if len(self._window) < self.thresholds.window:
             return []
         named = []
+        table = self.window_table()
         for r in range(p):
             if r in self.suspects or self._named_earlier(r):
                 continue
-            evidence = self._crossed(r)
+            evidence = self._crossed(r, table[r])
             if evidence is not None:
                 self.suspects[r] = {"rank": r, **self.identities[r], "step": step, **evidence}
                 named.append(self.suspects[r])
@@ -291,17 +302,29 @@ class TrustLedger:
         return {key: self._win[key].mean(r) if 2 * self._win[key].counts[r] >= len(self._window) else None
                 for key in SIGNALS}
 
-    def _crossed(self, r: int) -> dict | None:
-        weight, nonfinite = self.window_figures(r)
-        signals = self.window_signals(r)
+    def window_table(self) -> list[dict]:
+        """Per rank, the figures judged over the window: ``weight``, ``nonfinite`` (:meth:`window_figures`),
+        ``alignment``, ``distance`` (:meth:`window_signals`) and ``alignment_gap``, the rank's alignment
+        minus the median of the ranks' that have one (None without). O(p log p)."""
+        rows = []
+        for r in range(self.p):
+            weight, nonfinite = self.window_figures(r)
+            rows.append({"weight": weight, "nonfinite": nonfinite, **self.window_signals(r)})
+        known = [row["alignment"] for row in rows if row["alignment"] is not None]
+        middle = statistics.median(known) if known else None
+        for row in rows:
+            row["alignment_gap"] = None if row["alignment"] is None else row["alignment"] - middle
+        return rows
+
+    def _crossed(self, r: int, row: dict) -> dict | None:
+        weight, nonfinite, gap, distance = row["weight"], row["nonfinite"], row["alignment_gap"], row["distance"]
         t = self.thresholds
         reasons = []
         if weight is not None and weight < t.min_weight:
             reasons.append(f"mean relative weight {weight:.3f} < {t.min_weight} over the last {t.window} steps")
-        alignment, distance = signals["alignment"], signals["distance"]
-        if alignment is not None and t.min_alignment is not None and alignment < t.min_alignment:
-            reasons.append(f"mean alignment with the aggregate {alignment:.3f} < {t.min_alignment} "
-                           f"over the last {t.window} steps (pulls against it)")
+        if gap is not None and t.min_alignment is not None and gap < t.min_alignment:
+            reasons.append(f"mean alignment with the aggregate {row['alignment']:.3f}, {-gap:.3f} below the median "
+                           f"rank's (more than {-t.min_alignment}) over the last {t.window} steps (pulls against it)")
         if distance is not None and t.min_distance is not None and distance < t.min_distance:
             reasons.append(f"mean relative distance to the aggregate {distance:.3f} < {t.min_distance} "
                            f"over the last {t.window} steps (closer than honest noise allows)")
@@ -310,7 +333,7 @@ class TrustLedger:
         if not reasons:
             return None
         return {"reason": "; ".join(reasons), "window": t.window, "window_weight": weight,
-                "window_alignment": alignment, "window_distance": distance,
+                "window_alignment": row["alignment"], "window_alignment_gap": gap, "window_distance": distance,
                 "window_nonfinite": nonfinite, "dropped_steps": self._dropped[r].count,
                 "nonfinite_steps": self._nonfinite[r].count}
 
@@ -321,13 +344,11 @@ class TrustLedger:
         """``ranks``: each rank's identity and figures; ``suspects``: the named ones, with evidence (those of
         earlier worlds first, with their ``world_size``)."""
         ranks = []
-        for r in range(self.p):
-            weight, nonfinite = self.window_figures(r)
-            signals = self.window_signals(r)
+        for r, row in enumerate(self.window_table()):
             ranks.append({"rank": r, **self.identities[r], "run_weight": self.run_weight(r),
-                          "window_weight": weight, "window_nonfinite": nonfinite,
+                          "window_weight": row["weight"], "window_nonfinite": row["nonfinite"],
                           **{f"run_{key}": self._run[key].mean(r) for key in SIGNALS},
-                          **{f"window_{key}": signals[key] for key in SIGNALS},
+                          **{f"window_{key}": row[key] for key in (*SIGNALS, "alignment_gap")},
                           "dropped_steps": self._dropped[r].count, "dropped": self._dropped[r].ranges[:MAX_RANGES],
                           "nonfinite_steps": self._nonfinite[r].count,
                           "nonfinite": self._nonfinite[r].ranges[:MAX_RANGES]})
