@@ -186,7 +186,8 @@ class TrainConfig:
 class EvictConfig:
     """``robust.evict``: drain the host of a rank whose mean relative weight over ``window`` steps
     fell below ``threshold`` (or whose row was non-finite in more than ``log.suspects.max_nonfinite``
-    of them, or whose mean alignment or distance crossed ``log.suspects.min_alignment`` or ``min_distance``):
+    of them, or whose alignment gap below the median rank's or mean distance crossed ``log.suspects.min_alignment``
+    or ``min_distance``):
     its host goes into the exclusion file and the run stops with a checkpoint, or under elastic goes on
     without that host; never more than ``f`` ranks over the run, never below the rule's need, ``f`` unchanged
     (:mod:`fa_hvd.train.eviction`, README "Eviction")."""
@@ -264,7 +265,7 @@ class SuspectsConfig:
     window: int = trust.Thresholds.window               # steps
     min_weight: float = trust.Thresholds.min_weight     # mean relative weight (1 = 1/p) below this over the window
     max_nonfinite: float = trust.Thresholds.max_nonfinite  # or non-finite in more than this share of the window
-    min_alignment: Optional[float] = trust.Thresholds.min_alignment  # or mean alignment with the aggregate below this
+    min_alignment: Optional[float] = trust.Thresholds.min_alignment  # or alignment gap (window mean minus the median rank's) below this
     min_distance: Optional[float] = trust.Thresholds.min_distance  # or mean relative distance to it below this
 
     def thresholds(self) -> trust.Thresholds:
