@@ -172,7 +172,7 @@ def check_features(transport, rank):
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
     opt.synchronize()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
     with opt.skip_synchronize():
         opt.step()
     clipped = torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters()))

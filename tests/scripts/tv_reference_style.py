@@ -64,7 +64,7 @@ def train_one_epoch(model, criterion, optimizer, data_loader, device, epoch, arg
 
 def evaluate(model, criterion, data_loader, device):
     model.eval()
-    correct, total = torch.zeros(2), 0
+    correct = torch.zeros(2)  # [right, seen]
     with torch.inference_mode():
         for image, target in data_loader:
             output = model(image.to(device))
