@@ -41,12 +41,7 @@ class Mean(Aggregator):
             _sum_in_order(rows[:, cols], out[cols])
 
     def by_columns(self, p: int, K, f: int):
-        def mean(block: torch.Tensor, cols: slice) -> torch.Tensor:
-            out = torch.empty(block.shape[1], dtype=block.dtype, device=block.device)
-            self.columns(block, out)
-            return out
-
-        return mean
+        return lambda block, cols: self.aggregate(block, f)
 
     def coefficients(self, K: torch.Tensor, f: int) -> torch.Tensor:
         p = K.shape[0]
