@@ -1,8 +1,11 @@
 """Transport plumbing that needs no second rank: how long a rank waits, that it really waits, and
-the torch.distributed transport's object messages (no pickle between ranks)."""
+the torch.distributed transport's object messages (no pickle between ranks) and its process group's end."""
 
 import logging
+import os
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -122,3 +125,32 @@ def test_a_backend_failure_names_who_does_not_answer_once_per_roster(caplog):
     finally:
         for call in calls:
             call.close()
+
+
+_CLOSE_CHECK = """
+import socket, sys
+import torch.distributed as dist
+from fa_hvd.comm.torchdist import TorchDistTransport
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+if sys.argv[1] == "user":
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+else:
+    import os
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
+transport = TorchDistTransport()
+transport.prepare(["bucket0"])
+transport.close()
+print(dist.is_initialized())
+"""
+
+
+@pytest.mark.parametrize("started_by, alive_after", [("transport", "False"), ("user", "True")])
+def test_the_torch_transport_destroys_only_the_process_group_it_started(started_by, alive_after):
+    """A trainer that exits with Gloo's groups alive can abort at teardown, so ``close()`` destroys
+    them; a group the user set up (a DDP script) stays the user's to destroy."""
+    done = subprocess.run([sys.executable, "-c", _CLOSE_CHECK, started_by], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == alive_after

@@ -154,6 +154,10 @@ class Transport:
     def refresh(self) -> bool:
         return False
 
+    def close(self) -> None:
+        """Release what this transport set up, once every collective is done (the end of a
+        program that owns it). Nothing to do unless the transport started the backend."""
+
     def prepare(self, names: list[str]) -> None:
         """Collective (every rank, same order): ``names`` will be gathered under, in any order
         relative to each other. Transports whose collectives must be ordered set up one

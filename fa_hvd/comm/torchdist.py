@@ -46,7 +46,8 @@ class TorchDistTransport(Transport):
     name = "torch"
 
     def __init__(self, group=None):
-        if not dist.is_initialized():
+        self.owns_process_group = not dist.is_initialized()
+        if self.owns_process_group:
             dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
         self.group = self.process_set = group if group is not None else dist.group.WORLD
         self.included = self.group != dist.GroupMember.NON_GROUP_MEMBER
@@ -59,6 +60,14 @@ class TorchDistTransport(Transport):
                        else torch.device("cpu"))
         self.timeout = collective_timeout()
         self._channels: dict[str, object] = {}
+
+    def close(self) -> None:
+        """Destroy the process groups when this transport started them. A process that exits with
+        Gloo's groups alive can abort at interpreter teardown ("terminate called without an active
+        exception": Gloo's threads still hold work whose tensors need the interpreter)."""
+        if self.owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self._channels.clear()
 
     def prepare(self, names: list[str]) -> None:
         for name in names:

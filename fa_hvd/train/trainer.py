@@ -805,13 +805,16 @@ def _main(args, signals: control.StopSignals) -> int:
         if conf.elastic.enabled:
             from fa_hvd.train.elastic import run_elastic
 
-            return run_elastic(trainer, args, signals)
-        return run(trainer, args, signals)
+            status = run_elastic(trainer, args, signals)
+        else:
+            status = run(trainer, args, signals)
     except UsageError as exc:
-        return usage_error(str(exc), transport.rank)
+        status = usage_error(str(exc), transport.rank)
     finally:
         if trainer is not None:
             trainer.lock.release()
+    transport.close()  # not after an exception: a collective may still be waiting on a lost peer
+    return status
 
 
 if __name__ == "__main__":
