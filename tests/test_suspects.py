@@ -249,6 +249,10 @@ def test_plot_draws_the_trust_heatmap_with_the_suspect(tmp_path):
     assert plot.main([str(tmp_path), "--out", str(tmp_path / "c.png")]) == 0 and (tmp_path / "c.png").stat().st_size
 
 
+class HostsDropped(Exception):
+    """Plays Horovod's host-update interrupt, which a commit raises once the discovery dropped a host."""
+
+
 def _identity(host: str, r: int, launcher_host: str | None = None) -> dict:
     return {"host": host, "local_rank": r, "cuda_device": None, "gpu_uuid": None, "slurm_node": None,
             "slurm_job": None, "launcher_host": launcher_host}
@@ -330,14 +334,24 @@ def test_evict_config_is_validated_naming_the_key():
 def test_under_elastic_the_evicted_host_is_excluded_and_training_goes_on(tmp_path, monkeypatch):
     """Elastic: rank 3 on the host horovodrun calls 127.0.0.1 (the same machine as the others: one host
     name for all) crosses at step 4; 127.0.0.1 goes into FA_HVD_EXCLUDE_FILE, the run commits at once
-    (out of the 5-step schedule) and goes on to the end; the eviction is in the committed state."""
+    (out of the 5-step schedule) and goes on to the last step; the eviction is in the committed state.
+    Horovod has not dropped the host by then, so the run commits until it does (its host-update
+    interrupt, raised by a commit), and the world without the host finishes without waiting."""
     t = _evicting(tmp_path, monkeypatch, ["box"] * 4, launcher_hosts=["localhost"] * 3 + ["127.0.0.1"], elastic=True)
     exclude = tmp_path / "shared" / "exclude"
     exclude.parent.mkdir()
     monkeypatch.setenv(trainer.EXCLUDE_FILE_VARIABLE, str(exclude))
+    monkeypatch.setattr(trainer, "DROP_POLL_S", 0.0)
     commits = []
-    assert t.train(control.StopSignals(), commit=lambda: commits.append((t.step, t.shared_state()))) == trainer.EXIT_OK
-    assert t.step == 12 and [step for step, _ in commits] == [4, 5, 10]
+
+    def commit():
+        commits.append((t.step, t.shared_state()))
+        if len(commits) == 5:
+            raise HostsDropped
+
+    with pytest.raises(HostsDropped):
+        t.train(control.StopSignals(), commit=commit)
+    assert t.step == 12 and [step for step, _ in commits] == [4, 5, 10, 12, 12]
     assert commits[0][1]["evicted"] == [{"step": 4, "rank": 3, "host": "127.0.0.1"}]
     t.evicted = []
     t.load_shared(commits[0][1])  # what a reset restores and a sync broadcasts
@@ -347,6 +361,8 @@ def test_under_elastic_the_evicted_host_is_excluded_and_training_goes_on(tmp_pat
     monkeypatch.setattr(trust, "gather_identities", lambda transport, device=None: [
         _identity("box", r, "localhost") for r in range(3)])
     t.open_trust()
+    t.load_shared(commits[-1][1])
+    assert t.train(control.StopSignals(), commit=commit) == trainer.EXIT_OK and len(commits) == 5
     (suspect,) = t.summary("finished", 0, True, [])["suspects"]
     assert (suspect["rank"], suspect["step"], suspect["world_size"], suspect["evicted"]) == (3, 5, 4, 4)
     assert trainer._suspect(suspect).endswith(") [evicted at step 4]") and "named at step 5 on 4 ranks" in \
@@ -357,6 +373,18 @@ def test_under_elastic_the_evicted_host_is_excluded_and_training_goes_on(tmp_pat
     assert "evict: rank 3 on host box (local rank 3)" in event["event"]
     assert f"127.0.0.1 excluded (listed in {exclude}): Horovod's host discovery drops it and the run goes on " \
         "with 3 ranks, f = 1. Training goes on" in event["event"]
+
+
+def test_under_elastic_a_host_horovod_never_drops_is_waited_for_then_the_run_ends(tmp_path, monkeypatch):
+    t = _evicting(tmp_path, monkeypatch, ["box"] * 4, launcher_hosts=["localhost"] * 3 + ["127.0.0.1"], elastic=True)
+    monkeypatch.setattr(trainer, "DROP_POLL_S", 0.0)
+    monkeypatch.setattr(trainer, "DROP_POLLS", 3)
+    commits = []
+    assert t.train(control.StopSignals(), commit=lambda: commits.append(t.step)) == trainer.EXIT_OK
+    assert commits == [4, 5, 10, 12, 12, 12]
+    *_, event = [r["event"] for r in metrics.read(tmp_path / "run") if r["kind"] == "event"]
+    assert event == ("warning: evict: Horovod did not drop 127.0.0.1 within 0 s of the last step; the run ends on 4 "
+                     "ranks, the host still listed for draining")
 
 
 def test_under_elastic_a_refused_eviction_stops_with_a_checkpoint(tmp_path, monkeypatch):

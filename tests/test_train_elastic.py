@@ -12,7 +12,8 @@ the run ends on 4 ranks. The crash is not repeated by the newcomer.
 The same job with ``robust.evict`` instead of the crash: the rank on 127.0.0.1 sends
 -100 x its gradient, crosses the threshold, its launcher host goes into the exclusion file
 that the discovery script reads, Horovod drops that host and the run finishes on the 3
-ranks of localhost.
+ranks of localhost (when Horovod drops the host only after the last step, the run waits for it
+and ends on those 3 ranks).
 
 Horovod orders newly discovered hosts by iterating a Python set, so which host gets
 rank 0 depends on string hashing: the job runs with ``PYTHONHASHSEED=0`` and the test
@@ -156,4 +157,6 @@ def test_eviction_drops_the_faulty_host_and_the_run_finishes_on_the_others(tmp_p
         (3, "127.0.0.1", 4, evicted["step"]), suspect
     assert f"suspects: rank 3 on host {socket.gethostname()} (local rank 0) (named at step {suspect['step']} on " \
         f"4 ranks: " in out and f") [evicted at step {evicted['step']}]" in out, out[-3000:]
-    assert sizes[0] == 4 and sizes[-1] == 3 and sorted(set(sizes)) == [3, 4], sizes
+    # Horovod drops the host some seconds after the exclusion (5-18 s here, by load): during the run, or
+    # after the last step, which the run then waits for (so the steps may all be on 4 ranks).
+    assert sizes[0] == 4 and set(sizes) <= {3, 4}, sizes

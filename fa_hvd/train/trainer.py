@@ -77,6 +77,9 @@ PROG = "fa-hvd-train"
 EXIT_OK, EXIT_USAGE, EXIT_PREEMPTED, EXIT_EVICTED = 0, 2, 75, 76
 EXCLUDED_HOSTS = "excluded_hosts"  # in the run directory: hosts to drain, one a line (launch/, slurm/ read it)
 EXCLUDE_FILE_VARIABLE = "FA_HVD_EXCLUDE_FILE"  # the exclusion file, when not RUN_DIR/excluded_hosts
+# Elastic: at the last step, how often and how many times to commit while Horovod has not yet dropped a
+# host evicted this run (its discovery runs each second; the host-update notice reaches rank 0 at a commit).
+DROP_POLL_S, DROP_POLLS = 1.0, 60
 RANK_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "RANK", "SLURM_PROCID")
 
 
@@ -589,11 +592,27 @@ class Trainer:
             if commit is not None and (due or len(self.evicted) > evictions):  # a reset must not forget an eviction
                 self.verify_aggregates()
                 commit()
+        if commit is not None:
+            self._await_evicted_hosts(commit)
         self.verify_aggregates()
         if conf.checkpoint.at_end:
             self.save_checkpoint(wait=True)
         self.writer.wait()
         return EXIT_OK
+
+    def _await_evicted_hosts(self, commit) -> None:
+        """Elastic, after the last step: while a host evicted this run is still in the world, commit every
+        :data:`DROP_POLL_S` until Horovod drops it (the commit raises its host-update interrupt; the reset
+        finishes the run on the ranks left), at most :data:`DROP_POLLS` times, then finish as the world
+        is. Every rank decides from the shared state, so all make the same commits."""
+        evicted = sorted({e["host"] for e in self.evicted})
+        if not any(trust.node(identity, True) in evicted for identity in self.trust.identities):
+            return
+        for _ in range(DROP_POLLS):
+            time.sleep(DROP_POLL_S)
+            commit()
+        self.event(f"warning: evict: Horovod did not drop {', '.join(evicted)} within {DROP_POLLS * DROP_POLL_S:g} s "
+                   f"of the last step; the run ends on {self.world} ranks, the host still listed for draining")
 
     def _back_off_if_overflowed(self, overflowed_ranks: int) -> None:
         """fp16: more than ``f`` ranks overflowed but the aggregate was finite (a robust rule dropped
