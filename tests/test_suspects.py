@@ -154,11 +154,11 @@ def test_without_the_tensorboard_package_one_line_and_no_board(monkeypatch):
 
 
 def test_the_ledger_round_trips_through_its_state():
-    ledger = trust.TrustLedger(4, trust.Thresholds(window=3))
+    ledger = trust.TrustLedger(4, trust.Thresholds(window=3, min_weight=0.2))
     low = {"nonfinite": [2], "dropped": [2, 3], "weights": [0.5, 0.5, 0.0, 0.0]}
     for step in range(1, 6):
         ledger.observe(step, low)
-    again = trust.TrustLedger(4, trust.Thresholds(window=3))
+    again = trust.TrustLedger(4, trust.Thresholds(window=3, min_weight=0.2))
     again.load_state_dict(ledger.state_dict())
     assert again.summary() == ledger.summary() and sorted(again.suspects) == [2, 3]
     assert again.observe(6, low) == [] and again.summary()["ranks"][3]["dropped"] == [[1, 6]]
@@ -171,13 +171,13 @@ def test_suspects_survive_a_world_of_another_size_and_are_named_once():
     the world it was named in), through a checkpoint too; back on 4 ranks, node1 at rank 1 is not named again."""
     places = [_identity(f"node{h}", r, None) for h, r in ((0, 0), (0, 1), (0, 2), (1, 0))]
     low3 = {"nonfinite": [], "dropped": [3], "weights": [1 / 3, 1 / 3, 1 / 3, 0.0]}
-    four = trust.TrustLedger(4, trust.Thresholds(window=2), places)
+    four = trust.TrustLedger(4, trust.Thresholds(window=2, min_weight=0.2), places)
     for step in (1, 2):
         four.observe(step, low3)
     (named,) = four.summary()["suspects"]
     assert (named["rank"], named["host"], named["step"]) == (3, "node1", 2)
 
-    three = trust.TrustLedger(3, trust.Thresholds(window=2), places[:3])
+    three = trust.TrustLedger(3, trust.Thresholds(window=2, min_weight=0.2), places[:3])
     three.carry(json.loads(json.dumps(four.state_dict())))
     assert three.summary()["suspects"] == [{**named, "world_size": 4}]
     assert three.steps == 0 and three.summary()["ranks"][2]["run_weight"] is None
@@ -185,11 +185,11 @@ def test_suspects_survive_a_world_of_another_size_and_are_named_once():
         three.observe(step, {"nonfinite": [], "dropped": [2], "weights": [0.5, 0.5, 0.0]})
     assert [(s["rank"], s["host"], s["step"]) for s in three.summary()["suspects"]] == [(3, "node1", 2),
                                                                                        (2, "node0", 4)]
-    resumed = trust.TrustLedger(3, trust.Thresholds(window=2), places[:3])
+    resumed = trust.TrustLedger(3, trust.Thresholds(window=2, min_weight=0.2), places[:3])
     resumed.load_state_dict(json.loads(json.dumps(three.state_dict())))
     assert resumed.summary() == three.summary()
 
-    again = trust.TrustLedger(4, trust.Thresholds(window=2), [places[0], places[3], places[1], places[2]])
+    again = trust.TrustLedger(4, trust.Thresholds(window=2, min_weight=0.2), [places[0], places[3], places[1], places[2]])
     again.carry(resumed.state_dict())
     assert [(s["rank"], s["step"], s["world_size"]) for s in again.summary()["suspects"]] == [(3, 2, 4), (2, 4, 3)]
     low1 = {"nonfinite": [], "dropped": [1], "weights": [1 / 3, 0.0, 1 / 3, 1 / 3]}

@@ -47,13 +47,18 @@ are noisier).
 
 A rank becomes a *suspect* once, over a full window, its mean relative weight is
 below ``min_weight``, its alignment gap below ``min_alignment`` or its mean distance
-below ``min_distance`` (rules that report weights), or its row was non-finite in more
-than ``max_nonfinite`` of the window's steps (every robust rule). It is named once,
-at the step it crosses. Coordinate-wise rules (median, trimmed mean, Bulyan) and
-cclip report no weights: they can name only non-finite rows. The default
-thresholds come from the honest ranks' extremes in a grid's no-attack cells, IID and
-non-IID, with a margin (:class:`Thresholds`; ``docs/results/suspects/``, written by
-:mod:`fa_hvd.eval.suspects`, which also measures them on held-out seeds and attacks).
+below ``min_distance`` or above ``max_distance`` (rules that report weights), or its row was
+non-finite in more than ``max_nonfinite`` of the window's steps (every robust rule). It is named
+once, at the step it crosses. Coordinate-wise rules (median, trimmed mean, Bulyan) and
+cclip report no weights: they can name only non-finite rows. The default thresholds are per rule
+(:func:`defaults`): each rule's weights, and so its honest ranks' figures, have their own spread
+(Multi-Krum gives an unusual honest shard weight 0 every step; FA's lowest honest window weight is
+0.66). They come from the honest ranks' extremes in held-in no-attack cells of the grid's splits,
+IID and Dirichlet(0.5), with a margin fixed in advance (``docs/results/suspects/``, written by
+:mod:`fa_hvd.eval.suspects`, which measures them on held-out seeds, on the attacks and on
+Dirichlet(0.1)). In non-IID an honest rank of an unusual shard sits far from the others (Dirichlet(0.5):
+up to 31x the median rank's distance under Multi-Krum) and close to or against the aggregate, so the
+thresholds lie wide and some attacks inside that range are missed (label flip, sign flip, ALIE).
 
 Every rank computes the same aggregate from the same rows, so every rank's
 diagnostics, and so its ledger, are the same; in the sharded exchange they are
@@ -86,18 +91,17 @@ MAX_RANGES = 50  # step ranges kept per rank in the summary (the count is always
 
 @dataclass(frozen=True)
 class Thresholds:
-    """When a rank becomes a suspect (see the module docstring). The defaults lie 1.5x beyond the
-    honest ranks' most suspect window figures in the calibration cells of ``docs/results/suspects/``
-    (no attack, seed 0, p = 4 to 15, IID and Dirichlet(0.5): weight 0.098, alignment gap -0.208,
-    distance 0.256), rounded outward; measured on 100-step windows. Measured on held-out seeds
-    they name honest ranks far too often in non-IID (``docs/results/suspects/README.md``)."""
+    """When a rank becomes a suspect (see the module docstring); measured on 100-step windows. These class
+    defaults are for a rule that was not measured: each the loosest of the measured rules' (:data:`DEFAULTS`),
+    so such a rule names few honest ranks and misses more (no weight threshold at all: Multi-Krum's honest
+    ranks reach a window weight of 0)."""
 
     window: int = 100
-    min_weight: float = 0.06
+    min_weight: float = 0.0
     max_nonfinite: float = 0.5
-    min_alignment: float | None = -0.32  # on the alignment gap (window mean minus the median rank's); None: not judged
-    min_distance: float | None = 0.17
-    max_distance: float | None = None  # window mean distance (to the others' aggregate) above this; None: not judged
+    min_alignment: float | None = -0.45  # on the alignment gap (window mean minus the median rank's); None: not judged
+    min_distance: float | None = 0.03  # window mean distance to the others' aggregate below this; None: not judged
+    max_distance: float | None = 46.72  # or above this; None: not judged
 
     def check(self, where: str) -> None:
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
@@ -114,9 +118,17 @@ class Thresholds:
             raise ValueError(f"{where}.max_distance: must be > 1 or null, got {self.max_distance!r}")
 
 
-DEFAULTS: dict[str, Thresholds] = {}
-"""Each measured rule's thresholds (its weights, and so its honest ranks' figures, have their own spread),
-calibrated in ``docs/results/suspects/`` (:func:`fa_hvd.eval.suspects.calibrate`)."""
+DEFAULTS: dict[str, Thresholds] = {
+    "flag": Thresholds(min_weight=0.44, min_alignment=-0.45, min_distance=0.1, max_distance=10.74),
+    "geomed": Thresholds(min_weight=0.16, min_alignment=-0.38, min_distance=0.03, max_distance=13.26),
+    "multikrum": Thresholds(min_weight=0.0, min_alignment=-0.34, min_distance=0.1, max_distance=46.72),
+}
+"""Each measured rule's thresholds (its weights, and so its honest ranks' figures, have their own spread):
+1.5x beyond the most suspect window figure of its honest ranks in 110 held-in no-attack cells (seeds 0 to 4;
+p/f = 4/1 (not Multi-Krum), 7/2, 8/1, 15/3; IID and Dirichlet(0.5)), rounded outward
+(:func:`fa_hvd.eval.suspects.calibrate`; ``docs/results/suspects/``): honest extremes, weight / gap / distance
+low / high, FA 0.661 / -0.300 / 0.163 / 7.16, geomed 0.248 / -0.253 / 0.048 / 8.84, Multi-Krum 0.000 /
+-0.220 / 0.162 / 31.1. Measured with each rule's default parameters."""
 
 
 def defaults(rule: str | None) -> Thresholds:
