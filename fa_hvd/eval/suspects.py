@@ -5,9 +5,9 @@
 Runs each cell of one or more grids in the simulation engine (:func:`fa_hvd.eval.simulate.simulate`)
 with a :class:`~fa_hvd.train.trust.TrustLedger` fed every step's diagnostics, and records, per
 rank and per judged figure (:data:`FIGURES`: the window's mean relative weight, non-finite
-fraction, alignment gap and distance), every step at which the figure, rounded to :data:`DIGITS`
-decimals, reached a new extreme in the suspect direction (a running minimum, or maximum for the
-non-finite fraction). From these *records* the step at which any threshold (of at most
+fraction, alignment gap, and distance to the others' aggregate both ways), every step at which the
+figure, rounded to :data:`DIGITS` decimals, reached a new extreme in the suspect direction (a running
+minimum, or maximum for the non-finite fraction and the "too far" distance). From these *records* the step at which any threshold (of at most
 :data:`DIGITS` decimals) would have named the rank is exact (:func:`named_at`), so one sweep judges
 every threshold. ``OUT/results.jsonl`` holds one line per cell (cells
 already there are skipped); ``OUT/table.md`` is the report:
