@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import statistics
 
 import pytest
 import torch
@@ -65,14 +66,14 @@ def test_honest_ranks_with_unequal_weights_are_not_named():
 
 def test_thresholds_are_validated_naming_the_key():
     for key, value in (("window", 0), ("min_weight", 1.5), ("max_nonfinite", 1.0), ("min_alignment", 0.1),
-                       ("min_distance", 1.0)):
+                       ("min_distance", 1.0), ("max_distance", 0.5)):
         with pytest.raises(train_config.cfg.ConfigError, match=f"log.suspects.{key}: must be"):
             train_config.parse({"log": {"suspects": {key: value}}})
 
 
 # Runs of a dozen steps judge windows of 3 to 5 steps: too few for the alignment and distance thresholds,
 # measured on 100-step windows (an honest rank of the 4-rank run below reaches a 5-step mean alignment of -0.30).
-NOISY = {"window": 5, "min_alignment": None, "min_distance": None}
+NOISY = {"window": 5, "min_alignment": None, "min_distance": None, "max_distance": None}
 
 
 def _config(**extra) -> dict:
@@ -153,11 +154,11 @@ def test_without_the_tensorboard_package_one_line_and_no_board(monkeypatch):
 
 
 def test_the_ledger_round_trips_through_its_state():
-    ledger = trust.TrustLedger(4, trust.Thresholds(window=3))
+    ledger = trust.TrustLedger(4, trust.Thresholds(window=3, min_weight=0.2))
     low = {"nonfinite": [2], "dropped": [2, 3], "weights": [0.5, 0.5, 0.0, 0.0]}
     for step in range(1, 6):
         ledger.observe(step, low)
-    again = trust.TrustLedger(4, trust.Thresholds(window=3))
+    again = trust.TrustLedger(4, trust.Thresholds(window=3, min_weight=0.2))
     again.load_state_dict(ledger.state_dict())
     assert again.summary() == ledger.summary() and sorted(again.suspects) == [2, 3]
     assert again.observe(6, low) == [] and again.summary()["ranks"][3]["dropped"] == [[1, 6]]
@@ -170,13 +171,13 @@ def test_suspects_survive_a_world_of_another_size_and_are_named_once():
     the world it was named in), through a checkpoint too; back on 4 ranks, node1 at rank 1 is not named again."""
     places = [_identity(f"node{h}", r, None) for h, r in ((0, 0), (0, 1), (0, 2), (1, 0))]
     low3 = {"nonfinite": [], "dropped": [3], "weights": [1 / 3, 1 / 3, 1 / 3, 0.0]}
-    four = trust.TrustLedger(4, trust.Thresholds(window=2), places)
+    four = trust.TrustLedger(4, trust.Thresholds(window=2, min_weight=0.2), places)
     for step in (1, 2):
         four.observe(step, low3)
     (named,) = four.summary()["suspects"]
     assert (named["rank"], named["host"], named["step"]) == (3, "node1", 2)
 
-    three = trust.TrustLedger(3, trust.Thresholds(window=2), places[:3])
+    three = trust.TrustLedger(3, trust.Thresholds(window=2, min_weight=0.2), places[:3])
     three.carry(json.loads(json.dumps(four.state_dict())))
     assert three.summary()["suspects"] == [{**named, "world_size": 4}]
     assert three.steps == 0 and three.summary()["ranks"][2]["run_weight"] is None
@@ -184,11 +185,11 @@ def test_suspects_survive_a_world_of_another_size_and_are_named_once():
         three.observe(step, {"nonfinite": [], "dropped": [2], "weights": [0.5, 0.5, 0.0]})
     assert [(s["rank"], s["host"], s["step"]) for s in three.summary()["suspects"]] == [(3, "node1", 2),
                                                                                        (2, "node0", 4)]
-    resumed = trust.TrustLedger(3, trust.Thresholds(window=2), places[:3])
+    resumed = trust.TrustLedger(3, trust.Thresholds(window=2, min_weight=0.2), places[:3])
     resumed.load_state_dict(json.loads(json.dumps(three.state_dict())))
     assert resumed.summary() == three.summary()
 
-    again = trust.TrustLedger(4, trust.Thresholds(window=2), [places[0], places[3], places[1], places[2]])
+    again = trust.TrustLedger(4, trust.Thresholds(window=2, min_weight=0.2), [places[0], places[3], places[1], places[2]])
     again.carry(resumed.state_dict())
     assert [(s["rank"], s["step"], s["world_size"]) for s in again.summary()["suspects"]] == [(3, 2, 4), (2, 4, 3)]
     low1 = {"nonfinite": [], "dropped": [1], "weights": [1 / 3, 0.0, 1 / 3, 1 / 3]}
@@ -524,12 +525,69 @@ def test_a_rank_too_close_to_the_aggregate_is_named_and_missing_figures_are_skip
     ledger = trust.TrustLedger(4, trust.Thresholds(window=3, min_alignment=-0.5, min_distance=0.2))
     ledger.observe(1, _signals([0.0, 0.0, None, 0.0], [1.0, 1.0, None, 1.0]))
     ledger.observe(2, EQUAL)  # no signals at all
-    assert ledger.observe(3, _signals([0.1, 0.0, -0.1, 0.0], [1.0, 0.8, 0.05, 1.5])) == []  # rank 2: one step
-    (named,) = ledger.observe(4, _signals([0.1, 0.0, -0.1, 0.0], [1.0, 0.8, 0.05, 1.5]))
+    assert ledger.observe(3, _signals([0.1, 0.0, -0.1, 0.0], [1.2, 0.8, 0.05, 1.5])) == []  # rank 2: one step
+    (named,) = ledger.observe(4, _signals([0.1, 0.0, -0.1, 0.0], [1.2, 0.8, 0.05, 1.5]))
     assert named["rank"] == 2 and named["window_distance"] == pytest.approx(0.05)
     assert "closer than honest noise allows" in named["reason"]
-    off = trust.TrustLedger(4, trust.Thresholds(window=1, min_alignment=None, min_distance=None))
+    off = trust.TrustLedger(4, trust.Thresholds(window=1, min_alignment=None, min_distance=None, max_distance=None))
     assert off.observe(1, _signals([-2.0] * 4, [0.0] * 4)) == []
+
+
+def _rows_and_shares(seed=0, p=6, n=50):
+    g = torch.Generator().manual_seed(seed)
+    G = torch.randn(p, n, generator=g, dtype=torch.float64)
+    c = torch.rand(p, generator=g, dtype=torch.float64) + 0.1
+    return G, c / c.sum()
+
+
+def test_the_distance_is_to_the_aggregate_of_the_other_ranks():
+    """From the rule's distance to its own aggregate ``a = c^T G`` and the shares alone, each row's squared distance to
+    the others' combination ``(a - c_i x_i) / (1 - c_i)``, over the median row's: checked against the rows."""
+    from fa_hvd.aggregators.base import describe, Rows
+
+    G, c = _rows_and_shares()
+    diagnostics = describe(6, Rows(None, 0), c, G @ G.T)
+    a = c @ G
+    by_hand = torch.stack([((G[i] - (a - c[i] * G[i]) / (1 - c[i])) ** 2).sum() for i in range(6)])
+    middle = statistics.median(by_hand.tolist())  # the mean of the middle two
+    assert trust.loo_distances(6, diagnostics) == pytest.approx((by_hand / middle).tolist(), rel=1e-9)
+    # weights that do not sum to 1 are shares of their sum; a step without weights or distances has none
+    scaled = {**diagnostics, "weights": [3 * w for w in diagnostics["weights"]]}
+    assert trust.loo_distances(6, scaled) == pytest.approx(trust.loo_distances(6, diagnostics), rel=1e-12)
+    assert trust.loo_distances(6, {"weights": diagnostics["weights"]}) is None
+    assert trust.loo_distances(6, {"distance": diagnostics["distance"]}) is None
+
+
+def test_a_row_the_aggregate_sits_on_is_not_too_close():
+    """geomed on an honest data row: that row's distance to the aggregate is about 0 and its share about 1; to the
+    others' aggregate it sits as far as any honest row, so it is not named too close; a row built at the
+    others' centre (share 1/p, ALIE-like) still is."""
+    g = torch.Generator().manual_seed(1)
+    G = torch.randn(5, 40, generator=g, dtype=torch.float64)
+    sit = torch.tensor([1e-6, 1e-6, 1e-6, 1e-6, 1 - 4e-6], dtype=torch.float64)  # the aggregate on row 4
+    from fa_hvd.aggregators.base import describe, Rows
+
+    diagnostics = describe(5, Rows(None, 0), sit, G @ G.T)
+    assert diagnostics["distance"][4] < 1e-9
+    loo = trust.loo_distances(5, diagnostics)
+    assert min(loo) > 0.2
+    ledger = trust.TrustLedger(5, trust.Thresholds(window=2, min_weight=0.0, min_alignment=None, min_distance=0.2,
+                                                   max_distance=None))
+    assert [ledger.observe(step, diagnostics) for step in (1, 2)] == [[], []]
+    centre = torch.cat([G[:4], G[:4].mean(0, keepdim=True)])
+    close = describe(5, Rows(None, 0), torch.full((5,), 0.2, dtype=torch.float64), centre @ centre.T)
+    assert trust.loo_distances(5, close)[4] < 0.1
+
+
+def test_a_rank_too_far_from_the_others_is_named():
+    """A row farther from the others' aggregate than ``max_distance`` times the median row's, over the window."""
+    ledger = trust.TrustLedger(4, trust.Thresholds(window=2, min_alignment=None, min_distance=None, max_distance=3.0))
+    assert ledger.observe(1, _signals([0.0] * 4, [0.9, 1.0, 1.0, 5.0])) == []
+    (named,) = ledger.observe(2, _signals([0.0] * 4, [0.9, 1.0, 1.0, 2.0]))  # window mean 3.5 (the median row's 1)
+    assert named["rank"] == 3 and named["window_distance"] == pytest.approx(3.5)
+    assert "farther than honest ranks sit" in named["reason"]
+    calm = trust.TrustLedger(4, trust.Thresholds(window=2, min_alignment=None, min_distance=None, max_distance=4.0))
+    assert [calm.observe(step, _signals([0.0] * 4, [0.9, 1.0, 1.0, d])) for step, d in ((1, 5.0), (2, 2.0))] == [[], []]
 
 
 def test_the_signals_survive_a_checkpoint_and_an_old_state_still_loads():
@@ -599,22 +657,32 @@ def test_the_sweep_records_each_new_extreme_and_names_at_the_first_crossing():
     assert suspects.named_at(cell, 0, defaults) is None
 
 
-def test_the_sweep_counts_false_positives_and_detection_per_rule():
-    """Held-out no-attack cells (seed != 0) count for the false positives, per cell and per honest rank-cell;
-    attacked cells count as detected only when every Byzantine rank is named, at the last one's step."""
+def test_the_sweep_counts_false_positives_and_detection_per_rule(monkeypatch):
+    """At each rule's own defaults: held-out no-attack cells (seed >= 100, the grid's splits) count for the false
+    positives, per cell and per honest rank-cell, another split's as the stress row; attacked cells count
+    as detected only when every Byzantine rank is named, at the last one's step."""
     from fa_hvd.eval import suspects
 
-    t = trust.Thresholds(min_weight=0.2, min_alignment=-0.3, min_distance=0.15)
+    monkeypatch.setitem(trust.DEFAULTS, "flag", trust.Thresholds(min_weight=0.2, min_alignment=-0.3, min_distance=0.15))
+    monkeypatch.setitem(trust.DEFAULTS, "geomed", trust.Thresholds(min_weight=0.2, min_alignment=-0.4, min_distance=0.15))
     gap = lambda *values: {"alignment_gap": [[[150, v]] if v is not None else [] for v in values]}  # noqa: E731
-    clean = [_swept_cell("none", [], gap(-0.1, -0.2, -0.1), seed=1, p=3),
-             _swept_cell("none", [], gap(-0.35, -0.1, -0.31), seed=2, p=3),
+    clean = [_swept_cell("none", [], gap(-0.1, -0.2, -0.1), seed=100, p=3),
+             _swept_cell("none", [], gap(-0.35, -0.1, -0.31), seed=101, p=3),
              _swept_cell("none", [], gap(-0.9, -0.9, -0.9), seed=0, p=3)]  # calibration: not counted
+    stress = {**_swept_cell("none", [], gap(-0.5, -0.1, -0.1), seed=100, p=3), "split": "dirichlet0.1"}
     attacked = [_swept_cell("signflip", [1, 2], gap(-0.1, -0.5, -0.4), p=3),
                 _swept_cell("signflip", [1, 2], gap(-0.1, -0.5, -0.2), p=3)]
-    assert suspects.false_positives(clean[:2], t) == (1, 2, 2, 6)
-    assert suspects.detection(attacked, t) == (1, 2, [150])
-    rows = suspects.rates(clean + attacked, t).splitlines()
-    assert rows[2] == ("| flag | 1/2 (50.0 %, <= 97.5 %) | 2/6 (33.3 %, <= 72.9 %) | 1/2 (50.0 %) | 150 / 150 | 0/2 |")
+    assert [suspects.group(c) for c in (*clean, stress, attacked[0])] == \
+        ["held-out", "held-out", "calibration", "stress", "attacked"]
+    assert suspects.false_positives(clean[:2]) == (1, 2, 2, 6)
+    assert suspects.detection(attacked) == (1, 2, [150])
+    rows = suspects.rates(clean + [stress] + attacked).splitlines()
+    assert rows[2] == ("| flag | 1/2 (50.0 %, <= 97.5 %) | 2/6 (33.3 %, <= 72.9 %) | 1/2 (50.0 %) | 150 / 150 | 0/2 "
+                       "| 1/1 (100.0 %, <= 100.0 %) |")
+    # the same cells under geomed, whose alignment threshold is lower: one fewer honest rank, one fewer detection
+    geomed = [{**c, "rule": "geomed"} for c in clean[:2] + attacked]
+    assert suspects.false_positives(geomed[:2]) == (0, 2, 0, 6)
+    assert suspects.detection(geomed[2:]) == (0, 2, [])
 
 
 def test_upper_bound_is_the_exact_one_sided_binomial_bound():
@@ -633,9 +701,24 @@ def test_thresholds_are_calibrated_beyond_the_honest_ranks_extremes():
 
     records = {"weight": [[[100, 0.9], [120, 0.6]], [[100, 0.01]], [[100, 0.8]]],
                "alignment_gap": [[[100, -0.1]], [[100, -2.0]], [[100, -0.2]]],
-               "distance": [[[100, 0.9]], [[100, 0.001]], [[100, 0.45]]]}
+               "distance": [[[100, 0.9]], [[100, 0.001]], [[100, 0.44]]],
+               "distance_far": [[[100, 1.1], [130, 2.41]], [[100, 900.0]], [[100, 1.3]]]}
     cells = [_swept_cell("none", [1], records, p=3)]
     out = suspects.calibrate(cells, margin=1.5)
     assert out["min_weight"] == pytest.approx((0.6, 0.4))
     assert out["min_alignment"] == pytest.approx((-0.2, -0.3))
-    assert out["min_distance"] == pytest.approx((0.45, 0.3))
+    assert out["min_distance"] == pytest.approx((0.44, 0.29))  # 0.2933 rounded outward (down)
+    assert out["max_distance"] == pytest.approx((2.41, 3.62))  # 3.615 rounded outward (up)
+    assert "max_nonfinite" not in out
+
+
+def test_each_threshold_defaults_to_the_rules_own_and_a_set_one_wins(monkeypatch):
+    """log.suspects: a threshold left at ``rule`` takes the measured default of robust.aggregator (trust.DEFAULTS);
+    a number or null set in the config wins; a rule never measured gets Thresholds()' values."""
+    measured = trust.Thresholds(min_weight=0.4, min_alignment=-0.5, min_distance=0.1, max_distance=6.0)
+    monkeypatch.setitem(trust.DEFAULTS, "flag", measured)
+    conf, _ = train_config.parse({"log": {"suspects": {"window": 50, "min_distance": None, "max_distance": "rule"}}})
+    assert conf.log.suspects.thresholds("flag") == trust.Thresholds(50, 0.4, 0.5, -0.5, None, 6.0)
+    assert conf.log.suspects.thresholds("median") == trust.Thresholds(window=50, min_distance=None)
+    with pytest.raises(train_config.cfg.ConfigError, match="log.suspects.max_distance"):
+        train_config.parse({"log": {"suspects": {"max_distance": "auto"}}})

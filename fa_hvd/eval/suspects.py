@@ -5,21 +5,22 @@
 Runs each cell of one or more grids in the simulation engine (:func:`fa_hvd.eval.simulate.simulate`)
 with a :class:`~fa_hvd.train.trust.TrustLedger` fed every step's diagnostics, and records, per
 rank and per judged figure (:data:`FIGURES`: the window's mean relative weight, non-finite
-fraction, alignment gap and distance), every step at which the figure, rounded to :data:`DIGITS`
-decimals, reached a new extreme in the suspect direction (a running minimum, or maximum for the
-non-finite fraction). From these *records* the step at which any threshold (of at most
+fraction, alignment gap, and distance to the others' aggregate both ways), every step at which the
+figure, rounded to :data:`DIGITS` decimals, reached a new extreme in the suspect direction (a running
+minimum, or maximum for the non-finite fraction and the "too far" distance). From these *records* the step at which any threshold (of at most
 :data:`DIGITS` decimals) would have named the rank is exact (:func:`named_at`), so one sweep judges
 every threshold. ``OUT/results.jsonl`` holds one line per cell (cells
 already there are skipped); ``OUT/table.md`` is the report:
 
-* the thresholds, set from the honest ranks of the *calibration* cells (no attack, seed
-  :data:`CALIBRATION_SEED`) with a stated ``margin`` (:func:`calibrate`), beside the
-  defaults (:class:`~fa_hvd.train.trust.Thresholds`);
-* per rule at the defaults, on the *held-out* no-attack cells (every other seed): the cells in
-  which an honest rank was named and the honest rank-cells named, each with its 95 % upper
-  confidence bound (:func:`upper_bound`); on the attacked cells: the cells in which every
-  Byzantine rank was named, the step by which the last of them was, and honest ranks named;
-* detection per fault and per shape, and the honest ranks' extremes per split.
+* per rule, the thresholds set from the honest ranks of its *calibration* cells (no attack, seeds below
+  :data:`HELD_OUT_SEEDS`, the grid's splits :data:`BAR_SPLITS`) with a stated ``margin``
+  (:func:`calibrate`), beside the rule's defaults (:func:`~fa_hvd.train.trust.defaults`);
+* per rule at its defaults, on the *held-out* no-attack cells (seeds from :data:`HELD_OUT_SEEDS`, the
+  grid's splits): the cells in which an honest rank was named and the honest rank-cells named, each
+  with its 95 % upper confidence bound (:func:`upper_bound`); on the attacked cells: the cells in which
+  every Byzantine rank was named, the step by which the last of them was, and honest ranks named;
+  the same false-positive figures on any other split (a stress row, outside the bar);
+* detection per fault and per shape, false positives per split, and the honest ranks' extremes.
 
 Rules that report no weights can name only non-finite rows (``max_nonfinite``).
 """
@@ -34,16 +35,20 @@ import statistics
 import sys
 from pathlib import Path
 
-from fa_hvd.train.trust import Thresholds, TrustLedger
+import torch
+
+from fa_hvd.train.trust import Thresholds, TrustLedger, defaults
 
 from .grid import load_grid
 from .simulate import simulate
 
-FIGURES = {"weight": ("min_weight", -1), "nonfinite": ("max_nonfinite", 1),
-           "alignment_gap": ("min_alignment", -1), "distance": ("min_distance", -1), "alignment": (None, -1)}
-"""Window figure -> (its threshold in :class:`Thresholds`, None: recorded, not judged; the suspect
-direction: -1 below, +1 above)."""
-CALIBRATION_SEED = 0
+FIGURES = {"weight": ("weight", "min_weight", -1), "nonfinite": ("nonfinite", "max_nonfinite", 1),
+           "alignment_gap": ("alignment_gap", "min_alignment", -1), "distance": ("distance", "min_distance", -1),
+           "distance_far": ("distance", "max_distance", 1), "alignment": ("alignment", None, -1)}
+"""Record -> (the window figure of :meth:`TrustLedger.window_table` it follows, its threshold in :class:`Thresholds`
+(None: recorded, not judged), the suspect direction: -1 below, +1 above)."""
+BAR_SPLITS = ("iid", "dirichlet0.5")  # the standing grid's splits (configs/eval/standing.yaml): calibrated and judged
+HELD_OUT_SEEDS = 100  # no-attack cells of this seed or above are held out; below it they calibrate
 DIGITS = 4  # recorded figures are rounded to this many decimals (thresholds have two)
 NO_ATTACK = "none"
 
@@ -53,7 +58,7 @@ class _Recorder:
 
     def __init__(self, p: int, window: int):
         self.ledger = TrustLedger(p, Thresholds(window=window, min_weight=0.0, max_nonfinite=0.0,
-                                                min_alignment=None, min_distance=None))
+                                                min_alignment=None, min_distance=None, max_distance=None))
         self.records = {key: [[] for _ in range(p)] for key in FIGURES}
 
     def __call__(self, step: int, diagnostics: dict) -> None:
@@ -61,8 +66,8 @@ class _Recorder:
         if self.ledger.steps < self.ledger.thresholds.window:
             return
         for r, row in enumerate(self.ledger.window_table()):
-            for key, (_, sign) in FIGURES.items():
-                value, mine = row[key], self.records[key][r]
+            for key, (figure, _, sign) in FIGURES.items():
+                value, mine = row[figure], self.records[key][r]
                 if value is None:
                     continue
                 value = round(value, DIGITS)
@@ -82,7 +87,7 @@ def run_cell(cell, window: int) -> dict:
 def named_at(cell: dict, rank: int, thresholds: Thresholds) -> int | None:
     """The step at which ``thresholds`` would have named ``rank`` in ``cell`` (None: never)."""
     steps = []
-    for key, (name, sign) in FIGURES.items():
+    for key, (_, name, sign) in FIGURES.items():
         t = None if name is None else getattr(thresholds, name)
         if t is None:
             continue
@@ -102,16 +107,29 @@ def honest(cell: dict) -> list[int]:
 
 
 def calibrate(cells: list[dict], margin: float) -> dict:
-    """Thresholds from the honest ranks' extremes over ``cells`` (no-attack cells), ``margin`` beyond them:
-    the lowest weight and distance divided by it, the lowest alignment gap times it (the non-finite
-    fraction is kept: no honest row is ever non-finite). Per figure: ``(honest extreme, threshold)``."""
+    """Thresholds from the honest ranks' most suspect window figures over ``cells`` (no-attack cells),
+    ``margin`` beyond them and rounded outward to two decimals: the lowest weight and distance divided by it,
+    the lowest alignment gap and the highest distance times it (the non-finite fraction is kept: no
+    honest row is ever non-finite). Per threshold: ``(honest extreme, threshold)``."""
     out = {}
-    for key, name in (("weight", "min_weight"), ("alignment_gap", "min_alignment"), ("distance", "min_distance")):
+    for key, (_, name, sign) in FIGURES.items():
         values = [v for c in cells for r in honest(c) if (v := extreme(c, r, key)) is not None]
-        if values:
-            lowest = min(values)
-            out[name] = (lowest, lowest * margin if key == "alignment_gap" else lowest / margin)
+        if name in (None, "max_nonfinite") or not values:
+            continue
+        most = min(values) if sign < 0 else max(values)
+        beyond = most * margin if key in ("alignment_gap", "distance_far") else most / margin
+        out[name] = (most, (math.floor if sign < 0 else math.ceil)(round(beyond * 100, 6)) / 100)
     return out
+
+
+def group(cell: dict) -> str:
+    """``attacked``, or for a no-attack cell ``calibration``, ``held-out`` (both on :data:`BAR_SPLITS`) or
+    ``stress`` (another split: reported, outside the bar, never calibrated on)."""
+    if cell["fault"] != NO_ATTACK:
+        return "attacked"
+    if cell["split"] not in BAR_SPLITS:
+        return "stress"
+    return "held-out" if cell["seed"] >= HELD_OUT_SEEDS else "calibration"
 
 
 def upper_bound(k: int, n: int, confidence: float = 0.95) -> float:
@@ -142,105 +160,108 @@ def _rate(k: int, n: int) -> str:
     return f"{k}/{n} ({_pct(k, n)}, <= {100 * upper_bound(k, n):.1f} %)" if n else "-"
 
 
-def false_positives(cells: list[dict], thresholds: Thresholds) -> tuple[int, int, int, int]:
-    """``(cells with an honest rank named, cells, honest rank-cells named, honest rank-cells)``."""
-    named = [[named_at(c, r, thresholds) is not None for r in honest(c)] for c in cells]
+def false_positives(cells: list[dict]) -> tuple[int, int, int, int]:
+    """At each cell's rule's defaults: ``(cells with an honest rank named, cells, honest rank-cells named,
+    honest rank-cells)``."""
+    named = [[named_at(c, r, defaults(c["rule"])) is not None for r in honest(c)] for c in cells]
     return sum(map(any, named)), len(cells), sum(map(sum, named)), sum(map(len, named))
 
 
-def detection(cells: list[dict], thresholds: Thresholds) -> tuple[int, int, list[int]]:
-    """``(cells with every Byzantine rank named, cells, the step the last of them was, per detected cell)``."""
+def detection(cells: list[dict]) -> tuple[int, int, list[int]]:
+    """At each cell's rule's defaults: ``(cells with every Byzantine rank named, cells, the step the last of
+    them was, per detected cell)``."""
     latencies = []
     for c in cells:
-        steps = [named_at(c, r, thresholds) for r in c["byzantine"]]
+        steps = [named_at(c, r, defaults(c["rule"])) for r in c["byzantine"]]
         if all(s is not None for s in steps):
             latencies.append(max(steps))
     return len(latencies), len(cells), latencies
 
 
-def rates(cells: list[dict], thresholds: Thresholds) -> str:
-    """Per rule: false positives on the held-out no-attack cells, detection on the attacked ones."""
-    lines = ["| rule | no-attack cells with an honest rank named | honest rank-cells named | attacked cells with "
-             "every Byzantine rank named | named by step: median / worst | honest named, attacked cells |",
-             "|---|---|---|---|---|---|"]
+def rates(cells: list[dict]) -> str:
+    """Per rule at its defaults: false positives on the held-out no-attack cells, detection on the attacked
+    ones, false positives on the stress split."""
+    lines = ["| rule | held-out no-attack cells with an honest rank named | honest rank-cells named | attacked "
+             "cells with every Byzantine rank named | named by step: median / worst | honest named, attacked "
+             "cells | stress (outside the bar): cells with an honest rank named |", "|---" * 7 + "|"]
     for rule in sorted({c["rule"] for c in cells}):
         mine = [c for c in cells if c["rule"] == rule]
-        clean = [c for c in mine if c["fault"] == NO_ATTACK and c["seed"] != CALIBRATION_SEED]
-        attacked = [c for c in mine if c["fault"] != NO_ATTACK]
-        fp_cells, n_cells, fp_ranks, n_ranks = false_positives(clean, thresholds)
-        hit, n, latencies = detection(attacked, thresholds)
+        fp_cells, n_cells, fp_ranks, n_ranks = false_positives([c for c in mine if group(c) == "held-out"])
+        hit, n, latencies = detection([c for c in mine if group(c) == "attacked"])
         steps = f"{statistics.median(latencies):.0f} / {max(latencies)}" if latencies else "-"
-        wrong = false_positives(attacked, thresholds)
+        wrong = false_positives([c for c in mine if group(c) == "attacked"])
+        stress = false_positives([c for c in mine if group(c) == "stress"])
         lines.append(f"| {rule} | {_rate(fp_cells, n_cells)} | {_rate(fp_ranks, n_ranks)} | "
-                     f"{hit}/{n} ({_pct(hit, n)}) | {steps} | {wrong[0]}/{wrong[1]} |")
+                     f"{hit}/{n} ({_pct(hit, n)}) | {steps} | {wrong[0]}/{wrong[1]} | {_rate(*stress[:2])} |")
     return "\n".join(lines) + "\n"
 
 
-def breakdown(cells: list[dict], thresholds: Thresholds, by: str) -> str:
-    """Detected attacked cells per rule and ``by`` (``fault``, ``shape``), and held-out no-attack cells with an
-    honest rank named per rule and ``split`` (``by="split"``)."""
+def breakdown(cells: list[dict], by: str) -> str:
+    """Per rule at its defaults: detected attacked cells per ``by`` (``fault``, ``shape``), or with
+    ``by="split"`` held-out and stress no-attack cells with an honest rank named per split."""
     rules = sorted({c["rule"] for c in cells})
 
     def label(c):
         return f"p{c['p']}f{c['f']}" if by == "shape" else c[by]
 
-    chosen = ([c for c in cells if c["fault"] == NO_ATTACK and c["seed"] != CALIBRATION_SEED] if by == "split"
-              else [c for c in cells if c["fault"] != NO_ATTACK])
+    chosen = ([c for c in cells if group(c) in ("held-out", "stress")] if by == "split"
+              else [c for c in cells if group(c) == "attacked"])
     lines = [f"| {by} | " + " | ".join(rules) + " |", "|---" * (len(rules) + 1) + "|"]
     for value in dict.fromkeys(map(label, chosen)):
         row = []
         for rule in rules:
             mine = [c for c in chosen if c["rule"] == rule and label(c) == value]
-            if by == "split":
-                fp, n, _, _ = false_positives(mine, thresholds)
-                row.append(f"{fp}/{n}" if n else "-")
-            else:
-                hit, n, _ = detection(mine, thresholds)
-                row.append(f"{hit}/{n}" if n else "-")
+            hit, n = (false_positives(mine) if by == "split" else detection(mine))[:2]
+            row.append(f"{hit}/{n}" if n else "-")
         lines.append(f"| {value} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 
 def extremes(cells: list[dict]) -> str:
-    """Per rule and split: the honest ranks' most suspect window figures, calibration and held-out no-attack
-    cells and attacked cells, beside the Byzantine ranks' (attacked cells)."""
-    lines = ["| figure | rule | split | honest, calibration | honest, held-out no attack | honest, attacked | "
-             "Byzantine, attacked: median / least suspect |", "|---" * 7 + "|"]
-    groups = (("calibration", lambda c: c["fault"] == NO_ATTACK and c["seed"] == CALIBRATION_SEED),
-              ("held-out", lambda c: c["fault"] == NO_ATTACK and c["seed"] != CALIBRATION_SEED),
-              ("attacked", lambda c: c["fault"] != NO_ATTACK))
-    for key in ("weight", "alignment", "alignment_gap", "distance"):
-        sign = FIGURES[key][1]
+    """Per figure, rule and split: the honest ranks' most suspect window figures in calibration, held-out and
+    stress no-attack cells and in attacked cells, beside the Byzantine ranks' (attacked cells)."""
+    groups = ("calibration", "held-out", "stress", "attacked")
+    lines = ["| figure | rule | split | " + " | ".join(f"honest, {g}" for g in groups)
+             + " | Byzantine, attacked: median / least suspect |", "|---" * 8 + "|"]
+    for key in ("weight", "alignment", "alignment_gap", "distance", "distance_far"):
+        sign = FIGURES[key][2]
         for rule in sorted({c["rule"] for c in cells}):
             for split in dict.fromkeys(c["split"] for c in cells):
                 mine = [c for c in cells if c["rule"] == rule and c["split"] == split]
                 row = []
-                for _, chosen in groups:
-                    values = [v for c in mine if chosen(c) for r in honest(c) if (v := extreme(c, r, key)) is not None]
+                for chosen in groups:
+                    values = [v for c in mine if group(c) == chosen for r in honest(c)
+                              if (v := extreme(c, r, key)) is not None]
                     row.append(f"{(min if sign < 0 else max)(values):.3f}" if values else "-")
-                byz = [v for c in mine if c["fault"] != NO_ATTACK for r in c["byzantine"]
+                byz = [v for c in mine if group(c) == "attacked" for r in c["byzantine"]
                        if (v := extreme(c, r, key)) is not None]
-                row.append(f"{statistics.median(byz):.3f} / {max(byz) if sign < 0 else min(byz):.3f}" if byz else "-")
+                row.append(f"{statistics.median(byz):.3f} / {(max if sign < 0 else min)(byz):.3f}" if byz else "-")
                 lines.append(f"| {key} | {rule} | {split} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 
-def report(cells: list[dict], margin: float, defaults: Thresholds = Thresholds()) -> str:
-    calibration = [c for c in cells if c["fault"] == NO_ATTACK and c["seed"] == CALIBRATION_SEED]
-    calibrated = calibrate(calibration, margin)
-    lines = [f"## Thresholds (window {defaults.window})\n",
-             f"From the honest ranks of {len(calibration)} calibration cells (no attack, seed {CALIBRATION_SEED}), "
-             f"margin {margin}:\n", "| threshold | honest extreme | calibrated | default |", "|---|---|---|---|"]
-    for name, (lowest, value) in calibrated.items():
-        lines.append(f"| {name} | {lowest:.3f} | {value:.3f} | {getattr(defaults, name)} |")
-    lines.append(f"| max_nonfinite | - | - | {defaults.max_nonfinite} |\n")
-    return ("\n".join(lines) + "\n## Rates per rule at the defaults (95 % upper bounds: exact one-sided)\n\n"
-            + rates(cells, defaults)
-            + "\n## Held-out no-attack cells with an honest rank named, per split\n\n"
-            + breakdown(cells, defaults, "split")
-            + "\n## Detected attacked cells per fault\n\n" + breakdown(cells, defaults, "fault")
-            + "\n## Detected attacked cells per shape\n\n" + breakdown(cells, defaults, "shape")
-            + "\n## Most suspect window figures (weight, alignment (not judged), alignment gap, distance: lowest)\n\n"
+def report(cells: list[dict], margin: float) -> str:
+    rules = sorted({c["rule"] for c in cells})
+    names = [name for _, name, _ in FIGURES.values() if name is not None]
+    lines = [f"## Thresholds per rule (window {Thresholds.window})\n",
+             f"From the honest ranks of the calibration cells (no attack, seeds below {HELD_OUT_SEEDS}, "
+             f"{' and '.join(BAR_SPLITS)}), margin {margin}: honest extreme -> calibrated (default, "
+             f"`fa_hvd/train/trust.py`):\n", "| rule | calibration cells | " + " | ".join(names) + " |",
+             "|---" * (len(names) + 2) + "|"]
+    for rule in rules:
+        calibration = [c for c in cells if c["rule"] == rule and group(c) == "calibration"]
+        calibrated = calibrate(calibration, margin)
+        row = [f"{calibrated[n][0]:.3f} -> {calibrated[n][1]} ({getattr(defaults(rule), n)})" if n in calibrated
+               else f"- ({getattr(defaults(rule), n)})" for n in names]
+        lines.append(f"| {rule} | {len(calibration)} | " + " | ".join(row) + " |")
+    return ("\n".join(lines) + "\n\n## Rates per rule at its defaults (95 % upper bounds: exact one-sided)\n\n"
+            + rates(cells)
+            + "\n## No-attack cells with an honest rank named, per split (held-out seeds; dirichlet0.1: stress)\n\n"
+            + breakdown(cells, "split")
+            + "\n## Detected attacked cells per fault\n\n" + breakdown(cells, "fault")
+            + "\n## Detected attacked cells per shape\n\n" + breakdown(cells, "shape")
+            + "\n## Most suspect window figures (weight, alignment (not judged), alignment gap, distance: lowest; "
+              "distance_far: the distance's highest)\n\n"
             + extremes(cells))
 
 
@@ -256,6 +277,7 @@ def main(argv=None) -> int:
     if not args.margin >= 1:
         parser.error(f"--margin: must be >= 1, got {args.margin}")
     grids = [load_grid(path) for path in args.grid]
+    torch.set_num_threads(1)  # one core a sweep: a thread pool on a shared machine only slows the cells
     out = Path(args.out or grids[0].config.out or f"runs/eval/{grids[0].name}")
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.jsonl"

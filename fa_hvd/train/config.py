@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import math
 import warnings
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from fa_hvd import config as cfg
 from fa_hvd.aggregators import get as get_aggregator
@@ -186,8 +187,8 @@ class TrainConfig:
 class EvictConfig:
     """``robust.evict``: drain the host of a rank whose mean relative weight over ``window`` steps
     fell below ``threshold`` (or whose row was non-finite in more than ``log.suspects.max_nonfinite``
-    of them, or whose alignment gap below the median rank's or mean distance crossed ``log.suspects.min_alignment``
-    or ``min_distance``):
+    of them, or whose alignment gap below the median rank's or mean distance crossed ``log.suspects.min_alignment``,
+    ``min_distance`` or ``max_distance``):
     its host goes into the exclusion file and the run stops with a checkpoint, or under elastic goes on
     without that host; never more than ``f`` ranks over the run, never below the rule's need, ``f`` unchanged
     (:mod:`fa_hvd.train.eviction`, README "Eviction")."""
@@ -258,22 +259,33 @@ class ElasticConfig:
         _positive("elastic.commit_every_steps", self.commit_every_steps, integer=True)
 
 
+RULE = "rule"  # a log.suspects threshold left to the measured default of the run's rule (trust.defaults)
+
+
 @dataclass
 class SuspectsConfig:
-    """When the trust ledger names a rank a suspect (:mod:`fa_hvd.train.trust`; defaults measured there)."""
+    """When the trust ledger names a rank a suspect (:mod:`fa_hvd.train.trust`). Each threshold is a number,
+    ``rule`` (the default: the value measured for ``robust.aggregator``, :func:`fa_hvd.train.trust.defaults`)
+    or, where it may be, null (not judged)."""
 
     window: int = trust.Thresholds.window               # steps
-    min_weight: float = trust.Thresholds.min_weight     # mean relative weight (1 = 1/p) below this over the window
-    max_nonfinite: float = trust.Thresholds.max_nonfinite  # or non-finite in more than this share of the window
-    min_alignment: Optional[float] = trust.Thresholds.min_alignment  # or alignment gap (window mean minus the median rank's) below this
-    min_distance: Optional[float] = trust.Thresholds.min_distance  # or mean relative distance to it below this
+    min_weight: Union[float, Literal["rule"]] = RULE    # mean relative weight (1 = 1/p) below this over the window
+    max_nonfinite: Union[float, Literal["rule"]] = RULE  # or non-finite in more than this share of the window
+    min_alignment: Union[float, Literal["rule"], None] = RULE  # or alignment gap (window mean minus the median rank's) below this
+    min_distance: Union[float, Literal["rule"], None] = RULE  # or mean relative distance to the others' aggregate below this
+    max_distance: Union[float, Literal["rule"], None] = RULE  # or above this
 
-    def thresholds(self) -> trust.Thresholds:
-        return trust.Thresholds(self.window, self.min_weight, self.max_nonfinite, self.min_alignment, self.min_distance)
+    def thresholds(self, rule: str | None) -> trust.Thresholds:
+        """The thresholds for a run of ``rule`` (None: the defaults of a rule not measured)."""
+        measured = trust.defaults(rule)
+        chosen = {key: getattr(self, key) for key in ("min_weight", "max_nonfinite", "min_alignment", "min_distance",
+                                                      "max_distance")}
+        return dataclasses.replace(measured, window=self.window,
+                                   **{key: value for key, value in chosen.items() if value != RULE})
 
     def validate(self) -> None:
         try:
-            self.thresholds().check("log.suspects")
+            self.thresholds(None).check("log.suspects")
         except ValueError as exc:
             raise cfg.ConfigError(str(exc)) from None
 

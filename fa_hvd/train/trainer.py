@@ -46,6 +46,7 @@ the others go on (:mod:`fa_hvd.train.eviction`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import random
@@ -236,12 +237,12 @@ class Trainer:
         commit's from a world of this size goes on; from another, only its suspects are kept."""
         s = self.conf.log.suspects
         identities = trust.gather_identities(self.transport, self.device)
-        self.trust = trust.TrustLedger(self.world, s.thresholds(), identities)
+        thresholds = s.thresholds(self.conf.robust.aggregator)
+        self.trust = trust.TrustLedger(self.world, thresholds, identities)
         evict = self.conf.robust.evict
         if evict is not None:
-            self.evictor = trust.TrustLedger(self.world, trust.Thresholds(evict.window, evict.threshold,
-                                                                          s.max_nonfinite, s.min_alignment,
-                                                                          s.min_distance), identities)
+            self.evictor = trust.TrustLedger(self.world, dataclasses.replace(thresholds, window=evict.window,
+                                                                             min_weight=evict.threshold), identities)
         if self.trust_state is not None and self.trust_state["p"] == self.world:
             self.trust.load_state_dict(self.trust_state)
         elif self.trust_state is not None:

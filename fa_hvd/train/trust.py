@@ -26,18 +26,20 @@ here, O(p^2) in the rule), which the ledger averages over the same window:
   IID). So a rank is judged on its *alignment gap*, its window mean minus the median rank's
   (an honest figure while fewer than half the ranks are Byzantine): a row that pulls against
   the aggregate more than the typical row does, whatever the split;
-* the *distance* ``d_i = ||x_i - a||^2 / median_j ||x_j - a||^2`` of the row to the
-  aggregate, relative to the typical row's. Every honest row carries its own batch noise,
-  which keeps ``d_i`` near 1 (the median), and an honest row does not sit at the centre
-  step after step. A row computed from the others' statistics (ALIE at the mean minus
-  ``z`` standard deviations, IPM at ``-eps`` times the mean) sits far closer than any
-  honest row: ``d_i`` near 0 (ALIE 0.0 to 0.28, IPM 0.07 to 0.31 in the grid). It names
-  such a row only as *too close*: an ALIE row at ``z = 0`` is the honest mean and harmless,
-  and is named by this alone (reliably: it stays near 0 however the data is split); one
-  that adds noise of the honest size to its row is not named at all. Its false positives
-  are honest rows that sit near the aggregate step after step: in non-IID, most under geomed
-  (whose aggregate can lie on a data row), honest ranks came to 0.03 (Dirichlet(0.5)) and 0.0
-  (Dirichlet(0.1)) with no attack: the default names honest ranks there.
+* the *distance* of the row to the aggregate of the *others*, relative to the median rank's:
+  ``loo_i / median_j loo_j`` with ``loo_i = ||x_i - a_-i||^2``, ``a_-i = (a - c_i x_i) / (1 - c_i)``
+  the rule's own combination of the other rows (shares ``c`` summing to 1, as FA's, geomed's and
+  Multi-Krum's do). Since ``x_i - a_-i = (x_i - a) / (1 - c_i)``, it follows from the rule's
+  reported distance ``||x_i - a||^2 / median`` and the row's share alone (:func:`loo_distances`).
+  Leaving the row out matters where the rule puts the aggregate on one row (geomed sits on a data
+  row: its distance to ``a`` is about 0, to the others' aggregate it is an honest row's). Every honest
+  row carries its own batch noise, which keeps the figure near 1 (the median). Judged both ways:
+  *too close* (``min_distance``): a row computed from the others' statistics (ALIE at the mean minus
+  ``z`` standard deviations, IPM at ``-eps`` times the mean) sits far closer than any honest row (an
+  ALIE row at ``z = 0`` is the honest mean and harmless, and is named by this alone; one that adds
+  noise of the honest size is not named at all); *too far* (``max_distance``): a row that carries
+  more than honest noise (label flip, sign flip, noise, scaling) sits farther than honest rows do;
+  in non-IID an honest rank of an unusual shard sits far too, which sets how far the threshold lies.
 
 Both are means over the window's steps that reported them, judged only when at least half
 of the window's steps did; their thresholds are measured on 100-step windows (shorter ones
@@ -45,13 +47,18 @@ are noisier).
 
 A rank becomes a *suspect* once, over a full window, its mean relative weight is
 below ``min_weight``, its alignment gap below ``min_alignment`` or its mean distance
-below ``min_distance`` (rules that report weights), or its row was non-finite in more
-than ``max_nonfinite`` of the window's steps (every robust rule). It is named once,
-at the step it crosses. Coordinate-wise rules (median, trimmed mean, Bulyan) and
-cclip report no weights: they can name only non-finite rows. The default
-thresholds come from the honest ranks' extremes in a grid's no-attack cells, IID and
-non-IID, with a margin (:class:`Thresholds`; ``docs/results/suspects/``, written by
-:mod:`fa_hvd.eval.suspects`, which also measures them on held-out seeds and attacks).
+below ``min_distance`` or above ``max_distance`` (rules that report weights), or its row was
+non-finite in more than ``max_nonfinite`` of the window's steps (every robust rule). It is named
+once, at the step it crosses. Coordinate-wise rules (median, trimmed mean, Bulyan) and
+cclip report no weights: they can name only non-finite rows. The default thresholds are per rule
+(:func:`defaults`): each rule's weights, and so its honest ranks' figures, have their own spread
+(Multi-Krum gives an unusual honest shard weight 0 every step; FA's lowest honest window weight is
+0.66). They come from the honest ranks' extremes in held-in no-attack cells of the grid's splits,
+IID and Dirichlet(0.5), with a margin fixed in advance (``docs/results/suspects/``, written by
+:mod:`fa_hvd.eval.suspects`, which measures them on held-out seeds, on the attacks and on
+Dirichlet(0.1)). In non-IID an honest rank of an unusual shard sits far from the others (Dirichlet(0.5):
+up to 31x the median rank's distance under Multi-Krum) and close to or against the aggregate, so the
+thresholds lie wide and some attacks inside that range are missed (label flip, sign flip, ALIE).
 
 Every rank computes the same aggregate from the same rows, so every rank's
 diagnostics, and so its ledger, are the same; in the sharded exchange they are
@@ -84,17 +91,17 @@ MAX_RANGES = 50  # step ranges kept per rank in the summary (the count is always
 
 @dataclass(frozen=True)
 class Thresholds:
-    """When a rank becomes a suspect (see the module docstring). The defaults lie 1.5x beyond the
-    honest ranks' most suspect window figures in the calibration cells of ``docs/results/suspects/``
-    (no attack, seed 0, p = 4 to 15, IID and Dirichlet(0.5): weight 0.098, alignment gap -0.208,
-    distance 0.256), rounded outward; measured on 100-step windows. Measured on held-out seeds
-    they name honest ranks far too often in non-IID (``docs/results/suspects/README.md``)."""
+    """When a rank becomes a suspect (see the module docstring); measured on 100-step windows. These class
+    defaults are for a rule that was not measured: each the loosest of the measured rules' (:data:`DEFAULTS`),
+    so such a rule names few honest ranks and misses more (no weight threshold at all: Multi-Krum's honest
+    ranks reach a window weight of 0)."""
 
     window: int = 100
-    min_weight: float = 0.06
+    min_weight: float = 0.0
     max_nonfinite: float = 0.5
-    min_alignment: float | None = -0.32  # on the alignment gap (window mean minus the median rank's); None: not judged
-    min_distance: float | None = 0.17
+    min_alignment: float | None = -0.45  # on the alignment gap (window mean minus the median rank's); None: not judged
+    min_distance: float | None = 0.03  # window mean distance to the others' aggregate below this; None: not judged
+    max_distance: float | None = 46.72  # or above this; None: not judged
 
     def check(self, where: str) -> None:
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
@@ -107,6 +114,27 @@ class Thresholds:
             raise ValueError(f"{where}.min_alignment: must be in [-2, 0) or null, got {self.min_alignment!r}")
         if self.min_distance is not None and not 0 <= self.min_distance < 1:
             raise ValueError(f"{where}.min_distance: must be in [0, 1) or null, got {self.min_distance!r}")
+        if self.max_distance is not None and not self.max_distance > 1:
+            raise ValueError(f"{where}.max_distance: must be > 1 or null, got {self.max_distance!r}")
+
+
+DEFAULTS: dict[str, Thresholds] = {
+    "flag": Thresholds(min_weight=0.44, min_alignment=-0.45, min_distance=0.1, max_distance=10.74),
+    "geomed": Thresholds(min_weight=0.16, min_alignment=-0.38, min_distance=0.03, max_distance=13.26),
+    "multikrum": Thresholds(min_weight=0.0, min_alignment=-0.34, min_distance=0.1, max_distance=46.72),
+}
+"""Each measured rule's thresholds (its weights, and so its honest ranks' figures, have their own spread):
+1.5x beyond the most suspect window figure of its honest ranks in 110 held-in no-attack cells (seeds 0 to 4;
+p/f = 4/1 (not Multi-Krum), 7/2, 8/1, 15/3; IID and Dirichlet(0.5)), rounded outward
+(:func:`fa_hvd.eval.suspects.calibrate`; ``docs/results/suspects/``): honest extremes, weight / gap / distance
+low / high, FA 0.661 / -0.300 / 0.163 / 7.16, geomed 0.248 / -0.253 / 0.048 / 8.84, Multi-Krum 0.000 /
+-0.220 / 0.162 / 31.1. Measured with each rule's default parameters."""
+
+
+def defaults(rule: str | None) -> Thresholds:
+    """The thresholds measured for the aggregation rule ``rule`` (:data:`DEFAULTS`), else :class:`Thresholds`'
+    (the loosest of the measured rules', for a rule that was not measured)."""
+    return DEFAULTS.get(rule, Thresholds())
 
 
 def local_identity(local_rank: int, device: torch.device | None = None, environ=os.environ) -> list:
@@ -179,7 +207,7 @@ class _Ranges:
         self.count += 1
 
 
-SIGNALS = ("alignment", "distance")  # per-rank figures beside the weights (diagnostics keys, may hold None)
+SIGNALS = ("alignment", "distance")  # per-rank figures beside the weights (None where a step has none)
 
 
 def _signal(p: int, diagnostics: dict, key: str) -> list | None:
@@ -187,6 +215,25 @@ def _signal(p: int, diagnostics: dict, key: str) -> list | None:
     if values is None or len(values) != p:
         return None
     return [v if v is not None and math.isfinite(v) else None for v in values]
+
+
+def loo_distances(p: int, diagnostics: dict) -> list | None:
+    """Each row's squared distance to the aggregate of the *others*, relative to the median row's (see the
+    module docstring): ``d_i / (1 - s_i)^2`` over its median, from the reported ``distance`` ``d`` and the
+    shares ``s_i = c_i / sum_j c_j``. None where the step reported no distances or weights; None for a row
+    with no distance or a share of 1 or more (no others to compare with); all None for a zero median."""
+    distance, weights = _signal(p, diagnostics, "distance"), diagnostics.get("weights")
+    if distance is None or weights is None or len(weights) != p:
+        return None
+    total = math.fsum(weights)
+    if not math.isfinite(total) or total <= 0:
+        return None
+    raw = [d / (1 - w / total) ** 2 if d is not None and w / total < 1 else None for d, w in zip(distance, weights)]
+    known = [v for v in raw if v is not None]
+    middle = statistics.median(known) if known else 0.0
+    if not middle > 0 or not math.isfinite(middle):
+        return [None] * p
+    return [v / middle if v is not None else None for v in raw]
 
 
 class _Mean:
@@ -248,7 +295,7 @@ class TrustLedger:
         """Account for ``step``'s diagnostics; returns the suspects named at this step."""
         p = self.p
         weights = relative_weights(p, diagnostics)
-        signals = [_signal(p, diagnostics, key) for key in SIGNALS]
+        signals = [_signal(p, diagnostics, "alignment"), loo_distances(p, diagnostics)]
         nonfinite = {r for r in diagnostics.get("nonfinite", ()) if 0 <= r < p}
         dropped = {r for r in diagnostics.get("dropped", ()) if 0 <= r < p} | nonfinite
         self.steps += 1
@@ -326,8 +373,11 @@ class TrustLedger:
             reasons.append(f"mean alignment with the aggregate {row['alignment']:.3f}, {-gap:.3f} below the median "
                            f"rank's (more than {-t.min_alignment}) over the last {t.window} steps (pulls against it)")
         if distance is not None and t.min_distance is not None and distance < t.min_distance:
-            reasons.append(f"mean relative distance to the aggregate {distance:.3f} < {t.min_distance} "
+            reasons.append(f"mean relative distance to the others' aggregate {distance:.3f} < {t.min_distance} "
                            f"over the last {t.window} steps (closer than honest noise allows)")
+        if distance is not None and t.max_distance is not None and distance > t.max_distance:
+            reasons.append(f"mean relative distance to the others' aggregate {distance:.3f} > {t.max_distance} "
+                           f"over the last {t.window} steps (farther than honest ranks sit)")
         if nonfinite > t.max_nonfinite:
             reasons.append(f"non-finite in {nonfinite:.0%} > {t.max_nonfinite:.0%} of the last {t.window} steps")
         if not reasons:
