@@ -16,9 +16,9 @@ existed still resume).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
