@@ -34,8 +34,8 @@ through fp32:
 The bound (proved with the standard model ``fl(a op b) = (a op b)(1 + d)``,
 ``|d| <= u``, and ``gamma_k = k u / (1 - k u)``; ``u32 = 2^-24``, ``u64 = 2^-53``).
 Any summation order satisfies it, so it holds whatever the BLAS, its blocking and
-its thread count. For rows that are not redone, with ``N`` the number of fp32 sums and blocks
-added in fp64 per entry:
+its thread count. For rows that are not redone, with ``N`` the number of fp32 sums (blocks, their
+pieces, the compiled product's lanes) added in fp64 per entry:
 
     |K^_ij - K_ij| <= gamma32_{b+2} (1 + gamma64_N) (||x_i|| ||x_j|| + (||x_i|| + ||x_j||) ||r||)
                       + 3 n 2^-126 + gamma64_{n+3N+8} (||x_i|| + ||r||) (||x_j|| + ||r||)      (B_ij)
@@ -68,6 +68,8 @@ non-finite reference makes every row a redone one (today's fp64 cost, same resul
 from __future__ import annotations
 
 import torch
+
+from . import native_gram
 
 CPU_BLOCK = 1 << 20  # elements of G per block (4 MB of fp32): fits a CPU cache
 ACCELERATOR_BLOCK = 1 << 24  # few, large products on a GPU
@@ -119,7 +121,10 @@ class CentredGram:
         self.blocks = list(column_chunks(n, p + 1, _budget(G)))
         self.done = 0  # blocks added
         self.m: torch.Tensor | None = None
-        self.buffer = torch.empty(p + 1, self.blocks[0].stop if self.blocks else 0, dtype=torch.float32, device=G.device)
+        compiled = native_gram.supports(G) and _terms(G) is None  # pieces of FP32_TERMS: the torch path
+        self.rows = native_gram.row_pointers(G) if compiled else None
+        width = self.blocks[0].stop if self.blocks and self.rows is None else 0
+        self.buffer = torch.empty(p + 1, width, dtype=torch.float32, device=G.device)  # [X; r], reused
         self.sums = torch.zeros(p + 1, p + 1, dtype=torch.float64, device=G.device)  # [X; r] [X; r]^T
         self.rr = torch.zeros((), dtype=torch.float64, device=G.device)  # r . r, exact products
         self.redo = torch.zeros(p, dtype=torch.bool, device=G.device)
@@ -129,20 +134,26 @@ class CentredGram:
             if filled < min(SAMPLE_COLUMNS, self.n):
                 return
             self.m = reference_row(self.G)
-        p = self.G.shape[0]
         while self.done < len(self.blocks) and self.blocks[self.done].stop <= filled:
-            cols = self.blocks[self.done]
-            block = self.G[:, cols].float()
-            Y = self.buffer[:, : cols.stop - cols.start]  # rows: x_i = fl(g_i - r), then r
-            r = block.index_select(0, self.m)
-            torch.sub(block, r, out=Y[:p])
-            Y[p:].copy_(r)
-            P, wild = _products(Y, _terms(self.G))
-            self.redo |= wild[:p] | wild[p]
+            P, rr = self._block(self.blocks[self.done])
+            wild = ~(P.diagonal() <= WILD)  # a sum of non-negative pieces bounds each piece
+            self.redo |= wild[:-1] | wild[-1]
             self.sums += P
-            r64 = r.double()
-            self.rr += (r64 @ r64.T).squeeze()
+            self.rr += rr
             self.done += 1
+
+    def _block(self, cols: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """One block's ``[X; r] [X; r]^T`` (fp64 from fp32 sums) and ``r . r`` (fp64)."""
+        p, width = self.G.shape[0], cols.stop - cols.start
+        if self.rows is not None:
+            return native_gram.block_products(self.rows, p, int(self.m), cols.start, width)
+        block = self.G[:, cols].float()
+        Y = self.buffer[:, :width]  # rows: x_i = fl(g_i - r), then r
+        r = block.index_select(0, self.m)
+        torch.sub(block, r, out=Y[:p])
+        Y[p:].copy_(r)
+        r64 = r.double()
+        return _products(Y, _terms(self.G)), (r64 @ r64.T).squeeze()
 
     def centred_result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The fp32-product Gram and the ``(p,)`` mask of the rows :meth:`result` redoes in fp64."""
@@ -162,21 +173,18 @@ class CentredGram:
         return K
 
 
-def _products(X: torch.Tensor, terms: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``X X^T`` in fp64 from fp32 sums of at most ``terms`` products (None: all ``X``'s columns in
-    one), and the ``(p,)`` rows with an fp32 diagonal above :data:`WILD` or NaN."""
+def _products(X: torch.Tensor, terms: int | None) -> torch.Tensor:
+    """``X X^T`` in fp64 from fp32 sums of at most ``terms`` products (None: all ``X``'s columns in one)."""
     p, w = X.shape
     if terms is None or w <= terms:
-        P = _square(X)[None]
-    else:
-        q = w // terms
-        pieces = X[:, : q * terms].reshape(p, q, terms).transpose(0, 1)
-        P = torch.bmm(pieces, pieces.transpose(1, 2))
-        if w > q * terms:
-            tail = X[:, q * terms :]
-            P = torch.cat([P, (tail @ tail.T)[None]])
-    wild = ~(P.diagonal(dim1=1, dim2=2) <= WILD).all(dim=0)
-    return P.double().sum(dim=0), wild
+        return _square(X).double()
+    q = w // terms
+    pieces = X[:, : q * terms].reshape(p, q, terms).transpose(0, 1)
+    P = torch.bmm(pieces, pieces.transpose(1, 2))
+    if w > q * terms:
+        tail = X[:, q * terms :]
+        P = torch.cat([P, (tail @ tail.T)[None]])
+    return P.double().sum(dim=0)
 
 
 def _square(X: torch.Tensor) -> torch.Tensor:
@@ -225,7 +233,8 @@ def _bounds(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         widths = [cols.stop - cols.start for cols in column_chunks(n, p + 1, _budget(G))]
         terms = _terms(G)
         b = max(widths) if terms is None else min(max(widths), terms)
-        blocks = len(widths) + sum(-(-w // b) for w in widths)  # fp64 additions of fp32 sums, at most
+        lanes = native_gram.LANES * len(widths)  # the compiled product's lane sums
+        blocks = len(widths) + sum(-(-w // b) for w in widths) + lanes  # fp64 additions of fp32 sums, at most
         m = reference_row(G)
         x = (G.float() - G.float().index_select(0, m)).double().norm(dim=1)
         xx, r = x[:, None] * x[None, :], norms[m]
