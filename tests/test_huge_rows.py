@@ -189,3 +189,15 @@ def test_the_compiled_product_gives_the_same_bits_whatever_the_steps_and_threads
         torch.set_num_threads(threads)
     monkeypatch.setenv("FA_HVD_NATIVE", "0")  # the torch path: the same K within the bound
     assert ((gram(G) - whole).abs() <= 2 * gram_error_bound(G)).all()
+
+
+@pytest.mark.parametrize("p", [20, 40])  # above native_gram.MAX_ROWS: the BLAS product; from 32 rows its halves
+def test_the_blas_products_above_the_compiled_sizes_stay_within_the_bound(p):
+    assert p > native_gram.MAX_ROWS and (p >= geometry.SYMMETRIC_ROWS) == (p == 40)
+    gen = torch.Generator().manual_seed(p)
+    G = torch.cat([1e3 + 1e-2 * torch.randn(p - 1, 300, generator=gen), huge_rows("bitflip")[:1, :300]])
+    K, B = gram(G), gram_error_bound(G)
+    exact, exact_distances = exact_gram(G)
+    assert ((K - exact).abs() <= B + U64 * exact.abs()).all()
+    assert ((sq_distances(K=K) - exact_distances).abs() <= distance_error_bound(G) + 3 * U64 * exact_distances).all()
+    assert torch.equal(K, K.T)
