@@ -71,7 +71,7 @@ import torch
 
 from . import native_gram
 
-CPU_BLOCK = 1 << 20  # elements of G per block (4 MB of fp32): fits a CPU cache
+CPU_BLOCK = 1 << 20  # elements of G per block (4 MB of fp32: the torch path's buffer stays in L3)
 ACCELERATOR_BLOCK = 1 << 24  # few, large products on a GPU
 FP32_TERMS = {"cpu": None, "accelerator": 1 << 12}
 """Most products one fp32 sum adds (``b`` in the bound): a CPU block's width (None); 4096 on an
