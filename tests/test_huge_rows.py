@@ -201,3 +201,16 @@ def test_the_blas_products_above_the_compiled_sizes_stay_within_the_bound(p):
     assert ((K - exact).abs() <= B + U64 * exact.abs()).all()
     assert ((sq_distances(K=K) - exact_distances).abs() <= distance_error_bound(G) + 3 * U64 * exact_distances).all()
     assert torch.equal(K, K.T)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_finite_rows_tells_overflowing_sums_from_nan_and_inf(dtype):
+    """finite_rows' one pass screens rows by their sums; rows whose sum overflows are finite all the same."""
+    from fa_hvd.aggregators.base import finite_rows
+
+    big = torch.finfo(dtype).max / 2
+    nan, inf = float("nan"), float("inf")
+    G = torch.tensor([[1.0, 2.0, 3.0], [big, big, big], [-big, -big, -big], [1.0, nan, 2.0], [inf, 0.0, 1.0],
+                      [-inf, 0.0, 1.0], [inf, -inf, 0.0], [nan, nan, nan]], dtype=dtype)
+    assert not G[1:3].sum(dim=1).isfinite().any()  # the screen alone would drop these
+    assert finite_rows(G).tolist() == [True, True, True, False, False, False, False, False]
