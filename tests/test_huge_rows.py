@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from fa_hvd.aggregators import geometry, get
+from fa_hvd.aggregators import geometry, get, native_gram
 from fa_hvd.aggregators.geometry import U64, distance_error_bound, gram, gram_error_bound, sq_distances
 
 P, F, N = 11, 2, 600
@@ -141,15 +141,19 @@ def fidelity_case(kind):
     return torch.cat([honest(), huge_rows(kind)])
 
 
+@pytest.mark.parametrize("compiled", [True, False])  # native_gram's product; torch's buffer and BLAS product
 @pytest.mark.parametrize("terms", [None, 64])  # a CPU block's width; pieces of 64 (the accelerator path)
 @pytest.mark.parametrize("kind", ["near_duplicates", "shared_mean", "generic", 38, "flat", "bitflip"])
-def test_the_gram_and_its_distances_stay_within_the_stated_bound(monkeypatch, kind, terms):
+def test_the_gram_and_its_distances_stay_within_the_stated_bound(monkeypatch, kind, terms, compiled):
     """geometry's bounds, against correctly rounded values: |gram(G) - G G^T| <= gram_error_bound
     and |sq_distances(G) - D| <= distance_error_bound, entrywise. Where the rows share a large
     common part (near duplicates, mu / sigma = 1e5) the distance bound is a small fraction of
     every distance, which an uncentred fp32 product misses by more than that."""
     monkeypatch.setitem(geometry.FP32_TERMS, "cpu", terms)
+    monkeypatch.setenv("FA_HVD_NATIVE", "1" if compiled else "0")
     G = fidelity_case(kind)
+    assert native_gram.supports(G) == compiled, "no C compiler: the compiled product cannot be checked"
+    assert (geometry.CentredGram(G).rows is not None) == (compiled and terms is None)
     K, B, Bd = gram(G), gram_error_bound(G), distance_error_bound(G)
     exact, exact_distances = exact_gram(G)
     assert torch.isfinite(K).all() and torch.isfinite(B).all() and torch.isfinite(Bd).all()
@@ -162,3 +166,51 @@ def test_the_gram_and_its_distances_stay_within_the_stated_bound(monkeypatch, ki
         plain = (G @ G.T).double()  # the uncentred fp32 product: no such accuracy
         plain_distances = plain.diagonal()[:, None] + plain.diagonal()[None, :] - 2 * plain
         assert ((plain_distances - exact_distances).abs()[off] > Bd[off]).any(), kind
+
+
+def test_the_compiled_product_gives_the_same_bits_whatever_the_steps_and_threads(monkeypatch):
+    """native_gram's block product, as an exchange drives it (columns arriving in steps, blocks
+    straddling them), gives gram()'s bits, with one torch thread or several."""
+    monkeypatch.setenv("FA_HVD_NATIVE", "1")
+    monkeypatch.setattr(geometry, "CPU_BLOCK", 1 << 12)
+    G = fidelity_case("shared_mean")[:5].repeat(1, 9)
+    assert native_gram.supports(G), "no C compiler: the compiled product cannot be checked"
+    whole = gram(G)
+    product = geometry.CentredGram(G)
+    assert product.rows is not None and len(product.blocks) > 3
+    for filled in (100, 700, 701, 2900, G.shape[1]):
+        product.advance(filled)
+    assert torch.equal(product.result(), whole)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.equal(gram(G), whole)
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setenv("FA_HVD_NATIVE", "0")  # the torch path: the same K within the bound
+    assert ((gram(G) - whole).abs() <= 2 * gram_error_bound(G)).all()
+
+
+@pytest.mark.parametrize("p", [20, 40])  # above native_gram.MAX_ROWS: the BLAS product; from 32 rows its halves
+def test_the_blas_products_above_the_compiled_sizes_stay_within_the_bound(p):
+    assert p > native_gram.MAX_ROWS and (p >= geometry.SYMMETRIC_ROWS) == (p == 40)
+    gen = torch.Generator().manual_seed(p)
+    G = torch.cat([1e3 + 1e-2 * torch.randn(p - 1, 300, generator=gen), huge_rows("bitflip")[:1, :300]])
+    K, B = gram(G), gram_error_bound(G)
+    exact, exact_distances = exact_gram(G)
+    assert ((K - exact).abs() <= B + U64 * exact.abs()).all()
+    assert ((sq_distances(K=K) - exact_distances).abs() <= distance_error_bound(G) + 3 * U64 * exact_distances).all()
+    assert torch.equal(K, K.T)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_finite_rows_tells_overflowing_sums_from_nan_and_inf(dtype):
+    """finite_rows' one pass screens rows by their sums; rows whose sum overflows are finite all the same."""
+    from fa_hvd.aggregators.base import finite_rows
+
+    big = torch.finfo(dtype).max / 2
+    nan, inf = float("nan"), float("inf")
+    G = torch.tensor([[1.0, 2.0, 3.0], [big, big, big], [-big, -big, -big], [1.0, nan, 2.0], [inf, 0.0, 1.0],
+                      [-inf, 0.0, 1.0], [inf, -inf, 0.0], [nan, nan, nan]], dtype=dtype)
+    assert not G[1:3].sum(dim=1).isfinite().any()  # the screen alone would drop these
+    assert finite_rows(G).tolist() == [True, True, True, False, False, False, False, False]

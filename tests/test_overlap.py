@@ -10,10 +10,17 @@ import torch
 from fa_hvd.aggregators import get
 from fa_hvd.comm import Handle, NoCompression, Transport
 from fa_hvd.exchange import AllgatherExchange
+from fa_hvd.aggregators import geometry
 from fa_hvd.exchange import allgather as allgather_module
 
 P = 7
-SIZES = [50_001, 3, 60_000, 12_345]  # bucket boundaries off the Gram's column blocks (2^18 / p wide)
+SIZES = [50_001, 3, 60_000, 12_345]  # bucket boundaries off the Gram's column blocks (2^18 / (p + 1) wide)
+
+
+@pytest.fixture(autouse=True)
+def several_gram_blocks(monkeypatch):
+    """Blocks of 2^18 elements, so that these small matrices span several and buckets straddle them."""
+    monkeypatch.setattr(geometry, "CPU_BLOCK", 1 << 18)
 RULES = [("mean", {}), ("flag", {"f": 1}), ("krum", {"f": 1}), ("multikrum", {"f": 1}), ("geomed", {"f": 1}),
          ("mda", {"f": 1}), ("nmean", {"f": 1}),
          ("median", {"f": 1}), ("cclip", {"f": 1}), ("bulyan", {"f": 1}), ("nnm+krum", {"f": 1})]  # the rest: rule(G)

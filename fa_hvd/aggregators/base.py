@@ -391,7 +391,23 @@ def anchored_gram(G: torch.Tensor, anchors: torch.Tensor | None, exact: bool = F
 
 
 def finite_rows(G: torch.Tensor) -> torch.Tensor:
-    """``(p,)`` bool: rows without NaN or +/-Inf (two reductions; NaN propagates through both)."""
+    """``(p,)`` bool: rows without NaN or +/-Inf.
+
+    On the CPU one pass: a row whose sum is finite holds no NaN or +/-Inf (they propagate through
+    any sum in any order), and only the rows whose sum is not (non-finite ones, or finite ones
+    whose sum overflowed) are checked value by value. Elsewhere, and for those rows, two
+    reductions, max and min (NaN propagates through both), without a host synchronisation.
+    """
+    if G.device.type != "cpu":
+        return _extremes_finite(G)
+    finite = G.sum(dim=1).isfinite()
+    if not bool(finite.all()):
+        suspects = (~finite).nonzero().flatten()
+        finite[suspects] = _extremes_finite(G[suspects])
+    return finite
+
+
+def _extremes_finite(G: torch.Tensor) -> torch.Tensor:
     return G.amax(dim=1).isfinite() & G.amin(dim=1).isfinite()
 
 

@@ -12,15 +12,16 @@ through fp32:
 
 * a reference row ``r = g_m`` (:func:`reference_row`: the row with the smallest
   median squared distance to the rows, on the first :data:`SAMPLE_COLUMNS` columns in
-  fp64); with ``c_i = g_i - r``,
-  ``K_ij = t_i + t_j - t_m + c_i . c_j`` where ``t_i = g_i . r``;
-* one pass over ``G`` in column blocks (cache-sized on the CPU): ``X = G_blk - r_blk``
-  in fp32 (``x_i = fl(g_i - r)``), the symmetric fp32 product ``X X^T`` (the floor's
-  arithmetic), each entry an fp32 sum of at most ``b`` products (a CPU block's width;
-  :data:`FP32_TERMS` on an accelerator, whose wide blocks go through one batched product
-  of pieces), added to an fp64 accumulator, and ``t = G_blk r_blk`` in fp64 (exact
-  products of fp32 values, a matrix-vector product: memory-bound, p times less work
-  than the Gram);
+  fp64); with ``x_i = fl(g_i - r)`` (so ``x_m = 0``),
+  ``K_ij = x_i . x_j + x_i . r + x_j . r + r . r`` up to the rounding of ``x``;
+* one pass over ``G`` in column blocks (cache-sized on the CPU, :data:`CPU_BLOCK`): the block's
+  rows minus ``r`` into one reused fp32 buffer ``Y = [X; r]`` (``p + 1`` rows), then one fp32
+  product ``Y Y^T`` (the floor's arithmetic; from :data:`SYMMETRIC_ROWS` rows on syrk-style,
+  3/4 of it: :func:`_square`), which holds every ``x_i . x_j`` and ``s_i = x_i . r``, each
+  entry an fp32 sum of at most ``b`` products (a CPU block's width; :data:`FP32_TERMS` on an
+  accelerator, whose wide blocks go through one batched product of pieces), added to an
+  fp64 accumulator; and ``r . r`` in fp64 (exact products of fp32 values: one row, ``1 / p``
+  of the pass). ``G`` is read once and never converted to fp64;
 * rows whose fp32 block product could have overflowed (a diagonal entry above
   :data:`WILD` or not finite: huge rows, bit flips, NaN/Inf) are redone in fp64
   (:func:`cross_gram`: exact products, fp64 sums; a product of two fp32 numbers fits
@@ -33,25 +34,26 @@ through fp32:
 The bound (proved with the standard model ``fl(a op b) = (a op b)(1 + d)``,
 ``|d| <= u``, and ``gamma_k = k u / (1 - k u)``; ``u32 = 2^-24``, ``u64 = 2^-53``).
 Any summation order satisfies it, so it holds whatever the BLAS, its blocking and
-its thread count. For rows that are not redone, with ``N`` the number of fp32 sums and blocks
-added in fp64 per entry:
+its thread count. For rows that are not redone, with ``N`` the number of fp32 sums (blocks, their
+pieces, the compiled product's lanes) added in fp64 per entry:
 
-    |K^_ij - K_ij| <= gamma32_{b+2} (1 + gamma64_N) ||x_i|| ||x_j|| + 2 n 2^-126
-                      + gamma64_{n+2N+12} (||g_i|| + ||r||) (||g_j|| + ||r||)      (B_ij)
+    |K^_ij - K_ij| <= gamma32_{b+2} (1 + gamma64_N) (||x_i|| ||x_j|| + (||x_i|| + ||x_j||) ||r||)
+                      + 3 n 2^-126 + gamma64_{n+3N+8} (||x_i|| + ||r||) (||x_j|| + ||r||)      (B_ij)
 
-(an fp32 sum of ``b`` products errs by ``gamma32_b sum |x_ik x_jk|`` in any order;
-rounding ``g - r`` to ``x`` adds ``(2 u32 + u32^2) |x_i||x_j|`` (none when ``g`` and ``r``
+(an fp32 sum of ``b`` products errs by ``gamma32_b sum |a_k b_k|`` in any order;
+rounding ``g - r`` to ``x`` (``g_i = r + x_i + e_i``, ``|e_i| <= gamma32_1 |x_i|``) adds the
+terms of ``e``, at most ``(2 u32 + u32^2)`` times the same products (none when ``g`` and ``r``
 are within a factor 2, Sterbenz); an fp32 product that underflows (or is flushed to
-zero) loses less than 2^-126; Cauchy-Schwarz over the blocks; the fp64 sums of
-``t`` and of the blocks and the last additions give the second term). The first term
-scales with the spread of the rows around ``r``, not with their size, and in a squared
-distance ``K_ii + K_jj - 2 K_ij`` the errors of ``t`` cancel exactly (they enter as
-``d_i + d_j``), so only the fp32 part, the last fp64 additions and :func:`sq_distances`'
-own roundings remain (:func:`distance_error_bound`):
+zero) loses less than 2^-126; Cauchy-Schwarz over the blocks; the fp64 sums of the
+blocks, ``r . r`` and the last additions give the last term). Every term scales with the
+spread of the rows around ``r`` except the last, which is fp64's. In a squared distance
+``K_ii + K_jj - 2 K_ij`` the computed ``s_i``, ``s_j`` and ``r . r`` cancel exactly (they enter
+as ``d_i + d_j``), so only the fp32 ``x_i . x_j``, the last fp64 additions and
+:func:`sq_distances`' own roundings remain (:func:`distance_error_bound`):
 
     |D^_ij - D_ij| <= F_ii + F_jj + 2 F_ij + gamma64_3 (||g_i|| + ||g_j||)^2,
     F_ij = (gamma32_{b+2} (1 + gamma64_N) + gamma64_{2N+4}) ||x_i|| ||x_j|| + 2 n 2^-126
-           + 2 gamma64_6 (||x_i|| ||x_j|| + (||g_i|| + ||g_j|| + ||r||) ||r||)
+           + 2 gamma64_6 (||x_i|| + ||r||) (||x_j|| + ||r||)
 
 and the fp32 part is ``~ gamma32_b (||x_i|| + ||x_j||)^2``. Rows sharing a mean ``mu``
 with spread ``sigma`` have ``||x|| ~ sqrt(2 n) sigma``: the distances keep their
@@ -67,11 +69,15 @@ from __future__ import annotations
 
 import torch
 
-CPU_BLOCK = 1 << 18  # elements of G per block: fits a CPU cache
+from . import native_gram
+
+CPU_BLOCK = 1 << 20  # elements of G per block (4 MB of fp32: the torch path's buffer stays in L3)
 ACCELERATOR_BLOCK = 1 << 24  # few, large products on a GPU
 FP32_TERMS = {"cpu": None, "accelerator": 1 << 12}
 """Most products one fp32 sum adds (``b`` in the bound): a CPU block's width (None); 4096 on an
 accelerator, whose blocks are wide (one batched product over 4096-column pieces)."""
+SYMMETRIC_ROWS = 32
+"""From this many rows on (a CPU block's product), the product uses its symmetry (:func:`_square`)."""
 SAMPLE_COLUMNS = 512  # columns of G (from the first) on which the reference row is chosen
 WILD = 2.0**100  # a block's fp32 diagonal above this: the row is redone in fp64 (fp32 max 2^128)
 U32, U64 = 2.0**-24, 2.0**-53  # unit roundoffs
@@ -112,11 +118,15 @@ class CentredGram:
     def __init__(self, G: torch.Tensor):
         p, n = G.shape
         self.G, self.n = G, n
-        self.blocks = list(column_chunks(n, p, _budget(G)))
+        self.blocks = list(column_chunks(n, p + 1, _budget(G)))
         self.done = 0  # blocks added
         self.m: torch.Tensor | None = None
-        self.centred = torch.zeros(p, p, dtype=torch.float64, device=G.device)
-        self.t = torch.zeros(p, dtype=torch.float64, device=G.device)
+        compiled = native_gram.supports(G) and _terms(G) is None  # pieces of FP32_TERMS: the torch path
+        self.rows = native_gram.row_pointers(G) if compiled else None
+        width = self.blocks[0].stop if self.blocks and self.rows is None else 0
+        self.buffer = torch.empty(p + 1, width, dtype=torch.float32, device=G.device)  # [X; r], reused
+        self.sums = torch.zeros(p + 1, p + 1, dtype=torch.float64, device=G.device)  # [X; r] [X; r]^T
+        self.rr = torch.zeros((), dtype=torch.float64, device=G.device)  # r . r, exact products
         self.redo = torch.zeros(p, dtype=torch.bool, device=G.device)
 
     def advance(self, filled: int) -> None:
@@ -125,20 +135,32 @@ class CentredGram:
                 return
             self.m = reference_row(self.G)
         while self.done < len(self.blocks) and self.blocks[self.done].stop <= filled:
-            block = self.G[:, self.blocks[self.done]].float()
-            r = block.index_select(0, self.m)
-            P, wild = _products(block - r, _terms(self.G))
-            self.redo |= wild
-            self.centred += P
-            self.t += (block.double() @ r.double().T).squeeze(1)
+            P, rr = self._block(self.blocks[self.done])
+            wild = ~(P.diagonal() <= WILD)  # a sum of non-negative pieces bounds each piece
+            self.redo |= wild[:-1] | wild[-1]
+            self.sums += P
+            self.rr += rr
             self.done += 1
 
+    def _block(self, cols: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """One block's ``[X; r] [X; r]^T`` (fp64 from fp32 sums) and ``r . r`` (fp64)."""
+        p, width = self.G.shape[0], cols.stop - cols.start
+        if self.rows is not None:
+            return native_gram.block_products(self.rows, p, int(self.m), cols.start, width)
+        block = self.G[:, cols].float()
+        Y = self.buffer[:, :width]  # rows: x_i = fl(g_i - r), then r
+        r = block.index_select(0, self.m)
+        torch.sub(block, r, out=Y[:p])
+        Y[p:].copy_(r)
+        r64 = r.double()
+        return _products(Y, _terms(self.G)), (r64 @ r64.T).squeeze()
+
     def centred_result(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The centred fp32 product and the ``(p,)`` mask of the rows :meth:`result` redoes in fp64."""
+        """The fp32-product Gram and the ``(p,)`` mask of the rows :meth:`result` redoes in fp64."""
         if self.done < len(self.blocks):
             raise ValueError(f"CentredGram: {self.done} of {len(self.blocks)} column blocks added; advance to n first")
-        t = self.t
-        K = self.centred + t[:, None] + t[None, :] - t[self.m]
+        s = self.sums[:-1, -1]  # x_i . r
+        K = self.sums[:-1, :-1] + s[:, None] + s[None, :] + self.rr
         return (K + K.T) / 2, self.redo
 
     def result(self) -> torch.Tensor:
@@ -151,21 +173,31 @@ class CentredGram:
         return K
 
 
-def _products(X: torch.Tensor, terms: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``X X^T`` in fp64 from fp32 sums of at most ``terms`` products (None: all ``X``'s columns in
-    one), and the ``(p,)`` rows with an fp32 diagonal above :data:`WILD` or NaN."""
+def _products(X: torch.Tensor, terms: int | None) -> torch.Tensor:
+    """``X X^T`` in fp64 from fp32 sums of at most ``terms`` products (None: all ``X``'s columns in one)."""
     p, w = X.shape
     if terms is None or w <= terms:
-        P = (X @ X.T)[None]
-    else:
-        q = w // terms
-        pieces = X[:, : q * terms].reshape(p, q, terms).transpose(0, 1)
-        P = torch.bmm(pieces, pieces.transpose(1, 2))
-        if w > q * terms:
-            tail = X[:, q * terms :]
-            P = torch.cat([P, (tail @ tail.T)[None]])
-    wild = ~(P.diagonal(dim1=1, dim2=2) <= WILD).all(dim=0)
-    return P.double().sum(dim=0), wild
+        return _square(X).double()
+    q = w // terms
+    pieces = X[:, : q * terms].reshape(p, q, terms).transpose(0, 1)
+    P = torch.bmm(pieces, pieces.transpose(1, 2))
+    if w > q * terms:
+        tail = X[:, q * terms :]
+        P = torch.cat([P, (tail @ tail.T)[None]])
+    return P.double().sum(dim=0)
+
+
+def _square(X: torch.Tensor) -> torch.Tensor:
+    """``X X^T`` in fp32 (one fp32 sum per entry). From :data:`SYMMETRIC_ROWS` rows on, syrk-style:
+    the top half's square, the bottom half's square and one cross product, 3/4 of the full
+    product's arithmetic (the other cross block is its transpose)."""
+    p = X.shape[0]
+    if p < SYMMETRIC_ROWS:
+        return X @ X.T
+    h = p // 2
+    top, bottom = X[:h], X[h:]
+    cross = bottom @ top.T
+    return torch.cat([torch.cat([top @ top.T, cross.T], 1), torch.cat([cross, bottom @ bottom.T], 1)])
 
 
 def reference_row(G: torch.Tensor) -> torch.Tensor:
@@ -198,17 +230,18 @@ def _bounds(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if G.dtype == torch.float64:
         B, Bd = exact, _spread(exact)
     else:
-        widths = [cols.stop - cols.start for cols in column_chunks(n, p, _budget(G))]
+        widths = [cols.stop - cols.start for cols in column_chunks(n, p + 1, _budget(G))]
         terms = _terms(G)
         b = max(widths) if terms is None else min(max(widths), terms)
-        blocks = len(widths) + sum(-(-w // b) for w in widths)  # fp64 additions of fp32 sums, at most
+        lanes = native_gram.LANES * len(widths)  # the compiled product's lane sums
+        blocks = len(widths) + sum(-(-w // b) for w in widths) + lanes  # fp64 additions of fp32 sums, at most
         m = reference_row(G)
         x = (G.float() - G.float().index_select(0, m)).double().norm(dim=1)
         xx, r = x[:, None] * x[None, :], norms[m]
-        fp32 = _gamma(b + 2, U32) * (1 + _gamma(blocks, U64)) * xx + 2 * n * TINY32
-        B = fp32 + _gamma(n + 2 * blocks + 12, U64) * (norms[:, None] + r) * (norms[None, :] + r)
-        assembly = _gamma(6, U64) * 2 * (xx + (norms[:, None] + norms[None, :] + r) * r)
-        Bd = _spread(fp32 + _gamma(2 * blocks + 4, U64) * xx + assembly)
+        xr = (x[:, None] + r) * (x[None, :] + r)  # (||x_i|| + ||r||)(||x_j|| + ||r||)
+        fp32 = _gamma(b + 2, U32) * (1 + _gamma(blocks, U64))
+        B = fp32 * (xx + (x[:, None] + x[None, :]) * r) + 3 * n * TINY32 + _gamma(n + 3 * blocks + 8, U64) * xr
+        Bd = _spread(fp32 * xx + 2 * n * TINY32 + _gamma(2 * blocks + 4, U64) * xx + 2 * _gamma(6, U64) * xr)
         product = CentredGram(G)
         product.advance(n)
         redone = product.centred_result()[1]
