@@ -75,6 +75,7 @@ class RobustHookState:
         self.exchange = (EXCHANGES[exchange] if isinstance(exchange, str) else exchange)(
             self.transport, aggregator, compression if compression is not None else NoCompression,
             f"fa_hvd.ddp{next(_instances)}")
+        self.transport.prepare(self.exchange.channels())  # every rank builds its state at the same point
         if gradient_transform is None:
             from .wrap import _fault_transform
 

@@ -148,7 +148,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         if transport.included:
             if os.environ.get("HOROVOD_ELASTIC") != "1":
                 _check_same_model(transport, self.param_groups, self._parameter_names, f"{self._prefix}.model")
-                transport.prepare([self._exchange_name(b.index) for b in self._buckets])
+                transport.prepare([self._exchange_name(b.index) for b in self._buckets] + self._exchange.channels())
             self._hook_handles = [_claim(self, p) for b in self._buckets for p in b.params]
         # Horovod's broadcast_optimizer_state initialises an empty optimizer state by
         # stepping the inner optimizer of its own DistributedOptimizer (recognised by

@@ -184,10 +184,10 @@ def test_replicas_agree_with_the_plain_sharded_exchange(replicas):
 
 
 class LyingGram(ShardedExchange):
-    def _gram(self, partial, *args):
+    def _gram(self, work, *args):
         if self.rank == 2:
-            partial.K[0][0, 0] += 1.0  # its first shard's partial Gram, as if miscomputed
-        return super()._gram(partial, *args)
+            work.partial.K[0][0, 0] += 1.0  # its first shard's partial Gram, as if miscomputed
+        return super()._gram(work, *args)
 
 
 class LyingShard(ShardedExchange):
@@ -377,21 +377,104 @@ def test_each_buckets_partial_gram_is_added_as_it_arrives(monkeypatch):
     """Step 2 overlaps the later alltoalls: a bucket's piece of the partial Gram is added before
     the next bucket is waited for (per rank, in bucket order), not after the last one."""
     events = collections.defaultdict(list)
-    waited, added = sharded_module.wait, sharded_module._PartialGram.add
+    waited, added = LocalTransport.wait, sharded_module._PartialGram.add
 
-    def logged_wait(transport, handle, step, stage):
-        events[threading.get_ident()].append(stage)
-        return waited(transport, handle, step, stage)
+    def logged_wait(self, handle):
+        events[threading.get_ident()].append(handle.key[0])
+        return waited(self, handle)
 
     def logged_add(self, t, piece, cols):
         events[threading.get_ident()].append("add")
         added(self, t, piece, cols)
 
-    monkeypatch.setattr(sharded_module, "wait", logged_wait)
+    monkeypatch.setattr(LocalTransport, "wait", logged_wait)
     monkeypatch.setattr(sharded_module._PartialGram, "add", logged_add)
     sharded("krum", honest(p=5, n=sum(SIZES)))
-    buckets = [f"bucket {i}" for i in range(len(SIZES))]
+    buckets = [f"test.bucket{i}" for i in range(len(SIZES))]
     assert len(events) == 5
     for log in events.values():
         assert log[: 2 * len(SIZES)] == [e for b in buckets for e in (b, "add")]
-        assert log[2 * len(SIZES)] == "partial Grams"
+        assert log[2 * len(SIZES)] == "test.gram"
+
+
+# -- early rules: each bucket's shards of the aggregate gathered as its alltoall arrives ------------
+
+class Threaded(LocalTransport):
+    """The in-process world with the exchange's worker thread on (as Horovod and torch.distributed)."""
+
+    waits_from_any_thread = True
+
+
+EARLY = ["mean", "median", "trimmed_mean"]
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+@pytest.mark.parametrize("kind", ["clean", "nan", "huge"])
+@pytest.mark.parametrize("name", EARLY)
+def test_early_rules_give_the_bits_of_the_aggregate_after_the_last_bucket(monkeypatch, name, kind, threaded):
+    """Every coordinate-wise rule, with every row finite or with a NaN and an Inf in one bucket each
+    (a robust rule then drops their rows: the shards gathered early go unused), gives on every rank
+    the bits of the same exchange with the shards combined after the last bucket; the shards are
+    gathered per bucket (plus once more where rows were dropped), on the worker when threaded."""
+    G, scale = faulty(kind), [1.0, -0.5]
+    if threaded:
+        monkeypatch.setattr(local_world, "LocalTransport", Threaded)
+    early = sharded(name, G, steps=2, scale=scale)
+    with monkeypatch.context() as m:
+        m.setattr(sharded_module, "_early", lambda aggregator, replicas: False)
+        late = sharded(name, G, steps=2, scale=scale)
+    dropped = kind == "nan" and name != "mean"
+    for (outs, exchange), (expected, _) in zip(early, late):
+        assert all(torch.equal(bits(a), bits(b)) for a, b in zip(outs, expected))
+        gathers = [c for c in exchange.transport.calls if c == ("allgather", "test.out")]
+        assert len(gathers) == 2 * (len(SIZES) + dropped)
+        assert (exchange._worker is not None) == threaded
+
+
+def test_early_shards_are_gathered_before_finish_on_the_worker(monkeypatch):
+    """With the worker, each bucket's shards of the aggregate are on the wire before finish() is
+    called (here: finish waits until every rank has started them all), in bucket order."""
+    monkeypatch.setattr(local_world, "LocalTransport", Threaded)
+    G = honest(p=5)
+
+    def body(transport):
+        exchange = ShardedExchange(transport, get("median", f=1), prefix="test")
+        offsets = [sum(SIZES[:i]) for i in range(len(SIZES))]
+        for index in range(len(SIZES)):
+            exchange.start(index, G[transport.rank, offsets[index] : offsets[index] + SIZES[index]].clone())
+        for _ in range(600):  # until the worker has started every bucket's allgather (a hang guard, not a timing)
+            if [c for c in transport.calls if c[1] == "test.out"] == [("allgather", "test.out")] * len(SIZES):
+                break
+            threading.Event().wait(0.1)
+        started = list(transport.calls)
+        return exchange.finish(len(SIZES), torch.device("cpu"), 0), started
+
+    for out, started in run_ranks(5, body):
+        assert sorted(started) == [("allgather", "test.out")] * len(SIZES) + \
+            [("alltoall", f"test.bucket{i}") for i in range(len(SIZES))]
+        assert torch.equal(out, get("median", f=1)(G))
+
+
+def test_a_failed_wait_on_the_worker_names_the_bucket_and_the_next_step_runs(monkeypatch):
+    class Failing(Threaded):
+        fail = True
+
+        def wait(self, handle):
+            if self.fail and handle.key[0] == "test.bucket1":
+                super().wait(handle)
+                raise OSError("connection reset")
+            return super().wait(handle)
+
+    monkeypatch.setattr(local_world, "LocalTransport", Failing)
+    G = honest(p=3)
+
+    def body(transport):
+        exchange = ShardedExchange(transport, get("mean"), prefix="test")
+        with pytest.raises(RuntimeError, match=rf"rank {transport.rank}: the gradient exchange failed at step 0 "
+                                               r"\(bucket 1\): connection reset"):
+            step(exchange, G[transport.rank])
+        transport.fail = False
+        return step(exchange, G[transport.rank], index=1)
+
+    for out in run_ranks(3, body):
+        assert torch.equal(out, get("mean")(G))

@@ -111,7 +111,9 @@ class Transport:
     lies = None  # fault injection: fa_hvd.faults.roles.RoleLies, asked what this rank's messages say
     timeout: float | None = None  # seconds a wait may last (fa_hvd.comm.base.collective_timeout)
     roll_call: RollCall | None = None  # once start_roll_call() ran: who answers when a wait stalls
-    waits_from_any_thread = False  # wait() may run on another thread than allgather_async() (an exchange's worker)
+    # wait() may run on another thread than allgather_async(), and collectives under a prepared name may be
+    # started there (an exchange's worker: fa_hvd.exchange.base.Worker)
+    waits_from_any_thread = False
 
     def start_roll_call(self) -> None:
         """Collective: (re)start this rank's part of the roll call (:mod:`fa_hvd.comm.rollcall`),
@@ -158,6 +160,12 @@ class Transport:
         """Collective (every rank, same order): ``names`` will be gathered under, in any order
         relative to each other. Transports whose collectives must be ordered set up one
         channel per name here."""
+
+    def has_channel(self, name: str) -> bool:
+        """Whether collectives under ``name`` are matched among themselves, apart from every other
+        name's, so one thread may start them while others start other names' (Horovod matches by
+        name; the ordered transports once :meth:`prepare` gave ``name`` a channel)."""
+        return True
 
     def abandon(self, handle: "Handle") -> None:
         """Forget an allgather in flight (its result will not be read)."""

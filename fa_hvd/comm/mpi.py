@@ -45,6 +45,9 @@ class MPITransport(Transport):
             if name not in self._channels:
                 self._channels[name] = self.comm.Dup()
 
+    def has_channel(self, name: str) -> bool:
+        return name in self._channels
+
     def abandon(self, handle: Handle) -> None:
         self._abandoned.append(handle)
 

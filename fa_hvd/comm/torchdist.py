@@ -44,6 +44,10 @@ class _TorchHandle(Handle):
 
 class TorchDistTransport(Transport):
     name = "torch"
+    # A Work may be waited for on any thread, and collectives started on any thread: each prepared
+    # name has a group of its own, so the order of its collectives is the order of the one thread
+    # that starts them (an exchange's worker starts only such names).
+    waits_from_any_thread = True
 
     def __init__(self, group=None):
         if not dist.is_initialized():
@@ -64,6 +68,9 @@ class TorchDistTransport(Transport):
         for name in names:
             if name not in self._channels:
                 self._channels[name] = dist.new_group(self.ranks, use_local_synchronization=True)
+
+    def has_channel(self, name: str) -> bool:
+        return name in self._channels
 
     def _group(self, name: str):
         return self._channels.get(name, self.group)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import queue
+import threading
 from typing import NoReturn
 
 import torch
@@ -27,6 +29,12 @@ class GradientExchange:
         """Told once, before any step: every step's buckets have these sizes (elements), are of
         ``dtype`` or narrower and are aggregated on ``device``. An exchange may use it to work
         on buckets before :meth:`finish`; by default it is not used."""
+
+    def channels(self) -> list[str]:
+        """Names of collectives this exchange starts besides the buckets' that need an ordered channel
+        of their own (:meth:`fa_hvd.comm.base.Transport.prepare`: it starts them on its worker thread);
+        whoever prepares the buckets' names prepares these too."""
+        return []
 
     def start(self, index: int, flat: torch.Tensor) -> None:
         raise NotImplementedError
@@ -59,3 +67,17 @@ def raise_failure(transport, exc: Exception, step: int, stage: str) -> NoReturn:
 def rule_name(aggregator) -> str:
     """An aggregator's name for messages: its ``name``, a function's ``__name__``, else its repr."""
     return getattr(aggregator, "name", getattr(aggregator, "__name__", repr(aggregator)))
+
+
+class Worker:
+    """One daemon thread that runs an exchange's bucket work, one job at a time, in order. torch gives
+    it the process's intra-op thread count (``torch.set_num_threads`` is process-wide): the same
+    kernels as on the training thread, the same bits."""
+
+    def __init__(self):
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="fa_hvd-buckets", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            self.jobs.get()()
