@@ -93,20 +93,17 @@ class RobustHookState:
         pending, self._pending = self._pending, {}
         device = pending[0][1].device
         try:
-            update = self.exchange.finish(count, device, self.step)
+            parts = self.exchange.finish_buckets([pending[i][1].numel() for i in range(count)], device, self.step)
         except BaseException:
             self.exchange.abandon()
             raise
         self.step += 1
         self.stats = {"step": self.step - 1, **getattr(self.aggregator, "diagnostics", {})}
-        offset = 0
-        for index in range(count):
+        for index, part in enumerate(parts):
             future, buffer = pending[index]
-            part = update[offset : offset + buffer.numel()]
-            offset += buffer.numel()
-            # A tensor of its own: DDP views the result with as_strided at the bucket's offsets,
-            # which are counted from the start of the storage, not of a slice.
-            future.set_result(part.to(dtype=buffer.dtype, device=buffer.device, copy=True))
+            # Each part a tensor of its own: DDP views the result with as_strided at the bucket's
+            # offsets, which are counted from the start of the storage, not of a slice.
+            future.set_result(part.to(dtype=buffer.dtype, device=buffer.device))
 
 
 def robust_hook(state: RobustHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

@@ -478,3 +478,24 @@ def test_a_failed_wait_on_the_worker_names_the_bucket_and_the_next_step_runs(mon
 
     for out in run_ranks(3, body):
         assert torch.equal(out, get("mean")(G))
+
+
+@pytest.mark.parametrize("kind", ["clean", "nan"])
+@pytest.mark.parametrize("name", ["median", "krum"])
+def test_each_buckets_part_is_the_aggregates_in_a_tensor_of_its_own(monkeypatch, name, kind):
+    """finish_buckets (the DDP hook's): the aggregate's bits cut at the buckets, each part at storage
+    offset 0 (an early rule's straight from its allgather; otherwise copied out of the aggregate)."""
+    monkeypatch.setattr(local_world, "LocalTransport", Threaded)
+    G = faulty(kind)
+    whole = sharded(name, G)
+    offsets = [sum(SIZES[:i]) for i in range(len(SIZES))]
+
+    def body(transport):
+        exchange = ShardedExchange(transport, get(name, f=1), prefix="test")
+        for index in range(len(SIZES)):
+            exchange.start(index, G[transport.rank, offsets[index] : offsets[index] + SIZES[index]].clone())
+        return exchange.finish_buckets(SIZES, torch.device("cpu"), 0)
+
+    for parts, (expected, _) in zip(run_ranks(P, body), whole):
+        assert [part.storage_offset() for part in parts] == [0] * len(SIZES)
+        assert torch.equal(bits(torch.cat(parts)), bits(expected[0]))

@@ -42,8 +42,18 @@ class GradientExchange:
     def finish(self, count: int, device: torch.device, step: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def finish_buckets(self, sizes: list[int], device: torch.device, step: int) -> list[torch.Tensor]:
+        """:meth:`finish` for buckets of ``sizes``, the aggregate as each bucket's part, each a tensor
+        of its own (storage offset 0: DDP views a hook's result at offsets from its storage's start)."""
+        return own_parts(self.finish(len(sizes), device, step), sizes)
+
     def abandon(self) -> None:
         raise NotImplementedError
+
+
+def own_parts(update: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """``update`` cut into parts of ``sizes``, each copied into a tensor of its own."""
+    return [part.clone() for part in update.split(sizes)]
 
 
 def wait(transport, handle, step: int, stage: str) -> torch.Tensor:

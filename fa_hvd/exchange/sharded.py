@@ -80,7 +80,7 @@ import torch
 
 from ..aggregators.base import Aggregator, Rows, anchored_gram, describe, finite_rows
 from ..comm import NoCompression
-from .base import GradientExchange, Worker, raise_failure, rule_name, wait
+from .base import GradientExchange, Worker, own_parts, raise_failure, rule_name, wait
 from .digest import check_agreement
 from .evidence import Verdict, majority, not_a_gram, verdict
 
@@ -247,6 +247,14 @@ class ShardedExchange(GradientExchange):
     # -- 3 .. 5 ---------------------------------------------------------------------------------
     def finish(self, count: int, device: torch.device, step: int) -> torch.Tensor:
         """Wait for buckets ``0..count-1``; the ``(n,)`` aggregate on ``device``, the same bits on every rank."""
+        return self._finish(count, device, step, None)
+
+    def finish_buckets(self, sizes: list[int], device: torch.device, step: int) -> list[torch.Tensor]:
+        """As :meth:`finish`, each bucket's part of the aggregate; an early rule's are its buckets'
+        gathered shards themselves (no copy)."""
+        return self._finish(len(sizes), device, step, sizes)
+
+    def _finish(self, count: int, device: torch.device, step: int, sizes: list[int] | None):
         called = time.perf_counter()
         work, self._step = self._step, None
         if work is None:
@@ -263,9 +271,10 @@ class ShardedExchange(GradientExchange):
             work.settle(device)
             work.advance()
         work.arrived = max(work.arrived, called)
-        return self._aggregate(work, count, device, step)  # a failure drops the step's collectives, as it is
+        return self._aggregate(work, count, device, step, sizes)  # a failure drops the step's collectives, as it is
 
-    def _aggregate(self, work: "_Step", count: int, device: torch.device, step: int) -> torch.Tensor:
+    def _aggregate(self, work: "_Step", count: int, device: torch.device, step: int, parts: list[int] | None):
+        """The aggregate, or with ``parts`` (the buckets' sizes) each bucket's part of it."""
         work.raise_error(step)
         sizes = [work.entries[index][3] for index in range(count)]
         result, compute = _step_dtypes([work.entries[index][2] for index in range(count)])
@@ -283,14 +292,21 @@ class ShardedExchange(GradientExchange):
             self.aggregator.diagnostics = {**describe(self.p, rows, None), **evidence}
             self.stats = {"peak_bytes": held}
             self.timings["aggregated"] = time.perf_counter()
-            return torch.zeros(n, dtype=result, device=device)
+            zeros = torch.zeros(n, dtype=result, device=device)
+            return zeros if parts is None else own_parts(zeros, parts)
         kept = self.p if rows.keep is None else rows.keep.numel()
         early = (work.rule is not None and rows.keep is None and rows.f == self.aggregator.f
                  and (work.result, work.compute, work.device) == (result, compute, device))
         if early:  # the shards' allgathers started as the buckets arrived
             self.timings["solved"] = self.timings["combined"] = time.perf_counter()
             self.aggregator.diagnostics = {**describe(self.p, rows, None), **evidence}
-            aggregate, gathered = self._gather_early(work, n, result, device, step)
+            pieces, gathered = self._gather_early(work, step)
+            if parts is not None and not self.digest:  # an early rule observes nothing (_early)
+                self.stats = {"peak_bytes": held + gathered}
+                self.timings["gathered"] = self.timings["aggregated"] = time.perf_counter()
+                return pieces
+            aggregate = torch.cat(pieces) if pieces else torch.zeros(0, dtype=result, device=device)
+            gathered += _bytes(aggregate)
         else:
             work.drain(step)
             aggregate, gathered = self._combine(work, rows, K, kept, sizes, result, compute, device, evidence, step)
@@ -301,7 +317,7 @@ class ShardedExchange(GradientExchange):
             check_agreement(self.transport, aggregate, step, f"{self.prefix}.digest")
         self.aggregator.observe(aggregate)
         self.timings["aggregated"] = time.perf_counter()
-        return aggregate
+        return aggregate if parts is None else own_parts(aggregate, parts)
 
     def _combine(self, work: "_Step", rows: Rows, K, kept: int, sizes, result, compute, device, evidence,
                  step: int) -> tuple[torch.Tensor, int]:
@@ -329,19 +345,17 @@ class ShardedExchange(GradientExchange):
         aggregate, gathered = self._gather(out, sizes, widths, starts, step)
         return aggregate, gathered + _bytes(out)
 
-    def _gather_early(self, work: "_Step", n: int, result, device, step: int) -> tuple[torch.Tensor, int]:
-        """Step 5 for an early rule: each bucket's allgather of the shards, reassembled in bucket order
-        as :meth:`_gather` does it; ``(aggregate, bytes held)``."""
-        aggregate = torch.empty(n, dtype=result, device=device)
-        offset = held = 0
+    def _gather_early(self, work: "_Step", step: int) -> tuple[list[torch.Tensor], int]:
+        """Step 5 for an early rule: each bucket's allgather of the shards, that bucket's aggregate (the
+        shards in rank order, as :meth:`_gather` reassembles them); ``(each bucket's, bytes held)``."""
+        pieces, held = [], 0
         for handle, ctx, size in work.early:
             gathered = wait(self.transport, handle, step, "aggregate")
             values = self.compression.decompress(gathered, ctx)  # (p, W_b): shard s in row s
-            held = max(held, _bytes(gathered) + (_bytes(values) if values.data_ptr() != gathered.data_ptr() else 0))
-            aggregate[offset : offset + size] = values.reshape(-1)[:size]
-            offset += size
+            held += _bytes(gathered) + (_bytes(values) if values.data_ptr() != gathered.data_ptr() else 0)
+            pieces.append(values.reshape(-1)[:size])
         work.early.clear()
-        return aggregate, held + _bytes(aggregate)
+        return pieces, held
 
     def _gram(self, work: "_Step", step: int) -> tuple[torch.Tensor | None, Rows, dict]:
         """Steps 2 to 4: ``K`` (fp64 on the host, summed in shard order; None if the rule needs none),
@@ -561,8 +575,9 @@ def _early(aggregator: Aggregator, replicas: int) -> bool:
     """Whether each bucket's shard of the aggregate can be computed, and its allgather started, as
     soon as the bucket's alltoall arrives: a rule whose every column depends on that column alone
     (no Gram: the mean, median, trimmed mean), with no state (bucketing's generator would draw
-    again when a step falls back), one holder per shard."""
-    return replicas == 1 and not aggregator.uses_gram and not aggregator.state_dict()
+    again when a step falls back) and nothing to observe, one holder per shard."""
+    return (replicas == 1 and not aggregator.uses_gram and not aggregator.state_dict()
+            and type(aggregator).observe is Aggregator.observe)
 
 
 class _PartialGram:
