@@ -88,6 +88,11 @@ def _who(who: Callable[[], str | None] | None) -> str:
     return f"; {text}" if text else ""
 
 
+def channel_of(name: str) -> str:
+    """The prepared name whose channel ``name`` uses: ``NAME`` for ``NAME#k``, else ``name`` itself."""
+    return name.split("#", 1)[0]
+
+
 class Handle:
     """An allgather in flight; :meth:`Transport.wait` returns its result."""
 
@@ -159,7 +164,9 @@ class Transport:
     def prepare(self, names: list[str]) -> None:
         """Collective (every rank, same order): ``names`` will be gathered under, in any order
         relative to each other. Transports whose collectives must be ordered set up one
-        channel per name here."""
+        channel per name here; ``NAME#k`` (:func:`channel_of`) goes on ``NAME``'s channel, so
+        a family of collectives started in order by one thread shares one (Horovod needs a
+        name of its own for each collective in flight)."""
 
     def has_channel(self, name: str) -> bool:
         """Whether collectives under ``name`` are matched among themselves, apart from every other

@@ -31,7 +31,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from .base import Handle, Transport, collective_timeout
+from .base import Handle, Transport, channel_of, collective_timeout
 
 _ALL_GATHER = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 
@@ -70,10 +70,10 @@ class TorchDistTransport(Transport):
                 self._channels[name] = dist.new_group(self.ranks, use_local_synchronization=True)
 
     def has_channel(self, name: str) -> bool:
-        return name in self._channels
+        return channel_of(name) in self._channels
 
     def _group(self, name: str):
-        return self._channels.get(name, self.group)
+        return self._channels.get(channel_of(name), self.group)
 
     def _on_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.detach().to(self.device).contiguous()

@@ -36,7 +36,7 @@ Early rules. A rule whose every column depends on that column alone (the mean, m
 trimmed mean: no ``K``; :func:`_early`) does not wait for the last bucket: as each
 bucket's alltoall arrives, rank ``j`` computes its shard of that bucket's aggregate for
 all ``p`` rows and starts its allgather at once (under ``<prefix>.out``, a channel of its
-own: :meth:`ShardedExchange.channels`), so the aggregate's allgathers overlap backward
+own: :meth:`ShardedExchange.channels`, as ``<prefix>.out#<bucket>``), so the aggregate's allgathers overlap backward
 as an allreduce's buckets do. Where the transport allows it (``waits_from_any_thread``, and
 ``<prefix>.out`` matched apart from other names: Horovod; torch.distributed once the
 optimizer or the DDP hook prepared it) this runs on one worker thread per exchange, in
@@ -242,7 +242,8 @@ class ShardedExchange(GradientExchange):
                 out = self.lies.aggregate(self.held, out)
             sent, out_ctx = self.compression.compress(out)
             work.held += _bytes(out)
-            work.early.append((self.transport.allgather_async(sent, name=f"{self.prefix}.out"), out_ctx, size))
+            handle = self.transport.allgather_async(sent, name=f"{self.prefix}.out#{index}")  # on .out's channel
+            work.early.append((handle, out_ctx, size))
 
     # -- 3 .. 5 ---------------------------------------------------------------------------------
     def finish(self, count: int, device: torch.device, step: int) -> torch.Tensor:
