@@ -343,7 +343,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             "flatten_s": self._marks.get("flatten_s", 0.0),
             "send_s": self._marks.get("send_s", 0.0),
             "unflatten_s": done - unflatten,
-            "phases": _phases(timings),
+            "phases": stage_seconds(timings),
         }
         for key, value in _byte_counters(self._transport).items():
             stats[key] = value - self._marks.get(key, 0)
@@ -418,11 +418,11 @@ def _claim(optimizer, param):
     return handle
 
 
-def _phases(timings: dict) -> dict[str, float]:
-    """Seconds between the exchange's consecutive ``timings`` stamps after ``arrived``, each named
-    after the stamp that ends it (e.g. ``assembled``, ``aggregated``)."""
+def stage_seconds(timings: dict, first: str = "arrived") -> dict[str, float]:
+    """Seconds between consecutive ``timings`` stamps from ``first`` on (the exchange's after
+    ``arrived``), each named after the stamp that ends it (e.g. ``assembled``, ``aggregated``)."""
     stamps = list(timings.items())
-    start = [name for name, _ in stamps].index("arrived") if "arrived" in timings else len(stamps)
+    start = [name for name, _ in stamps].index(first) if first in timings else len(stamps)
     return {name: at - before for (_, before), (name, at) in zip(stamps[start:], stamps[start + 1:])}
 
 

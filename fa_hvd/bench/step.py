@@ -254,6 +254,26 @@ def step_phases(forward: float, backward: float, synchronize: float, optimizer_s
     return phases
 
 
+def hook_phases(start: float, forward_done: float, backward_done: float, done: float, state) -> dict[str, float]:
+    """A DDP step's phases in order from its stamps: ``forward``, ``backward``; with fa_hvd's hook
+    (``state``: :class:`fa_hvd.ddp.RobustHookState`) backward is split into its own work before the
+    last bucket, ``hooks`` (the hook starting each bucket's exchange), then the exchange's stages from
+    the last bucket on (``arrived``: the last bucket received and the bucket work done, then as the
+    optimizer's), ``handed`` (each bucket's part into its future) and ``ddp_finalize`` (DDP writing
+    the parts into ``.grad``, to the end of backward); then ``optimizer_step``."""
+    from fa_hvd.optimizer import stage_seconds
+
+    phases = {"forward": forward_done - start}
+    if state is None:
+        phases["backward"] = backward_done - forward_done
+    else:
+        timings = state.timings
+        phases.update({"backward": timings["last_bucket"] - forward_done - state.hook_s, "hooks": state.hook_s,
+                       **stage_seconds(timings, "last_bucket"), "ddp_finalize": backward_done - timings["handed"]})
+    phases["optimizer_step"] = done - backward_done
+    return phases
+
+
 def rule_parts(rule, G: torch.Tensor | None, repeats: int = 3) -> dict[str, float]:
     """An allgather rule's pieces, timed again on the matrix ``G`` it last saw (median of
     ``repeats``): ``finite_check``, ``gram``, ``solve``, ``combine``; empty without ``G`` (one
@@ -359,9 +379,13 @@ def run(args: argparse.Namespace) -> int:
             forward_done = clock()
             loss.backward()
             if name.startswith("ddp_"):  # the exchange ran inside backward
+                backward_done = clock()
                 opt.step()
                 if record:
                     samples[name]["step_s"].append(clock() - start)
+                if profile:
+                    profiles[name].append(hook_phases(start, forward_done, backward_done, clock(),
+                                                      getattr(model, "fa_hvd_state", None)))
                 continue
             backward_done = clock()
             if name == "horovod_allreduce_polled":
@@ -414,11 +438,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"round {round_ + 1}/{args.rounds}", file=sys.stderr, flush=True)
     if args.profile:
         for name in names:
-            if name.startswith("ddp_"):
-                continue
             transport.allreduce_sum(torch.zeros(1), name=f"bench.profile.{name}")
             steps(name, args.steps, record=False, profile=True)
-            exchange = getattr(variants[name][1], "exchange", None)
+            model, opt = variants[name]
+            exchange = getattr(getattr(model, "fa_hvd_state", opt), "exchange", None)
+            if "bucket_work_s" in getattr(exchange, "stats", {}):  # the sharded exchange's, inside its stages
+                parts[name] = {"bucket_work": exchange.stats["bucket_work_s"]}
             if isinstance(exchange, AllgatherExchange):  # its (p, n) matrix, kept across steps (several buckets)
                 beside = {"worker_thread": exchange.stats["worker_s"]} if "worker_s" in exchange.stats else {}
                 parts[name] = {**beside, **rule_parts(exchange.aggregator, exchange._buffer)}

@@ -97,14 +97,16 @@ class ShardedExchange(GradientExchange):
 
     Built as ``ShardedExchange(transport, aggregator, compression, prefix)`` by the
     optimizer; :func:`replicated` makes a factory with ``replicas``. :meth:`start` takes
-    each bucket's flat gradient (in any order), :meth:`finish` returns the aggregate,
+    each bucket's flat gradient (in any order), :meth:`finish` returns the aggregate
+    (:meth:`finish_buckets` each bucket's part of it: the DDP hook's),
     :meth:`abandon` drops a step in flight. ``timings`` holds the last finish's
-    ``arrived`` (the last alltoall received), ``gram`` (the partial Gram, its allgather
+    ``arrived`` (the last alltoall received and worked on), ``gram`` (the partial Gram, its allgather
     and the evidence), ``solved`` (the rule's ``p x p`` work), ``combined`` (this rank's
     shard of the aggregate), ``gathered`` (the aggregate's allgather) and ``aggregated``
     stamps, so the optimizer's ``aggregate_s`` includes the two small collectives after
     the alltoalls; ``stats`` holds its ``peak_bytes`` (the most bytes of tensors the
-    exchange itself held at once).
+    exchange itself held at once) and ``bucket_work_s`` (the seconds of work on the buckets
+    as they arrived: on the worker thread beside the step, or else inside ``arrived``).
     """
 
     def __init__(self, transport, aggregator, compression=None, prefix: str = "fa_hvd", replicas: int = 1,
@@ -291,7 +293,7 @@ class ShardedExchange(GradientExchange):
         if rows.none_left:
             work.drain(step)
             self.aggregator.diagnostics = {**describe(self.p, rows, None), **evidence}
-            self.stats = {"peak_bytes": held}
+            self.stats = {"peak_bytes": held, "bucket_work_s": work.busy}
             self.timings["aggregated"] = time.perf_counter()
             zeros = torch.zeros(n, dtype=result, device=device)
             return zeros if parts is None else own_parts(zeros, parts)
@@ -303,7 +305,7 @@ class ShardedExchange(GradientExchange):
             self.aggregator.diagnostics = {**describe(self.p, rows, None), **evidence}
             pieces, gathered = self._gather_early(work, step)
             if parts is not None and not self.digest:  # an early rule observes nothing (_early)
-                self.stats = {"peak_bytes": held + gathered}
+                self.stats = {"peak_bytes": held + gathered, "bucket_work_s": work.busy}
                 self.timings["gathered"] = self.timings["aggregated"] = time.perf_counter()
                 return pieces
             aggregate = torch.cat(pieces) if pieces else torch.zeros(0, dtype=result, device=device)
@@ -313,7 +315,7 @@ class ShardedExchange(GradientExchange):
             aggregate, gathered = self._combine(work, rows, K, kept, sizes, result, compute, device, evidence, step)
         held += gathered
         self.timings["gathered"] = time.perf_counter()
-        self.stats = {"peak_bytes": held}
+        self.stats = {"peak_bytes": held, "bucket_work_s": work.busy}
         if self.digest:
             check_agreement(self.transport, aggregate, step, f"{self.prefix}.digest")
         self.aggregator.observe(aggregate)
@@ -505,7 +507,7 @@ class _Step:
         self.partial: _PartialGram | None = None
         self.claims: tuple[torch.Tensor, torch.Tensor] | None = None
         self.next = self.offset = self.held = 0
-        self.arrived = 0.0
+        self.arrived = self.busy = 0.0  # the last bucket's work done; seconds of bucket work
         self.error: Exception | None = None
         self.failed = ""  # the wait that failed
         self.cancelled = self.waiting = False
@@ -528,6 +530,7 @@ class _Step:
                 self.waiting = False
                 if self.cancelled:
                     return
+                began = time.perf_counter()
                 try:
                     self.exchange._arrive(self, self.next, wire)
                 except Exception as exc:  # noqa: BLE001 - finish() raises it as it is
@@ -535,6 +538,7 @@ class _Step:
                     return
                 self.next += 1
             self.arrived = time.perf_counter()
+            self.busy += self.arrived - began
 
     def raise_error(self, step: int) -> None:
         if self.error is not None:

@@ -189,10 +189,10 @@ def check_optimizer(transport, rank, steps=3):
 
 
 class LyingGram(ShardedExchange):
-    def _gram(self, partial, *args):
+    def _gram(self, work, *args):
         if self.rank == 1:
-            partial.K[0][0, 0] += 1.0
-        return super()._gram(partial, *args)
+            work.partial.K[0][0, 0] += 1.0
+        return super()._gram(work, *args)
 
 
 def check_replicas(transport, rank):
