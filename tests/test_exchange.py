@@ -499,3 +499,44 @@ def test_each_buckets_part_is_the_aggregates_in_a_tensor_of_its_own(monkeypatch,
     for parts, (expected, _) in zip(run_ranks(P, body), whole):
         assert [part.storage_offset() for part in parts] == [0] * len(SIZES)
         assert torch.equal(bits(torch.cat(parts)), bits(expected[0]))
+
+
+def test_a_step_abandoned_while_the_worker_waits_leaves_the_next_step_to_a_new_worker(monkeypatch):
+    """An elastic reset or load_state_dict mid-step: abandon() while the worker waits for a bucket;
+    the stuck worker touches nothing after, and the next step runs on a new one, right."""
+    release = threading.Event()
+
+    class Held(Threaded):
+        def wait(self, handle):
+            if handle.key == ("test.bucket1", 1) and hasattr(self, "stuck"):  # the first world only
+                self.stuck.set()
+                release.wait(60)
+                raise ConnectionError("abandoned")  # what the stuck worker meets, after the step is gone
+            return super().wait(handle)
+
+    monkeypatch.setattr(local_world, "LocalTransport", Held)
+    G = honest(p=3)
+
+    def body(transport):
+        transport.stuck = threading.Event()
+        exchange = ShardedExchange(transport, get("median", f=1), prefix="test")
+        offsets = [sum(SIZES[:i]) for i in range(len(SIZES))]
+        for index in range(len(SIZES)):
+            exchange.start(index, G[transport.rank, offsets[index] : offsets[index] + SIZES[index]].clone())
+        assert transport.stuck.wait(60)  # a hang guard, not a timing
+        stuck = exchange._worker
+        exchange.abandon()
+        assert exchange._worker is None
+        return exchange, stuck
+
+    abandoned = run_ranks(3, body)
+    release.set()
+
+    def next_step(transport):
+        exchange, stuck = abandoned[transport.rank]
+        exchange.transport = transport
+        out = step(exchange, G[transport.rank], order=range(len(SIZES)), index=1)
+        return out, exchange._worker is not stuck
+
+    for out, fresh in run_ranks(3, next_step):
+        assert fresh and torch.equal(out, get("median", f=1)(G))
