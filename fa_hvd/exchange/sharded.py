@@ -363,8 +363,11 @@ class ShardedExchange(GradientExchange):
     def _gram(self, work: "_Step", step: int) -> tuple[torch.Tensor | None, Rows, dict]:
         """Steps 2 to 4: ``K`` (fp64 on the host, summed in shard order; None if the rule needs none),
         the rows the rule aggregates and what the evidence showed (:mod:`.evidence`; replicas: the
-        majority's copy of each shard, the odd holders named)."""
+        majority's copy of each shard, the odd holders named). Nothing travels where nothing would be
+        read: a rule that is not robust and needs no ``K`` (the mean), one holder per shard."""
         p, aggregator, partial, digests = self.p, self.aggregator, work.partial, work.digests
+        if not aggregator.robust and not aggregator.uses_gram and self.replicas == 1:
+            return None, Rows(None, aggregator.f), {}
         compute, m = partial.compute, partial.m
         upper = torch.triu_indices(m, m)
         packed = []
