@@ -540,3 +540,36 @@ def test_a_step_abandoned_while_the_worker_waits_leaves_the_next_step_to_a_new_w
 
     for out, fresh in run_ranks(3, next_step):
         assert fresh and torch.equal(out, get("median", f=1)(G))
+
+
+@pytest.mark.parametrize("kind", ["clean", "nan", "huge"])
+@pytest.mark.parametrize("name", RULES)
+def test_planned_buckets_worked_on_by_the_worker_give_the_same_bits(monkeypatch, name, kind):
+    """Told the buckets (as the optimizer tells it), the exchange works on each bucket on its worker
+    thread as its alltoall arrives (partial Gram, row flags, early shards): every rule gives the
+    bits of the same exchange working on them inside finish()."""
+    G = faulty(kind)
+    inside = sharded(name, G, steps=2, scale=[1.0, -0.5])
+    monkeypatch.setattr(local_world, "LocalTransport", Threaded)
+    monkeypatch.setattr(ShardedExchange, "__init__", _planned_init(SIZES))
+    threaded = sharded(name, G, steps=2, scale=[1.0, -0.5])
+    for (outs, exchange), (expected, _) in zip(threaded, inside):
+        assert exchange._plan is not None and exchange._worker is not None
+        assert all(torch.equal(bits(a), bits(b)) for a, b in zip(outs, expected))
+
+
+def _planned_init(sizes):
+    init = ShardedExchange.__init__
+
+    def planned(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.plan(sizes, torch.float32, torch.device("cpu"))
+
+    return planned
+
+
+def test_a_bucket_off_the_plan_is_refused_by_the_sharded_exchange(monkeypatch):
+    exchange = ShardedExchange(Threaded(local_world.LocalWorld(2), 0), get("flag", f=0), prefix="test")
+    exchange.plan(SIZES, torch.float32, torch.device("cpu"))
+    with pytest.raises(ValueError, match="bucket 1 has 4 torch.float32 elements, planned 50"):
+        exchange.start(1, torch.zeros(4))

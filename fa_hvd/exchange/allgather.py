@@ -40,7 +40,7 @@ import torch
 from ..aggregators.base import Aggregator, Rows, describe, finite_rows
 from ..aggregators.geometry import CentredGram
 from ..aggregators.mean import Mean
-from .base import GradientExchange, Worker, raise_failure
+from .base import GradientExchange, Worker, check_planned, raise_failure
 from .digest import check_agreement
 
 
@@ -81,11 +81,7 @@ class AllgatherExchange(GradientExchange):
 
     def start(self, index: int, flat: torch.Tensor) -> None:
         if self._plan is not None:
-            sizes, dtype = self._plan[:2]
-            if flat.numel() != sizes[index] or torch.promote_types(flat.dtype, dtype) != dtype:
-                raise ValueError(f"fa_hvd: bucket {index} has {flat.numel()} {flat.dtype} elements, planned "
-                                 f"{sizes[index]} of {dtype} or narrower (a gradient_transform must keep "
-                                 f"the bucket's size and dtype)")
+            check_planned(self._plan, index, flat)
         wire, ctx = self.compression.compress(flat)
         handle = self.transport.allgather_async(wire.reshape(1, -1), name=self.name(index))
         self.pending[index] = (handle, ctx, flat.numel(), flat.dtype)

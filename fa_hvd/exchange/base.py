@@ -51,6 +51,16 @@ class GradientExchange:
         raise NotImplementedError
 
 
+def check_planned(plan: tuple, index: int, flat: torch.Tensor) -> None:
+    """Refuse bucket ``index`` unless ``plan`` (``(sizes, dtype, device)``, :meth:`GradientExchange.plan`)
+    has its size and its dtype or a wider one."""
+    sizes, dtype = plan[:2]
+    if flat.numel() != sizes[index] or torch.promote_types(flat.dtype, dtype) != dtype:
+        raise ValueError(f"fa_hvd: bucket {index} has {flat.numel()} {flat.dtype} elements, planned "
+                         f"{sizes[index]} of {dtype} or narrower (a gradient_transform must keep "
+                         f"the bucket's size and dtype)")
+
+
 def own_parts(update: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
     """``update`` cut into parts of ``sizes``, each copied into a tensor of its own."""
     return [part.clone() for part in update.split(sizes)]

@@ -80,7 +80,7 @@ import torch
 
 from ..aggregators.base import Aggregator, Rows, anchored_gram, describe, finite_rows
 from ..comm import NoCompression
-from .base import GradientExchange, Worker, own_parts, raise_failure, rule_name, wait
+from .base import GradientExchange, Worker, check_planned, own_parts, raise_failure, rule_name, wait
 from .digest import check_agreement
 from .evidence import Verdict, majority, not_a_gram, verdict
 
@@ -132,6 +132,7 @@ class ShardedExchange(GradientExchange):
         self.stats: dict = {}
         self.p = self.rank = None
         self._step: _Step | None = None  # the step in progress
+        self._plan: tuple[list[int], torch.dtype, torch.device] | None = None
         self._worker: Worker | None = None
         transport.traffic  # noqa: B018 -- the transport's byte counters start with the exchange
 
@@ -157,6 +158,14 @@ class ShardedExchange(GradientExchange):
         """Ranks that compute chunk ``s`` (the first one's copy is used)."""
         return [(s + t) % self.p for t in range(self.replicas)]
 
+    def plan(self, sizes: list[int], dtype: torch.dtype, device: torch.device) -> None:
+        """Every step sends these buckets (:meth:`GradientExchange.plan`): where the transport may be
+        waited on from any thread, each bucket's work (its pieces, partial Gram and row flags) then
+        runs on the worker thread as its alltoall arrives, beside backward. A bucket off the plan is
+        refused (:func:`~.base.check_planned`)."""
+        if self.transport.waits_from_any_thread and sizes:
+            self._plan = (list(sizes), dtype, device)
+
     def channels(self) -> list[str]:
         return [f"{self.prefix}.out"]  # the aggregate's allgathers, started on the worker thread (early rules)
 
@@ -164,6 +173,8 @@ class ShardedExchange(GradientExchange):
     def start(self, index: int, flat: torch.Tensor) -> None:
         if flat.dtype == torch.bfloat16:
             flat = flat.float()  # no bf16 on Horovod's wire
+        if self._plan is not None:
+            check_planned(self._plan, index, flat)
         if self._step is None:
             self._follow_world()
             self._step = _Step(self, flat)
@@ -283,8 +294,11 @@ class ShardedExchange(GradientExchange):
         result, compute = _step_dtypes([work.entries[index][2] for index in range(count)])
         held = work.held + sum(send.numel() * send.element_size() for *_, send in work.entries.values()
                                if send is not None)
-        if work.partial is None:  # no bucket
-            work.partial = _PartialGram(self.aggregator, self.p, len(self.held), 0, compute, device)
+        if work.partial is None or (work.compute, work.device) != (compute, device):  # no bucket, or off the guess
+            work.partial = _PartialGram(self.aggregator, self.p, len(self.held), work.offset, compute, device)
+            for t, shard in enumerate(work.pieces):
+                for _, cols, piece in shard:
+                    work.partial.add(t, piece.to(device), cols)
         self.timings = {"arrived": work.arrived}
         n = work.offset
         K, rows, evidence = self._gram(work, step)
@@ -489,25 +503,30 @@ class _Step:
 
     ``rule``: for an early rule (:func:`_early`), the rule's column form for all ``p`` rows and
     ``f``, made before the first bucket; its shards' allgathers are ``early``. The step's dtypes
-    and device are taken from its first bucket (``result``, ``compute``, ``device``); a step whose
-    buckets end up otherwise, or whose rows are not all kept, uses the allgathers started early
-    for nothing (every rank alike) and aggregates after the last bucket as a Gram rule does."""
+    and device (``result``, ``compute``, ``device``) are the plan's (:meth:`ShardedExchange.plan`),
+    else its first bucket's; a step whose buckets end up otherwise has its partial Grams added again
+    after the last bucket, and a step that does so, or whose rows are not all kept, uses the
+    allgathers started early for nothing (every rank alike) and aggregates after the last bucket
+    as a Gram rule does."""
 
     def __init__(self, exchange: ShardedExchange, first: torch.Tensor):
-        self.exchange, self.device = exchange, first.device
-        self.result, self.compute = _step_dtypes([first.dtype])
+        plan, transport = exchange._plan, exchange.transport
+        dtype, self.device = (first.dtype, first.device) if plan is None else plan[1:]
+        self.exchange = exchange
+        self.result, self.compute = _step_dtypes([dtype])
         aggregator, p = exchange.aggregator, exchange.p
         self.rule = None
-        if _early(aggregator, exchange.replicas) and aggregator.min_workers(aggregator.f) <= p:
+        ordered = transport.has_channel(exchange.channels()[0])  # the worker may start the shards' allgathers
+        if _early(aggregator, exchange.replicas) and aggregator.min_workers(aggregator.f) <= p and (
+                ordered or not transport.waits_from_any_thread):
             self.rule = aggregator.by_columns(p, None, aggregator.f)
-        transport = exchange.transport
-        self.threaded = (self.rule is not None and transport.waits_from_any_thread
-                         and transport.has_channel(exchange.channels()[0]))
+        self.threaded = transport.waits_from_any_thread and (self.rule is not None or plan is not None)
         self.entries: dict[int, tuple] = {}  # index -> (handle, ctx, dtype, size, what was sent if kept)
         self.early: list[tuple] = []  # (handle, ctx, size) of each bucket's shards of the aggregate
         self.pieces: list[list[tuple[int, slice, torch.Tensor]]] = [[] for _ in exchange.held]  # per held chunk
         self.digests = [[hashlib.blake2b(digest_size=8) for _ in range(p)] for _ in exchange.held]
-        self.partial: _PartialGram | None = None
+        self.partial = None if plan is None else _PartialGram(aggregator, p, len(exchange.held), sum(plan[0]),
+                                                               self.compute, self.device)
         self.claims: tuple[torch.Tensor, torch.Tensor] | None = None
         self.next = self.offset = self.held = 0
         self.arrived = self.busy = 0.0  # the last bucket's work done; seconds of bucket work
