@@ -80,8 +80,13 @@ rows with NaN or Inf; robust rules only), ``gram``, ``solve`` (the ``p x p``
 coefficients) and ``combine`` (``c^T G``); for FA, Krum and the other plain Gram rules
 most of ``finite_check`` and ``gram`` ran in ``bucket_work`` or on the worker thread,
 whose seconds of bucket work in the last step (beside the training thread, so not in the
-step's sum) ``rule_parts`` holds as ``worker_thread``. Rank 0 prints them as a
-table on stderr too.
+step's sum) ``rule_parts`` holds as ``worker_thread``; the sharded exchange's seconds of
+bucket work (on its worker, or inside ``wait``) are ``bucket_work`` there. The DDP
+variants (``--transport torch``) have ``forward``, ``backward`` and ``optimizer_step``, and
+with fa_hvd's hook backward split as :func:`hook_phases` says: ``hooks`` (starting each
+bucket's exchange), the exchange's stages from the last bucket on (``arrived``, ``gram``,
+...), ``handed`` (the parts into DDP's futures) and ``ddp_finalize``. Rank 0 prints them as
+a table on stderr too.
 
 Bytes: what each rank really sent and received per step, as the kernel counted
 them on its TCP sockets (:mod:`fa_hvd.comm.traffic`; everything the process moved
