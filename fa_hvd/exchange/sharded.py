@@ -277,7 +277,7 @@ class ShardedExchange(GradientExchange):
         if sorted(work.entries) != list(range(count)):
             work.abandon()
             raise ValueError(f"fa_hvd: finish({count}) after buckets {sorted(work.entries)} started")
-        if work.threaded:
+        if work.threaded and work.entries:
             done = threading.Event()
             self._worker.jobs.put(done.set)  # after every bucket's work (the jobs run in order)
             done.wait()
