@@ -35,6 +35,7 @@ rank that joins early sends no buckets).
 
 import itertools
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -56,7 +57,10 @@ class RobustHookState:
     ``exchange``: ``"allgather"`` or ``"sharded"`` (or a factory, as for the optimizer);
     ``compression``: the wire format (default none). ``step`` counts completed
     exchanges; ``stats`` holds the last one's aggregator diagnostics (``nonfinite``,
-    ``dropped``, ``weights``).
+    ``dropped``, ``weights``); ``timings`` its ``time.perf_counter()`` stamps from the last
+    bucket on (``last_bucket``, the exchange's own, ``handed``: every future completed) and
+    ``hook_s`` the seconds its hook calls took before the last bucket (starting each bucket's
+    exchange), for ``fa-hvd-bench step --profile``.
     """
 
     def __init__(self, aggregator="flag", aggregator_params: dict | None = None, *, process_group=None,
@@ -75,6 +79,7 @@ class RobustHookState:
         self.exchange = (EXCHANGES[exchange] if isinstance(exchange, str) else exchange)(
             self.transport, aggregator, compression if compression is not None else NoCompression,
             f"fa_hvd.ddp{next(_instances)}")
+        self.transport.prepare(self.exchange.channels())  # every rank builds its state at the same point
         if gradient_transform is None:
             from .wrap import _fault_transform
 
@@ -82,6 +87,8 @@ class RobustHookState:
         self.gradient_transform = gradient_transform
         self.step = 0
         self.stats: dict = {}
+        self.timings: dict = {}
+        self.hook_s = 0.0
         self._pending: dict[int, tuple[torch.futures.Future, torch.Tensor]] = {}
 
     def _finish(self) -> None:
@@ -89,27 +96,27 @@ class RobustHookState:
         count = len(self._pending)
         if sorted(self._pending) != list(range(count)):
             raise RuntimeError(f"fa_hvd.ddp: buckets {sorted(self._pending)} were handed over; expected 0..{count - 1}")
+        called = time.perf_counter()
         pending, self._pending = self._pending, {}
         device = pending[0][1].device
         try:
-            update = self.exchange.finish(count, device, self.step)
+            parts = self.exchange.finish_buckets([pending[i][1].numel() for i in range(count)], device, self.step)
         except BaseException:
             self.exchange.abandon()
             raise
         self.step += 1
         self.stats = {"step": self.step - 1, **getattr(self.aggregator, "diagnostics", {})}
-        offset = 0
-        for index in range(count):
+        for index, part in enumerate(parts):
             future, buffer = pending[index]
-            part = update[offset : offset + buffer.numel()]
-            offset += buffer.numel()
-            # A tensor of its own: DDP views the result with as_strided at the bucket's offsets,
-            # which are counted from the start of the storage, not of a slice.
-            future.set_result(part.to(dtype=buffer.dtype, device=buffer.device, copy=True))
+            # Each part a tensor of its own: DDP views the result with as_strided at the bucket's
+            # offsets, which are counted from the start of the storage, not of a slice.
+            future.set_result(part.to(dtype=buffer.dtype, device=buffer.device))
+        self.timings = {"last_bucket": called, **self.exchange.timings, "handed": time.perf_counter()}
 
 
 def robust_hook(state: RobustHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook (``model.register_comm_hook(state, robust_hook)``); see the module's doc."""
+    began = time.perf_counter()
     buffer = bucket.buffer()
     flat = buffer.float() if buffer.dtype == torch.bfloat16 else buffer
     index = bucket.index()
@@ -117,9 +124,12 @@ def robust_hook(state: RobustHookState, bucket: dist.GradBucket) -> torch.future
         flat = state.gradient_transform(flat, index, state.step)
     # A CUDA-aware future for a GPU bucket: it records the stream the aggregate was written on.
     future = torch.futures.Future(devices=[buffer.device] if buffer.device.type == "cuda" else None)
+    if not state._pending:
+        state.hook_s = 0.0
     state._pending[index] = (future, buffer)
     try:
         state.exchange.start(index, flat)
+        state.hook_s += time.perf_counter() - began
         if bucket.is_last():
             state._finish()
     except BaseException:

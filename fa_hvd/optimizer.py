@@ -148,7 +148,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         if transport.included:
             if os.environ.get("HOROVOD_ELASTIC") != "1":
                 _check_same_model(transport, self.param_groups, self._parameter_names, f"{self._prefix}.model")
-                transport.prepare([self._exchange_name(b.index) for b in self._buckets])
+                transport.prepare([self._exchange_name(b.index) for b in self._buckets] + self._exchange.channels())
             self._hook_handles = [_claim(self, p) for b in self._buckets for p in b.params]
         # Horovod's broadcast_optimizer_state initialises an empty optimizer state by
         # stepping the inner optimizer of its own DistributedOptimizer (recognised by
@@ -343,7 +343,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             "flatten_s": self._marks.get("flatten_s", 0.0),
             "send_s": self._marks.get("send_s", 0.0),
             "unflatten_s": done - unflatten,
-            "phases": _phases(timings),
+            "phases": stage_seconds(timings),
         }
         for key, value in _byte_counters(self._transport).items():
             stats[key] = value - self._marks.get(key, 0)
@@ -418,11 +418,11 @@ def _claim(optimizer, param):
     return handle
 
 
-def _phases(timings: dict) -> dict[str, float]:
-    """Seconds between the exchange's consecutive ``timings`` stamps after ``arrived``, each named
-    after the stamp that ends it (e.g. ``assembled``, ``aggregated``)."""
+def stage_seconds(timings: dict, first: str = "arrived") -> dict[str, float]:
+    """Seconds between consecutive ``timings`` stamps from ``first`` on (the exchange's after
+    ``arrived``), each named after the stamp that ends it (e.g. ``assembled``, ``aggregated``)."""
     stamps = list(timings.items())
-    start = [name for name, _ in stamps].index("arrived") if "arrived" in timings else len(stamps)
+    start = [name for name, _ in stamps].index(first) if first in timings else len(stamps)
     return {name: at - before for (_, before), (name, at) in zip(stamps[start:], stamps[start + 1:])}
 
 

@@ -141,3 +141,19 @@ def test_the_mean_floor_is_one_pass_and_the_mean_rule_is_not_it():
     assert bench.usable(G, "mean", {}) is bench.one_pass
     assert bench.usable(G, "median", {"f": 1}).name == "median"
     torch.testing.assert_close(bench.one_pass(G), get("mean")(G))
+
+
+def test_a_ddp_hook_step_splits_into_its_phases_in_order():
+    """hook_phases: backward without the hook's calls, then each stage from the last bucket on, DDP's
+    finalize and step(); the phases add up to the step."""
+    from types import SimpleNamespace
+
+    from fa_hvd.bench.step import hook_phases
+
+    stamps = {"last_bucket": 3.0, "arrived": 3.5, "gram": 3.75, "gathered": 4.5, "aggregated": 4.5, "handed": 5.0}
+    state = SimpleNamespace(timings=stamps, hook_s=0.25)
+    phases = hook_phases(0.0, 1.0, 6.0, 6.5, state)
+    assert phases == {"forward": 1.0, "backward": 1.75, "hooks": 0.25, "arrived": 0.5, "gram": 0.25,
+                      "gathered": 0.75, "aggregated": 0.0, "handed": 0.5, "ddp_finalize": 1.0, "optimizer_step": 0.5}
+    assert sum(phases.values()) == 6.5
+    assert hook_phases(0.0, 1.0, 6.0, 6.5, None) == {"forward": 1.0, "backward": 5.0, "optimizer_step": 0.5}

@@ -62,6 +62,8 @@ def test_step_benchmark_reports_every_variant_with_exposed_communication():
             assert list(p["rule_parts"]) == ["worker_thread", "finite_check", "gram", "solve", "combine"], p
         elif kinds[p["variant"]] == "allgather":  # the mean keeps no (p, n) matrix to time parts on
             assert list(p["rule_parts"]) == ["worker_thread"] and p["rule_parts"]["worker_thread"] > 0, p
+        elif kinds[p["variant"]] == "sharded":  # its bucket work, on the worker beside the step
+            assert list(p["rule_parts"]) == ["bucket_work"] and p["rule_parts"]["bucket_work"] > 0, p
         else:
             assert "rule_parts" not in p
         assert p["phases"]["forward"] > 0 and p["phases"]["backward"] > 0
@@ -103,11 +105,20 @@ def test_bytes_the_sockets_did_not_see_are_not_counted_instead_of_dividing_by_ze
 
 def test_step_benchmark_under_torchrun_against_plain_ddp():
     proc = launch("torchrun", 4, ["fa-hvd-bench", "step", "--transport", "torch", "--model", "cnn", "--rounds", "1",
-                                  "--steps", "2", "--warmup", "1", "--bucket-bytes", "20000"])
+                                  "--steps", "2", "--warmup", "1", "--bucket-bytes", "20000", "--exchange",
+                                  "sharded", "--profile"])
     assert proc.returncode == 0, output(proc)
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if '"bench": "step"' in line]
-    assert [r["variant"] for r in rows] == ["ddp_allreduce", "ddp_hook_mean", "ddp_hook_flag", "fa_hvd_mean",
-                                            "fa_hvd_flag"]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if '"bench": "step", "variant"' in line]
+    profiles = [json.loads(line) for line in proc.stdout.splitlines() if '"bench": "step_profile"' in line]
+    hook = ["forward", "backward", "hooks", "arrived", "gram", "solved", "combined", "gathered", "aggregated",
+            "handed", "ddp_finalize", "optimizer_step"]
+    for p in profiles:  # the hook's step split at the last bucket, in order, bucket work beside it
+        if p["variant"].startswith("ddp_hook"):
+            assert list(p["phases"]) == hook and min(p["phases"].values()) >= 0, p
+            assert list(p["rule_parts"]) == ["bucket_work"] and p["rule_parts"]["bucket_work"] > 0, p
+    assert [(p["variant"], p["rank"]) for p in profiles] == [(r["variant"], k) for r in rows for k in range(4)]
+    assert [r["variant"] for r in rows] == ["ddp_allreduce", "ddp_hook_mean_sharded", "ddp_hook_flag_sharded",
+                                            "fa_hvd_mean_sharded", "fa_hvd_flag_sharded"]
     n = rows[0]["parameters"]
     assert rows[0]["model_bytes_per_rank_per_step"] == int(2 * 3 / 4 * 4 * n)
     for r in rows:

@@ -184,10 +184,10 @@ def test_replicas_agree_with_the_plain_sharded_exchange(replicas):
 
 
 class LyingGram(ShardedExchange):
-    def _gram(self, partial, *args):
+    def _gram(self, work, *args):
         if self.rank == 2:
-            partial.K[0][0, 0] += 1.0  # its first shard's partial Gram, as if miscomputed
-        return super()._gram(partial, *args)
+            work.partial.K[0][0, 0] += 1.0  # its first shard's partial Gram, as if miscomputed
+        return super()._gram(work, *args)
 
 
 class LyingShard(ShardedExchange):
@@ -377,21 +377,199 @@ def test_each_buckets_partial_gram_is_added_as_it_arrives(monkeypatch):
     """Step 2 overlaps the later alltoalls: a bucket's piece of the partial Gram is added before
     the next bucket is waited for (per rank, in bucket order), not after the last one."""
     events = collections.defaultdict(list)
-    waited, added = sharded_module.wait, sharded_module._PartialGram.add
+    waited, added = LocalTransport.wait, sharded_module._PartialGram.add
 
-    def logged_wait(transport, handle, step, stage):
-        events[threading.get_ident()].append(stage)
-        return waited(transport, handle, step, stage)
+    def logged_wait(self, handle):
+        events[threading.get_ident()].append(handle.key[0])
+        return waited(self, handle)
 
     def logged_add(self, t, piece, cols):
         events[threading.get_ident()].append("add")
         added(self, t, piece, cols)
 
-    monkeypatch.setattr(sharded_module, "wait", logged_wait)
+    monkeypatch.setattr(LocalTransport, "wait", logged_wait)
     monkeypatch.setattr(sharded_module._PartialGram, "add", logged_add)
     sharded("krum", honest(p=5, n=sum(SIZES)))
-    buckets = [f"bucket {i}" for i in range(len(SIZES))]
+    buckets = [f"test.bucket{i}" for i in range(len(SIZES))]
     assert len(events) == 5
     for log in events.values():
         assert log[: 2 * len(SIZES)] == [e for b in buckets for e in (b, "add")]
-        assert log[2 * len(SIZES)] == "partial Grams"
+        assert log[2 * len(SIZES)] == "test.gram"
+
+
+# -- early rules: each bucket's shards of the aggregate gathered as its alltoall arrives ------------
+
+class Threaded(LocalTransport):
+    """The in-process world with the exchange's worker thread on (as Horovod and torch.distributed)."""
+
+    waits_from_any_thread = True
+
+
+EARLY = ["mean", "median", "trimmed_mean"]
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+@pytest.mark.parametrize("kind", ["clean", "nan", "huge"])
+@pytest.mark.parametrize("name", EARLY)
+def test_early_rules_give_the_bits_of_the_aggregate_after_the_last_bucket(monkeypatch, name, kind, threaded):
+    """Every coordinate-wise rule, with every row finite or with a NaN and an Inf in one bucket each
+    (a robust rule then drops their rows: the shards gathered early go unused), gives on every rank
+    the bits of the same exchange with the shards combined after the last bucket; the shards are
+    gathered per bucket (plus once more where rows were dropped), on the worker when threaded."""
+    G, scale = faulty(kind), [1.0, -0.5]
+    if threaded:
+        monkeypatch.setattr(local_world, "LocalTransport", Threaded)
+    early = sharded(name, G, steps=2, scale=scale)
+    with monkeypatch.context() as m:
+        m.setattr(sharded_module, "_early", lambda aggregator, replicas: False)
+        late = sharded(name, G, steps=2, scale=scale)
+    dropped = kind == "nan" and name != "mean"
+    for (outs, exchange), (expected, _) in zip(early, late):
+        assert all(torch.equal(bits(a), bits(b)) for a, b in zip(outs, expected))
+        gathers = [c for c in exchange.transport.calls if c[0] == "allgather" and c[1].startswith("test.out")]
+        assert len(gathers) == 2 * (len(SIZES) + dropped)
+        assert (exchange._worker is not None) == threaded
+
+
+def test_early_shards_are_gathered_before_finish_on_the_worker(monkeypatch):
+    """With the worker, each bucket's shards of the aggregate are on the wire before finish() is
+    called (here: finish waits until every rank has started them all), in bucket order."""
+    monkeypatch.setattr(local_world, "LocalTransport", Threaded)
+    G = honest(p=5)
+
+    def body(transport):
+        exchange = ShardedExchange(transport, get("median", f=1), prefix="test")
+        offsets = [sum(SIZES[:i]) for i in range(len(SIZES))]
+        for index in range(len(SIZES)):
+            exchange.start(index, G[transport.rank, offsets[index] : offsets[index] + SIZES[index]].clone())
+        for _ in range(600):  # until the worker has started every bucket's allgather (a hang guard, not a timing)
+            if len([c for c in transport.calls if c[1].startswith("test.out")]) == len(SIZES):
+                break
+            threading.Event().wait(0.1)
+        started = list(transport.calls)
+        return exchange.finish(len(SIZES), torch.device("cpu"), 0), started
+
+    for out, started in run_ranks(5, body):
+        assert sorted(started) == [("allgather", f"test.out#{i}") for i in range(len(SIZES))] + \
+            [("alltoall", f"test.bucket{i}") for i in range(len(SIZES))]
+        assert torch.equal(out, get("median", f=1)(G))
+
+
+def test_a_failed_wait_on_the_worker_names_the_bucket_and_the_next_step_runs(monkeypatch):
+    class Failing(Threaded):
+        fail = True
+
+        def wait(self, handle):
+            if self.fail and handle.key[0] == "test.bucket1":
+                super().wait(handle)
+                raise OSError("connection reset")
+            return super().wait(handle)
+
+    monkeypatch.setattr(local_world, "LocalTransport", Failing)
+    G = honest(p=3)
+
+    def body(transport):
+        exchange = ShardedExchange(transport, get("mean"), prefix="test")
+        with pytest.raises(RuntimeError, match=rf"rank {transport.rank}: the gradient exchange failed at step 0 "
+                                               r"\(bucket 1\): connection reset"):
+            step(exchange, G[transport.rank])
+        transport.fail = False
+        return step(exchange, G[transport.rank], index=1)
+
+    for out in run_ranks(3, body):
+        assert torch.equal(out, get("mean")(G))
+
+
+@pytest.mark.parametrize("kind", ["clean", "nan"])
+@pytest.mark.parametrize("name", ["median", "krum"])
+def test_each_buckets_part_is_the_aggregates_in_a_tensor_of_its_own(monkeypatch, name, kind):
+    """finish_buckets (the DDP hook's): the aggregate's bits cut at the buckets, each part at storage
+    offset 0 (an early rule's straight from its allgather; otherwise copied out of the aggregate)."""
+    monkeypatch.setattr(local_world, "LocalTransport", Threaded)
+    G = faulty(kind)
+    whole = sharded(name, G)
+    offsets = [sum(SIZES[:i]) for i in range(len(SIZES))]
+
+    def body(transport):
+        exchange = ShardedExchange(transport, get(name, f=1), prefix="test")
+        for index in range(len(SIZES)):
+            exchange.start(index, G[transport.rank, offsets[index] : offsets[index] + SIZES[index]].clone())
+        return exchange.finish_buckets(SIZES, torch.device("cpu"), 0)
+
+    for parts, (expected, _) in zip(run_ranks(P, body), whole):
+        assert [part.storage_offset() for part in parts] == [0] * len(SIZES)
+        assert torch.equal(bits(torch.cat(parts)), bits(expected[0]))
+
+
+def test_a_step_abandoned_while_the_worker_waits_leaves_the_next_step_to_a_new_worker(monkeypatch):
+    """An elastic reset or load_state_dict mid-step: abandon() while the worker waits for a bucket;
+    the stuck worker touches nothing after, and the next step runs on a new one, right."""
+    release = threading.Event()
+
+    class Held(Threaded):
+        def wait(self, handle):
+            if handle.key == ("test.bucket1", 1) and hasattr(self, "stuck"):  # the first world only
+                self.stuck.set()
+                release.wait(60)
+                raise ConnectionError("abandoned")  # what the stuck worker meets, after the step is gone
+            return super().wait(handle)
+
+    monkeypatch.setattr(local_world, "LocalTransport", Held)
+    G = honest(p=3)
+
+    def body(transport):
+        transport.stuck = threading.Event()
+        exchange = ShardedExchange(transport, get("median", f=1), prefix="test")
+        offsets = [sum(SIZES[:i]) for i in range(len(SIZES))]
+        for index in range(len(SIZES)):
+            exchange.start(index, G[transport.rank, offsets[index] : offsets[index] + SIZES[index]].clone())
+        assert transport.stuck.wait(60)  # a hang guard, not a timing
+        stuck = exchange._worker
+        exchange.abandon()
+        assert exchange._worker is None
+        return exchange, stuck
+
+    abandoned = run_ranks(3, body)
+    release.set()
+
+    def next_step(transport):
+        exchange, stuck = abandoned[transport.rank]
+        exchange.transport = transport
+        out = step(exchange, G[transport.rank], order=range(len(SIZES)), index=1)
+        return out, exchange._worker is not stuck
+
+    for out, fresh in run_ranks(3, next_step):
+        assert fresh and torch.equal(out, get("median", f=1)(G))
+
+
+@pytest.mark.parametrize("kind", ["clean", "nan", "huge"])
+@pytest.mark.parametrize("name", RULES)
+def test_planned_buckets_worked_on_by_the_worker_give_the_same_bits(monkeypatch, name, kind):
+    """Told the buckets (as the optimizer tells it), the exchange works on each bucket on its worker
+    thread as its alltoall arrives (partial Gram, row flags, early shards): every rule gives the
+    bits of the same exchange working on them inside finish()."""
+    G = faulty(kind)
+    inside = sharded(name, G, steps=2, scale=[1.0, -0.5])
+    monkeypatch.setattr(local_world, "LocalTransport", Threaded)
+    monkeypatch.setattr(ShardedExchange, "__init__", _planned_init(SIZES))
+    threaded = sharded(name, G, steps=2, scale=[1.0, -0.5])
+    for (outs, exchange), (expected, _) in zip(threaded, inside):
+        assert exchange._plan is not None and exchange._worker is not None
+        assert all(torch.equal(bits(a), bits(b)) for a, b in zip(outs, expected))
+
+
+def _planned_init(sizes):
+    init = ShardedExchange.__init__
+
+    def planned(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.plan(sizes, torch.float32, torch.device("cpu"))
+
+    return planned
+
+
+def test_a_bucket_off_the_plan_is_refused_by_the_sharded_exchange(monkeypatch):
+    exchange = ShardedExchange(Threaded(local_world.LocalWorld(2), 0), get("flag", f=0), prefix="test")
+    exchange.plan(SIZES, torch.float32, torch.device("cpu"))
+    with pytest.raises(ValueError, match="bucket 1 has 4 torch.float32 elements, planned 50"):
+        exchange.start(1, torch.zeros(4))

@@ -12,13 +12,13 @@ from fa_hvd.aggregators.geometry import U32
 pytestmark = pytest.mark.slow
 
 JOBS = {  # launcher -> (transport, checks, extra environment)
-    "gloo": ("horovod", ["alltoall", "rules", "gram_bits", "compression", "optimizer", "replicas", "bytes"], {}),
+    "gloo": ("horovod", ["alltoall", "rules", "gram_bits", "early", "compression", "optimizer", "replicas", "bytes"], {}),
     # horovodrun --mpi pins Open MPI's transports (shared memory on one node: no TCP bytes to count);
     # the rules run through the same Horovod calls as under Gloo.
     "mpi": ("horovod", ["alltoall", "gram_bits", "compression", "optimizer", "replicas"], {}),
     "mpi4py": ("mpi", ["alltoall", "rules", "gram_bits", "compression", "optimizer", "replicas", "bytes"],
                {"OMPI_MCA_btl": "tcp,self"}),
-    "torchrun": ("torch", ["alltoall", "rules", "gram_bits", "compression", "optimizer", "replicas", "bytes"], {}),
+    "torchrun": ("torch", ["alltoall", "rules", "gram_bits", "early", "compression", "optimizer", "replicas", "bytes"], {}),
 }
 
 
@@ -56,6 +56,16 @@ def test_the_summed_gram_has_the_same_bits_on_every_rank(job):
     r = report(job)["gram_bits"]
     gamma = (r["n"] + 2) * U32 / (1 - (r["n"] + 2) * U32)
     assert r["ranks_agree"] and r["rel_error"] < 16 * gamma
+
+
+@pytest.mark.parametrize("job", jobs_with("early"))
+def test_early_rules_give_the_bits_of_the_aggregate_after_the_last_bucket(job):
+    """Both transports that wait from any thread: the shards gathered on the worker as each bucket
+    arrives give the bits of the shards combined after the last bucket, on every rank."""
+    found = report(job)["early"]
+    assert len(found) == 6
+    for case, r in found.items():
+        assert r["bits_equal"] == [True] * 4 and r["threaded"] == [True] * 4, case
 
 
 @pytest.mark.parametrize("job", jobs_with("compression"))

@@ -80,8 +80,13 @@ rows with NaN or Inf; robust rules only), ``gram``, ``solve`` (the ``p x p``
 coefficients) and ``combine`` (``c^T G``); for FA, Krum and the other plain Gram rules
 most of ``finite_check`` and ``gram`` ran in ``bucket_work`` or on the worker thread,
 whose seconds of bucket work in the last step (beside the training thread, so not in the
-step's sum) ``rule_parts`` holds as ``worker_thread``. Rank 0 prints them as a
-table on stderr too.
+step's sum) ``rule_parts`` holds as ``worker_thread``; the sharded exchange's seconds of
+bucket work (on its worker, or inside ``wait``) are ``bucket_work`` there. The DDP
+variants (``--transport torch``) have ``forward``, ``backward`` and ``optimizer_step``, and
+with fa_hvd's hook backward split as :func:`hook_phases` says: ``hooks`` (starting each
+bucket's exchange), the exchange's stages from the last bucket on (``arrived``, ``gram``,
+...), ``handed`` (the parts into DDP's futures) and ``ddp_finalize``. Rank 0 prints them as
+a table on stderr too.
 
 Bytes: what each rank really sent and received per step, as the kernel counted
 them on its TCP sockets (:mod:`fa_hvd.comm.traffic`; everything the process moved
@@ -254,6 +259,26 @@ def step_phases(forward: float, backward: float, synchronize: float, optimizer_s
     return phases
 
 
+def hook_phases(start: float, forward_done: float, backward_done: float, done: float, state) -> dict[str, float]:
+    """A DDP step's phases in order from its stamps: ``forward``, ``backward``; with fa_hvd's hook
+    (``state``: :class:`fa_hvd.ddp.RobustHookState`) backward is split into its own work before the
+    last bucket, ``hooks`` (the hook starting each bucket's exchange), then the exchange's stages from
+    the last bucket on (``arrived``: the last bucket received and the bucket work done, then as the
+    optimizer's), ``handed`` (each bucket's part into its future) and ``ddp_finalize`` (DDP writing
+    the parts into ``.grad``, to the end of backward); then ``optimizer_step``."""
+    from fa_hvd.optimizer import stage_seconds
+
+    phases = {"forward": forward_done - start}
+    if state is None:
+        phases["backward"] = backward_done - forward_done
+    else:
+        timings = state.timings
+        phases.update({"backward": timings["last_bucket"] - forward_done - state.hook_s, "hooks": state.hook_s,
+                       **stage_seconds(timings, "last_bucket"), "ddp_finalize": backward_done - timings["handed"]})
+    phases["optimizer_step"] = done - backward_done
+    return phases
+
+
 def rule_parts(rule, G: torch.Tensor | None, repeats: int = 3) -> dict[str, float]:
     """An allgather rule's pieces, timed again on the matrix ``G`` it last saw (median of
     ``repeats``): ``finite_check``, ``gram``, ``solve``, ``combine``; empty without ``G`` (one
@@ -359,9 +384,13 @@ def run(args: argparse.Namespace) -> int:
             forward_done = clock()
             loss.backward()
             if name.startswith("ddp_"):  # the exchange ran inside backward
+                backward_done = clock()
                 opt.step()
                 if record:
                     samples[name]["step_s"].append(clock() - start)
+                if profile:
+                    profiles[name].append(hook_phases(start, forward_done, backward_done, clock(),
+                                                      getattr(model, "fa_hvd_state", None)))
                 continue
             backward_done = clock()
             if name == "horovod_allreduce_polled":
@@ -414,11 +443,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"round {round_ + 1}/{args.rounds}", file=sys.stderr, flush=True)
     if args.profile:
         for name in names:
-            if name.startswith("ddp_"):
-                continue
             transport.allreduce_sum(torch.zeros(1), name=f"bench.profile.{name}")
             steps(name, args.steps, record=False, profile=True)
-            exchange = getattr(variants[name][1], "exchange", None)
+            model, opt = variants[name]
+            exchange = getattr(getattr(model, "fa_hvd_state", opt), "exchange", None)
+            if "bucket_work_s" in getattr(exchange, "stats", {}):  # the sharded exchange's, inside its stages
+                parts[name] = {"bucket_work": exchange.stats["bucket_work_s"]}
             if isinstance(exchange, AllgatherExchange):  # its (p, n) matrix, kept across steps (several buckets)
                 beside = {"worker_thread": exchange.stats["worker_s"]} if "worker_s" in exchange.stats else {}
                 parts[name] = {**beside, **rule_parts(exchange.aggregator, exchange._buffer)}

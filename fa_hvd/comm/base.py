@@ -88,6 +88,11 @@ def _who(who: Callable[[], str | None] | None) -> str:
     return f"; {text}" if text else ""
 
 
+def channel_of(name: str) -> str:
+    """The prepared name whose channel ``name`` uses: ``NAME`` for ``NAME#k``, else ``name`` itself."""
+    return name.split("#", 1)[0]
+
+
 class Handle:
     """An allgather in flight; :meth:`Transport.wait` returns its result."""
 
@@ -111,7 +116,9 @@ class Transport:
     lies = None  # fault injection: fa_hvd.faults.roles.RoleLies, asked what this rank's messages say
     timeout: float | None = None  # seconds a wait may last (fa_hvd.comm.base.collective_timeout)
     roll_call: RollCall | None = None  # once start_roll_call() ran: who answers when a wait stalls
-    waits_from_any_thread = False  # wait() may run on another thread than allgather_async() (an exchange's worker)
+    # wait() may run on another thread than allgather_async(), and collectives under a prepared name may be
+    # started there (an exchange's worker: fa_hvd.exchange.base.Worker)
+    waits_from_any_thread = False
 
     def start_roll_call(self) -> None:
         """Collective: (re)start this rank's part of the roll call (:mod:`fa_hvd.comm.rollcall`),
@@ -161,7 +168,15 @@ class Transport:
     def prepare(self, names: list[str]) -> None:
         """Collective (every rank, same order): ``names`` will be gathered under, in any order
         relative to each other. Transports whose collectives must be ordered set up one
-        channel per name here."""
+        channel per name here; ``NAME#k`` (:func:`channel_of`) goes on ``NAME``'s channel, so
+        a family of collectives started in order by one thread shares one (Horovod needs a
+        name of its own for each collective in flight)."""
+
+    def has_channel(self, name: str) -> bool:
+        """Whether collectives under ``name`` are matched among themselves, apart from every other
+        name's, so one thread may start them while others start other names' (Horovod matches by
+        name; the ordered transports once :meth:`prepare` gave ``name`` a channel)."""
+        return True
 
     def abandon(self, handle: "Handle") -> None:
         """Forget an allgather in flight (its result will not be read)."""

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from .base import Handle, Transport, collective_timeout
+from .base import Handle, Transport, channel_of, collective_timeout
 
 
 class _MPIHandle(Handle):
@@ -45,6 +45,9 @@ class MPITransport(Transport):
             if name not in self._channels:
                 self._channels[name] = self.comm.Dup()
 
+    def has_channel(self, name: str) -> bool:
+        return channel_of(name) in self._channels
+
     def abandon(self, handle: Handle) -> None:
         self._abandoned.append(handle)
 
@@ -53,7 +56,7 @@ class MPITransport(Transport):
         send = tensor.detach().to("cpu").contiguous().reshape(tensor.shape[0], -1).view(torch.uint8)
         recv = torch.empty((self.size * send.shape[0], send.shape[1]), dtype=torch.uint8)
         self._abandoned = [h for h in self._abandoned if not h.request.Test()]
-        request = self._channels.get(name, self.comm).Iallgather(send.numpy(), recv.numpy())
+        request = self._channels.get(channel_of(name), self.comm).Iallgather(send.numpy(), recv.numpy())
         shape = (self.size * tensor.shape[0],) + tuple(tensor.shape[1:])
         return _MPIHandle(request, send, recv, tensor.device, tensor.dtype, shape)
 
@@ -84,7 +87,7 @@ class MPITransport(Transport):
         rows = tensor.detach().to("cpu").contiguous().reshape(tensor.shape[0], -1)
         row = MPI.BYTE.Create_contiguous(max(1, rows.shape[1] * rows.element_size())).Commit()
         send = rows.view(torch.uint8).reshape(-1)
-        channel = self._channels.get(name, self.comm)  # prepared names may start in any order
+        channel = self._channels.get(channel_of(name), self.comm)  # prepared names may start in any order
         if received is None:
             counts = torch.tensor(splits, dtype=torch.int64)
             theirs = torch.empty_like(counts)

@@ -31,7 +31,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from .base import Handle, Transport, collective_timeout
+from .base import Handle, Transport, channel_of, collective_timeout
 
 _ALL_GATHER = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 
@@ -44,6 +44,10 @@ class _TorchHandle(Handle):
 
 class TorchDistTransport(Transport):
     name = "torch"
+    # A Work may be waited for on any thread, and collectives started on any thread: each prepared
+    # name has a group of its own, so the order of its collectives is the order of the one thread
+    # that starts them (an exchange's worker starts only such names).
+    waits_from_any_thread = True
 
     def __init__(self, group=None):
         self.owns_process_group = not dist.is_initialized()
@@ -74,8 +78,11 @@ class TorchDistTransport(Transport):
             if name not in self._channels:
                 self._channels[name] = dist.new_group(self.ranks, use_local_synchronization=True)
 
+    def has_channel(self, name: str) -> bool:
+        return channel_of(name) in self._channels
+
     def _group(self, name: str):
-        return self._channels.get(name, self.group)
+        return self._channels.get(channel_of(name), self.group)
 
     def _on_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.detach().to(self.device).contiguous()

@@ -31,7 +31,6 @@ Otherwise (no plan: ``fa_hvd.ddp``, the mpi4py transport) the same work runs ins
 from __future__ import annotations
 
 import functools
-import queue
 import threading
 import time
 from typing import Callable
@@ -41,7 +40,7 @@ import torch
 from ..aggregators.base import Aggregator, Rows, describe, finite_rows
 from ..aggregators.geometry import CentredGram
 from ..aggregators.mean import Mean
-from .base import GradientExchange, raise_failure
+from .base import GradientExchange, Worker, check_planned, raise_failure
 from .digest import check_agreement
 
 
@@ -67,7 +66,7 @@ class AllgatherExchange(GradientExchange):
         self.stats: dict = {}
         self._buffer: torch.Tensor | None = None
         self._plan: tuple[list[int], torch.dtype, torch.device] | None = None
-        self._worker: _Worker | None = None
+        self._worker: Worker | None = None
         self._step: _Assembly | None = None  # the worker's step in progress
 
     def name(self, index: int) -> str:
@@ -82,11 +81,7 @@ class AllgatherExchange(GradientExchange):
 
     def start(self, index: int, flat: torch.Tensor) -> None:
         if self._plan is not None:
-            sizes, dtype = self._plan[:2]
-            if flat.numel() != sizes[index] or torch.promote_types(flat.dtype, dtype) != dtype:
-                raise ValueError(f"fa_hvd: bucket {index} has {flat.numel()} {flat.dtype} elements, planned "
-                                 f"{sizes[index]} of {dtype} or narrower (a gradient_transform must keep "
-                                 f"the bucket's size and dtype)")
+            check_planned(self._plan, index, flat)
         wire, ctx = self.compression.compress(flat)
         handle = self.transport.allgather_async(wire.reshape(1, -1), name=self.name(index))
         self.pending[index] = (handle, ctx, flat.numel(), flat.dtype)
@@ -95,7 +90,7 @@ class AllgatherExchange(GradientExchange):
                 sizes, dtype, device = self._plan
                 self._step = _Assembly(self, len(sizes), sum(sizes), dtype, device)
                 if self._worker is None:
-                    self._worker = _Worker()
+                    self._worker = Worker()
             self._step.entries[index] = self.pending.pop(index)
             self._worker.jobs.put(self._step.advance)
 
@@ -159,20 +154,6 @@ class AllgatherExchange(GradientExchange):
             self.transport.abandon(handle)
         if stuck:
             self._worker = None
-
-
-class _Worker:
-    """One daemon thread that runs the exchange's bucket work, one job at a time, in order. torch gives
-    it the process's intra-op thread count (``torch.set_num_threads`` is process-wide): the same
-    kernels as on the training thread, the same bits."""
-
-    def __init__(self):
-        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._run, name="fa_hvd-buckets", daemon=True).start()
-
-    def _run(self) -> None:
-        while True:
-            self.jobs.get()()
 
 
 class _Assembly:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import queue
+import threading
 from typing import NoReturn
 
 import torch
@@ -28,14 +30,40 @@ class GradientExchange:
         ``dtype`` or narrower and are aggregated on ``device``. An exchange may use it to work
         on buckets before :meth:`finish`; by default it is not used."""
 
+    def channels(self) -> list[str]:
+        """Names of collectives this exchange starts besides the buckets' that need an ordered channel
+        of their own (:meth:`fa_hvd.comm.base.Transport.prepare`: it starts them on its worker thread);
+        whoever prepares the buckets' names prepares these too."""
+        return []
+
     def start(self, index: int, flat: torch.Tensor) -> None:
         raise NotImplementedError
 
     def finish(self, count: int, device: torch.device, step: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def finish_buckets(self, sizes: list[int], device: torch.device, step: int) -> list[torch.Tensor]:
+        """:meth:`finish` for buckets of ``sizes``, the aggregate as each bucket's part, each a tensor
+        of its own (storage offset 0: DDP views a hook's result at offsets from its storage's start)."""
+        return own_parts(self.finish(len(sizes), device, step), sizes)
+
     def abandon(self) -> None:
         raise NotImplementedError
+
+
+def check_planned(plan: tuple, index: int, flat: torch.Tensor) -> None:
+    """Refuse bucket ``index`` unless ``plan`` (``(sizes, dtype, device)``, :meth:`GradientExchange.plan`)
+    has its size and its dtype or a wider one."""
+    sizes, dtype = plan[:2]
+    if flat.numel() != sizes[index] or torch.promote_types(flat.dtype, dtype) != dtype:
+        raise ValueError(f"fa_hvd: bucket {index} has {flat.numel()} {flat.dtype} elements, planned "
+                         f"{sizes[index]} of {dtype} or narrower (a gradient_transform must keep "
+                         f"the bucket's size and dtype)")
+
+
+def own_parts(update: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """``update`` cut into parts of ``sizes``, each copied into a tensor of its own."""
+    return [part.clone() for part in update.split(sizes)]
 
 
 def wait(transport, handle, step: int, stage: str) -> torch.Tensor:
@@ -59,3 +87,17 @@ def raise_failure(transport, exc: Exception, step: int, stage: str) -> NoReturn:
 def rule_name(aggregator) -> str:
     """An aggregator's name for messages: its ``name``, a function's ``__name__``, else its repr."""
     return getattr(aggregator, "name", getattr(aggregator, "__name__", repr(aggregator)))
+
+
+class Worker:
+    """One daemon thread that runs an exchange's bucket work, one job at a time, in order. torch gives
+    it the process's intra-op thread count (``torch.set_num_threads`` is process-wide): the same
+    kernels as on the training thread, the same bits."""
+
+    def __init__(self):
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="fa_hvd-buckets", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            self.jobs.get()()

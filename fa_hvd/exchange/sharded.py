@@ -32,6 +32,21 @@ bucket, its shard ``G_j`` (``p x n/p`` over all buckets).
    the same bits), reassembled in bucket order; with ``digest`` (the in-step
    check) one word per rank compares the aggregates (:mod:`.digest`).
 
+Early rules. A rule whose every column depends on that column alone (the mean, median,
+trimmed mean: no ``K``; :func:`_early`) does not wait for the last bucket: as each
+bucket's alltoall arrives, rank ``j`` computes its shard of that bucket's aggregate for
+all ``p`` rows and starts its allgather at once (under ``<prefix>.out``, a channel of its
+own: :meth:`ShardedExchange.channels`, as ``<prefix>.out#<bucket>``), so the aggregate's allgathers overlap backward
+as an allreduce's buckets do. Where the transport allows it (``waits_from_any_thread``, and
+``<prefix>.out`` matched apart from other names: Horovod; torch.distributed once the
+optimizer or the DDP hook prepared it) this runs on one worker thread per exchange, in
+bucket order, beside the training thread; otherwise inside :meth:`~ShardedExchange.finish`. Steps 3 and 4 still run
+after the last bucket (a robust rule must know which rows every owner saw non-finite, and
+the evidence): when every row is kept with ``f`` unchanged, the shards gathered early are
+the aggregate, bit for bit what step 5 would have made of the same pieces; otherwise (a
+dropped row, a dispute) every rank alike waits them out unused and runs step 5 on the kept
+rows as above.
+
 Traffic per rank: ``(p - 1) W`` values each way for the alltoall and for the
 allgather (``W = sum_b W_b``), a ring allreduce's ``2 n (p - 1) / p``, plus the Gram
 words; see :mod:`.cost`. Memory: the received shard and the gathered aggregate,
@@ -58,13 +73,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import threading
 import time
 
 import torch
 
 from ..aggregators.base import Aggregator, Rows, anchored_gram, describe, finite_rows
 from ..comm import NoCompression
-from .base import GradientExchange, rule_name, wait
+from .base import GradientExchange, Worker, check_planned, own_parts, raise_failure, rule_name, wait
 from .digest import check_agreement
 from .evidence import Verdict, majority, not_a_gram, verdict
 
@@ -81,14 +97,16 @@ class ShardedExchange(GradientExchange):
 
     Built as ``ShardedExchange(transport, aggregator, compression, prefix)`` by the
     optimizer; :func:`replicated` makes a factory with ``replicas``. :meth:`start` takes
-    each bucket's flat gradient (in any order), :meth:`finish` returns the aggregate,
+    each bucket's flat gradient (in any order), :meth:`finish` returns the aggregate
+    (:meth:`finish_buckets` each bucket's part of it: the DDP hook's),
     :meth:`abandon` drops a step in flight. ``timings`` holds the last finish's
-    ``arrived`` (the last alltoall received), ``gram`` (the partial Gram, its allgather
+    ``arrived`` (the last alltoall received and worked on), ``gram`` (the partial Gram, its allgather
     and the evidence), ``solved`` (the rule's ``p x p`` work), ``combined`` (this rank's
     shard of the aggregate), ``gathered`` (the aggregate's allgather) and ``aggregated``
     stamps, so the optimizer's ``aggregate_s`` includes the two small collectives after
     the alltoalls; ``stats`` holds its ``peak_bytes`` (the most bytes of tensors the
-    exchange itself held at once).
+    exchange itself held at once) and ``bucket_work_s`` (the seconds of work on the buckets
+    as they arrived: on the worker thread beside the step, or else inside ``arrived``).
     """
 
     def __init__(self, transport, aggregator, compression=None, prefix: str = "fa_hvd", replicas: int = 1,
@@ -110,10 +128,12 @@ class ShardedExchange(GradientExchange):
         self.digest = digest  # compare the aggregates' digests every step (fa_hvd.exchange.digest)
         self.lies = lies  # fault injection: a rank lying in its roles (fa_hvd.faults.roles.RoleLies)
         self.compression = compression if compression is not None else NoCompression
-        self.pending: dict[int, tuple] = {}
         self.timings: dict = {}
         self.stats: dict = {}
         self.p = self.rank = None
+        self._step: _Step | None = None  # the step in progress
+        self._plan: tuple[list[int], torch.dtype, torch.device] | None = None
+        self._worker: Worker | None = None
         transport.traffic  # noqa: B018 -- the transport's byte counters start with the exchange
 
     def name(self, index: int) -> str:
@@ -138,12 +158,27 @@ class ShardedExchange(GradientExchange):
         """Ranks that compute chunk ``s`` (the first one's copy is used)."""
         return [(s + t) % self.p for t in range(self.replicas)]
 
+    def plan(self, sizes: list[int], dtype: torch.dtype, device: torch.device) -> None:
+        """Every step sends these buckets (:meth:`GradientExchange.plan`): where the transport may be
+        waited on from any thread, each bucket's work (its pieces, partial Gram and row flags) then
+        runs on the worker thread as its alltoall arrives, beside backward. A bucket off the plan is
+        refused (:func:`~.base.check_planned`)."""
+        if self.transport.waits_from_any_thread and sizes:
+            self._plan = (list(sizes), dtype, device)
+
+    def channels(self) -> list[str]:
+        return [f"{self.prefix}.out"]  # the aggregate's allgathers, started on the worker thread (early rules)
+
     # -- 1. alltoall -------------------------------------------------------------------------
     def start(self, index: int, flat: torch.Tensor) -> None:
-        if not self.pending:
-            self._follow_world()
         if flat.dtype == torch.bfloat16:
             flat = flat.float()  # no bf16 on Horovod's wire
+        if self._plan is not None:
+            check_planned(self._plan, index, flat)
+        if self._step is None:
+            self._follow_world()
+            self._step = _Step(self, flat)
+        work = self._step
         size, parts, splits = flat.numel(), [], []
         for rank in range(self.p):
             ranges = [self.chunk(size, (rank - t) % self.p) for t in range(self.replicas)]
@@ -152,20 +187,24 @@ class ShardedExchange(GradientExchange):
         send = flat if self.replicas == 1 else torch.cat(parts)  # k = 1: the chunks in rank order
         wire, ctx = self.compression.compress(send)
         if self.aggregator.robust:
-            self._claim(self.compression.decompress(wire, ctx), size, splits)
+            self._claim(work, self.compression.decompress(wire, ctx), size, splits)
         if self.lies is not None:
             wire = self.lies.sent(wire, splits)
         received = sum(b - a for a, b in (self.chunk(size, s) for s in self.held))
         handle = self.transport.alltoall_async(wire, splits, name=self.name(index), received=[received] * self.p)
-        self.pending[index] = (handle, ctx, flat.dtype, size, send if self.replicas > 1 else None)
+        work.entries[index] = (handle, ctx, flat.dtype, size, send if self.replicas > 1 else None)
+        if work.threaded:
+            if self._worker is None:
+                self._worker = Worker()
+            self._worker.jobs.put(work.advance)
 
-    def _claim(self, seen: torch.Tensor, size: int, splits: list[int]) -> None:
+    def _claim(self, work: "_Step", seen: torch.Tensor, size: int, splits: list[int]) -> None:
         """This rank's own word on its row, per chunk (finite? squared norm in fp64), on the values
         the owners will see; summed over the step's buckets (see :mod:`.evidence`)."""
-        if not self.pending:
-            self._claims = (torch.ones(self.p, dtype=torch.bool, device=seen.device),
-                            torch.zeros(self.p, dtype=torch.float64, device=seen.device))
-        finite, norms = self._claims
+        if work.claims is None:
+            work.claims = (torch.ones(self.p, dtype=torch.bool, device=seen.device),
+                           torch.zeros(self.p, dtype=torch.float64, device=seen.device))
+        finite, norms = work.claims
         for s in range(self.p):
             a, b = self.chunk(size, s)
             at = sum(splits[:s])  # the first copy of chunk s goes to rank s
@@ -175,54 +214,132 @@ class ShardedExchange(GradientExchange):
             finite[s] &= x.isfinite().all() if seen.dtype == torch.float64 else norm.isfinite()
 
     def abandon(self) -> None:
-        for handle, *_ in self.pending.values():
-            self.transport.abandon(handle)
-        self.pending.clear()
+        work, self._step = self._step, None
+        if work is not None and work.abandon():
+            self._worker = None  # stuck in a wait: a new worker takes the next step
 
-    # -- 2 .. 5 ---------------------------------------------------------------------------------
+    # -- 2. each bucket as its alltoall arrives ----------------------------------------------------
+    def _arrive(self, work: "_Step", index: int, wire: torch.Tensor) -> None:
+        """Bucket ``index``'s alltoall is in: its pieces kept, their partial Gram and row flags added
+        (while later buckets travel) and, for an early rule, its shard of the aggregate computed and
+        its allgather started (module docstring)."""
+        _, ctx, _, size, _ = work.entries[index]
+        chunks = wire.reshape(self.p, -1)  # row i: what rank i sent here
+        values = self.compression.decompress(chunks, ctx).to(work.device)
+        work.held += _bytes(wire) + (_bytes(values) if values.data_ptr() != wire.data_ptr() else 0)
+        if work.partial is None:
+            n = sum(entry[3] for entry in work.entries.values())  # every bucket's, where K needs it (not threaded)
+            work.partial = _PartialGram(self.aggregator, self.p, len(self.held), n, work.compute, work.device)
+        column, mine = 0, []
+        for t, s in enumerate(self.held):
+            a, b = self.chunk(size, s)
+            piece = values[:, column : column + b - a]
+            if self.replicas > 1:  # replicas compare bits: the same memory layout on every holder
+                piece = piece.contiguous()
+                work.held += _bytes(piece)
+                for source in range(self.p):
+                    work.digests[t][source].update(chunks[source, column : column + b - a].contiguous()
+                                                   .view(torch.uint8).cpu().numpy())
+            if b > a:  # (bucket, coordinates in the whole gradient, the chunk from every rank)
+                cols = slice(work.offset + a, work.offset + b)
+                work.pieces[t].append((index, cols, piece))
+                work.partial.add(t, piece, cols)
+                mine.append((cols, piece))
+            column += b - a
+        work.offset += size
+        if work.rule is not None:
+            out = torch.zeros(1, -(-size // self.p), dtype=work.result, device=work.device)  # chunk padded to W_b
+            for cols, piece in mine:
+                out[0, : piece.shape[1]] = work.rule(piece.to(work.compute), cols)
+            if self.lies is not None:
+                out = self.lies.aggregate(self.held, out)
+            sent, out_ctx = self.compression.compress(out)
+            work.held += _bytes(out)
+            handle = self.transport.allgather_async(sent, name=f"{self.prefix}.out#{index}")  # on .out's channel
+            work.early.append((handle, out_ctx, size))
+
+    # -- 3 .. 5 ---------------------------------------------------------------------------------
     def finish(self, count: int, device: torch.device, step: int) -> torch.Tensor:
         """Wait for buckets ``0..count-1``; the ``(n,)`` aggregate on ``device``, the same bits on every rank."""
-        pending = [self.pending.pop(index) for index in range(count)]
-        sizes = [size for *_, size, _ in pending]
-        dtypes = [dtype for _, _, dtype, _, _ in pending]
-        result = functools.reduce(torch.promote_types, dtypes, dtypes[0]) if dtypes else torch.float32
-        compute = torch.float32 if result in HALF else result  # fp16/bf16 aggregated in fp32
-        held = sum(send.numel() * send.element_size() for *_, send in pending if send is not None)
-        pieces: list[list[tuple[int, slice, torch.Tensor]]] = [[] for _ in self.held]  # per held chunk
-        digests = [[hashlib.blake2b(digest_size=8) for _ in range(self.p)] for _ in self.held]
-        partial = _PartialGram(self.aggregator, self.p, len(self.held), sum(sizes), compute, device)
-        offset = 0
-        for index, (handle, ctx, _, size, _) in enumerate(pending):
-            wire = wait(self.transport, handle, step, f"bucket {index}")
-            chunks = wire.reshape(self.p, -1)  # row i: what rank i sent here
-            values = self.compression.decompress(chunks, ctx).to(device)
-            held += _bytes(wire) + (_bytes(values) if values.data_ptr() != wire.data_ptr() else 0)
-            column = 0
-            for t, s in enumerate(self.held):
-                a, b = self.chunk(size, s)
-                piece = values[:, column : column + b - a]
-                if self.replicas > 1:  # replicas compare bits: the same memory layout on every holder
-                    piece = piece.contiguous()
-                    held += _bytes(piece)
-                    for source in range(self.p):
-                        digests[t][source].update(chunks[source, column : column + b - a].contiguous()
-                                                  .view(torch.uint8).cpu().numpy())
-                if b > a:  # (bucket, coordinates in the whole gradient, the chunk from every rank)
-                    pieces[t].append((index, slice(offset + a, offset + b), piece))
-                    partial.add(t, piece, slice(offset + a, offset + b))  # while later buckets travel
-                column += b - a
-            offset += size
-        self.timings = {"arrived": time.perf_counter()}
-        n = offset
-        K, rows, evidence = self._gram(partial, digests, step)
+        return self._finish(count, device, step, None)
+
+    def finish_buckets(self, sizes: list[int], device: torch.device, step: int) -> list[torch.Tensor]:
+        """As :meth:`finish`, each bucket's part of the aggregate; an early rule's are its buckets'
+        gathered shards themselves (no copy)."""
+        return self._finish(len(sizes), device, step, sizes)
+
+    def _finish(self, count: int, device: torch.device, step: int, sizes: list[int] | None):
+        called = time.perf_counter()
+        work, self._step = self._step, None
+        if work is None:
+            self._follow_world()
+            work = _Step(self, torch.empty(0, device=device))
+        if sorted(work.entries) != list(range(count)):
+            work.abandon()
+            raise ValueError(f"fa_hvd: finish({count}) after buckets {sorted(work.entries)} started")
+        if work.threaded and work.entries:
+            done = threading.Event()
+            self._worker.jobs.put(done.set)  # after every bucket's work (the jobs run in order)
+            done.wait()
+        else:
+            work.settle(device)
+            work.advance()
+        work.arrived = max(work.arrived, called)
+        return self._aggregate(work, count, device, step, sizes)  # a failure drops the step's collectives, as it is
+
+    def _aggregate(self, work: "_Step", count: int, device: torch.device, step: int, parts: list[int] | None):
+        """The aggregate, or with ``parts`` (the buckets' sizes) each bucket's part of it."""
+        work.raise_error(step)
+        sizes = [work.entries[index][3] for index in range(count)]
+        result, compute = _step_dtypes([work.entries[index][2] for index in range(count)])
+        held = work.held + sum(send.numel() * send.element_size() for *_, send in work.entries.values()
+                               if send is not None)
+        if work.partial is None or (work.compute, work.device) != (compute, device):  # no bucket, or off the guess
+            work.partial = _PartialGram(self.aggregator, self.p, len(self.held), work.offset, compute, device)
+            for t, shard in enumerate(work.pieces):
+                for _, cols, piece in shard:
+                    work.partial.add(t, piece.to(device), cols)
+        self.timings = {"arrived": work.arrived}
+        n = work.offset
+        K, rows, evidence = self._gram(work, step)
         self.timings["gram"] = time.perf_counter()
         self.aggregator.weights = self.aggregator.gram = None
         if rows.none_left:
+            work.drain(step)
             self.aggregator.diagnostics = {**describe(self.p, rows, None), **evidence}
-            self.stats = {"peak_bytes": held}
+            self.stats = {"peak_bytes": held, "bucket_work_s": work.busy}
             self.timings["aggregated"] = time.perf_counter()
-            return torch.zeros(n, dtype=result, device=device)
+            zeros = torch.zeros(n, dtype=result, device=device)
+            return zeros if parts is None else own_parts(zeros, parts)
         kept = self.p if rows.keep is None else rows.keep.numel()
+        early = (work.rule is not None and rows.keep is None and rows.f == self.aggregator.f
+                 and (work.result, work.compute, work.device) == (result, compute, device))
+        if early:  # the shards' allgathers started as the buckets arrived
+            self.timings["solved"] = self.timings["combined"] = time.perf_counter()
+            self.aggregator.diagnostics = {**describe(self.p, rows, None), **evidence}
+            pieces, gathered = self._gather_early(work, step)
+            if parts is not None and not self.digest:  # an early rule observes nothing (_early)
+                self.stats = {"peak_bytes": held + gathered, "bucket_work_s": work.busy}
+                self.timings["gathered"] = self.timings["aggregated"] = time.perf_counter()
+                return pieces
+            aggregate = torch.cat(pieces) if pieces else torch.zeros(0, dtype=result, device=device)
+            gathered += _bytes(aggregate)
+        else:
+            work.drain(step)
+            aggregate, gathered = self._combine(work, rows, K, kept, sizes, result, compute, device, evidence, step)
+        held += gathered
+        self.timings["gathered"] = time.perf_counter()
+        self.stats = {"peak_bytes": held, "bucket_work_s": work.busy}
+        if self.digest:
+            check_agreement(self.transport, aggregate, step, f"{self.prefix}.digest")
+        self.aggregator.observe(aggregate)
+        self.timings["aggregated"] = time.perf_counter()
+        return aggregate if parts is None else own_parts(aggregate, parts)
+
+    def _combine(self, work: "_Step", rows: Rows, K, kept: int, sizes, result, compute, device, evidence,
+                 step: int) -> tuple[torch.Tensor, int]:
+        """Step 5 after the last bucket: the rule's column form from ``K``, this rank's shards of the
+        aggregate and their allgather; ``(aggregate, bytes held)``."""
         self.aggregator.check(kept, rows.f)
         if K is not None and rows.keep is not None:
             keep = torch.cat([rows.keep, torch.arange(self.p, K.shape[0])])  # anchors stay
@@ -234,29 +351,38 @@ class ShardedExchange(GradientExchange):
         widths = [-(-size // self.p) for size in sizes]
         starts = [sum(widths[:i]) for i in range(len(widths))]
         out = torch.zeros(self.replicas, sum(widths), dtype=result, device=device)  # chunks padded to W_b
-        for t, shard in enumerate(pieces):
+        for t, shard in enumerate(work.pieces):
             for index, cols, piece in shard:
                 block = piece if rows.keep is None else piece[rows.keep.to(piece.device)]
-                out[t, starts[index] : starts[index] + piece.shape[1]] = rule(block.to(compute), cols)
-        held += _bytes(out)
+                out[t, starts[index] : starts[index] + piece.shape[1]] = rule(block.to(device=device, dtype=compute),
+                                                                              cols)
         if self.lies is not None:
             out = self.lies.aggregate(self.held, out)
         self.timings["combined"] = time.perf_counter()
         aggregate, gathered = self._gather(out, sizes, widths, starts, step)
-        self.timings["gathered"] = time.perf_counter()
-        self.stats = {"peak_bytes": held + gathered}
-        if self.digest:
-            check_agreement(self.transport, aggregate, step, f"{self.prefix}.digest")
-        self.aggregator.observe(aggregate)
-        self.timings["aggregated"] = time.perf_counter()
-        return aggregate
+        return aggregate, gathered + _bytes(out)
 
-    def _gram(self, partial: "_PartialGram", digests, step: int) -> tuple[torch.Tensor | None, Rows, dict]:
+    def _gather_early(self, work: "_Step", step: int) -> tuple[list[torch.Tensor], int]:
+        """Step 5 for an early rule: each bucket's allgather of the shards, that bucket's aggregate (the
+        shards in rank order, as :meth:`_gather` reassembles them); ``(each bucket's, bytes held)``."""
+        pieces, held = [], 0
+        for handle, ctx, size in work.early:
+            gathered = wait(self.transport, handle, step, "aggregate")
+            values = self.compression.decompress(gathered, ctx)  # (p, W_b): shard s in row s
+            held += _bytes(gathered) + (_bytes(values) if values.data_ptr() != gathered.data_ptr() else 0)
+            pieces.append(values.reshape(-1)[:size])
+        work.early.clear()
+        return pieces, held
+
+    def _gram(self, work: "_Step", step: int) -> tuple[torch.Tensor | None, Rows, dict]:
         """Steps 2 to 4: ``K`` (fp64 on the host, summed in shard order; None if the rule needs none),
         the rows the rule aggregates and what the evidence showed (:mod:`.evidence`; replicas: the
-        majority's copy of each shard, the odd holders named)."""
-        p, aggregator, compute = self.p, self.aggregator, partial.compute
-        m = partial.m
+        majority's copy of each shard, the odd holders named). Nothing travels where nothing would be
+        read: a rule that is not robust and needs no ``K`` (the mean), one holder per shard."""
+        p, aggregator, partial, digests = self.p, self.aggregator, work.partial, work.digests
+        if not aggregator.robust and not aggregator.uses_gram and self.replicas == 1:
+            return None, Rows(None, aggregator.f), {}
+        compute, m = partial.compute, partial.m
         upper = torch.triu_indices(m, m)
         packed = []
         for t in range(len(self.held)):
@@ -270,7 +396,7 @@ class ShardedExchange(GradientExchange):
                 fields.append(K[upper[0], upper[1]].view(torch.int64))
             packed.append(torch.cat(fields))
         if aggregator.robust:
-            claimed_finite, claimed_norms = (c.cpu() for c in self._claims)
+            claimed_finite, claimed_norms = (c.cpu() for c in work.claims)
             if self.lies is not None:
                 claimed_finite, claimed_norms = self.lies.claim(claimed_finite, claimed_norms)
             packed.append(torch.cat([claimed_finite.long(), claimed_norms.view(torch.int64)]))
@@ -369,6 +495,116 @@ class ShardedExchange(GradientExchange):
             aggregate[offset : offset + size] = shards[:, start : start + width].reshape(-1)[:size]
             offset += size
         return aggregate, held + _bytes(aggregate)
+
+
+class _Step:
+    """One step's buckets, worked on in index order as their alltoalls arrive (:meth:`ShardedExchange._arrive`):
+    on the exchange's worker thread (``threaded``) or inside :meth:`~ShardedExchange.finish`.
+
+    ``rule``: for an early rule (:func:`_early`), the rule's column form for all ``p`` rows and
+    ``f``, made before the first bucket; its shards' allgathers are ``early``. The step's dtypes
+    and device (``result``, ``compute``, ``device``) are the plan's (:meth:`ShardedExchange.plan`),
+    else its first bucket's; a step whose buckets end up otherwise has its partial Grams added again
+    after the last bucket, and a step that does so, or whose rows are not all kept, uses the
+    allgathers started early for nothing (every rank alike) and aggregates after the last bucket
+    as a Gram rule does."""
+
+    def __init__(self, exchange: ShardedExchange, first: torch.Tensor):
+        plan, transport = exchange._plan, exchange.transport
+        dtype, self.device = (first.dtype, first.device) if plan is None else plan[1:]
+        self.exchange = exchange
+        self.result, self.compute = _step_dtypes([dtype])
+        aggregator, p = exchange.aggregator, exchange.p
+        self.rule = None
+        ordered = transport.has_channel(exchange.channels()[0])  # the worker may start the shards' allgathers
+        if _early(aggregator, exchange.replicas) and aggregator.min_workers(aggregator.f) <= p and (
+                ordered or not transport.waits_from_any_thread):
+            self.rule = aggregator.by_columns(p, None, aggregator.f)
+        self.threaded = transport.waits_from_any_thread and (self.rule is not None or plan is not None)
+        self.entries: dict[int, tuple] = {}  # index -> (handle, ctx, dtype, size, what was sent if kept)
+        self.early: list[tuple] = []  # (handle, ctx, size) of each bucket's shards of the aggregate
+        self.pieces: list[list[tuple[int, slice, torch.Tensor]]] = [[] for _ in exchange.held]  # per held chunk
+        self.digests = [[hashlib.blake2b(digest_size=8) for _ in range(p)] for _ in exchange.held]
+        self.partial = None if plan is None else _PartialGram(aggregator, p, len(exchange.held), sum(plan[0]),
+                                                               self.compute, self.device)
+        self.claims: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.next = self.offset = self.held = 0
+        self.arrived = self.busy = 0.0  # the last bucket's work done; seconds of bucket work
+        self.error: Exception | None = None
+        self.failed = ""  # the wait that failed
+        self.cancelled = self.waiting = False
+        self.lock = threading.Lock()
+
+    def advance(self) -> None:
+        """Wait for and work on every started bucket from the next one in index order."""
+        transport = self.exchange.transport
+        while self.error is None and self.next in self.entries:
+            with self.lock:
+                if self.cancelled:
+                    return
+                self.waiting = True
+            try:
+                wire = transport.wait(self.entries[self.next][0])
+            except Exception as exc:  # noqa: BLE001 - finish() raises it, naming its step (raise_failure)
+                self.error, self.failed = exc, f"bucket {self.next}"
+                return
+            with self.lock:
+                self.waiting = False
+                if self.cancelled:
+                    return
+                began = time.perf_counter()
+                try:
+                    self.exchange._arrive(self, self.next, wire)
+                except Exception as exc:  # noqa: BLE001 - finish() raises it as it is
+                    self.error = exc
+                    return
+                self.next += 1
+            self.arrived = time.perf_counter()
+            self.busy += self.arrived - began
+
+    def raise_error(self, step: int) -> None:
+        if self.error is not None:
+            if self.failed:
+                raise_failure(self.exchange.transport, self.error, step, self.failed)
+            raise self.error
+
+    def settle(self, device: torch.device) -> None:
+        """Every bucket has started: the step's dtypes from all of them, its device from :meth:`finish`."""
+        self.result, self.compute = _step_dtypes([dtype for _, _, dtype, _, _ in self.entries.values()])
+        self.device = device
+
+    def drain(self, step: int) -> None:
+        """Wait out the early allgathers whose shards go unused (every rank started them)."""
+        for handle, *_ in self.early:
+            wait(self.exchange.transport, handle, step, "aggregate")
+        self.early.clear()
+
+    def abandon(self) -> bool:
+        """Drop the step: nothing is touched after; the collectives not yet waited for are the
+        transport's to forget. True when the worker is stuck in a wait (then a new one takes over)."""
+        with self.lock:
+            self.cancelled = True
+            stuck = self.waiting
+            left = [entry[0] for index, entry in self.entries.items() if index >= self.next]
+        for handle in left + [handle for handle, *_ in self.early]:
+            self.exchange.transport.abandon(handle)
+        self.early.clear()
+        return stuck
+
+
+def _step_dtypes(dtypes: list[torch.dtype]) -> tuple[torch.dtype, torch.dtype]:
+    """The aggregate's dtype (the buckets' promoted) and the one it is computed in (fp16/bf16 in fp32)."""
+    result = functools.reduce(torch.promote_types, dtypes, dtypes[0]) if dtypes else torch.float32
+    return result, torch.float32 if result in HALF else result
+
+
+def _early(aggregator: Aggregator, replicas: int) -> bool:
+    """Whether each bucket's shard of the aggregate can be computed, and its allgather started, as
+    soon as the bucket's alltoall arrives: a rule whose every column depends on that column alone
+    (no Gram: the mean, median, trimmed mean), with no state (bucketing's generator would draw
+    again when a step falls back) and nothing to observe, one holder per shard."""
+    return (replicas == 1 and not aggregator.uses_gram and not aggregator.state_dict()
+            and type(aggregator).observe is Aggregator.observe)
 
 
 class _PartialGram:

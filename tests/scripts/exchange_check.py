@@ -8,6 +8,9 @@ python exchange_check.py --transport horovod|mpi
   ALIE) against the rule applied in one process to the whole matrix, and the ranks' bits.
 * optimizer: fa_hvd.DistributedOptimizer trained with exchange="sharded" and "allgather"
   (buckets started as backward makes them, a Byzantine rank): the same parameters.
+* early: the coordinate-wise rules gather each bucket's shards of the aggregate as its alltoall
+  arrives (on the worker thread where the transport allows it): the bits of the same exchange
+  with the shards combined after the last bucket, every row finite or one NaN (dropped).
 * compression: fp16 on the wire both ways, against the rule on fp16-rounded gradients.
 * replicas: replicas=2 gives the plain sharded result; a rank that miscomputes is named
   by every rank alike.
@@ -105,6 +108,32 @@ def check_rules(transport, rank):
     return report
 
 
+def check_early(transport, rank):
+    from fa_hvd.exchange import sharded
+
+    p, n = transport.size, sum(SIZES)
+    report = {}
+    for fault in ("clean", "nan"):
+        G = gradients(p, n, fault)
+        for name in ("mean", "median", "trimmed_mean"):
+            outs, threaded = [], []
+            for early in (True, False):
+                exchange = ShardedExchange(transport, get(name, **RULES[name]),
+                                           prefix=f"check.early.{fault}.{name}.{early}")
+                transport.prepare(exchange.channels())  # as the optimizer and the DDP hook do
+                chosen = sharded._early
+                sharded._early = chosen if early else (lambda aggregator, replicas: False)
+                try:
+                    outs.append(step(exchange, G[rank]))
+                finally:
+                    sharded._early = chosen
+                threaded.append(exchange._worker is not None)
+            same = outs[0].view(torch.uint8).equal(outs[1].view(torch.uint8))
+            everyone = transport.allgather_json([same, threaded[0]], name=f"check.early.{fault}.{name}", schema=object)
+            report[f"{name}/{fault}"] = {"bits_equal": [e[0] for e in everyone], "threaded": [e[1] for e in everyone]}
+    return report
+
+
 class Fp16:
     """Horovod's Compression.fp16, for either transport."""
 
@@ -160,10 +189,10 @@ def check_optimizer(transport, rank, steps=3):
 
 
 class LyingGram(ShardedExchange):
-    def _gram(self, partial, *args):
+    def _gram(self, work, *args):
         if self.rank == 1:
-            partial.K[0][0, 0] += 1.0
-        return super()._gram(partial, *args)
+            work.partial.K[0][0, 0] += 1.0
+        return super()._gram(work, *args)
 
 
 def check_replicas(transport, rank):
@@ -208,7 +237,7 @@ def check_bytes(transport, rank, n=1 << 20, repeats=3):
     return {"n": n, "per_rank": transport.allgather_json(out, name="bytes.report", schema=object), "source": traffic.source}
 
 
-CHECKS = {"alltoall": check_alltoall, "rules": check_rules, "gram_bits": check_gram_bits,
+CHECKS = {"alltoall": check_alltoall, "rules": check_rules, "gram_bits": check_gram_bits, "early": check_early,
           "compression": check_compression,
           "optimizer": check_optimizer, "replicas": check_replicas, "bytes": check_bytes}
 
