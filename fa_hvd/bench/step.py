@@ -541,6 +541,7 @@ def run(args: argparse.Namespace) -> int:
                 print(json.dumps({"bench": "step_profile", "variant": name, "rank": r, **phases}), flush=True)
         if profile_rows:
             print_profiles(profile_rows)
+    transport.close()
     return 0
 
 
