@@ -132,6 +132,31 @@ def test_robustness_kappa_is_the_allouah_ratio():
     assert kappa(torch.tensor([float("nan"), 0.0], dtype=torch.float64), honest) == float("inf")
 
 
+@pytest.mark.parametrize("p,f", [(5, 2), (7, 2), (16, 5)])
+def test_robustness_bound_case_puts_every_rule_at_the_lower_bound(p, f):
+    """The ``bound`` honest rows with the Byzantine rows copying one of the tight group are the
+    lower bound's own geometry: every rule's ratio is f / (p - 2f) to the rows' 1e-3 noise, so no
+    rule's kappa-hat can fall below the bound for want of the case."""
+    from fa_hvd.bench.robustness import build, byzantine_rows, honest_rows, kappa
+
+    gen = torch.Generator().manual_seed(3)
+    honest = honest_rows("bound", p - f, 64, gen, f)
+    G = torch.cat([honest, byzantine_rows("mimic", honest, f, p, gen)])
+    for label in ("median", "trimmed_mean", "geomed", "flag"):
+        assert kappa(build(label, f)(G), honest) == pytest.approx(f / (p - 2 * f), rel=0.02), label
+
+
+def test_robustness_kappa_hat_never_falls_below_the_bound():
+    """The trimmed mean's search over one common direction stayed below f / (p - 2f) at 7/2 (0.463
+    against 0.667) until the bench held the bound's own case."""
+    import argparse
+
+    from fa_hvd.bench.robustness import measure_shape
+
+    worst, _ = measure_shape(7, 2, ["trimmed_mean"], argparse.Namespace(seed=0, n=16, directions=0))
+    assert worst["trimmed_mean"][0] >= 0.98 * 2 / 3
+
+
 def test_the_mean_floor_is_one_pass_and_the_mean_rule_is_not_it():
     """The ``mean`` row is the floor itself (torch's one pass), not the Mean rule, which sums rows
     in order so that its bits do not depend on how the columns are split."""

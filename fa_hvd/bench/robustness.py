@@ -13,7 +13,12 @@ this benchmark reports kappa-hat, the worst ratio over:
   ``a + 0.3 ||a|| xi``; ``clustered`` (non-IID) honest rows split round-robin over up to 3
   clusters ``s_k (a + 0.7 ||a|| xi_k)`` of norms ``s_k`` in {1, 0.5, 2}, plus ``0.05 ||a|| xi``;
   ``split`` (the issue's p = 4 geometry) half the honest rows within ``1e-3 ||a||`` of ``a``,
-  the rest ``a + 0.5 ||a|| xi``;
+  the rest ``a + 0.5 ||a|| xi``; ``bound`` (the geometry of the lower bound's proof) ``p - 2f``
+  honest rows within ``1e-3 ||a||`` of ``a``, the other ``f`` within ``1e-3 ||a||`` of ``a +
+  0.5 ||a|| u``: with the Byzantine rows copying a row at ``a`` (``mimic``) the same ``p`` rows
+  are also ``p - f`` honest rows at ``a`` with no spread, where a finite kappa forces the output
+  to ``a``, so every rule's ratio is about ``f / (p - 2f)``. Without it a rule's kappa-hat can
+  fall below that bound, which only says the search missed its worst case;
 * attacks: every gradient attack of :mod:`fa_hvd.faults` with the parameters of the standing
   grid (a Byzantine row's own gradient, for signflip/reverse/bitflip, is drawn like an honest
   one), ``offset`` (each Byzantine row ``mean_S + 0.5 ||a|| u`` with its own random unit
@@ -57,7 +62,7 @@ RULES = {
     "nnm+multikrum": ("nnm+multikrum", {}), "flag-ref": ("flag", {"mode": "reference"}), "flag": ("flag", {}),
 }  # fmt: skip
 """Label -> (aggregator name, parameters) of the rules measured by default."""
-DISTRIBUTIONS = ("tight", "moderate", "clustered", "split")
+DISTRIBUTIONS = ("tight", "moderate", "clustered", "split", "bound")
 ATTACK_CASES = {
     "gaussian": ("gaussian", {"sigma": 1.0}), "uniform": ("uniform", {}), "signflip": ("signflip", {}),
     "reverse": ("reverse", {"scale": 100.0}), "zero": ("zero", {}), "nan": ("nan", {}),
@@ -120,11 +125,15 @@ def _unit_noise(count: int, n: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(count, n, generator=gen, dtype=torch.float64) / math.sqrt(n)
 
 
-def honest_rows(distribution: str, q: int, n: int, gen: torch.Generator) -> torch.Tensor:
-    """``q`` honest rows of ``distribution`` (see the module docstring), fp64."""
+def honest_rows(distribution: str, q: int, n: int, gen: torch.Generator, f: int = 0) -> torch.Tensor:
+    """``q`` honest rows of ``distribution`` (see the module docstring) in a world with ``f``
+    Byzantine rows, fp64."""
     a = torch.randn(n, generator=gen, dtype=torch.float64)
     scale = float(a.norm())
     noise = _unit_noise(q, n, gen) * scale
+    if distribution == "bound":
+        away = torch.nn.functional.normalize(_unit_noise(1, n, gen), dim=1)[0]
+        return a + 1e-3 * noise + 0.5 * scale * (torch.arange(q) >= q - f)[:, None] * away
     if distribution == "tight":
         return a + 0.01 * noise
     if distribution == "moderate":
@@ -195,7 +204,7 @@ def measure_shape(p: int, f: int, labels: list[str], args: argparse.Namespace) -
     shares: dict[str, tuple[float, str]] = {label: (0.0, "") for label in labels if label in WEIGHT_RULES}
     for d, distribution in enumerate(DISTRIBUTIONS):
         gen = torch.Generator().manual_seed(derive_seed(args.seed, p, f, d))
-        honest = honest_rows(distribution, p - f, args.n, gen)
+        honest = honest_rows(distribution, p - f, args.n, gen, f)
         cases = []
         for a, attack in enumerate(ATTACK_CASES):
             gen.manual_seed(derive_seed(args.seed, p, f, d, a + 1))
