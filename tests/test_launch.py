@@ -94,8 +94,11 @@ def test_mpirun_launchers_use_horovods_flags(recorder):
     assert proc.returncode == 0, proc.stderr
     (call,) = calls
     assert call[:5] == ["mpirun", "-np", "4", "-hostfile", "myhosts"]
-    _, calls = recorder(["launch/mpirun.sh", "2", "configs/demo.yaml"])
+    _, calls = recorder(["launch/mpirun.sh", "2", "configs/demo.yaml"], FA_HVD_NATIVE="0",
+                        HOROVOD_STALL_CHECK_TIME_SECONDS="30")
     assert calls[0][:5] == ["mpirun", "-np", "2", "-H", "localhost:2"]
+    exported = {calls[0][i + 1] for i, arg in enumerate(calls[0]) if arg == "-x"}
+    assert {"FA_HVD_NATIVE", "HOROVOD_STALL_CHECK_TIME_SECONDS"} <= exported  # mpirun passes only what -x names
     for flag in (["-bind-to", "none"], ["-map-by", "slot"], ["-x", "LD_LIBRARY_PATH"], ["-x", "PATH"],
                  ["-mca", "pml", "ob1"], ["-mca", "btl", "^openib"]):
         assert any(call[i:i + len(flag)] == flag for i in range(len(call))), (flag, call)
