@@ -44,7 +44,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .aggregators import get as get_aggregator
 from .comm import NoCompression
 from .comm.torchdist import TorchDistTransport
-from .exchange import EXCHANGES
+from .exchange import EXCHANGES, agree_on_compiled_kernels
 
 _instances = itertools.count()  # same creation order on every rank -> same collective names
 
@@ -76,10 +76,11 @@ class RobustHookState:
         if isinstance(exchange, str) and exchange not in EXCHANGES:
             raise ValueError(f"fa_hvd: unknown exchange {exchange!r}; known: {', '.join(EXCHANGES)}")
         self.aggregator = aggregator
+        name = f"fa_hvd.ddp{next(_instances)}"
         self.exchange = (EXCHANGES[exchange] if isinstance(exchange, str) else exchange)(
-            self.transport, aggregator, compression if compression is not None else NoCompression,
-            f"fa_hvd.ddp{next(_instances)}")
+            self.transport, aggregator, compression if compression is not None else NoCompression, name)
         self.transport.prepare(self.exchange.channels())  # every rank builds its state at the same point
+        agree_on_compiled_kernels(self.transport, f"{name}.kernels")
         if gradient_transform is None:
             from .wrap import _fault_transform
 

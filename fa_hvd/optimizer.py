@@ -63,7 +63,7 @@ import torch
 
 from .aggregators import Aggregator, get as get_aggregator
 from .comm import NoCompression, Transport, get_transport
-from .exchange import EXCHANGES, GradientExchange, rule_name
+from .exchange import EXCHANGES, GradientExchange, agree_on_compiled_kernels, rule_name
 from .exchange.digest import DeferredDigest
 
 MIN_BUCKET_BYTES = 1 << 20  # automatic bucket sizes: total / TARGET_BUCKETS, within these bounds
@@ -148,6 +148,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         if transport.included:
             if os.environ.get("HOROVOD_ELASTIC") != "1":
                 _check_same_model(transport, self.param_groups, self._parameter_names, f"{self._prefix}.model")
+                agree_on_compiled_kernels(transport, f"{self._prefix}.kernels")
                 transport.prepare([self._exchange_name(b.index) for b in self._buckets] + self._exchange.channels())
             self._hook_handles = [_claim(self, p) for b in self._buckets for p in b.params]
         # Horovod's broadcast_optimizer_state initialises an empty optimizer state by

@@ -81,6 +81,16 @@ def fixed_global_rngs():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def no_kernel_agreement_between_tests(monkeypatch):
+    """Every test starts before any ranks' agreement on the compiled kernels
+    (:func:`fa_hvd.exchange.agree_on_compiled_kernels`): an optimizer an earlier test built in
+    this process (the suite runs ``FA_HVD_NATIVE=0``) must not switch them off for a later one."""
+    from fa_hvd.aggregators import native
+
+    monkeypatch.setattr(native, "_everywhere", None)
+
+
 @pytest.fixture
 def tmp_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

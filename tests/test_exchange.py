@@ -9,9 +9,9 @@ import torch
 from horovod.torch import Compression
 
 import local_world
-from fa_hvd.aggregators import get
+from fa_hvd.aggregators import get, native
 from fa_hvd.aggregators.geometry import gram
-from fa_hvd.exchange import ShardedExchange, ShardMismatch, replicated
+from fa_hvd.exchange import ShardedExchange, ShardMismatch, agree_on_compiled_kernels, replicated
 from fa_hvd.exchange import sharded as sharded_module
 from fa_hvd.exchange.cost import exchange_cost
 from local_world import LocalTransport, run_ranks
@@ -573,3 +573,29 @@ def test_a_bucket_off_the_plan_is_refused_by_the_sharded_exchange(monkeypatch):
     exchange.plan(SIZES, torch.float32, torch.device("cpu"))
     with pytest.raises(ValueError, match="bucket 1 has 4 torch.float32 elements, planned 50"):
         exchange.start(1, torch.zeros(4))
+
+
+class _Told:
+    """A transport whose allgather_json hands back what every rank told (``usable``) and keeps what it was sent."""
+
+    def __init__(self, rank, usable):
+        self.rank, self.usable, self.sent = rank, usable, []
+
+    def allgather_json(self, obj, name, schema):
+        self.sent.append(obj)
+        return list(self.usable)
+
+
+def test_ranks_take_the_compiled_kernels_only_if_every_rank_can(monkeypatch, caplog):
+    """One rank without them turns them off on every rank, with a line naming it; a later world where
+    every rank can (the rank without a compiler left) turns them back on."""
+    monkeypatch.setattr(native, "_everywhere", None)
+    monkeypatch.setenv("FA_HVD_NATIVE", "1")
+    monkeypatch.setattr(native, "_compiler_works", lambda: True)
+    transport = _Told(0, [True, False, True])
+    assert agree_on_compiled_kernels(transport, "t.kernels") is False
+    assert transport.sent == [True] and not native.enabled()
+    assert "rank 1 cannot use them" in caplog.text and "every rank takes the torch path" in caplog.text
+    assert agree_on_compiled_kernels(_Told(0, [True, True]), "t.kernels") is True and native.enabled()
+    monkeypatch.setenv("FA_HVD_NATIVE", "0")
+    assert agree_on_compiled_kernels(_Told(0, [True, True]), "t.kernels") is True and not native.enabled()

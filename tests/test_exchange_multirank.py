@@ -12,13 +12,15 @@ from fa_hvd.aggregators.geometry import U32
 pytestmark = pytest.mark.slow
 
 JOBS = {  # launcher -> (transport, checks, extra environment)
-    "gloo": ("horovod", ["alltoall", "rules", "gram_bits", "early", "compression", "optimizer", "replicas", "bytes"], {}),
+    "gloo": ("horovod", ["alltoall", "rules", "gram_bits", "early", "compression", "optimizer", "replicas", "bytes",
+                         "kernels"], {}),
     # horovodrun --mpi pins Open MPI's transports (shared memory on one node: no TCP bytes to count);
     # the rules run through the same Horovod calls as under Gloo.
     "mpi": ("horovod", ["alltoall", "gram_bits", "compression", "optimizer", "replicas"], {}),
     "mpi4py": ("mpi", ["alltoall", "rules", "gram_bits", "compression", "optimizer", "replicas", "bytes"],
                {"OMPI_MCA_btl": "tcp,self"}),
-    "torchrun": ("torch", ["alltoall", "rules", "gram_bits", "early", "compression", "optimizer", "replicas", "bytes"], {}),
+    "torchrun": ("torch", ["alltoall", "rules", "gram_bits", "early", "compression", "optimizer", "replicas", "bytes",
+                           "kernels"], {}),
 }
 
 
@@ -96,3 +98,13 @@ def test_sharded_traffic_is_an_allreduce_as_the_kernel_counts_it(job):
         for k in (0, 1):  # sent, received
             assert 2 * 3 / 4 * payload <= r["sharded"][k] <= 1.1 * r["allreduce"][k], (rank, r)
             assert 3 * payload <= r["allgather"][k] <= 1.05 * 3 * payload, (rank, r)  # retransmissions count
+
+
+@pytest.mark.parametrize("job", jobs_with("kernels"))
+def test_ranks_agree_on_the_compiled_kernels_so_their_aggregates_agree(job):
+    """Rank 1 cannot use the compiled kernels (FA_HVD_NATIVE=0) and the others can; the compiled Gram's
+    last bits differ from the torch path's on the same rows, so without the start-up agreement the
+    ranks would compute different FA aggregates. With it every rank takes the torch path."""
+    r = report(job)["kernels"]
+    assert r["paths_differ"] == [True] * 4, "the check needs rows on which the two paths differ"
+    assert r["compiled_on"] == [False] * 4 and r["ranks_agree"]

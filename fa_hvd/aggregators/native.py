@@ -14,10 +14,12 @@ into ``$FA_HVD_CACHE/kernels`` (default ``~/.cache/fa_hvd``), named by a hash of
 code and of this CPU's flags (a home directory shared by different nodes keeps one
 build per CPU kind), and loaded with ``ctypes``, which releases the GIL during the
 call. If it cannot be built, or ``FA_HVD_NATIVE=0``, the rules use the eager torch
-path and say so once. Inputs are finite (robust rules drop non-finite rows first);
-CPU, fp32 and fp64. Min and max are exact and each reduction does the eager path's
-arithmetic in the same order (``-ffp-contract=off``: no fused multiply-adds), so
-the results are the eager path's (up to the sign of a zero).
+path and say so once; so do every other rank's (:func:`agree`, at start-up and after each
+elastic reset), as the compiled Gram (:mod:`.native_gram`) is not bit-identical to BLAS's.
+Inputs are finite (robust rules drop non-finite rows first); CPU, fp32 and fp64. Min
+and max are exact and each reduction does the eager path's arithmetic in the same
+order (``-ffp-contract=off``: no fused multiply-adds), so the results are the eager
+path's (up to the sign of a zero).
 """
 
 from __future__ import annotations
@@ -40,8 +42,29 @@ _TYPES = {torch.float32: "float", torch.float64: "double"}
 MIN_COLUMNS_PER_THREAD = 1 << 14
 
 
+_everywhere: bool | None = None  # agree(): whether every rank of the run can use the kernels (None: not asked)
+
+
 def enabled() -> bool:
-    return os.environ.get("FA_HVD_NATIVE", "1") != "0"
+    """Whether the compiled kernels may run: ``FA_HVD_NATIVE`` is not ``0`` and no :func:`agree` said otherwise."""
+    return os.environ.get("FA_HVD_NATIVE", "1") != "0" and _everywhere is not False
+
+
+def usable_here() -> bool:
+    """Whether this process can run the compiled kernels (switch on, a compiler that works), whatever
+    the other ranks can: what each rank tells the others before :func:`agree`."""
+    return os.environ.get("FA_HVD_NATIVE", "1") != "0" and _compiler_works()
+
+
+def agree(everyone: list[bool]) -> bool:
+    """Take the compiled kernels only if every rank can (``everyone``: :func:`usable_here` of each
+    rank of the run, the same list on every rank). The compiled Gram and BLAS's differ in their last
+    bits, so ranks on different paths would compute different aggregates; a run where some rank
+    cannot compile takes the torch path on every rank. Called again when the world changes (a rank
+    that left may have been the one without a compiler). Returns the decision."""
+    global _everywhere
+    _everywhere = all(everyone)
+    return _everywhere
 
 
 def supports(G: torch.Tensor) -> bool:

@@ -14,8 +14,8 @@ C per ``p``, compiled and loaded as :mod:`.native`'s sorting networks are (same 
 ``FA_HVD_NATIVE=0`` switch, the torch path when no compiler works). Used for fp32 rows with unit
 column stride on the CPU, ``p <= MAX_ROWS``; one thread (the bits do not depend on the thread count).
 Its results and the torch path's agree within the bound, not bit for bit: every rank of a run must
-take the same path (the same ``FA_HVD_NATIVE``, a compiler on every node or on none), or the
-aggregate digest stops the run at its first step.
+take the same path, which the ranks agree on at start-up (:func:`.native.agree`: the torch path
+everywhere if any rank cannot compile).
 """
 
 from __future__ import annotations

@@ -16,10 +16,10 @@ from __future__ import annotations
 from typing import Callable
 
 from .allgather import AllgatherExchange
-from .base import GradientExchange, rule_name, wait
+from .base import GradientExchange, agree_on_compiled_kernels, rule_name, wait
 from .sharded import ShardedExchange, ShardMismatch, replicated
 
 EXCHANGES: dict[str, Callable[..., GradientExchange]] = {"allgather": AllgatherExchange, "sharded": ShardedExchange}
 
 __all__ = ["EXCHANGES", "AllgatherExchange", "GradientExchange", "ShardedExchange", "ShardMismatch", "replicated",
-           "rule_name", "wait"]
+           "agree_on_compiled_kernels", "rule_name", "wait"]

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from typing import NoReturn
 
 import torch
+
+from ..aggregators import native
+
+_log = logging.getLogger("fa_hvd")
 
 
 class GradientExchange:
@@ -49,6 +54,21 @@ class GradientExchange:
 
     def abandon(self) -> None:
         raise NotImplementedError
+
+
+def agree_on_compiled_kernels(transport, name: str) -> bool:
+    """Collective over ``transport``'s ranks: every rank takes the compiled kernels (:mod:`fa_hvd.aggregators.native`)
+    only if every rank can, so all compute the same aggregate bits. The ranks that have to give them up
+    say so, each in its own log line. Returns the decision."""
+    everyone = transport.allgather_json(native.usable_here(), name=name, schema=bool)
+    was, agreed = native.enabled(), native.agree(everyone)
+    if was and not agreed:
+        without = [rank for rank, usable in enumerate(everyone) if not usable]
+        _log.warning("fa_hvd: rank %d: compiled kernels off for this run: rank%s %s cannot use them (FA_HVD_NATIVE=0 "
+                     "or no working C compiler), and the compiled Gram's last bits differ from the torch path's; "
+                     "every rank takes the torch path", transport.rank, "" if len(without) == 1 else "s",
+                     ", ".join(map(str, without)))
+    return agreed
 
 
 def check_planned(plan: tuple, index: int, flat: torch.Tensor) -> None:

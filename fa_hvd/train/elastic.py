@@ -37,6 +37,7 @@ import torch
 from horovod.common.elastic import State
 
 from fa_hvd import checkpoint
+from fa_hvd.exchange import agree_on_compiled_kernels
 from fa_hvd.train import control, resume
 
 if TYPE_CHECKING:
@@ -81,6 +82,7 @@ class ElasticState(State):
         before = trainer.world
         trainer.transport.refresh()
         trainer.transport.start_roll_call()  # the roster of this world
+        agree_on_compiled_kernels(trainer.transport, "fa_hvd.train.elastic.kernels")  # this world's ranks
         trainer.rank, trainer.world = trainer.transport.rank, trainer.transport.size
         first = torch.tensor([float(self.resume is not None)])  # rank 0's first sync is the world's
         trainer.transport.broadcast_(first, 0, "fa_hvd.train.elastic.first")

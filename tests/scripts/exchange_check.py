@@ -14,6 +14,9 @@ python exchange_check.py --transport horovod|mpi
 * compression: fp16 on the wire both ways, against the rule on fp16-rounded gradients.
 * replicas: replicas=2 gives the plain sharded result; a rank that miscomputes is named
   by every rank alike.
+* kernels: rank 1 runs with FA_HVD_NATIVE=0, the others with the compiled kernels on (whose Gram
+  differs from the torch path's in the last bits, shown on one matrix): the optimizer's start-up
+  agreement turns them off everywhere, and FA trains to the same bits on every rank.
 * bytes: what the kernel counted on this process's TCP sockets for one exchange of
   n fp32 values: the transport's allreduce (Horovod's, or MPI_Allreduce), the sharded
   exchange and an allgather of the gradient (what allgather mode sends), median of 3.
@@ -237,9 +240,44 @@ def check_bytes(transport, rank, n=1 << 20, repeats=3):
     return {"n": n, "per_rank": transport.allgather_json(out, name="bytes.report", schema=object), "source": traffic.source}
 
 
+def check_kernels(transport, rank, steps=3):
+    import os
+
+    import torch.nn.functional as F
+    from torch import nn
+
+    import fa_hvd
+    from fa_hvd.aggregators import geometry, native
+    from fa_hvd.optimizer import checksum
+
+    G = gradients(4, 4096, "clean", seed=3)
+    native.agree([True])  # forget the earlier checks' agreement (the launch's FA_HVD_NATIVE): this process alone
+    os.environ["FA_HVD_NATIVE"] = "1"
+    compiled = geometry.gram(G)
+    os.environ["FA_HVD_NATIVE"] = "0"
+    paths_differ = not torch.equal(compiled, geometry.gram(G))
+    os.environ["FA_HVD_NATIVE"] = "0" if rank == 1 else "1"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 256), nn.Tanh(), nn.Linear(256, 10))
+    gen = torch.Generator().manual_seed(rank)
+    x, y = torch.randn(64, 32, generator=gen), torch.randint(0, 10, (64,), generator=gen)
+    opt = fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                      named_parameters=model.named_parameters(), aggregator="flag",
+                                      aggregator_params={"f": 1}, transport=transport)
+    enabled = native.enabled()
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    crcs = transport.allgather_json(checksum(model.parameters()), name="check.kernels", schema=int)
+    flags = transport.allgather_json([paths_differ, enabled], name="check.kernels.flags", schema=(bool, bool))
+    return {"paths_differ": [d for d, _ in flags], "compiled_on": [e for _, e in flags],
+            "ranks_agree": all(c == crcs[0] for c in crcs)}
+
+
 CHECKS = {"alltoall": check_alltoall, "rules": check_rules, "gram_bits": check_gram_bits, "early": check_early,
           "compression": check_compression,
-          "optimizer": check_optimizer, "replicas": check_replicas, "bytes": check_bytes}
+          "optimizer": check_optimizer, "replicas": check_replicas, "bytes": check_bytes, "kernels": check_kernels}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
