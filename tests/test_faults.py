@@ -350,6 +350,27 @@ def test_more_faulty_ranks_than_f():
         assert len(parse_faults(entries, 8, f=2, allow_exceeding_f=True)) == 3
 
 
+def test_a_fault_given_by_hosts_acts_on_that_worlds_ranks_on_them():
+    """``hosts`` follows the machine: the ranks on it in each world, none once it is gone, none before the
+    ranks met (``rank_hosts=[]``); f counts the resolved ranks; a caller that knows no hosts refuses it."""
+    entry = [{"kind": "reverse", "hosts": ["node2"]}]
+    (spec,) = parse_faults(entry, 4, f=2, rank_hosts=["node2", "node2", "node1", "node1"])
+    assert (spec.ranks, spec.hosts) == ([0, 1], ["node2"])
+    assert parse_faults(entry, 3, f=1, rank_hosts=["node1", "node1", "node3"])[0].ranks == []
+    assert parse_faults(entry, 4, f=1, rank_hosts=[])[0].ranks == []
+    with pytest.raises(ValueError, match=r"2 ranks Byzantine \[2, 3\].*f=1"):
+        parse_faults(entry, 4, f=1, rank_hosts=["node1", "node1", "node2", "node2"])
+    (alie,) = parse_faults([{"kind": "alie", "hosts": "node2"}], 4, rank_hosts=["a", "b", "c", "node2"])
+    assert alie.ranks == [3] and alie.params["z"] is not None
+    with pytest.raises(ValueError, match=r"faults\[0\].*needs fa-hvd-train.*give 'ranks' here"):
+        parse_faults(entry, 4)
+    with pytest.raises(ValueError, match=r"give 'ranks' or 'hosts', not both"):
+        parse_faults([{"kind": "reverse", "ranks": [0], "hosts": ["node2"]}], 4, rank_hosts=[])
+    for bad in ([], [""], ["a", "a"], [3]):
+        with pytest.raises(ValueError, match=r"'hosts'"):
+            parse_faults([{"kind": "reverse", "hosts": bad}], 4, rank_hosts=[])
+
+
 # -- environment ------------------------------------------------------------------------------
 
 

@@ -361,6 +361,7 @@ def test_under_elastic_the_evicted_host_is_excluded_and_training_goes_on(tmp_pat
     t.world = 3  # the world without 127.0.0.1 (as elastic.join opens it)
     monkeypatch.setattr(trust, "gather_identities", lambda transport, device=None: [
         _identity("box", r, "localhost") for r in range(3)])
+    t.meet()  # as elastic.join does in each new world
     t.open_trust()
     t.load_shared(commits[-1][1])
     assert t.train(control.StopSignals(), commit=commit) == trainer.EXIT_OK and len(commits) == 5

@@ -357,3 +357,26 @@ def test_train_deterministic_must_be_a_boolean(tmp_path):
 def test_more_replicas_than_ranks_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="robust.replicas: 2 needs at least as many ranks, got 1"):
         _trainer(tmp_path, robust={"exchange": "sharded", "replicas": 2})
+
+
+def test_a_fault_given_by_hosts_acts_once_the_ranks_met(tmp_path, monkeypatch):
+    """``faults: [{hosts: [node2]}]`` passes the config's checks, acts on no rank before the ranks met,
+    and on the ranks whose identity names node2 once start() gathered them (rank 3 here)."""
+    import argparse
+
+    from fa_hvd.train import trust
+
+    monkeypatch.setattr(trust, "gather_identities", lambda transport, device=None: [
+        {"host": "node2" if r == 3 else "node1", "local_rank": 0, "cuda_device": None, "gpu_uuid": None,
+         "slurm_node": None, "slurm_job": None, "launcher_host": None} for r in range(transport.size)])
+    conf, conf_data = train_config.parse(
+        {"seed": SEED, "data": {"name": "digits"}, "model": {"name": "mlp", "hidden": 16},
+         "robust": {"aggregator": "flag", "aggregator_params": {"f": 1}, "digest": False},
+         "faults": [{"kind": "reverse", "hosts": ["node2"]}]}, ("train.device=cpu",))
+    t = trainer.Trainer(conf, conf_data, tmp_path / "run", LoopbackTransport(4))
+    t.load_data()
+    t.check_world()
+    assert [s.ranks for s in t.specs] == [[]]
+    trainer.start(t, argparse.Namespace(resume="never", resume_reshard=False))
+    assert [(s.ranks, s.hosts) for s in t.specs] == [([3], ["node2"])]
+    assert t.injector.fires(0, 3, 0) and not t.injector.fires(0, 0, 0)

@@ -9,14 +9,14 @@ discovery script prints the hosts file (``FA_HVD_HOSTS_FILE``) the test edits: o
 survivors say so, a third host name with one slot is added, a new worker starts there and
 the run ends on 4 ranks. The crash is not repeated by the newcomer.
 
-The same job with ``robust.evict`` instead of the crash: the rank on 127.0.0.1 sends
--100 x its gradient, crosses the threshold, its launcher host goes into the exclusion file
-that the discovery script reads, Horovod drops that host and the run finishes on the 3
-ranks of localhost (when Horovod drops the host only after the last step, the run waits for it
-and ends on those 3 ranks).
+The same job with ``robust.evict`` instead of the crash, with rank 0 on 127.0.0.1: that rank
+sends -100 x its gradient (a fault given by host), crosses the threshold, its launcher host
+goes into the exclusion file that the discovery script reads, Horovod drops that host and the
+run finishes on the 3 ranks of localhost (when Horovod drops the host only after the last
+step, the run waits for it and ends on those 3 ranks).
 
 Horovod orders newly discovered hosts by iterating a Python set, so which host gets
-rank 0 depends on string hashing: the job runs with ``PYTHONHASHSEED=0`` and the test
+rank 0 depends on string hashing: the job runs with a fixed ``PYTHONHASHSEED`` and the test
 iterates the same set under the same seed to know where rank 0 goes.
 """
 
@@ -53,12 +53,17 @@ def first_host(env: dict) -> str:
                           check=True).stdout.strip()
 
 
-def start_job(tmp_path, steps: int, faults, **extra):
+def hash_seed_putting_first(host: str) -> str:
+    """A ``PYTHONHASHSEED`` under which Horovod's driver puts ``host`` first (so rank 0 is there)."""
+    return next(seed for seed in map(str, range(64)) if first_host(job_env({"PYTHONHASHSEED": seed})) == host)
+
+
+def start_job(tmp_path, steps: int, faults, hash_seed: str = "0", **extra):
     """``launch/elastic.sh 4 3 4`` on 3 slots of localhost and 1 of 127.0.0.1 (the hosts file
     ``tmp_path/hosts``), with the faults ``faults(r)`` for ``r`` the rank on 127.0.0.1. Returns the
     hosts file, the run directory, the process, a function giving its output so far, and ``r``."""
     hosts = tmp_path / "hosts"
-    env = job_env({"PYTHONHASHSEED": "0", "FA_HVD_HOSTS_FILE": str(hosts)})
+    env = job_env({"PYTHONHASHSEED": hash_seed, "FA_HVD_HOSTS_FILE": str(hosts)})
     env.pop("FA_HVD_EXCLUDE_FILE", None)
     lone = 3 if first_host(env) == "localhost" else 0  # the rank on 127.0.0.1, the 1-slot host
     config = write_config(
@@ -133,29 +138,36 @@ EVICT_STEPS = 100
 
 @pytest.mark.slow
 def test_eviction_drops_the_faulty_host_and_the_run_finishes_on_the_others(tmp_path):
-    """The bar's eviction under elastic: the rank on 127.0.0.1 sends -100 x its gradient; named over a
-    5-step window, its launcher host 127.0.0.1 goes into RUN_DIR/excluded_hosts (launch/elastic.sh points
-    FA_HVD_EXCLUDE_FILE there); the discovery script leaves it out, Horovod removes its worker and the run
-    finishes on localhost's 3 ranks (FA with f = 1 needs 3), still listing the evicted suspect."""
+    """The bar's eviction under elastic, on rank 0's host: the rank on 127.0.0.1 (rank 0, the one that
+    writes the run's outputs) sends -100 x its gradient, a fault given by host (``hosts: [127.0.0.1]``), so
+    it follows the machine and not the rank number. Named over a 5-step window, its launcher host goes into
+    RUN_DIR/excluded_hosts (launch/elastic.sh points FA_HVD_EXCLUDE_FILE there); the discovery script leaves
+    it out, Horovod removes its worker and the run finishes on localhost's 3 ranks (FA with f = 1 needs 3),
+    renumbered from 0 with the fault gone and a new rank 0 writing the outputs, still listing the evicted suspect."""
     _, run_dir, proc, text, faulty = start_job(
-        tmp_path, EVICT_STEPS, lambda lone: [{"kind": "reverse", "ranks": [lone]}],
+        tmp_path, EVICT_STEPS, lambda lone: [{"kind": "reverse", "hosts": ["127.0.0.1"]}],
+        hash_seed=hash_seed_putting_first("127.0.0.1"),
         robust={"aggregator": "flag", "aggregator_params": {"f": 1}, "evict": {"window": 5, "threshold": 0.2}},
         log={"suspects": {"window": 5, "min_alignment": None, "min_distance": None}})
-    assert faulty == 3  # rank 0 on localhost: a fault follows its rank number, and a new world renumbers ranks
+    assert faulty == 0
     out, summary, sizes = finish_job(proc, text, run_dir, EVICT_STEPS, 3)
+    assert "fault: reverse {'scale': 100.0} at steps [0, inf) with probability 1.0 on rank(s) [0] (the ranks on " \
+        "127.0.0.1)" in out, out[:6000]
+    # the new world's rank 0 (on localhost) opens the outputs again: the fault acts on none of its ranks
+    assert "on rank(s) [] (the ranks on 127.0.0.1)" in out, out[-6000:]
     assert (run_dir / "excluded_hosts").read_text() == "127.0.0.1\n"
     (evicted,) = summary["evicted"]
-    assert (evicted["rank"], evicted["host"]) == (3, "127.0.0.1") and evicted["step"] >= 5, evicted
+    assert (evicted["rank"], evicted["host"]) == (0, "127.0.0.1") and evicted["step"] >= 5, evicted
     events = summary["events"]
     (evict,) = [e for e in events if "evict:" in e]
-    assert evict.startswith(f"warning: evict: rank 3 on host {socket.gethostname()} (local rank 0)") and \
+    assert evict.startswith(f"warning: evict: rank 0 on host {socket.gethostname()} (local rank 0)") and \
         "127.0.0.1 excluded (listed in " in evict and "goes on with 3 ranks, f = 1" in evict, evict
     assert any("from 4 to 3 ranks" in e for e in events), events
-    assert f"evicted: rank 3 on host 127.0.0.1 at step {evicted['step']}" in out
+    assert f"evicted: rank 0 on host 127.0.0.1 at step {evicted['step']}" in out
     (suspect,) = summary["suspects"]  # named on 4 ranks, kept by the 3-rank world's ledger (which names no one)
     assert (suspect["rank"], suspect["launcher_host"], suspect["world_size"], suspect["evicted"]) == \
-        (3, "127.0.0.1", 4, evicted["step"]), suspect
-    assert f"suspects: rank 3 on host {socket.gethostname()} (local rank 0) (named at step {suspect['step']} on " \
+        (0, "127.0.0.1", 4, evicted["step"]), suspect
+    assert f"suspects: rank 0 on host {socket.gethostname()} (local rank 0) (named at step {suspect['step']} on " \
         f"4 ranks: " in out and f") [evicted at step {evicted['step']}]" in out, out[-3000:]
     # Horovod drops the host some seconds after the exclusion (5-18 s here, by load): during the run, or
     # after the last step, which the run then waits for (so the steps may all be on 4 ranks).

@@ -3,13 +3,16 @@
 One entry (YAML)::
 
     - kind: alie            # see fa_hvd.faults for every kind and its formula
-      ranks: [0, 1, 2]      # an int or a list of ints in [0, world_size)
+      ranks: [0, 1, 2]      # an int or a list of ints in [0, world_size); or instead
+      hosts: [gpu-07]       # every rank on these hosts (fa-hvd-train: as robust.evict names them)
       start_step: 0         # first optimizer step it is active (default 0)
       stop_step: null       # first step it is no longer active (exclusive; null = forever)
       probability: 1.0      # chance that it fires at an active step (seeded per rank and step)
       params: {z: 1.0}      # kind-specific, see PARAMS
 
-Data faults act on the whole run: they reject ``start_step``/``stop_step``,
+A fault on ``hosts`` follows the machine, not the rank number: in each world (elastic mode
+numbers its ranks anew) it acts on the ranks that world has on those hosts, none once they
+are gone. Data faults act on the whole run: they reject ``start_step``/``stop_step``,
 and their ``probability`` is the fraction of samples poisoned (seeded per sample).
 """
 
@@ -34,7 +37,7 @@ DATA_KINDS = ("labelflip", "lotka_volterra", "catmap")
 PROCESS_KINDS = ("crash", "hang", "slow")
 KINDS = GRADIENT_KINDS + DATA_KINDS + PROCESS_KINDS + ROLE_KINDS
 
-_ENTRY_KEYS = ("kind", "ranks", "start_step", "stop_step", "probability", "params")
+_ENTRY_KEYS = ("kind", "ranks", "hosts", "start_step", "stop_step", "probability", "params")
 _REQUIRED = object()
 
 
@@ -110,6 +113,7 @@ class FaultSpec:
     stop_step: int | None = None
     probability: float = 1.0
     params: dict = dataclasses.field(default_factory=dict)
+    hosts: list[str] | None = None  # given as hosts: ``ranks`` are this world's ranks on them
 
     @property
     def category(self) -> str:
@@ -134,25 +138,27 @@ class FaultSpec:
 
 
 def parse_faults(entries, world_size: int, f: int | None = None,
-                 allow_exceeding_f: bool = False) -> list[FaultSpec]:
+                 allow_exceeding_f: bool = False, rank_hosts: list[str] | None = None) -> list[FaultSpec]:
     """Validate the raw ``faults`` list and return specs with every default filled in.
 
     Raises ``ValueError`` naming the entry at fault. ALIE's ``z`` and mimic's
     ``target`` are resolved here (they depend on the world). More distinct ranks
     with gradient, data or role faults than ``f`` is an error, or a warning with
-    ``allow_exceeding_f``.
+    ``allow_exceeding_f``. ``rank_hosts[r]`` is rank ``r``'s host, for the entries
+    given by ``hosts`` (``[]`` before the ranks met: they are checked and act on no rank);
+    ``None`` (a caller that does not know the hosts) refuses such entries.
     """
     if entries is None:
         return []
     if not isinstance(entries, list):
         raise ValueError(f"faults must be a list of mappings, got {type(entries).__name__}")
-    specs = [_parse_entry(i, entry, world_size) for i, entry in enumerate(entries)]
+    specs = [_parse_entry(i, entry, world_size, rank_hosts) for i, entry in enumerate(entries)]
     specs = [_resolve(i, spec, specs, world_size) for i, spec in enumerate(specs)]
     _check_f(specs, f, allow_exceeding_f)
     return specs
 
 
-def _parse_entry(i: int, entry, world_size: int) -> FaultSpec:
+def _parse_entry(i: int, entry, world_size: int, rank_hosts: list[str] | None) -> FaultSpec:
     where = f"faults[{i}]"
     if not isinstance(entry, dict):
         raise ValueError(f"{where}: must be a mapping with a 'kind', got {entry!r}")
@@ -163,9 +169,20 @@ def _parse_entry(i: int, entry, world_size: int) -> FaultSpec:
     unknown = sorted(set(entry) - set(_ENTRY_KEYS), key=str)
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {', '.join(_ENTRY_KEYS)}")
+    hosts = None
+    if "hosts" in entry:
+        if "ranks" in entry:
+            raise ValueError(f"{where}: give 'ranks' or 'hosts', not both")
+        if rank_hosts is None:
+            raise ValueError(f"{where}: 'hosts' needs fa-hvd-train, which knows every rank's host; give 'ranks' here")
+        hosts = _parse_hosts(where, entry["hosts"])
+        ranks = [r for r, host in enumerate(rank_hosts) if host in hosts]
+    else:
+        ranks = _parse_ranks(where, entry.get("ranks"), world_size)
     spec = FaultSpec(
         kind=kind,
-        ranks=_parse_ranks(where, entry.get("ranks"), world_size),
+        ranks=ranks,
+        hosts=hosts,
         start_step=entry.get("start_step", 0),
         stop_step=entry.get("stop_step"),
         probability=entry.get("probability", 1.0),
@@ -185,6 +202,15 @@ def _parse_ranks(where: str, ranks, world_size: int) -> list[int]:
     if len(set(ranks)) != len(ranks):
         raise ValueError(f"{where}: 'ranks' lists a rank twice: {ranks}")
     return sorted(ranks)
+
+
+def _parse_hosts(where: str, hosts) -> list[str]:
+    hosts = [hosts] if isinstance(hosts, str) else hosts
+    if not isinstance(hosts, list) or not hosts or not all(isinstance(h, str) and h for h in hosts):
+        raise ValueError(f"{where}: 'hosts' must be a host name or a non-empty list of host names, got {hosts!r}")
+    if len(set(hosts)) != len(hosts):
+        raise ValueError(f"{where}: 'hosts' lists a host twice: {hosts}")
+    return hosts
 
 
 def _parse_params(where: str, kind: str, params) -> dict:
@@ -222,7 +248,7 @@ def _check_schedule(where: str, spec: FaultSpec) -> None:
 
 def _resolve(i: int, spec: FaultSpec, specs: list[FaultSpec], world_size: int) -> FaultSpec:
     """Fill in what depends on the world: ALIE's z, mimic's target, the tailored search's ``f`` and ``count``."""
-    if not spec.omniscient:
+    if not spec.omniscient or not spec.ranks:
         return spec
     where = f"faults[{i}] (kind {spec.kind!r})"
     faulty = {r for s in specs if s.category == "gradient" for r in s.ranks}

@@ -324,7 +324,7 @@ class RunConfig:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 parse_faults(self.faults, _world_for_checks(self.faults), f=self.robust.f,
-                             allow_exceeding_f=self.robust.allow_exceeding_f)
+                             allow_exceeding_f=self.robust.allow_exceeding_f, rank_hosts=[])
         except ValueError as exc:
             message = str(exc).replace("set allow_exceeding_f (FA_HVD_ALLOW_EXCEEDING_F=1)",
                                        "set robust.allow_exceeding_f")

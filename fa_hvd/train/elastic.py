@@ -119,6 +119,7 @@ class ElasticState(State):
 
 def join(trainer: Trainer) -> None:
     """Re-check the rule for this world; rebuild this rank's shard, stream and faults."""
+    trainer.meet()
     try:
         trainer.check_world()
     except ValueError as exc:

@@ -125,6 +125,7 @@ class Trainer:
         self.log = None
         self.progress = None
         self.board = None
+        self.identities: list[dict] | None = None  # every rank's of this world, once the ranks met (meet())
         self.trust: trust.TrustLedger | None = None
         self.evictor: trust.TrustLedger | None = None  # robust.evict's thresholds over the same diagnostics
         self.trust_state: dict | None = None  # a checkpoint's, for the ledger of a world of its size
@@ -168,11 +169,20 @@ class Trainer:
             verify=conf.data.verify, image_size=conf.data.image_size, synthetic=conf.data.synthetic)
         self.train_labels = self.split.labels()
 
+    def meet(self) -> None:
+        """Every rank's identity in this world (collective): the trust ledger's, and the hosts that
+        faults given by ``hosts`` act on. Before :meth:`check_world`, in every new world."""
+        self.identities = trust.gather_identities(self.transport, self.device)
+
+    def rank_hosts(self) -> list[str]:
+        """Each rank's host as ``robust.evict`` names it ([] before :meth:`meet`)."""
+        return [trust.node(identity, self.conf.elastic.enabled) for identity in self.identities or []]
+
     def check_world(self) -> None:
         """Every check that needs the world size, local to this rank (``ValueError`` on failure)."""
         conf = self.conf
         self.specs = parse_faults(self.fault_entries(), self.world, f=conf.robust.f,
-                                  allow_exceeding_f=conf.robust.allow_exceeding_f)
+                                  allow_exceeding_f=conf.robust.allow_exceeding_f, rank_hosts=self.rank_hosts())
         aggregator = get_aggregator(conf.robust.aggregator, **conf.robust.aggregator_params)
         aggregator.check(self.world)
         if conf.robust.replicas > self.world:
@@ -236,7 +246,9 @@ class Trainer:
         """A fresh trust ledger for this world, with every rank's identity (collective): a checkpoint's or
         commit's from a world of this size goes on; from another, only its suspects are kept."""
         s = self.conf.log.suspects
-        identities = trust.gather_identities(self.transport, self.device)
+        if self.identities is None:
+            self.meet()
+        identities = self.identities
         thresholds = s.thresholds(self.conf.robust.aggregator)
         self.trust = trust.TrustLedger(self.world, thresholds, identities)
         evict = self.conf.robust.evict
@@ -515,7 +527,8 @@ class Trainer:
         say(self.describe())
         say("resolved config:\n  " + yaml.safe_dump(self.conf_data, sort_keys=False).rstrip().replace("\n", "\n  "))
         for spec in self.specs:
-            say(f"fault: {spec.describe()} on rank(s) {spec.ranks}")
+            hosts = f" (the ranks on {', '.join(spec.hosts)})" if spec.hosts else ""
+            say(f"fault: {spec.describe()} on rank(s) {spec.ranks}{hosts}")
         self.board = tensorboard.open_board(self.conf.log.tensorboard, say)
 
     def compatible(self, reshard: bool):
@@ -747,6 +760,12 @@ def agree_on_errors(transport, error: str | None) -> None:
 
 def start(trainer: Trainer, args) -> list[str]:
     """Build the world's components and load the checkpoint (collective). Returns notes for the user."""
+    trainer.meet()
+    if any("hosts" in entry for entry in trainer.conf.faults):
+        try:  # now that the hosts are known; every rank alike (the same identities)
+            trainer.check_world()
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     trainer.build()
     trainer.transport.start_roll_call()
     state, notes = resume.choose(trainer.transport, trainer.run_dir, args.resume,
