@@ -23,9 +23,10 @@ A cell's run is ``trainer`` with the cell's ``seed``, ``data.alpha``, ``robust.a
 ``f`` faulty ranks (the last ``f`` ranks, or the first with ``faulty: first``). Cells
 are ordered seed-major (seed, split, workers, fault, rule), so a partial run already
 holds whole grids of the first seeds; ``--cell INDEX`` follows this order. A cell's
-``key`` names it (``iid/p15f3/flag/alie-nf/s0``); its ``digest`` hashes everything
-that determines its result (the run's config, the engine, and the source of the rule's
-modules), so a cell whose definition or whose rule's code changed is run again.
+``key`` names it (``iid/p15f3/flag/alie-nf/s0``); its ``digest`` hashes the run's config,
+the engine and the source of the rule's own modules, so a cell whose definition or whose
+rule's code changed is run again (not one whose shared code changed: the Gram, the faults,
+the trainer's components).
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ class Cell:
         return conf
 
     def digest(self, engine: str) -> str:
-        """A hash of everything that determines this cell's result under ``engine``."""
+        """A hash of this cell's config, ``engine`` and its rule's own source (module docstring: not the shared code)."""
         content = {"engine": engine, "p": self.p, "config": self.run_config(), "code": rule_code(self.aggregator)}
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
