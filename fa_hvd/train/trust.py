@@ -102,6 +102,8 @@ class Thresholds:
     min_alignment: float | None = -0.45  # on the alignment gap (window mean minus the median rank's); None: not judged
     min_distance: float | None = 0.03  # window mean distance to the others' aggregate below this; None: not judged
     max_distance: float | None = 46.72  # or above this; None: not judged
+    max_closest: float | None = None  # the closest rank to the others' aggregate in more of the window's steps
+    min_twin: float | None = None  # window mean gap to the nearest other rank's place below this; None: not judged
 
     def check(self, where: str) -> None:
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
@@ -116,6 +118,10 @@ class Thresholds:
             raise ValueError(f"{where}.min_distance: must be in [0, 1) or null, got {self.min_distance!r}")
         if self.max_distance is not None and not self.max_distance > 1:
             raise ValueError(f"{where}.max_distance: must be > 1 or null, got {self.max_distance!r}")
+        if self.max_closest is not None and not 0 < self.max_closest < 1:
+            raise ValueError(f"{where}.max_closest: must be in (0, 1) or null, got {self.max_closest!r}")
+        if self.min_twin is not None and not self.min_twin > 0:
+            raise ValueError(f"{where}.min_twin: must be > 0 or null, got {self.min_twin!r}")
 
 
 DEFAULTS: dict[str, Thresholds] = {
@@ -207,7 +213,8 @@ class _Ranges:
         self.count += 1
 
 
-SIGNALS = ("alignment", "distance")  # per-rank figures beside the weights (None where a step has none)
+TIE = 1e-9  # relative: distances this close to the least are ties (the same row, up to rounding)
+SIGNALS = ("alignment", "distance", "closest", "twin")  # per-rank figures beside the weights (None: a step has none)
 
 
 def _signal(p: int, diagnostics: dict, key: str) -> list | None:
@@ -220,20 +227,52 @@ def _signal(p: int, diagnostics: dict, key: str) -> list | None:
 def loo_distances(p: int, diagnostics: dict) -> list | None:
     """Each row's squared distance to the aggregate of the *others*, relative to the median row's (see the
     module docstring): ``d_i / (1 - s_i)^2`` over its median, from the reported ``distance`` ``d`` and the
-    shares ``s_i = c_i / sum_j c_j``. None where the step reported no distances or weights; None for a row
-    with no distance or a share of 1 or more (no others to compare with); all None for a zero median."""
-    distance, weights = _signal(p, diagnostics, "distance"), diagnostics.get("weights")
-    if distance is None or weights is None or len(weights) != p:
+    shares ``s_i = c_i / sum_j c_j`` (:func:`relative_weights` over ``p``). None where the step reported no
+    distances or weights; None for a row with no distance or a share of 1 or more (no others to compare
+    with); all None for a zero median."""
+    distance, weights = _signal(p, diagnostics, "distance"), relative_weights(p, diagnostics)
+    if distance is None or weights is None:
         return None
-    total = math.fsum(weights)
-    if not math.isfinite(total) or total <= 0:
-        return None
-    raw = [d / (1 - w / total) ** 2 if d is not None and w / total < 1 else None for d, w in zip(distance, weights)]
+    raw = [d / (1 - w / p) ** 2 if d is not None and w / p < 1 else None for d, w in zip(distance, weights)]
     known = [v for v in raw if v is not None]
     middle = statistics.median(known) if known else 0.0
     if not middle > 0 or not math.isfinite(middle):
         return [None] * p
     return [v / middle if v is not None else None for v in raw]
+
+
+def closest(distances: list | None) -> list | None:
+    """1.0 for the rank(s) whose distance to the others' aggregate (:func:`loo_distances`) is the smallest at this
+    step (every rank within :data:`TIE` of it: identical rows tie up to rounding), 0.0 for the others, None for a
+    rank without one. Its window mean is the share of steps at which the rank was the one closest to the others: about
+    1/p for exchangeable honest ranks, whose batch noise moves them about, and near 1 for a row computed from
+    the others' statistics (ALIE's ``mu - z sigma``, at ``z = 0`` the honest mean itself), whatever the split
+    makes of the distance's scale."""
+    if distances is None:
+        return None
+    known = [v for v in distances if v is not None]
+    if not known:
+        return None
+    least = min(known) * (1 + TIE)
+    return [None if v is None else float(v <= least) for v in distances]
+
+
+def twins(p: int, diagnostics: dict) -> list | None:
+    """Per rank, how near its place against the aggregate comes to another rank's: ``min_j |d_i - d_j| +
+    |alignment_i - alignment_j|`` over the ranks with both figures (``d``: the reported distance to the aggregate,
+    relative to the median's). Identical rows (colluding ALIE or IPM rows, computed from the same statistics; or
+    two ranks fed the same batches) get identical figures from any rule that treats rows alike, so 0 at every
+    step; honest rows, each with its own batch noise, keep apart. None where the step reported no distance or
+    alignment; None for a rank without both or without another to compare with. O(p^2)."""
+    distance, alignment = _signal(p, diagnostics, "distance"), _signal(p, diagnostics, "alignment")
+    if distance is None or alignment is None:
+        return None
+    known = [i for i in range(p) if distance[i] is not None and alignment[i] is not None]
+    out = [None] * p
+    for i in known:
+        gaps = [abs(distance[i] - distance[j]) + abs(alignment[i] - alignment[j]) for j in known if j != i]
+        out[i] = min(gaps) if gaps else None
+    return out
 
 
 class _Mean:
@@ -295,7 +334,8 @@ class TrustLedger:
         """Account for ``step``'s diagnostics; returns the suspects named at this step."""
         p = self.p
         weights = relative_weights(p, diagnostics)
-        signals = [_signal(p, diagnostics, "alignment"), loo_distances(p, diagnostics)]
+        distances = loo_distances(p, diagnostics)
+        signals = [_signal(p, diagnostics, "alignment"), distances, closest(distances), twins(p, diagnostics)]
         nonfinite = {r for r in diagnostics.get("nonfinite", ()) if 0 <= r < p}
         dropped = {r for r in diagnostics.get("dropped", ()) if 0 <= r < p} | nonfinite
         self.steps += 1
@@ -378,13 +418,21 @@ class TrustLedger:
         if distance is not None and t.max_distance is not None and distance > t.max_distance:
             reasons.append(f"mean relative distance to the others' aggregate {distance:.3f} > {t.max_distance} "
                            f"over the last {t.window} steps (farther than honest ranks sit)")
+        closest_share, twin = row["closest"], row["twin"]
+        if closest_share is not None and t.max_closest is not None and closest_share > t.max_closest:
+            reasons.append(f"the rank closest to the others' aggregate at {closest_share:.0%} > {t.max_closest:.0%} "
+                           f"of the last {t.window} steps (honest batch noise moves the closest rank about)")
+        if twin is not None and t.min_twin is not None and twin < t.min_twin:
+            reasons.append(f"mean gap to the nearest other rank's place {twin:.4f} < {t.min_twin} over the last "
+                           f"{t.window} steps (a copy of another rank's row)")
         if nonfinite > t.max_nonfinite:
             reasons.append(f"non-finite in {nonfinite:.0%} > {t.max_nonfinite:.0%} of the last {t.window} steps")
         if not reasons:
             return None
         return {"reason": "; ".join(reasons), "window": t.window, "window_weight": weight,
                 "window_alignment": row["alignment"], "window_alignment_gap": gap, "window_distance": distance,
-                "window_nonfinite": nonfinite, "dropped_steps": self._dropped[r].count,
+                "window_closest": closest_share, "window_twin": twin, "window_nonfinite": nonfinite,
+                "dropped_steps": self._dropped[r].count,
                 "nonfinite_steps": self._nonfinite[r].count}
 
     def run_weight(self, r: int) -> float | None:
@@ -409,9 +457,10 @@ class TrustLedger:
         """What a checkpoint keeps, so that a resumed run goes on with the same figures and names no one twice.
 
         Version 2 adds the signals: each window entry ``[weights, nonfinite, alignment, distance]`` and
-        ``run_signals``; a version-1 state (entries ``[weights, nonfinite]``) loads with no signal figures.
+        ``run_signals``; version 3 appends ``closest`` and ``twin`` (:data:`SIGNALS`) to each. An earlier state
+        loads with no figures for the signals it lacks.
         ``earlier`` (:meth:`carry`) may be absent: none."""
-        return {"version": 2, "p": self.p, "steps": self.steps, "weight_sum": list(self._weight_sum),
+        return {"version": 3, "p": self.p, "steps": self.steps, "weight_sum": list(self._weight_sum),
                 "weight_steps": self._weight_steps,
                 "run_signals": {key: [m.sums, m.counts] for key, m in self._run.items()},
                 "window": [[w, sorted(bad), *signals] for w, bad, *signals in self._window],
@@ -422,14 +471,13 @@ class TrustLedger:
         if state["p"] != self.p:
             raise ValueError(f"trust state of {state['p']} ranks, this world has {self.p}")
         version = state.get("version", 1)
-        if version not in (1, 2):
-            raise ValueError(f"trust state version {version!r}: this fa_hvd reads versions 1 and 2")
+        if version not in (1, 2, 3):
+            raise ValueError(f"trust state version {version!r}: this fa_hvd reads versions 1 to 3")
         self.steps, self._weight_steps = int(state["steps"]), int(state["weight_steps"])
         self._weight_sum = [float(w) for w in state["weight_sum"]]
         run = state.get("run_signals", {})
         self._run = {key: _Mean(self.p, *run[key]) if key in run else _Mean(self.p) for key in SIGNALS}
-        empty = [None] * len(SIGNALS)
-        self._window = deque((w, frozenset(bad), *(signals or empty))
+        self._window = deque((w, frozenset(bad), *signals, *[None] * (len(SIGNALS) - len(signals)))
                              for w, bad, *signals in state["window"][-self.thresholds.window:])
         self._window_sums()
         self._dropped = [_Ranges(r) for r in state["dropped"]]
