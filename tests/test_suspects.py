@@ -765,11 +765,11 @@ def test_thresholds_are_calibrated_beyond_the_honest_ranks_extremes():
     assert out["min_alignment"] == pytest.approx((-0.2, -0.3))
     assert out["min_distance"] == pytest.approx((0.44, 0.29))  # 0.2933 rounded outward (down)
     assert out["max_distance"] == pytest.approx((2.41, 3.62))  # 3.615 rounded outward (up)
-    assert out["max_closest"] == pytest.approx((0.41, 0.62))  # 0.615 rounded outward (up)
+    assert out["max_closest"] == pytest.approx((0.41, 0.61))  # 1 - 0.59 / 1.5 = 0.6067 rounded outward (up)
     assert out["min_twin"] == pytest.approx((0.3, 0.2))
     assert "max_nonfinite" not in out
-    records["closest"][2] = [[100, 0.7]]  # 1.05 times 1.5: a share of 1 or more names no one, so it is not judged
-    assert suspects.calibrate(cells, margin=1.5)["max_closest"] == (0.7, None)
+    records["closest"][2] = [[100, 1.0]]  # an honest rank closest at every step: the share names no one
+    assert suspects.calibrate(cells, margin=1.5)["max_closest"] == (1.0, None)
 
 
 def test_each_threshold_defaults_to_the_rules_own_and_a_set_one_wins(monkeypatch):

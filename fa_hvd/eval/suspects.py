@@ -112,8 +112,10 @@ def honest(cell: dict) -> list[int]:
 def calibrate(cells: list[dict], margin: float) -> dict:
     """Thresholds from the honest ranks' most suspect window figures over ``cells`` (no-attack cells),
     ``margin`` beyond them and rounded outward to two decimals: the lowest weight, distance and twin gap divided
-    by it, the lowest alignment gap, the highest distance and the highest closest share times it (a share of 1 or
-    more: None, not judged; the non-finite fraction is kept: no honest row is ever non-finite). Per threshold:
+    by it, the lowest alignment gap and the highest distance times it; the highest closest share, a share of the
+    window's steps bounded by 1, as ``1 - (1 - share) / margin`` (its complement, the steps at which the honest
+    rank was not the closest, divided by the margin, as the figures that fall towards 0 are; an honest share of
+    1: None, not judged). The non-finite fraction is kept: no honest row is ever non-finite. Per threshold:
     ``(honest extreme, threshold)``."""
     out = {}
     for key, (_, name, sign) in FIGURES.items():
@@ -121,9 +123,12 @@ def calibrate(cells: list[dict], margin: float) -> dict:
         if name in (None, "max_nonfinite") or not values:
             continue
         most = min(values) if sign < 0 else max(values)
-        beyond = most * margin if key in ("alignment_gap", "distance_far", "closest") else most / margin
+        if key == "closest":  # a share, at most 1: the margin shrinks its complement (the steps it was not closest)
+            beyond = 1 - (1 - most) / margin
+        else:
+            beyond = most * margin if key in ("alignment_gap", "distance_far") else most / margin
         threshold = (math.floor if sign < 0 else math.ceil)(round(beyond * 100, 6)) / 100
-        out[name] = (most, None if key == "closest" and threshold >= 1 else threshold)  # a share: 1 names no one
+        out[name] = (most, None if key == "closest" and threshold >= 1 else threshold)  # a share of 1 names no one
     return out
 
 

@@ -94,7 +94,8 @@ class Thresholds:
     """When a rank becomes a suspect (see the module docstring); measured on 100-step windows. These class
     defaults are for a rule that was not measured: each the loosest of the measured rules' (:data:`DEFAULTS`),
     so such a rule names few honest ranks and misses more (no weight threshold at all: Multi-Krum's honest
-    ranks reach a window weight of 0)."""
+    ranks reach a window weight of 0); the closest share and the twin gap are not judged for it (how its
+    weights place the aggregate decides both: Krum puts all of it on one row)."""
 
     window: int = 100
     min_weight: float = 0.0
@@ -125,16 +126,20 @@ class Thresholds:
 
 
 DEFAULTS: dict[str, Thresholds] = {
-    "flag": Thresholds(min_weight=0.44, min_alignment=-0.45, min_distance=0.1, max_distance=10.74),
-    "geomed": Thresholds(min_weight=0.16, min_alignment=-0.38, min_distance=0.03, max_distance=13.26),
-    "multikrum": Thresholds(min_weight=0.0, min_alignment=-0.34, min_distance=0.1, max_distance=46.72),
+    "flag": Thresholds(min_weight=0.44, min_alignment=-0.45, min_distance=0.1, max_distance=10.74, max_closest=0.86,
+                       min_twin=0.12),
+    "geomed": Thresholds(min_weight=0.16, min_alignment=-0.38, min_distance=0.03, max_distance=13.26,
+                         max_closest=0.96, min_twin=0.13),
+    "multikrum": Thresholds(min_weight=0.0, min_alignment=-0.34, min_distance=0.1, max_distance=46.72,
+                            max_closest=0.8, min_twin=0.12),
 }
 """Each measured rule's thresholds (its weights, and so its honest ranks' figures, have their own spread):
 1.5x beyond the most suspect window figure of its honest ranks in 110 held-in no-attack cells (seeds 0 to 4;
 p/f = 4/1 (not Multi-Krum), 7/2, 8/1, 15/3; IID and Dirichlet(0.5)), rounded outward
 (:func:`fa_hvd.eval.suspects.calibrate`; ``docs/results/suspects/``): honest extremes, weight / gap / distance
-low / high, FA 0.661 / -0.300 / 0.163 / 7.16, geomed 0.248 / -0.253 / 0.048 / 8.84, Multi-Krum 0.000 /
--0.220 / 0.162 / 31.1. Measured with each rule's default parameters."""
+low / high / closest share / twin gap, FA 0.661 / -0.300 / 0.163 / 7.16 / 0.78 / 0.184, geomed 0.248 / -0.253 /
+0.048 / 8.84 / 0.93 / 0.196, Multi-Krum 0.000 / -0.220 / 0.162 / 31.1 / 0.70 / 0.195. Measured with each rule's
+default parameters."""
 
 
 def defaults(rule: str | None) -> Thresholds:
