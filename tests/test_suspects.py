@@ -782,3 +782,10 @@ def test_each_threshold_defaults_to_the_rules_own_and_a_set_one_wins(monkeypatch
     assert conf.log.suspects.thresholds("median") == trust.Thresholds(window=50, min_distance=None)
     with pytest.raises(train_config.cfg.ConfigError, match="log.suspects.max_distance"):
         train_config.parse({"log": {"suspects": {"max_distance": "auto"}}})
+    # every threshold of trust.Thresholds is a config key: the closest share and the twin gap as well
+    conf, _ = train_config.parse({"log": {"suspects": {"max_closest": None, "min_twin": 0.05}}})
+    chosen = conf.log.suspects.thresholds("geomed")
+    assert (chosen.max_closest, chosen.min_twin, chosen.min_weight) == (None, 0.05, trust.DEFAULTS["geomed"].min_weight)
+    assert train_config.parse({})[0].log.suspects.thresholds("flag") == trust.DEFAULTS["flag"]
+    with pytest.raises(train_config.cfg.ConfigError, match="log.suspects.max_closest"):
+        train_config.parse({"log": {"suspects": {"max_closest": 1.0}}})
