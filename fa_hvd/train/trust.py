@@ -73,7 +73,8 @@ IID and Dirichlet(0.5), with a margin fixed in advance (``docs/results/suspects/
 :mod:`fa_hvd.eval.suspects`, which measures them on held-out seeds, on the attacks and on
 Dirichlet(0.1)). In non-IID an honest rank of an unusual shard sits far from the others (Dirichlet(0.5):
 up to 31x the median rank's distance under Multi-Krum) and close to or against the aggregate, so the
-thresholds lie wide and some attacks inside that range are missed (label flip, sign flip, ALIE).
+thresholds lie wide and some attacks inside that range are missed (sign flip in non-IID, some label flips;
+ALIE is caught by the closest share).
 
 Every rank computes the same aggregate from the same rows, so every rank's
 diagnostics, and so its ledger, are the same; in the sharded exchange they are
