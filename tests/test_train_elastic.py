@@ -140,7 +140,8 @@ def test_eviction_drops_the_faulty_host_and_the_run_finishes_on_the_others(tmp_p
     _, run_dir, proc, text, faulty = start_job(
         tmp_path, EVICT_STEPS, lambda lone: [{"kind": "reverse", "ranks": [lone]}],
         robust={"aggregator": "flag", "aggregator_params": {"f": 1}, "evict": {"window": 5, "threshold": 0.2}},
-        log={"suspects": {"window": 5, "min_alignment": None, "min_distance": None}})
+        log={"suspects": {"window": 5, "min_alignment": None, "min_distance": None, "max_closest": None,
+                          "min_twin": None}})
     assert faulty == 3  # rank 0 on localhost: a fault follows its rank number, and a new world renumbers ranks
     out, summary, sizes = finish_job(proc, text, run_dir, EVICT_STEPS, 3)
     assert (run_dir / "excluded_hosts").read_text() == "127.0.0.1\n"
