@@ -284,15 +284,20 @@ def twins(p: int, diagnostics: dict) -> list | None:
     relative to the median's). Identical rows (colluding ALIE or IPM rows, computed from the same statistics; or
     two ranks fed the same batches) get identical figures from any rule that treats rows alike, so 0 at every
     step; honest rows, each with its own batch noise, keep apart. None where the step reported no distance or
-    alignment; None for a rank without both or without another to compare with. O(p^2)."""
+    alignment; None for a rank without both or without another to compare with. O(p^2), in one tensor."""
     distance, alignment = _signal(p, diagnostics, "distance"), _signal(p, diagnostics, "alignment")
     if distance is None or alignment is None:
         return None
     known = [i for i in range(p) if distance[i] is not None and alignment[i] is not None]
     out = [None] * p
-    for i in known:
-        gaps = [abs(distance[i] - distance[j]) + abs(alignment[i] - alignment[j]) for j in known if j != i]
-        out[i] = min(gaps) if gaps else None
+    if len(known) < 2:
+        return out
+    d = torch.tensor([distance[i] for i in known], dtype=torch.float64)
+    a = torch.tensor([alignment[i] for i in known], dtype=torch.float64)
+    gaps = (d[:, None] - d[None, :]).abs() + (a[:, None] - a[None, :]).abs()
+    gaps.fill_diagonal_(math.inf)
+    for i, gap in zip(known, gaps.min(dim=1).values.tolist()):
+        out[i] = gap
     return out
 
 
