@@ -604,8 +604,13 @@ def test_the_signals_survive_a_checkpoint_and_an_old_state_still_loads():
     legacy.load_state_dict(old)
     ranks = legacy.summary()["ranks"]
     assert ranks[3]["window_alignment"] is None and ranks[3]["window_weight"] == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="trust state version 3"):
-        legacy.load_state_dict({**old, "version": 3})
+    with pytest.raises(ValueError, match="trust state version 4"):
+        legacy.load_state_dict({**old, "version": 4})
+    two = {**ledger.state_dict(), "version": 2, "window": [e[:4] for e in ledger.state_dict()["window"]]}
+    before = trust.TrustLedger(4, trust.Thresholds(window=3))  # a version-2 state: no closest share, no twin gap
+    before.load_state_dict(two)
+    assert before.window_table()[3]["alignment"] == pytest.approx(-1.1)
+    assert before.window_table()[3]["closest"] is None and before.window_table()[3]["twin"] is None
 
 
 def test_the_alignment_is_judged_against_the_median_rank():
@@ -623,6 +628,55 @@ def test_the_alignment_is_judged_against_the_median_rank():
     assert named["window_alignment_gap"] == pytest.approx(-0.9 - -0.35)
     assert "0.550 below the median rank's" in named["reason"]
     assert ledger.summary()["ranks"][4]["window_alignment_gap"] == pytest.approx(-0.55)
+
+
+def test_the_closest_rank_counts_every_tie_and_skips_missing_figures():
+    assert trust.closest([1.2, 0.3, 0.9, 0.3 * (1 + 1e-12)]) == [0.0, 1.0, 0.0, 1.0]
+    assert trust.closest([1.2, 0.3, 0.9, 0.3 * (1 + 1e-6)]) == [0.0, 1.0, 0.0, 0.0]
+    assert trust.closest([None, 0.5, 0.7]) == [None, 1.0, 0.0]
+    assert trust.closest(None) is None and trust.closest([None, None]) is None
+
+
+def test_a_rank_that_is_always_the_closest_is_named_and_a_rotating_one_is_not():
+    """ALIE at ``z = 0`` (the honest mean) sits nearer the others' aggregate than any honest row at every step;
+    honest rows take turns (batch noise). The share is judged whatever the distances' scale: rank 3's distance
+    (0.45 of the median rank's) is not below ``min_distance``."""
+    thresholds = trust.Thresholds(window=6, min_alignment=None, min_distance=0.1, max_distance=None, max_closest=0.7)
+    ledger = trust.TrustLedger(4, thresholds)
+    named = []
+    for step in range(1, 13):
+        honest = [1.0, 1.5, 2.0]
+        if step <= 6:
+            honest[step % 3] = 0.4  # the honest ranks take turns as the closest: 2 steps of 6 each
+        named += ledger.observe(step, _signals([0.0] * 4, honest + [0.5 if step <= 6 else 0.45]))
+    # rank 3 is the closest from step 7 on: 5 of the 6 window steps at step 11
+    assert [(s["rank"], s["step"]) for s in named] == [(3, 11)]
+    assert named[0]["window_closest"] == pytest.approx(5 / 6) and "honest batch noise" in named[0]["reason"]
+    off = trust.TrustLedger(4, trust.Thresholds(window=6, min_alignment=None, min_distance=0.1, max_distance=None))
+    assert [off.observe(step, _signals([0.0] * 4, [1.0, 1.5, 2.0, 0.45])) for step in range(1, 13)] == [[]] * 12
+
+
+def test_identical_rows_are_twins_and_distinct_rows_are_not():
+    """Two colluding rows computed from the same statistics are the same row: the rule gives them the same
+    distance and alignment at every step (gap 0); honest rows with their own batch noise keep apart."""
+    from fa_hvd.aggregators.base import describe, Rows
+
+    g = torch.Generator().manual_seed(3)
+    thresholds = trust.Thresholds(window=3, min_alignment=None, min_distance=None, max_distance=None, min_twin=0.01)
+    ledger = trust.TrustLedger(6, thresholds)
+    named = []
+    for step in range(1, 5):
+        G = torch.randn(6, 30, generator=g, dtype=torch.float64)
+        G[5] = G[4] = G[:4].mean(0) - 0.3 * G[:4].std(0)  # ALIE's mu - z sigma, sent by ranks 4 and 5
+        diagnostics = describe(6, Rows(None, 0), torch.full((6,), 1 / 6, dtype=torch.float64), G @ G.T)
+        gaps = trust.twins(6, diagnostics)
+        assert max(gaps[4:]) < 1e-9 and min(gaps[:4]) > 0.01
+        named += ledger.observe(step, diagnostics)
+    assert sorted((s["rank"], s["step"]) for s in named) == [(4, 3), (5, 3)]
+    assert named[0]["window_twin"] < 1e-9 and "a copy of another rank's row" in named[0]["reason"]
+    assert trust.twins(3, {"distance": [1.0, 0.5, 0.7], "alignment": [0.1, None, 0.3]}) == [pytest.approx(0.5), None,
+                                                                                           pytest.approx(0.5)]
+    assert trust.twins(3, {"distance": [1.0, 0.5, 0.7]}) is None
 
 
 def _swept_cell(fault, byzantine, records, seed=0, p=2):
@@ -703,14 +757,20 @@ def test_thresholds_are_calibrated_beyond_the_honest_ranks_extremes():
     records = {"weight": [[[100, 0.9], [120, 0.6]], [[100, 0.01]], [[100, 0.8]]],
                "alignment_gap": [[[100, -0.1]], [[100, -2.0]], [[100, -0.2]]],
                "distance": [[[100, 0.9]], [[100, 0.001]], [[100, 0.44]]],
-               "distance_far": [[[100, 1.1], [130, 2.41]], [[100, 900.0]], [[100, 1.3]]]}
+               "distance_far": [[[100, 1.1], [130, 2.41]], [[100, 900.0]], [[100, 1.3]]],
+               "closest": [[[100, 0.2], [110, 0.41]], [[100, 1.0]], [[100, 0.3]]],
+               "twin": [[[100, 0.5], [140, 0.3]], [[100, 0.0]], [[100, 0.4]]]}
     cells = [_swept_cell("none", [1], records, p=3)]
     out = suspects.calibrate(cells, margin=1.5)
     assert out["min_weight"] == pytest.approx((0.6, 0.4))
     assert out["min_alignment"] == pytest.approx((-0.2, -0.3))
     assert out["min_distance"] == pytest.approx((0.44, 0.29))  # 0.2933 rounded outward (down)
     assert out["max_distance"] == pytest.approx((2.41, 3.62))  # 3.615 rounded outward (up)
+    assert out["max_closest"] == pytest.approx((0.41, 0.61))  # 1 - 0.59 / 1.5 = 0.6067 rounded outward (up)
+    assert out["min_twin"] == pytest.approx((0.3, 0.2))
     assert "max_nonfinite" not in out
+    records["closest"][2] = [[100, 1.0]]  # an honest rank closest at every step: the share names no one
+    assert suspects.calibrate(cells, margin=1.5)["max_closest"] == (1.0, None)
 
 
 def test_each_threshold_defaults_to_the_rules_own_and_a_set_one_wins(monkeypatch):
@@ -723,3 +783,10 @@ def test_each_threshold_defaults_to_the_rules_own_and_a_set_one_wins(monkeypatch
     assert conf.log.suspects.thresholds("median") == trust.Thresholds(window=50, min_distance=None)
     with pytest.raises(train_config.cfg.ConfigError, match="log.suspects.max_distance"):
         train_config.parse({"log": {"suspects": {"max_distance": "auto"}}})
+    # every threshold of trust.Thresholds is a config key: the closest share and the twin gap as well
+    conf, _ = train_config.parse({"log": {"suspects": {"max_closest": None, "min_twin": 0.05}}})
+    chosen = conf.log.suspects.thresholds("geomed")
+    assert (chosen.max_closest, chosen.min_twin, chosen.min_weight) == (None, 0.05, trust.DEFAULTS["geomed"].min_weight)
+    assert train_config.parse({})[0].log.suspects.thresholds("flag") == trust.DEFAULTS["flag"]
+    with pytest.raises(train_config.cfg.ConfigError, match="log.suspects.max_closest"):
+        train_config.parse({"log": {"suspects": {"max_closest": 1.0}}})

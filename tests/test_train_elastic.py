@@ -148,7 +148,8 @@ def test_eviction_drops_the_faulty_host_and_the_run_finishes_on_the_others(tmp_p
         tmp_path, EVICT_STEPS, lambda lone: [{"kind": "reverse", "hosts": ["127.0.0.1"]}],
         hash_seed=hash_seed_putting_first("127.0.0.1"),
         robust={"aggregator": "flag", "aggregator_params": {"f": 1}, "evict": {"window": 5, "threshold": 0.2}},
-        log={"suspects": {"window": 5, "min_alignment": None, "min_distance": None}})
+        log={"suspects": {"window": 5, "min_alignment": None, "min_distance": None, "max_closest": None,
+                          "min_twin": None}})
     assert faulty == 0
     out, summary, sizes = finish_job(proc, text, run_dir, EVICT_STEPS, 3)
     assert "fault: reverse {'scale': 100.0} at steps [0, inf) with probability 1.0 on rank(s) [0] (the ranks on " \

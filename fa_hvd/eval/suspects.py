@@ -5,12 +5,13 @@
 Runs each cell of one or more grids in the simulation engine (:func:`fa_hvd.eval.simulate.simulate`)
 with a :class:`~fa_hvd.train.trust.TrustLedger` fed every step's diagnostics, and records, per
 rank and per judged figure (:data:`FIGURES`: the window's mean relative weight, non-finite
-fraction, alignment gap, and distance to the others' aggregate both ways), every step at which the
+fraction, alignment gap, distance to the others' aggregate both ways, share of steps as the rank closest to
+the others' aggregate, and gap to the nearest other rank's place), every step at which the
 figure, rounded to :data:`DIGITS` decimals, reached a new extreme in the suspect direction (a running
-minimum, or maximum for the non-finite fraction and the "too far" distance). From these *records* the step at which any threshold (of at most
-:data:`DIGITS` decimals) would have named the rank is exact (:func:`named_at`), so one sweep judges
-every threshold. ``OUT/results.jsonl`` holds one line per cell (cells
-already there are skipped); ``OUT/table.md`` is the report:
+minimum, or maximum for the non-finite fraction, the "too far" distance and the closest share). From
+these *records* the step at which any threshold (of at most :data:`DIGITS` decimals) would have named the
+rank is exact (:func:`named_at`), so one sweep judges every threshold. ``OUT/results.jsonl`` holds one
+line per cell (cells already there are skipped); ``OUT/table.md`` is the report:
 
 * per rule, the thresholds set from the honest ranks of its *calibration* cells (no attack, seeds below
   :data:`HELD_OUT_SEEDS`, the grid's splits :data:`BAR_SPLITS`) with a stated ``margin``
@@ -44,7 +45,8 @@ from .simulate import simulate
 
 FIGURES = {"weight": ("weight", "min_weight", -1), "nonfinite": ("nonfinite", "max_nonfinite", 1),
            "alignment_gap": ("alignment_gap", "min_alignment", -1), "distance": ("distance", "min_distance", -1),
-           "distance_far": ("distance", "max_distance", 1), "alignment": ("alignment", None, -1)}
+           "distance_far": ("distance", "max_distance", 1), "alignment": ("alignment", None, -1),
+           "closest": ("closest", "max_closest", 1), "twin": ("twin", "min_twin", -1)}
 """Record -> (the window figure of :meth:`TrustLedger.window_table` it follows, its threshold in :class:`Thresholds`
 (None: recorded, not judged), the suspect direction: -1 below, +1 above)."""
 BAR_SPLITS = ("iid", "dirichlet0.5")  # the standing grid's splits (configs/eval/standing.yaml): calibrated and judged
@@ -58,7 +60,8 @@ class _Recorder:
 
     def __init__(self, p: int, window: int):
         self.ledger = TrustLedger(p, Thresholds(window=window, min_weight=0.0, max_nonfinite=0.0,
-                                                min_alignment=None, min_distance=None, max_distance=None))
+                                                min_alignment=None, min_distance=None, max_distance=None,
+                                                max_closest=None, min_twin=None))
         self.records = {key: [[] for _ in range(p)] for key in FIGURES}
 
     def __call__(self, step: int, diagnostics: dict) -> None:
@@ -108,17 +111,24 @@ def honest(cell: dict) -> list[int]:
 
 def calibrate(cells: list[dict], margin: float) -> dict:
     """Thresholds from the honest ranks' most suspect window figures over ``cells`` (no-attack cells),
-    ``margin`` beyond them and rounded outward to two decimals: the lowest weight and distance divided by it,
-    the lowest alignment gap and the highest distance times it (the non-finite fraction is kept: no
-    honest row is ever non-finite). Per threshold: ``(honest extreme, threshold)``."""
+    ``margin`` beyond them and rounded outward to two decimals: the lowest weight, distance and twin gap divided
+    by it, the lowest alignment gap and the highest distance times it; the highest closest share, a share of the
+    window's steps bounded by 1, as ``1 - (1 - share) / margin`` (its complement, the steps at which the honest
+    rank was not the closest, divided by the margin, as the figures that fall towards 0 are; an honest share of
+    1: None, not judged). The non-finite fraction is kept: no honest row is ever non-finite. Per threshold:
+    ``(honest extreme, threshold)``."""
     out = {}
     for key, (_, name, sign) in FIGURES.items():
         values = [v for c in cells for r in honest(c) if (v := extreme(c, r, key)) is not None]
         if name in (None, "max_nonfinite") or not values:
             continue
         most = min(values) if sign < 0 else max(values)
-        beyond = most * margin if key in ("alignment_gap", "distance_far") else most / margin
-        out[name] = (most, (math.floor if sign < 0 else math.ceil)(round(beyond * 100, 6)) / 100)
+        if key == "closest":  # a share, at most 1: the margin shrinks its complement (the steps it was not closest)
+            beyond = 1 - (1 - most) / margin
+        else:
+            beyond = most * margin if key in ("alignment_gap", "distance_far") else most / margin
+        threshold = (math.floor if sign < 0 else math.ceil)(round(beyond * 100, 6)) / 100
+        out[name] = (most, None if key == "closest" and threshold >= 1 else threshold)  # a share of 1 names no one
     return out
 
 
@@ -223,7 +233,7 @@ def extremes(cells: list[dict]) -> str:
     groups = ("calibration", "held-out", "stress", "attacked")
     lines = ["| figure | rule | split | " + " | ".join(f"honest, {g}" for g in groups)
              + " | Byzantine, attacked: median / least suspect |", "|---" * 8 + "|"]
-    for key in ("weight", "alignment", "alignment_gap", "distance", "distance_far"):
+    for key in ("weight", "alignment", "alignment_gap", "distance", "distance_far", "closest", "twin"):
         sign = FIGURES[key][2]
         for rule in sorted({c["rule"] for c in cells}):
             for split in dict.fromkeys(c["split"] for c in cells):
@@ -260,8 +270,8 @@ def report(cells: list[dict], margin: float) -> str:
             + breakdown(cells, "split")
             + "\n## Detected attacked cells per fault\n\n" + breakdown(cells, "fault")
             + "\n## Detected attacked cells per shape\n\n" + breakdown(cells, "shape")
-            + "\n## Most suspect window figures (weight, alignment (not judged), alignment gap, distance: lowest; "
-              "distance_far: the distance's highest)\n\n"
+            + "\n## Most suspect window figures (weight, alignment (not judged), alignment gap, distance, twin: "
+              "lowest; distance_far: the distance's highest; closest: the highest share)\n\n"
             + extremes(cells))
 
 

@@ -274,12 +274,14 @@ class SuspectsConfig:
     min_alignment: Union[float, Literal["rule"], None] = RULE  # or alignment gap (window mean minus the median rank's) below this
     min_distance: Union[float, Literal["rule"], None] = RULE  # or mean relative distance to the others' aggregate below this
     max_distance: Union[float, Literal["rule"], None] = RULE  # or above this
+    max_closest: Union[float, Literal["rule"], None] = RULE  # or the closest rank to the others' aggregate in more
+    #                                                          than this share of the window's steps
+    min_twin: Union[float, Literal["rule"], None] = RULE  # or mean gap to the nearest other rank's place below this
 
     def thresholds(self, rule: str | None) -> trust.Thresholds:
         """The thresholds for a run of ``rule`` (None: the defaults of a rule not measured)."""
         measured = trust.defaults(rule)
-        chosen = {key: getattr(self, key) for key in ("min_weight", "max_nonfinite", "min_alignment", "min_distance",
-                                                      "max_distance")}
+        chosen = {f.name: getattr(self, f.name) for f in dataclasses.fields(trust.Thresholds) if f.name != "window"}
         return dataclasses.replace(measured, window=self.window,
                                    **{key: value for key, value in chosen.items() if value != RULE})
 

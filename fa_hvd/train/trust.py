@@ -41,13 +41,28 @@ here, O(p^2) in the rule), which the ledger averages over the same window:
   more than honest noise (label flip, sign flip, noise, scaling) sits farther than honest rows do;
   in non-IID an honest rank of an unusual shard sits far too, which sets how far the threshold lies.
 
-Both are means over the window's steps that reported them, judged only when at least half
+Two more follow from these each step, O(p) and O(p^2), judged on what an attack keeps doing rather than on a
+figure's size, which non-IID honest ranks share:
+
+* the *closest share* (:func:`closest`): 1 at the steps where the rank is the one nearest the others' aggregate,
+  else 0. A row computed from the others' statistics is the nearest at nearly every step (ALIE with ``f = 1`` at
+  ``z = 0`` *is* the honest mean: closest at 100 % of the steps, whatever its distance's scale). Honest ranks are
+  not exchangeable, though: a shard near the population's centre is the closest at up to 78 % (FA) to 93 %
+  (geomed) of 100 steps in Dirichlet(0.5), and even in IID one rank of 15 reaches 45 % (1/15 expected), so the
+  threshold is measured, not taken from a binomial law (``max_closest``);
+* the *twin gap* (:func:`twins`): the gap between the rank's (distance, alignment) and the nearest other rank's.
+  Colluding rows computed alike (ALIE or IPM with ``f >= 2``) are one row sent twice, with the same place against
+  any aggregate at every step: a gap of 0 (to rounding), where honest rows, each with its own batch noise, stay
+  at 0.18 or more (``min_twin``).
+
+All are means over the window's steps that reported them, judged only when at least half
 of the window's steps did; their thresholds are measured on 100-step windows (shorter ones
 are noisier).
 
 A rank becomes a *suspect* once, over a full window, its mean relative weight is
-below ``min_weight``, its alignment gap below ``min_alignment`` or its mean distance
-below ``min_distance`` or above ``max_distance`` (rules that report weights), or its row was
+below ``min_weight``, its alignment gap below ``min_alignment``, its mean distance
+below ``min_distance`` or above ``max_distance``, its closest share above ``max_closest`` or its twin gap
+below ``min_twin`` (rules that report weights), or its row was
 non-finite in more than ``max_nonfinite`` of the window's steps (every robust rule). It is named
 once, at the step it crosses. Coordinate-wise rules (median, trimmed mean, Bulyan) and
 cclip report no weights: they can name only non-finite rows. The default thresholds are per rule
@@ -58,7 +73,8 @@ IID and Dirichlet(0.5), with a margin fixed in advance (``docs/results/suspects/
 :mod:`fa_hvd.eval.suspects`, which measures them on held-out seeds, on the attacks and on
 Dirichlet(0.1)). In non-IID an honest rank of an unusual shard sits far from the others (Dirichlet(0.5):
 up to 31x the median rank's distance under Multi-Krum) and close to or against the aggregate, so the
-thresholds lie wide and some attacks inside that range are missed (label flip, sign flip, ALIE).
+thresholds lie wide and some attacks inside that range are missed (sign flip in non-IID, some label flips;
+ALIE is caught by the closest share).
 
 Every rank computes the same aggregate from the same rows, so every rank's
 diagnostics, and so its ledger, are the same; in the sharded exchange they are
@@ -94,7 +110,8 @@ class Thresholds:
     """When a rank becomes a suspect (see the module docstring); measured on 100-step windows. These class
     defaults are for a rule that was not measured: each the loosest of the measured rules' (:data:`DEFAULTS`),
     so such a rule names few honest ranks and misses more (no weight threshold at all: Multi-Krum's honest
-    ranks reach a window weight of 0)."""
+    ranks reach a window weight of 0); the closest share and the twin gap are not judged for it (how its
+    weights place the aggregate decides both: Krum puts all of it on one row)."""
 
     window: int = 100
     min_weight: float = 0.0
@@ -102,6 +119,8 @@ class Thresholds:
     min_alignment: float | None = -0.45  # on the alignment gap (window mean minus the median rank's); None: not judged
     min_distance: float | None = 0.03  # window mean distance to the others' aggregate below this; None: not judged
     max_distance: float | None = 46.72  # or above this; None: not judged
+    max_closest: float | None = None  # the closest rank to the others' aggregate in more of the window's steps
+    min_twin: float | None = None  # window mean gap to the nearest other rank's place below this; None: not judged
 
     def check(self, where: str) -> None:
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
@@ -116,19 +135,27 @@ class Thresholds:
             raise ValueError(f"{where}.min_distance: must be in [0, 1) or null, got {self.min_distance!r}")
         if self.max_distance is not None and not self.max_distance > 1:
             raise ValueError(f"{where}.max_distance: must be > 1 or null, got {self.max_distance!r}")
+        if self.max_closest is not None and not 0 < self.max_closest < 1:
+            raise ValueError(f"{where}.max_closest: must be in (0, 1) or null, got {self.max_closest!r}")
+        if self.min_twin is not None and not self.min_twin > 0:
+            raise ValueError(f"{where}.min_twin: must be > 0 or null, got {self.min_twin!r}")
 
 
 DEFAULTS: dict[str, Thresholds] = {
-    "flag": Thresholds(min_weight=0.44, min_alignment=-0.45, min_distance=0.1, max_distance=10.74),
-    "geomed": Thresholds(min_weight=0.16, min_alignment=-0.38, min_distance=0.03, max_distance=13.26),
-    "multikrum": Thresholds(min_weight=0.0, min_alignment=-0.34, min_distance=0.1, max_distance=46.72),
+    "flag": Thresholds(min_weight=0.44, min_alignment=-0.45, min_distance=0.1, max_distance=10.74, max_closest=0.86,
+                       min_twin=0.12),
+    "geomed": Thresholds(min_weight=0.16, min_alignment=-0.38, min_distance=0.03, max_distance=13.26,
+                         max_closest=0.96, min_twin=0.13),
+    "multikrum": Thresholds(min_weight=0.0, min_alignment=-0.34, min_distance=0.1, max_distance=46.72,
+                            max_closest=0.8, min_twin=0.12),
 }
 """Each measured rule's thresholds (its weights, and so its honest ranks' figures, have their own spread):
 1.5x beyond the most suspect window figure of its honest ranks in 110 held-in no-attack cells (seeds 0 to 4;
 p/f = 4/1 (not Multi-Krum), 7/2, 8/1, 15/3; IID and Dirichlet(0.5)), rounded outward
 (:func:`fa_hvd.eval.suspects.calibrate`; ``docs/results/suspects/``): honest extremes, weight / gap / distance
-low / high, FA 0.661 / -0.300 / 0.163 / 7.16, geomed 0.248 / -0.253 / 0.048 / 8.84, Multi-Krum 0.000 /
--0.220 / 0.162 / 31.1. Measured with each rule's default parameters."""
+low / high / closest share / twin gap, FA 0.661 / -0.300 / 0.163 / 7.16 / 0.78 / 0.184, geomed 0.248 / -0.253 /
+0.048 / 8.84 / 0.93 / 0.196, Multi-Krum 0.000 / -0.220 / 0.162 / 31.1 / 0.70 / 0.195. Measured with each rule's
+default parameters."""
 
 
 def defaults(rule: str | None) -> Thresholds:
@@ -207,7 +234,8 @@ class _Ranges:
         self.count += 1
 
 
-SIGNALS = ("alignment", "distance")  # per-rank figures beside the weights (None where a step has none)
+TIE = 1e-9  # relative: distances this close to the least are ties (the same row, up to rounding)
+SIGNALS = ("alignment", "distance", "closest", "twin")  # per-rank figures beside the weights (None: a step has none)
 
 
 def _signal(p: int, diagnostics: dict, key: str) -> list | None:
@@ -220,20 +248,57 @@ def _signal(p: int, diagnostics: dict, key: str) -> list | None:
 def loo_distances(p: int, diagnostics: dict) -> list | None:
     """Each row's squared distance to the aggregate of the *others*, relative to the median row's (see the
     module docstring): ``d_i / (1 - s_i)^2`` over its median, from the reported ``distance`` ``d`` and the
-    shares ``s_i = c_i / sum_j c_j``. None where the step reported no distances or weights; None for a row
-    with no distance or a share of 1 or more (no others to compare with); all None for a zero median."""
-    distance, weights = _signal(p, diagnostics, "distance"), diagnostics.get("weights")
-    if distance is None or weights is None or len(weights) != p:
+    shares ``s_i = c_i / sum_j c_j`` (:func:`relative_weights` over ``p``). None where the step reported no
+    distances or weights; None for a row with no distance or a share of 1 or more (no others to compare
+    with); all None for a zero median."""
+    distance, weights = _signal(p, diagnostics, "distance"), relative_weights(p, diagnostics)
+    if distance is None or weights is None:
         return None
-    total = math.fsum(weights)
-    if not math.isfinite(total) or total <= 0:
-        return None
-    raw = [d / (1 - w / total) ** 2 if d is not None and w / total < 1 else None for d, w in zip(distance, weights)]
+    raw = [d / (1 - w / p) ** 2 if d is not None and w / p < 1 else None for d, w in zip(distance, weights)]
     known = [v for v in raw if v is not None]
     middle = statistics.median(known) if known else 0.0
     if not middle > 0 or not math.isfinite(middle):
         return [None] * p
     return [v / middle if v is not None else None for v in raw]
+
+
+def closest(distances: list | None) -> list | None:
+    """1.0 for the rank(s) whose distance to the others' aggregate (:func:`loo_distances`) is the smallest at this
+    step (every rank within :data:`TIE` of it: identical rows tie up to rounding), 0.0 for the others, None for a
+    rank without one. Its window mean is the share of steps at which the rank was the one closest to the others: about
+    1/p for exchangeable honest ranks, whose batch noise moves them about, and near 1 for a row computed from
+    the others' statistics (ALIE's ``mu - z sigma``, at ``z = 0`` the honest mean itself), whatever the split
+    makes of the distance's scale."""
+    if distances is None:
+        return None
+    known = [v for v in distances if v is not None]
+    if not known:
+        return None
+    least = min(known) * (1 + TIE)
+    return [None if v is None else float(v <= least) for v in distances]
+
+
+def twins(p: int, diagnostics: dict) -> list | None:
+    """Per rank, how near its place against the aggregate comes to another rank's: ``min_j |d_i - d_j| +
+    |alignment_i - alignment_j|`` over the ranks with both figures (``d``: the reported distance to the aggregate,
+    relative to the median's). Identical rows (colluding ALIE or IPM rows, computed from the same statistics; or
+    two ranks fed the same batches) get identical figures from any rule that treats rows alike, so 0 at every
+    step; honest rows, each with its own batch noise, keep apart. None where the step reported no distance or
+    alignment; None for a rank without both or without another to compare with. O(p^2), in one tensor."""
+    distance, alignment = _signal(p, diagnostics, "distance"), _signal(p, diagnostics, "alignment")
+    if distance is None or alignment is None:
+        return None
+    known = [i for i in range(p) if distance[i] is not None and alignment[i] is not None]
+    out = [None] * p
+    if len(known) < 2:
+        return out
+    d = torch.tensor([distance[i] for i in known], dtype=torch.float64)
+    a = torch.tensor([alignment[i] for i in known], dtype=torch.float64)
+    gaps = (d[:, None] - d[None, :]).abs() + (a[:, None] - a[None, :]).abs()
+    gaps.fill_diagonal_(math.inf)
+    for i, gap in zip(known, gaps.min(dim=1).values.tolist()):
+        out[i] = gap
+    return out
 
 
 class _Mean:
@@ -295,7 +360,8 @@ class TrustLedger:
         """Account for ``step``'s diagnostics; returns the suspects named at this step."""
         p = self.p
         weights = relative_weights(p, diagnostics)
-        signals = [_signal(p, diagnostics, "alignment"), loo_distances(p, diagnostics)]
+        distances = loo_distances(p, diagnostics)
+        signals = [_signal(p, diagnostics, "alignment"), distances, closest(distances), twins(p, diagnostics)]
         nonfinite = {r for r in diagnostics.get("nonfinite", ()) if 0 <= r < p}
         dropped = {r for r in diagnostics.get("dropped", ()) if 0 <= r < p} | nonfinite
         self.steps += 1
@@ -378,13 +444,21 @@ class TrustLedger:
         if distance is not None and t.max_distance is not None and distance > t.max_distance:
             reasons.append(f"mean relative distance to the others' aggregate {distance:.3f} > {t.max_distance} "
                            f"over the last {t.window} steps (farther than honest ranks sit)")
+        closest_share, twin = row["closest"], row["twin"]
+        if closest_share is not None and t.max_closest is not None and closest_share > t.max_closest:
+            reasons.append(f"the rank closest to the others' aggregate at {closest_share:.0%} > {t.max_closest:.0%} "
+                           f"of the last {t.window} steps (honest batch noise moves the closest rank about)")
+        if twin is not None and t.min_twin is not None and twin < t.min_twin:
+            reasons.append(f"mean gap to the nearest other rank's place {twin:.4f} < {t.min_twin} over the last "
+                           f"{t.window} steps (a copy of another rank's row)")
         if nonfinite > t.max_nonfinite:
             reasons.append(f"non-finite in {nonfinite:.0%} > {t.max_nonfinite:.0%} of the last {t.window} steps")
         if not reasons:
             return None
         return {"reason": "; ".join(reasons), "window": t.window, "window_weight": weight,
                 "window_alignment": row["alignment"], "window_alignment_gap": gap, "window_distance": distance,
-                "window_nonfinite": nonfinite, "dropped_steps": self._dropped[r].count,
+                "window_closest": closest_share, "window_twin": twin, "window_nonfinite": nonfinite,
+                "dropped_steps": self._dropped[r].count,
                 "nonfinite_steps": self._nonfinite[r].count}
 
     def run_weight(self, r: int) -> float | None:
@@ -409,9 +483,10 @@ class TrustLedger:
         """What a checkpoint keeps, so that a resumed run goes on with the same figures and names no one twice.
 
         Version 2 adds the signals: each window entry ``[weights, nonfinite, alignment, distance]`` and
-        ``run_signals``; a version-1 state (entries ``[weights, nonfinite]``) loads with no signal figures.
+        ``run_signals``; version 3 appends ``closest`` and ``twin`` (:data:`SIGNALS`) to each. An earlier state
+        loads with no figures for the signals it lacks.
         ``earlier`` (:meth:`carry`) may be absent: none."""
-        return {"version": 2, "p": self.p, "steps": self.steps, "weight_sum": list(self._weight_sum),
+        return {"version": 3, "p": self.p, "steps": self.steps, "weight_sum": list(self._weight_sum),
                 "weight_steps": self._weight_steps,
                 "run_signals": {key: [m.sums, m.counts] for key, m in self._run.items()},
                 "window": [[w, sorted(bad), *signals] for w, bad, *signals in self._window],
@@ -422,14 +497,13 @@ class TrustLedger:
         if state["p"] != self.p:
             raise ValueError(f"trust state of {state['p']} ranks, this world has {self.p}")
         version = state.get("version", 1)
-        if version not in (1, 2):
-            raise ValueError(f"trust state version {version!r}: this fa_hvd reads versions 1 and 2")
+        if version not in (1, 2, 3):
+            raise ValueError(f"trust state version {version!r}: this fa_hvd reads versions 1 to 3")
         self.steps, self._weight_steps = int(state["steps"]), int(state["weight_steps"])
         self._weight_sum = [float(w) for w in state["weight_sum"]]
         run = state.get("run_signals", {})
         self._run = {key: _Mean(self.p, *run[key]) if key in run else _Mean(self.p) for key in SIGNALS}
-        empty = [None] * len(SIGNALS)
-        self._window = deque((w, frozenset(bad), *(signals or empty))
+        self._window = deque((w, frozenset(bad), *signals, *[None] * (len(SIGNALS) - len(signals)))
                              for w, bad, *signals in state["window"][-self.thresholds.window:])
         self._window_sums()
         self._dropped = [_Ranges(r) for r in state["dropped"]]
