@@ -4,6 +4,8 @@ injecting a fault, and the TensorBoard scalars read back with tensorboard's Even
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import socket
 import statistics
@@ -778,9 +780,9 @@ def test_each_threshold_defaults_to_the_rules_own_and_a_set_one_wins(monkeypatch
     a number or null set in the config wins; a rule never measured gets Thresholds()' values."""
     measured = trust.Thresholds(min_weight=0.4, min_alignment=-0.5, min_distance=0.1, max_distance=6.0)
     monkeypatch.setitem(trust.DEFAULTS, "flag", measured)
-    conf, _ = train_config.parse({"log": {"suspects": {"window": 50, "min_distance": None, "max_distance": "rule"}}})
-    assert conf.log.suspects.thresholds("flag") == trust.Thresholds(50, 0.4, 0.5, -0.5, None, 6.0)
-    assert conf.log.suspects.thresholds("median") == trust.Thresholds(window=50, min_distance=None)
+    conf, _ = train_config.parse({"log": {"suspects": {"window": 200, "min_distance": None, "max_distance": "rule"}}})
+    assert conf.log.suspects.thresholds("flag") == trust.Thresholds(200, 0.4, 0.5, -0.5, None, 6.0)
+    assert conf.log.suspects.thresholds("median") == trust.Thresholds(window=200, min_distance=None)
     with pytest.raises(train_config.cfg.ConfigError, match="log.suspects.max_distance"):
         train_config.parse({"log": {"suspects": {"max_distance": "auto"}}})
     # every threshold of trust.Thresholds is a config key: the closest share and the twin gap as well
@@ -790,3 +792,30 @@ def test_each_threshold_defaults_to_the_rules_own_and_a_set_one_wins(monkeypatch
     assert train_config.parse({})[0].log.suspects.thresholds("flag") == trust.DEFAULTS["flag"]
     with pytest.raises(train_config.cfg.ConfigError, match="log.suspects.max_closest"):
         train_config.parse({"log": {"suspects": {"max_closest": 1.0}}})
+
+
+def test_below_the_calibration_window_the_measured_defaults_judge_only_weight_and_non_finite():
+    """The window signals' defaults were measured on 100-step windows: over fewer steps a rule's defaults judge
+    the weight and the non-finite rows only (an honest rank can be the closest at all of 5 steps), a number set
+    in the config is still judged, and robust.evict's shorter window gets the same treatment."""
+    short = trust.defaults("flag", 20)
+    assert (short.window, short.min_weight, short.max_nonfinite) == (20, trust.DEFAULTS["flag"].min_weight,
+                                                                      trust.DEFAULTS["flag"].max_nonfinite)
+    assert all(getattr(short, name) is None for name in trust.WINDOW_SIGNALS)
+    assert trust.defaults("flag", trust.CALIBRATION_WINDOW) == trust.DEFAULTS["flag"]
+    conf, _ = train_config.parse({"log": {"suspects": {"window": 20, "max_distance": 9.0}},
+                                  "robust": {"aggregator": "flag", "aggregator_params": {"f": 1},
+                                             "evict": {"window": 5, "threshold": 0.2}}})
+    chosen = conf.log.suspects.thresholds("flag")
+    assert (chosen.max_distance, chosen.max_closest, chosen.min_distance) == (9.0, None, None)
+    assert conf.log.suspects.thresholds("flag", window=300).max_closest == trust.DEFAULTS["flag"].max_closest
+    # an honest rank the closest at every step of a 5-step window: named by the measured max_closest, not here
+    ledger = trust.TrustLedger(3, trust.defaults("flag", 5))
+    for step in range(5):
+        assert ledger.observe(step, {"weights": [0.34, 0.33, 0.33], "distance": [0.5, 1.0, 1.5],
+                                     "alignment": [0.9, 0.9, 0.9]}) == []
+    strict = trust.TrustLedger(3, dataclasses.replace(trust.DEFAULTS["flag"], window=5))
+    named = [s for step in range(5) for s in strict.observe(step, {"weights": [0.34, 0.33, 0.33],
+                                                                   "distance": [0.5, 1.0, 1.5],
+                                                                   "alignment": [0.9, 0.9, 0.9]})]
+    assert [s["rank"] for s in named] == [0]

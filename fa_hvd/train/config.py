@@ -278,12 +278,12 @@ class SuspectsConfig:
     #                                                          than this share of the window's steps
     min_twin: Union[float, Literal["rule"], None] = RULE  # or mean gap to the nearest other rank's place below this
 
-    def thresholds(self, rule: str | None) -> trust.Thresholds:
-        """The thresholds for a run of ``rule`` (None: the defaults of a rule not measured)."""
-        measured = trust.defaults(rule)
+    def thresholds(self, rule: str | None, window: int | None = None) -> trust.Thresholds:
+        """The thresholds for a run of ``rule`` (None: the defaults of a rule not measured) over ``window``
+        steps (default: this section's ``window``)."""
+        measured = trust.defaults(rule, self.window if window is None else window)
         chosen = {f.name: getattr(self, f.name) for f in dataclasses.fields(trust.Thresholds) if f.name != "window"}
-        return dataclasses.replace(measured, window=self.window,
-                                   **{key: value for key, value in chosen.items() if value != RULE})
+        return dataclasses.replace(measured, **{key: value for key, value in chosen.items() if value != RULE})
 
     def validate(self) -> None:
         try:

@@ -253,8 +253,9 @@ class Trainer:
         self.trust = trust.TrustLedger(self.world, thresholds, identities)
         evict = self.conf.robust.evict
         if evict is not None:
-            self.evictor = trust.TrustLedger(self.world, dataclasses.replace(thresholds, window=evict.window,
-                                                                             min_weight=evict.threshold), identities)
+            chosen = s.thresholds(self.conf.robust.aggregator, window=evict.window)
+            self.evictor = trust.TrustLedger(self.world, dataclasses.replace(chosen, min_weight=evict.threshold),
+                                             identities)
         if self.trust_state is not None and self.trust_state["p"] == self.world:
             self.trust.load_state_dict(self.trust_state)
         elif self.trust_state is not None:

@@ -56,8 +56,10 @@ figure's size, which non-IID honest ranks share:
   at 0.18 or more (``min_twin``).
 
 All are means over the window's steps that reported them, judged only when at least half
-of the window's steps did; their thresholds are measured on 100-step windows (shorter ones
-are noisier).
+of the window's steps did; their thresholds are measured on 100-step windows
+(:data:`CALIBRATION_WINDOW`). Shorter windows are noisier (over 5 steps an honest rank can be
+the closest at every one), so there a rule's measured defaults judge only the weight and the
+non-finite rows (:func:`defaults`); a threshold set by number is judged at any window.
 
 A rank becomes a *suspect* once, over a full window, its mean relative weight is
 below ``min_weight``, its alignment gap below ``min_alignment``, its mean distance
@@ -89,6 +91,7 @@ through the pickle-free JSON transport (:meth:`fa_hvd.comm.base.Transport.allgat
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import socket
@@ -105,6 +108,12 @@ IDENTITY_KEYS = ("host", "local_rank", "cuda_device", "gpu_uuid", "slurm_node", 
 MAX_RANGES = 50  # step ranges kept per rank in the summary (the count is always whole)
 
 
+CALIBRATION_WINDOW = 100
+"""The window (steps) on which :data:`DEFAULTS` were measured."""
+WINDOW_SIGNALS = ("min_alignment", "min_distance", "max_distance", "max_closest", "min_twin")
+"""The thresholds whose measured defaults hold on :data:`CALIBRATION_WINDOW`-step windows only."""
+
+
 @dataclass(frozen=True)
 class Thresholds:
     """When a rank becomes a suspect (see the module docstring); measured on 100-step windows. These class
@@ -113,7 +122,7 @@ class Thresholds:
     ranks reach a window weight of 0); the closest share and the twin gap are not judged for it (how its
     weights place the aggregate decides both: Krum puts all of it on one row)."""
 
-    window: int = 100
+    window: int = CALIBRATION_WINDOW
     min_weight: float = 0.0
     max_nonfinite: float = 0.5
     min_alignment: float | None = -0.45  # on the alignment gap (window mean minus the median rank's); None: not judged
@@ -158,10 +167,15 @@ low / high / closest share / twin gap, FA 0.661 / -0.300 / 0.163 / 7.16 / 0.78 /
 default parameters."""
 
 
-def defaults(rule: str | None) -> Thresholds:
+def defaults(rule: str | None, window: int = CALIBRATION_WINDOW) -> Thresholds:
     """The thresholds measured for the aggregation rule ``rule`` (:data:`DEFAULTS`), else :class:`Thresholds`'
-    (the loosest of the measured rules', for a rule that was not measured)."""
-    return DEFAULTS.get(rule, Thresholds())
+    (the loosest of the measured rules', for a rule that was not measured), over ``window`` steps: shorter
+    than :data:`CALIBRATION_WINDOW`, the :data:`WINDOW_SIGNALS` are not judged (their honest spread was
+    measured on longer windows and widens on shorter ones)."""
+    measured = dataclasses.replace(DEFAULTS.get(rule, Thresholds()), window=window)
+    if window < CALIBRATION_WINDOW:
+        measured = dataclasses.replace(measured, **{name: None for name in WINDOW_SIGNALS})
+    return measured
 
 
 def local_identity(local_rank: int, device: torch.device | None = None, environ=os.environ) -> list:
