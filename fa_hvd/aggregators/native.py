@@ -21,9 +21,10 @@ finite sum, NaN otherwise: a NaN or +/-Inf value propagates through any sum) fro
 result, which leaves a result unchanged bit for bit (``x - (+0) = x`` for every ``x``,
 ``-0`` included) and says whether every sum was finite. So a rule reads ``G`` once
 when its rows are clean, and checks them row by row only when a sum was not
-(a non-finite value, or finite values whose sum overflowed). Min and max are exact and each reduction does the eager path's
-arithmetic in the same order (``-ffp-contract=off``: no fused multiply-adds), so
-the results are the eager path's (up to the sign of a zero).
+(a non-finite value, or finite values whose sum overflowed). Min and max are exact
+and each reduction does the eager path's arithmetic in the same order
+(``-ffp-contract=off``: no fused multiply-adds), so the results are the eager
+path's (up to the sign of a zero).
 """
 
 from __future__ import annotations
