@@ -168,16 +168,19 @@ def test_the_gram_and_its_distances_stay_within_the_stated_bound(monkeypatch, ki
         assert ((plain_distances - exact_distances).abs()[off] > Bd[off]).any(), kind
 
 
-def test_the_compiled_product_gives_the_same_bits_whatever_the_steps_and_threads(monkeypatch):
+@pytest.mark.parametrize("rows", [5, 40])  # native_gram's registers (gram_source); its tiles (tiled_source)
+def test_the_compiled_product_gives_the_same_bits_whatever_the_steps_and_threads(monkeypatch, rows):
     """native_gram's block product, as an exchange drives it (columns arriving in steps, blocks
     straddling them), gives gram()'s bits, with one torch thread or several."""
     monkeypatch.setenv("FA_HVD_NATIVE", "1")
-    monkeypatch.setattr(geometry, "CPU_BLOCK", 1 << 12)
-    G = fidelity_case("shared_mean")[:5].repeat(1, 9)
+    monkeypatch.setattr(geometry, "CPU_BLOCK", 1 << 12 if rows == 5 else 1 << 16)
+    G = honest(mean=1e3, spread=1e-2, rows=rows).repeat(1, 9)
     assert native_gram.supports(G), "no C compiler: the compiled product cannot be checked"
+    assert (rows > native_gram.MAX_ROWS) == (rows == 40)
     whole = gram(G)
     product = geometry.CentredGram(G)
     assert product.rows is not None and len(product.blocks) > 3
+    assert rows == 5 or product.blocks[0].stop > native_gram.SUB_COLUMNS  # several sub-blocks per block
     for filled in (100, 700, 701, 2900, G.shape[1]):
         product.advance(filled)
     assert torch.equal(product.result(), whole)
@@ -191,11 +194,20 @@ def test_the_compiled_product_gives_the_same_bits_whatever_the_steps_and_threads
     assert ((gram(G) - whole).abs() <= 2 * gram_error_bound(G)).all()
 
 
-@pytest.mark.parametrize("p", [20, 40])  # above native_gram.MAX_ROWS: the BLAS product; from 32 rows its halves
-def test_the_blas_products_above_the_compiled_sizes_stay_within_the_bound(p):
-    assert p > native_gram.MAX_ROWS and (p >= geometry.SYMMETRIC_ROWS) == (p == 40)
+@pytest.mark.parametrize("compiled", [True, False])  # native_gram's tiles; the BLAS product (halves from 32 rows)
+@pytest.mark.parametrize("p", [20, 40, 64])
+def test_the_products_above_the_register_sizes_stay_within_the_bound(monkeypatch, p, compiled):
+    """Above native_gram.MAX_ROWS, on rows sharing a large mean (with a near duplicate) and a bit
+    flip, over several sub-blocks and a tail (2500 columns): the bound holds."""
+    monkeypatch.setenv("FA_HVD_NATIVE", "1" if compiled else "0")
+    assert p > native_gram.MAX_ROWS and (p >= geometry.SYMMETRIC_ROWS) == (p >= 40)
     gen = torch.Generator().manual_seed(p)
-    G = torch.cat([1e3 + 1e-2 * torch.randn(p - 1, 300, generator=gen), huge_rows("bitflip")[:1, :300]])
+    shared = 1e3 + 1e-2 * torch.randn(p - 2, 2500, generator=gen)
+    near = shared[:1] + 1e-5 * torch.randn(1, 2500, generator=gen)
+    flipped = huge_rows("bitflip")[:1, :300].repeat(1, 9)[:, :2500]
+    G = torch.cat([shared, near, flipped])
+    compiled_product = geometry.CentredGram(G).rows is not None
+    assert compiled_product == compiled, "no C compiler: the compiled product cannot be checked"
     K, B = gram(G), gram_error_bound(G)
     exact, exact_distances = exact_gram(G)
     assert ((K - exact).abs() <= B + U64 * exact.abs()).all()

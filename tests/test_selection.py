@@ -8,7 +8,7 @@ against it.
 import pytest
 import torch
 
-from fa_hvd.aggregators import get, native, selection
+from fa_hvd.aggregators import base, get, native, selection
 from fa_hvd.aggregators.bulyan import closest_to_median
 from fa_hvd.aggregators.median import median, sorted_median
 from fa_hvd.aggregators.trimmed_mean import trimmed_mean
@@ -98,6 +98,9 @@ def compiled(monkeypatch):
     assert native.supports(torch.zeros(2, 2)), "no C compiler: the compiled networks cannot be checked"
 
 
+finite_rows = base.finite_rows
+
+
 def eager(monkeypatch, fn, *args):
     with monkeypatch.context() as m:
         m.setenv("FA_HVD_NATIVE", "0")
@@ -128,8 +131,36 @@ def test_compiled_networks_use_every_thread_alike(compiled, monkeypatch):
         one = trimmed_mean(G, 2)
         torch.set_num_threads(3)
         assert torch.equal(trimmed_mean(G, 2), one)
+        assert torch.equal(trimmed_mean(G, 2, checked=True), one)
+        G[4, -1] = float("nan")  # in the last thread's columns
+        assert trimmed_mean(G, 2, checked=True) is None
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", ["median", "trimmed_mean"])
+def test_clean_rows_are_read_once_and_non_finite_ones_dropped_as_before(compiled, monkeypatch, name, dtype):
+    checks = []
+    monkeypatch.setattr(base, "finite_rows", lambda G: checks.append(G.shape) or finite_rows(G))
+    G = torch.randn(7, 5_003, generator=torch.Generator().manual_seed(8), dtype=dtype)
+    G[:, 9] = -0.0
+    huge = torch.finfo(dtype).max * 0.75
+    cases = [(None, None, []), (3, float("nan"), [3]), (0, float("inf"), [0]), (6, -float("inf"), [6]),
+             ((1, 2), huge, [])]  # two finite values whose sum overflows: checked row by row, nothing dropped
+    for row, value, dropped in cases:
+        H = G.clone()
+        if row is not None:
+            H[row, 17] = value
+        checks.clear()
+        out = get(name, f=2)(H)
+        assert len(checks) == (row is not None)
+        reference = eager(monkeypatch, get(name, f=2), H)
+        assert torch.equal(out, reference) and torch.equal(out.signbit(), reference.signbit())
+        assert out[9].signbit() and out.isfinite().all()
+        rule = get(name, f=2)
+        rule(H)
+        assert rule.diagnostics["nonfinite"] == dropped
 
 
 def test_a_missing_compiler_falls_back_to_the_eager_path(monkeypatch, tmp_path, caplog):

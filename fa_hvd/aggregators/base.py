@@ -136,18 +136,29 @@ class Aggregator:
     def observe(self, aggregate: torch.Tensor) -> None:
         """Told each step's whole aggregate (stateful rules keep what they need of it)."""
 
+    def aggregate_if_finite(self, G: torch.Tensor, f: int) -> torch.Tensor | None:
+        """:meth:`aggregate` of ``G`` (``(p, n)``, rows not yet checked, ``p >= min_workers(f)``) when the
+        pass that reads ``G`` also finds every row finite; None when it does not (or the rule cannot tell
+        in that pass): :meth:`__call__` then checks the rows (:func:`finite_rows`), drops the non-finite
+        ones and aggregates the rest. A robust rule that overrides it reads clean rows once."""
+        return None
+
     def __call__(self, G: torch.Tensor) -> torch.Tensor:
         G = check_matrix(G, self.name)
         work = G if G.dtype in (torch.float32, torch.float64) else G.float()
-        rows = surviving_rows(finite_rows(work), self.f) if self.robust else Rows(None, self.f)
         self.weights = self.gram = None
-        if rows.none_left:
-            self.diagnostics = describe(G.shape[0], rows, None)
-            return torch.zeros(work.shape[1], dtype=G.dtype, device=G.device)
-        if rows.keep is not None:
-            work = work[rows.keep]
-        self.check(work.shape[0], rows.f)
-        out = self.aggregate(work, rows.f)
+        rows, out = Rows(None, self.f), None
+        if self.robust and work.shape[0] >= self.min_workers(self.f):
+            out = self.aggregate_if_finite(work, self.f)
+        if out is None:
+            rows = surviving_rows(finite_rows(work), self.f) if self.robust else rows
+            if rows.none_left:
+                self.diagnostics = describe(G.shape[0], rows, None)
+                return torch.zeros(work.shape[1], dtype=G.dtype, device=G.device)
+            if rows.keep is not None:
+                work = work[rows.keep]
+            self.check(work.shape[0], rows.f)
+            out = self.aggregate(work, rows.f)
         self.diagnostics = describe(G.shape[0], rows, self.weights, self.gram)
         self.observe(out)
         return out.to(G.dtype)

@@ -17,7 +17,10 @@ through fp32:
 * one pass over ``G`` in column blocks (cache-sized on the CPU, :data:`CPU_BLOCK`): the block's
   rows minus ``r`` into one reused fp32 buffer ``Y = [X; r]`` (``p + 1`` rows), then one fp32
   product ``Y Y^T`` (the floor's arithmetic; from :data:`SYMMETRIC_ROWS` rows on syrk-style,
-  3/4 of it: :func:`_square`), which holds every ``x_i . x_j`` and ``s_i = x_i . r``, each
+  3/4 of it: :func:`_square`; for fp32 on the CPU, where a C compiler works, the compiled
+  product of :mod:`.native_gram` instead, which forms ``x`` in registers up to 16 rows and takes
+  the lower triangle in register tiles up to 128, at or below the floor's time), which holds
+  every ``x_i . x_j`` and ``s_i = x_i . r``, each
   entry an fp32 sum of at most ``b`` products (a CPU block's width; :data:`FP32_TERMS` on an
   accelerator, whose wide blocks go through one batched product of pieces), added to an
   fp64 accumulator; and ``r . r`` in fp64 (exact products of fp32 values: one row, ``1 / p``

@@ -49,9 +49,10 @@ def middle_values(q: int) -> MiddleValues:
     return MiddleValues(q)
 
 
-def median(G: torch.Tensor) -> torch.Tensor:
-    """Coordinate-wise median of ``G`` (``(p, n)``), as :func:`sorted_median` of each sorted column."""
-    return coordinatewise(G, middle_values(G.shape[0]))
+def median(G: torch.Tensor, checked: bool = False) -> torch.Tensor | None:
+    """Coordinate-wise median of ``G`` (``(p, n)``), as :func:`sorted_median` of each sorted column
+    (``checked``: see :func:`.selection.coordinatewise`)."""
+    return coordinatewise(G, middle_values(G.shape[0]), checked=checked)
 
 
 class Median(Aggregator):
@@ -63,6 +64,9 @@ class Median(Aggregator):
 
     def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
         return median(G)
+
+    def aggregate_if_finite(self, G: torch.Tensor, f: int) -> torch.Tensor | None:
+        return median(G, checked=True)
 
     def by_columns(self, p: int, K, f: int):
         return lambda block, cols: median(block)

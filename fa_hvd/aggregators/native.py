@@ -16,9 +16,16 @@ build per CPU kind), and loaded with ``ctypes``, which releases the GIL during t
 call. If it cannot be built, or ``FA_HVD_NATIVE=0``, the rules use the eager torch
 path and say so once; so do every other rank's (:func:`agree`, at start-up and after each
 elastic reset), as the compiled Gram (:mod:`.native_gram`) is not bit-identical to BLAS's.
-Inputs are finite (robust rules drop non-finite rows first); CPU, fp32 and fp64. Min
-and max are exact and each reduction does the eager path's arithmetic in the same
-order (``-ffp-contract=off``: no fused multiply-adds), so the results are the eager
+CPU, fp32 and fp64. A network's input is finite (robust rules
+drop non-finite rows), which a *checked* network (:func:`run`'s ``checked``) tests in
+the same pass: it also sums each column's values and subtracts ``s - s`` (``+0`` for a
+finite sum, NaN otherwise: a NaN or +/-Inf value propagates through any sum) from the
+result, which leaves a result unchanged bit for bit (``x - (+0) = x`` for every ``x``,
+``-0`` included) and says whether every sum was finite. So a rule reads ``G`` once
+when its rows are clean, and checks them row by row only when a sum was not
+(a non-finite value, or finite values whose sum overflowed). Min and max are exact
+and each reduction does the eager path's arithmetic in the same order
+(``-ffp-contract=off``: no fused multiply-adds), so the results are the eager
 path's (up to the sign of a zero).
 """
 
@@ -72,18 +79,26 @@ def supports(G: torch.Tensor) -> bool:
     return enabled() and G.device.type == "cpu" and G.dtype in _TYPES and G.stride(1) == 1 and _compiler_works()
 
 
-def source(network, p: int, reduction, ctype: str) -> str:
-    """C code: ``network`` (:class:`.selection.Comparator` s) on ``p`` wires, then ``reduction``'s C form."""
+def source(network, p: int, reduction, ctype: str, checked: bool = False) -> str:
+    """C code: ``network`` (:class:`.selection.Comparator` s) on ``p`` wires, then ``reduction``'s C form.
+
+    ``checked``: the function also takes an ``int32_t *`` set to 1 when some column's sum
+    was not finite (module docstring), else 0.
+    """
+    flag = ", int32_t *restrict nonfinite" if checked else ""
     lines = [
         "#include <stdint.h>",
         "#include <math.h>",
-        f"void network(const {ctype} *const *rows, {ctype} *restrict out, int64_t n) {{",
+        f"void network(const {ctype} *const *rows, {ctype} *restrict out, int64_t n{flag}) {{",
         *[f"  const {ctype} *restrict r{i} = rows[{i}];" for i in range(p)],
+        *(["  int32_t bad = 0;"] if checked else []),
         "#pragma GCC ivdep",
         "  for (int64_t j = 0; j < n; ++j) {",
         *[f"    {ctype} w{i} = r{i}[j];" for i in range(p)],
         f"    {ctype} t, result;",
     ]
+    if checked:
+        lines += [f"    {ctype} s = {' + '.join(f'w{i}' for i in range(p))};", "    s = s - s;", "    bad |= s != s;"]
     for c in network:
         a, b = f"w{c.low}", f"w{c.high}"
         if c.min_needed and c.max_needed:
@@ -93,35 +108,41 @@ def source(network, p: int, reduction, ctype: str) -> str:
         else:
             lines.append(f"    {b} = {b} > {a} ? {b} : {a};")
     lines += ["    " + line for line in reduction.c([f"w{k}" for k in reduction.positions], ctype)]
-    lines += ["    out[j] = result;", "  }", "}", ""]
+    lines += ["    out[j] = result - s;" if checked else "    out[j] = result;", "  }",
+              *(["  *nonfinite = bad;"] if checked else []), "}", ""]
     return "\n".join(lines)
 
 
-def run(network, p: int, reduction, rows: list[torch.Tensor], out: torch.Tensor) -> None:
+def run(network, p: int, reduction, rows: list[torch.Tensor], out: torch.Tensor, checked: bool = False) -> bool:
     """``out[j]`` = ``reduction`` of the sorted column ``j`` of ``rows`` (equal-length, contiguous).
 
-    With ``torch.get_num_threads() > 1`` the columns are split between that many
-    threads, as torch's own operations would use them.
+    With ``checked``, False when some column's sum was not finite (a NaN or +/-Inf
+    value, or an overflow; that column of ``out`` is NaN), else True; always True
+    without. With ``torch.get_num_threads() > 1`` the columns are split between that
+    many threads, as torch's own operations would use them.
     """
-    function = _function(network, p, reduction, rows[0].dtype)
+    function = _function(network, p, reduction, rows[0].dtype, checked)
     n = rows[0].numel()
     threads = max(1, min(torch.get_num_threads(), n // MIN_COLUMNS_PER_THREAD))
     bounds = [n * t // threads for t in range(threads + 1)]
+    flags = (ctypes.c_int32 * threads)()
 
     def call(t: int) -> None:
         start, stop, step = bounds[t], bounds[t + 1], rows[0].element_size()
         row_ptrs = (ctypes.c_void_p * p)(*[r.data_ptr() + start * step for r in rows])
-        function(row_ptrs, ctypes.c_void_p(out.data_ptr() + start * step), ctypes.c_int64(stop - start))
+        flag = (ctypes.byref(flags, 4 * t),) if checked else ()
+        function(row_ptrs, ctypes.c_void_p(out.data_ptr() + start * step), ctypes.c_int64(stop - start), *flag)
 
     if threads == 1:
         call(0)
     else:
         list(_pool(threads).map(call, range(threads)))
+    return not any(flags)
 
 
 @functools.lru_cache(maxsize=None)
-def _function(network, p: int, reduction, dtype: torch.dtype):
-    return function(source(network, p, reduction, _TYPES[dtype]), "network")
+def _function(network, p: int, reduction, dtype: torch.dtype, checked: bool):
+    return function(source(network, p, reduction, _TYPES[dtype], checked), "network")
 
 
 def function(code: str, name: str):

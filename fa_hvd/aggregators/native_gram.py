@@ -11,8 +11,18 @@ lane sums are added in fp64; ``r . r`` is summed from exact fp64 products in fp6
 arithmetic is :mod:`.geometry`'s model (``-ffp-contract=off``: no fused multiply-adds), so its
 error bound holds, with ``LANES`` more fp64 additions per block (counted in ``N``). Straight-line
 C per ``p``, compiled and loaded as :mod:`.native`'s sorting networks are (same cache, same
-``FA_HVD_NATIVE=0`` switch, the torch path when no compiler works). Used for fp32 rows with unit
-column stride on the CPU, ``p <= MAX_ROWS``; one thread (the bits do not depend on the thread count).
+``FA_HVD_NATIVE=0`` switch, the torch path when no compiler works).
+
+Above :data:`MAX_ROWS` the products no longer fit in registers and the product is bound by
+arithmetic (:func:`tiled_source`): the block is cut into sub-blocks of :data:`SUB_COLUMNS`
+columns, whose centred rows ``[X; r]`` are written once to a buffer that stays in cache, and the
+lower triangle of ``[X; r] [X; r]^T`` is taken in :data:`TILE` x :data:`TILE` tiles of rows, each
+tile's ``TILE^2`` vectors of lane accumulators in registers across the sub-block (``2 TILE``
+loads per ``TILE^2`` products: register tiling, as a BLAS kernel does, but over the triangle
+only). Every entry is still an fp32 sum per lane, column by column in order, then the lanes in
+fp64: the same arithmetic, bound and bits as one lane loop would give, whatever the tiling.
+Used for fp32 rows with unit column stride on the CPU, ``p <= MAX_TILED_ROWS``; one thread (the
+bits do not depend on the thread count).
 Its results and the torch path's agree within the bound, not bit for bit: every rank of a run must
 take the same path, which the ranks agree on at start-up (:func:`.native.agree`: the torch path
 everywhere if any rank cannot compile).
@@ -30,12 +40,18 @@ from . import native
 LANES = 16
 """Columns one vector of accumulators spans (an AVX-512 register of fp32)."""
 MAX_ROWS = 16
-"""Largest ``p`` compiled (above it the BLAS product of :mod:`.geometry` is faster)."""
+"""Largest ``p`` whose accumulators stay in registers (:func:`gram_source`); above, :func:`tiled_source`."""
+MAX_TILED_ROWS = 128
+"""Largest ``p`` compiled (above it the BLAS product of :mod:`.geometry`)."""
+TILE = 5
+"""Rows per side of a register tile (25 vectors of accumulators and 10 of rows: 32 AVX-512 registers)."""
+SUB_COLUMNS = 1024
+"""Columns of a sub-block (``(p + 1)`` centred rows of them stay in L2 while every tile reads them)."""
 
 
 def supports(G: torch.Tensor) -> bool:
-    """Whether the compiled product takes ``G``: fp32 on the CPU, unit column stride, ``p <= MAX_ROWS``."""
-    return G.dtype == torch.float32 and G.shape[0] <= MAX_ROWS and native.supports(G)
+    """Whether the compiled product takes ``G``: fp32 on the CPU, unit column stride, ``p <= MAX_TILED_ROWS``."""
+    return G.dtype == torch.float32 and G.shape[0] <= MAX_TILED_ROWS and native.supports(G)
 
 
 def pairs(p: int) -> list[tuple[int, int]]:
@@ -78,9 +94,94 @@ def gram_source(p: int) -> str:
     return "\n".join(lines)
 
 
+def tiled_source(p: int) -> str:
+    """C code of :func:`block_products` for ``MAX_ROWS < p``: register tiles over cached sub-blocks.
+
+    The rows ``[X; r]`` are padded with zero rows to a multiple of :data:`TILE` (their entries
+    are computed and never read). A column of the tail (``w mod LANES``) goes to lane 0, as in
+    :func:`gram_source`. Should the buffers not be allocated, every entry is NaN, which makes
+    :mod:`.geometry` redo every row in fp64.
+    """
+    rows = -(-(p + 1) // TILE) * TILE
+    tiles = [(a, b) for a in range(rows // TILE) for b in range(a + 1)]
+    cells = [(u, v) for u in range(TILE) for v in range(TILE)]
+    width, accumulators = SUB_COLUMNS, len(tiles) * TILE * TILE * LANES
+
+    def table(name: str, values) -> str:
+        return f"static const int32_t {name}[{len(values)}] = {{{', '.join(map(str, values))}}};"
+
+    at = [(tiles.index((i // TILE, j // TILE)) * TILE * TILE + (i % TILE) * TILE + j % TILE) * LANES
+          for i, j in pairs(p)]
+    lines = [
+        "#include <stdint.h>",
+        "#include <stdlib.h>",
+        "#include <string.h>",
+        "#include <math.h>",
+        f"typedef float lanes __attribute__((vector_size({4 * LANES})));",
+        table("ta", [a for a, _ in tiles]),
+        table("tb", [b for _, b in tiles]),
+        table("at", at),
+        table("pi", [i for i, _ in pairs(p)]),
+        table("pj", [j for _, j in pairs(p)]),
+        "void gram(const float *const *rows, int64_t m, int64_t start, int64_t w, double *restrict out) {",
+        f"  float *restrict x = aligned_alloc(64, sizeof(float) * {rows * width});",
+        f"  float *restrict acc = aligned_alloc(64, sizeof(float) * {accumulators});",
+        "  if (!x || !acc) {",
+        f"    for (int k = 0; k <= {len(at)}; ++k) out[k] = NAN;",
+        "    free(x); free(acc); return;",
+        "  }",
+        f"  memset(x, 0, sizeof(float) * {rows * width});",
+        f"  memset(acc, 0, sizeof(float) * {accumulators});",
+        f"  double q[{LANES}] = {{0}};",
+        "  const float *restrict r = rows[m] + start;",
+        f"  const int64_t full = w - w % {LANES};",
+        f"  for (int64_t s0 = 0; s0 < full; s0 += {width}) {{",
+        f"    const int64_t sw = full - s0 < {width} ? full - s0 : {width};",
+        f"    for (int64_t j = 0; j < sw; ++j) {{",
+        f"      const float xr = r[s0 + j];",
+        f"      x[{p * width} + j] = xr;",
+        f"      q[j % {LANES}] += (double)xr * (double)xr;",
+        "    }",
+        f"    for (int i = 0; i < {p}; ++i) {{",
+        f"      const float *restrict g = rows[i] + start + s0;",
+        f"      float *restrict xi = x + i * {width};",
+        "      for (int64_t j = 0; j < sw; ++j) xi[j] = g[j] - r[s0 + j];",
+        "    }",
+        f"    for (int t = 0; t < {len(tiles)}; ++t) {{",
+        f"      const float *restrict A = x + ta[t] * {TILE * width}, *restrict B = x + tb[t] * {TILE * width};",
+        f"      float *restrict c = acc + t * {TILE * TILE * LANES};",
+        f"      lanes {', '.join(f'c{u}{v}' for u, v in cells)};",
+        *[f"      memcpy(&c{u}{v}, c + {(u * TILE + v) * LANES}, sizeof(lanes));" for u, v in cells],
+        f"      for (int64_t j0 = 0; j0 < sw; j0 += {LANES}) {{",
+        *[f"        lanes a{u}, b{u}; memcpy(&a{u}, A + {u * width} + j0, sizeof(lanes)); "
+          f"memcpy(&b{u}, B + {u * width} + j0, sizeof(lanes));" for u in range(TILE)],
+        *[f"        c{u}{v} += a{u} * b{v};" for u, v in cells],
+        "      }",
+        *[f"      memcpy(c + {(u * TILE + v) * LANES}, &c{u}{v}, sizeof(lanes));" for u, v in cells],
+        "    }",
+        "  }",
+        "  for (int64_t j = full; j < w; ++j) {",
+        "    const float xr = r[j];",
+        f"    float v[{rows}] = {{0}};",
+        f"    for (int i = 0; i < {p}; ++i) v[i] = rows[i][start + j] - xr;",
+        f"    v[{p}] = xr;",
+        f"    for (int k = 0; k < {len(at)}; ++k) acc[at[k]] += v[pi[k]] * v[pj[k]];",
+        "    q[0] += (double)xr * (double)xr;",
+        "  }",
+        f"  for (int k = 0; k < {len(at)}; ++k) {{",
+        f"    double s = 0; for (int l = 0; l < {LANES}; ++l) s += (double)acc[at[k] + l]; out[k] = s;",
+        "  }",
+        f"  {{ double s = 0; for (int l = 0; l < {LANES}; ++l) s += q[l]; out[{len(at)}] = s; }}",
+        "  free(x); free(acc);",
+        "}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 @functools.lru_cache(maxsize=None)
 def _gram(p: int):
-    return native.function(gram_source(p), "gram")
+    return native.function(gram_source(p) if p <= MAX_ROWS else tiled_source(p), "gram")
 
 
 @functools.lru_cache(maxsize=None)

@@ -185,19 +185,26 @@ class Reduction:
         raise NotImplementedError
 
 
-def coordinatewise(G: torch.Tensor, reduction: Reduction, rows: Sequence[int] | None = None) -> torch.Tensor:
+def coordinatewise(G: torch.Tensor, reduction: Reduction, rows: Sequence[int] | None = None,
+                   checked: bool = False) -> torch.Tensor | None:
     """``reduction`` of the sorted columns of ``G[rows]`` (default: all rows): the ``(n,)`` result.
 
     Compiled (:mod:`.native`) on the CPU for ``p <= MAX_NETWORK_ROWS``, where a C
-    compiler is at hand; otherwise the eager torch path by column blocks.
+    compiler is at hand; otherwise the eager torch path by column blocks. With
+    ``checked`` (for rows not yet known finite) the result only when the compiled pass
+    also found every column's sum finite, so every value finite; None when it did not,
+    and at once off the compiled path: the caller then checks the rows itself.
     """
     n = G.shape[1]
     rows = list(range(G.shape[0])) if rows is None else list(rows)
+    compiled = len(rows) <= MAX_NETWORK_ROWS and native.supports(G)
+    if checked and not compiled:
+        return None
     out = torch.empty(n, dtype=G.dtype, device=G.device)
-    if len(rows) <= MAX_NETWORK_ROWS and native.supports(G):
+    if compiled:
         comparators = network(len(rows), tuple(sorted(set(reduction.positions))))
-        native.run(comparators, len(rows), reduction, [G[i] for i in rows], out)
-        return out
+        finite = native.run(comparators, len(rows), reduction, [G[i] for i in rows], out, checked)
+        return out if finite else None
     for cols, values in order_statistics(G, reduction.positions, rows):
         reduction.torch(values, out[cols])
     return out

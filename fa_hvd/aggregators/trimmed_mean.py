@@ -40,9 +40,10 @@ def _reduction(q: int, f: int) -> TrimmedAverage:
     return TrimmedAverage(q, f)
 
 
-def trimmed_mean(G: torch.Tensor, f: int) -> torch.Tensor:
-    """Mean of the sorted values ``f .. p-f-1`` of every column of ``G``."""
-    return coordinatewise(G, _reduction(G.shape[0], f))
+def trimmed_mean(G: torch.Tensor, f: int, checked: bool = False) -> torch.Tensor | None:
+    """Mean of the sorted values ``f .. p-f-1`` of every column of ``G`` (``checked``: see
+    :func:`.selection.coordinatewise`)."""
+    return coordinatewise(G, _reduction(G.shape[0], f), checked=checked)
 
 
 class TrimmedMean(Aggregator):
@@ -54,6 +55,9 @@ class TrimmedMean(Aggregator):
 
     def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
         return trimmed_mean(G, f)
+
+    def aggregate_if_finite(self, G: torch.Tensor, f: int) -> torch.Tensor | None:
+        return trimmed_mean(G, f, checked=True)
 
     def by_columns(self, p: int, K, f: int):
         return lambda block, cols: trimmed_mean(block, f)
