@@ -206,12 +206,27 @@ class Flag(Aggregator):
     def aggregate(self, G: torch.Tensor, f: int) -> torch.Tensor:
         eps = torch.finfo(G.dtype).eps
         if self.mode == "default":
-            K = self.gram = host_gram(G)
-            return self.combine_rows(G, self.coefficients(K, f, eps))
+            return self._combine(G, host_gram(G), f)
         basis = _gram_basis(gram(G), eps)
         if basis is None:
             return torch.zeros(G.shape[1], dtype=G.dtype, device=G.device)
         return self._reference(G, basis)
+
+    def aggregate_if_finite(self, G: torch.Tensor, f: int) -> torch.Tensor | None:
+        """Default mode reads the rows for the Gram first: its diagonal is finite exactly when every row
+        is (:mod:`.geometry` redoes rows that overflow fp32 in fp64), so clean rows need no separate
+        check; otherwise None, and the rows are checked and the non-finite ones dropped as usual."""
+        if self.mode != "default":
+            return None
+        K = host_gram(G)
+        if not bool(torch.isfinite(K.diagonal()).all()):
+            return None
+        self.check(G.shape[0], f)
+        return self._combine(G, K, f)
+
+    def _combine(self, G: torch.Tensor, K: torch.Tensor, f: int) -> torch.Tensor:
+        self.gram = K
+        return self.combine_rows(G, self.coefficients(K, f, torch.finfo(G.dtype).eps))
 
     def coefficients(self, K: torch.Tensor, f: int, eps: float = torch.finfo(torch.float32).eps) -> torch.Tensor:
         """Default mode's ``c`` (``agg(G) = c^T G``) from ``K``; ``eps``: the data's precision (fp32)."""
