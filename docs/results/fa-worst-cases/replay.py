@@ -16,8 +16,6 @@ Prints medians over steps 1-30, 31-70 and 71-100. Measurement only: it wraps Fla
 import statistics as st
 import sys
 
-import torch
-
 from fa_hvd.aggregators import flag as flagmod, get
 from fa_hvd.eval import simulate as sim
 from fa_hvd.eval.grid import load_grid
@@ -31,19 +29,6 @@ log = []
 aggregate = flagmod.Flag.aggregate
 
 
-def steps_1_to_3(flag, K):
-    """FA's coefficients before step 4 (flag.py's Flag.coefficients up to the clipping loop)."""
-    floor = flagmod.FLOOR * float(K.diagonal().amax())
-    D = flagmod.sq_distances(K=K)
-    radius = flagmod.neighbour_radius(D, p - f)
-    M = flagmod.soft_neighbours(D, radius, floor)
-    mixed = M @ K @ M.T
-    mixed = (mixed + mixed.T) / 2
-    votes = flag.fit(flagmod._gram_basis(mixed, torch.finfo(torch.float32).eps), f).votes
-    weights = votes * flagmod.soft_selection(flagmod.sq_distances(K=mixed), f, floor)
-    return M.T @ (weights / weights.sum()), flagmod.separation_gate(D, radius, p - f, floor)
-
-
 def recorded(self, G, f_):
     out = aggregate(self, G, f_)
     if self.mode != "default":
@@ -53,8 +38,8 @@ def recorded(self, G, f_):
     var = float(((H - hm) ** 2).sum(1).mean())
     K = self.gram.double()
     c = self.coefficients(K, f_)
-    c13, gate = steps_1_to_3(self, K)
-    row = {"byz": float(c[p - f:].sum()), "byz13": float(c13[p - f:].sum()), "gate": gate,
+    centre = self.centre(K.cpu(), f_)
+    row = {"byz": float(c[p - f:].sum()), "byz13": float(centre.c[p - f:].sum()), "gate": centre.gate,
            "honest": (float(c[: p - f].min()), float(c[: p - f].max()))}
     for name, o in [("flag", out)] + [(n, rule(G)) for n, rule in rules.items()]:
         o = o.double()
