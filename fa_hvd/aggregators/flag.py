@@ -234,6 +234,17 @@ class Flag(Aggregator):
             raise NotImplementedError("flag: reference mode's random start needs U^T G, not K alone")
         device = K.device
         K = K.to(device="cpu", dtype=torch.float64)  # p x p: dozens of tiny steps, cheapest on the CPU
+        centre = self.centre(K, f, eps)
+        if centre is None:
+            return torch.zeros(K.shape[0], dtype=torch.float64, device=device)
+        c = centre.c
+        for _ in range(CLIP_STEPS):
+            c = clipped_mean(K, c, f, centre.core, centre.gate)
+        return c.to(device)
+
+    def centre(self, K: torch.Tensor, f: int, eps: float = torch.finfo(torch.float32).eps) -> "FlagCentre | None":
+        """Default mode's steps 1-3 from the fp64 CPU Gram ``K``: the centre's coefficients and what
+        step 4 clips around it with (None when every row is zero)."""
         p = K.shape[0]
         floor = FLOOR * float(K.diagonal().amax().clamp_min(0)) or FLOOR
         D = sq_distances(K=K)
@@ -243,16 +254,12 @@ class Flag(Aggregator):
         mixed = (mixed + mixed.T) / 2
         basis = _gram_basis(mixed, eps)
         if basis is None:
-            return torch.zeros(p, dtype=torch.float64, device=device)
+            return None
         votes = self.fit(basis, f).votes
         selected = soft_selection(sq_distances(K=mixed), f, floor)
         weights = votes * selected
-        c = M.T @ (weights / weights.sum())
-        core = soft_smallest(radius, p - f, floor)
-        gate = separation_gate(D, radius, p - f, floor)
-        for _ in range(CLIP_STEPS):
-            c = clipped_mean(K, c, f, core, gate)
-        return c.to(device)
+        return FlagCentre(M.T @ (weights / weights.sum()), soft_smallest(radius, p - f, floor),
+                          separation_gate(D, radius, p - f, floor))
 
     # -- IRLS ------------------------------------------------------------------------
     def _irls_step(self, P: torch.Tensor, R: torch.Tensor, r: int, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -350,6 +357,14 @@ class FlagFit(NamedTuple):
     W: torch.Tensor
     votes: torch.Tensor
     r: int
+
+
+class FlagCentre(NamedTuple):
+    """Default mode after steps 1-3: the centre ``z = c^T G``, step 4's core weights ``k_i`` and gate."""
+
+    c: torch.Tensor
+    core: torch.Tensor
+    gate: float
 
 
 def clipped_mean(K: torch.Tensor, c: torch.Tensor, f: int, core: torch.Tensor, gate: float) -> torch.Tensor:
