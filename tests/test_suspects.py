@@ -819,3 +819,30 @@ def test_below_the_calibration_window_the_measured_defaults_judge_only_weight_an
                                                                    "distance": [0.5, 1.0, 1.5],
                                                                    "alignment": [0.9, 0.9, 0.9]})]
     assert [s["rank"] for s in named] == [0]
+
+
+@pytest.mark.parametrize("rule", ["flag", "geomed", "multikrum"])
+def test_the_default_twin_gap_names_copies_and_no_honest_rank_of_concentrated_rows(rule):
+    """IID honest rows in 2,000 dimensions sit at nearly the same relative distance and alignment (their
+    per-step gaps are 0.001-0.05), and two ALIE copies at exactly the same place: the default min_twin
+    (trust.TWIN_GAP, the same row to rounding) names the copies alone, where the 0.12 measured on the grid's
+    digits MLP names honest ranks too."""
+    from fa_hvd.aggregators import get
+
+    def ledger(min_twin):
+        return trust.TrustLedger(7, trust.Thresholds(window=5, min_weight=0.0, min_alignment=None, min_distance=None,
+                                                     max_distance=None, max_closest=None, min_twin=min_twin))
+
+    default, measured = ledger(trust.DEFAULTS[rule].min_twin), ledger(0.12)
+    gen = torch.Generator().manual_seed(0)
+    named = {id(default): set(), id(measured): set()}
+    for step in range(5):
+        G = torch.randn(2000, generator=gen) + 0.5 * torch.randn(7, 2000, generator=gen)
+        G[5] = G[:5].mean(0) - 0.3 * G[:5].std(0)
+        G[6] = G[5]
+        aggregator = get(rule, f=2)
+        aggregator(G)
+        for book in (default, measured):
+            named[id(book)] |= {s["rank"] for s in book.observe(step, aggregator.diagnostics)}
+    assert named[id(default)] == {5, 6}
+    assert named[id(measured)] - {5, 6}, "the measured threshold should name honest ranks here"

@@ -53,7 +53,7 @@ figure's size, which non-IID honest ranks share:
 * the *twin gap* (:func:`twins`): the gap between the rank's (distance, alignment) and the nearest other rank's.
   Colluding rows computed alike (ALIE or IPM with ``f >= 2``) are one row sent twice, with the same place against
   any aggregate at every step: a gap of 0 (to rounding), where honest rows, each with its own batch noise, stay
-  at 0.18 or more (``min_twin``).
+  apart (``min_twin``: :data:`TWIN_GAP`, the same row to rounding, as the honest gap shrinks with the model).
 
 All are means over the window's steps that reported them, judged only when at least half
 of the window's steps did; their thresholds are measured on 100-step windows
@@ -150,13 +150,20 @@ class Thresholds:
             raise ValueError(f"{where}.min_twin: must be > 0 or null, got {self.min_twin!r}")
 
 
+TWIN_GAP = 1e-6
+"""The measured rules' ``min_twin``: set, not measured. A twin is the same row sent twice, whose place against
+the aggregate repeats the other's to rounding; the honest ranks' gap (0.184 or more over 100 steps on the grid's
+digits MLP) scales with the spread of their relative distances and alignments, which shrinks as the model and
+the batch grow (in ``n`` dimensions of independent noise, by about ``1/sqrt(n)``): a threshold measured there would
+name honest ranks of a large model."""
+
 DEFAULTS: dict[str, Thresholds] = {
     "flag": Thresholds(min_weight=0.44, min_alignment=-0.45, min_distance=0.1, max_distance=10.74, max_closest=0.86,
-                       min_twin=0.12),
+                       min_twin=TWIN_GAP),
     "geomed": Thresholds(min_weight=0.16, min_alignment=-0.38, min_distance=0.03, max_distance=13.26,
-                         max_closest=0.96, min_twin=0.13),
+                         max_closest=0.96, min_twin=TWIN_GAP),
     "multikrum": Thresholds(min_weight=0.0, min_alignment=-0.34, min_distance=0.1, max_distance=46.72,
-                            max_closest=0.8, min_twin=0.12),
+                            max_closest=0.8, min_twin=TWIN_GAP),
 }
 """Each measured rule's thresholds (its weights, and so its honest ranks' figures, have their own spread):
 1.5x beyond the most suspect window figure of its honest ranks in 110 held-in no-attack cells (seeds 0 to 4;
@@ -164,7 +171,8 @@ p/f = 4/1 (not Multi-Krum), 7/2, 8/1, 15/3; IID and Dirichlet(0.5)), rounded out
 (:func:`fa_hvd.eval.suspects.calibrate`; ``docs/results/suspects/``): honest extremes, weight / gap / distance
 low / high / closest share / twin gap, FA 0.661 / -0.300 / 0.163 / 7.16 / 0.78 / 0.184, geomed 0.248 / -0.253 /
 0.048 / 8.84 / 0.93 / 0.196, Multi-Krum 0.000 / -0.220 / 0.162 / 31.1 / 0.70 / 0.195. Measured with each rule's
-default parameters."""
+default parameters; but ``min_twin`` is :data:`TWIN_GAP` (the calibration's 0.12-0.13 would not carry over to
+larger models)."""
 
 
 def defaults(rule: str | None, window: int = CALIBRATION_WINDOW) -> Thresholds:
