@@ -833,16 +833,16 @@ def test_the_default_twin_gap_names_copies_and_no_honest_rank_of_concentrated_ro
         return trust.TrustLedger(7, trust.Thresholds(window=5, min_weight=0.0, min_alignment=None, min_distance=None,
                                                      max_distance=None, max_closest=None, min_twin=min_twin))
 
-    default, measured = ledger(trust.DEFAULTS[rule].min_twin), ledger(0.12)
+    books = {"default": ledger(trust.DEFAULTS[rule].min_twin), "measured": ledger(0.12)}
+    named = {key: set() for key in books}
     gen = torch.Generator().manual_seed(0)
-    named = {id(default): set(), id(measured): set()}
     for step in range(5):
         G = torch.randn(2000, generator=gen) + 0.5 * torch.randn(7, 2000, generator=gen)
         G[5] = G[:5].mean(0) - 0.3 * G[:5].std(0)
         G[6] = G[5]
         aggregator = get(rule, f=2)
         aggregator(G)
-        for book in (default, measured):
-            named[id(book)] |= {s["rank"] for s in book.observe(step, aggregator.diagnostics)}
-    assert named[id(default)] == {5, 6}
-    assert named[id(measured)] - {5, 6}, "the measured threshold should name honest ranks here"
+        for key, book in books.items():
+            named[key] |= {s["rank"] for s in book.observe(step, aggregator.diagnostics)}
+    assert named["default"] == {5, 6}
+    assert named["measured"] - {5, 6}, "the measured threshold should name honest ranks here"
