@@ -43,11 +43,12 @@ def faulty(kind, p=P):
 
 
 def step(exchange, row, sizes=SIZES, order=None, index=0):
-    """One step: every bucket started (in ``order``; default last first, as backward makes them), then finish."""
+    """One step: every bucket started (in ``order``; default last first, as backward makes them), then finish
+    (its aggregate copied: the exchange writes the step after next into the same buffer)."""
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     for bucket in order if order is not None else reversed(range(len(sizes))):
         exchange.start(bucket, row[offsets[bucket] : offsets[bucket] + sizes[bucket]].clone())
-    return exchange.finish(len(sizes), row.device, index)
+    return exchange.finish(len(sizes), row.device, index).clone()
 
 
 def sharded(name, G, sizes=SIZES, steps=1, scale=None, f=1, **options):
@@ -131,6 +132,33 @@ def test_bf16_buckets_travel_and_aggregate_as_fp32():
     [(out, _), *_] = sharded("trimmed_mean", G, sizes=[15, 25])
     assert out[0].dtype == torch.float32  # as the optimizer sends bf16 in allgather mode
     assert torch.equal(out[0], get("trimmed_mean", f=1)(G.float()))
+
+
+@pytest.mark.parametrize("name", ["mean", "flag"])  # the mean's shards gathered early, FA's after the solve
+def test_sharded_last_aggregate_outlives_the_next_step_in_two_reused_buffers(name):
+    """As the allgather exchange (test_overlap.py): the aggregate is written into one of two buffers kept
+    across steps, never into the one that holds the last step's aggregate."""
+    G = honest()
+    scale = [1.0, -0.5, 2.0, 0.25]
+
+    def body(transport):
+        exchange = ShardedExchange(transport, get(name, f=1), prefix="test")
+        offsets = [sum(SIZES[:i]) for i in range(len(SIZES))]
+        kept, held = [], []
+        for index, factor in enumerate(scale):
+            row = G[transport.rank] * factor
+            for bucket in reversed(range(len(SIZES))):
+                exchange.start(bucket, row[offsets[bucket]: offsets[bucket] + SIZES[bucket]].clone())
+            held.append(exchange.finish(len(SIZES), row.device, index))
+            kept.append(held[-1].clone())
+            if index:
+                assert torch.equal(held[-2], kept[-2])  # the last step's aggregate, untouched
+        return kept, {t.data_ptr() for t in held}
+
+    for kept, buffers in run_ranks(G.shape[0], body):
+        assert len(buffers) == 2
+        for aggregate, factor in zip(kept, scale):
+            torch.testing.assert_close(aggregate, get(name, f=1)(G * factor), rtol=1e-5, atol=1e-6)
 
 
 def test_cclip_centre_matches_allgather_mode_across_steps():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fa_hvd.aggregators import get
-from fa_hvd.aggregators.geometry import gram
+from fa_hvd.aggregators.geometry import combine, gram
 from fa_hvd.aggregators.krum import Krum
 from fa_hvd.aggregators.pre.nnm import NNM
 
@@ -74,3 +74,16 @@ def test_composition_in_gram_space_equals_mixing_the_rows():
 def test_affine_rules_move_with_a_translation(name):
     G, t = sample(seed=4), torch.linspace(-3, 3, 20, dtype=torch.float64)
     assert torch.allclose(get(name, f=1)(G + t), get(name, f=1)(G) + t, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_combine_into_a_given_buffer_gives_the_same_bits(dtype):
+    """The exchanges pass a reused buffer (a fresh one is paid in page faults); the bits are ``c @ G``'s."""
+    gen = torch.Generator().manual_seed(0)
+    G = torch.randn(5, 3001, generator=gen).to(dtype)
+    c = torch.rand(5, generator=gen, dtype=torch.float64)
+    out = torch.full((3001,), float("nan"), dtype=dtype)
+    assert combine(G, c, out=out) is out
+    assert torch.equal(out, c.to(dtype) @ G) and torch.equal(out, combine(G, c))
+    block = torch.full((1000,), float("nan"), dtype=dtype)  # a block of columns, as the sharded exchange's
+    torch.testing.assert_close(combine(G[:, 1000:2000], c, out=block), combine(G, c)[1000:2000])

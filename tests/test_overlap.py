@@ -227,3 +227,38 @@ def test_bucket_work_that_fails_fails_finish_as_it_is(threaded):
     for index, size in enumerate(SIZES):
         exchange.start(index, torch.zeros(size))
     assert torch.equal(exchange.finish(len(SIZES), torch.device("cpu"), 1), get("flag", f=1)(G.clone()))
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+@pytest.mark.parametrize("name, params", [("mean", {}), ("flag", {"f": 1})])
+def test_the_last_aggregate_outlives_the_next_step_in_two_reused_buffers(name, params, threaded):
+    """The aggregate is written into one of two buffers kept across steps (a fresh one each step is
+    paid in page faults): a step, finished or failed, never writes into the buffer that holds the last
+    finished step's aggregate, which the deferred digest fingerprints during the next step."""
+    exchange, transport = exchange_of(rows(seed=6), name, params, threaded=threaded)
+    last = exchange.finish(len(SIZES), torch.device("cpu"), 0)
+    seen = {last.data_ptr()}
+    broken = transport.wait
+
+    def failing(handle):
+        if handle.index == 2:
+            raise ConnectionError("peer went away")
+        return broken(handle)
+
+    for step in range(1, 6):
+        kept = last.clone()
+        transport.G = rows(seed=6 + step)
+        transport.wait = failing if step == 3 else broken
+        for index, size in enumerate(SIZES):
+            exchange.start(index, torch.zeros(size))
+        if step == 3:
+            with pytest.raises(RuntimeError, match="step 3"):
+                exchange.finish(len(SIZES), torch.device("cpu"), step)
+            assert torch.equal(last, kept)
+            continue
+        update = exchange.finish(len(SIZES), torch.device("cpu"), step)
+        assert torch.equal(last, kept) and update.data_ptr() != last.data_ptr()
+        assert torch.equal(update, get(name, **params)(transport.G.clone()))
+        seen.add(update.data_ptr())
+        last = update
+    assert len(seen) == 2

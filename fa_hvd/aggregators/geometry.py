@@ -281,9 +281,17 @@ def sq_distances(G: torch.Tensor | None = None, K: torch.Tensor | None = None) -
     return D
 
 
-def combine(G: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """``c^T G``: the ``(n,)`` combination of ``G``'s rows with coefficients ``c`` (``(p,)``), in ``G``'s dtype."""
-    return c.to(device=G.device, dtype=G.dtype) @ G
+def combine(G: torch.Tensor, c: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``c^T G``: the ``(n,)`` combination of ``G``'s rows with coefficients ``c`` (``(p,)``), in ``G``'s dtype;
+    into ``out`` (``(n,)``, ``G``'s dtype and device) when given, with the same bits. A reused ``out``
+    is what makes it fast: a fresh ``(n,)`` tensor's pages are touched anew, 18 ms for 11M fp32 on a
+    2-core CPU where the product itself takes 5 (p = 2), so the exchanges pass theirs
+    (:class:`~fa_hvd.exchange.base.Outputs`)."""
+    c = c.to(device=G.device, dtype=G.dtype)
+    if out is None:
+        return c @ G
+    torch.mm(c.unsqueeze(0), G, out=out.unsqueeze(0))
+    return out
 
 
 def column_chunks(n: int, p: int, budget: int = 1 << 22):

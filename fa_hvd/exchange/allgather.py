@@ -10,9 +10,9 @@ it happened in (:mod:`fa_hvd.exchange.digest`).
 Overlap. Each bucket's allgather starts as soon as backward has produced it (the
 optimizer's hooks), and each bucket is worked on as it arrives, while the later ones are
 still on the wire: it is copied into the ``(p, n)`` matrix and, for the plain Gram rules
-(:func:`_gram_as_it_arrives`), its rows are checked for NaN/Inf and its column blocks of the
-Gram product added (``K = sum_b G_b G_b^T`` in :func:`~fa_hvd.aggregators.geometry.gram`'s
-fixed blocks); for the mean (:func:`_mean_as_it_arrives`) its columns' mean is taken. Only
+(:func:`_gram_as_it_arrives`), its column blocks of the Gram product are added
+(``K = sum_b G_b G_b^T`` in :func:`~fa_hvd.aggregators.geometry.gram`'s fixed blocks; its
+diagonal then tells whether every row is finite); for the mean (:func:`_mean_as_it_arrives`) its columns' mean is taken. Only
 the ``p x p`` solve and ``c^T G`` wait for the last bucket. The result is the same, bit for
 bit, as the rule on the whole matrix after the last bucket (the same blocks of the same
 matrix, the same arithmetic, in the same order; only when it runs differs).
@@ -37,10 +37,10 @@ from typing import Callable
 
 import torch
 
-from ..aggregators.base import Aggregator, Rows, describe, finite_rows
-from ..aggregators.geometry import CentredGram
+from ..aggregators.base import Aggregator, Rows, describe
+from ..aggregators.geometry import CentredGram, combine
 from ..aggregators.mean import Mean
-from .base import GradientExchange, Worker, check_planned, raise_failure
+from .base import GradientExchange, Outputs, Worker, check_planned, raise_failure
 from .digest import check_agreement
 
 
@@ -65,6 +65,7 @@ class AllgatherExchange(GradientExchange):
         self.timings: dict = {}
         self.stats: dict = {}
         self._buffer: torch.Tensor | None = None
+        self._outputs = Outputs()
         self._plan: tuple[list[int], torch.dtype, torch.device] | None = None
         self._worker: Worker | None = None
         self._step: _Assembly | None = None  # the worker's step in progress
@@ -118,7 +119,7 @@ class AllgatherExchange(GradientExchange):
                 work.raise_error(step)
             self.timings = {"arrived": work.arrived, "assembled": work.assembled}
             self.stats = {"overlapped_s": work.overlapped}
-        update = work.result()
+        update = self._outputs.finished(work.result())
         if self.digest:
             check_agreement(self.transport, update, step, f"{self.prefix}.digest")
         self.timings["aggregated"] = time.perf_counter()
@@ -162,8 +163,9 @@ class _Assembly:
     def __init__(self, exchange: AllgatherExchange, count: int, n: int, dtype: torch.dtype, device: torch.device):
         self.exchange, self.count, self.n, self.dtype, self.device = exchange, count, n, dtype, device
         rule = exchange.aggregator
-        self.work = (_GramAsItArrives(rule, n) if _gram_as_it_arrives(rule, dtype)
-                     else _MeanAsItArrives(rule, n, dtype, device) if _mean_as_it_arrives(rule, dtype) else None)
+        self.work = (_GramAsItArrives(rule, n, exchange._outputs.take) if _gram_as_it_arrives(rule, dtype)
+                     else _MeanAsItArrives(rule, exchange._outputs.take(n, dtype, device)) if _mean_as_it_arrives(rule, dtype)
+                     else None)
         self.entries: dict[int, tuple] = {}
         self.next = self.offset = 0
         self.G: torch.Tensor | None = None
@@ -258,9 +260,8 @@ def _mean_as_it_arrives(rule, dtype: torch.dtype) -> bool:
 class _MeanAsItArrives:
     """The mean, bucket by bucket (:meth:`~fa_hvd.aggregators.mean.Mean.columns`)."""
 
-    def __init__(self, rule: Mean, n: int, dtype: torch.dtype, device: torch.device):
-        self.rule = rule
-        self.out = torch.empty(n, dtype=dtype, device=device)  # fresh each step: a deferred digest holds the last
+    def __init__(self, rule: Mean, out: torch.Tensor):
+        self.rule, self.out = rule, out  # (n,): this step's buffer (Outputs.take)
         self.p = 0
 
     def add(self, rows: torch.Tensor, start: int) -> None:
@@ -281,29 +282,30 @@ class _MeanAsItArrives:
 class _GramAsItArrives:
     """A Gram rule's work on the buckets as they arrive (:func:`_gram_as_it_arrives`), then its result."""
 
-    def __init__(self, rule, n: int):
-        self.rule, self.n = rule, n
-        self.product = self.finite = None
+    def __init__(self, rule, n: int, output: Callable[..., torch.Tensor]):
+        self.rule, self.n, self.output = rule, n, output
+        self.product = None
 
     def filled(self, G: torch.Tensor, start: int, stop: int) -> None:
         """Columns ``[start, stop)`` of ``G`` hold their values."""
         if self.product is None:
             self.product = CentredGram(G)
-            self.finite = torch.ones(G.shape[0], dtype=torch.bool, device=G.device)
-        self.finite &= finite_rows(G[:, start:stop])
         self.product.advance(stop)
 
     def result(self, G: torch.Tensor) -> torch.Tensor:
-        """What ``rule(G)`` gives: with every row finite, the rule from the accumulated Gram (as
+        """What ``rule(G)`` gives. The Gram's diagonal is finite exactly when every row is
+        (:mod:`~fa_hvd.aggregators.geometry` redoes rows that overflow fp32 in fp64), so clean rows
+        need no pass of their own: then the rule from the accumulated Gram (as
         :meth:`~fa_hvd.aggregators.base.Aggregator.__call__` does it); else ``rule(G)`` itself,
         which drops the non-finite rows and takes the Gram of the others."""
         rule, p = self.rule, G.shape[0]
-        if not bool(self.finite.all()):
+        K = self.product.result().cpu()  # host_gram(G): the p x p work runs on the host
+        if not bool(torch.isfinite(K.diagonal()).all()):
             return rule(G)
         rule.check(p, rule.f)
         rule.weights = rule.gram = None
-        K = self.product.result().cpu()  # host_gram(G): the p x p work runs on the host
-        update = rule.by_columns(p, K, rule.f)(G, slice(0, self.n))
+        rule.by_columns(p, K, rule.f)  # sets the weights c: a plain Gram rule's blocks are c^T G's
+        update = combine(G, rule.weights, out=self.output(self.n, G.dtype, G.device))
         rule.diagnostics = describe(p, Rows(None, rule.f), rule.weights, rule.gram)
         rule.observe(update)
         return update

@@ -20,7 +20,9 @@ class GradientExchange:
     The optimizer calls :meth:`start` once per bucket and step, as soon as the
     bucket's gradient is ready (in any order unless the optimizer was told
     otherwise), then :meth:`finish` once, which waits and returns the ``(n,)``
-    aggregate of all buckets, concatenated in bucket-index order, on ``device``.
+    aggregate of all buckets, concatenated in bucket-index order, on ``device``; the
+    built-in exchanges write it into one of two buffers they reuse (:class:`Outputs`),
+    so it holds its values until the step after next (copy it to keep it longer).
     :meth:`abandon` drops a step in flight (``load_state_dict``, elastic restore).
     ``timings`` holds the last :meth:`finish`'s ``time.perf_counter()`` stamps in the
     order they happened: ``arrived`` (the last bucket received), the exchange's own
@@ -79,6 +81,32 @@ def check_planned(plan: tuple, index: int, flat: torch.Tensor) -> None:
         raise ValueError(f"fa_hvd: bucket {index} has {flat.numel()} {flat.dtype} elements, planned "
                          f"{sizes[index]} of {dtype} or narrower (a gradient_transform must keep "
                          f"the bucket's size and dtype)")
+
+
+class Outputs:
+    """The buffers an exchange writes its aggregates into: two kept across steps, and a step takes
+    the one that does not hold the last finished step's aggregate (:meth:`finished`). A fresh ``(n,)``
+    buffer each step costs more than the pass that fills it: its pages are touched anew (18 ms for
+    11M fp32 on a 2-core CPU, where the pass takes 4). After its step an aggregate is read only by
+    the deferred digest, which settles before the next step finishes."""
+
+    def __init__(self):
+        self.buffers: list[torch.Tensor] = []
+        self.last: torch.Tensor | None = None
+
+    def take(self, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        kept = [b for b in self.buffers if b.shape == (n,) and b.dtype == dtype and b.device == device]
+        spare = next((b for b in kept if b is not self.last), None)
+        if spare is None:
+            spare = torch.empty(n, dtype=dtype, device=device)
+            kept = [b for b in kept if b is self.last] + [spare]
+        self.buffers = kept
+        return spare
+
+    def finished(self, aggregate: torch.Tensor) -> torch.Tensor:
+        """``aggregate`` is the last finished step's: the next step writes elsewhere."""
+        self.last = aggregate
+        return aggregate
 
 
 def own_parts(update: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:

@@ -80,7 +80,7 @@ import torch
 
 from ..aggregators.base import Aggregator, Rows, anchored_gram, describe, finite_rows
 from ..comm import NoCompression
-from .base import GradientExchange, Worker, check_planned, own_parts, raise_failure, rule_name, wait
+from .base import GradientExchange, Outputs, Worker, check_planned, own_parts, raise_failure, rule_name, wait
 from .digest import check_agreement
 from .evidence import Verdict, majority, not_a_gram, verdict
 
@@ -134,6 +134,7 @@ class ShardedExchange(GradientExchange):
         self._step: _Step | None = None  # the step in progress
         self._plan: tuple[list[int], torch.dtype, torch.device] | None = None
         self._worker: Worker | None = None
+        self._outputs = Outputs()
         transport.traffic  # noqa: B018 -- the transport's byte counters start with the exchange
 
     def name(self, index: int) -> str:
@@ -322,7 +323,8 @@ class ShardedExchange(GradientExchange):
                 self.stats = {"peak_bytes": held + gathered, "bucket_work_s": work.busy}
                 self.timings["gathered"] = self.timings["aggregated"] = time.perf_counter()
                 return pieces
-            aggregate = torch.cat(pieces) if pieces else torch.zeros(0, dtype=result, device=device)
+            aggregate = torch.cat(pieces, out=self._outputs.take(n, result, device)) if pieces else \
+                torch.zeros(0, dtype=result, device=device)
             gathered += _bytes(aggregate)
         else:
             work.drain(step)
@@ -334,7 +336,7 @@ class ShardedExchange(GradientExchange):
             check_agreement(self.transport, aggregate, step, f"{self.prefix}.digest")
         self.aggregator.observe(aggregate)
         self.timings["aggregated"] = time.perf_counter()
-        return aggregate if parts is None else own_parts(aggregate, parts)
+        return self._outputs.finished(aggregate) if parts is None else own_parts(aggregate, parts)
 
     def _combine(self, work: "_Step", rows: Rows, K, kept: int, sizes, result, compute, device, evidence,
                  step: int) -> tuple[torch.Tensor, int]:
@@ -489,7 +491,7 @@ class ShardedExchange(GradientExchange):
             if repaired:
                 diagnostics = self.aggregator.diagnostics
                 diagnostics["repaired"] = {**diagnostics.get("repaired", {}), **repaired}
-        aggregate = torch.empty(sum(sizes), dtype=values.dtype, device=values.device)
+        aggregate = self._outputs.take(sum(sizes), values.dtype, values.device)
         offset = 0
         for size, width, start in zip(sizes, widths, starts):
             aggregate[offset : offset + size] = shards[:, start : start + width].reshape(-1)[:size]
