@@ -79,7 +79,7 @@ class LocalTransport(Transport):
         self.world.post(key, self.rank, item)
         return _Pending(key, result)
 
-    def allgather_async(self, tensor, name):
+    def allgather_async(self, tensor, name, out=None):
         return self._post("allgather", name, tensor.clone(), lambda everyone: torch.cat(everyone))
 
     def alltoall_async(self, tensor, splits, name, received=None):

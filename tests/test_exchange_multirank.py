@@ -43,6 +43,12 @@ def test_alltoall_delivers_uneven_splits_in_rank_order(job):
     assert report(job)["alltoall"]["ok"] == [True] * 4
 
 
+@pytest.mark.parametrize("job", jobs_with("alltoall"))
+def test_an_allgather_fills_the_buffer_its_caller_passes(job):
+    """The sharded exchange gathers the aggregate's shards into a buffer it keeps across steps."""
+    assert report(job)["alltoall"]["into_out"] == [True] * 4
+
+
 @pytest.mark.parametrize("job", jobs_with("rules"))
 def test_sharded_equals_the_rule_on_the_whole_matrix_and_ranks_agree(job):
     for case, r in report(job)["rules"].items():

@@ -181,14 +181,18 @@ class Transport:
     def abandon(self, handle: "Handle") -> None:
         """Forget an allgather in flight (its result will not be read)."""
 
-    def allgather_async(self, tensor: torch.Tensor, name: str) -> Handle:
+    def allgather_async(self, tensor: torch.Tensor, name: str, out: torch.Tensor | None = None) -> Handle:
+        """Start gathering every rank's ``tensor`` along dim 0. ``out``, a tensor of the gathered shape, dtype
+        and device that the caller keeps across steps, receives the result (a transport may ignore it and
+        return a tensor of its own): a fresh output's pages cost more than the transfer (18 ms for 45 MB on a
+        2-core CPU)."""
         raise NotImplementedError
 
     def wait(self, handle: Handle) -> torch.Tensor:
         raise NotImplementedError
 
-    def allgather(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
-        return self.wait(self.allgather_async(tensor, name))
+    def allgather(self, tensor: torch.Tensor, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.wait(self.allgather_async(tensor, name, out))
 
     def broadcast_(self, tensor: torch.Tensor, root: int, name: str) -> torch.Tensor:
         """Overwrite ``tensor`` in place with ``root``'s copy."""

@@ -11,6 +11,7 @@ answer its roll call (:mod:`fa_hvd.comm.rollcall`) before the error goes on.
 from __future__ import annotations
 
 import horovod.torch as hvd
+from horovod.torch import mpi_ops
 import torch
 from horovod.common.exceptions import HorovodInternalError, HostsUpdatedInterrupt
 
@@ -46,8 +47,11 @@ class HorovodTransport(Transport):
         self.rank, self.size = rank, size
         return changed
 
-    def allgather_async(self, tensor: torch.Tensor, name: str) -> Handle:
-        return _HorovodHandle(hvd.allgather_async(tensor, name=name, process_set=self.process_set), name)
+    def allgather_async(self, tensor: torch.Tensor, name: str, out: torch.Tensor | None = None) -> Handle:
+        if out is None:
+            return _HorovodHandle(hvd.allgather_async(tensor, name=name, process_set=self.process_set), name)
+        # hvd.allgather_async is this call with a fresh output (tensor.new()); Horovod resizes it to fit
+        return _HorovodHandle(mpi_ops._allgather_async(tensor, out, name, self.process_set), name)
 
     def wait(self, handle: Handle) -> torch.Tensor:
         self.wait_for(lambda: hvd.poll(handle.handle), handle.name)

@@ -51,13 +51,17 @@ class MPITransport(Transport):
     def abandon(self, handle: Handle) -> None:
         self._abandoned.append(handle)
 
-    def allgather_async(self, tensor: torch.Tensor, name: str) -> Handle:
+    def allgather_async(self, tensor: torch.Tensor, name: str, out: torch.Tensor | None = None) -> Handle:
         # Sent as raw bytes: MPI has no fp16/bf16 datatype, bytes need none.
         send = tensor.detach().to("cpu").contiguous().reshape(tensor.shape[0], -1).view(torch.uint8)
-        recv = torch.empty((self.size * send.shape[0], send.shape[1]), dtype=torch.uint8)
+        shape = (self.size * tensor.shape[0],) + tuple(tensor.shape[1:])
+        if (out is not None and out.shape == shape and out.dtype == tensor.dtype and out.device.type == "cpu"
+                and tensor.device.type == "cpu" and out.is_contiguous()):
+            recv = out.view(torch.uint8).reshape(self.size * send.shape[0], send.shape[1])
+        else:
+            recv = torch.empty((self.size * send.shape[0], send.shape[1]), dtype=torch.uint8)
         self._abandoned = [h for h in self._abandoned if not h.request.Test()]
         request = self._channels.get(channel_of(name), self.comm).Iallgather(send.numpy(), recv.numpy())
-        shape = (self.size * tensor.shape[0],) + tuple(tensor.shape[1:])
         return _MPIHandle(request, send, recv, tensor.device, tensor.dtype, shape)
 
     def wait(self, handle: Handle) -> torch.Tensor:

@@ -87,10 +87,11 @@ class TorchDistTransport(Transport):
     def _on_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.detach().to(self.device).contiguous()
 
-    def allgather_async(self, tensor: torch.Tensor, name: str) -> Handle:
+    def allgather_async(self, tensor: torch.Tensor, name: str, out: torch.Tensor | None = None) -> Handle:
         send = self._on_device(tensor)
-        output = torch.empty((self.size * send.shape[0],) + tuple(send.shape[1:]), dtype=send.dtype,
-                             device=self.device)
+        shape = (self.size * send.shape[0],) + tuple(send.shape[1:])
+        fits = out is not None and out.shape == shape and out.dtype == send.dtype and out.device == self.device
+        output = out if fits else torch.empty(shape, dtype=send.dtype, device=self.device)
         work = _ALL_GATHER(output, send, group=self._group(name), async_op=True)
         return _TorchHandle(work, output, tensor.device, name)
 

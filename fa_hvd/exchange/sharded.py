@@ -135,6 +135,7 @@ class ShardedExchange(GradientExchange):
         self._plan: tuple[list[int], torch.dtype, torch.device] | None = None
         self._worker: Worker | None = None
         self._outputs = Outputs()
+        self._gathered: torch.Tensor | None = None  # every rank's shards of the aggregate, kept across steps
         transport.traffic  # noqa: B018 -- the transport's byte counters start with the exchange
 
     def name(self, index: int) -> str:
@@ -476,7 +477,11 @@ class ShardedExchange(GradientExchange):
     def _gather(self, out: torch.Tensor, sizes, widths, starts, step: int) -> tuple[torch.Tensor, int]:
         """Step 5: allgather the shards of the aggregate, reassembled in bucket order; ``(aggregate, bytes held)``."""
         wire, ctx = self.compression.compress(out.reshape(1, -1))
-        gathered = wait(self.transport, self.transport.allgather_async(wire, name=f"{self.prefix}.out"), step, "aggregate")
+        shape = (self.p, wire.shape[1])
+        if self._gathered is None or self._gathered.shape != shape or self._gathered.dtype != wire.dtype:
+            self._gathered = torch.empty(shape, dtype=wire.dtype, device=wire.device)  # read only within this call
+        handle = self.transport.allgather_async(wire, name=f"{self.prefix}.out", out=self._gathered)
+        gathered = wait(self.transport, handle, step, "aggregate")
         values = self.compression.decompress(gathered, ctx).reshape(self.p, self.replicas, -1)
         held = _bytes(gathered) + (_bytes(values) if values.data_ptr() != gathered.data_ptr() else 0)
         shards = values[:, 0]

@@ -2,7 +2,8 @@
 
 python exchange_check.py --transport horovod|mpi
 
-* alltoall: uneven splits (zeros included) arrive in rank order.
+* alltoall: uneven splits (zeros included) arrive in rank order; an allgather into a buffer the
+  caller passes (``out``) fills that buffer.
 * gram_bits: the summed partial Grams have the same bits on every rank.
 * rules: the sharded exchange on seeded gradients with faulty rows (NaN in one coordinate,
   ALIE) against the rule applied in one process to the whole matrix, and the ranks' bits.
@@ -66,7 +67,13 @@ def check_alltoall(transport, rank):
     rows = torch.cat([torch.full((s, 2), 10.0 * rank + q) for q, s in enumerate(splits)])
     got = transport.wait(transport.alltoall_async(rows, splits, name="check.a2a"))
     expected = torch.cat([torch.full(((source + rank) % 3, 2), 10.0 * source + rank) for source in range(p)])
-    return {"ok": transport.allgather_json(torch.equal(got, expected), name="check.a2a.ok", schema=object)}
+    out = torch.full((p, 5), float("nan"))  # allgather into a caller's buffer (kept across steps by the exchanges)
+    gathered = [transport.allgather(torch.arange(5.0).reshape(1, 5) + 100 * rank + step, name="check.out", out=out)
+                for step in range(2)]
+    into = all(torch.equal(g, torch.arange(5.0) + 100 * torch.arange(float(p)).reshape(p, 1) + 1) and
+               g.data_ptr() == out.data_ptr() for g in gathered[1:])
+    return {"ok": transport.allgather_json(torch.equal(got, expected), name="check.a2a.ok", schema=object),
+            "into_out": transport.allgather_json(into, name="check.out.ok", schema=object)}
 
 
 class GramSpy(ShardedExchange):
