@@ -210,8 +210,8 @@ class ShardedExchange(GradientExchange):
         for s in range(self.p):
             a, b = self.chunk(size, s)
             at = sum(splits[:s])  # the first copy of chunk s goes to rank s
-            x = seen[at : at + b - a].to(torch.float64)
-            norm = torch.dot(x, x)
+            x = seen[at : at + b - a]
+            norm = torch.linalg.vector_norm(x, dtype=torch.float64).square()  # fp64 sums, no fp64 copy of x
             norms[s] += norm
             finite[s] &= x.isfinite().all() if seen.dtype == torch.float64 else norm.isfinite()
 
