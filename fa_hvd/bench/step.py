@@ -76,9 +76,9 @@ shard of the aggregate, ``gathered``, the aggregate's allgather, ``aggregated``)
 ``unflatten`` (the aggregate into ``.grad``) and ``optimizer_step``. For an allgather
 Gram-space rule over several buckets, ``rule_parts`` says what each piece of the rule
 costs in all, by running it again on the same gathered matrix: ``finite_check`` (the
-rows with NaN or Inf; robust rules only), ``gram``, ``solve`` (the ``p x p``
-coefficients) and ``combine`` (``c^T G``); for FA, Krum and the other plain Gram rules
-most of ``finite_check`` and ``gram`` ran in ``bucket_work`` or on the worker thread,
+rows with NaN or Inf; robust rules without a Gram, whose diagonal tells the others), ``gram``,
+``solve`` (the ``p x p`` coefficients) and ``combine`` (``c^T G``); for FA, Krum and the other
+plain Gram rules most of ``gram`` ran in ``bucket_work`` or on the worker thread,
 whose seconds of bucket work in the last step (beside the training thread, so not in the
 step's sum) ``rule_parts`` holds as ``worker_thread``; the sharded exchange's seconds of
 bucket work (on its worker, or inside ``wait``) are ``bucket_work`` there. The DDP
@@ -281,16 +281,19 @@ def hook_phases(start: float, forward_done: float, backward_done: float, done: f
 
 def rule_parts(rule, G: torch.Tensor | None, repeats: int = 3) -> dict[str, float]:
     """An allgather rule's pieces, timed again on the matrix ``G`` it last saw (median of
-    ``repeats``): ``finite_check``, ``gram``, ``solve``, ``combine``; empty without ``G`` (one
-    bucket: the exchange keeps no matrix) and for rules that are not in Gram space."""
+    ``repeats``) as the exchange runs them: ``finite_check`` (a robust rule without a Gram; a Gram
+    rule reads finiteness off ``K``'s diagonal), ``gram``, ``solve``, ``combine`` (into a kept buffer,
+    :class:`~fa_hvd.exchange.base.Outputs`); empty without ``G`` (one bucket: the exchange keeps no
+    matrix) and for rules that are not in Gram space."""
     from fa_hvd.aggregators.base import combine, finite_rows, host_gram
 
     if G is None or not getattr(rule, "gram_space", False):
         return {}
     times = {key: [] for key in ("finite_check", "gram", "solve", "combine")}
+    out = torch.empty(G.shape[1], dtype=G.dtype, device=G.device)
     for _ in range(repeats):
         start = time.perf_counter()
-        if rule.robust:
+        if rule.robust and not rule.uses_gram:
             finite_rows(G)
         checked = time.perf_counter()
         if rule.uses_gram:
@@ -298,10 +301,10 @@ def rule_parts(rule, G: torch.Tensor | None, repeats: int = 3) -> dict[str, floa
             gram_done = time.perf_counter()
             c = rule.coefficients(K, rule.f)
             solved = time.perf_counter()
-            combine(G, c)
+            combine(G, c, out=out)
         else:  # the mean: one pass, no Gram
             gram_done = solved = checked
-            G.mean(dim=0)
+            torch.mean(G, dim=0, out=out)
         done = time.perf_counter()
         for key, seconds in zip(times, (checked - start, gram_done - checked, solved - gram_done, done - solved)):
             times[key].append(seconds)
