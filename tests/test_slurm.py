@@ -123,6 +123,7 @@ def jobs(cluster):
     train = write_config(tmp / "train.yaml", [reverse, slow])
     crash = write_config(tmp / "crash.yaml", [{"kind": "crash", "ranks": [2], "start_step": 5}])
     krum = write_config(tmp / "krum.yaml", [], aggregator="krum", aggregator_params={"f": 1})
+    evict = write_config(tmp / "evict.yaml", [reverse], evict={"window": 5, "threshold": 0.2})
     endless = write_config(tmp / "endless.yaml", [{"kind": "slow", "ranks": [0], "params": {"delay": SLOW_S}}],
                            steps=10_000, aggregator="mean", aggregator_params={"f": 0})
 
@@ -147,6 +148,7 @@ def jobs(cluster):
         "time_limit_never": train_job("time_limit_never", train, "--time=2", extra=["--resume", "never"]),
         "crash": train_job("crash", crash, "--time=30"),
         "krum": train_job("krum", krum, "--time=30"),
+        "evict": train_job("evict", evict, "--time=30"),
         "missing": cluster.submit("missing", [*CPU_JOB, "slurm/train.sbatch", "configs/no-such-config.yaml"]),
         # one rank, stepping until cancelled
         "cancel": train_job("cancel", endless, "--time=30", "--ntasks-per-node=1"),
@@ -278,6 +280,34 @@ def test_a_crashed_rank_ends_the_job_and_is_named(cluster, jobs):
     last_step = (cluster.run_dir("crash") / "metrics.jsonl").stat().st_mtime
     ended = datetime.strptime(info["EndTime"], "%Y-%m-%dT%H:%M:%S").timestamp()
     assert ended - last_step < 100, (info["EndTime"], last_step)
+
+
+def test_an_evicted_node_is_excluded_from_the_requeued_job(cluster, jobs):
+    """robust.evict names rank 3 (-100 x its gradient) and its node, the cluster's only one: the ranks stop
+    with a checkpoint and status 76, and the script requeues the job held, while a job of its own sets that
+    node in ExcNodeList (SLURM takes none for a running job) and releases it: it waits, with no other node
+    to run on."""
+    job = jobs["evict"]
+
+    def released() -> bool:  # the helper job's log says so (SLURM then zeroes the priority of a job no node fits)
+        return any(f"released {job}" in log.read_text() for log in cluster.run_dir("evict").glob("exclude-*.out"))
+
+    deadline = time.monotonic() + 600
+    while not released():
+        info = cluster.info(job)
+        assert info["JobState"] not in TERMINAL and time.monotonic() < deadline, (info, cluster.log(job))
+        time.sleep(1)
+    info = cluster.info(job)
+    subprocess.run(["scancel", job], env=cluster.env, check=True)
+    log = cluster.log(job)
+    node = (cluster.run_dir("evict") / "excluded_hosts").read_text().split()
+    assert node == [info["ExcNodeList"]] and (info["JobState"], info["Restarts"]) == ("PENDING", "1"), (info, log)
+    assert info["Reason"] != "job_requeued_in_held_state", info  # released
+    assert "warning: evict: rank 3 on host" in log and f"SLURM node {node[0]}, job {job})" in log, log
+    assert f"drain {node[0]}: listed in" in log, log
+    assert f"requeueing job {job} without node(s) {node[0]}" in log, log
+    assert summary(cluster, "evict")["status"] == "evicted"
+    assert list((cluster.run_dir("evict") / "checkpoints").glob("step-*.ckpt")), "no checkpoint to resume from"
 
 
 def test_an_aggregator_the_world_size_cannot_feed_is_refused_before_training(cluster, jobs):

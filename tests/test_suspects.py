@@ -312,12 +312,16 @@ def test_eviction_stops_with_a_checkpoint_and_lists_the_host(tmp_path, monkeypat
     assert t.evict([{**t.trust.identities[3], "rank": 3, "reason": "r"}]) is None  # node1: already on its way out
 
 
-def test_eviction_never_leaves_fewer_ranks_than_the_rule_needs_nor_takes_more_than_f(tmp_path, monkeypatch):
+def test_eviction_without_elastic_drains_the_host_whatever_it_holds_but_never_more_than_f(tmp_path, monkeypatch):
+    """Without elastic the run stops and starts again on as many ranks as it asks for (SLURM's requeue
+    allocates another node), so draining node1 is not refused for the 2 ranks it would leave."""
     t = _evicting(tmp_path, monkeypatch, ["node0", "node0", "node1", "node1"])
     assert t.train(control.StopSignals()) == trainer.EXIT_EVICTED
-    (event,) = _evict_events(tmp_path)  # draining node1 would leave 2 ranks; FA needs 3 for f = 1
-    assert event["excluded"] == [] and "would leave 2 ranks, fewer than flag needs (p >= 2f + 1" in event["event"]
-    assert not (tmp_path / "run" / trainer.EXCLUDED_HOSTS).exists()
+    (event,) = _evict_events(tmp_path)
+    assert event["excluded"] == ["node1"] and "drain node1" in event["event"] and "start again on 4 ranks" in event["event"]
+    assert (tmp_path / "run" / trainer.EXCLUDED_HOSTS).read_text() == "node1\n"
+    (tmp_path / "run" / trainer.EXCLUDED_HOSTS).unlink()
+    t.evicted = []
     t.evict([{**t.trust.identities[r], "rank": r, "reason": "r"} for r in (0, 3)])
     *_, event = _evict_events(tmp_path)
     assert event["excluded"] == [] and "2 ranks crossed robust.evict's threshold at once, more than f = 1: " \
@@ -421,12 +425,12 @@ def test_eviction_decisions():
     one_machine = {"hosts": ["box"] * 4, "launchers": ["localhost"] * 3 + ["127.0.0.1"]}
     v = decide(**one_machine, suspects=[3], elastic=True)
     assert (v.hosts, v.stop, v.evicted) == (["127.0.0.1"], False, [{"step": 9, "rank": 3, "host": "127.0.0.1"}])
-    v = decide(**one_machine, suspects=[3])  # without elastic the machine's own name: draining it leaves none
-    assert (v.hosts, v.stop) == ([], True) and "draining box would leave 0 ranks, fewer than flag needs" in v.text
+    v = decide(**one_machine, suspects=[3])  # without elastic: the machine's own name (the run starts again elsewhere)
+    assert (v.hosts, v.stop) == (["box"], True) and v.text == "drain box: listed in FILE; start again on 4 ranks without it"
     assert decide(**one_machine, suspects=[3], elastic=True, earlier=[{"step": 5, "rank": 3, "host": "127.0.0.1"}]) \
         is None  # pending: Horovod has not dropped it yet
     v = decide(["a", "a", "b", "b", "b"], [0])  # rank 1, honest, leaves with host a: 3 ranks are left
-    assert (v.hosts, v.stop) == (["a"], True) and v.text == "drain a: listed in FILE"
+    assert (v.hosts, v.stop) == (["a"], True) and v.text == "drain a: listed in FILE; start again on 5 ranks without it"
     v = decide(["a", "a", "a", "b", "b"], [0], elastic=True)  # host a holds 3 ranks: 2 would be left
     assert (v.hosts, v.stop) == ([], True) and "would leave 2 ranks" in v.text
     v = decide(["a", "b", "c", "d", "e"], [0, 1], elastic=True)

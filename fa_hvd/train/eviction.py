@@ -11,11 +11,15 @@ keep), so no message is needed to agree on it. :func:`decide`, for the suspects 
    once, or more than ``f`` evicted over the run (pending ones included), and the run stops to ask:
    nothing is excluded.
 3. Every rank on an excluded host leaves with it, honest ones included (a host is drained whole;
-   they are not counted against ``f``, being no suspects). If the ranks left would be fewer than the
-   rule needs with that ``f`` (``p >= 2f + 1`` for FA), nothing is excluded and the run stops.
+   they are not counted against ``f``, being no suspects). Under elastic, where the run goes on with
+   the ranks left, if they would be fewer than the rule needs with that ``f`` (``p >= 2f + 1`` for FA),
+   nothing is excluded and the run stops. Without elastic the run stops anyway and starts again on
+   as many ranks as it asks for (SLURM's requeue allocates other nodes in place of the excluded ones;
+   a start with too few ranks for the rule is refused before training), so this check does not apply.
 4. Otherwise the suspects' hosts are excluded. Without elastic the run stops (a checkpoint, exit 76)
-   for the operator or the SLURM requeue to drain them; under elastic it goes on and Horovod's host
-   discovery (``launch/discover-hosts.sh`` reads the exclusion file) removes the host.
+   for the operator or the SLURM requeue (``slurm/train.sbatch``: ``--exclude``) to drain them; under
+   elastic it goes on and Horovod's host discovery (``launch/discover-hosts.sh`` reads the exclusion
+   file) removes the host.
 
 A host is named as :func:`fa_hvd.train.trust.node` gives it: under elastic the name horovodrun
 started the rank under, which is what the discovery script prints.
@@ -58,14 +62,15 @@ def decide(suspects: list[dict], identities: list[dict], earlier: list[dict], f:
     if over_run > f:
         return Verdict(fresh, f"draining {', '.join(hosts)} would make {over_run} ranks evicted over this run (hosts "
                        f"{', '.join(excluded)} already), more than f = {f}: stopping to ask, nothing excluded")
-    if left < rule.min_workers(f):
+    if elastic and left < rule.min_workers(f):
         return Verdict(fresh, f"draining {', '.join(hosts)} would leave {left} ranks, fewer than {rule.name} needs "
                        f"({rule.precondition()}, f = {f}): stopping, nothing excluded")
     records = [{"step": step, "rank": s["rank"], "host": trust.node(s, elastic)} for s in fresh]
     if elastic:
         return Verdict(fresh, f"{', '.join(hosts)} excluded (listed in {where}): Horovod's host discovery drops it and "
                        f"the run goes on with {left} ranks, f = {f}", hosts, records, stop=False)
-    return Verdict(fresh, f"drain {', '.join(hosts)}: listed in {where}", hosts, records)
+    return Verdict(fresh, f"drain {', '.join(hosts)}: listed in {where}; start again on {len(identities)} ranks "
+                   f"without it", hosts, records)
 
 
 __all__ = ["Verdict", "decide"]
