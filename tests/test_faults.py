@@ -32,7 +32,7 @@ class FakeTransport(Transport):
         self.rows = rows
         self.names = []
 
-    def allgather_async(self, tensor, name):
+    def allgather_async(self, tensor, name, out=None):
         self.names.append(name)
         handle = Handle()
         handle.result = torch.cat([self.rows[: self.rank], tensor, self.rows[self.rank + 1:]])
@@ -278,7 +278,7 @@ def test_omniscient_cost_is_logged_at_construction(caplog):
 
 def test_plugs_into_the_distributed_optimizer():
     class OneRank(FakeTransport):
-        def allgather_async(self, tensor, name):
+        def allgather_async(self, tensor, name, out=None):
             handle = Handle()
             handle.result = tensor
             return handle

@@ -86,7 +86,7 @@ def test_stats_report_the_last_exchange():
     class Counting(LoopbackTransport):
         bytes_sent = bytes_received = 0
 
-        def allgather_async(self, tensor, name):
+        def allgather_async(self, tensor, name, out=None):
             self.bytes_sent += tensor.numel() * tensor.element_size()
             self.bytes_received += (self.size - 1) * tensor.numel() * tensor.element_size()
             return super().allgather_async(tensor, name)

@@ -597,6 +597,20 @@ def test_a_rank_too_far_from_the_others_is_named():
     assert [calm.observe(step, _signals([0.0] * 4, [0.9, 1.0, 1.0, d])) for step, d in ((1, 5.0), (2, 2.0))] == [[], []]
 
 
+@pytest.mark.parametrize("rule", sorted(trust.DEFAULTS))
+def test_by_default_the_distance_names_gross_outliers_only(rule):
+    """The relative distance drifts with the run's length (an unusual honest shard's reached 23-71x the median
+    rank's by step 300), so the measured rules judge it only past GROSS_DISTANCE: a rank at 80x is not named
+    over a 100-step window, one of noise at 10,000x is, and a rank at the median's 0.01x is not named as too
+    close (the closest share and the twin gap judge copies)."""
+    thresholds = dataclasses.replace(trust.defaults(rule), min_alignment=None, max_closest=None, min_twin=None)
+    assert (thresholds.min_distance, thresholds.max_distance) == (None, trust.GROSS_DISTANCE)
+    for far, named in ((80.0, False), (1e4, True)):
+        ledger = trust.TrustLedger(4, thresholds)
+        found = [s for step in range(1, 101) for s in ledger.observe(step, _signals([0.0] * 4, [0.01, 1.0, 1.0, far]))]
+        assert [s["rank"] for s in found] == ([3] if named else []), found
+
+
 def test_the_signals_survive_a_checkpoint_and_an_old_state_still_loads():
     ledger = trust.TrustLedger(4, trust.Thresholds(window=3))
     for step in range(1, 6):

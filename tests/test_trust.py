@@ -135,7 +135,7 @@ def test_with_f_plus_1_replicas_a_lie_is_detected(kind, needle):
 class Relaying(LocalTransport):
     """Rank 1 relays rank 0's block to rank 2 (as a ring allgather does) and alters it on the way."""
 
-    def allgather_async(self, tensor, name):
+    def allgather_async(self, tensor, name, out=None):
         handle = super().allgather_async(tensor, name)
         if self.rank == 2 and tensor.is_floating_point() and tensor.shape[0] == 1:
             result = handle.result
@@ -263,7 +263,7 @@ class RelayingOnce(LocalTransport):
     """Rank 1 alters rank 0's block on its way to rank 2 in the second step only: its gradient buckets
     (allgather exchange) or its shard of the aggregate (sharded exchange)."""
 
-    def allgather_async(self, tensor, name):
+    def allgather_async(self, tensor, name, out=None):
         handle = super().allgather_async(tensor, name)
         if self.rank == 2 and (".bucket" in name or ".out" in name) and handle.key[1] == 2:  # from 1
             result = handle.result

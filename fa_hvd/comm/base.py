@@ -192,7 +192,7 @@ class Transport:
         raise NotImplementedError
 
     def allgather(self, tensor: torch.Tensor, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        return self.wait(self.allgather_async(tensor, name, out))
+        return self.wait(self.allgather_async(tensor, name) if out is None else self.allgather_async(tensor, name, out))
 
     def broadcast_(self, tensor: torch.Tensor, root: int, name: str) -> torch.Tensor:
         """Overwrite ``tensor`` in place with ``root``'s copy."""
