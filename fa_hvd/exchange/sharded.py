@@ -481,7 +481,11 @@ class ShardedExchange(GradientExchange):
         if self._gathered is None or self._gathered.shape != shape or self._gathered.dtype != wire.dtype:
             self._gathered = torch.empty(shape, dtype=wire.dtype, device=wire.device)  # read only within this call
         handle = self.transport.allgather_async(wire, name=f"{self.prefix}.out", out=self._gathered)
-        gathered = wait(self.transport, handle, step, "aggregate")
+        try:
+            gathered = wait(self.transport, handle, step, "aggregate")
+        except BaseException:
+            self._gathered = None  # the failed allgather may still write into it: the next step takes another
+            raise
         values = self.compression.decompress(gathered, ctx).reshape(self.p, self.replicas, -1)
         held = _bytes(gathered) + (_bytes(values) if values.data_ptr() != gathered.data_ptr() else 0)
         shards = values[:, 0]
