@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import pytest
 import yaml
 
 from conftest import BIN, ROOT, job_env, output, untagged
-from train_helpers import kill_tree, last_step, wait_for
+from train_helpers import hash_seed_putting_first, kill_tree, last_step, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -222,25 +221,6 @@ ELASTIC_LOSS_BOUND_S = 120
 ELASTIC_PARTITION_BOUND_S = 75
 
 
-def hash_seed_placing_first(node: str, hosts: Path) -> str:
-    """A PYTHONHASHSEED under which horovodrun's elastic driver gives ``node`` ranks 0 and 1 of the
-    hosts that launch/discover-hosts.sh reads from ``hosts``: the driver orders the hosts it first
-    discovers by iterating sets (``HostDiscoveryScript.find_available_hosts_and_slots``,
-    ``HostManager.order_available_hosts``), so the layout otherwise changes from run to run. Asked
-    of Horovod's own code, run as the driver runs it."""
-    probe = ("from horovod.runner.elastic.discovery import HostDiscoveryScript, HostManager\n"
-             f"hosts = HostManager(HostDiscoveryScript({str(ROOT / 'launch' / 'discover-hosts.sh')!r}, 1))\n"
-             "hosts.update_available_hosts()\n"
-             "print(hosts.current_hosts.host_assignment_order[0])")
-    for seed in range(64):
-        proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
-                              env=job_env({"PYTHONHASHSEED": str(seed), "FA_HVD_HOSTS_FILE": str(hosts)}))
-        if proc.stdout.strip() == node:
-            return str(seed)
-    raise AssertionError(f"no hash seed in 0..63 puts {node} first")
-
-
-@pytest.mark.parametrize("lose,back,rank0_on", [("crash", "restart", "node1"), ("partition", "heal", "node2")])
 def test_elastic_node_loss_and_return(netcluster, tmp_path, lose, back, rank0_on):
     """node2 is lost, by a crash (every process of it killed at once) or a partition (its link
     down): the survivors go on on node1 from the last commit; node2 comes back (boots again, or
@@ -259,7 +239,7 @@ def test_elastic_node_loss_and_return(netcluster, tmp_path, lose, back, rank0_on
     config.write_text(yaml.safe_dump(conf))
     cmd = netcluster.on("node1", [str(ROOT / "launch" / "elastic.sh"), "4", "2", "4", str(config),
                                   "--run-dir", str(run_dir)])
-    env = job_env({"FA_HVD_HOSTS_FILE": str(hosts), "PYTHONHASHSEED": hash_seed_placing_first(rank0_on, hosts),
+    env = job_env({"FA_HVD_HOSTS_FILE": str(hosts), "PYTHONHASHSEED": hash_seed_putting_first(rank0_on, job_env({"FA_HVD_HOSTS_FILE": str(hosts)})),
                    "HOROVODRUN_ARGS": "--network-interface eth0 --blacklist-cooldown-range 1 2"})
     log = open(tmp_path / "job.log", "w+")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)

@@ -25,14 +25,13 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import sys
 import time
 
 import psutil
 import pytest
 
 from conftest import ROOT, job_env, untagged
-from train_helpers import kill_tree, write_config
+from train_helpers import first_host, hash_seed_putting_first, kill_tree, write_config
 
 STEPS = 250  # the world grows back about 35 steps after the crash at step 15 (step 50 measured): ample slack
 
@@ -46,25 +45,16 @@ def third_local_host() -> str:
     raise AssertionError("this machine has no IPv4 interface besides loopback: nowhere to grow the world")
 
 
-def first_host(env: dict) -> str:
-    """The host Horovod's driver (under ``env``) puts first: it iterates ``set(discovered hosts)``."""
-    code = "print(next(iter(set(['localhost', '127.0.0.1']))))"
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          check=True).stdout.strip()
-
-
-def hash_seed_putting_first(host: str) -> str:
-    """A ``PYTHONHASHSEED`` under which Horovod's driver puts ``host`` first (so rank 0 is there)."""
-    return next(seed for seed in map(str, range(64)) if first_host(job_env({"PYTHONHASHSEED": seed})) == host)
-
-
-def start_job(tmp_path, steps: int, faults, hash_seed: str = "0", **extra):
+def start_job(tmp_path, steps: int, faults, rank0_on: str | None = None, **extra):
     """``launch/elastic.sh 4 3 4`` on 3 slots of localhost and 1 of 127.0.0.1 (the hosts file
-    ``tmp_path/hosts``), with the faults ``faults(r)`` for ``r`` the rank on 127.0.0.1. Returns the
+    ``tmp_path/hosts``), with the faults ``faults(r)`` for ``r`` the rank on 127.0.0.1, and rank 0 on
+    ``rank0_on`` when given (a PYTHONHASHSEED that makes Horovod's driver put it first). Returns the
     hosts file, the run directory, the process, a function giving its output so far, and ``r``."""
     hosts = tmp_path / "hosts"
-    env = job_env({"PYTHONHASHSEED": hash_seed, "FA_HVD_HOSTS_FILE": str(hosts)})
+    hosts.write_text("localhost:3\n127.0.0.1:1\n")
+    env = job_env({"FA_HVD_HOSTS_FILE": str(hosts)})
     env.pop("FA_HVD_EXCLUDE_FILE", None)
+    env["PYTHONHASHSEED"] = "0" if rank0_on is None else hash_seed_putting_first(rank0_on, env)
     lone = 3 if first_host(env) == "localhost" else 0  # the rank on 127.0.0.1, the 1-slot host
     config = write_config(
         tmp_path / "elastic.yaml",
@@ -76,7 +66,6 @@ def start_job(tmp_path, steps: int, faults, hash_seed: str = "0", **extra):
         **{"train": {"steps": steps, "batch_size": 16, "eval_every_steps": 100},
            "robust": {"aggregator": "flag", "aggregator_params": {"f": 1}}, **extra},
     )
-    hosts.write_text("localhost:3\n127.0.0.1:1\n")
     run_dir = tmp_path / "run"
     log = open(tmp_path / "job.log", "w+")
     cmd = [str(ROOT / "launch" / "elastic.sh"), "4", "3", "4", str(config), "--run-dir", str(run_dir)]
@@ -146,7 +135,7 @@ def test_eviction_drops_the_faulty_host_and_the_run_finishes_on_the_others(tmp_p
     renumbered from 0 with the fault gone and a new rank 0 writing the outputs, still listing the evicted suspect."""
     _, run_dir, proc, text, faulty = start_job(
         tmp_path, EVICT_STEPS, lambda lone: [{"kind": "reverse", "hosts": ["127.0.0.1"]}],
-        hash_seed=hash_seed_putting_first("127.0.0.1"),
+        rank0_on="127.0.0.1",
         robust={"aggregator": "flag", "aggregator_params": {"f": 1}, "evict": {"window": 5, "threshold": 0.2}},
         log={"suspects": {"window": 5, "min_alignment": None, "min_distance": None, "max_closest": None,
                           "min_twin": None}})

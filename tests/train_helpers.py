@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,6 +14,27 @@ import yaml
 from conftest import BIN, LAUNCHERS, ROOT, job_env
 
 TRAIN = str(BIN / "fa-hvd-train")
+
+
+def first_host(env: dict) -> str:
+    """The host horovodrun's elastic driver puts first (its ranks start at 0) under ``env``, asked of Horovod's
+    own code run as the driver runs it: the driver orders the hosts it first discovers (launch/discover-hosts.sh,
+    which reads ``env``'s FA_HVD_HOSTS_FILE) by iterating sets (``HostDiscoveryScript.find_available_hosts_and_slots``,
+    ``HostManager.order_available_hosts``), so the layout follows PYTHONHASHSEED."""
+    probe = ("from horovod.runner.elastic.discovery import HostDiscoveryScript, HostManager\n"
+             f"hosts = HostManager(HostDiscoveryScript({str(ROOT / 'launch' / 'discover-hosts.sh')!r}, 1))\n"
+             "hosts.update_available_hosts()\n"
+             "print(hosts.current_hosts.host_assignment_order[0])")
+    return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def hash_seed_putting_first(host: str, env: dict) -> str:
+    """A PYTHONHASHSEED (0 to 63) under which the driver, under ``env``, puts ``host`` first (:func:`first_host`)."""
+    for seed in map(str, range(64)):
+        if first_host({**env, "PYTHONHASHSEED": seed}) == host:
+            return seed
+    raise AssertionError(f"no hash seed in 0..63 puts {host} first")
 
 
 def write_config(path: Path, **sections) -> Path:
