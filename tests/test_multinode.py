@@ -221,6 +221,7 @@ ELASTIC_LOSS_BOUND_S = 120
 ELASTIC_PARTITION_BOUND_S = 75
 
 
+@pytest.mark.parametrize("lose,back,rank0_on", [("crash", "restart", "node1"), ("partition", "heal", "node2")])
 def test_elastic_node_loss_and_return(netcluster, tmp_path, lose, back, rank0_on):
     """node2 is lost, by a crash (every process of it killed at once) or a partition (its link
     down): the survivors go on on node1 from the last commit; node2 comes back (boots again, or
