@@ -1,5 +1,5 @@
 """The allgather exchange works on each bucket as it arrives (the mean's columns; a Gram rule's
-finiteness check and Gram blocks), inside finish() or on its worker thread, and gives the same bits
+Gram blocks, whose diagonal then tells whether every row is finite), inside finish() or on its worker thread, and gives the same bits
 as the rule on the whole matrix after the last bucket: the non-overlapped path."""
 
 import threading

@@ -125,13 +125,13 @@ class Aggregator:
         """The rule on column blocks: ``by_columns(p, K, f)(G[:, cols], cols) == aggregate(G, f)[cols]``.
 
         ``K``: the fp64 Gram of the ``p`` (finite) rows of ``G`` followed by :meth:`anchors`
-        (None when ``uses_gram`` is False). Gram rules give ``c^T G[:, cols]``.
+        (None when ``uses_gram`` is False). Gram rules give ``c^T G[:, cols]`` (into ``out`` when given).
         """
         if not self.gram_space:
             raise NotImplementedError(f"{self.name}: cannot be computed by column blocks")
         c = self.weights = self.coefficients(K, f)
         self.gram = K[:p, :p]
-        return lambda block, cols: combine(block, c)
+        return lambda block, cols, out=None: combine(block, c, out)
 
     def observe(self, aggregate: torch.Tensor) -> None:
         """Told each step's whole aggregate (stateful rules keep what they need of it)."""

@@ -38,9 +38,9 @@ from typing import Callable
 import torch
 
 from ..aggregators.base import Aggregator, Rows, describe
-from ..aggregators.geometry import CentredGram, combine
+from ..aggregators.geometry import CentredGram
 from ..aggregators.mean import Mean
-from .base import GradientExchange, Outputs, Worker, check_planned, raise_failure
+from .base import GradientExchange, Outputs, Worker, check_planned, fits, raise_failure
 from .digest import check_agreement
 
 
@@ -130,10 +130,9 @@ class AllgatherExchange(GradientExchange):
         step costs more than the copy: its pages are touched anew). The aggregate is copied into
         ``.grad`` at once, so only a rule that kept a view of its input past the call could see it
         change; none does."""
-        buffer = self._buffer
-        if buffer is None or buffer.shape != shape or buffer.dtype != dtype or buffer.device != device:
-            buffer = self._buffer = torch.empty(shape, dtype=dtype, device=device)
-        return buffer
+        if not fits(self._buffer, shape, dtype, device):
+            self._buffer = torch.empty(shape, dtype=dtype, device=device)
+        return self._buffer
 
     def abandon(self) -> None:
         if self._step is not None:
@@ -304,8 +303,7 @@ class _GramAsItArrives:
             return rule(G)
         rule.check(p, rule.f)
         rule.weights = rule.gram = None
-        rule.by_columns(p, K, rule.f)  # sets the weights c: a plain Gram rule's blocks are c^T G's
-        update = combine(G, rule.weights, out=self.output(self.n, G.dtype, G.device))
+        update = rule.by_columns(p, K, rule.f)(G, slice(0, self.n), out=self.output(self.n, G.dtype, G.device))
         rule.diagnostics = describe(p, Rows(None, rule.f), rule.weights, rule.gram)
         rule.observe(update)
         return update

@@ -83,6 +83,11 @@ def check_planned(plan: tuple, index: int, flat: torch.Tensor) -> None:
                          f"the bucket's size and dtype)")
 
 
+def fits(buffer: torch.Tensor | None, shape, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether ``buffer``, kept across steps, has this ``shape``, ``dtype`` and ``device`` (else a new one is made)."""
+    return buffer is not None and buffer.shape == shape and buffer.dtype == dtype and buffer.device == device
+
+
 class Outputs:
     """The buffers an exchange writes its aggregates into: two kept across steps, and a step takes
     the one that does not hold the last finished step's aggregate (:meth:`finished`). A fresh ``(n,)``
@@ -95,7 +100,7 @@ class Outputs:
         self.last: torch.Tensor | None = None
 
     def take(self, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        kept = [b for b in self.buffers if b.shape == (n,) and b.dtype == dtype and b.device == device]
+        kept = [b for b in self.buffers if fits(b, (n,), dtype, device)]
         spare = next((b for b in kept if b is not self.last), None)
         if spare is None:
             spare = torch.empty(n, dtype=dtype, device=device)

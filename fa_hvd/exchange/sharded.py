@@ -80,7 +80,7 @@ import torch
 
 from ..aggregators.base import Aggregator, Rows, anchored_gram, describe, finite_rows
 from ..comm import NoCompression
-from .base import GradientExchange, Outputs, Worker, check_planned, own_parts, raise_failure, rule_name, wait
+from .base import GradientExchange, Outputs, Worker, check_planned, fits, own_parts, raise_failure, rule_name, wait
 from .digest import check_agreement
 from .evidence import Verdict, majority, not_a_gram, verdict
 
@@ -478,7 +478,7 @@ class ShardedExchange(GradientExchange):
         """Step 5: allgather the shards of the aggregate, reassembled in bucket order; ``(aggregate, bytes held)``."""
         wire, ctx = self.compression.compress(out.reshape(1, -1))
         shape = (self.p, wire.shape[1])
-        if self._gathered is None or self._gathered.shape != shape or self._gathered.dtype != wire.dtype:
+        if not fits(self._gathered, shape, wire.dtype, wire.device):
             self._gathered = torch.empty(shape, dtype=wire.dtype, device=wire.device)  # read only within this call
         handle = self.transport.allgather_async(wire, name=f"{self.prefix}.out", out=self._gathered)
         try:

@@ -118,6 +118,15 @@ WINDOW_SIGNALS = ("min_alignment", "min_distance", "max_distance", "max_closest"
 """The thresholds whose measured defaults hold on :data:`CALIBRATION_WINDOW`-step windows only."""
 
 
+GROSS_DISTANCE = 1000.0
+"""The measured rules' ``max_distance``: set, not measured. A row whose squared distance to the others' aggregate
+is 1000x the median rank's (30x in norm) is grossly off: noise, a scaled or bit-flipped gradient (N(0, 1) noise and
+-100 g sit at 9,000-14,000x on the grid), not an unusual shard. The measured honest extremes (7.2 FA, 8.8 geomed,
+31 Multi-Krum in 200-step runs) were 23, 27 and 71 by step 300 in Dirichlet(0.5) and 7-12 in IID
+(``docs/results/suspects/300-steps/``): an unusual shard's relative distance spreads as training goes on, so a
+threshold measured on short runs names honest ranks of long ones, and ``robust.evict`` would drain their hosts."""
+
+
 @dataclass(frozen=True)
 class Thresholds:
     """When a rank becomes a suspect (see the module docstring); measured on 100-step windows. These class
@@ -131,7 +140,7 @@ class Thresholds:
     max_nonfinite: float = 0.5
     min_alignment: float | None = -0.45  # on the alignment gap (window mean minus the median rank's); None: not judged
     min_distance: float | None = None  # window mean distance to the others' aggregate below this; None: not judged
-    max_distance: float | None = 1000.0  # or above this (GROSS_DISTANCE); None: not judged
+    max_distance: float | None = GROSS_DISTANCE  # or above this; None: not judged
     max_closest: float | None = None  # the closest rank to the others' aggregate in more of the window's steps
     min_twin: float | None = None  # window mean gap to the nearest other rank's place below this; None: not judged
 
@@ -160,14 +169,6 @@ the aggregate repeats the other's to rounding; the honest ranks' gap (0.184 or m
 digits MLP) scales with the spread of their relative distances and alignments, which shrinks as the model and
 the batch grow (in ``n`` dimensions of independent noise, by about ``1/sqrt(n)``): a threshold measured there would
 name honest ranks of a large model."""
-
-GROSS_DISTANCE = 1000.0
-"""The measured rules' ``max_distance``: set, not measured. A row whose squared distance to the others' aggregate
-is 1000x the median rank's (30x in norm) is grossly off: noise, a scaled or bit-flipped gradient (N(0, 1) noise and
--100 g sit at 9,000-14,000x on the grid), not an unusual shard. The measured honest extremes (7.2 FA, 8.8 geomed,
-31 Multi-Krum in 200-step runs) were 23, 27 and 71 by step 300 in Dirichlet(0.5) and 7-12 in IID
-(``docs/results/suspects/300-steps/``): an unusual shard's relative distance spreads as training goes on, so a
-threshold measured on short runs names honest ranks of long ones, and ``robust.evict`` would drain their hosts."""
 
 DEFAULTS: dict[str, Thresholds] = {
     "flag": Thresholds(min_weight=0.44, min_alignment=-0.45, min_distance=None, max_distance=GROSS_DISTANCE,
