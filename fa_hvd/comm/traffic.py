@@ -2,9 +2,11 @@
 
 :class:`SocketTraffic` reads, for every TCP socket the process holds, the
 kernel's own per-connection counters (``getsockopt(TCP_INFO)``:
-``tcpi_bytes_sent``, or ``tcpi_bytes_acked`` on kernels before 4.19, and
-``tcpi_bytes_received``): payload bytes handed to and taken from the wire,
-without TCP/IP headers, retransmissions included in ``bytes_sent``. They count
+``tcpi_bytes_sent - tcpi_bytes_retrans``, or ``tcpi_bytes_acked`` on kernels
+before 4.19, and ``tcpi_bytes_received``): payload bytes handed to and taken
+from the wire, without TCP/IP headers and without retransmissions (a loaded
+host retransmits on loopback too: up to a tenth of an exchange has been seen,
+which says nothing about what the exchange sends). They count
 everything the process exchanged over TCP: the gradients, the small collectives,
 Horovod's negotiation between ranks, whatever thread sent it.
 
@@ -25,6 +27,7 @@ import struct
 _TCP_INFO_BYTES_ACKED = 120  # offsets of the u64 fields in struct tcp_info (linux/tcp.h)
 _TCP_INFO_BYTES_RECEIVED = 128
 _TCP_INFO_BYTES_SENT = 200  # since Linux 4.19
+_TCP_INFO_BYTES_RETRANS = 208  # since Linux 4.19
 _TCP_INFO_SIZE = 512
 
 SOURCE = "kernel TCP_INFO byte counts of this process's TCP sockets"
@@ -59,8 +62,11 @@ def tcp_socket_bytes() -> dict[int, tuple[int, int]]:
             sock.close()
         if len(info) < _TCP_INFO_BYTES_RECEIVED + 8:
             continue
-        sent_at = _TCP_INFO_BYTES_SENT if len(info) >= _TCP_INFO_BYTES_SENT + 8 else _TCP_INFO_BYTES_ACKED
-        (sent,) = struct.unpack_from("Q", info, sent_at)
+        if len(info) >= _TCP_INFO_BYTES_RETRANS + 8:
+            (sent, retransmitted) = struct.unpack_from("QQ", info, _TCP_INFO_BYTES_SENT)
+            sent -= retransmitted
+        else:
+            (sent,) = struct.unpack_from("Q", info, _TCP_INFO_BYTES_ACKED)
         (received,) = struct.unpack_from("Q", info, _TCP_INFO_BYTES_RECEIVED)
         counts[int(target[8:-1])] = (sent, received)
     return counts
