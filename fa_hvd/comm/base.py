@@ -25,6 +25,11 @@ FIRST_NOTICE_SECONDS = 60.0  # Horovod's stall inspector warns after 60 s too
 _log = logging.getLogger("fa_hvd")
 
 
+def fits(buffer: torch.Tensor | None, shape, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether ``buffer``, kept across steps, has this ``shape``, ``dtype`` and ``device`` (else a new one is made)."""
+    return buffer is not None and buffer.shape == shape and buffer.dtype == dtype and buffer.device == device
+
+
 def collective_timeout(environ=os.environ) -> float | None:
     """Seconds a rank waits for a collective before giving up; ``None``: wait (the default).
 

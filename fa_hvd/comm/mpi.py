@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from .base import Handle, Transport, channel_of, collective_timeout
+from .base import Handle, Transport, channel_of, collective_timeout, fits
 
 
 class _MPIHandle(Handle):
@@ -55,8 +55,7 @@ class MPITransport(Transport):
         # Sent as raw bytes: MPI has no fp16/bf16 datatype, bytes need none.
         send = tensor.detach().to("cpu").contiguous().reshape(tensor.shape[0], -1).view(torch.uint8)
         shape = (self.size * tensor.shape[0],) + tuple(tensor.shape[1:])
-        if (out is not None and out.shape == shape and out.dtype == tensor.dtype and out.device.type == "cpu"
-                and tensor.device.type == "cpu" and out.is_contiguous()):
+        if fits(out, shape, tensor.dtype, torch.device("cpu")) and tensor.device.type == "cpu" and out.is_contiguous():
             recv = out.view(torch.uint8).reshape(self.size * send.shape[0], send.shape[1])
         else:
             recv = torch.empty((self.size * send.shape[0], send.shape[1]), dtype=torch.uint8)

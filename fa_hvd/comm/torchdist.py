@@ -31,7 +31,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from .base import Handle, Transport, channel_of, collective_timeout
+from .base import Handle, Transport, channel_of, collective_timeout, fits
 
 _ALL_GATHER = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 
@@ -90,8 +90,8 @@ class TorchDistTransport(Transport):
     def allgather_async(self, tensor: torch.Tensor, name: str, out: torch.Tensor | None = None) -> Handle:
         send = self._on_device(tensor)
         shape = (self.size * send.shape[0],) + tuple(send.shape[1:])
-        fits = out is not None and out.shape == shape and out.dtype == send.dtype and out.device == self.device
-        output = out if fits else torch.empty(shape, dtype=send.dtype, device=self.device)
+        output = out if fits(out, shape, send.dtype, self.device) else torch.empty(shape, dtype=send.dtype,
+                                                                                     device=self.device)
         work = _ALL_GATHER(output, send, group=self._group(name), async_op=True)
         return _TorchHandle(work, output, tensor.device, name)
 

@@ -10,6 +10,7 @@ from typing import NoReturn
 import torch
 
 from ..aggregators import native
+from ..comm.base import fits
 
 _log = logging.getLogger("fa_hvd")
 
@@ -81,11 +82,6 @@ def check_planned(plan: tuple, index: int, flat: torch.Tensor) -> None:
         raise ValueError(f"fa_hvd: bucket {index} has {flat.numel()} {flat.dtype} elements, planned "
                          f"{sizes[index]} of {dtype} or narrower (a gradient_transform must keep "
                          f"the bucket's size and dtype)")
-
-
-def fits(buffer: torch.Tensor | None, shape, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether ``buffer``, kept across steps, has this ``shape``, ``dtype`` and ``device`` (else a new one is made)."""
-    return buffer is not None and buffer.shape == shape and buffer.dtype == dtype and buffer.device == device
 
 
 class Outputs:
