@@ -22,6 +22,13 @@ RULES = ["mean", "median", "trimmed_mean", "krum", "multikrum", "bulyan", "geome
          "flag", "nnm+krum", "bucketing+median", "arc+trimmed_mean", "nnm+cclip", "clip+geomed", "nnm+bulyan"]
 
 
+@pytest.fixture(autouse=True)
+def gather_in_pieces(monkeypatch):
+    """The aggregate's allgather in pieces of columns (a real model's width gives 4), cut across
+    the buckets' and the shards' boundaries alike at these small sizes (16 columns at p = 7)."""
+    monkeypatch.setattr(sharded_module, "MIN_GATHER_PIECE", 3)
+
+
 def honest(p=P, n=sum(SIZES), seed=0):
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(n, generator=gen) + 0.5 * torch.randn(p, n, generator=gen)
@@ -198,7 +205,9 @@ def test_traffic_and_memory_are_the_cost_model(name, replicas, monkeypatch):
     for rank, (_, exchange) in enumerate(ranks):
         assert got[rank] == model["bytes_received"] == model["bytes_sent"]
         assert exchange.stats["peak_bytes"] == model["memory_bytes"]
-    assert [call for call, _ in ranks[0][1].transport.calls] == ["alltoall", "alltoall", "allgather", "allgather"]
+    calls = ranks[0][1].transport.calls
+    assert [call for call, _ in calls] == ["alltoall", "alltoall", "allgather"] + ["allgather"] * 4
+    assert [name for _, name in calls[3:]] == [f"test.out#piece{k}" for k in range(4)]  # the aggregate's pieces
     allreduce = exchange_cost("allreduce", sizes, p)["bytes_received"]
     assert model["bytes_received"] <= 1.1 * replicas * allreduce  # the bar, even at n = 4000
 
@@ -455,7 +464,7 @@ def test_early_rules_give_the_bits_of_the_aggregate_after_the_last_bucket(monkey
     for (outs, exchange), (expected, _) in zip(early, late):
         assert all(torch.equal(bits(a), bits(b)) for a, b in zip(outs, expected))
         gathers = [c for c in exchange.transport.calls if c[0] == "allgather" and c[1].startswith("test.out")]
-        assert len(gathers) == 2 * (len(SIZES) + dropped)
+        assert len(gathers) == 2 * (len(SIZES) + dropped * sharded_module.GATHER_PIECES)  # pieces after a drop
         assert (exchange._worker is not None) == threaded
 
 

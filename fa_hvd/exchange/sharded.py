@@ -27,9 +27,10 @@ bucket, its shard ``G_j`` (``p x n/p`` over all buckets).
    no ``K``. The ``p x p`` work runs on the host (one transfer of ``K``, no device
    synchronisation per iteration).
 5. Rank ``j`` computes its shard of the aggregate, ``a_j = c^T G_j`` (or the
-   coordinate-wise rule on ``G_j``), and one allgather of the ``a_j`` gives the
-   aggregate on every rank (only one copy of each ``a_j`` exists, so every rank holds
-   the same bits), reassembled in bucket order; with ``digest`` (the in-step
+   coordinate-wise rule on ``G_j``), and an allgather of the ``a_j`` (in a few pieces
+   of columns at once, faster than one) gives the aggregate on every rank (only one
+   copy of each ``a_j`` exists, so every rank holds the same bits), reassembled in
+   bucket order; with ``digest`` (the in-step
    check) one word per rank compares the aggregates (:mod:`.digest`).
 
 Early rules. A rule whose every column depends on that column alone (the mean, median,
@@ -85,6 +86,8 @@ from .digest import check_agreement
 from .evidence import Verdict, majority, not_a_gram, verdict
 
 HALF = (torch.float16, torch.bfloat16)
+GATHER_PIECES = 4  # the aggregate's allgather (step 5), in pieces of columns started together
+MIN_GATHER_PIECE = 1 << 16  # columns: narrower pieces cost more in latency than they gain
 
 
 class ShardMismatch(RuntimeError):
@@ -135,7 +138,7 @@ class ShardedExchange(GradientExchange):
         self._plan: tuple[list[int], torch.dtype, torch.device] | None = None
         self._worker: Worker | None = None
         self._outputs = Outputs()
-        self._gathered: torch.Tensor | None = None  # every rank's shards of the aggregate, kept across steps
+        self._gathered: list[torch.Tensor | None] = []  # every rank's shards of the aggregate, kept across steps
         transport.traffic  # noqa: B018 -- the transport's byte counters start with the exchange
 
     def name(self, index: int) -> str:
@@ -443,7 +446,7 @@ class ShardedExchange(GradientExchange):
         if found is None:
             p = self.p
             for source in range(p):
-                if len({int(c[p + source]) for c in copies}) > 1 and what.startswith("the partial"):
+                if what.startswith("the partial") and len({int(c[p + source]) for c in copies}) > 1:
                     raise ShardMismatch(
                         f"fa_hvd: sharded exchange: ranks {holders} received different data from rank {source} "
                         f"for shard {s}: rank {source} sent different chunks to the replicas, or one of "
@@ -451,8 +454,9 @@ class ShardedExchange(GradientExchange):
                         f"f={self.aggregator.f} of them)")
             raise ShardMismatch(f"fa_hvd: sharded exchange: {what} of shard {s}: ranks {holders} disagree and "
                                 f"no one copy is held by more than f={self.aggregator.f} of them")
-        if found.odd:
-            repaired.setdefault(what, {})[s] = found.odd
+        if found.odd:  # the aggregate's shards are chosen piece by piece: a holder odd in any of them is named
+            known = repaired.setdefault(what, {}).setdefault(s, [])
+            known[:] = sorted(set(known) | set(found.odd))
         return found.chosen
 
     def _judge(self, owners, flags, partials, claims, compute) -> Verdict:
@@ -475,37 +479,60 @@ class ShardedExchange(GradientExchange):
         return judged
 
     def _gather(self, out: torch.Tensor, sizes, widths, starts, step: int) -> tuple[torch.Tensor, int]:
-        """Step 5: allgather the shards of the aggregate, reassembled in bucket order; ``(aggregate, bytes held)``."""
-        wire, ctx = self.compression.compress(out.reshape(1, -1))
-        shape = (self.p, wire.shape[1])
-        if not fits(self._gathered, shape, wire.dtype, wire.device):
-            self._gathered = torch.empty(shape, dtype=wire.dtype, device=wire.device)  # read only within this call
-        handle = self.transport.allgather_async(wire, name=f"{self.prefix}.out", out=self._gathered)
+        """Step 5: allgather the shards of the aggregate, in up to :data:`GATHER_PIECES` pieces of
+        columns started together (Gloo, under Horovod and torch.distributed alike, moves a few
+        allgathers at once faster than one of their total: 4 pieces of 5.6M fp32 values per rank take
+        21 ms against 46 ms at p = 2, 46 against 80 ms at p = 4), reassembled in bucket order;
+        ``(aggregate, bytes held)``."""
+        total = out.shape[1]
+        count = max(1, min(GATHER_PIECES, total // MIN_GATHER_PIECE))
+        bounds = [total * k // count for k in range(count + 1)]
+        if len(self._gathered) != count:
+            self._gathered = [None] * count
+        handles = []
+        for k in range(count):
+            wire, ctx = self.compression.compress(out[:, bounds[k] : bounds[k + 1]].reshape(1, -1))
+            shape = (self.p, wire.shape[1])
+            if not fits(self._gathered[k], shape, wire.dtype, wire.device):
+                self._gathered[k] = torch.empty(shape, dtype=wire.dtype, device=wire.device)  # read within this call
+            handles.append((self.transport.allgather_async(wire, name=f"{self.prefix}.out#piece{k}",
+                                                           out=self._gathered[k]), ctx))
+        pieces, held, repaired = [], 0, {}
         try:
-            gathered = wait(self.transport, handle, step, "aggregate")
+            for handle, ctx in handles:
+                gathered = wait(self.transport, handle, step, "aggregate")
+                values = self.compression.decompress(gathered, ctx).reshape(self.p, self.replicas, -1)
+                held += _bytes(gathered) + (_bytes(values) if values.data_ptr() != gathered.data_ptr() else 0)
+                pieces.append(self._chosen_shards(values, repaired))
         except BaseException:
-            self._gathered = None  # the failed allgather may still write into it: the next step takes another
+            for handle, _ in handles[len(pieces) + 1 :]:
+                self.transport.abandon(handle)
+            self._gathered = []  # the failed allgathers may still write into them: the next step takes others
             raise
-        values = self.compression.decompress(gathered, ctx).reshape(self.p, self.replicas, -1)
-        held = _bytes(gathered) + (_bytes(values) if values.data_ptr() != gathered.data_ptr() else 0)
-        shards = values[:, 0]
-        if self.replicas > 1:  # holder (s + t) % p's copy of chunk s sits in its slot t
-            repaired: dict = {}
-            chosen = []
-            for s in range(self.p):
-                copies = [values[h, t] for t, h in enumerate(self.holders(s))]
-                t = self._choose(s, copies, self.holders(s), "the aggregate", repaired)
-                chosen.append(values[self.holders(s)[t], t])
-            shards = torch.stack(chosen)
-            if repaired:
-                diagnostics = self.aggregator.diagnostics
-                diagnostics["repaired"] = {**diagnostics.get("repaired", {}), **repaired}
-        aggregate = self._outputs.take(sum(sizes), values.dtype, values.device)
+        if repaired:
+            diagnostics = self.aggregator.diagnostics
+            diagnostics["repaired"] = {**diagnostics.get("repaired", {}), **repaired}
+        aggregate = self._outputs.take(sum(sizes), pieces[0].dtype, pieces[0].device)
         offset = 0
         for size, width, start in zip(sizes, widths, starts):
-            aggregate[offset : offset + size] = shards[:, start : start + width].reshape(-1)[:size]
+            full = size // width if width else 0  # shards wholly inside the bucket; the next one, if any, is cut
+            _copy_columns(aggregate[offset : offset + full * width].view(full, width), pieces, bounds, start, 0)
+            if full * width < size:
+                _copy_columns(aggregate[offset + full * width : offset + size].view(1, -1), pieces, bounds, start, full)
             offset += size
         return aggregate, held + _bytes(aggregate)
+
+    def _chosen_shards(self, values: torch.Tensor, repaired: dict) -> torch.Tensor:
+        """``(p, w)``: shard ``s`` of these columns in row ``s`` from ``values`` (``(p, replicas, w)``, holder
+        ``(s + t) % p``'s copy of chunk ``s`` in its slot ``t``), the copy more than ``f`` holders agree on."""
+        if self.replicas == 1:
+            return values[:, 0]
+        chosen = []
+        for s in range(self.p):
+            copies = [values[h, t] for t, h in enumerate(self.holders(s))]
+            t = self._choose(s, copies, self.holders(s), "the aggregate", repaired)
+            chosen.append(values[self.holders(s)[t], t])
+        return torch.stack(chosen)
 
 
 class _Step:
@@ -653,6 +680,16 @@ def replicated(replicas: int):
     """An ``exchange=`` factory for :func:`fa_hvd.DistributedOptimizer`: the sharded exchange with each
     shard computed by ``replicas`` ranks and compared."""
     return functools.partial(ShardedExchange, replicas=replicas)
+
+
+def _copy_columns(dst: torch.Tensor, pieces: list[torch.Tensor], bounds: list[int], start: int, row: int) -> None:
+    """``dst`` (``rows x w``) <- rows ``row, row + 1, ...`` of columns ``[start, start + w)`` of the
+    gathered shards, whose piece ``k`` holds columns ``[bounds[k], bounds[k + 1])``."""
+    rows, width = dst.shape
+    for k, piece in enumerate(pieces):
+        lo, hi = max(start, bounds[k]), min(start + width, bounds[k + 1])
+        if lo < hi:
+            dst[:, lo - start : hi - start] = piece[row : row + rows, lo - bounds[k] : hi - bounds[k]]
 
 
 def _bytes(t: torch.Tensor) -> int:

@@ -23,8 +23,10 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fa_hvd.ddp
+from fa_hvd.exchange import sharded as sharded_module
 
 STEPS = 4
+sharded_module.MIN_GATHER_PIECE = 16  # the aggregate gathered in pieces at this model's size too
 
 
 class Net(nn.Module):
