@@ -30,8 +30,8 @@ bucket, its shard ``G_j`` (``p x n/p`` over all buckets).
    coordinate-wise rule on ``G_j``), and an allgather of the ``a_j`` (in a few pieces
    of columns at once, faster than one) gives the aggregate on every rank (only one
    copy of each ``a_j`` exists, so every rank holds the same bits), reassembled in
-   bucket order; with ``digest`` (the in-step
-   check) one word per rank compares the aggregates (:mod:`.digest`).
+   bucket order; with ``digest`` (the in-step check) one word per rank compares the
+   aggregates (:mod:`.digest`).
 
 Early rules. A rule whose every column depends on that column alone (the mean, median,
 trimmed mean: no ``K``; :func:`_early`) does not wait for the last bucket: as each
