@@ -212,6 +212,49 @@ def test_traffic_and_memory_are_the_cost_model(name, replicas, monkeypatch):
     assert model["bytes_received"] <= 1.1 * replicas * allreduce  # the bar, even at n = 4000
 
 
+def test_a_failed_piece_of_the_aggregates_allgather_abandons_the_rest_and_drops_the_kept_buffers(monkeypatch):
+    """Step 5's pieces are all in flight when piece 1's wait fails: pieces 2 and 3 are abandoned and
+    the kept receive buffers dropped (the collectives may still write there); the next step gathers
+    into new ones and gives the rule's aggregate."""
+
+    class FailingPiece(LocalTransport):
+        fail = True
+
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.abandoned = []
+
+        def wait(self, handle):
+            result = super().wait(handle)
+            if self.fail and handle.key[0] == "test.out#piece1":
+                raise ConnectionError("peer gone")
+            return result
+
+        def abandon(self, handle):
+            self.abandoned.append(handle.key[0])
+            super().abandon(handle)
+
+    monkeypatch.setattr(local_world, "LocalTransport", FailingPiece)
+    G = honest()
+
+    def body(transport):
+        exchange = ShardedExchange(transport, get("krum", f=1), prefix="test")
+        with pytest.raises(RuntimeError, match="peer gone"):
+            step(exchange, G[transport.rank])
+        failed = list(exchange._gathered)
+        transport.fail = False
+        out = step(exchange, G[transport.rank], index=1)
+        return out, failed, exchange._gathered, transport.abandoned
+
+    monkeypatch.setattr(FailingPiece, "fail", False)
+    expected = sharded("krum", G)[0][0][0]  # the same exchange without the failure: the same bits
+    monkeypatch.setattr(FailingPiece, "fail", True)
+    for out, failed, gathered, abandoned in run_ranks(P, body):
+        assert abandoned == ["test.out#piece2", "test.out#piece3"]
+        assert failed == [] and len(gathered) == 4
+        assert torch.equal(out, expected)
+
+
 @pytest.mark.parametrize("replicas", [2, 3])
 def test_replicas_agree_with_the_plain_sharded_exchange(replicas):
     G = faulty("nan", p=5)

@@ -23,14 +23,16 @@ def received(sock, size):
 
 
 def test_bytes_sent_and_received_on_a_connection():
+    """Per socket, so that no other socket of the test process (the suite's other tests) counts here."""
     client, peer = connected_pair()
-    counts = traffic.SocketTraffic()
     client.sendall(b"x" * 5000)
     received(peer, 5000)
     peer.sendall(b"y" * 300)
     received(client, 300)
     try:
-        assert counts.totals() == (5300, 5300)  # both ends are this process's sockets
+        counts = traffic.tcp_socket_bytes()
+        assert counts[os.fstat(client.fileno()).st_ino] == (5000, 300)
+        assert counts[os.fstat(peer.fileno()).st_ino] == (300, 5000)
     finally:
         client.close()
         peer.close()
