@@ -162,6 +162,9 @@ def test_schedules():
     ("robust.aggregator_params={f: 0}", "faults / robust.aggregator_params.f: faults make 1 ranks Byzantine"),
     ("schedule.name=step", "schedule.step_epochs: required"),
     ("train.amp=fp8", "train.amp: expected one of"),
+    ("train.eval_every_epochs=.nan", "train.eval_every_epochs: must be a finite number >= 0, got nan"),
+    ("train.eval_every_epochs=.inf", "train.eval_every_epochs: must be a finite number >= 0, got inf"),
+    ("schedule.warmup_epochs=.nan", "schedule.warmup_epochs: must be >= 0 (finite), got 0, nan"),
     ("faults=[{kind: nosuch, ranks: 0}]", "faults[0]: unknown kind 'nosuch'"),
     ("checkpoint.keep=0", "checkpoint.keep: must be an integer >= 1"),
     ("robust.exchange=ring", "robust.exchange: expected one of ['allgather', 'sharded']"),
@@ -178,6 +181,16 @@ def test_config_errors_name_the_key(override, needle):
     with pytest.raises(ConfigError) as info:
         train_config.parse(raw, [override])
     assert needle in str(info.value)
+
+
+def test_an_elastic_world_drops_the_faults_of_ranks_it_lost_in_either_form(tmp_path):
+    """A world shrunk to 3 ranks: a fault on rank 3, given as a number or in a list, acts on no rank and is no
+    error; a fault listing ranks 1 and 3 stays on rank 1."""
+    for ranks in (3, [3]):
+        t = _trainer(tmp_path, ("elastic=true",), LoopbackTransport(3),
+                     robust={"aggregator": "median", "aggregator_params": {"f": 1}, "allow_exceeding_f": True},
+                     faults=[{"kind": "reverse", "ranks": ranks}, {"kind": "signflip", "ranks": [1, 3]}])
+        assert [(spec.kind, spec.ranks) for spec in t.specs] == [("signflip", [1])], ranks
 
 
 def test_shipped_configs_load():

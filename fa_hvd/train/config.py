@@ -155,8 +155,9 @@ class ScheduleConfig:
             raise cfg.ConfigError(f"schedule.gamma: must be in (0, 1], got {self.gamma}")
         if not (math.isfinite(self.min_lr) and self.min_lr >= 0):
             raise cfg.ConfigError(f"schedule.min_lr: must be >= 0, got {self.min_lr}")
-        if self.warmup_steps < 0 or self.warmup_epochs < 0:
-            raise cfg.ConfigError("schedule.warmup_steps, schedule.warmup_epochs: must be >= 0")
+        if self.warmup_steps < 0 or not (math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0):
+            raise cfg.ConfigError(f"schedule.warmup_steps, schedule.warmup_epochs: must be >= 0 (finite), got "
+                                  f"{self.warmup_steps}, {self.warmup_epochs}")
         if self.warmup_steps and self.warmup_epochs:
             raise cfg.ConfigError("schedule: set warmup_steps or warmup_epochs, not both")
 
@@ -179,8 +180,8 @@ class TrainConfig:
         _positive("train.batch_size", self.batch_size, integer=True)
         _positive("train.eval_batch_size", self.eval_batch_size, integer=True)
         _positive("train.eval_every_steps", self.eval_every_steps, integer=True)
-        if self.eval_every_epochs < 0:
-            raise cfg.ConfigError(f"train.eval_every_epochs: must be >= 0, got {self.eval_every_epochs}")
+        if not (math.isfinite(self.eval_every_epochs) and self.eval_every_epochs >= 0):
+            raise cfg.ConfigError(f"train.eval_every_epochs: must be a finite number >= 0, got {self.eval_every_epochs}")
 
 
 @dataclass

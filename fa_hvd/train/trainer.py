@@ -155,6 +155,8 @@ class Trainer:
                 continue
             entry = dict(entry)
             ranks = entry.get("ranks")
+            if isinstance(ranks, int) and not isinstance(ranks, bool):
+                ranks = [ranks]  # ``ranks: 3`` is short for ``ranks: [3]``
             if isinstance(ranks, list) and self.conf.elastic.enabled:
                 entry["ranks"] = [r for r in ranks if isinstance(r, int) and r < self.world]
                 if not entry["ranks"]:
