@@ -20,6 +20,6 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 ours=()
 while IFS= read -r name; do ours+=(-x "$name"); done < <(compgen -e | grep -E '^(FA_HVD|HOROVOD)_' || true)
 run mpirun -np "$np" "${hosts[@]}" -bind-to none -map-by slot \
-  -x NCCL_DEBUG=WARN -x LD_LIBRARY_PATH -x PATH -x OMP_NUM_THREADS -x PYTHONUNBUFFERED=1 "${ours[@]}" \
+  -x NCCL_DEBUG="${NCCL_DEBUG:-WARN}" -x LD_LIBRARY_PATH -x PATH -x OMP_NUM_THREADS -x PYTHONUNBUFFERED=1 "${ours[@]}" \
   -mca pml ob1 -mca btl ^openib \
   fa-hvd-train --config "$config" "$@"

@@ -89,16 +89,19 @@ def test_hostfile_launcher_counts_the_slots(recorder, tmp_path):
     assert printed_commands(proc.stderr) == [expected]
 
 
-def test_mpirun_launchers_use_horovods_flags(recorder):
+def test_mpirun_launchers_use_horovods_flags(recorder, monkeypatch):
+    monkeypatch.delenv("NCCL_DEBUG", raising=False)
     proc, calls = recorder(["launch/mpi4py.sh", "4", "configs/demo.yaml"], HOSTFILE="myhosts")
     assert proc.returncode == 0, proc.stderr
     (call,) = calls
     assert call[:5] == ["mpirun", "-np", "4", "-hostfile", "myhosts"]
+    assert "NCCL_DEBUG=WARN" in call  # unless the user set a level
     _, calls = recorder(["launch/mpirun.sh", "2", "configs/demo.yaml"], FA_HVD_NATIVE="0",
-                        HOROVOD_STALL_CHECK_TIME_SECONDS="30")
+                        HOROVOD_STALL_CHECK_TIME_SECONDS="30", NCCL_DEBUG="INFO")
     assert calls[0][:5] == ["mpirun", "-np", "2", "-H", "localhost:2"]
     exported = {calls[0][i + 1] for i, arg in enumerate(calls[0]) if arg == "-x"}
     assert {"FA_HVD_NATIVE", "HOROVOD_STALL_CHECK_TIME_SECONDS"} <= exported  # mpirun passes only what -x names
+    assert "NCCL_DEBUG=INFO" in exported  # the user's level, not WARN
     for flag in (["-bind-to", "none"], ["-map-by", "slot"], ["-x", "LD_LIBRARY_PATH"], ["-x", "PATH"],
                  ["-mca", "pml", "ob1"], ["-mca", "btl", "^openib"]):
         assert any(call[i:i + len(flag)] == flag for i in range(len(call))), (flag, call)

@@ -193,6 +193,22 @@ def test_an_elastic_world_drops_the_faults_of_ranks_it_lost_in_either_form(tmp_p
         assert [(spec.kind, spec.ranks) for spec in t.specs] == [("signflip", [1])], ranks
 
 
+def test_an_elastic_world_too_small_for_the_rule_stops_with_a_message(tmp_path):
+    """A world shrunk from 4 ranks to 2 under the median with f = 1 (p >= 3): joining it raises WorldTooSmall,
+    which run_elastic turns into its message and exit status 1."""
+    from fa_hvd.train import elastic
+
+    t = _trainer(tmp_path, ("elastic=true", "faults=[]"), LoopbackTransport(4),
+                 robust={"aggregator": "median", "aggregator_params": {"f": 1}})  # checked on 4 ranks: fine
+    t.transport.resize(2)
+    t.transport.refresh()
+    t.rank, t.world = t.transport.rank, t.transport.size  # as ElasticState.sync follows a reset
+    with pytest.raises(elastic.WorldTooSmall, match=r"elastic: cannot continue on 2 ranks: median: needs at "
+                                                     r"least 3 workers for f=1"):
+        elastic.join(t)
+    assert elastic.EXIT_TOO_FEW == 1
+
+
 def test_shipped_configs_load():
     from conftest import ROOT
 

@@ -2,7 +2,7 @@
 
 ``metrics.jsonl`` holds one JSON object per line: ``"kind": "step"`` records
 (``step`` counts optimizer steps done, from 1; ``epoch`` (fractional epochs done);
-``loss``, the mean over ranks of each rank's batch loss; ``lr``; ``step_s``;
+``loss``, the median of the ranks' finite batch losses; ``lr``; ``step_s``;
 ``backward_s`` (forward and backward, with the gradient exchange overlapping);
 ``synchronize_s`` (waiting for the exchange and aggregating); ``samples_per_s``;
 ``faults``, the number of ranks that injected a fault at that step; ``world_size``;

@@ -723,7 +723,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         epilog="Exit status: 0 finished, 2 bad config or input, 75 stopped by SIGTERM/SIGUSR1 (checkpointed, "
                "or stopped during set-up): resume with --resume auto; 76 stopped by robust.evict (checkpointed): "
                "drain the host it names ($FA_HVD_EXCLUDE_FILE, else RUN_DIR/excluded_hosts), then resume. "
-               "Under elastic, robust.evict lists the host there and the run goes on without it.")
+               "Under elastic, robust.evict lists the host there and the run goes on without it; 1 under elastic: "
+               "too few ranks left for the rule (resume on more).")
     parser.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (repeatable), e.g. --set optim.lr=0.05 "
