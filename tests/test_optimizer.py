@@ -49,6 +49,25 @@ def test_after_an_elastic_change_the_aggregate_uses_the_new_world():
         torch.testing.assert_close(p.grad, 2 * g)
 
 
+def test_op_sum_gives_the_aggregate_times_the_world_size_also_after_an_elastic_change():
+    import horovod.torch as hvd
+
+    model, x, y = model_and_batch()
+    link = LoopbackTransport(size=2)
+    opt = fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), aggregator="mean",
+                                      transport=link, op=hvd.Sum)
+    for size in (2, 3):  # rows g, 2g, ..., size g: their mean is (size + 1) g / 2, their sum size (size + 1) g / 2
+        link.resize(size)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        local = [p.grad.clone() for p in model.parameters()]
+        opt.synchronize()
+        for p, g in zip(model.parameters(), local):
+            torch.testing.assert_close(p.grad, size * (size + 1) / 2 * g)
+        with opt.skip_synchronize():
+            opt.step()
+
+
 @pytest.mark.parametrize("error", ["HorovodInternalError", "HostsUpdatedInterrupt"])
 def test_horovods_elastic_errors_leave_step_as_themselves(error):
     from horovod.common import exceptions

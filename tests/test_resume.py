@@ -109,6 +109,18 @@ def test_resume_from_an_older_path_starts_a_new_line_that_auto_continues(tmp_pat
     assert len(list((ckpts / "set-aside").iterdir())) == 2  # still there, never deleted
 
 
+def test_resume_never_deletes_the_old_checkpoints_and_leaves_the_set_aside_ones(tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / "set-aside").mkdir(parents=True)
+    for step in (3, 6, 9):
+        _write(ckpts, step)
+    (ckpts / "set-aside" / "step-000000012.ckpt").write_bytes(b"kept")
+    results = _choose(tmp_path, "never")
+    assert [r[0] for r in results] == [None, None]
+    assert results[0][1] == [f"--resume never: deleted 3 old checkpoint(s) in {ckpts}"]
+    assert _steps(ckpts) == [] and (ckpts / "set-aside" / "step-000000012.ckpt").read_bytes() == b"kept"
+
+
 def test_a_file_that_fails_unpickling_falls_back_on_every_rank_or_is_refused_on_every_rank(tmp_path):
     ckpts = tmp_path / "checkpoints"
     ckpts.mkdir()
@@ -132,6 +144,20 @@ def test_an_incompatible_checkpoint_is_refused_on_every_rank(tmp_path):
 
     results = _choose(tmp_path, "auto", p=3, compatible=incompatible)
     assert [r[0] for r in results] == ["refused"] * 3 and _steps(ckpts) == [10]
+
+
+def test_a_checkpoint_of_another_model_is_refused_even_with_reshard_and_elastic_takes_another_world(tmp_path):
+    conf, conf_data = train_config.parse({"model": {"name": "mlp"}}, ())
+    state = {"format": resume.CHECKPOINT_FORMAT, "model_name": "cnn", "world_size": 2, "config_hash": "h",
+             "config": conf_data}
+    with pytest.raises(resume.UsageError, match="the checkpoint is of model 'cnn', the config builds 'mlp'"):
+        resume.check_compatible(state, conf, conf_data, "h", 2, tmp_path / "c.ckpt", reshard=True)
+    state["model_name"] = "mlp"
+    with pytest.raises(resume.UsageError, match="it was written by 2 ranks, this run has 3"):
+        resume.check_compatible(state, conf, conf_data, "h", 3, tmp_path / "c.ckpt", reshard=False)
+    elastic, elastic_data = train_config.parse({"model": {"name": "mlp"}}, ("elastic=true",))
+    resume.check_compatible({**state, "config": elastic_data}, elastic, elastic_data, "h", 3, tmp_path / "c.ckpt",
+                            reshard=False)
 
 
 def test_ranks_that_cannot_see_the_file_get_it_by_chunked_broadcast(tmp_path, monkeypatch):

@@ -139,6 +139,40 @@ def test_the_whole_loop_in_one_process(tmp_path):
     assert records[-1]["test_loss"] == pytest.approx(float(F.cross_entropy(out.double(), y)), rel=1e-5)
 
 
+def test_timed_checkpoints_follow_rank_0s_clock(tmp_path, monkeypatch):
+    """checkpoint.every_minutes: a checkpoint at the first step boundary at which rank 0's clock says the
+    minutes have passed since the last one (the clock here advances 25 s a step)."""
+    now = [0.0]
+
+    class Clock:  # the trainer module's time, with its monotonic clock ours (no other module's)
+        def __getattr__(self, name):
+            return (lambda: now[0]) if name == "monotonic" else getattr(time, name)
+
+    monkeypatch.setattr(trainer, "time", Clock())
+    t = _trainer(tmp_path, train={"steps": 7, "batch_size": 16, "eval_every_steps": 100},
+                 checkpoint={"every_minutes": 1, "keep": 10})
+    real_step = t.train_step
+
+    def step():
+        now[0] += 25.0
+        return real_step()
+
+    monkeypatch.setattr(t, "train_step", step)
+    _train_to_the_end(t, 7)
+    assert sorted(p.name for p in (t.run_dir / "checkpoints").iterdir()) == [
+        "step-000000003.ckpt", "step-000000006.ckpt", "step-000000007.ckpt"]  # 75 s, 150 s, and the end
+
+
+def test_a_checkpoint_holds_the_fp16_scaler(tmp_path):
+    t = _trainer(tmp_path, ("train.amp=fp16",))
+    t.scaler.scale(torch.ones(1))
+    t.scaler.update(1024.0)  # backed off from the initial 65536
+    fresh = _trainer(tmp_path, ("train.amp=fp16",))
+    assert fresh.scaler.get_scale() == 65536.0
+    fresh.load_state(trainer.checkpoint.loads(trainer.checkpoint.dumps(t.gather_state()), "test"))
+    assert fresh.scaler.get_scale() == 1024.0
+
+
 def test_schedules():
     step = train_config.ScheduleConfig(name="step", step_epochs=2, gamma=0.2)
     assert [optim.lr_factor(t, step, 0.1, 100, 5) for t in (0, 9, 10, 19, 20)] == [1, 1, 0.2, 0.2, 0.2 ** 2]
