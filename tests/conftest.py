@@ -82,6 +82,18 @@ def fixed_global_rngs():
 
 
 @pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Every test runs with one torch intra-op thread, and whatever a test sets is undone after it:
+    some code run in-process (``fa_hvd.bench``, ``fa_hvd.eval``) sets the process-wide count and
+    leaves it, so without this a later test's last bits (a multi-threaded reduction's order) would
+    depend on which tests ran before it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def no_kernel_agreement_between_tests(monkeypatch):
     """Every test starts before any ranks' agreement on the compiled kernels
     (:func:`fa_hvd.exchange.agree_on_compiled_kernels`): an optimizer an earlier test built in
