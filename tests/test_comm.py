@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from fa_hvd.comm import base
 from fa_hvd.comm.base import collective_timeout, wait_until
 from fa_hvd.comm.rollcall import RollCall
 from local_world import run_ranks
@@ -33,11 +34,27 @@ def test_a_bad_timeout_names_the_variable(value):
         collective_timeout({"FA_HVD_COLLECTIVE_TIMEOUT_SECONDS": value})
 
 
-def test_without_a_timeout_the_wait_lasts_until_done_and_says_so(caplog):
-    ready_at = time.monotonic() + 0.3
+class FakeClock:
+    """``time`` as fa_hvd.comm.base sees it: only its own sleeps move the clock, so a wait's
+    notices do not depend on how loaded the machine is."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_without_a_timeout_the_wait_lasts_until_done_and_says_so(caplog, monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(base, "time", clock)
+    ready_at = clock.now + 0.3
     with caplog.at_level(logging.WARNING, logger="fa_hvd"):
-        wait_until(lambda: time.monotonic() >= ready_at, None, "rank 3: allgather 'x'", first_notice=0.1)
-    assert time.monotonic() >= ready_at
+        wait_until(lambda: clock.now >= ready_at, None, "rank 3: allgather 'x'", first_notice=0.1)
+    assert ready_at <= clock.now < ready_at + 1e-3  # until done, and not a pause (<= 1 ms in the first second) more
     notices = [r.getMessage() for r in caplog.records]
     assert notices and all(m.startswith("rank 3: allgather 'x': still waiting after") for m in notices)
     assert len(notices) == 2  # after 0.1 s and 0.2 s, then doubling
