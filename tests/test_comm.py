@@ -64,13 +64,16 @@ def test_a_timeout_ends_the_wait():
     start = time.monotonic()
     with pytest.raises(TimeoutError, match="no answer from every rank within 0 s"):
         wait_until(lambda: False, 0.2, "rank 1: allgather 'y'")
-    assert 0.2 <= time.monotonic() - start < 1.0
+    assert 0.2 <= time.monotonic() - start < 30  # not before the timeout; the upper bound only guards a hang
 
 
 
-def roll_calls(p: int) -> list[RollCall]:
-    """The roll calls of an in-process world of ``p`` ranks (their listeners answer until closed)."""
-    return run_ranks(p, lambda transport: RollCall(transport, timeout=0.5))
+def roll_calls(p: int, timeout: float = 30) -> list[RollCall]:
+    """The roll calls of an in-process world of ``p`` ranks (their listeners answer until closed).
+
+    ``timeout``: each call's; a generous one by default, so a listener slow to answer on a loaded
+    machine is not taken for a missing rank (a closed port refuses at once, whatever the timeout)."""
+    return run_ranks(p, lambda transport: RollCall(transport, timeout=timeout))
 
 
 def test_the_roll_call_names_the_ranks_that_do_not_answer_and_where_the_others_wait():
@@ -96,7 +99,7 @@ def test_the_roll_call_names_the_ranks_that_do_not_answer_and_where_the_others_w
 
 def test_the_roll_call_names_a_rank_that_takes_the_call_but_never_answers():
     """A stopped process: its kernel still accepts the connection, but nothing ever replies."""
-    calls = roll_calls(2)
+    calls = roll_calls(2, timeout=0.5)  # the only rank called here must not answer: its call times out
     mute = socket.create_server(("127.0.0.1", 0))  # listens, never accepts
     try:
         calls[0].roster[1] = [calls[0].roster[1][0], mute.getsockname()[1]]
