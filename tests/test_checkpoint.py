@@ -87,20 +87,24 @@ def test_a_killed_writer_leaves_the_old_file_whole(tmp_path, monkeypatch):
     path = checkpoint.path_for(tmp_path, 5)
     checkpoint.write(path, {"step": 5, "v": 1}, 5)
     started, release = threading.Event(), threading.Event()
+    released = []  # whether each held fsync was released by the test, not by its wait's (hang guard) timeout
     real_fsync = checkpoint.os.fsync
 
     def slow_fsync(fd):
         started.set()
-        release.wait(5)
+        released.append(release.wait(60))
         real_fsync(fd)
 
     monkeypatch.setattr(checkpoint.os, "fsync", slow_fsync)
     thread = threading.Thread(target=checkpoint.write, args=(path, {"step": 5, "v": 2}, 5))
     thread.start()
-    started.wait(5)
-    assert checkpoint.read(path)["v"] == 1  # mid-write, the old content is what a reader sees
-    release.set()
-    thread.join()
+    try:
+        assert started.wait(60), "the writer never reached its fsync"
+        assert checkpoint.read(path)["v"] == 1  # mid-write, the old content is what a reader sees
+    finally:
+        release.set()
+        thread.join()
+    assert released and all(released), released
     assert checkpoint.read(path)["v"] == 2
 
 
