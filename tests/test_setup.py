@@ -38,7 +38,7 @@ def test_four_rank_allgather(kind):
 def test_demo_fa_survives_the_byzantine_rank_and_mean_does_not(tmp_path):
     """make demo: the trainer on 4 ranks with FA, then with mean, and the plot of both."""
     proc = subprocess.run([str(BIN / "fa-hvd-demo"), "--out", str(tmp_path)], cwd=ROOT, env=job_env(),
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, output(proc)
     lines = proc.stdout.splitlines()
     accuracy = dict(part.split() for part in lines[-2].removeprefix("final test accuracy: ").split(", "))
