@@ -42,8 +42,8 @@ def test_nan_and_inf_break_mean_but_not_the_robust_rules(report):
 
 
 def test_a_slow_rank_shows_in_everyones_step_time(report):
-    slow = report["slow"]
-    assert slow["during_s"] > slow["before_s"] + 0.2  # 0.25 s delay per step on rank 1
+    slow = report["slow"]  # rank 1 sleeps delay_s (0.5 s) per slow step: half of it is the bar, the rest slack
+    assert slow["during_s"] > slow["before_s"] + slow["delay_s"] / 2, slow
 
 
 def _wrapped(kind, launcher, faults, env=None):
