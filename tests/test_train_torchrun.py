@@ -11,8 +11,10 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -44,6 +46,21 @@ def _config(tmp_path):
 
 
 def _free_port() -> int:
+    """A port free now and outside the kernel's ephemeral range (ip_local_port_range), so that between
+    this check and the agent's bind no outgoing connection or bind(0), of which the suite's jobs make
+    many, can be given it. Without such ports (a range over them all): any free port."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 1024, 65535
+    outside = [port for port in range(20000, 65536) if not low <= port <= high]
+    for port in random.SystemRandom().sample(outside, min(50, len(outside))):  # not the suite's seeded RNG
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
