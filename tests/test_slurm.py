@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -345,9 +346,13 @@ def test_an_array_job_runs_each_grid_cell_as_the_harness_does(cluster, jobs, tmp
     lines = (cluster.tmp / "eval" / "results.jsonl").read_text().splitlines()
     on_slurm = {r["key"]: r for r in map(json.loads, lines)}
     assert (cluster.tmp / "eval" / "table.md").exists()
-    # The same grid in one process, outside SLURM: the same two cells, the same numbers.
+    # The same grid in one process, outside SLURM: the same two cells, the same numbers. With the cells'
+    # torch thread count: eval.sbatch runs them with OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK (its --cpus-per-task),
+    # and a multi-threaded reduction may sum in another order than a single-threaded one.
+    threads = re.search(r"^#SBATCH --cpus-per-task=(\d+)$", (ROOT / "slurm" / "eval.sbatch").read_text(), re.M)
+    assert threads, "slurm/eval.sbatch asks for no --cpus-per-task"
     proc = subprocess.run(["fa-hvd-eval", "--grid", str(cluster.tmp / "grid.yaml"), "--out", str(tmp_path)], cwd=ROOT,
-                          env=job_env(), capture_output=True, text=True)
+                          env=job_env({"OMP_NUM_THREADS": threads.group(1)}), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     local = {r["key"]: r for r in map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines())}
     assert sorted(on_slurm) == sorted(local) and len(local) == 2, (on_slurm, local)
