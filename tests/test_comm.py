@@ -67,7 +67,6 @@ def test_a_timeout_ends_the_wait():
     assert 0.2 <= time.monotonic() - start < 30  # not before the timeout; the upper bound only guards a hang
 
 
-
 def roll_calls(p: int, timeout: float = 30) -> list[RollCall]:
     """The roll calls of an in-process world of ``p`` ranks (their listeners answer until closed).
 
