@@ -15,6 +15,9 @@ goes into the exclusion file that the discovery script reads, Horovod drops that
 run finishes on the 3 ranks of localhost (when Horovod drops the host only after the last
 step, the run waits for it and ends on those 3 ranks).
 
+A world too small for the rule: FA with f = 1 on 3 ranks loses one, and the 2 left end the job with
+status 1 and a line each saying why.
+
 Horovod orders newly discovered hosts by iterating a Python set, so which host gets
 rank 0 depends on string hashing: the job runs with a fixed ``PYTHONHASHSEED`` and the test
 iterates the same set under the same seed to know where rank 0 goes.
@@ -23,6 +26,7 @@ iterates the same set under the same seed to know where rank 0 goes.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import time
@@ -45,17 +49,17 @@ def third_local_host() -> str:
     raise AssertionError("this machine has no IPv4 interface besides loopback: nowhere to grow the world")
 
 
-def start_job(tmp_path, steps: int, faults, rank0_on: str | None = None, **extra):
-    """``launch/elastic.sh 4 3 4`` on 3 slots of localhost and 1 of 127.0.0.1 (the hosts file
-    ``tmp_path/hosts``), with the faults ``faults(r)`` for ``r`` the rank on 127.0.0.1, and rank 0 on
+def start_job(tmp_path, steps: int, faults, rank0_on: str | None = None, local_slots: int = 3, **extra):
+    """``launch/elastic.sh S+1 S S+1`` on ``S = local_slots`` slots of localhost and 1 of 127.0.0.1 (the hosts
+    file ``tmp_path/hosts``), with the faults ``faults(r)`` for ``r`` the rank on 127.0.0.1, and rank 0 on
     ``rank0_on`` when given (a PYTHONHASHSEED that makes Horovod's driver put it first). Returns the
     hosts file, the run directory, the process, a function giving its output so far, and ``r``."""
     hosts = tmp_path / "hosts"
-    hosts.write_text("localhost:3\n127.0.0.1:1\n")
+    hosts.write_text(f"localhost:{local_slots}\n127.0.0.1:1\n")
     env = job_env({"FA_HVD_HOSTS_FILE": str(hosts)})
     env.pop("FA_HVD_EXCLUDE_FILE", None)
     env["PYTHONHASHSEED"] = "0" if rank0_on is None else hash_seed_putting_first(rank0_on, env)
-    lone = 3 if first_host(env) == "localhost" else 0  # the rank on 127.0.0.1, the 1-slot host
+    lone = local_slots if first_host(env) == "localhost" else 0  # the rank on 127.0.0.1, the 1-slot host
     config = write_config(
         tmp_path / "elastic.yaml",
         data={"name": "digits"},
@@ -68,7 +72,9 @@ def start_job(tmp_path, steps: int, faults, rank0_on: str | None = None, **extra
     )
     run_dir = tmp_path / "run"
     log = open(tmp_path / "job.log", "w+")
-    cmd = [str(ROOT / "launch" / "elastic.sh"), "4", "3", "4", str(config), "--run-dir", str(run_dir)]
+    world = str(local_slots + 1)
+    cmd = [str(ROOT / "launch" / "elastic.sh"), world, str(local_slots), world, str(config), "--run-dir",
+           str(run_dir)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
 
     def text():
@@ -162,3 +168,34 @@ def test_eviction_drops_the_faulty_host_and_the_run_finishes_on_the_others(tmp_p
     # Horovod drops the host some seconds after the exclusion (5-18 s here, by load): during the run, or
     # after the last step, which the run then waits for (so the steps may all be on 4 ranks).
     assert sizes[0] == 4 and set(sizes) <= {3, 4}, sizes
+
+
+@pytest.mark.slow
+def test_a_world_too_small_for_the_rule_ends_the_job_with_status_1(tmp_path):
+    """FA with f = 1 needs 3 ranks; the job starts on 3 (2 slots of localhost, 1 of 127.0.0.1, --min-np 2) and
+    the rank on 127.0.0.1 crashes at step 10. Horovod re-forms the world on the 2 left, which Horovod's own
+    minimum allows but the rule does not: each survivor says so in one line and exits with fa-hvd-train's
+    status 1, horovodrun ends the job (every worker of the new world failed) with its own status 1, and the
+    run directory's lock is released."""
+    _, run_dir, proc, text, lone = start_job(
+        tmp_path, 200, lambda lone: [{"kind": "crash", "ranks": [lone], "start_step": 10}], rank0_on="localhost",
+        local_slots=2)
+    assert lone == 2
+    try:
+        proc.wait(timeout=240)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+    out = text()
+    assert proc.returncode == 1, out[-6000:]  # horovodrun's status for a failed job
+    assert f"fa_hvd fault: rank {lone} crashes at step 10" in out, out[-6000:]
+    # each worker's own status, as horovodrun reports it: the crash's 13, fa-hvd-train's 1 on the survivors
+    assert sorted(re.findall(r"Process (\d) exit with status code (\d+)\.", out)) == \
+        [("0", "1"), ("1", "1"), ("2", "13")], out[-6000:]
+    said = [line for line in out.splitlines() if "elastic: cannot continue on 2 ranks: flag: needs at least 3 "
+            "workers for f=1 (p >= 2f + 1), got p=2" in line]
+    assert sorted(line[line.index("fa-hvd-train: rank "):][:21] for line in said) == \
+        ["fa-hvd-train: rank 0:", "fa-hvd-train: rank 1:"], out[-6000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in records if r["kind"] == "step") < 200, records[-3:]
+    assert not (run_dir / "fa-hvd-train.lock").exists()
