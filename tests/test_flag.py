@@ -195,9 +195,15 @@ def default_direct(G, f, r, lambda_=0.0, iterations=20, eps=1e-7):
     cut = scores.sort().values[p - f - 1]
     weights = votes * ramp((cut - scores) / (0.25 * cut + floor))
     z = (weights / weights.sum()) @ X
+    radius = t[:, 0]  # the core: the p - f rows of smallest radius; its gate: separated from the rest
+    core = ramp((radius.sort().values[p - f - 1] - radius) / (0.25 * radius.sort().values[p - f - 1] + floor))
+    inside, outside = radius.sort().indices[: p - f], radius.sort().indices[p - f:]
+    diam, sep = float(D[inside][:, inside].max()), float(D[inside][:, outside].min())
+    gate = min(max((sep - diam) / (0.02 * diam + floor), 0.0), 1.0)
     for _ in range(3):  # the mean clipped around z
         d = (G - z).norm(dim=1)
-        tau = d.sort().values[p - f - 1]
+        tau = d.sort().values[p - 2 * f - 1]
+        tau = tau + gate * ((core * d).max() - tau)
         z = z + ((G - z) * torch.where(d > tau, tau / d, torch.ones_like(d))[:, None]).sum(0) / p
     return z
 
