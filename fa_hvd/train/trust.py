@@ -171,7 +171,7 @@ the batch grow (in ``n`` dimensions of independent noise, by about ``1/sqrt(n)``
 name honest ranks of a large model."""
 
 DEFAULTS: dict[str, Thresholds] = {
-    "flag": Thresholds(min_weight=0.44, min_alignment=-0.45, min_distance=None, max_distance=GROSS_DISTANCE,
+    "flag": Thresholds(min_weight=0.37, min_alignment=-0.43, min_distance=None, max_distance=GROSS_DISTANCE,
                        max_closest=0.86, min_twin=TWIN_GAP),
     "geomed": Thresholds(min_weight=0.16, min_alignment=-0.38, min_distance=None, max_distance=GROSS_DISTANCE,
                          max_closest=0.96, min_twin=TWIN_GAP),
@@ -182,7 +182,8 @@ DEFAULTS: dict[str, Thresholds] = {
 1.5x beyond the most suspect window figure of its honest ranks in 110 held-in no-attack cells (seeds 0 to 4;
 p/f = 4/1 (not Multi-Krum), 7/2, 8/1, 15/3; IID and Dirichlet(0.5)), rounded outward
 (:func:`fa_hvd.eval.suspects.calibrate`; ``docs/results/suspects/``): honest extremes, weight / gap / distance
-low / high / closest share / twin gap, FA 0.661 / -0.300 / 0.163 / 7.16 / 0.78 / 0.184, geomed 0.248 / -0.253 /
+low / high / closest share / twin gap, FA 0.557 / -0.281 / 0.152 / 8.13 / 0.79 / 0.179 (with step 4's
+radius at the (p - 2f)-th distance; 0.661 / -0.300 before), geomed 0.248 / -0.253 /
 0.048 / 8.84 / 0.93 / 0.196, Multi-Krum 0.000 / -0.220 / 0.162 / 31.1 / 0.70 / 0.195. Measured with each rule's
 default parameters; but ``min_twin`` is :data:`TWIN_GAP` (the calibration's 0.12-0.13 would not carry over to
 larger models), ``max_distance`` :data:`GROSS_DISTANCE` and ``min_distance`` off (the distance drifts with the run's
