@@ -301,6 +301,26 @@ def separated_core(offset, n=64):
     return honest, torch.stack([a + offset * e[1]] * 2)
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_ipm_inside_a_spread_honest_cloud_does_not_cancel_the_honest_mean(seed):
+    """Non-IID shards at p = 15, f = 3: the honest mean is half the honest rows' spread and their
+    spreads differ (0.3 to 3), so IPM's f rows at -4 x the honest mean sit inside the farthest honest
+    row's distance. Step 4's radius, the (p - 2f)-th distance, clips them: the aggregate keeps part of
+    the honest mean. (At the (p - f)-th, the farthest honest row's, they counted whole, f/p of the
+    weight, and the aggregate's part along the honest mean was about 0: training stalled.)"""
+    p, f, n = 15, 3, 400
+    gen = torch.Generator().manual_seed(seed)
+    mu = torch.randn(n, generator=gen, dtype=torch.float64)
+    noise = torch.randn(p - f, n, generator=gen, dtype=torch.float64)
+    spread = torch.linspace(0.3, 3.0, p - f, dtype=torch.float64)[:, None]
+    honest = 0.5 * mu / mu.norm() + spread * noise / noise.norm(dim=1, keepdim=True)
+    mean = honest.mean(0)
+    agg = get("flag", f=f)
+    out = agg(torch.cat([honest, (-4 * mean).expand(f, n)]))
+    assert float(out @ mean) > 0.1 * float(mean @ mean)
+    assert float(agg.weights[p - f:].sum()) < 0.17  # f/p = 0.2
+
+
 def test_a_separated_honest_group_is_not_clipped_below_the_byzantine_rows():
     """The case centred clipping alone lost (Byzantine share 0.294 > 2/7): the copies sit nearer
     the centre than the far honest row, which the clip cut while it kept them whole."""
