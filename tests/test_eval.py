@@ -1,6 +1,8 @@
 """The evaluation harness: grid files, the simulation engine, resuming, --cell, the report and its bars."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,6 +10,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from conftest import ROOT
 from fa_hvd.aggregators import get as get_aggregator
 from fa_hvd.eval import cli, report
 from fa_hvd.eval.grid import load_grid
@@ -174,6 +177,15 @@ def test_cell_mode_writes_a_file_that_report_collects(tmp_path, capsys):
     assert [r["key"] for r in records] == ["iid/p5f1/mean/alie-1/s0"]
     assert cli.main(["--grid", str(path), "--out", str(out), "--list"]) == 0
     assert "2 iid/p5f1/mean/alie-1/s0  (done)" in capsys.readouterr().out
+
+
+def test_list_into_a_reader_that_stops_early_is_not_an_error(tmp_path):
+    """``fa-hvd-eval --list | head -2``: the listing (here 8,000 lines, more than a pipe holds) ends quietly
+    when the pipe closes."""
+    path = write_grid(tmp_path, seeds=2000, splits={"iid": None})
+    proc = subprocess.run(f"{sys.executable} -m fa_hvd.eval.cli --grid {path} --out {tmp_path / 'out'} --list | head -2",
+                          shell=True, capture_output=True, text=True, cwd=ROOT)
+    assert proc.stdout.splitlines() == ["8000 cells", "0 iid/p5f1/mean/none/s0"] and proc.stderr == "", proc.stderr
 
 
 def test_bars_are_checked_against_the_other_rules(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import os
 import sys
 from pathlib import Path
 
@@ -78,9 +79,11 @@ def main(argv=None) -> int:
             return 2
     if args.list:
         done = runner.valid_records(grid, out)
-        print(f"{len(cells)} cells")
-        for cell in cells:
-            print(f"{cell.index} {cell.key}{'  (done)' if cell.index in done else ''}")
+        listing = [f"{len(cells)} cells"] + [f"{c.index} {c.key}{'  (done)' if c.index in done else ''}" for c in cells]
+        try:
+            print("\n".join(listing), flush=True)
+        except BrokenPipeError:  # the reader stopped early (| head): not an error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     if args.cell is not None:
         if args.cell >= len(grid.cells):
