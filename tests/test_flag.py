@@ -196,8 +196,10 @@ def default_direct(G, f, r, lambda_=0.0, iterations=20, eps=1e-7):
     weights = votes * ramp((cut - scores) / (0.25 * cut + floor))
     z = (weights / weights.sum()) @ X
     radius = t[:, 0]  # the core: the p - f rows of smallest radius; its gate: separated from the rest
-    core = ramp((radius.sort().values[p - f - 1] - radius) / (0.25 * radius.sort().values[p - f - 1] + floor))
-    inside, outside = radius.sort().indices[: p - f], radius.sort().indices[p - f:]
+    order = radius.sort()
+    cut = order.values[p - f - 1]
+    core = ramp((cut - radius) / (0.25 * cut + floor))
+    inside, outside = order.indices[: p - f], order.indices[p - f:]
     diam, sep = float(D[inside][:, inside].max()), float(D[inside][:, outside].min())
     gate = min(max((sep - diam) / (0.02 * diam + floor), 0.0), 1.0)
     for _ in range(3):  # the mean clipped around z
