@@ -812,6 +812,17 @@ def test_each_threshold_defaults_to_the_rules_own_and_a_set_one_wins(monkeypatch
         train_config.parse({"log": {"suspects": {"max_closest": 1.0}}})
 
 
+def test_an_unmeasured_rules_thresholds_are_the_loosest_of_the_measured_rules():
+    """Thresholds()' own values, for a rule that was not measured, are each the loosest of trust.DEFAULTS':
+    the lowest weight and alignment gap, the highest non-finite fraction and distance."""
+    loose, measured = trust.Thresholds(), trust.DEFAULTS.values()
+    assert loose.min_weight == min(t.min_weight for t in measured)
+    assert loose.min_alignment == min(t.min_alignment for t in measured)
+    assert loose.max_nonfinite == max(t.max_nonfinite for t in measured)
+    assert loose.max_distance == max(t.max_distance for t in measured)
+    assert (loose.min_distance, loose.max_closest, loose.min_twin) == (None, None, None)
+
+
 def test_below_the_calibration_window_the_measured_defaults_judge_only_weight_and_non_finite():
     """The window signals' defaults were measured on 100-step windows: over fewer steps a rule's defaults judge
     the weight and the non-finite rows only (an honest rank can be the closest at all of 5 steps), a number set

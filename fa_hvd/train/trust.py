@@ -138,7 +138,7 @@ class Thresholds:
     window: int = CALIBRATION_WINDOW
     min_weight: float = 0.0
     max_nonfinite: float = 0.5
-    min_alignment: float | None = -0.45  # on the alignment gap (window mean minus the median rank's); None: not judged
+    min_alignment: float | None = -0.43  # on the alignment gap (window mean minus the median rank's); None: not judged
     min_distance: float | None = None  # window mean distance to the others' aggregate below this; None: not judged
     max_distance: float | None = GROSS_DISTANCE  # or above this; None: not judged
     max_closest: float | None = None  # the closest rank to the others' aggregate in more of the window's steps
