@@ -230,7 +230,7 @@ def test_an_elastic_world_drops_the_faults_of_ranks_it_lost_in_either_form(tmp_p
 def test_an_elastic_world_too_small_for_the_rule_stops_with_a_message(tmp_path):
     """A world shrunk from 4 ranks to 2 under the median with f = 1 (p >= 3): joining it raises WorldTooSmall
     naming the rule's precondition (run_elastic prints it and returns EXIT_TOO_FEW, the 1 of --help; that
-    mapping itself runs only under hvd.elastic.run and is not exercised here)."""
+    mapping runs only under hvd.elastic.run: test_train_elastic.py's world-too-small job checks it)."""
     from fa_hvd.train import elastic
 
     t = _trainer(tmp_path, ("elastic=true", "faults=[]"), LoopbackTransport(4),

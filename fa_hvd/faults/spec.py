@@ -192,8 +192,13 @@ def _parse_entry(i: int, entry, world_size: int, rank_hosts: list[str] | None) -
     return spec
 
 
+def rank_list(ranks):
+    """A fault entry's ``ranks`` as a list: ``ranks: 3`` is short for ``ranks: [3]``; anything else as given."""
+    return [ranks] if _is_int(ranks) else ranks
+
+
 def _parse_ranks(where: str, ranks, world_size: int) -> list[int]:
-    ranks = [ranks] if _is_int(ranks) else ranks
+    ranks = rank_list(ranks)
     if not isinstance(ranks, list) or not ranks or not all(_is_int(r) for r in ranks):
         raise ValueError(f"{where}: 'ranks' must be an integer or a non-empty list of integers, got {ranks!r}")
     for r in ranks:

@@ -68,6 +68,7 @@ from fa_hvd.config import ConfigError
 from fa_hvd.exchange import replicated
 from fa_hvd.faults import FaultInjector, parse_faults, poison_for_rank
 from fa_hvd.faults.seeding import derive_seed
+from fa_hvd.faults.spec import rank_list
 from fa_hvd.optimizer import checksum
 from fa_hvd.train import config as train_config
 from fa_hvd.train import control, data, eviction, metrics, models, optim, resume, tensorboard, trust
@@ -154,9 +155,7 @@ class Trainer:
             if i in self.consumed_faults:
                 continue
             entry = dict(entry)
-            ranks = entry.get("ranks")
-            if isinstance(ranks, int) and not isinstance(ranks, bool):
-                ranks = [ranks]  # ``ranks: 3`` is short for ``ranks: [3]``
+            ranks = rank_list(entry.get("ranks"))
             if isinstance(ranks, list) and self.conf.elastic.enabled:
                 entry["ranks"] = [r for r in ranks if isinstance(r, int) and r < self.world]
                 if not entry["ranks"]:
