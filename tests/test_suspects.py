@@ -760,6 +760,31 @@ def test_the_sweep_counts_false_positives_and_detection_per_rule(monkeypatch):
     assert suspects.detection(geomed[2:]) == (0, 2, [])
 
 
+def test_the_best_possible_thresholds_give_up_the_held_out_cell_that_costs_the_most_detection():
+    """best_possible: each threshold at the honest extreme of the held-out cells kept; giving up one cell (its
+    honest rank at -0.5) moves the alignment threshold to -0.2 and detects the attack at -0.3 as well. A figure
+    no honest rank reported (the weight here) is not judged."""
+    from fa_hvd.eval import suspects
+
+    gap = lambda *values: {"alignment_gap": [[[150, v]] for v in values]}  # noqa: E731
+    held_out = [{**_swept_cell("none", [], gap(-0.1, -0.2, -0.05), seed=100 + i, p=3), "key": f"clean{i}"}
+                for i in range(2)]
+    held_out.insert(1, {**_swept_cell("none", [], gap(-0.5, -0.1, -0.05), seed=110, p=3), "key": "odd"})
+    attacked = [{**_swept_cell("signflip", [2], gap(-0.1, -0.05, value), p=3), "key": key}
+                for key, value in (("mild", -0.3), ("strong", -0.6))]
+    calibration = {**_swept_cell("none", [], gap(-0.9, -0.9, -0.9), seed=0, p=3), "key": "calibration"}
+    cells = [*held_out, *attacked, calibration]  # a calibration cell's honest ranks play no part
+    hit, n, false, thresholds, missed = suspects.best_possible(cells, allowed=0)
+    assert (hit, n, false, thresholds.min_alignment, missed) == (1, 2, 0, -0.5, ["mild"])
+    hit, n, false, thresholds, missed = suspects.best_possible(cells, allowed=1)
+    assert (hit, n, false, thresholds.min_alignment, missed) == (2, 2, 1, -0.2, [])
+    assert thresholds.min_weight is None and thresholds.max_distance is None
+    with pytest.raises(ValueError, match="allowed"):
+        suspects.best_possible(cells, allowed=2)
+    row = suspects.best_possible_table(cells).splitlines()[2]  # 3 held-out cells: 1 % of them is none
+    assert row.startswith("| flag | 0 | 1/2 (50.0 %) (") and row.endswith("| 0 | min_alignment -0.500 | mild |")
+
+
 def test_upper_bound_is_the_exact_one_sided_binomial_bound():
     from fa_hvd.eval.suspects import upper_bound
 

@@ -188,6 +188,54 @@ def detection(cells: list[dict]) -> tuple[int, int, list[int]]:
     return len(latencies), len(cells), latencies
 
 
+def best_possible(cells: list[dict], allowed: int) -> tuple[int, int, int, Thresholds, list[str]]:
+    """The most attacked cells that *any* thresholds could detect while naming honest ranks in at most
+    ``allowed`` of the held-out no-attack cells, the thresholds chosen on those very cells (an upper bound on
+    what the figures can tell apart here, not a calibration: no margin, nothing held out). Exact: for each set
+    of at most ``allowed`` held-out cells given up, each threshold is put at the honest extreme of the other
+    held-out cells (no honest rank there crosses it, and any threshold that also spares them names no
+    Byzantine rank sooner), and the best of these sets wins. A figure no honest rank reported is not judged.
+    Returns ``(detected, attacked cells, held-out cells with an honest rank named, thresholds, missed
+    cells' keys)``; at most one cell is given up (``allowed`` is 0 or 1)."""
+    if allowed not in (0, 1):
+        raise ValueError(f"allowed: 0 or 1 held-out cells, got {allowed}")
+    held_out = [c for c in cells if group(c) == "held-out"]
+    attacked = [c for c in cells if group(c) == "attacked"]
+    best = None
+    for spared in [None] + (list(range(len(held_out))) if allowed else []):
+        kept = [c for i, c in enumerate(held_out) if i != spared]
+        tightest = {}
+        for key, (_, name, sign) in FIGURES.items():
+            if name is None:
+                continue
+            values = [v for c in kept for r in honest(c) if (v := extreme(c, r, key)) is not None]
+            tightest[name] = (min(values) if sign < 0 else max(values)) if values else None
+        thresholds = Thresholds(**tightest)
+        missed = [c["key"] for c in attacked if any(named_at(c, r, thresholds) is None for r in c["byzantine"])]
+        if best is None or len(missed) < len(best[1]):
+            best = (thresholds, missed)
+    thresholds, missed = best
+    false = sum(any(named_at(c, r, thresholds) is not None for r in honest(c)) for c in held_out)
+    return len(attacked) - len(missed), len(attacked), false, thresholds, missed
+
+
+def best_possible_table(cells: list[dict]) -> str:
+    """Per rule, :func:`best_possible` giving up one held-out cell where that is within the bar's 1 % of them
+    (100 cells or more), else none; beside it, the cells the rule's defaults detect."""
+    names = [name for _, name, _ in FIGURES.values() if name is not None]
+    lines = ["| rule | held-out cells given up | attacked cells with every Byzantine rank named (defaults) | "
+             "held-out cells with an honest rank named | thresholds | missed |", "|---" * 6 + "|"]
+    for rule in sorted({c["rule"] for c in cells}):
+        mine = [c for c in cells if c["rule"] == rule]
+        allowed = min(1, sum(group(c) == "held-out" for c in mine) // 100)
+        hit, n, false, thresholds, missed = best_possible(mine, allowed)
+        default_hit = detection([c for c in mine if group(c) == "attacked"])[0]
+        chosen = ", ".join(f"{name} {value:.3f}" for name in names if (value := getattr(thresholds, name)) is not None)
+        lines.append(f"| {rule} | {allowed} | {hit}/{n} ({_pct(hit, n)}) ({default_hit}/{n}) | {false} | {chosen} | "
+                     f"{', '.join(missed) or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
 def rates(cells: list[dict]) -> str:
     """Per rule at its defaults: false positives on the held-out no-attack cells, detection on the attacked
     ones, false positives on the stress split."""
@@ -266,6 +314,11 @@ def report(cells: list[dict], margin: float) -> str:
         lines.append(f"| {rule} | {len(calibration)} | " + " | ".join(row) + " |")
     return ("\n".join(lines) + "\n\n## Rates per rule at its defaults (95 % upper bounds: exact one-sided)\n\n"
             + rates(cells)
+            + "\n## What any thresholds could do on these cells (chosen on the held-out cells themselves)\n\n"
+            + "An upper bound, not a calibration (`best_possible`): the thresholds that detect the most attacked "
+              "cells while naming honest ranks in at most 1 % of the held-out cells, each at the honest extreme "
+              "of the held-out cells kept.\n\n"
+            + best_possible_table(cells)
             + "\n## No-attack cells with an honest rank named, per split (held-out seeds; dirichlet0.1: stress)\n\n"
             + breakdown(cells, "split")
             + "\n## Detected attacked cells per fault\n\n" + breakdown(cells, "fault")
