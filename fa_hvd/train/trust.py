@@ -74,7 +74,7 @@ once, at the step it crosses. Coordinate-wise rules (median, trimmed mean, Bulya
 cclip report no weights: they can name only non-finite rows. The default thresholds are per rule
 (:func:`defaults`): each rule's weights, and so its honest ranks' figures, have their own spread
 (Multi-Krum gives an unusual honest shard weight 0 every step; FA's lowest honest window weight is
-0.66). They come from the honest ranks' extremes in held-in no-attack cells of the grid's splits,
+0.56). They come from the honest ranks' extremes in held-in no-attack cells of the grid's splits,
 IID and Dirichlet(0.5), with a margin fixed in advance (``docs/results/suspects/``, written by
 :mod:`fa_hvd.eval.suspects`, which measures them on held-out seeds, on the attacks and on
 Dirichlet(0.1)). In non-IID an honest rank of an unusual shard sits far from the others (Dirichlet(0.5):
@@ -121,8 +121,8 @@ WINDOW_SIGNALS = ("min_alignment", "min_distance", "max_distance", "max_closest"
 GROSS_DISTANCE = 1000.0
 """The measured rules' ``max_distance``: set, not measured. A row whose squared distance to the others' aggregate
 is 1000x the median rank's (30x in norm) is grossly off: noise, a scaled or bit-flipped gradient (N(0, 1) noise and
--100 g sit at 9,000-14,000x on the grid), not an unusual shard. The measured honest extremes (7.2 FA, 8.8 geomed,
-31 Multi-Krum in 200-step runs) were 23, 27 and 71 by step 300 in Dirichlet(0.5) and 7-12 in IID
+-100 g sit at 9,000-14,000x on the grid), not an unusual shard. The measured honest extremes (8.1 FA, 8.8 geomed,
+31 Multi-Krum in 200-step runs) were 25, 27 and 71 by step 300 in Dirichlet(0.5) and 8-12 in IID
 (``docs/results/suspects/300-steps/``): an unusual shard's relative distance spreads as training goes on, so a
 threshold measured on short runs names honest ranks of long ones, and ``robust.evict`` would drain their hosts."""
 
