@@ -95,6 +95,20 @@ def test_sharded_equals_one_process_aggregation(name, kind):
             (first - expected).abs().max()
 
 
+def test_a_senders_squared_norm_sums_every_piece_of_a_long_chunk(monkeypatch):
+    """The sender's word on a chunk longer than CLAIM_PIECE (here 8 values) is the fp64 sum of squares of all of
+    it, to fp64 rounding, and a non-finite value in its last piece makes the word non-finite."""
+    monkeypatch.setattr(sharded_module, "CLAIM_PIECE", 8)
+    x = torch.randn(21, generator=torch.Generator().manual_seed(3)) * 1e20  # fp32 squares would overflow
+    exact = float((x.double() ** 2).sum())
+    assert float(sharded_module.squared_norm(x)) == pytest.approx(exact, rel=1e-15)
+    assert float(sharded_module.squared_norm(x[:0])) == 0.0
+    for bad in (float("inf"), float("nan")):
+        y = x.clone()
+        y[-1] = bad
+        assert not torch.isfinite(sharded_module.squared_norm(y))
+
+
 def test_mean_propagates_non_finite_values_like_allgather():
     G = faulty("nan")
     [(out, _), *_] = sharded("mean", G)
