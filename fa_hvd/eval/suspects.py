@@ -49,6 +49,8 @@ FIGURES = {"weight": ("weight", "min_weight", -1), "nonfinite": ("nonfinite", "m
            "closest": ("closest", "max_closest", 1), "twin": ("twin", "min_twin", -1)}
 """Record -> (the window figure of :meth:`TrustLedger.window_table` it follows, its threshold in :class:`Thresholds`
 (None: recorded, not judged), the suspect direction: -1 below, +1 above)."""
+THRESHOLDS = [name for _, name, _ in FIGURES.values() if name is not None]
+"""The :class:`Thresholds` fields the sweep judges, in :data:`FIGURES` order."""
 BAR_SPLITS = ("iid", "dirichlet0.5")  # the standing grid's splits (configs/eval/standing.yaml): calibrated and judged
 HELD_OUT_SEEDS = 100  # no-attack cells of this seed or above are held out; below it they calibrate
 DIGITS = 4  # recorded figures are rounded to this many decimals (thresholds have two)
@@ -222,7 +224,6 @@ def best_possible(cells: list[dict], allowed: int) -> tuple[int, int, int, Thres
 def best_possible_table(cells: list[dict]) -> str:
     """Per rule, :func:`best_possible` giving up one held-out cell where that is within the bar's 1 % of them
     (100 cells or more), else none; beside it, the cells the rule's defaults detect."""
-    names = [name for _, name, _ in FIGURES.values() if name is not None]
     lines = ["| rule | held-out cells given up | attacked cells with every Byzantine rank named (defaults) | "
              "held-out cells with an honest rank named | thresholds | missed |", "|---" * 6 + "|"]
     for rule in sorted({c["rule"] for c in cells}):
@@ -230,7 +231,7 @@ def best_possible_table(cells: list[dict]) -> str:
         allowed = min(1, sum(group(c) == "held-out" for c in mine) // 100)
         hit, n, false, thresholds, missed = best_possible(mine, allowed)
         default_hit = detection([c for c in mine if group(c) == "attacked"])[0]
-        chosen = ", ".join(f"{name} {value:.3f}" for name in names if (value := getattr(thresholds, name)) is not None)
+        chosen = ", ".join(f"{name} {value:.3f}" for name in THRESHOLDS if (value := getattr(thresholds, name)) is not None)
         lines.append(f"| {rule} | {allowed} | {hit}/{n} ({_pct(hit, n)}) ({default_hit}/{n}) | {false} | {chosen} | "
                      f"{', '.join(missed) or '-'} |")
     return "\n".join(lines) + "\n"
@@ -300,17 +301,16 @@ def extremes(cells: list[dict]) -> str:
 
 def report(cells: list[dict], margin: float) -> str:
     rules = sorted({c["rule"] for c in cells})
-    names = [name for _, name, _ in FIGURES.values() if name is not None]
     lines = [f"## Thresholds per rule (window {Thresholds.window})\n",
              f"From the honest ranks of the calibration cells (no attack, seeds below {HELD_OUT_SEEDS}, "
              f"{' and '.join(BAR_SPLITS)}), margin {margin}: honest extreme -> calibrated (default, "
-             f"`fa_hvd/train/trust.py`):\n", "| rule | calibration cells | " + " | ".join(names) + " |",
-             "|---" * (len(names) + 2) + "|"]
+             f"`fa_hvd/train/trust.py`):\n", "| rule | calibration cells | " + " | ".join(THRESHOLDS) + " |",
+             "|---" * (len(THRESHOLDS) + 2) + "|"]
     for rule in rules:
         calibration = [c for c in cells if c["rule"] == rule and group(c) == "calibration"]
         calibrated = calibrate(calibration, margin)
         row = [f"{calibrated[n][0]:.3f} -> {calibrated[n][1]} ({getattr(defaults(rule), n)})" if n in calibrated
-               else f"- ({getattr(defaults(rule), n)})" for n in names]
+               else f"- ({getattr(defaults(rule), n)})" for n in THRESHOLDS]
         lines.append(f"| {rule} | {len(calibration)} | " + " | ".join(row) + " |")
     return ("\n".join(lines) + "\n\n## Rates per rule at its defaults (95 % upper bounds: exact one-sided)\n\n"
             + rates(cells)
