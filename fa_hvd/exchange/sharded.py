@@ -14,8 +14,8 @@ bucket, its shard ``G_j`` (``p x n/p`` over all buckets).
    :func:`~fa_hvd.aggregators.base.finite_rows` otherwise and for rules without a Gram).
 3. One allgather of the packed ``K_j`` and flags (``p + p (p + 1) / 2`` words per
    rank) and, for a robust rule, each rank's own word on its own row (``2 p`` words:
-   which of its chunks are finite, their squared norms, computed in :meth:`start`
-   while backward runs); every rank sums the ``K_j`` in shard order in fp64, so ``K``
+   which of its chunks are finite, their squared norms, computed on what it sent
+   while each bucket's alltoall travels); every rank sums the ``K_j`` in shard order in fp64, so ``K``
    is bit for bit the same everywhere, whatever order a reduction collective would
    have used.
 4. Every rank weighs the owners' reports against the senders' words
@@ -196,8 +196,8 @@ class ShardedExchange(GradientExchange):
             splits.append(sum(b - a for a, b in ranges))
         send = flat if self.replicas == 1 else torch.cat(parts)  # k = 1: the chunks in rank order
         wire, ctx = self.compression.compress(send)
-        if self.aggregator.robust:
-            self._claim(work, self.compression.decompress(wire, ctx), size, splits)
+        if self.aggregator.robust:  # claimed by advance() while the alltoall travels
+            work.unclaimed[index] = (self.compression.decompress(wire, ctx), size, splits)
         if self.lies is not None:
             wire = self.lies.sent(wire, splits)
         received = sum(b - a for a, b in (self.chunk(size, s) for s in self.held))
@@ -571,6 +571,7 @@ class _Step:
         self.partial = None if plan is None else _PartialGram(aggregator, p, len(exchange.held), sum(plan[0]),
                                                                self.compute, self.device)
         self.claims: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.unclaimed: dict[int, tuple] = {}  # index -> (what the owners will see, size, splits), until claimed
         self.next = self.offset = self.held = 0
         self.arrived = self.busy = 0.0  # the last bucket's work done; seconds of bucket work
         self.error: Exception | None = None
@@ -582,6 +583,12 @@ class _Step:
         """Wait for and work on every started bucket from the next one in index order."""
         transport = self.exchange.transport
         while self.error is None and self.next in self.entries:
+            if self.next in self.unclaimed:  # the sender's word on what it sent, while that travels
+                try:
+                    self.exchange._claim(self, *self.unclaimed.pop(self.next))
+                except Exception as exc:  # noqa: BLE001 - finish() raises it as it is
+                    self.error = exc
+                    return
             with self.lock:
                 if self.cancelled:
                     return
