@@ -1,5 +1,7 @@
 """The Flag Aggregator: Gram-space reference mode against the direct release, and the default mode."""
 
+import math
+
 import pytest
 import torch
 
@@ -136,6 +138,7 @@ def test_zero_and_rank_deficient_gradients():
         ({"lambda_": -1.0}, "lambda_"),
         ({"iterations": 0}, "iterations"),
         ({"f": -1}, "f must"),
+        ({"neighbours": "p-3f"}, "neighbours must"),
     ],
 )
 def test_bad_parameters(params, needle):
@@ -389,3 +392,24 @@ def test_rows_that_all_have_twins_are_averaged():
     G = torch.stack([g, g, -g])
     c = get("flag", f=1).coefficients(G @ G.T, 1)
     assert torch.allclose(c @ G, g, rtol=1e-12)
+
+
+@pytest.mark.parametrize("p,f", [(10, 3), (16, 5), (31, 10)])
+def test_mixing_p_minus_2f_neighbours_keeps_copies_beyond_a_tight_group_out_of_it(p, f):
+    """The lower bound's geometry (p - 2f tight honest rows, f honest rows 0.5 of the norm away) with f
+    copies 0.4 of the norm beyond the tight rows: mixing the p - f nearest takes the copies into every
+    tight row's mix, the p - 2f nearest do not, and kappa falls (measured 1.37-1.47 -> 1.15-1.21x the bound)."""
+    gen = torch.Generator().manual_seed(0)
+    n = 64
+    a = torch.randn(n, generator=gen, dtype=torch.float64)
+    scale = float(a.norm())
+    away = torch.nn.functional.normalize(torch.randn(n, generator=gen, dtype=torch.float64), dim=0)
+    noise = torch.randn(p, n, generator=gen, dtype=torch.float64) / math.sqrt(n) * scale * 1e-3
+    honest = torch.cat([a + noise[: p - 2 * f], a + 0.5 * scale * away + noise[p - 2 * f : p - f]])
+    G = torch.cat([honest, (a - 0.4 * scale * away) + noise[p - f :]])
+    mean = honest.mean(0)
+    spread = float(((honest - mean) ** 2).sum(1).mean())
+    kappa = {k: float(((get("flag", f=f, neighbours=k)(G) - mean) ** 2).sum()) / spread for k in ("p-f", "p-2f")}
+    bound = f / (p - 2 * f)
+    assert kappa["p-2f"] < 0.9 * kappa["p-f"], kappa
+    assert kappa["p-2f"] < 1.25 * bound, (kappa, bound)

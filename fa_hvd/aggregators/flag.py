@@ -57,6 +57,10 @@ Modes:
      MARGIN t_i + floor`` and ``ramp(x) = clamp(1 + x, 0, 1)``: the ``p - f``
      nearest rows count fully, a row just beyond them partly, a row farther than
      ``(1 + MARGIN) t_i`` not at all. Mixed rows ``M G``, Gram ``K' = M K M^T``.
+     ``neighbours="p-2f"`` (a candidate, not the default) mixes the ``max(2, p - 2f)``
+     nearest instead: the rows that every consistent honest set shares, so ``f`` copies placed
+     just beyond a tight honest group stay out of its mixed rows (``fa-hvd-bench robustness``,
+     label ``flag-mix2f``); the core and the gate of step 4 keep ``t_i`` at ``p - f``.
   2. *The flag median, fitted to the honest majority.* IRLS (the paper's step, above)
      on the mixed rows' unit vectors, from the flag mean (the top-``r`` eigenvectors of
      their cosine matrix), where every row's data weight is multiplied by its *vote*
@@ -137,6 +141,8 @@ CLIP_STEPS = 3
 """Default mode: steps of the mean clipped around the selected centre (step 4)."""
 SEPARATION_MARGIN = 0.02
 """Default mode: relative width of the gate that stops step 4 clipping a separated core (squared distances)."""
+NEIGHBOURS = ("p-f", "p-2f")
+"""Default mode: how many nearest rows step 1 mixes (``neighbours``; see the module docstring)."""
 AGREEMENT_MARGIN = 0.1
 """Default mode: width of the vote's ramp, in agreement units (agreements lie in [-1, 1])."""
 FLOOR = 1e-12
@@ -160,10 +166,13 @@ class Flag(Aggregator):
         lambda_: float = 0.0,
         iterations: int | None = None,
         eps: float = REFERENCE_EPS,
+        neighbours: str = "p-f",
     ):
         super().__init__(f)
         if mode not in ("default", "reference"):
             raise ValueError(f"flag: mode must be 'default' or 'reference', got {mode!r}")
+        if neighbours not in NEIGHBOURS:
+            raise ValueError(f"flag: neighbours must be one of {', '.join(map(repr, NEIGHBOURS))}, got {neighbours!r}")
         if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
             raise ValueError(f"flag: r must be an integer >= 1 (or None: follows p), got {r!r}")
         if not isinstance(lambda_, (int, float)) or isinstance(lambda_, bool) or not lambda_ >= 0:
@@ -175,13 +184,14 @@ class Flag(Aggregator):
         if not eps > 0:
             raise ValueError(f"flag: eps must be > 0, got {eps!r}")
         self.mode, self.r, self.lambda_, self.iterations, self.eps = mode, r, float(lambda_), iterations, eps
+        self.neighbours = neighbours
         self._start_cache: tuple | None = None
         self._warned = False
 
     def __repr__(self) -> str:
         r = "ceil(p/2)" if self.r is None else self.r
         return (f"Flag(f={self.f}, mode={self.mode!r}, r={r}, lambda_={self.lambda_}, "
-                f"iterations={self.iterations})")
+                f"iterations={self.iterations}, neighbours={self.neighbours!r})")
 
     def rank(self, p: int, f: int) -> int:
         """The subspace dimension used for ``p`` rows: ``r`` as given, else :func:`default_rank`."""
@@ -255,7 +265,7 @@ class Flag(Aggregator):
         floor = FLOOR * float(K.diagonal().amax().clamp_min(0)) or FLOOR
         D = sq_distances(K=K)
         radius = neighbour_radius(D, p - f)
-        M = soft_neighbours(D, radius, floor)
+        M = soft_neighbours(D, radius if self.neighbours == "p-f" else neighbour_radius(D, max(2, p - 2 * f)), floor)
         mixed = M @ K @ M.T
         mixed = (mixed + mixed.T) / 2
         basis = _gram_basis(mixed, eps)
