@@ -197,7 +197,7 @@ class ShardedExchange(GradientExchange):
         send = flat if self.replicas == 1 else torch.cat(parts)  # k = 1: the chunks in rank order
         wire, ctx = self.compression.compress(send)
         if self.aggregator.robust:  # claimed by advance() while the alltoall travels
-            work.unclaimed[index] = (self.compression.decompress(wire, ctx), size, splits)
+            work.unclaimed[index] = (wire, ctx, size, splits)
         if self.lies is not None:
             wire = self.lies.sent(wire, splits)
         received = sum(b - a for a, b in (self.chunk(size, s) for s in self.held))
@@ -571,7 +571,7 @@ class _Step:
         self.partial = None if plan is None else _PartialGram(aggregator, p, len(exchange.held), sum(plan[0]),
                                                                self.compute, self.device)
         self.claims: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.unclaimed: dict[int, tuple] = {}  # index -> (what the owners will see, size, splits), until claimed
+        self.unclaimed: dict[int, tuple] = {}  # index -> (wire before any lie, its ctx, size, splits), until claimed
         self.next = self.offset = self.held = 0
         self.arrived = self.busy = 0.0  # the last bucket's work done; seconds of bucket work
         self.error: Exception | None = None
@@ -584,8 +584,9 @@ class _Step:
         transport = self.exchange.transport
         while self.error is None and self.next in self.entries:
             if self.next in self.unclaimed:  # the sender's word on what it sent, while that travels
+                wire, ctx, size, splits = self.unclaimed.pop(self.next)
                 try:
-                    self.exchange._claim(self, *self.unclaimed.pop(self.next))
+                    self.exchange._claim(self, self.exchange.compression.decompress(wire, ctx), size, splits)
                 except Exception as exc:  # noqa: BLE001 - finish() raises it as it is
                     self.error = exc
                     return
