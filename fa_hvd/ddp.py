@@ -109,9 +109,10 @@ class RobustHookState:
         self.stats = {"step": self.step - 1, **getattr(self.aggregator, "diagnostics", {})}
         for index, part in enumerate(parts):
             future, buffer = pending[index]
-            # Each part a tensor of its own: DDP views the result with as_strided at the bucket's
-            # offsets, which are counted from the start of the storage, not of a slice.
-            future.set_result(part.to(dtype=buffer.dtype, device=buffer.device))
+            # Into the bucket's own buffer, as DDP's allreduce hook leaves its result: memory DDP already
+            # touched (a fresh tensor per bucket costs its pages every step), at the storage offset DDP
+            # views it from, and in the bucket's dtype.
+            future.set_result(buffer.copy_(part))
         self.timings = {"last_bucket": called, **self.exchange.timings, "handed": time.perf_counter()}
 
 

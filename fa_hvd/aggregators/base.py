@@ -117,6 +117,12 @@ class Aggregator:
         """True when :meth:`by_columns` works: Gram rules, and rules that set it."""
         return self.gram_space
 
+    @property
+    def combines_columns(self) -> bool:
+        """True when :meth:`by_columns` gives ``c^T G[:, cols]`` as defined here, which also takes an
+        ``out=`` to write into (a Gram rule that does not override it)."""
+        return self.gram_space and type(self).by_columns is Aggregator.by_columns
+
     def anchors(self, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
         """Extra ``(m, n)`` rows whose inner products with ``G``'s rows :meth:`by_columns` needs (None: none)."""
         return None

@@ -246,7 +246,7 @@ def _gram_as_it_arrives(rule, dtype: torch.dtype) -> bool:
     mixing) on fp32 rows. Anything else (the mean, the coordinate-wise rules, cclip, Bulyan,
     compositions, callables, other dtypes) runs as ``rule(G)`` after the last bucket."""
     return (isinstance(rule, Aggregator) and dtype == torch.float32 and rule.robust and rule.gram_space
-            and rule.uses_gram and type(rule).by_columns is Aggregator.by_columns)
+            and rule.uses_gram and rule.combines_columns)
 
 
 def _mean_as_it_arrives(rule, dtype: torch.dtype) -> bool:

@@ -51,9 +51,9 @@ class GradientExchange:
         raise NotImplementedError
 
     def finish_buckets(self, sizes: list[int], device: torch.device, step: int) -> list[torch.Tensor]:
-        """:meth:`finish` for buckets of ``sizes``, the aggregate as each bucket's part, each a tensor
-        of its own (storage offset 0: DDP views a hook's result at offsets from its storage's start)."""
-        return own_parts(self.finish(len(sizes), device, step), sizes)
+        """:meth:`finish` for buckets of ``sizes``, the aggregate cut into each bucket's part (views,
+        read before the next step's :meth:`finish`: the DDP hook copies each into its bucket)."""
+        return list(self.finish(len(sizes), device, step).split(sizes))
 
     def abandon(self) -> None:
         raise NotImplementedError
@@ -108,11 +108,6 @@ class Outputs:
         """``aggregate`` is the last finished step's: the next step writes elsewhere."""
         self.last = aggregate
         return aggregate
-
-
-def own_parts(update: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
-    """``update`` cut into parts of ``sizes``, each copied into a tensor of its own."""
-    return [part.clone() for part in update.split(sizes)]
 
 
 def wait(transport, handle, step: int, stage: str) -> torch.Tensor:

@@ -81,7 +81,7 @@ import torch
 
 from ..aggregators.base import Aggregator, Rows, anchored_gram, describe, finite_rows
 from ..comm import NoCompression
-from .base import GradientExchange, Outputs, Worker, check_planned, fits, own_parts, raise_failure, rule_name, wait
+from .base import GradientExchange, Outputs, Worker, check_planned, fits, raise_failure, rule_name, wait
 from .digest import check_agreement
 from .evidence import Verdict, majority, not_a_gram, verdict
 
@@ -144,6 +144,7 @@ class ShardedExchange(GradientExchange):
         self._worker: Worker | None = None
         self._outputs = Outputs()
         self._gathered: list[torch.Tensor | None] = []  # every rank's shards of the aggregate, kept across steps
+        self._shards: tuple[tuple, torch.Tensor] | None = None  # this rank's shards of it (:meth:`_shards_buffer`)
         transport.traffic  # noqa: B018 -- the transport's byte counters start with the exchange
 
     def name(self, index: int) -> str:
@@ -320,7 +321,7 @@ class ShardedExchange(GradientExchange):
             self.stats = {"peak_bytes": held, "bucket_work_s": work.busy}
             self.timings["aggregated"] = time.perf_counter()
             zeros = torch.zeros(n, dtype=result, device=device)
-            return zeros if parts is None else own_parts(zeros, parts)
+            return zeros if parts is None else list(zeros.split(parts))
         kept = self.p if rows.keep is None else rows.keep.numel()
         early = (work.rule is not None and rows.keep is None and rows.f == self.aggregator.f
                  and (work.result, work.compute, work.device) == (result, compute, device))
@@ -345,7 +346,7 @@ class ShardedExchange(GradientExchange):
             check_agreement(self.transport, aggregate, step, f"{self.prefix}.digest")
         self.aggregator.observe(aggregate)
         self.timings["aggregated"] = time.perf_counter()
-        return self._outputs.finished(aggregate) if parts is None else own_parts(aggregate, parts)
+        return self._outputs.finished(aggregate) if parts is None else list(aggregate.split(parts))
 
     def _combine(self, work: "_Step", rows: Rows, K, kept: int, sizes, result, compute, device, evidence,
                  step: int) -> tuple[torch.Tensor, int]:
@@ -361,12 +362,17 @@ class ShardedExchange(GradientExchange):
                                        **evidence}
         widths = [-(-size // self.p) for size in sizes]
         starts = [sum(widths[:i]) for i in range(len(widths))]
-        out = torch.zeros(self.replicas, sum(widths), dtype=result, device=device)  # chunks padded to W_b
+        out = self._shards_buffer(widths, result, device)
+        into = self.aggregator.combines_columns and compute == result  # c^T block written in place
         for t, shard in enumerate(work.pieces):
             for index, cols, piece in shard:
-                block = piece if rows.keep is None else piece[rows.keep.to(piece.device)]
-                out[t, starts[index] : starts[index] + piece.shape[1]] = rule(block.to(device=device, dtype=compute),
-                                                                              cols)
+                block = (piece if rows.keep is None else piece[rows.keep.to(piece.device)]).to(device=device,
+                                                                                                dtype=compute)
+                target = out[t, starts[index] : starts[index] + piece.shape[1]]
+                if into:
+                    rule(block, cols, out=target)
+                else:
+                    target.copy_(rule(block, cols))
         if self.lies is not None:
             out = self.lies.aggregate(self.held, out)
         self.timings["combined"] = time.perf_counter()
@@ -483,6 +489,15 @@ class ShardedExchange(GradientExchange):
                                 f"(f={f}): {reasons}")
         return judged
 
+    def _shards_buffer(self, widths: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """This rank's shards of the aggregate, ``(replicas, sum W_b)``, kept across steps while the buckets'
+        widths stay: a fresh buffer's pages are touched anew each step (:class:`~.base.Outputs`). Made with
+        zeros: the columns past a bucket's last, shorter chunk are never written, so they travel as zeros."""
+        key = (tuple(widths), dtype, device)
+        if self._shards is None or self._shards[0] != key:
+            self._shards = (key, torch.zeros(self.replicas, sum(widths), dtype=dtype, device=device))
+        return self._shards[1]
+
     def _gather(self, out: torch.Tensor, sizes, widths, starts, step: int) -> tuple[torch.Tensor, int]:
         """Step 5: allgather the shards of the aggregate, in up to :data:`GATHER_PIECES` pieces of
         columns started together (Gloo, under Horovod and torch.distributed alike, moves a few
@@ -512,7 +527,7 @@ class ShardedExchange(GradientExchange):
         except BaseException:
             for handle, _ in handles[len(pieces) + 1 :]:
                 self.transport.abandon(handle)
-            self._gathered = []  # the failed allgathers may still write into them: the next step takes others
+            self._gathered, self._shards = [], None  # failed allgathers may still use them: the next step takes others
             raise
         if repaired:
             diagnostics = self.aggregator.diagnostics
