@@ -81,7 +81,9 @@ rows with NaN or Inf; robust rules without a Gram, whose diagonal tells the othe
 plain Gram rules most of ``gram`` ran in ``bucket_work`` or on the worker thread,
 whose seconds of bucket work in the last step (beside the training thread, so not in the
 step's sum) ``rule_parts`` holds as ``worker_thread``; the sharded exchange's seconds of
-bucket work (on its worker, or inside ``wait``) are ``bucket_work`` there. The DDP
+bucket work (on its worker, or inside ``wait``) are ``bucket_work`` there, and for a rule that
+combines after the last bucket ``bare_gather`` is its step 5 alone (:func:`bare_gather`: the
+aggregate's allgather after a barrier, the floor under ``gathered``). The DDP
 variants (``--transport torch``) have ``forward``, ``backward`` and ``optimizer_step``, and
 with fa_hvd's hook backward split as :func:`hook_phases` says: ``hooks`` (starting each
 bucket's exchange), the exchange's stages from the last bucket on (``arrived``, ``gram``,
@@ -311,6 +313,27 @@ def rule_parts(rule, G: torch.Tensor | None, repeats: int = 3) -> dict[str, floa
     return {key: statistics.median(v) for key, v in times.items()}
 
 
+def bare_gather(transport, shards: torch.Tensor, name: str, repeats: int = 5) -> float:
+    """The sharded exchange's step 5 alone: this rank's ``shards`` of the aggregate allgathered in the
+    exchange's pieces (:func:`~fa_hvd.exchange.sharded.gather_bounds`) into outputs kept across repeats,
+    each repeat after a barrier (no rank skew); the median seconds, the floor under ``gathered``."""
+    from fa_hvd.exchange.sharded import gather_bounds
+
+    bounds = gather_bounds(shards.shape[1])
+    pieces = [shards[:, a:b].reshape(1, -1) for a, b in zip(bounds, bounds[1:])]
+    outs = [torch.empty(transport.size, piece.shape[1], dtype=piece.dtype, device=piece.device) for piece in pieces]
+    times = []
+    for repeat in range(repeats):
+        transport.allreduce_sum(torch.zeros(1), name=f"{name}.barrier{repeat}")
+        start = time.perf_counter()
+        handles = [transport.allgather_async(piece, name=f"{name}#{k}", out=out)
+                   for k, (piece, out) in enumerate(zip(pieces, outs))]
+        for handle in handles:
+            transport.wait(handle)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def run(args: argparse.Namespace) -> int:
     import fa_hvd
     import fa_hvd.ddp
@@ -452,6 +475,8 @@ def run(args: argparse.Namespace) -> int:
             exchange = getattr(getattr(model, "fa_hvd_state", opt), "exchange", None)
             if "bucket_work_s" in getattr(exchange, "stats", {}):  # the sharded exchange's, inside its stages
                 parts[name] = {"bucket_work": exchange.stats["bucket_work_s"]}
+                if exchange.shards is not None:
+                    parts[name]["bare_gather"] = bare_gather(transport, exchange.shards, f"bench.bare.{name}")
             if isinstance(exchange, AllgatherExchange):  # its (p, n) matrix, kept across steps (several buckets)
                 beside = {"worker_thread": exchange.stats["worker_s"]} if "worker_s" in exchange.stats else {}
                 parts[name] = {**beside, **rule_parts(exchange.aggregator, exchange._buffer)}

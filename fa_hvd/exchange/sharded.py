@@ -147,6 +147,12 @@ class ShardedExchange(GradientExchange):
         self._shards: tuple[tuple, torch.Tensor] | None = None  # this rank's shards of it (:meth:`_shards_buffer`)
         transport.traffic  # noqa: B018 -- the transport's byte counters start with the exchange
 
+    @property
+    def shards(self) -> torch.Tensor | None:
+        """This rank's shards of the last aggregate combined after the last bucket (None before one, and
+        for an early rule, whose shards travel bucket by bucket): what step 5's allgather sends."""
+        return None if self._shards is None else self._shards[1]
+
     def name(self, index: int) -> str:
         """The collective name of bucket ``index`` (the optimizer prepares ordered channels by it)."""
         return f"{self.prefix}.bucket{index}"
@@ -504,9 +510,8 @@ class ShardedExchange(GradientExchange):
         allgathers at once faster than one of their total: 4 pieces of 5.6M fp32 values per rank take
         21 ms against 46 ms at p = 2, 46 against 80 ms at p = 4), reassembled in bucket order;
         ``(aggregate, bytes held)``."""
-        total = out.shape[1]
-        count = max(1, min(GATHER_PIECES, total // MIN_GATHER_PIECE))
-        bounds = [total * k // count for k in range(count + 1)]
+        bounds = gather_bounds(out.shape[1])
+        count = len(bounds) - 1
         if len(self._gathered) != count:
             self._gathered = [None] * count
         handles = []
@@ -714,6 +719,14 @@ def replicated(replicas: int):
     """An ``exchange=`` factory for :func:`fa_hvd.DistributedOptimizer`: the sharded exchange with each
     shard computed by ``replicas`` ranks and compared."""
     return functools.partial(ShardedExchange, replicas=replicas)
+
+
+def gather_bounds(total: int) -> list[int]:
+    """The column bounds of the aggregate's allgather pieces (:meth:`ShardedExchange._gather`) for
+    ``total`` columns of shards per rank: up to :data:`GATHER_PIECES`, none narrower than
+    :data:`MIN_GATHER_PIECE` unless there is only one."""
+    count = max(1, min(GATHER_PIECES, total // MIN_GATHER_PIECE))
+    return [total * k // count for k in range(count + 1)]
 
 
 def _copy_columns(dst: torch.Tensor, pieces: list[torch.Tensor], bounds: list[int], start: int, row: int) -> None:
