@@ -19,13 +19,14 @@ into ``.grad`` as it would the averaged buckets, so the rest of the script (the
 optimizer, clipping, ``GradScaler``) is unchanged.
 
 Everything else is DDP's: ``no_sync()`` and gradient accumulation (no hook call,
-gradients accumulate locally), ``static_graph``, ``find_unused_parameters`` (the
-unused parameters' zeros travel), bucket sizes and their rebuild after the first
-step, mixed precision (a bf16 bucket is aggregated as fp32, as Horovod's wire
-needs, and returned as bf16). The aggregate is an average, as DDP's is: with
-``aggregator="mean"`` it is DDP's result up to the order of the floating-point
-sum (``G.mean(0)`` against Gloo's ring allreduce of ``g / p``); bit for bit the
-same at two ranks, where both sums have one term order and halving is exact.
+gradients accumulate locally), ``static_graph``, ``gradient_as_bucket_view``,
+``find_unused_parameters`` (the unused parameters' zeros travel), bucket sizes and
+their rebuild after the first step, mixed precision (a bf16 bucket is aggregated as
+fp32, as Horovod's wire needs, and returned as bf16). The aggregate is an average,
+as DDP's is: with ``aggregator="mean"`` it is DDP's result up to the order of the
+floating-point sum (``G.mean(0)`` against Gloo's ring allreduce of ``g / p``); bit
+for bit the same at two ranks, where both sums have one term order and halving is
+exact.
 
 Faults: ``gradient_transform`` (``(flat_bucket, bucket_index, step) -> tensor``,
 what this rank sends), or else ``FA_HVD_FAULTS`` from the environment as for
@@ -109,10 +110,13 @@ class RobustHookState:
         self.stats = {"step": self.step - 1, **getattr(self.aggregator, "diagnostics", {})}
         for index, part in enumerate(parts):
             future, buffer = pending[index]
-            # Into the bucket's own buffer, as DDP's allreduce hook leaves its result: memory DDP already
-            # touched (a fresh tensor per bucket costs its pages every step), at the storage offset DDP
-            # views it from, and in the bucket's dtype.
-            future.set_result(buffer.copy_(part))
+            # DDP views a hook's result at the bucket's offsets counted from the start of its storage: a
+            # part that starts its storage in the bucket's dtype (an early rule's gathered shards, the
+            # first bucket's part of an aggregate) is handed over as it is, any other copied into the
+            # bucket's own buffer, as DDP's allreduce hook leaves its result (memory DDP already touched:
+            # a fresh tensor per bucket costs its pages every step).
+            whole = part.storage_offset() == 0 and (part.dtype, part.device) == (buffer.dtype, buffer.device)
+            future.set_result(part if whole else buffer.copy_(part))
         self.timings = {"last_bucket": called, **self.exchange.timings, "handed": time.perf_counter()}
 
 

@@ -29,7 +29,7 @@ def report():
 
 def test_mean_hook_matches_plain_ddp_bit_for_bit_on_two_ranks_in_every_mode():
     cases = {k: v for k, v in report()["mean"].items() if k.startswith("pair/")}
-    assert len(cases) == 12
+    assert len(cases) == 14
     for case, r in cases.items():
         assert r["moved"] > 0.05, case  # the parameters really trained
         assert r["bits_equal"] and r["max_abs_diff"] == 0.0, (case, r)

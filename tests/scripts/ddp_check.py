@@ -4,7 +4,8 @@ torchrun --nproc-per-node 4 --no-python python ddp_check.py mean byzantine
 
 * mean: DDP with the hook and aggregator="mean" against plain DDP, k steps, with both exchanges:
   over pairs of ranks (process groups {0, 1} and {2, 3}) in every DDP mode (plain, static_graph,
-  find_unused_parameters, no_sync accumulation, bf16 parameters, bf16 autocast), and over the
+  find_unused_parameters, no_sync accumulation, gradient_as_bucket_view, bf16 parameters, bf16
+  autocast), and over the
   whole world (4 ranks) plain and bf16: the largest parameter difference, whether the bits are
   equal, and how far the parameters moved.
 * byzantine: rank 3 sends -8 times its gradient every step: plain DDP (the same lie through
@@ -61,6 +62,8 @@ def train(mode, group, hook_state, rank, steps=STEPS):
     kwargs = {"static_graph": True} if mode == "static_graph" else {}
     if mode == "unused":
         kwargs["find_unused_parameters"] = True
+    if mode == "bucket_view":  # the gradients are views of DDP's bucket buffers
+        kwargs["gradient_as_bucket_view"] = True
     ddp = DDP(model, process_group=group, bucket_cap_mb=0.01, **kwargs)  # several buckets
     if hook_state is not None:
         ddp.register_comm_hook(hook_state, fa_hvd.ddp.robust_hook)
@@ -86,7 +89,8 @@ def check_mean(rank, size):
     pair = [dist.new_group([0, 1]), dist.new_group([2, 3])][rank // 2]
     start = torch.cat([p.reshape(-1) for p in (torch.manual_seed(0), Net())[1].parameters()])
     out = {}
-    modes = {"world": ("plain", "bf16"), "pair": ("plain", "static_graph", "unused", "no_sync", "bf16", "autocast")}
+    modes = {"world": ("plain", "bf16"), "pair": ("plain", "static_graph", "unused", "no_sync", "bucket_view", "bf16",
+                                                 "autocast")}
     for where, group in (("world", None), ("pair", pair)):
         for mode in modes[where]:
             for exchange in ("allgather", "sharded"):
