@@ -51,8 +51,8 @@ class GradientExchange:
         raise NotImplementedError
 
     def finish_buckets(self, sizes: list[int], device: torch.device, step: int) -> list[torch.Tensor]:
-        """:meth:`finish` for buckets of ``sizes``, the aggregate cut into each bucket's part (views,
-        read before the next step's :meth:`finish`: the DDP hook copies each into its bucket)."""
+        """:meth:`finish` for buckets of ``sizes``, the aggregate cut into each bucket's part (views, to be
+        read before the next step's :meth:`finish`: the DDP hook's parts are copied out by DDP within the step)."""
         return list(self.finish(len(sizes), device, step).split(sizes))
 
     def abandon(self) -> None:
