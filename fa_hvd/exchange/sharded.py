@@ -506,9 +506,10 @@ class ShardedExchange(GradientExchange):
 
     def _gather(self, out: torch.Tensor, sizes, widths, starts, step: int) -> tuple[torch.Tensor, int]:
         """Step 5: allgather the shards of the aggregate, in up to :data:`GATHER_PIECES` pieces of
-        columns started together (Gloo, under Horovod and torch.distributed alike, moves a few
-        allgathers at once faster than one of their total: 4 pieces of 5.6M fp32 values per rank take
-        21 ms against 46 ms at p = 2, 46 against 80 ms at p = 4), reassembled in bucket order;
+        columns started together (torch.distributed's Gloo moves a few allgathers at once faster than
+        one of their total: 4 pieces of 5.6M fp32 values per rank into kept outputs take 20-24 ms
+        against 41-42 at p = 2, 41-43 against 73-79 at p = 4; under Horovod, with kept outputs, the
+        pieces neither gain nor lose: 28-36 ms against 24-34 at p = 2), reassembled in bucket order;
         ``(aggregate, bytes held)``."""
         bounds = gather_bounds(out.shape[1])
         count = len(bounds) - 1
