@@ -508,8 +508,8 @@ class ShardedExchange(GradientExchange):
         """Step 5: allgather the shards of the aggregate, in up to :data:`GATHER_PIECES` pieces of
         columns started together (torch.distributed's Gloo moves a few allgathers at once faster than
         one of their total: 4 pieces of 5.6M fp32 values per rank into kept outputs take 20-24 ms
-        against 41-42 at p = 2, 41-43 against 73-79 at p = 4; under Horovod, with kept outputs, the
-        pieces neither gain nor lose: 28-36 ms against 24-34 at p = 2), reassembled in bucket order;
+        against 41-42 at p = 2, 41-43 against 73-79 at p = 4; under Horovod, with kept outputs, they
+        gain nothing: 32-36 ms against 24-34 for one at p = 2), reassembled in bucket order;
         ``(aggregate, bytes held)``."""
         bounds = gather_bounds(out.shape[1])
         count = len(bounds) - 1
