@@ -523,8 +523,21 @@ def test_early_rules_give_the_bits_of_the_aggregate_after_the_last_bucket(monkey
     for (outs, exchange), (expected, _) in zip(early, late):
         assert all(torch.equal(bits(a), bits(b)) for a, b in zip(outs, expected))
         gathers = [c for c in exchange.transport.calls if c[0] == "allgather" and c[1].startswith("test.out")]
-        assert len(gathers) == 2 * (len(SIZES) + dropped * sharded_module.GATHER_PIECES)  # pieces after a drop
+        assert len(gathers) == 2 * (len(SIZES) + dropped * exchange.transport.gather_pieces)  # pieces after a drop
         assert (exchange._worker is not None) == threaded
+
+
+@pytest.mark.parametrize("pieces", [1, 4])
+def test_the_aggregate_is_gathered_in_the_transports_number_of_pieces(monkeypatch, pieces):
+    """Step 5's allgather in the transport's ``gather_pieces`` (Horovod's 1, torch.distributed's 4),
+    with the same bits either way."""
+    G = faulty("clean")
+    whole = sharded("krum", G)
+    monkeypatch.setattr(local_world.LocalTransport, "gather_pieces", pieces)
+    for (outs, exchange), (expected, _) in zip(sharded("krum", G), whole):
+        gathers = [c for c in exchange.transport.calls if c[0] == "allgather" and c[1].startswith("test.out")]
+        assert len(gathers) == pieces
+        assert torch.equal(bits(outs[0]), bits(expected[0]))
 
 
 def test_early_shards_are_gathered_before_finish_on_the_worker(monkeypatch):

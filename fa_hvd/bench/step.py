@@ -319,7 +319,7 @@ def bare_gather(transport, shards: torch.Tensor, name: str, repeats: int = 5) ->
     each repeat after a barrier (no rank skew); the median seconds, the floor under ``gathered``."""
     from fa_hvd.exchange.sharded import gather_bounds
 
-    bounds = gather_bounds(shards.shape[1])
+    bounds = gather_bounds(shards.shape[1], transport.gather_pieces)
     pieces = [shards[:, a:b].reshape(1, -1) for a, b in zip(bounds, bounds[1:])]
     outs = [torch.empty(transport.size, piece.shape[1], dtype=piece.dtype, device=piece.device) for piece in pieces]
     times = []

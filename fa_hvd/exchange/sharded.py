@@ -86,7 +86,6 @@ from .digest import check_agreement
 from .evidence import Verdict, majority, not_a_gram, verdict
 
 HALF = (torch.float16, torch.bfloat16)
-GATHER_PIECES = 4  # the aggregate's allgather (step 5), in pieces of columns started together
 MIN_GATHER_PIECE = 1 << 16  # columns: narrower pieces cost more in latency than they gain
 CLAIM_PIECE = 1 << 20
 """Values per fp64 squared-norm call in a sender's word (:meth:`ShardedExchange._claim`): torch's norm of fp32
@@ -505,13 +504,12 @@ class ShardedExchange(GradientExchange):
         return self._shards[1]
 
     def _gather(self, out: torch.Tensor, sizes, widths, starts, step: int) -> tuple[torch.Tensor, int]:
-        """Step 5: allgather the shards of the aggregate, in up to :data:`GATHER_PIECES` pieces of
-        columns started together (torch.distributed's Gloo moves a few allgathers at once faster than
+        """Step 5: allgather the shards of the aggregate, in up to the transport's ``gather_pieces`` pieces
+        of columns started together (torch.distributed's Gloo moves a few allgathers at once faster than
         one of their total: 4 pieces of 5.6M fp32 values per rank into kept outputs take 20-24 ms
-        against 41-42 at p = 2, 41-43 against 73-79 at p = 4; under Horovod, with kept outputs, they
-        gain nothing: 32-36 ms against 24-34 for one at p = 2), reassembled in bucket order;
-        ``(aggregate, bytes held)``."""
-        bounds = gather_bounds(out.shape[1])
+        against 41-42 at p = 2, 41-43 against 73-79 at p = 4; under Horovod they gain nothing, so it
+        gathers in one), reassembled in bucket order; ``(aggregate, bytes held)``."""
+        bounds = gather_bounds(out.shape[1], self.transport.gather_pieces)
         count = len(bounds) - 1
         if len(self._gathered) != count:
             self._gathered = [None] * count
@@ -722,11 +720,11 @@ def replicated(replicas: int):
     return functools.partial(ShardedExchange, replicas=replicas)
 
 
-def gather_bounds(total: int) -> list[int]:
+def gather_bounds(total: int, pieces: int) -> list[int]:
     """The column bounds of the aggregate's allgather pieces (:meth:`ShardedExchange._gather`) for
-    ``total`` columns of shards per rank: up to :data:`GATHER_PIECES`, none narrower than
-    :data:`MIN_GATHER_PIECE` unless there is only one."""
-    count = max(1, min(GATHER_PIECES, total // MIN_GATHER_PIECE))
+    ``total`` columns of shards per rank: up to ``pieces``, none narrower than :data:`MIN_GATHER_PIECE`
+    unless there is only one."""
+    count = max(1, min(pieces, total // MIN_GATHER_PIECE))
     return [total * k // count for k in range(count + 1)]
 
 
