@@ -27,7 +27,7 @@ import fa_hvd.ddp
 from fa_hvd.exchange import sharded as sharded_module
 
 STEPS = 4
-sharded_module.MIN_GATHER_PIECE = 16  # the aggregate gathered in pieces at this model's size too
+sharded_module.MIN_GATHER_PIECE = 16  # the aggregate gathered in pieces at this model's size too (torch.distributed)
 
 
 class Net(nn.Module):
