@@ -35,7 +35,7 @@ from fa_hvd.exchange import ShardedExchange, ShardMismatch
 from fa_hvd.exchange import sharded as sharded_module
 
 SIZES = [301, 77, 1000]
-sharded_module.MIN_GATHER_PIECE = 16  # pieces at these sizes too, as at a model's (where the transport gathers in pieces)
+sharded_module.MIN_GATHER_PIECE = 16  # pieces at these sizes too, where the transport gathers in pieces
 RULES = {"mean": {}, "median": {"f": 1}, "trimmed_mean": {"f": 1}, "krum": {"f": 0}, "geomed": {"f": 1},
          "cclip": {"f": 1}, "nmean": {}, "flag": {"f": 1, "r": 2}, "nnm+multikrum": {"f": 0}, "bulyan": {"f": 0}}
 
