@@ -13,7 +13,7 @@ demo: setup
 	@$(ROOT_MPI) PATH=$(CURDIR)/$(VENV):$$PATH launch/demo.sh $(NP)
 
 test: setup
-	@$(ROOT_MPI) PATH=$(CURDIR)/$(VENV):$$PATH $(VENV)/python -m pytest -q --durations=25
+	@$(ROOT_MPI) PATH=$(CURDIR)/$(VENV):$$PATH tools/test.sh
 
 test-fast: setup
 	@PATH=$(CURDIR)/$(VENV):$$PATH $(VENV)/python -m pytest -q -m "not slow"
