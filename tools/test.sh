@@ -17,7 +17,7 @@ mkdir -p build
 
 "$PY" -m pytest -q -p no:cacheprovider --durations=10 "$SIDE" > "$LOG" 2>&1 &
 side=$!
-trap 'kill -INT "$side" 2>/dev/null; wait "$side"; exit 130' INT TERM
+trap 'kill -TERM "$side" 2>/dev/null; wait "$side"; exit 130' INT TERM  # a background job ignores SIGINT
 
 "$PY" -m pytest -q --durations=25 --ignore "$SIDE"
 rest=$?
