@@ -5,8 +5,9 @@
 # most of its 7-8 minutes waiting on timeouts that make its faults real (Gloo's, SLURM's
 # node-down detection, rejoining ranks) and keeps about a quarter of this machine's two cores
 # busy. It runs in its own pytest process, started first, beside every other test; its
-# output goes to build/test-multinode.log and is printed once the rest is done. The status
-# is the rest's when it fails, else the side process's.
+# output (with the times its tests print against their bounds) goes to
+# build/test-multinode.log and is printed once the rest is done. The status is the rest's
+# when it fails, else the side process's.
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -15,7 +16,7 @@ SIDE=tests/test_multinode.py
 LOG=build/test-multinode.log
 mkdir -p build
 
-"$PY" -m pytest -q -p no:cacheprovider --durations=10 "$SIDE" > "$LOG" 2>&1 &
+"$PY" -m pytest -q -rP -p no:cacheprovider --durations=10 "$SIDE" > "$LOG" 2>&1 &
 side=$!
 trap 'kill -TERM "$side" 2>/dev/null; wait "$side"; exit 130' INT TERM  # a background job ignores SIGINT
 
