@@ -71,6 +71,32 @@ def test_hosts_launcher_with_gloo_across_nodes(netcluster, one_host_crc, tmp_pat
     assert netcluster.port_bytes("node2") - before > STEPS * 4 * GRADIENT_BYTES
 
 
+def test_torchrun_launcher_across_nodes(netcluster, one_host_crc, tmp_path):
+    """launch/torchrun.sh on node1 and on node2 (NNODES=2, a c10d rendezvous on node1): 2 + 2
+    workers over the torch transport (Gloo), their traffic on the bridge, train what 4 ranks of
+    one host train under Horovod."""
+    before = netcluster.port_bytes("node2")
+    cmd = ["launch/torchrun.sh", "2", *DEMO[1:], "--run-dir", str(tmp_path / "run")]
+    env = job_env({"NNODES": "2", "RDZV_ENDPOINT": "node1:29400", "RDZV_ID": f"fa_hvd-test-{os.getpid()}"})
+    logs = {node: open(tmp_path / f"{node}.log", "w+") for node in ("node1", "node2")}
+    procs = {node: subprocess.Popen(netcluster.on(node, cmd), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    text=True) for node, log in logs.items()}
+    try:
+        for proc in procs.values():
+            proc.wait(timeout=300)
+    finally:
+        for node, proc in procs.items():
+            if proc.poll() is None:
+                kill_tree(proc.pid)
+            logs[node].close()
+    said = {node: (tmp_path / f"{node}.log").read_text() for node in procs}
+    for node, proc in procs.items():
+        assert proc.returncode == 0, said[node][-5000:]
+        assert "torchrun --nnodes 2 --rdzv-backend c10d --rdzv-endpoint node1:29400" in said[node], said[node][:2000]
+    assert finished(tmp_path / "run")["params_crc32"] == one_host_crc
+    assert netcluster.port_bytes("node2") - before > STEPS * 4 * GRADIENT_BYTES
+
+
 def test_mpirun_launcher_across_a_slow_link(netcluster, one_host_crc, tmp_path):
     """launch/mpirun.sh with HOSTFILE (Open MPI's TCP between the nodes, restricted to eth0 by
     btl_tcp_if_include) with node2's link limited to 1 Gbit/s each way. The limit is tbf's: this
@@ -334,18 +360,27 @@ def slurm(netcluster, tmp_path_factory):
     netcluster("slurm-down")
 
 
-def test_sbatch_two_nodes_with_srun_pmix_and_horovodrun(slurm, one_host_crc):
-    """sbatch -N 2 --ntasks-per-node=2 slurm/train.sbatch: srun --mpi=pmix, and horovodrun over
-    `scontrol show hostnames`, train what 4 ranks train on one host."""
+SBATCH_LAUNCHES = {
+    "srun": "srun --mpi=pmix",
+    "horovodrun": "horovodrun -np 4 -H node1:2,node2:2",
+    "torchrun": "srun --ntasks-per-node=1 --kill-on-bad-exit=0 --wait=60 torchrun --nnodes 2 --nproc-per-node 2 "
+                "--rdzv-backend c10d --rdzv-endpoint node1:29500",
+}
+
+
+def test_sbatch_two_nodes_with_srun_pmix_horovodrun_and_torchrun(slurm, one_host_crc):
+    """sbatch -N 2 --ntasks-per-node=2 slurm/train.sbatch: srun --mpi=pmix, horovodrun over
+    `scontrol show hostnames`, and one torchrun per node (c10d rendezvous on node1, the torch
+    transport) train what 4 ranks train on one host under Horovod."""
     jobs = {launcher: slurm.submit(launcher, "configs/demo.yaml", "--set", f"train.steps={STEPS}", "--run-dir",
                                    str(slurm.tmp / launcher), env={"FA_HVD_LAUNCHER": launcher})
-            for launcher in ("srun", "horovodrun")}
+            for launcher in SBATCH_LAUNCHES}
     for launcher, job in jobs.items():
         info = slurm.wait(job)
         log = slurm.log(job)
         assert info["JobState"] == "COMPLETED", log[-5000:]
         assert "4 ranks on node[1-2]" in log, log[:2000]
-        assert ("srun --mpi=pmix" if launcher == "srun" else "horovodrun -np 4 -H node1:2,node2:2") in log, log[:2000]
+        assert SBATCH_LAUNCHES[launcher] in log, log[:2000]
         assert finished(slurm.tmp / launcher)["params_crc32"] == one_host_crc, launcher
 
 
