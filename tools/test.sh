@@ -2,7 +2,7 @@
 # `make test`: the whole suite, in two pytest processes side by side.
 #
 # tests/test_multinode.py (jobs across the three-node cluster of network namespaces) spends
-# most of its 7-8 minutes waiting on timeouts that make its faults real (Gloo's, SLURM's
+# most of its 8-10 minutes waiting on timeouts that make its faults real (Gloo's, SLURM's
 # node-down detection, rejoining ranks) and keeps about a quarter of this machine's two cores
 # busy. It runs in its own pytest process, started first, beside every other test; its
 # output (with the times its tests print against their bounds) goes to
