@@ -25,6 +25,14 @@ import torch
 from .base import Aggregator
 
 
+def weiszfeld_weights(K: torch.Tensor, c: torch.Tensor, nu: float) -> torch.Tensor:
+    """The weights ``w_i = 1 / max(nu, ||z - g_i||)`` of a smoothed Weiszfeld step from ``z = c^T G``, in Gram
+    space (``K = G G^T``); the step goes to ``sum_i w_i g_i / sum_i w_i``."""
+    Kc = K @ c
+    dist = (c @ Kc - 2 * Kc + K.diagonal()).clamp_min(0).sqrt()
+    return 1 / dist.clamp_min(nu)
+
+
 class GeoMed(Aggregator):
     name = "geomed"
     gram_space = True
@@ -43,12 +51,9 @@ class GeoMed(Aggregator):
 
     def coefficients(self, K: torch.Tensor, f: int) -> torch.Tensor:
         p = K.shape[0]
-        sq_norms = K.diagonal()
         c = torch.full((p,), 1.0 / p, dtype=K.dtype, device=K.device)
         for _ in range(self.iterations):
-            Kc = K @ c
-            dist = (c @ Kc - 2 * Kc + sq_norms).clamp_min(0).sqrt()
-            w = 1 / dist.clamp_min(self.nu)
+            w = weiszfeld_weights(K, c, self.nu)
             new = w / w.sum()
             delta = new - c
             change_sq = (delta @ K @ delta).clamp_min(0)
