@@ -22,19 +22,19 @@ def honest(seed=0, mean=1.0, spread=1.0, rows=P - F):
     return mean * torch.ones(N) + spread * torch.randn(rows, N, generator=gen)
 
 
-def huge_rows(kind, seed=1):
+def huge_rows(kind, seed=1, count=F):
     """``F`` finite rows: a random direction scaled to norm 10^kind; ``"flat"``: every entry
     the same, norm 1e38 (any sum over a row overflows fp32); ``"bitflip"``: honest-looking rows
     with the exponent's top bit flipped in one small element (x -> x 2^128)."""
     gen = torch.Generator().manual_seed(seed)
     if kind == "flat":
-        return torch.full((F, N), 1e38 / N ** 0.5)
+        return torch.full((count, N), 1e38 / N ** 0.5)
     if kind == "bitflip":
-        rows = torch.rand(F, N, generator=gen) * 0.9 + 0.05  # all in (0, 1): exponent < 127
+        rows = torch.rand(count, N, generator=gen) * 0.9 + 0.05  # all in (0, 1): exponent < 127
         bits = rows.view(torch.int32)
         bits[:, 7] ^= 1 << 30
         return rows
-    direction = torch.randn(F, N, generator=gen, dtype=torch.float64)
+    direction = torch.randn(count, N, generator=gen, dtype=torch.float64)
     return (direction / direction.norm(dim=1, keepdim=True) * 10.0 ** kind).float()
 
 
@@ -55,6 +55,18 @@ def test_a_huge_finite_row_never_breaks_a_robust_rule(name, kind):
     assert torch.isfinite(out).all(), name
     assert (out.double() - reference).norm() <= 1e-4 * reference.norm() + 1e-6, name
     assert out.norm() <= 2 * good.norm(dim=1).max(), name  # the huge rows did not take over
+
+
+@pytest.mark.parametrize("kind", [19, 38, "flat", "bitflip"])
+def test_fa_steps_towards_the_median_with_huge_rows(kind):
+    """p = 7, f = 3 (p <= 3f: FA's candidate step 5, Weiszfeld steps whose smoothing nu follows the median row's
+    norm, not the largest): three huge rows among four honest ones stay out, in fp32 as in fp64."""
+    good = honest(rows=4)
+    G = torch.cat([good[:2], huge_rows(kind, count=3), good[2:]])
+    out, reference = get("flag", f=3, median_steps=3)(G), get("flag", f=3, median_steps=3)(G.double())
+    assert torch.isfinite(out).all()
+    assert (out.double() - reference).norm() <= 1e-4 * reference.norm() + 1e-6
+    assert out.norm() <= 2 * good.norm(dim=1).max()
 
 
 @pytest.mark.parametrize("name", ["krum", "multikrum", "geomed", "mda", "bulyan"])
