@@ -60,7 +60,7 @@ RULES = {
     "trimmed_mean": ("trimmed_mean", {}), "krum": ("krum", {}), "multikrum": ("multikrum", {}),
     "bulyan": ("bulyan", {}), "geomed": ("geomed", {}), "cclip": ("cclip", {}), "mda": ("mda", {}),
     "nnm+multikrum": ("nnm+multikrum", {}), "flag-ref": ("flag", {"mode": "reference"}), "flag": ("flag", {}),
-    "flag-mix2f": ("flag", {"neighbours": "p-2f"}),
+    "flag-mix2f": ("flag", {"neighbours": "p-2f"}), "flag-median": ("flag", {"median_steps": 3}),
 }  # fmt: skip
 """Label -> (aggregator name, parameters) of the rules measured by default."""
 DISTRIBUTIONS = ("tight", "moderate", "clustered", "split", "bound")
@@ -76,8 +76,8 @@ ATTACK_CASES = {
     "offset": (None, {}),
 }  # fmt: skip
 """Label -> (fault kind, parameters) of the fixed attacks (``offset``: the bench's own)."""
-WEIGHT_RULES = {"flag": False, "flag-mix2f": False, "flag-ref": True, "nmean": True, "multikrum": False,
-                "geomed": False}
+WEIGHT_RULES = {"flag": False, "flag-mix2f": False, "flag-median": False, "flag-ref": True, "nmean": True,
+                "multikrum": False, "geomed": False}
 """Gram-space rules whose Byzantine weight share is reported -> whether they weight unit vectors."""
 
 
