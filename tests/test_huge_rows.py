@@ -23,7 +23,7 @@ def honest(seed=0, mean=1.0, spread=1.0, rows=P - F):
 
 
 def huge_rows(kind, seed=1, count=F):
-    """``F`` finite rows: a random direction scaled to norm 10^kind; ``"flat"``: every entry
+    """``count`` (``F``) finite rows: a random direction scaled to norm 10^kind; ``"flat"``: every entry
     the same, norm 1e38 (any sum over a row overflows fp32); ``"bitflip"``: honest-looking rows
     with the exponent's top bit flipped in one small element (x -> x 2^128)."""
     gen = torch.Generator().manual_seed(seed)
