@@ -180,19 +180,20 @@ def test_the_gram_and_its_distances_stay_within_the_stated_bound(monkeypatch, ki
         assert ((plain_distances - exact_distances).abs()[off] > Bd[off]).any(), kind
 
 
-@pytest.mark.parametrize("rows", [5, 40])  # native_gram's registers (gram_source); its tiles (tiled_source)
+@pytest.mark.parametrize("rows", [5, 16, 40])  # native_gram's registers (gram_source, up to MAX_ROWS); its tiles
 def test_the_compiled_product_gives_the_same_bits_whatever_the_steps_and_threads(monkeypatch, rows):
     """native_gram's block product, as an exchange drives it (columns arriving in steps, blocks
     straddling them), gives gram()'s bits, with one torch thread or several."""
     monkeypatch.setenv("FA_HVD_NATIVE", "1")
-    monkeypatch.setattr(geometry, "CPU_BLOCK", 1 << 12 if rows == 5 else 1 << 16)
+    monkeypatch.setattr(geometry, "CPU_BLOCK", 1 << 12 if rows <= native_gram.MAX_ROWS else 1 << 16)
     G = honest(mean=1e3, spread=1e-2, rows=rows).repeat(1, 9)
     assert native_gram.supports(G), "no C compiler: the compiled product cannot be checked"
     assert (rows > native_gram.MAX_ROWS) == (rows == 40)
+    assert rows != 16 or rows == native_gram.MAX_ROWS  # the largest register kernel (GRAM_FLAGS keep it compiling fast)
     whole = gram(G)
     product = geometry.CentredGram(G)
     assert product.rows is not None and len(product.blocks) > 3
-    assert rows == 5 or product.blocks[0].stop > native_gram.SUB_COLUMNS  # several sub-blocks per block
+    assert rows <= native_gram.MAX_ROWS or product.blocks[0].stop > native_gram.SUB_COLUMNS  # sub-blocks per block
     for filled in (100, 700, 701, 2900, G.shape[1]):
         product.advance(filled)
     assert torch.equal(product.result(), whole)

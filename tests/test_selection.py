@@ -5,6 +5,10 @@ compiled networks (fa_hvd.aggregators.native) are checked here, bit for bit
 against it.
 """
 
+import os
+import subprocess
+import time
+
 import pytest
 import torch
 
@@ -174,3 +178,33 @@ def test_a_missing_compiler_falls_back_to_the_eager_path(monkeypatch, tmp_path, 
         assert "compiled sorting networks unavailable" in caplog.text
     finally:
         native._compiler_works.cache_clear()
+
+
+def test_a_compiler_past_the_timeout_is_stopped_with_its_children(monkeypatch, tmp_path):
+    """``cc`` runs ``cc1`` as a child; a build past COMPILE_TIMEOUT raises and kills both (a kill of ``cc``
+    alone left ``cc1`` compiling for minutes)."""
+    child = tmp_path / "child.pid"
+    compiler = tmp_path / "cc"
+    compiler.write_text(f"#!/bin/sh\nsleep 300 >/dev/null 2>&1 &\necho $! > {child}\nwait\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", str(compiler))
+    monkeypatch.setenv("FA_HVD_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "COMPILE_TIMEOUT", 1)
+    with pytest.raises(subprocess.TimeoutExpired):
+        native.function("void f(void) {}", "f")
+    pid = int(child.read_text())
+    for _ in range(100):
+        if not _running(pid):
+            break
+        time.sleep(0.05)
+    assert not _running(pid), "the compiler's child outlived the timeout"
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie has finished: its parent is gone and nobody reaped it yet)."""
+    try:
+        os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (ProcessLookupError, FileNotFoundError):
+        return False

@@ -36,6 +36,7 @@ import functools
 import hashlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -145,9 +146,10 @@ def _function(network, p: int, reduction, dtype: torch.dtype, checked: bool):
     return function(source(network, p, reduction, _TYPES[dtype], checked), "network")
 
 
-def function(code: str, name: str):
-    """The C function ``name`` (returning ``void``) of ``code``, compiled once (see :func:`_built`)."""
-    found = getattr(ctypes.CDLL(str(_built(code))), name)
+def function(code: str, name: str, extra_flags: tuple[str, ...] = ()):
+    """The C function ``name`` (returning ``void``) of ``code``, compiled once with :func:`_flags` and
+    ``extra_flags`` (see :func:`_built`)."""
+    found = getattr(ctypes.CDLL(str(_built(code, extra_flags))), name)
     found.restype = None
     return found
 
@@ -160,19 +162,37 @@ def _flags() -> list[str]:
     return ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC"]
 
 
-def _built(code: str) -> Path:
+COMPILE_TIMEOUT = 120
+"""Seconds one kernel may take to compile before the build is stopped (and its compiler processes killed)."""
+
+
+def _built(code: str, extra_flags: tuple[str, ...] = ()) -> Path:
     """The shared library of ``code``, compiled once per code, compiler flags and CPU kind."""
-    key = hashlib.sha256("\n".join([code, *_flags(), sys.platform, _cpu()]).encode()).hexdigest()[:20]
+    flags = [*_flags(), *extra_flags]
+    key = hashlib.sha256("\n".join([code, *flags, sys.platform, _cpu()]).encode()).hexdigest()[:20]
     target = cache_dir() / f"network-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # atomic: ranks may build at once
             c_file, built = Path(tmp) / "network.c", Path(tmp) / target.name
             c_file.write_text(code)
-            subprocess.run([os.environ.get("CC", "cc"), *_flags(), "-o", str(built), str(c_file)],
-                           check=True, capture_output=True, timeout=120)
+            _compile([os.environ.get("CC", "cc"), *flags, "-o", str(built), str(c_file)])
             os.replace(built, target)
     return target
+
+
+def _compile(command: list[str]) -> None:
+    """Run the compiler; on :data:`COMPILE_TIMEOUT` kill its whole process group (``cc`` runs ``cc1``, which a
+    kill of ``cc`` alone leaves running) and raise :class:`subprocess.TimeoutExpired`."""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=COMPILE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, command, out, err)
 
 
 @functools.lru_cache(maxsize=1)
