@@ -207,11 +207,12 @@ def default_direct(G, f, r, lambda_=0.0, iterations=20, eps=1e-7, median_steps=0
     inside, outside = order.indices[: p - f], order.indices[p - f:]
     diam, sep = float(D[inside][:, inside].max()), float(D[inside][:, outside].min())
     gate = min(max((sep - diam) / (0.02 * diam + floor), 0.0), 1.0)
-    for _ in range(3):  # the mean clipped around z
+    for _ in range(3):  # the mean clipped around z, a row beyond 3 core distances faded
         d = (G - z).norm(dim=1)
-        tau = d.sort().values[p - 2 * f - 1]
-        tau = tau + gate * ((core * d).max() - tau)
-        z = z + ((G - z) * torch.where(d > tau, tau / d, torch.ones_like(d))[:, None]).sum(0) / p
+        tau, rho = d.sort().values[p - 2 * f - 1], (core * d).max()
+        tau = tau + gate * (rho - tau)
+        s = torch.where(d > tau, tau / d, torch.ones_like(d)) * torch.where(d > 3 * rho, 3 * rho / d, torch.ones_like(d))
+        z = z + ((G - z) * s[:, None]).sum(0) / p
     if p <= 3 * f:  # Weiszfeld steps towards the geometric median, no outside row heavier than a core row
         nu = 1e-6 * float(G.norm(dim=1).median())
         outside = torch.ones(p, dtype=G.dtype)
@@ -358,6 +359,23 @@ def test_ipm_inside_a_spread_honest_cloud_does_not_cancel_the_honest_mean(seed):
     out = agg(torch.cat([honest, (-4 * mean).expand(f, n)]))
     assert float(out @ mean) > 0.1 * float(mean @ mean)
     assert float(agg.weights[p - f:].sum()) < 0.17  # f/p = 0.2
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_rows_far_beyond_the_core_fade_instead_of_pulling_by_the_radius(seed):
+    """p = 7, f = 2 on rows like non-IID shards' (the honest mean a half of the honest spread): two rows at
+    -10 and -100 times honest rows (the p7-noniid grid's -100 g). Clipped to the radius alone, each moved the
+    output by radius / p whatever its distance (error 0.6 of the honest mean's norm at both scales); beyond
+    FAR times the farthest core row's distance its weight fades with the distance."""
+    p, f, n = 7, 2, 400
+    gen = torch.Generator().manual_seed(seed)
+    mu = torch.randn(n, generator=gen, dtype=torch.float64)
+    noise = torch.randn(p - f, n, generator=gen, dtype=torch.float64)
+    honest = 0.2 * mu / mu.norm() + noise / noise.norm(dim=1, keepdim=True)
+    mean = honest.mean(0)
+    error = {scale: float((get("flag", f=f)(torch.cat([honest, -scale * honest[:f]])) - mean).norm() / mean.norm())
+             for scale in (10.0, 100.0)}
+    assert error[10.0] < 0.25 and error[100.0] < 0.05, error
 
 
 def test_a_separated_honest_group_is_not_clipped_below_the_byzantine_rows():
