@@ -277,10 +277,10 @@ def test_a_crashed_rank_ends_the_job_and_is_named(cluster, jobs):
     assert int(info["Restarts"]) == 0
     # The last step record was written just before the crash; the job ended within seconds of it,
     # far below the hang timeouts (FA_HVD_COLLECTIVE_TIMEOUT_SECONDS: 330 s): srun --wait=60 ended
-    # the others (plus KillWait, 10 s here).
+    # the others (plus KillWait, 30 s here as SLURM's default).
     last_step = (cluster.run_dir("crash") / "metrics.jsonl").stat().st_mtime
     ended = datetime.strptime(info["EndTime"], "%Y-%m-%dT%H:%M:%S").timestamp()
-    assert ended - last_step < 100, (info["EndTime"], last_step)
+    assert ended - last_step < 120, (info["EndTime"], last_step)
 
 
 def test_an_evicted_node_is_excluded_from_the_requeued_job(cluster, jobs):

@@ -79,7 +79,9 @@ MpiDefault=none
 ReturnToService=2
 MailProg=/bin/true
 MinJobAge=600
-KillWait=10
+# scancel and preemption: SIGTERM, then SIGKILL KillWait s later; the ranks checkpoint in between. SLURM's
+# default (30); 10 cut the batch script off before its last line on a loaded 2-core machine.
+KillWait=30
 MessageTimeout=60
 SchedulerParameters=sched_interval=5
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=4096 State=UNKNOWN
