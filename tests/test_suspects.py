@@ -114,6 +114,30 @@ def test_four_ranks_in_process_name_the_faulty_rank(tmp_path, exchange):
     assert [(e["suspect"]["rank"], e["step"]) for e in events] == [(3, 5)]
 
 
+def test_the_trainer_judges_every_ranks_loss_from_the_steps_agreement(tmp_path):
+    """Rank 3 says its batch loss is 1e6 at every step (``lie_loss``): under the coordinate-wise median, which
+    reports no weights, the loss excess alone names it at the window's end, on every rank, with its evidence.
+    (It frames itself: a rank's word on its loss names only its own data, see fa_hvd.train.trust.)"""
+    conf, conf_data = train_config.parse(_config(
+        robust={"aggregator": "median", "aggregator_params": {"f": 1}}, faults=[{"kind": "lie_loss", "ranks": [3]}],
+        log={"suspects": {**NOISY, "max_loss_excess": 1.0}}, train={"steps": 6, "batch_size": 8, "device": "cpu"}))
+
+    def rank(transport):
+        t = trainer.Trainer(conf, conf_data, tmp_path / f"run{transport.rank}", transport)
+        t.load_data()
+        t.check_world()
+        t.build()
+        (t.run_dir / "checkpoints").mkdir(parents=True)
+        if t.rank == 0:
+            t.log = metrics.MetricsLog(t.run_dir / "metrics.jsonl", None)
+            t.progress = metrics.Progress(6, 0, "none")
+        t.train(control.StopSignals())
+        return [(s["rank"], s["step"], s["window_loss_excess"] > 1e5, "mean batch loss" in s["reason"])
+                for s in t.trust.suspects.values()]
+
+    assert run_ranks(4, rank) == [[(3, 5, True, True)]] * 4
+
+
 @pytest.mark.slow
 def test_horovodrun_four_ranks_one_faulty_names_its_host_and_writes_tensorboard(tmp_path):
     """The bar: 4 ranks under horovodrun, rank 3 injecting a fault; the suspect is named with its host
@@ -611,6 +635,31 @@ def test_by_default_the_distance_names_gross_outliers_only(rule):
         assert [s["rank"] for s in found] == ([3] if named else []), found
 
 
+def test_the_loss_excess_is_each_ranks_loss_above_the_median_of_the_finite_ones():
+    assert trust.loss_excess(4, [1.0, float("nan"), 3.0, 2.5]) == [-1.5, None, 0.5, 0.0]
+    assert trust.loss_excess(2, [float("inf"), None]) is None and trust.loss_excess(2, None) is None
+    assert trust.loss_excess(3, [1.0, 2.0]) is None  # not one loss per rank
+
+
+def test_a_rank_whose_loss_stays_above_the_median_is_named_without_weights():
+    """A label-flipped rank's batch loss stays above the others' (its data trains another loss): named by the
+    window mean of its excess, even where the rule reports no weights (median); a rank a little above the median,
+    a non-finite loss and a step without losses are not."""
+    ledger = trust.TrustLedger(4, trust.Thresholds(window=3, min_alignment=None, max_distance=None,
+                                                   max_loss_excess=0.5))
+    bare = {"nonfinite": [], "dropped": []}
+    assert ledger.observe(1, bare, [1.0, 1.1, 0.9, 2.0]) == []
+    assert ledger.observe(2, bare, None) == []  # no losses: the window's mean is over the steps that had them
+    (named,) = ledger.observe(3, bare, [1.0, float("nan"), 1.4, 2.0])
+    assert named["rank"] == 3 and named["window_loss_excess"] == pytest.approx((0.95 + 0.6) / 2)
+    assert "mean batch loss 0.775 above the median rank's (more than 0.5)" in named["reason"]
+    row = ledger.window_table()[2]
+    assert row["loss_excess"] == pytest.approx((-0.15 + 0.0) / 2)
+    assert ledger.window_table()[1]["loss_excess"] is None  # one finite loss in a window of 3: not judged
+    off = trust.TrustLedger(4, trust.Thresholds(window=1, min_alignment=None, max_distance=None))
+    assert off.observe(1, bare, [1.0, 1.0, 1.0, 9.0]) == []
+
+
 def test_the_signals_survive_a_checkpoint_and_an_old_state_still_loads():
     ledger = trust.TrustLedger(4, trust.Thresholds(window=3))
     for step in range(1, 6):
@@ -624,13 +673,46 @@ def test_the_signals_survive_a_checkpoint_and_an_old_state_still_loads():
     legacy.load_state_dict(old)
     ranks = legacy.summary()["ranks"]
     assert ranks[3]["window_alignment"] is None and ranks[3]["window_weight"] == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="trust state version 4"):
-        legacy.load_state_dict({**old, "version": 4})
+    with pytest.raises(ValueError, match="trust state version 5"):
+        legacy.load_state_dict({**old, "version": 5})
     two = {**ledger.state_dict(), "version": 2, "window": [e[:4] for e in ledger.state_dict()["window"]]}
     before = trust.TrustLedger(4, trust.Thresholds(window=3))  # a version-2 state: no closest share, no twin gap
     before.load_state_dict(two)
     assert before.window_table()[3]["alignment"] == pytest.approx(-1.1)
     assert before.window_table()[3]["closest"] is None and before.window_table()[3]["twin"] is None
+    three = {**ledger.state_dict(), "version": 3, "window": [e[:6] for e in ledger.state_dict()["window"]]}
+    for step in (6, 7):
+        ledger.observe(step, EQUAL, [1.0, 1.0, 1.0, 4.0])
+    saved = trust.TrustLedger(4, trust.Thresholds(window=3))
+    saved.load_state_dict(ledger.state_dict())
+    assert saved.summary() == ledger.summary() and saved.window_table()[3]["loss_excess"] == pytest.approx(3.0)
+    before = trust.TrustLedger(4, trust.Thresholds(window=3))  # a version-3 state: no loss excess
+    before.load_state_dict(three)
+    assert before.window_table()[3]["twin"] is not None and before.window_table()[3]["loss_excess"] is None
+
+
+def test_a_resumed_ledger_goes_on_with_the_same_bits():
+    """The window's sums are kept step by step (values enter and leave); summed again from the entries on a resume
+    they would differ in the last bit, and a figure at its threshold would name a rank at another step. The state
+    keeps them: after a save at step 20, both ledgers report the same figures, to the bit, at every later step."""
+    gen = torch.Generator().manual_seed(0)
+
+    def step_figures():
+        values = torch.rand(4, 5, generator=gen, dtype=torch.float64).tolist()
+        return {"nonfinite": [], "dropped": [], "weights": values[0], "alignment": [2 * v - 1 for v in values[1]],
+                "distance": values[2]}, values[3]
+
+    steps = [step_figures() for _ in range(40)]
+    ledger = trust.TrustLedger(5, trust.Thresholds(window=7))
+    for step, (diagnostics, losses) in enumerate(steps[:20], 1):
+        ledger.observe(step, diagnostics, losses)
+    resumed = trust.TrustLedger(5, trust.Thresholds(window=7))
+    resumed.load_state_dict(json.loads(json.dumps(ledger.state_dict())))
+    for step, (diagnostics, losses) in enumerate(steps[20:], 21):
+        ledger.observe(step, diagnostics, losses)
+        resumed.observe(step, diagnostics, losses)
+        assert resumed.window_table() == ledger.window_table(), step
+    assert resumed.summary() == ledger.summary()
 
 
 def test_the_alignment_is_judged_against_the_median_rank():
@@ -715,10 +797,15 @@ def test_the_sweep_records_each_new_extreme_and_names_at_the_first_crossing():
     from fa_hvd.eval import suspects
 
     recorder = suspects._Recorder(2, window=2)
-    for step, (a0, a1, bad) in enumerate([(0.1, 0.1, []), (0.1, -0.5, []), (0.1, -0.9, [1]), (0.1, 0.1, [1])], 1):
+    steps = [(0.1, 0.1, [], 0.4), (0.1, -0.5, [], 1.0), (0.1, -0.9, [1], 0.6), (0.1, 0.1, [1], 2.0)]
+    for step, (a0, a1, bad, loss1) in enumerate(steps, 1):
         recorder(step, {"nonfinite": bad, "dropped": bad, "weights": [0.5, 0.5] if not bad else [1.0, 0.0],
-                        "alignment": [a0, a1 if not bad else None], "distance": [1.0, 1.0 if not bad else None]})
+                        "alignment": [a0, a1 if not bad else None], "distance": [1.0, 1.0 if not bad else None]},
+                 [0.2, loss1])
     records = recorder.records
+    # the loss excess against the median of two (their mean): half the gap (0.1, 0.4, 0.2, 0.9), its window
+    # mean's running maximum
+    assert records["loss_excess"][1] == [[2, pytest.approx(0.25)], [3, pytest.approx(0.3)], [4, pytest.approx(0.55)]]
     # rank 1 reports no alignment at steps 3 and 4: judged on one step of two at 3, not at all at 4
     assert records["alignment"][1] == [[2, pytest.approx(-0.2)], [3, pytest.approx(-0.5)]]
     assert records["alignment_gap"][1] == [[2, pytest.approx(-0.15)], [3, pytest.approx(-0.3)]]  # against the median
@@ -795,8 +882,8 @@ def test_upper_bound_is_the_exact_one_sided_binomial_bound():
 
 
 def test_thresholds_are_calibrated_beyond_the_honest_ranks_extremes():
-    """The lowest honest weight and distance divided by the margin, the lowest alignment gap times it; the
-    Byzantine rank's figures play no part."""
+    """The lowest honest weight and distance divided by the margin, the lowest alignment gap and the highest loss
+    excess times it; the Byzantine rank's figures play no part."""
     from fa_hvd.eval import suspects
 
     records = {"weight": [[[100, 0.9], [120, 0.6]], [[100, 0.01]], [[100, 0.8]]],
@@ -804,7 +891,8 @@ def test_thresholds_are_calibrated_beyond_the_honest_ranks_extremes():
                "distance": [[[100, 0.9]], [[100, 0.001]], [[100, 0.44]]],
                "distance_far": [[[100, 1.1], [130, 2.41]], [[100, 900.0]], [[100, 1.3]]],
                "closest": [[[100, 0.2], [110, 0.41]], [[100, 1.0]], [[100, 0.3]]],
-               "twin": [[[100, 0.5], [140, 0.3]], [[100, 0.0]], [[100, 0.4]]]}
+               "twin": [[[100, 0.5], [140, 0.3]], [[100, 0.0]], [[100, 0.4]]],
+               "loss_excess": [[[100, 0.1], [150, 0.31]], [[100, 5.0]], [[100, 0.2]]]}
     cells = [_swept_cell("none", [1], records, p=3)]
     out = suspects.calibrate(cells, margin=1.5)
     assert out["min_weight"] == pytest.approx((0.6, 0.4))
@@ -813,6 +901,7 @@ def test_thresholds_are_calibrated_beyond_the_honest_ranks_extremes():
     assert out["max_distance"] == pytest.approx((2.41, 3.62))  # 3.615 rounded outward (up)
     assert out["max_closest"] == pytest.approx((0.41, 0.61))  # 1 - 0.59 / 1.5 = 0.6067 rounded outward (up)
     assert out["min_twin"] == pytest.approx((0.3, 0.2))
+    assert out["max_loss_excess"] == pytest.approx((0.31, 0.47))  # 0.465 rounded outward (up)
     assert "max_nonfinite" not in out
     records["closest"][2] = [[100, 1.0]]  # an honest rank closest at every step: the share names no one
     assert suspects.calibrate(cells, margin=1.5)["max_closest"] == (1.0, None)

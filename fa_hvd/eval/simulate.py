@@ -146,9 +146,9 @@ def _materialized(dataset):
 def simulate(cell: Cell, curve: bool = False, observe=None) -> dict:
     """Train ``cell`` and return its result: ``test_accuracy``, ``test_loss``, ``train_loss``
     (the last step's loss, as the trainer's summary has it), ``diverged``, ``steps`` run,
-    ``wall_s``, and with ``curve`` the per-step losses ``losses``. ``observe(step, diagnostics)``,
-    when given, is told the aggregator's diagnostics after every step (steps counted from 1, as
-    the trainer's ``metrics.jsonl``)."""
+    ``wall_s``, and with ``curve`` the per-step losses ``losses``. ``observe(step, diagnostics, losses)``,
+    when given, is told the aggregator's diagnostics and the workers' batch losses (in rank order) after every
+    step (steps counted from 1, as the trainer's ``metrics.jsonl``)."""
     start = time.perf_counter()
     try:
         conf, _ = train_config.parse(cell.run_config())
@@ -209,7 +209,7 @@ def simulate(cell: Cell, curve: bool = False, observe=None) -> dict:
             rows.append(G)
         update = aggregator(torch.cat(rows, dim=1) if len(rows) > 1 else rows[0])
         if observe is not None:
-            observe(step + 1, aggregator.diagnostics)
+            observe(step + 1, aggregator.diagnostics, step_losses.tolist())
         offset = 0
         for bucket in layout:
             for _, param in bucket:

@@ -3,12 +3,12 @@
     python -m fa_hvd.eval.suspects --grid configs/eval/suspects*.yaml [--match GLOB] [--out DIR] [--margin M]
 
 Runs each cell of one or more grids in the simulation engine (:func:`fa_hvd.eval.simulate.simulate`)
-with a :class:`~fa_hvd.train.trust.TrustLedger` fed every step's diagnostics, and records, per
+with a :class:`~fa_hvd.train.trust.TrustLedger` fed every step's diagnostics and batch losses, and records, per
 rank and per judged figure (:data:`FIGURES`: the window's mean relative weight, non-finite
 fraction, alignment gap, distance to the others' aggregate both ways, share of steps as the rank closest to
-the others' aggregate, and gap to the nearest other rank's place), every step at which the
+the others' aggregate, gap to the nearest other rank's place, and loss excess), every step at which the
 figure, rounded to :data:`DIGITS` decimals, reached a new extreme in the suspect direction (a running
-minimum, or maximum for the non-finite fraction, the "too far" distance and the closest share). From
+minimum, or maximum for the non-finite fraction, the "too far" distance, the closest share and the loss excess). From
 these *records* the step at which any threshold (of at most :data:`DIGITS` decimals) would have named the
 rank is exact (:func:`named_at`), so one sweep judges every threshold. ``OUT/results.jsonl`` holds one
 line per cell (cells already there are skipped); ``OUT/table.md`` is the report:
@@ -46,7 +46,8 @@ from .simulate import simulate
 FIGURES = {"weight": ("weight", "min_weight", -1), "nonfinite": ("nonfinite", "max_nonfinite", 1),
            "alignment_gap": ("alignment_gap", "min_alignment", -1), "distance": ("distance", "min_distance", -1),
            "distance_far": ("distance", "max_distance", 1), "alignment": ("alignment", None, -1),
-           "closest": ("closest", "max_closest", 1), "twin": ("twin", "min_twin", -1)}
+           "closest": ("closest", "max_closest", 1), "twin": ("twin", "min_twin", -1),
+           "loss_excess": ("loss_excess", "max_loss_excess", 1)}
 """Record -> (the window figure of :meth:`TrustLedger.window_table` it follows, its threshold in :class:`Thresholds`
 (None: recorded, not judged), the suspect direction: -1 below, +1 above)."""
 THRESHOLDS = [name for _, name, _ in FIGURES.values() if name is not None]
@@ -63,11 +64,11 @@ class _Recorder:
     def __init__(self, p: int, window: int):
         self.ledger = TrustLedger(p, Thresholds(window=window, min_weight=0.0, max_nonfinite=0.0,
                                                 min_alignment=None, min_distance=None, max_distance=None,
-                                                max_closest=None, min_twin=None))
+                                                max_closest=None, min_twin=None, max_loss_excess=None))
         self.records = {key: [[] for _ in range(p)] for key in FIGURES}
 
-    def __call__(self, step: int, diagnostics: dict) -> None:
-        self.ledger.observe(step, diagnostics)
+    def __call__(self, step: int, diagnostics: dict, losses: list[float]) -> None:
+        self.ledger.observe(step, diagnostics, losses)
         if self.ledger.steps < self.ledger.thresholds.window:
             return
         for r, row in enumerate(self.ledger.window_table()):
@@ -96,14 +97,19 @@ def named_at(cell: dict, rank: int, thresholds: Thresholds) -> int | None:
         t = None if name is None else getattr(thresholds, name)
         if t is None:
             continue
-        steps += [next((step for step, value in cell["records"][key][rank] if sign * (value - t) > 0), None)]
+        steps += [next((step for step, value in records(cell, key)[rank] if sign * (value - t) > 0), None)]
     steps = [s for s in steps if s is not None]
     return min(steps) if steps else None
 
 
+def records(cell: dict, key: str) -> list[list]:
+    """The cell's records of figure ``key`` per rank (none for a figure its sweep did not yet record)."""
+    return cell["records"].get(key) or [[] for _ in range(cell["p"])]
+
+
 def extreme(cell: dict, rank: int, key: str) -> float | None:
     """``rank``'s most suspect window figure ``key`` over the run (None: never judged)."""
-    mine = cell["records"][key][rank]
+    mine = records(cell, key)[rank]
     return mine[-1][1] if mine else None
 
 
@@ -128,7 +134,7 @@ def calibrate(cells: list[dict], margin: float) -> dict:
         if key == "closest":  # a share, at most 1: the margin shrinks its complement (the steps it was not closest)
             beyond = 1 - (1 - most) / margin
         else:
-            beyond = most * margin if key in ("alignment_gap", "distance_far") else most / margin
+            beyond = most * margin if key in ("alignment_gap", "distance_far", "loss_excess") else most / margin
         threshold = (math.floor if sign < 0 else math.ceil)(round(beyond * 100, 6)) / 100
         out[name] = (most, None if key == "closest" and threshold >= 1 else threshold)  # a share of 1 names no one
     return out
@@ -282,7 +288,7 @@ def extremes(cells: list[dict]) -> str:
     groups = ("calibration", "held-out", "stress", "attacked")
     lines = ["| figure | rule | split | " + " | ".join(f"honest, {g}" for g in groups)
              + " | Byzantine, attacked: median / least suspect |", "|---" * 8 + "|"]
-    for key in ("weight", "alignment", "alignment_gap", "distance", "distance_far", "closest", "twin"):
+    for key in ("weight", "alignment", "alignment_gap", "distance", "distance_far", "closest", "twin", "loss_excess"):
         sign = FIGURES[key][2]
         for rule in sorted({c["rule"] for c in cells}):
             for split in dict.fromkeys(c["split"] for c in cells):
@@ -324,7 +330,8 @@ def report(cells: list[dict], margin: float) -> str:
             + "\n## Detected attacked cells per fault\n\n" + breakdown(cells, "fault")
             + "\n## Detected attacked cells per shape\n\n" + breakdown(cells, "shape")
             + "\n## Most suspect window figures (weight, alignment (not judged), alignment gap, distance, twin: "
-              "lowest; distance_far: the distance's highest; closest: the highest share)\n\n"
+              "lowest; distance_far: the distance's highest; closest: the highest share; loss_excess: the "
+              "highest)\n\n"
             + extremes(cells))
 
 

@@ -278,6 +278,8 @@ class SuspectsConfig:
     max_closest: Union[float, Literal["rule"], None] = RULE  # or the closest rank to the others' aggregate in more
     #                                                          than this share of the window's steps
     min_twin: Union[float, Literal["rule"], None] = RULE  # or mean gap to the nearest other rank's place below this
+    max_loss_excess: Union[float, Literal["rule"], None] = RULE  # or mean batch loss minus the median rank's
+    #                                                              above this (nats)
 
     def thresholds(self, rule: str | None, window: int | None = None) -> trust.Thresholds:
         """The thresholds for a run of ``rule`` (None: the defaults of a rule not measured) over ``window``

@@ -62,6 +62,7 @@ class StepAgreement:
     """What every rank knows after a step's :func:`agree`."""
 
     loss: float  # the median over ranks of the finite losses (nan if none)
+    losses: list[float]  # each rank's loss as it said (the trust ledger's loss excess)
     stop: bool
     checkpoint_due: bool
     faulty_ranks: int
@@ -100,6 +101,7 @@ def agree(transport, loss: float, stop: bool, checkpoint_due: bool, faulty: bool
     bad_rows[[r for r in nonfinite_rows if 0 <= r < transport.size]] = True
     return StepAgreement(
         loss=median_loss(rows[:, 0]),
+        losses=rows[:, 0].tolist(),
         stop=bool(flags[:, 0].any()),
         checkpoint_due=bool(flags[0, 1]),
         faulty_ranks=int(flags[:, 2].sum()),

@@ -263,12 +263,13 @@ class Trainer:
             self.trust.carry(self.trust_state)
         self.trust_state = None
 
-    def account_trust(self) -> list[dict]:
-        """Feed this step's diagnostics to the ledgers; name each new suspect once (every rank alike).
-        Returns the ranks that crossed ``robust.evict``'s threshold at this step."""
-        for suspect in self.trust.observe(self.step, self.optimizer.stats):
+    def account_trust(self, losses: list[float]) -> list[dict]:
+        """Feed this step's diagnostics and every rank's batch loss (the step's agreement) to the ledgers; name
+        each new suspect once (every rank alike). Returns the ranks that crossed ``robust.evict``'s threshold
+        at this step."""
+        for suspect in self.trust.observe(self.step, self.optimizer.stats, losses):
             self.event(self.trust.describe(suspect), suspect=suspect)
-        return self.evictor.observe(self.step, self.optimizer.stats) if self.evictor is not None else []
+        return self.evictor.observe(self.step, self.optimizer.stats, losses) if self.evictor is not None else []
 
     def evict(self, ranks: list[dict]) -> int | None:
         """Act on the ranks that crossed ``robust.evict`` (every rank alike; :func:`fa_hvd.train.eviction.decide`):
@@ -578,7 +579,6 @@ class Trainer:
             self.step += 1
             self.max_step_seen = max(self.max_step_seen, self.step)
             self._spend_process_faults()
-            crossed = self.account_trust()
             agreed = control.agree(self.transport, loss, stop=signals.received is not None,
                                    checkpoint_due=self.timed_checkpoint_due(),
                                    faulty=sum(self.injector.counts.values()) > faults_before,
@@ -586,6 +586,7 @@ class Trainer:
                                    nonfinite_rows=self.optimizer.stats.get("nonfinite", ()),
                                    lies=self.injector.roles or None, digest=self.optimizer.digest)
             self.last_loss = agreed.loss
+            crossed = self.account_trust(agreed.losses)
             self._back_off_if_overflowed(agreed.overflowed_ranks)
             step_s = time.perf_counter() - started
             if self.rank == 0:

@@ -59,6 +59,18 @@ figure's size, which non-IID honest ranks share:
   any aggregate at every step: a gap of 0 (to rounding), where honest rows, each with its own batch noise, stay
   apart (``min_twin``: :data:`TWIN_GAP`, the same row to rounding, as the honest gap shrinks with the model).
 
+One more needs no rule at all, so every rule has it (the coordinate-wise ones included):
+
+* the *loss excess*: the rank's batch loss minus the median rank's, in the loss's units (nats of cross-entropy in
+  the trainer; :func:`loss_excess`). Every rank's loss already travels in the step's agreement
+  (:func:`fa_hvd.train.control.agree`), so it costs no pass over the gradients. A rank that trains on poisoned
+  data (flipped labels, a corrupted shard, a broken input pipeline) sends an honest gradient *of another loss*,
+  which looks like an unusual honest shard on every geometric figure; its loss on its own batches stays high while
+  the others' falls (``max_loss_excess``, measured like the others). It names what a rank's data does to its own
+  loss, not a rank that lies: a Byzantine rank can report any loss. Reported losses move the median no further than
+  the honest ranks' range while fewer than half the ranks lie, so an honest rank's excess is at most its loss
+  minus the lowest honest rank's.
+
 All are means over the window's steps that reported them, judged only when at least half
 of the window's steps did; their thresholds are measured on 100-step windows
 (:data:`CALIBRATION_WINDOW`). Shorter windows are noisier (over 5 steps an honest rank can be
@@ -68,10 +80,10 @@ non-finite rows (:func:`defaults`); a threshold set by number is judged at any w
 A rank becomes a *suspect* once, over a full window, its mean relative weight is
 below ``min_weight``, its alignment gap below ``min_alignment``, its mean distance
 below ``min_distance`` or above ``max_distance``, its closest share above ``max_closest`` or its twin gap
-below ``min_twin`` (rules that report weights), or its row was
+below ``min_twin`` (rules that report weights), or its loss excess above ``max_loss_excess`` or its row
 non-finite in more than ``max_nonfinite`` of the window's steps (every robust rule). It is named
 once, at the step it crosses. Coordinate-wise rules (median, trimmed mean, Bulyan) and
-cclip report no weights: they can name only non-finite rows. The default thresholds are per rule
+cclip report no weights: they can name only non-finite rows and losses. The default thresholds are per rule
 (:func:`defaults`): each rule's weights, and so its honest ranks' figures, have their own spread
 (Multi-Krum gives an unusual honest shard weight 0 every step; FA's lowest honest window weight is
 0.56). They come from the honest ranks' extremes in held-in no-attack cells of the grid's splits,
@@ -114,7 +126,7 @@ MAX_RANGES = 50  # step ranges kept per rank in the summary (the count is always
 
 CALIBRATION_WINDOW = 100
 """The window (steps) on which :data:`DEFAULTS` were measured."""
-WINDOW_SIGNALS = ("min_alignment", "min_distance", "max_distance", "max_closest", "min_twin")
+WINDOW_SIGNALS = ("min_alignment", "min_distance", "max_distance", "max_closest", "min_twin", "max_loss_excess")
 """The thresholds whose measured defaults hold on :data:`CALIBRATION_WINDOW`-step windows only."""
 
 
@@ -143,6 +155,7 @@ class Thresholds:
     max_distance: float | None = GROSS_DISTANCE  # or above this; None: not judged
     max_closest: float | None = None  # the closest rank to the others' aggregate in more of the window's steps
     min_twin: float | None = None  # window mean gap to the nearest other rank's place below this; None: not judged
+    max_loss_excess: float | None = None  # window mean of the rank's loss minus the median rank's above this
 
     def check(self, where: str) -> None:
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
@@ -161,6 +174,8 @@ class Thresholds:
             raise ValueError(f"{where}.max_closest: must be in (0, 1) or null, got {self.max_closest!r}")
         if self.min_twin is not None and not self.min_twin > 0:
             raise ValueError(f"{where}.min_twin: must be > 0 or null, got {self.min_twin!r}")
+        if self.max_loss_excess is not None and not self.max_loss_excess > 0:
+            raise ValueError(f"{where}.max_loss_excess: must be > 0 or null, got {self.max_loss_excess!r}")
 
 
 TWIN_GAP = 1e-6
@@ -272,7 +287,8 @@ class _Ranges:
 
 
 TIE = 1e-9  # relative: distances this close to the least are ties (the same row, up to rounding)
-SIGNALS = ("alignment", "distance", "closest", "twin")  # per-rank figures beside the weights (None: a step has none)
+SIGNALS = ("alignment", "distance", "closest", "twin", "loss_excess")  # per-rank figures beside the weights
+#                                                                      (None: a step has none)
 
 
 def _signal(p: int, diagnostics: dict, key: str) -> list | None:
@@ -280,6 +296,18 @@ def _signal(p: int, diagnostics: dict, key: str) -> list | None:
     if values is None or len(values) != p:
         return None
     return [v if v is not None and math.isfinite(v) else None for v in values]
+
+
+def loss_excess(p: int, losses) -> list | None:
+    """Each rank's batch loss minus the median of the ranks' finite losses (None for a non-finite one; None where
+    the step passed no losses or none is finite)."""
+    if losses is None or len(losses) != p:
+        return None
+    finite = [float(v) for v in losses if v is not None and math.isfinite(v)]
+    if not finite:
+        return None
+    middle = statistics.median(finite)
+    return [float(v) - middle if v is not None and math.isfinite(v) else None for v in losses]
 
 
 def loo_distances(p: int, diagnostics: dict) -> list | None:
@@ -393,12 +421,14 @@ class TrustLedger:
         for key, values in zip(SIGNALS, signals):
             self._win[key].add(values, sign)
 
-    def observe(self, step: int, diagnostics: dict) -> list[dict]:
-        """Account for ``step``'s diagnostics; returns the suspects named at this step."""
+    def observe(self, step: int, diagnostics: dict, losses=None) -> list[dict]:
+        """Account for ``step``'s diagnostics and the ranks' batch ``losses`` (in rank order; None: not known);
+        returns the suspects named at this step."""
         p = self.p
         weights = relative_weights(p, diagnostics)
         distances = loo_distances(p, diagnostics)
-        signals = [_signal(p, diagnostics, "alignment"), distances, closest(distances), twins(p, diagnostics)]
+        signals = [_signal(p, diagnostics, "alignment"), distances, closest(distances), twins(p, diagnostics),
+                   loss_excess(p, losses)]
         nonfinite = {r for r in diagnostics.get("nonfinite", ()) if 0 <= r < p}
         dropped = {r for r in diagnostics.get("dropped", ()) if 0 <= r < p} | nonfinite
         self.steps += 1
@@ -447,14 +477,14 @@ class TrustLedger:
         return weight, self._win_nonfinite[r] / max(1, len(self._window))
 
     def window_signals(self, r: int) -> dict:
-        """Rank ``r``'s mean ``alignment`` and ``distance`` over the window's steps that reported them
+        """Rank ``r``'s mean of each of :data:`SIGNALS` over the window's steps that reported it
         (None: fewer than half of the window's steps did)."""
         return {key: self._win[key].mean(r) if 2 * self._win[key].counts[r] >= len(self._window) else None
                 for key in SIGNALS}
 
     def window_table(self) -> list[dict]:
         """Per rank, the figures judged over the window: ``weight``, ``nonfinite`` (:meth:`window_figures`),
-        ``alignment``, ``distance`` (:meth:`window_signals`) and ``alignment_gap``, the rank's alignment
+        the :data:`SIGNALS` (:meth:`window_signals`) and ``alignment_gap``, the rank's alignment
         minus the median of the ranks' that have one (None without). O(p log p)."""
         rows = []
         for r in range(self.p):
@@ -488,13 +518,18 @@ class TrustLedger:
         if twin is not None and t.min_twin is not None and twin < t.min_twin:
             reasons.append(f"mean gap to the nearest other rank's place {twin:.4f} < {t.min_twin} over the last "
                            f"{t.window} steps (a copy of another rank's row)")
+        excess = row["loss_excess"]
+        if excess is not None and t.max_loss_excess is not None and excess > t.max_loss_excess:
+            reasons.append(f"mean batch loss {excess:.3f} above the median rank's (more than {t.max_loss_excess}) "
+                           f"over the last {t.window} steps (its data trains another loss)")
         if nonfinite > t.max_nonfinite:
             reasons.append(f"non-finite in {nonfinite:.0%} > {t.max_nonfinite:.0%} of the last {t.window} steps")
         if not reasons:
             return None
         return {"reason": "; ".join(reasons), "window": t.window, "window_weight": weight,
                 "window_alignment": row["alignment"], "window_alignment_gap": gap, "window_distance": distance,
-                "window_closest": closest_share, "window_twin": twin, "window_nonfinite": nonfinite,
+                "window_closest": closest_share, "window_twin": twin, "window_loss_excess": excess,
+                "window_nonfinite": nonfinite,
                 "dropped_steps": self._dropped[r].count,
                 "nonfinite_steps": self._nonfinite[r].count}
 
@@ -520,13 +555,17 @@ class TrustLedger:
         """What a checkpoint keeps, so that a resumed run goes on with the same figures and names no one twice.
 
         Version 2 adds the signals: each window entry ``[weights, nonfinite, alignment, distance]`` and
-        ``run_signals``; version 3 appends ``closest`` and ``twin`` (:data:`SIGNALS`) to each. An earlier state
-        loads with no figures for the signals it lacks.
+        ``run_signals``; version 3 appends ``closest`` and ``twin``, version 4 ``loss_excess`` (:data:`SIGNALS`) to
+        each and keeps the window's running sums (``window_sums``: summed again from the entries, they could
+        differ in the last bit from those kept step by step, and a figure at its threshold would name a rank at
+        another step after a resume). An earlier state loads with no figures for the signals it lacks.
         ``earlier`` (:meth:`carry`) may be absent: none."""
-        return {"version": 3, "p": self.p, "steps": self.steps, "weight_sum": list(self._weight_sum),
+        return {"version": 4, "p": self.p, "steps": self.steps, "weight_sum": list(self._weight_sum),
                 "weight_steps": self._weight_steps,
                 "run_signals": {key: [m.sums, m.counts] for key, m in self._run.items()},
                 "window": [[w, sorted(bad), *signals] for w, bad, *signals in self._window],
+                "window_sums": {"weight": list(self._win_weight),
+                                "signals": {key: [m.sums, m.counts] for key, m in self._win.items()}},
                 "dropped": [r.ranges for r in self._dropped], "nonfinite": [r.ranges for r in self._nonfinite],
                 "suspects": [self.suspects[r] for r in sorted(self.suspects)], "earlier": self.earlier}
 
@@ -534,8 +573,8 @@ class TrustLedger:
         if state["p"] != self.p:
             raise ValueError(f"trust state of {state['p']} ranks, this world has {self.p}")
         version = state.get("version", 1)
-        if version not in (1, 2, 3):
-            raise ValueError(f"trust state version {version!r}: this fa_hvd reads versions 1 to 3")
+        if version not in (1, 2, 3, 4):
+            raise ValueError(f"trust state version {version!r}: this fa_hvd reads versions 1 to 4")
         self.steps, self._weight_steps = int(state["steps"]), int(state["weight_steps"])
         self._weight_sum = [float(w) for w in state["weight_sum"]]
         run = state.get("run_signals", {})
@@ -543,6 +582,10 @@ class TrustLedger:
         self._window = deque((w, frozenset(bad), *signals, *[None] * (len(SIGNALS) - len(signals)))
                              for w, bad, *signals in state["window"][-self.thresholds.window:])
         self._window_sums()
+        sums = state.get("window_sums") if version >= 4 else None
+        if sums is not None and len(state["window"]) == len(self._window):  # the same window: go on with its sums
+            self._win_weight = [float(v) for v in sums["weight"]]
+            self._win.update({key: _Mean(self.p, *kept) for key, kept in sums["signals"].items() if key in SIGNALS})
         self._dropped = [_Ranges(r) for r in state["dropped"]]
         self._nonfinite = [_Ranges(r) for r in state["nonfinite"]]
         self.suspects = {int(s["rank"]): dict(s) for s in state["suspects"]}
