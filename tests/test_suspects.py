@@ -85,6 +85,21 @@ def _config(**extra) -> dict:
             "faults": [{"kind": "reverse", "ranks": [3]}], "log": {"suspects": NOISY}, **extra}
 
 
+def _trained(conf, conf_data, tmp_path, transport) -> trainer.Trainer:
+    """One in-process rank's trainer after the whole run (rank 0 logs and writes summary.json)."""
+    t = trainer.Trainer(conf, conf_data, tmp_path / f"run{transport.rank}", transport)
+    t.load_data()
+    t.check_world()
+    t.build()
+    (t.run_dir / "checkpoints").mkdir(parents=True)
+    t.last_checkpoint_time = 0.0
+    if t.rank == 0:
+        t.log = metrics.MetricsLog(t.run_dir / "metrics.jsonl", None)
+        t.progress = metrics.Progress(conf.train.steps, 0, "none")
+    t.finish(t.train(control.StopSignals()))
+    return t
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("exchange", ["allgather", "sharded"])
 def test_four_ranks_in_process_name_the_faulty_rank(tmp_path, exchange):
@@ -94,16 +109,7 @@ def test_four_ranks_in_process_name_the_faulty_rank(tmp_path, exchange):
                                                          "exchange": exchange}))
 
     def rank(transport):
-        t = trainer.Trainer(conf, conf_data, tmp_path / f"run{transport.rank}", transport)
-        t.load_data()
-        t.check_world()
-        t.build()
-        (t.run_dir / "checkpoints").mkdir(parents=True)
-        t.last_checkpoint_time = 0.0
-        if t.rank == 0:
-            t.log = metrics.MetricsLog(t.run_dir / "metrics.jsonl", None)
-            t.progress = metrics.Progress(12, 0, "none")
-        t.finish(t.train(control.StopSignals()))
+        t = _trained(conf, conf_data, tmp_path, transport)
         return sorted(t.trust.suspects)
 
     assert run_ranks(4, rank) == [[3]] * 4
@@ -123,15 +129,7 @@ def test_the_trainer_judges_every_ranks_loss_from_the_steps_agreement(tmp_path):
         log={"suspects": {**NOISY, "max_loss_excess": 1.0}}, train={"steps": 6, "batch_size": 8, "device": "cpu"}))
 
     def rank(transport):
-        t = trainer.Trainer(conf, conf_data, tmp_path / f"run{transport.rank}", transport)
-        t.load_data()
-        t.check_world()
-        t.build()
-        (t.run_dir / "checkpoints").mkdir(parents=True)
-        if t.rank == 0:
-            t.log = metrics.MetricsLog(t.run_dir / "metrics.jsonl", None)
-            t.progress = metrics.Progress(6, 0, "none")
-        t.train(control.StopSignals())
+        t = _trained(conf, conf_data, tmp_path, transport)
         return [(s["rank"], s["step"], s["window_loss_excess"] > 1e5, "mean batch loss" in s["reason"])
                 for s in t.trust.suspects.values()]
 
