@@ -654,7 +654,7 @@ def test_a_rank_whose_loss_stays_above_the_median_is_named_without_weights():
     row = ledger.window_table()[2]
     assert row["loss_excess"] == pytest.approx((-0.15 + 0.0) / 2)
     assert ledger.window_table()[1]["loss_excess"] is None  # one finite loss in a window of 3: not judged
-    off = trust.TrustLedger(4, trust.Thresholds(window=1, min_alignment=None, max_distance=None))
+    off = trust.TrustLedger(4, trust.Thresholds(window=1, min_alignment=None, max_distance=None, max_loss_excess=None))
     assert off.observe(1, bare, [1.0, 1.0, 1.0, 9.0]) == []
 
 
@@ -926,12 +926,13 @@ def test_each_threshold_defaults_to_the_rules_own_and_a_set_one_wins(monkeypatch
 
 def test_an_unmeasured_rules_thresholds_are_the_loosest_of_the_measured_rules():
     """Thresholds()' own values, for a rule that was not measured, are each the loosest of trust.DEFAULTS':
-    the lowest weight and alignment gap, the highest non-finite fraction and distance."""
+    the lowest weight and alignment gap, the highest non-finite fraction, distance and loss excess."""
     loose, measured = trust.Thresholds(), trust.DEFAULTS.values()
     assert loose.min_weight == min(t.min_weight for t in measured)
     assert loose.min_alignment == min(t.min_alignment for t in measured)
     assert loose.max_nonfinite == max(t.max_nonfinite for t in measured)
     assert loose.max_distance == max(t.max_distance for t in measured)
+    assert loose.max_loss_excess == max(t.max_loss_excess for t in measured)
     assert (loose.min_distance, loose.max_closest, loose.min_twin) == (None, None, None)
 
 

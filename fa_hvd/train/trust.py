@@ -150,12 +150,12 @@ class Thresholds:
     window: int = CALIBRATION_WINDOW
     min_weight: float = 0.0
     max_nonfinite: float = 0.5
-    min_alignment: float | None = -0.43  # on the alignment gap (window mean minus the median rank's); None: not judged
+    min_alignment: float | None = -0.56  # on the alignment gap (window mean minus the median rank's); None: not judged
     min_distance: float | None = None  # window mean distance to the others' aggregate below this; None: not judged
     max_distance: float | None = GROSS_DISTANCE  # or above this; None: not judged
     max_closest: float | None = None  # the closest rank to the others' aggregate in more of the window's steps
     min_twin: float | None = None  # window mean gap to the nearest other rank's place below this; None: not judged
-    max_loss_excess: float | None = None  # window mean of the rank's loss minus the median rank's above this
+    max_loss_excess: float | None = 1.14  # window mean of the rank's loss minus the median rank's above this
 
     def check(self, where: str) -> None:
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
@@ -186,23 +186,25 @@ the batch grow (in ``n`` dimensions of independent noise, by about ``1/sqrt(n)``
 name honest ranks of a large model."""
 
 DEFAULTS: dict[str, Thresholds] = {
-    "flag": Thresholds(min_weight=0.37, min_alignment=-0.43, min_distance=None, max_distance=GROSS_DISTANCE,
-                       max_closest=0.86, min_twin=TWIN_GAP),
-    "geomed": Thresholds(min_weight=0.16, min_alignment=-0.38, min_distance=None, max_distance=GROSS_DISTANCE,
-                         max_closest=0.96, min_twin=TWIN_GAP),
+    "flag": Thresholds(min_weight=0.07, min_alignment=-0.56, min_distance=None, max_distance=GROSS_DISTANCE,
+                       max_closest=0.98, min_twin=TWIN_GAP, max_loss_excess=0.66),
+    "geomed": Thresholds(min_weight=0.14, min_alignment=-0.38, min_distance=None, max_distance=GROSS_DISTANCE,
+                         max_closest=0.96, min_twin=TWIN_GAP, max_loss_excess=0.44),
     "multikrum": Thresholds(min_weight=0.0, min_alignment=-0.34, min_distance=None, max_distance=GROSS_DISTANCE,
-                            max_closest=0.8, min_twin=TWIN_GAP),
+                            max_closest=0.81, min_twin=TWIN_GAP, max_loss_excess=1.14),
 }
 """Each measured rule's thresholds (its weights, and so its honest ranks' figures, have their own spread):
-1.5x beyond the most suspect window figure of its honest ranks in 110 held-in no-attack cells (seeds 0 to 4;
-p/f = 4/1 (not Multi-Krum), 7/2, 8/1, 15/3; IID and Dirichlet(0.5)), rounded outward
-(:func:`fa_hvd.eval.suspects.calibrate`; ``docs/results/suspects/``): honest extremes, weight / gap / distance
-low / high / closest share / twin gap, FA 0.557 / -0.281 / 0.152 / 8.13 / 0.79 / 0.179 (with step 4's
-radius at the (p - 2f)-th distance; 0.661 / -0.300 before), geomed 0.248 / -0.253 /
-0.048 / 8.84 / 0.93 / 0.196, Multi-Krum 0.000 / -0.220 / 0.162 / 31.1 / 0.70 / 0.195. Measured with each rule's
-default parameters; but ``min_twin`` is :data:`TWIN_GAP` (the calibration's 0.12-0.13 would not carry over to
-larger models), ``max_distance`` :data:`GROSS_DISTANCE` and ``min_distance`` off (the distance drifts with the run's
-length; on the grid the too-close distance named no attacker that the closest share and the twin gap missed)."""
+1.5x beyond the most suspect window figure of its honest ranks in held-in no-attack cells run to 300 steps (the
+standing grid's length), rounded outward (:func:`fa_hvd.eval.suspects.calibrate`;
+``docs/results/suspects/300-steps/``): FA 328 cells (seeds 0 to 40; p/f = 4/1, 7/2, 8/1, 15/3; IID and
+Dirichlet(0.5)), geomed 40 and Multi-Krum 30 (seeds 0 to 4; Multi-Krum not at p = 4). Honest extremes, weight /
+alignment gap / closest share / loss excess: FA 0.112 / -0.369 / 0.97 / 0.438 (with step 4's fade of far rows, an
+unusual Dirichlet(0.5) shard keeps a window weight of 0.11), geomed 0.222 / -0.253 / 0.94 / 0.288, Multi-Krum
+0.000 / -0.225 / 0.71 / 0.758. Measured with each rule's default parameters; but ``min_twin`` is :data:`TWIN_GAP`
+(the calibration's 0.11-0.12 would not carry over to larger models), ``max_distance`` :data:`GROSS_DISTANCE` and
+``min_distance`` off (the distance drifts with the run's length; on the grid the too-close distance named no
+attacker that the closest share and the twin gap missed). The loss excess is in nats of cross-entropy (the
+trainer's loss)."""
 
 
 def defaults(rule: str | None, window: int = CALIBRATION_WINDOW) -> Thresholds:
