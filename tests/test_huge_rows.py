@@ -1,12 +1,13 @@
 """Huge finite rows (norm 1e19 .. 1e38, one exponent bit flip) and fp32 cancellation: every
 robust rule stays finite, close to its own fp64 answer, and on the honest side."""
 
+import ctypes
 import math
 
 import pytest
 import torch
 
-from fa_hvd.aggregators import geometry, get, native_gram
+from fa_hvd.aggregators import geometry, get, native, native_gram
 from fa_hvd.aggregators.geometry import U64, distance_error_bound, gram, gram_error_bound, sq_distances
 
 P, F, N = 11, 2, 600
@@ -205,6 +206,25 @@ def test_the_compiled_product_gives_the_same_bits_whatever_the_steps_and_threads
         torch.set_num_threads(threads)
     monkeypatch.setenv("FA_HVD_NATIVE", "0")  # the torch path: the same K within the bound
     assert ((gram(G) - whole).abs() <= 2 * gram_error_bound(G)).all()
+
+
+@pytest.mark.parametrize("p", [20, 31])
+def test_the_tiles_give_the_same_bits_whatever_the_cpus_vector_registers(monkeypatch, p):
+    """native_gram.tiled_source fits its tiles to the CPU's vectors (AVX-512: 5 x 5 tiles of 16-lane vectors;
+    AVX2: 2 x 2 tiles, each 16-lane accumulator as two 8-lane halves): every layout, on any CPU that runs it
+    (here both, whatever this CPU has), gives the same bits, so ranks on different CPU kinds agree."""
+    monkeypatch.setenv("FA_HVD_NATIVE", "1")
+    G = honest(mean=1e3, spread=1e-2, rows=p + 1).repeat(1, 3)[:, :5000].contiguous()  # two sub-blocks and a tail
+    assert native_gram.supports(G), "no C compiler: the compiled product cannot be checked"
+    results = []
+    for layout in [(64, 5), (32, 2), (32, 3), (64, 2)]:
+        kernel = native.function(native_gram.tiled_source(p, layout), "gram")
+        out = torch.empty(len(native_gram.pairs(p)) + 1, dtype=torch.float64)
+        kernel(native_gram.row_pointers(G), ctypes.c_int64(p), ctypes.c_int64(0), ctypes.c_int64(G.shape[1]),
+               ctypes.c_void_p(out.data_ptr()))
+        results.append(out)
+    assert results[0].isfinite().all() and all(torch.equal(out, results[0]) for out in results[1:])
+    assert native_gram.register_layout() in [(64, 5), (32, 2)]
 
 
 @pytest.mark.parametrize("compiled", [True, False])  # native_gram's tiles; the BLAS product (halves from 32 rows)

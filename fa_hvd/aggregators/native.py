@@ -205,6 +205,11 @@ def _cpu() -> str:
     return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
 
 
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (``/proc/cpuinfo``; empty where there is none)."""
+    return {flag for line in _cpu().splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
 @functools.lru_cache(maxsize=1)
 def _compiler_works() -> bool:
     """Whether a tiny network compiles and loads here (checked once; a warning if not)."""

@@ -16,11 +16,14 @@ C per ``p``, compiled and loaded as :mod:`.native`'s sorting networks are (same 
 Above :data:`MAX_ROWS` the products no longer fit in registers and the product is bound by
 arithmetic (:func:`tiled_source`): the block is cut into sub-blocks of :data:`SUB_COLUMNS`
 columns, whose centred rows ``[X; r]`` are written once to a buffer that stays in cache, and the
-lower triangle of ``[X; r] [X; r]^T`` is taken in :data:`TILE` x :data:`TILE` tiles of rows, each
-tile's ``TILE^2`` vectors of lane accumulators in registers across the sub-block (``2 TILE``
-loads per ``TILE^2`` products: register tiling, as a BLAS kernel does, but over the triangle
-only). Every entry is still an fp32 sum per lane, column by column in order, then the lanes in
-fp64: the same arithmetic, bound and bits as one lane loop would give, whatever the tiling.
+lower triangle of ``[X; r] [X; r]^T`` is taken in square tiles of rows, each tile's lane accumulators
+in registers across the sub-block (``2 T`` loads per ``T^2`` products: register tiling, as a BLAS
+kernel does, but over the triangle only). The tile fits this CPU's vector registers
+(:func:`register_layout`): 5 x 5 tiles of 16-lane vectors with AVX-512, 2 x 2 tiles of 16 lanes held
+as two 8-lane halves without (5 x 5 vectors of 16 lanes are 50 AVX2 registers where the CPU has 16:
+the spills made the kernel 4-6x slower than BLAS's product on an AVX2 EPYC). Every entry is still an
+fp32 sum per lane, column by column in order, then the lanes in fp64: the same arithmetic, bound and
+bits as one lane loop would give, whatever the tiling and the halves.
 Used for fp32 rows with unit column stride on the CPU, ``p <= MAX_TILED_ROWS``; one thread (the
 bits do not depend on the thread count).
 Its results and the torch path's agree within the bound, not bit for bit: every rank of a run must
@@ -43,8 +46,10 @@ MAX_ROWS = 16
 """Largest ``p`` whose accumulators stay in registers (:func:`gram_source`); above, :func:`tiled_source`."""
 MAX_TILED_ROWS = 128
 """Largest ``p`` compiled (above it the BLAS product of :mod:`.geometry`)."""
-TILE = 5
-"""Rows per side of a register tile (25 vectors of accumulators and 10 of rows: 32 AVX-512 registers)."""
+LAYOUTS = {64: 5, 32: 2}
+"""Register tiles of :func:`tiled_source` by the bytes of the CPU's fp32 vector registers: rows per side of a
+tile (AVX-512: 25 vectors of 16-lane accumulators and 10 of rows in 32 registers; AVX2: each 16-lane vector as
+two halves, 8 accumulators and 8 rows in 16 registers)."""
 SUB_COLUMNS = 1024
 """Columns of a sub-block (``(p + 1)`` centred rows of them stay in L2 while every tile reads them)."""
 GRAM_FLAGS = ("-fno-tree-slp-vectorize",)
@@ -53,6 +58,13 @@ vectoriser takes time that grows steeply with the kernel's ``(p + 1)(p + 2) / 2`
 -march=native`` on an AVX2 CPU (AMD EPYC, no AVX-512) 2 s at ``p = 8``, 16 s at 12 and 152 s at 15. The loop
 vectoriser, which does the work, is untouched: the kernel compiles in 2 s at ``p = 15``, runs as fast and gives
 the same bits. The sorting networks keep it (their small-``p`` kernels are slower without it)."""
+
+
+def register_layout() -> tuple[int, int]:
+    """``(vector bytes, rows per tile side)`` for this CPU (what ``-march=native`` compiles for): AVX-512's
+    64-byte registers where the CPU has them, else 32 (AVX2)."""
+    vector = 64 if "avx512f" in native.cpu_flags() else 32
+    return vector, LAYOUTS[vector]
 
 
 def supports(G: torch.Tensor) -> bool:
@@ -100,30 +112,34 @@ def gram_source(p: int) -> str:
     return "\n".join(lines)
 
 
-def tiled_source(p: int) -> str:
+def tiled_source(p: int, layout: tuple[int, int] | None = None) -> str:
     """C code of :func:`block_products` for ``MAX_ROWS < p``: register tiles over cached sub-blocks.
 
-    The rows ``[X; r]`` are padded with zero rows to a multiple of :data:`TILE` (their entries
+    ``layout``: ``(vector bytes, rows per tile side)``, by default :func:`register_layout`'s; each
+    :data:`LANES`-lane accumulator is held as ``4 LANES / vector bytes`` vectors (the same sums, the same
+    bits). The rows ``[X; r]`` are padded with zero rows to a multiple of the tile (their entries
     are computed and never read). A column of the tail (``w mod LANES``) goes to lane 0, as in
     :func:`gram_source`. Should the buffers not be allocated, every entry is NaN, which makes
     :mod:`.geometry` redo every row in fp64.
     """
-    rows = -(-(p + 1) // TILE) * TILE
-    tiles = [(a, b) for a in range(rows // TILE) for b in range(a + 1)]
-    cells = [(u, v) for u in range(TILE) for v in range(TILE)]
-    width, accumulators = SUB_COLUMNS, len(tiles) * TILE * TILE * LANES
+    vector, tile = layout or register_layout()
+    parts, part = 4 * LANES // vector, vector // 4  # vectors per accumulator, lanes per vector
+    rows = -(-(p + 1) // tile) * tile
+    tiles = [(a, b) for a in range(rows // tile) for b in range(a + 1)]
+    cells = [(u, v, h) for u in range(tile) for v in range(tile) for h in range(parts)]
+    width, accumulators = SUB_COLUMNS, len(tiles) * tile * tile * LANES
 
     def table(name: str, values) -> str:
         return f"static const int32_t {name}[{len(values)}] = {{{', '.join(map(str, values))}}};"
 
-    at = [(tiles.index((i // TILE, j // TILE)) * TILE * TILE + (i % TILE) * TILE + j % TILE) * LANES
+    at = [(tiles.index((i // tile, j // tile)) * tile * tile + (i % tile) * tile + j % tile) * LANES
           for i, j in pairs(p)]
     lines = [
         "#include <stdint.h>",
         "#include <stdlib.h>",
         "#include <string.h>",
         "#include <math.h>",
-        f"typedef float lanes __attribute__((vector_size({4 * LANES})));",
+        f"typedef float lanes __attribute__((vector_size({vector})));",
         table("ta", [a for a, _ in tiles]),
         table("tb", [b for _, b in tiles]),
         table("at", at),
@@ -154,16 +170,16 @@ def tiled_source(p: int) -> str:
         "      for (int64_t j = 0; j < sw; ++j) xi[j] = g[j] - r[s0 + j];",
         "    }",
         f"    for (int t = 0; t < {len(tiles)}; ++t) {{",
-        f"      const float *restrict A = x + ta[t] * {TILE * width}, *restrict B = x + tb[t] * {TILE * width};",
-        f"      float *restrict c = acc + t * {TILE * TILE * LANES};",
-        f"      lanes {', '.join(f'c{u}{v}' for u, v in cells)};",
-        *[f"      memcpy(&c{u}{v}, c + {(u * TILE + v) * LANES}, sizeof(lanes));" for u, v in cells],
+        f"      const float *restrict A = x + ta[t] * {tile * width}, *restrict B = x + tb[t] * {tile * width};",
+        f"      float *restrict c = acc + t * {tile * tile * LANES};",
+        f"      lanes {', '.join(f'c{u}{v}_{h}' for u, v, h in cells)};",
+        *[f"      memcpy(&c{u}{v}_{h}, c + {(u * tile + v) * LANES + h * part}, sizeof(lanes));" for u, v, h in cells],
         f"      for (int64_t j0 = 0; j0 < sw; j0 += {LANES}) {{",
-        *[f"        lanes a{u}, b{u}; memcpy(&a{u}, A + {u * width} + j0, sizeof(lanes)); "
-          f"memcpy(&b{u}, B + {u * width} + j0, sizeof(lanes));" for u in range(TILE)],
-        *[f"        c{u}{v} += a{u} * b{v};" for u, v in cells],
+        *[f"        lanes a{u}_{h}, b{u}_{h}; memcpy(&a{u}_{h}, A + {u * width + h * part} + j0, sizeof(lanes)); "
+          f"memcpy(&b{u}_{h}, B + {u * width + h * part} + j0, sizeof(lanes));" for u in range(tile) for h in range(parts)],
+        *[f"        c{u}{v}_{h} += a{u}_{h} * b{v}_{h};" for u, v, h in cells],
         "      }",
-        *[f"      memcpy(c + {(u * TILE + v) * LANES}, &c{u}{v}, sizeof(lanes));" for u, v in cells],
+        *[f"      memcpy(c + {(u * tile + v) * LANES + h * part}, &c{u}{v}_{h}, sizeof(lanes));" for u, v, h in cells],
         "    }",
         "  }",
         "  for (int64_t j = full; j < w; ++j) {",
