@@ -86,13 +86,13 @@ once, at the step it crosses. Coordinate-wise rules (median, trimmed mean, Bulya
 cclip report no weights: they can name only non-finite rows and losses. The default thresholds are per rule
 (:func:`defaults`): each rule's weights, and so its honest ranks' figures, have their own spread
 (Multi-Krum gives an unusual honest shard weight 0 every step; FA's lowest honest window weight is
-0.56). They come from the honest ranks' extremes in held-in no-attack cells of the grid's splits,
+0.11, geomed's 0.22). They come from the honest ranks' extremes in held-in no-attack cells of the grid's splits,
 IID and Dirichlet(0.5), with a margin fixed in advance (``docs/results/suspects/``, written by
 :mod:`fa_hvd.eval.suspects`, which measures them on held-out seeds, on the attacks and on
 Dirichlet(0.1)). In non-IID an honest rank of an unusual shard sits far from the others (Dirichlet(0.5):
 up to 31x the median rank's distance under Multi-Krum) and close to or against the aggregate, so the
-thresholds lie wide and some attacks inside that range are missed (sign flip in non-IID, some label flips;
-ALIE is caught by the closest share).
+thresholds lie wide and some attacks inside that range are missed (sign flips, above all under FA, which keeps a
+sign-flipped row inside the honest spread; label flips are caught by the loss excess, ALIE by the closest share).
 
 Every rank computes the same aggregate from the same rows, so every rank's
 diagnostics, and so its ledger, are the same; in the sharded exchange they are
