@@ -72,9 +72,11 @@ def supports(G: torch.Tensor) -> bool:
     return G.dtype == torch.float32 and G.shape[0] <= MAX_TILED_ROWS and native.supports(G)
 
 
-def pairs(p: int) -> list[tuple[int, int]]:
-    """The packed lower triangle of ``[X; r] [X; r]^T``: ``(i, j)``, ``j <= i``, row ``p`` is ``r``."""
-    return [(i, j) for i in range(p + 1) for j in range(i + 1)]
+@functools.lru_cache(maxsize=None)
+def pairs(p: int) -> tuple[tuple[int, int], ...]:
+    """The packed lower triangle of ``[X; r] [X; r]^T``: ``(i, j)``, ``j <= i``, row ``p`` is ``r`` (built once
+    per ``p``: at p = 64 building it took as long as a tenth of a block's product)."""
+    return tuple((i, j) for i in range(p + 1) for j in range(i + 1))
 
 
 def gram_source(p: int) -> str:
