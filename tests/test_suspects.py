@@ -789,6 +789,32 @@ def _swept_cell(fault, byzantine, records, seed=0, p=2):
             "window": 100, "byzantine": byzantine, "records": full}
 
 
+@pytest.mark.parametrize("rule", ["flag", "median"])
+def test_a_label_flipped_rank_is_named_by_its_loss_and_no_honest_rank_is(tmp_path, rule):
+    """The loss excess on the fault it is for: digits, an MLP, 4 simulated ranks, rank 3 training on flipped labels
+    (its gradients honest gradients of another loss) for 150 steps. Its window loss excess passes the rule's measured
+    max_loss_excess (FA's; the median's is the unmeasured rules') and the honest ranks' stays below it; the median
+    reports no weights, so the loss is all it has."""
+    import yaml
+
+    from fa_hvd.eval import suspects
+    from fa_hvd.eval.grid import load_grid
+
+    grid = {"trainer": {"data": {"name": "digits"}, "model": {"name": "mlp"},
+                        "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9}, "train": {"steps": 150, "batch_size": 32}},
+            "seeds": [0], "splits": {"iid": None}, "workers": [[4, 1]], "rules": {rule: rule},
+            "faults": {"labelflip": [{"kind": "labelflip", "params": {"num_classes": 10}}]}}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
+    (cell,) = load_grid(tmp_path / "grid.yaml").cells
+    record = suspects.run_cell(cell, window=trust.CALIBRATION_WINDOW)
+    threshold = trust.defaults(rule).max_loss_excess
+    assert record["byzantine"] == [3] and suspects.extreme(record, 3, "loss_excess") > 2 * threshold
+    assert all(suspects.extreme(record, r, "loss_excess") < threshold / 2 for r in range(3))
+    loss_only = trust.Thresholds(min_alignment=None, max_distance=None, max_loss_excess=threshold)
+    assert suspects.named_at(record, 3, loss_only) == trust.CALIBRATION_WINDOW  # at the first full window
+    assert [suspects.named_at(record, r, trust.defaults(rule)) for r in range(3)] == [None] * 3
+
+
 def test_the_sweep_records_each_new_extreme_and_names_at_the_first_crossing():
     """fa_hvd.eval.suspects: the recorder keeps a figure's running minimum (the non-finite fraction's maximum)
     from the first full window on, and named_at finds the step at which any threshold was first crossed."""
