@@ -136,6 +136,25 @@ def test_the_trainer_judges_every_ranks_loss_from_the_steps_agreement(tmp_path):
     assert run_ranks(4, rank) == [[(3, 5, True, True)]] * 4
 
 
+@pytest.mark.parametrize("alpha", [None, 0.5])
+def test_the_trainer_judges_iid_shards_by_the_iid_defaults(tmp_path, alpha):
+    """data.alpha null (IID shards): the rule's IID defaults, for the suspects and for robust.evict's ledger; a
+    Dirichlet split (alpha set): the defaults measured over both splits. A threshold set in the config wins."""
+    conf, conf_data = train_config.parse(_config(
+        data={"name": "digits", "alpha": alpha}, faults=[], train={"steps": 2, "batch_size": 8, "device": "cpu"},
+        robust={"aggregator": "flag", "aggregator_params": {"f": 1}, "evict": {"window": 100, "threshold": 0.2}},
+        log={"suspects": {"max_loss_excess": 0.9}}))
+    measured = (trust.IID_DEFAULTS if alpha is None else trust.DEFAULTS)["flag"]
+
+    def rank(transport):
+        t = _trained(conf, conf_data, tmp_path, transport)
+        return t.trust.thresholds, t.evictor.thresholds
+
+    for judged, evicting in run_ranks(4, rank):
+        assert judged == dataclasses.replace(measured, max_loss_excess=0.9)
+        assert evicting == dataclasses.replace(measured, max_loss_excess=0.9, min_weight=0.2)
+
+
 @pytest.mark.slow
 def test_horovodrun_four_ranks_one_faulty_names_its_host_and_writes_tensorboard(tmp_path):
     """The bar: 4 ranks under horovodrun, rank 3 injecting a fault; the suspect is named with its host
@@ -815,6 +834,31 @@ def test_a_label_flipped_rank_is_named_by_its_loss_and_no_honest_rank_is(tmp_pat
     assert [suspects.named_at(record, r, trust.defaults(rule)) for r in range(3)] == [None] * 3
 
 
+def test_a_sign_flipped_rank_among_iid_shards_is_named_by_the_iid_defaults(tmp_path):
+    """Digits, an MLP, 8 simulated ranks under FA, rank 7 sending minus its gradient, IID shards, 110 steps. FA keeps
+    the row inside the honest spread, and its alignment gap (about -0.5) is one an unusual Dirichlet(0.5) shard can
+    reach (FA's any-split min_alignment is -0.56); IID honest ranks stay far above it, so FA's IID defaults name it at
+    the first full window, and no honest rank."""
+    import yaml
+
+    from fa_hvd.eval import suspects
+    from fa_hvd.eval.grid import load_grid
+
+    grid = {"trainer": {"data": {"name": "digits"}, "model": {"name": "mlp"},
+                        "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9}, "train": {"steps": 110, "batch_size": 32}},
+            "seeds": [0], "splits": {"iid": None}, "workers": [[8, 1]], "rules": {"flag": "flag"},
+            "faults": {"signflip": [{"kind": "signflip"}]}}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
+    (cell,) = load_grid(tmp_path / "grid.yaml").cells
+    record = suspects.run_cell(cell, window=trust.CALIBRATION_WINDOW)
+    iid = trust.defaults("flag", iid=True)
+    assert suspects.cell_defaults(record) == iid
+    assert record["byzantine"] == [7] and suspects.extreme(record, 7, "alignment_gap") < 1.5 * iid.min_alignment
+    assert all(suspects.extreme(record, r, "alignment_gap") > iid.min_alignment / 2 for r in range(7))
+    assert suspects.named_at(record, 7, iid) == trust.CALIBRATION_WINDOW
+    assert [suspects.named_at(record, r, iid) for r in range(7)] == [None] * 7
+
+
 def test_the_sweep_records_each_new_extreme_and_names_at_the_first_crossing():
     """fa_hvd.eval.suspects: the recorder keeps a figure's running minimum (the non-finite fraction's maximum)
     from the first full window on, and named_at finds the step at which any threshold was first crossed."""
@@ -849,8 +893,9 @@ def test_the_sweep_counts_false_positives_and_detection_per_rule(monkeypatch):
     as detected only when every Byzantine rank is named, at the last one's step."""
     from fa_hvd.eval import suspects
 
-    monkeypatch.setitem(trust.DEFAULTS, "flag", trust.Thresholds(min_weight=0.2, min_alignment=-0.3, min_distance=0.15))
-    monkeypatch.setitem(trust.DEFAULTS, "geomed", trust.Thresholds(min_weight=0.2, min_alignment=-0.4, min_distance=0.15))
+    for table in (trust.DEFAULTS, trust.IID_DEFAULTS):  # the cells are IID, the stress one Dirichlet(0.1)
+        monkeypatch.setitem(table, "flag", trust.Thresholds(min_weight=0.2, min_alignment=-0.3, min_distance=0.15))
+        monkeypatch.setitem(table, "geomed", trust.Thresholds(min_weight=0.2, min_alignment=-0.4, min_distance=0.15))
     gap = lambda *values: {"alignment_gap": [[[150, v]] if v is not None else [] for v in values]}  # noqa: E731
     clean = [_swept_cell("none", [], gap(-0.1, -0.2, -0.1), seed=100, p=3),
              _swept_cell("none", [], gap(-0.35, -0.1, -0.31), seed=101, p=3),
@@ -948,6 +993,24 @@ def test_each_threshold_defaults_to_the_rules_own_and_a_set_one_wins(monkeypatch
     assert train_config.parse({})[0].log.suspects.thresholds("flag") == trust.DEFAULTS["flag"]
     with pytest.raises(train_config.cfg.ConfigError, match="log.suspects.max_closest"):
         train_config.parse({"log": {"suspects": {"max_closest": 1.0}}})
+
+
+def test_iid_defaults_are_measured_per_rule_and_never_looser_than_those_for_any_split():
+    """trust.defaults(rule, iid=True) is the rule's IID_DEFAULTS (the same procedure on IID shards alone), over
+    short windows without the window signals; each IID threshold names at least what the any-split one names;
+    a rule never measured gets Thresholds()' values for IID shards too."""
+    assert set(trust.IID_DEFAULTS) == set(trust.DEFAULTS)
+    for rule, iid in trust.IID_DEFAULTS.items():
+        assert trust.defaults(rule, iid=True) == iid
+        loose = trust.DEFAULTS[rule]
+        assert iid.min_weight >= loose.min_weight and iid.min_alignment >= loose.min_alignment
+        assert iid.max_closest <= loose.max_closest and iid.max_loss_excess <= loose.max_loss_excess
+        assert (iid.max_distance, iid.min_twin, iid.min_distance) == (loose.max_distance, loose.min_twin, None)
+        assert all(getattr(trust.defaults(rule, 20, iid=True), name) is None for name in trust.WINDOW_SIGNALS)
+    assert trust.defaults("median", iid=True) == trust.Thresholds()
+    conf, _ = train_config.parse({"log": {"suspects": {"min_alignment": -0.5}}})
+    assert conf.log.suspects.thresholds("flag", iid=True) == dataclasses.replace(trust.IID_DEFAULTS["flag"],
+                                                                                min_alignment=-0.5)
 
 
 def test_an_unmeasured_rules_thresholds_are_the_loosest_of_the_measured_rules():

@@ -14,9 +14,9 @@ rank is exact (:func:`named_at`), so one sweep judges every threshold. ``OUT/res
 line per cell (cells already there are skipped); ``OUT/table.md`` is the report:
 
 * per rule, the thresholds set from the honest ranks of its *calibration* cells (no attack, seeds below
-  :data:`HELD_OUT_SEEDS`, the grid's splits :data:`BAR_SPLITS`) with a stated ``margin``
-  (:func:`calibrate`), beside the rule's defaults (:func:`~fa_hvd.train.trust.defaults`);
-* per rule at its defaults, on the *held-out* no-attack cells (seeds from :data:`HELD_OUT_SEEDS`, the
+  :data:`HELD_OUT_SEEDS`, the grid's splits :data:`BAR_SPLITS`; for IID shards the IID cells alone) with a
+  stated ``margin`` (:func:`calibrate`), beside the rule's defaults (:func:`~fa_hvd.train.trust.defaults`);
+* per rule at the defaults of each cell's split (:func:`cell_defaults`), on the *held-out* no-attack cells (seeds from :data:`HELD_OUT_SEEDS`, the
   grid's splits): the cells in which an honest rank was named and the honest rank-cells named, each
   with its 95 % upper confidence bound (:func:`upper_bound`); on the attacked cells: the cells in which
   every Byzantine rank was named, the step by which the last of them was, and honest ranks named;
@@ -178,10 +178,15 @@ def _rate(k: int, n: int) -> str:
     return f"{k}/{n} ({_pct(k, n)}, <= {100 * upper_bound(k, n):.1f} %)" if n else "-"
 
 
+def cell_defaults(cell: dict) -> Thresholds:
+    """The defaults the trainer would judge ``cell``'s run by: its rule's, for IID shards or not."""
+    return defaults(cell["rule"], iid=cell["split"] == "iid")
+
+
 def false_positives(cells: list[dict]) -> tuple[int, int, int, int]:
     """At each cell's rule's defaults: ``(cells with an honest rank named, cells, honest rank-cells named,
     honest rank-cells)``."""
-    named = [[named_at(c, r, defaults(c["rule"])) is not None for r in honest(c)] for c in cells]
+    named = [[named_at(c, r, cell_defaults(c)) is not None for r in honest(c)] for c in cells]
     return sum(map(any, named)), len(cells), sum(map(sum, named)), sum(map(len, named))
 
 
@@ -190,7 +195,7 @@ def detection(cells: list[dict]) -> tuple[int, int, list[int]]:
     them was, per detected cell)``."""
     latencies = []
     for c in cells:
-        steps = [named_at(c, r, defaults(c["rule"])) for r in c["byzantine"]]
+        steps = [named_at(c, r, cell_defaults(c)) for r in c["byzantine"]]
         if all(s is not None for s in steps):
             latencies.append(max(steps))
     return len(latencies), len(cells), latencies
@@ -309,15 +314,17 @@ def report(cells: list[dict], margin: float) -> str:
     rules = sorted({c["rule"] for c in cells})
     lines = [f"## Thresholds per rule (window {Thresholds.window})\n",
              f"From the honest ranks of the calibration cells (no attack, seeds below {HELD_OUT_SEEDS}, "
-             f"{' and '.join(BAR_SPLITS)}), margin {margin}: honest extreme -> calibrated (default, "
-             f"`fa_hvd/train/trust.py`):\n", "| rule | calibration cells | " + " | ".join(THRESHOLDS) + " |",
+             f"{' and '.join(BAR_SPLITS)}; for IID shards, the IID ones alone), margin {margin}: honest extreme -> "
+             f"calibrated (default, `fa_hvd/train/trust.py`; each cell is judged by the defaults of its split):\n", "| rule | calibration cells | " + " | ".join(THRESHOLDS) + " |",
              "|---" * (len(THRESHOLDS) + 2) + "|"]
     for rule in rules:
-        calibration = [c for c in cells if c["rule"] == rule and group(c) == "calibration"]
-        calibrated = calibrate(calibration, margin)
-        row = [f"{calibrated[n][0]:.3f} -> {calibrated[n][1]} ({getattr(defaults(rule), n)})" if n in calibrated
-               else f"- ({getattr(defaults(rule), n)})" for n in THRESHOLDS]
-        lines.append(f"| {rule} | {len(calibration)} | " + " | ".join(row) + " |")
+        for iid in (False, True):  # the defaults for any split, from every bar split; those for IID shards
+            calibration = [c for c in cells if c["rule"] == rule and group(c) == "calibration"
+                           and (c["split"] == "iid" or not iid)]
+            calibrated, chosen = calibrate(calibration, margin), defaults(rule, iid=iid)
+            row = [f"{calibrated[n][0]:.3f} -> {calibrated[n][1]} ({getattr(chosen, n)})" if n in calibrated
+                   else f"- ({getattr(chosen, n)})" for n in THRESHOLDS]
+            lines.append(f"| {rule}{', IID shards' if iid else ''} | {len(calibration)} | " + " | ".join(row) + " |")
     return ("\n".join(lines) + "\n\n## Rates per rule at its defaults (95 % upper bounds: exact one-sided)\n\n"
             + rates(cells)
             + "\n## What any thresholds could do on these cells (chosen on the held-out cells themselves)\n\n"

@@ -266,8 +266,8 @@ RULE = "rule"  # a log.suspects threshold left to the measured default of the ru
 @dataclass
 class SuspectsConfig:
     """When the trust ledger names a rank a suspect (:mod:`fa_hvd.train.trust`). Each threshold is a number,
-    ``rule`` (the default: the value measured for ``robust.aggregator``, :func:`fa_hvd.train.trust.defaults`)
-    or, where it may be, null (not judged)."""
+    ``rule`` (the default: the value measured for ``robust.aggregator`` and the run's split, IID shards or
+    ``data.alpha`` set, :func:`fa_hvd.train.trust.defaults`) or, where it may be, null (not judged)."""
 
     window: int = trust.Thresholds.window               # steps
     min_weight: Union[float, Literal["rule"]] = RULE    # mean relative weight (1 = 1/p) below this over the window
@@ -281,10 +281,10 @@ class SuspectsConfig:
     max_loss_excess: Union[float, Literal["rule"], None] = RULE  # or mean batch loss minus the median rank's
     #                                                              above this (nats)
 
-    def thresholds(self, rule: str | None, window: int | None = None) -> trust.Thresholds:
+    def thresholds(self, rule: str | None, window: int | None = None, iid: bool = False) -> trust.Thresholds:
         """The thresholds for a run of ``rule`` (None: the defaults of a rule not measured) over ``window``
-        steps (default: this section's ``window``)."""
-        measured = trust.defaults(rule, self.window if window is None else window)
+        steps (default: this section's ``window``), its ranks' shards IID or not (``data.alpha`` null)."""
+        measured = trust.defaults(rule, self.window if window is None else window, iid=iid)
         chosen = {f.name: getattr(self, f.name) for f in dataclasses.fields(trust.Thresholds) if f.name != "window"}
         return dataclasses.replace(measured, **{key: value for key, value in chosen.items() if value != RULE})
 

@@ -250,11 +250,12 @@ class Trainer:
         if self.identities is None:
             self.meet()
         identities = self.identities
-        thresholds = s.thresholds(self.conf.robust.aggregator)
+        iid = self.conf.data.alpha is None  # the measured defaults of IID shards, else those of any split
+        thresholds = s.thresholds(self.conf.robust.aggregator, iid=iid)
         self.trust = trust.TrustLedger(self.world, thresholds, identities)
         evict = self.conf.robust.evict
         if evict is not None:
-            chosen = s.thresholds(self.conf.robust.aggregator, window=evict.window)
+            chosen = s.thresholds(self.conf.robust.aggregator, window=evict.window, iid=iid)
             self.evictor = trust.TrustLedger(self.world, dataclasses.replace(chosen, min_weight=evict.threshold),
                                              identities)
         if self.trust_state is not None and self.trust_state["p"] == self.world:

@@ -93,6 +93,9 @@ Dirichlet(0.1)). In non-IID an honest rank of an unusual shard sits far from the
 up to 31x the median rank's distance under Multi-Krum) and close to or against the aggregate, so the
 thresholds lie wide and some attacks inside that range are missed (sign flips, above all under FA, which keeps a
 sign-flipped row inside the honest spread; label flips are caught by the loss excess, ALIE by the closest share).
+The defaults are also per split: a run whose ranks draw IID shards (the trainer's ``data.alpha`` null) is judged by
+thresholds measured the same way on IID cells alone (:data:`IID_DEFAULTS`), where honest figures spread far less
+and those sign flips stand out; a Dirichlet split, by those measured over both (:data:`DEFAULTS`).
 
 Every rank computes the same aggregate from the same rows, so every rank's
 diagnostics, and so its ledger, are the same; in the sharded exchange they are
@@ -204,15 +207,33 @@ unusual Dirichlet(0.5) shard keeps a window weight of 0.11), geomed 0.222 / -0.2
 (the calibration's 0.11-0.12 would not carry over to larger models), ``max_distance`` :data:`GROSS_DISTANCE` and
 ``min_distance`` off (the distance drifts with the run's length; on the grid the too-close distance named no
 attacker that the closest share and the twin gap missed). The loss excess is in nats of cross-entropy (the
-trainer's loss)."""
+trainer's loss). They hold whatever the split; a run whose ranks draw IID shards has :data:`IID_DEFAULTS`."""
+
+IID_DEFAULTS: dict[str, Thresholds] = {
+    "flag": Thresholds(min_weight=0.37, min_alignment=-0.29, min_distance=None, max_distance=GROSS_DISTANCE,
+                       max_closest=0.78, min_twin=TWIN_GAP, max_loss_excess=0.27),
+    "geomed": Thresholds(min_weight=0.25, min_alignment=-0.19, min_distance=None, max_distance=GROSS_DISTANCE,
+                         max_closest=0.76, min_twin=TWIN_GAP, max_loss_excess=0.31),
+    "multikrum": Thresholds(min_weight=0.1, min_alignment=-0.17, min_distance=None, max_distance=GROSS_DISTANCE,
+                            max_closest=0.63, min_twin=TWIN_GAP, max_loss_excess=0.42),
+}
+"""Each measured rule's thresholds for a run whose ranks draw IID shards (the trainer's ``data.alpha`` null, the
+usual data-parallel sampler): the same procedure as :data:`DEFAULTS` on the IID held-in cells alone (FA 164,
+geomed 20, Multi-Krum 15). Honest extremes, weight / alignment gap / closest share / loss excess: FA 0.557 /
+-0.188 / 0.66 / 0.179, geomed 0.386 / -0.121 / 0.64 / 0.202, Multi-Krum 0.163 / -0.112 / 0.44 / 0.277. IID honest
+ranks share one distribution, so their figures spread far less than Dirichlet(0.5) shards' (an unusual shard's
+alignment gap reaches -0.369 under FA), and a sign flip that hides among non-IID shards stands out here (FA: -0.42
+to -0.67). Only for IID shards: on the Dirichlet(0.5) held-out cells they name an honest rank in 27 of 204 runs
+(FA), 25 of 68 (geomed) and 34 of 51 (Multi-Krum)."""
 
 
-def defaults(rule: str | None, window: int = CALIBRATION_WINDOW) -> Thresholds:
-    """The thresholds measured for the aggregation rule ``rule`` (:data:`DEFAULTS`), else :class:`Thresholds`'
-    (the loosest of the measured rules', for a rule that was not measured), over ``window`` steps: shorter
-    than :data:`CALIBRATION_WINDOW`, the :data:`WINDOW_SIGNALS` are not judged (their honest spread was
-    measured on longer windows and widens on shorter ones)."""
-    measured = dataclasses.replace(DEFAULTS.get(rule, Thresholds()), window=window)
+def defaults(rule: str | None, window: int = CALIBRATION_WINDOW, iid: bool = False) -> Thresholds:
+    """The thresholds measured for the aggregation rule ``rule`` (:data:`DEFAULTS`; with ``iid``, for a run
+    whose ranks draw IID shards, :data:`IID_DEFAULTS`), else :class:`Thresholds`' (the loosest of the measured
+    rules', for a rule that was not measured), over ``window`` steps: shorter than :data:`CALIBRATION_WINDOW`,
+    the :data:`WINDOW_SIGNALS` are not judged (their honest spread was measured on longer windows and widens on
+    shorter ones)."""
+    measured = dataclasses.replace((IID_DEFAULTS if iid else DEFAULTS).get(rule, Thresholds()), window=window)
     if window < CALIBRATION_WINDOW:
         measured = dataclasses.replace(measured, **{name: None for name in WINDOW_SIGNALS})
     return measured
