@@ -808,24 +808,32 @@ def _swept_cell(fault, byzantine, records, seed=0, p=2):
             "window": 100, "byzantine": byzantine, "records": full}
 
 
-@pytest.mark.parametrize("rule", ["flag", "median"])
-def test_a_label_flipped_rank_is_named_by_its_loss_and_no_honest_rank_is(tmp_path, rule):
-    """The loss excess on the fault it is for: digits, an MLP, 4 simulated ranks, rank 3 training on flipped labels
-    (its gradients honest gradients of another loss) for 150 steps. Its window loss excess passes the rule's measured
-    max_loss_excess (FA's; the median's is the unmeasured rules') and the honest ranks' stays below it; the median
-    reports no weights, so the loss is all it has."""
+def _simulated(tmp_path, rule: str, p: int, f: int, fault: list, steps: int) -> dict:
+    """One cell of the sweep (:func:`fa_hvd.eval.suspects.run_cell`): digits, an MLP, ``p`` simulated ranks
+    (the last ``f`` faulty), IID shards, seed 0, recorded over 100-step windows."""
     import yaml
 
     from fa_hvd.eval import suspects
     from fa_hvd.eval.grid import load_grid
 
     grid = {"trainer": {"data": {"name": "digits"}, "model": {"name": "mlp"},
-                        "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9}, "train": {"steps": 150, "batch_size": 32}},
-            "seeds": [0], "splits": {"iid": None}, "workers": [[4, 1]], "rules": {rule: rule},
-            "faults": {"labelflip": [{"kind": "labelflip", "params": {"num_classes": 10}}]}}
+                        "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
+                        "train": {"steps": steps, "batch_size": 32}},
+            "seeds": [0], "splits": {"iid": None}, "workers": [[p, f]], "rules": {rule: rule}, "faults": {"x": fault}}
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
     (cell,) = load_grid(tmp_path / "grid.yaml").cells
-    record = suspects.run_cell(cell, window=trust.CALIBRATION_WINDOW)
+    return suspects.run_cell(cell, window=trust.CALIBRATION_WINDOW)
+
+
+@pytest.mark.parametrize("rule", ["flag", "median"])
+def test_a_label_flipped_rank_is_named_by_its_loss_and_no_honest_rank_is(tmp_path, rule):
+    """The loss excess on the fault it is for: digits, an MLP, 4 simulated ranks, rank 3 training on flipped labels
+    (its gradients honest gradients of another loss) for 150 steps. Its window loss excess passes the rule's measured
+    max_loss_excess (FA's; the median's is the unmeasured rules') and the honest ranks' stays below it; the median
+    reports no weights, so the loss is all it has."""
+    from fa_hvd.eval import suspects
+
+    record = _simulated(tmp_path, rule, 4, 1, [{"kind": "labelflip", "params": {"num_classes": 10}}], 150)
     threshold = trust.defaults(rule).max_loss_excess
     assert record["byzantine"] == [3] and suspects.extreme(record, 3, "loss_excess") > 2 * threshold
     assert all(suspects.extreme(record, r, "loss_excess") < threshold / 2 for r in range(3))
@@ -835,22 +843,13 @@ def test_a_label_flipped_rank_is_named_by_its_loss_and_no_honest_rank_is(tmp_pat
 
 
 def test_a_sign_flipped_rank_among_iid_shards_is_named_by_the_iid_defaults(tmp_path):
-    """Digits, an MLP, 8 simulated ranks under FA, rank 7 sending minus its gradient, IID shards, 110 steps. FA keeps
-    the row inside the honest spread, and its alignment gap (about -0.5) is one an unusual Dirichlet(0.5) shard can
-    reach (FA's any-split min_alignment is -0.56); IID honest ranks stay far above it, so FA's IID defaults name it at
-    the first full window, and no honest rank."""
-    import yaml
-
+    """8 simulated ranks under FA, rank 7 sending minus its gradient, IID shards, 110 steps. FA keeps the row inside
+    the honest spread, and its alignment gap (about -0.5) is one an unusual Dirichlet(0.5) shard can reach (FA's
+    any-split min_alignment is -0.56); IID honest ranks stay far above it, so FA's IID defaults name it at the first
+    full window, and no honest rank."""
     from fa_hvd.eval import suspects
-    from fa_hvd.eval.grid import load_grid
 
-    grid = {"trainer": {"data": {"name": "digits"}, "model": {"name": "mlp"},
-                        "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9}, "train": {"steps": 110, "batch_size": 32}},
-            "seeds": [0], "splits": {"iid": None}, "workers": [[8, 1]], "rules": {"flag": "flag"},
-            "faults": {"signflip": [{"kind": "signflip"}]}}
-    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
-    (cell,) = load_grid(tmp_path / "grid.yaml").cells
-    record = suspects.run_cell(cell, window=trust.CALIBRATION_WINDOW)
+    record = _simulated(tmp_path, "flag", 8, 1, [{"kind": "signflip"}], 110)
     iid = trust.defaults("flag", iid=True)
     assert suspects.cell_defaults(record) == iid
     assert record["byzantine"] == [7] and suspects.extreme(record, 7, "alignment_gap") < 1.5 * iid.min_alignment

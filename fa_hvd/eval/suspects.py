@@ -16,10 +16,11 @@ line per cell (cells already there are skipped); ``OUT/table.md`` is the report:
 * per rule, the thresholds set from the honest ranks of its *calibration* cells (no attack, seeds below
   :data:`HELD_OUT_SEEDS`, the grid's splits :data:`BAR_SPLITS`; for IID shards the IID cells alone) with a
   stated ``margin`` (:func:`calibrate`), beside the rule's defaults (:func:`~fa_hvd.train.trust.defaults`);
-* per rule at the defaults of each cell's split (:func:`cell_defaults`), on the *held-out* no-attack cells (seeds from :data:`HELD_OUT_SEEDS`, the
-  grid's splits): the cells in which an honest rank was named and the honest rank-cells named, each
-  with its 95 % upper confidence bound (:func:`upper_bound`); on the attacked cells: the cells in which
-  every Byzantine rank was named, the step by which the last of them was, and honest ranks named;
+* per rule at the defaults of each cell's split (:func:`cell_defaults`), on the *held-out* no-attack cells
+  (seeds from :data:`HELD_OUT_SEEDS`, the grid's splits): the cells in which an honest rank was named and the
+  honest rank-cells named, each with its 95 % upper confidence bound (:func:`upper_bound`); on the attacked
+  cells: the cells in which every Byzantine rank was named, the step by which the last of them was, and honest
+  ranks named;
   the same false-positive figures on any other split (a stress row, outside the bar);
 * detection per fault and per shape, false positives per split, and the honest ranks' extremes.
 
@@ -315,7 +316,8 @@ def report(cells: list[dict], margin: float) -> str:
     lines = [f"## Thresholds per rule (window {Thresholds.window})\n",
              f"From the honest ranks of the calibration cells (no attack, seeds below {HELD_OUT_SEEDS}, "
              f"{' and '.join(BAR_SPLITS)}; for IID shards, the IID ones alone), margin {margin}: honest extreme -> "
-             f"calibrated (default, `fa_hvd/train/trust.py`; each cell is judged by the defaults of its split):\n", "| rule | calibration cells | " + " | ".join(THRESHOLDS) + " |",
+             f"calibrated (default, `fa_hvd/train/trust.py`; each cell is judged by the defaults of its split):\n",
+             "| rule | calibration cells | " + " | ".join(THRESHOLDS) + " |",
              "|---" * (len(THRESHOLDS) + 2) + "|"]
     for rule in rules:
         for iid in (False, True):  # the defaults for any split, from every bar split; those for IID shards
