@@ -188,13 +188,18 @@ digits MLP) scales with the spread of their relative distances and alignments, w
 the batch grow (in ``n`` dimensions of independent noise, by about ``1/sqrt(n)``): a threshold measured there would
 name honest ranks of a large model."""
 
+def _measured(min_weight: float, min_alignment: float, max_closest: float, max_loss_excess: float) -> Thresholds:
+    """A measured rule's thresholds: the four figures the calibration sets, beside the ones set, not measured
+    (``max_distance`` :data:`GROSS_DISTANCE`, ``min_twin`` :data:`TWIN_GAP`, ``min_distance`` off)."""
+    return Thresholds(min_weight=min_weight, min_alignment=min_alignment, min_distance=None,
+                      max_distance=GROSS_DISTANCE, max_closest=max_closest, min_twin=TWIN_GAP,
+                      max_loss_excess=max_loss_excess)
+
+
 DEFAULTS: dict[str, Thresholds] = {
-    "flag": Thresholds(min_weight=0.07, min_alignment=-0.56, min_distance=None, max_distance=GROSS_DISTANCE,
-                       max_closest=0.98, min_twin=TWIN_GAP, max_loss_excess=0.66),
-    "geomed": Thresholds(min_weight=0.14, min_alignment=-0.38, min_distance=None, max_distance=GROSS_DISTANCE,
-                         max_closest=0.96, min_twin=TWIN_GAP, max_loss_excess=0.44),
-    "multikrum": Thresholds(min_weight=0.0, min_alignment=-0.34, min_distance=None, max_distance=GROSS_DISTANCE,
-                            max_closest=0.81, min_twin=TWIN_GAP, max_loss_excess=1.14),
+    "flag": _measured(min_weight=0.07, min_alignment=-0.56, max_closest=0.98, max_loss_excess=0.66),
+    "geomed": _measured(min_weight=0.14, min_alignment=-0.38, max_closest=0.96, max_loss_excess=0.44),
+    "multikrum": _measured(min_weight=0.0, min_alignment=-0.34, max_closest=0.81, max_loss_excess=1.14),
 }
 """Each measured rule's thresholds (its weights, and so its honest ranks' figures, have their own spread):
 1.5x beyond the most suspect window figure of its honest ranks in held-in no-attack cells run to 300 steps (the
@@ -210,12 +215,9 @@ attacker that the closest share and the twin gap missed). The loss excess is in 
 trainer's loss). They hold whatever the split; a run whose ranks draw IID shards has :data:`IID_DEFAULTS`."""
 
 IID_DEFAULTS: dict[str, Thresholds] = {
-    "flag": Thresholds(min_weight=0.37, min_alignment=-0.29, min_distance=None, max_distance=GROSS_DISTANCE,
-                       max_closest=0.78, min_twin=TWIN_GAP, max_loss_excess=0.27),
-    "geomed": Thresholds(min_weight=0.25, min_alignment=-0.19, min_distance=None, max_distance=GROSS_DISTANCE,
-                         max_closest=0.76, min_twin=TWIN_GAP, max_loss_excess=0.31),
-    "multikrum": Thresholds(min_weight=0.1, min_alignment=-0.17, min_distance=None, max_distance=GROSS_DISTANCE,
-                            max_closest=0.63, min_twin=TWIN_GAP, max_loss_excess=0.42),
+    "flag": _measured(min_weight=0.37, min_alignment=-0.29, max_closest=0.78, max_loss_excess=0.27),
+    "geomed": _measured(min_weight=0.25, min_alignment=-0.19, max_closest=0.76, max_loss_excess=0.31),
+    "multikrum": _measured(min_weight=0.1, min_alignment=-0.17, max_closest=0.63, max_loss_excess=0.42),
 }
 """Each measured rule's thresholds for a run whose ranks draw IID shards (the trainer's ``data.alpha`` null, the
 usual data-parallel sampler): the same procedure as :data:`DEFAULTS` on the IID held-in cells alone (FA 164,
