@@ -819,7 +819,8 @@ def _simulated(tmp_path, rule: str, p: int, f: int, fault: list, steps: int) -> 
     grid = {"trainer": {"data": {"name": "digits"}, "model": {"name": "mlp"},
                         "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
                         "train": {"steps": steps, "batch_size": 32}},
-            "seeds": [0], "splits": {"iid": None}, "workers": [[p, f]], "rules": {rule: rule}, "faults": {"x": fault}}
+            "seeds": [0], "splits": {"iid": None}, "workers": [[p, f]], "rules": {rule: rule},
+            "faults": {fault[0]["kind"]: fault}}
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
     (cell,) = load_grid(tmp_path / "grid.yaml").cells
     return suspects.run_cell(cell, window=trust.CALIBRATION_WINDOW)
