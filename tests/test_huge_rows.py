@@ -211,7 +211,7 @@ def test_the_compiled_product_gives_the_same_bits_whatever_the_steps_and_threads
 @pytest.mark.parametrize("p", [20, 31])
 def test_the_tiles_give_the_same_bits_whatever_the_cpus_vector_registers(monkeypatch, p):
     """native_gram.tiled_source fits its tiles to the CPU's vectors (AVX-512: 5 x 5 tiles of 16-lane vectors;
-    AVX2: 2 x 2 tiles, each 16-lane accumulator as two 8-lane halves): every layout, on any CPU that runs it
+    AVX2: 3 x 3 tiles, each 16-lane accumulator as two 8-lane halves): every layout, on any CPU that runs it
     (here both, whatever this CPU has), gives the same bits, so ranks on different CPU kinds agree."""
     monkeypatch.setenv("FA_HVD_NATIVE", "1")
     G = honest(mean=1e3, spread=1e-2, rows=p + 1).repeat(1, 3)[:, :5000].contiguous()  # two sub-blocks and a tail
@@ -224,7 +224,7 @@ def test_the_tiles_give_the_same_bits_whatever_the_cpus_vector_registers(monkeyp
                ctypes.c_void_p(out.data_ptr()))
         results.append(out)
     assert results[0].isfinite().all() and all(torch.equal(out, results[0]) for out in results[1:])
-    assert native_gram.register_layout() in [(64, 5), (32, 2)]
+    assert native_gram.register_layout() in [(64, 5), (32, 3)]
 
 
 @pytest.mark.parametrize("compiled", [True, False])  # native_gram's tiles; the BLAS product (halves from 32 rows)

@@ -19,9 +19,13 @@ columns, whose centred rows ``[X; r]`` are written once to a buffer that stays i
 lower triangle of ``[X; r] [X; r]^T`` is taken in square tiles of rows, each tile's lane accumulators
 in registers across the sub-block (``2 T`` loads per ``T^2`` products: register tiling, as a BLAS
 kernel does, but over the triangle only). The tile fits this CPU's vector registers
-(:func:`register_layout`): 5 x 5 tiles of 16-lane vectors with AVX-512, 2 x 2 tiles of 16 lanes held
-as two 8-lane halves without (5 x 5 vectors of 16 lanes are 50 AVX2 registers where the CPU has 16:
-the spills made the kernel 4-6x slower than BLAS's product on an AVX2 EPYC). Every entry is still an
+(:func:`register_layout`): 5 x 5 tiles of 16-lane vectors with AVX-512; without, 3 x 3 tiles of
+8-lane vectors, each 16-lane accumulator taken as two halves one after the other, the buffer holding
+each half's columns contiguously (5 x 5 vectors of 16 lanes are 50 AVX2 registers where the CPU has
+16: the spills made the kernel 4-6x slower than BLAS's product on an AVX2 EPYC; 2 x 2 tiles with both
+halves at once were 15-27 % slower than these at p = 20 to 100). While the tiles run, the next
+sub-block's rows are prefetched, a few cache lines per tile, so that the one read of ``G`` from
+memory overlaps the products. Every entry is still an
 fp32 sum per lane, column by column in order, then the lanes in fp64: the same arithmetic, bound and
 bits as one lane loop would give, whatever the tiling and the halves.
 Used for fp32 rows with unit column stride on the CPU, ``p <= MAX_TILED_ROWS``; one thread (the
@@ -46,10 +50,10 @@ MAX_ROWS = 16
 """Largest ``p`` whose accumulators stay in registers (:func:`gram_source`); above, :func:`tiled_source`."""
 MAX_TILED_ROWS = 128
 """Largest ``p`` compiled (above it the BLAS product of :mod:`.geometry`)."""
-LAYOUTS = {64: 5, 32: 2}
+LAYOUTS = {64: 5, 32: 3}
 """Register tiles of :func:`tiled_source` by the bytes of the CPU's fp32 vector registers: rows per side of a
-tile (AVX-512: 25 vectors of 16-lane accumulators and 10 of rows in 32 registers; AVX2: each 16-lane vector as
-two halves, 8 accumulators and 8 rows in 16 registers)."""
+tile (AVX-512: 25 vectors of 16-lane accumulators and the rows in 32 registers; AVX2: 9 accumulators of one
+8-lane half, 3 rows and a product in 16 registers)."""
 SUB_COLUMNS = 1024
 """Columns of a sub-block (``(p + 1)`` centred rows of them stay in L2 while every tile reads them)."""
 GRAM_FLAGS = ("-fno-tree-slp-vectorize",)
@@ -118,8 +122,8 @@ def tiled_source(p: int, layout: tuple[int, int] | None = None) -> str:
     """C code of :func:`block_products` for ``MAX_ROWS < p``: register tiles over cached sub-blocks.
 
     ``layout``: ``(vector bytes, rows per tile side)``, by default :func:`register_layout`'s; each
-    :data:`LANES`-lane accumulator is held as ``4 LANES / vector bytes`` vectors (the same sums, the same
-    bits). The rows ``[X; r]`` are padded with zero rows to a multiple of the tile (their entries
+    :data:`LANES`-lane accumulator is held as ``4 LANES / vector bytes`` vectors, taken one after the other
+    (the same sums, the same bits). The rows ``[X; r]`` are padded with zero rows to a multiple of the tile (their entries
     are computed and never read). A column of the tail (``w mod LANES``) goes to lane 0, as in
     :func:`gram_source`. Should the buffers not be allocated, every entry is NaN, which makes
     :mod:`.geometry` redo every row in fp64.
@@ -128,8 +132,11 @@ def tiled_source(p: int, layout: tuple[int, int] | None = None) -> str:
     parts, part = 4 * LANES // vector, vector // 4  # vectors per accumulator, lanes per vector
     rows = -(-(p + 1) // tile) * tile
     tiles = [(a, b) for a in range(rows // tile) for b in range(a + 1)]
-    cells = [(u, v, h) for u in range(tile) for v in range(tile) for h in range(parts)]
+    cells = [(u, v) for u in range(tile) for v in range(tile)]
     width, accumulators = SUB_COLUMNS, len(tiles) * tile * tile * LANES
+    span = width // parts  # a row's columns of one part, contiguous in the buffer
+    lines_next = (p + 1) * width // 16
+    per = -(-lines_next // (len(tiles) * parts))
 
     def table(name: str, values) -> str:
         return f"static const int32_t {name}[{len(values)}] = {{{', '.join(map(str, values))}}};"
@@ -160,29 +167,37 @@ def tiled_source(p: int, layout: tuple[int, int] | None = None) -> str:
         "  const float *restrict r = rows[m] + start;",
         f"  const int64_t full = w - w % {LANES};",
         f"  for (int64_t s0 = 0; s0 < full; s0 += {width}) {{",
-        f"    const int64_t sw = full - s0 < {width} ? full - s0 : {width};",
-        "    for (int64_t j = 0; j < sw; ++j) {",
-        "      const float xr = r[s0 + j];",
-        f"      x[{p * width} + j] = xr;",
-        f"      q[j % {LANES}] += (double)xr * (double)xr;",
-        "    }",
-        f"    for (int i = 0; i < {p}; ++i) {{",
-        "      const float *restrict g = rows[i] + start + s0;",
+        f"    const int64_t sw = full - s0 < {width} ? full - s0 : {width}, steps = sw / {LANES};",
+        f"    for (int i = 0; i <= {p}; ++i) {{",
+        f"      const float *restrict g = (i < {p} ? rows[i] : rows[m]) + start + s0;",
         f"      float *restrict xi = x + i * {width};",
-        "      for (int64_t j = 0; j < sw; ++j) xi[j] = g[j] - r[s0 + j];",
+        "      for (int64_t k = 0; k < steps; ++k)",
+        f"        for (int h = 0; h < {parts}; ++h) {{",
+        f"          lanes v, rv; memcpy(&v, g + k * {LANES} + h * {part}, sizeof(lanes));",
+        f"          memcpy(&rv, r + s0 + k * {LANES} + h * {part}, sizeof(lanes));",
+        f"          if (i < {p}) v -= rv;",
+        f"          memcpy(xi + h * {span} + k * {part}, &v, sizeof(lanes));",
+        "        }",
         "    }",
-        f"    for (int t = 0; t < {len(tiles)}; ++t) {{",
-        f"      const float *restrict A = x + ta[t] * {tile * width}, *restrict B = x + tb[t] * {tile * width};",
-        f"      float *restrict c = acc + t * {tile * tile * LANES};",
-        f"      lanes {', '.join(f'c{u}{v}_{h}' for u, v, h in cells)};",
-        *[f"      memcpy(&c{u}{v}_{h}, c + {(u * tile + v) * LANES + h * part}, sizeof(lanes));" for u, v, h in cells],
-        f"      for (int64_t j0 = 0; j0 < sw; j0 += {LANES}) {{",
-        *[f"        lanes a{u}_{h}, b{u}_{h}; memcpy(&a{u}_{h}, A + {u * width + h * part} + j0, sizeof(lanes)); "
-          f"memcpy(&b{u}_{h}, B + {u * width + h * part} + j0, sizeof(lanes));" for u in range(tile) for h in range(parts)],
-        *[f"        c{u}{v}_{h} += a{u}_{h} * b{v}_{h};" for u, v, h in cells],
+        f"    for (int64_t j = 0; j < sw; ++j) {{ const float xr = r[s0 + j]; q[j % {LANES}] += (double)xr * (double)xr; }}",
+        f"    for (int t = 0; t < {len(tiles)}; ++t)",
+        f"      for (int h = 0; h < {parts}; ++h) {{",
+        f"        const float *restrict A = x + ta[t] * {tile * width} + h * {span};",
+        f"        const float *restrict B = x + tb[t] * {tile * width} + h * {span};",
+        f"        float *restrict c = acc + t * {tile * tile * LANES} + h * {part};",
+        f"        for (int64_t k = (t * {parts} + h) * {per}; k < (t * {parts} + h + 1) * {per} && k < {lines_next}; ++k) {{",
+        f"          const int64_t row = k / {width // 16}, col = s0 + {width} + k % {width // 16} * 16;",
+        f"          if (col < full) __builtin_prefetch((row < {p} ? rows[row] : rows[m]) + start + col, 0, 1);",
+        "        }",
+        f"        lanes {', '.join(f'c{u}{v}' for u, v in cells)};",
+        *[f"        memcpy(&c{u}{v}, c + {(u * tile + v) * LANES}, sizeof(lanes));" for u, v in cells],
+        "        for (int64_t k = 0; k < steps; ++k) {",
+        *[f"          lanes a{u}; memcpy(&a{u}, A + {u * width} + k * {part}, sizeof(lanes));" for u in range(tile)],
+        *[f"          {{ lanes b; memcpy(&b, B + {v * width} + k * {part}, sizeof(lanes)); "
+          + " ".join(f"c{u}{v} += a{u} * b;" for u in range(tile)) + " }" for v in range(tile)],
+        "        }",
+        *[f"        memcpy(c + {(u * tile + v) * LANES}, &c{u}{v}, sizeof(lanes));" for u, v in cells],
         "      }",
-        *[f"      memcpy(c + {(u * tile + v) * LANES + h * part}, &c{u}{v}_{h}, sizeof(lanes));" for u, v, h in cells],
-        "    }",
         "  }",
         "  for (int64_t j = full; j < w; ++j) {",
         "    const float xr = r[j];",
