@@ -182,3 +182,17 @@ def test_a_ddp_hook_step_splits_into_its_phases_in_order():
                       "gathered": 0.75, "aggregated": 0.0, "handed": 0.5, "ddp_finalize": 1.0, "optimizer_step": 0.5}
     assert sum(phases.values()) == 6.5
     assert hook_phases(0.0, 1.0, 6.0, 6.5, None) == {"forward": 1.0, "backward": 5.0, "optimizer_step": 0.5}
+
+
+def test_the_job_wide_exposed_time_runs_from_the_last_backward_to_the_last_synchronize():
+    """job_exposed: a step's exposed time across the job is the latest end of synchronize() minus the latest
+    end of backward, so a rank that waited for a slower rank's backward does not count that wait."""
+    from types import SimpleNamespace
+
+    from fa_hvd.bench.step import job_exposed
+
+    mine = {"v": [(1.0, 1.5), (10.0, 10.25)], "idle": []}  # rank 0 waits 0.5 for rank 1's first backward
+    other = torch.tensor([[[(1.4, 1.5), (10.5, 10.75)]]], dtype=torch.float64)  # rank 1's stamps
+    transport = SimpleNamespace(allgather=lambda tensor, name: torch.cat([tensor, other]))
+    assert job_exposed(transport, mine) == {"v": [pytest.approx(0.1), pytest.approx(0.25)]}
+    assert job_exposed(transport, {"idle": []}) == {}

@@ -49,8 +49,11 @@ def test_step_benchmark_reports_every_variant_with_exposed_communication():
         assert r["bytes_vs_allreduce"] <= 1.1 and r["exchange_peak_bytes"] == r["model_exchange_bytes"]
     assert summary["sharded_bytes_within_1_1x_allreduce"]
     assert summary["sharded_step_within_1_1x_horovod"] == all(r["vs_horovod"] <= 1.1 for r in rows[4:])
+    for r in rows:  # the job-wide exposed time (one node: one clock), its ratio and spread
+        assert 0 < r["exposed_job_s"] < r["median_s"], r
+        assert r["exposed_job_vs_horovod"] == pytest.approx(r["exposed_job_s"] / rows[0]["exposed_job_s"])
     for r in rows:  # the spread of the per-round ratios, and what the machine was asked to carry
-        for key in ("vs_horovod_spread", "exposed_vs_horovod_spread"):
+        for key in ("vs_horovod_spread", "exposed_vs_horovod_spread", "exposed_job_vs_horovod_spread"):
             assert len(r[key]) == 3 and 0 < r[key][0] <= r[key][1] <= r[key][2], r
         assert r["ranks_x_threads_per_node"] == 4 and r["oversubscribed"] == (4 > r["cores"])
         assert len(r["load_average_before"]) == len(r["load_average_after"]) == 3

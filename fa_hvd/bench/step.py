@@ -36,7 +36,11 @@ A step is ``zero_grad``, forward, ``backward``, ``synchronize()``, ``step()`` (u
 ``skip_synchronize``), the same span for every variant. Its *exposed communication* is
 the time from the end of ``backward`` (the last gradient) to the end of
 ``synchronize()`` (the aggregate in ``.grad``): the communication that backward did not
-hide, plus, for fa_hvd, the rule.
+hide, plus, for fa_hvd, the rule. On rank 0 alone (``exposed_s``) that span also holds the
+wait for a slower rank's backward, which swings with the ranks' skew from step to step; so
+when every rank shares the node, each step is also timed across the job on the node's
+``CLOCK_MONOTONIC`` (``exposed_job_s``: from the last rank's end of ``backward`` to the
+last rank's end of ``synchronize()``), with its ratio and spread like the rest.
 
 Fairness. Warm-up (``--warmup`` rounds, untimed) and timed rounds both interleave the
 variants, ``steps`` steps each, and each round starts one variant later than the one
@@ -393,11 +397,12 @@ def run(args: argparse.Namespace) -> int:
     def clock() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return time.perf_counter()
+        return time.clock_gettime(time.CLOCK_MONOTONIC)  # one clock for every process of a node
     keys = ("step_s", "exposed_s", "wait_s", "aggregate_s", "sent", "received", "peak_bytes", "fingerprint_s",
             "fingerprint_wait_s", "cpu_s")
     samples = {name: {key: [] for key in keys} for name in names}
     per_round = {name: {"step_s": [], "exposed_s": []} for name in names}  # each round's median
+    stamps = {name: [] for name in names}  # (end of backward, end of synchronize()) per recorded step
     profiles = {name: [] for name in names}
     parts: dict[str, dict] = {}
 
@@ -437,6 +442,7 @@ def run(args: argparse.Namespace) -> int:
                 samples[name]["step_s"].append(clock() - start)
                 samples[name]["cpu_s"].append(time.process_time() - cpu)
                 samples[name]["exposed_s"].append(synced - backward_done)
+                stamps[name].append((backward_done, synced))
                 for key in ("wait_s", "aggregate_s", "peak_bytes"):
                     if key in stats:
                         samples[name][key].append(stats[key])
@@ -482,6 +488,11 @@ def run(args: argparse.Namespace) -> int:
                 parts[name] = {**beside, **rule_parts(exchange.aggregator, exchange._buffer)}
     load_after = os.getloadavg()
     local = ranks_per_node(size)
+    if local == size:  # one node: the ranks' clocks are the same clock
+        for name, job in job_exposed(transport, stamps).items():
+            samples[name]["exposed_job_s"] = job
+            per_round[name]["exposed_job_s"] = [statistics.median(job[k:k + args.steps])
+                                                for k in range(0, len(job), args.steps)]
     cores = len(os.sched_getaffinity(0))
     machine = {"cores": cores, "ranks_x_threads_per_node": local * args.threads,
                "oversubscribed": local * args.threads > cores,
@@ -526,6 +537,11 @@ def run(args: argparse.Namespace) -> int:
                 f"exposed_{ratio}": m["exposed_s"] / base["exposed_s"] if "exposed_s" in m and "exposed_s" in base
                 else None,
                 f"exposed_{ratio}_spread": round_ratios(name, baseline, "exposed_s"),
+                "exposed_job_s": m.get("exposed_job_s"),
+                f"exposed_job_{ratio}": m["exposed_job_s"] / base["exposed_job_s"]
+                if "exposed_job_s" in m and "exposed_job_s" in base else None,
+                f"exposed_job_{ratio}_spread": round_ratios(name, baseline, "exposed_job_s")
+                if "exposed_job_s" in m and "exposed_job_s" in base else None,
                 "rounds": args.rounds, "steps_per_round": args.steps, "threads": args.threads, **machine,
                 "bytes_sent_per_rank_per_step": int(most[name][0]),
                 "bytes_received_per_rank_per_step": int(most[name][1]),
@@ -571,6 +587,18 @@ def run(args: argparse.Namespace) -> int:
             print_profiles(profile_rows)
     transport.close()
     return 0
+
+
+def job_exposed(transport, stamps: dict[str, list[tuple[float, float]]]) -> dict[str, list[float]]:
+    """Per variant with stamps, each recorded step's exposed time across the job: the last rank's end of
+    ``synchronize()`` minus the last rank's end of ``backward`` (one allgather of every rank's stamps; the
+    stamps must come from one clock, ``CLOCK_MONOTONIC`` on one node; every rank recorded the same steps)."""
+    timed = [name for name in stamps if stamps[name]]
+    if not timed:
+        return {}
+    mine = torch.tensor([[stamps[name] for name in timed]], dtype=torch.float64)  # (1, variants, steps, 2)
+    latest = transport.allgather(mine, name="bench.stamps").amax(0)  # the last rank's, step by step
+    return {name: (latest[i, :, 1] - latest[i, :, 0]).tolist() for i, name in enumerate(timed)}
 
 
 def gather_profiles(transport, names, profiles: dict, parts: dict) -> dict[str, list[dict]]:
