@@ -138,6 +138,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._aggregation_device = _aggregation_device(self._buckets)
         if self._buckets:
             self._exchange.plan([b.numel for b in self._buckets], _sent_dtype(self._buckets), self._aggregation_device)
+        self._written: set[int] = set()  # buckets whose aggregate is in .grad already this step
+        self._exchange.bucket_final = self._bucket_final
         self._next_ordered = 0
         self._step_started = False
         self._taken_over: set[str] = set()
@@ -194,6 +196,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 f"fa_hvd.DistributedOptimizer over the same model (wrapping it again removes the old hooks); "
                 f"step the new optimizer")
         self._step_started = True
+        self._written.clear()  # a step that failed after some buckets were written leaves nothing behind
         self._marks = {"start": time.perf_counter(), **_byte_counters(self._transport)}
         self._follow_world()
 
@@ -282,24 +285,33 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             if self._scale != 1.0:
                 update = update * self._scale
             unflatten = time.perf_counter()
-            self._write_back(update)
+            for bucket, values in zip(self._buckets, update.split([b.numel for b in self._buckets])):
+                if bucket.index not in self._written:
+                    self._write_bucket(bucket, values)
             self._record_stats(waiting, unflatten)
             self.step_count += 1
         self._reset_step()
         self._synchronized = True
 
-    def _write_back(self, update: torch.Tensor) -> None:
+    def _bucket_final(self, index: int, values: torch.Tensor) -> None:
+        """The exchange's word that bucket ``index``'s aggregate is final (its worker thread, while backward
+        goes on): into ``.grad`` now, scaled as :meth:`synchronize` scales the whole."""
+        self._write_bucket(self._buckets[index], values * self._scale if self._scale != 1.0 else values)
+        self._written.add(index)
+
+    @staticmethod
+    def _write_bucket(bucket: _Bucket, values: torch.Tensor) -> None:
+        """``values`` (the bucket's part of the aggregate) into its parameters' ``.grad``."""
         offset = 0
-        for bucket in self._buckets:
-            for p in bucket.params:
-                piece = update[offset: offset + p.numel()].view_as(p).to(device=p.device, dtype=p.dtype)
-                offset += p.numel()
-                if id(p) in bucket.sparse_dims:
-                    p.grad = piece.to_sparse(bucket.sparse_dims[id(p)])
-                elif p.grad is None or p.grad.is_sparse:
-                    p.grad = piece.clone()
-                else:
-                    p.grad.copy_(piece)
+        for p in bucket.params:
+            piece = values[offset: offset + p.numel()].view_as(p).to(device=p.device, dtype=p.dtype)
+            offset += p.numel()
+            if id(p) in bucket.sparse_dims:
+                p.grad = piece.to_sparse(bucket.sparse_dims[id(p)])
+            elif p.grad is None or p.grad.is_sparse:
+                p.grad = piece.clone()
+            else:
+                p.grad.copy_(piece)
 
     @contextlib.contextmanager
     def skip_synchronize(self):
@@ -617,7 +629,8 @@ def DistributedOptimizer(
     overlapping the backward pass), ``wait_s`` (how long ``synchronize()`` blocked
     for it), ``aggregate_s`` (the rule and the write-back), its parts ``phases`` (the
     exchange's own stages after the last bucket arrived, in seconds, e.g. ``assembled``
-    and ``aggregated``) and ``unflatten_s`` (the write-back into ``.grad``), ``flatten_s``
+    and ``aggregated``) and ``unflatten_s`` (the write-back into ``.grad``, of the buckets the exchange did not
+    hand over as they were taken: the mean's are written on its worker thread), ``flatten_s``
     (copying gradients into buckets) and ``send_s`` (handing them to the exchange),
     both inside the backward pass, the exchange's ``stats`` (allgather: ``worker_s``, its
     worker thread's seconds of bucket work beside backward, or ``overlapped_s``

@@ -1,6 +1,8 @@
 """fa_hvd.DistributedOptimizer in one process, over a loopback transport: the bookkeeping
 that needs no second rank (elastic world changes, Horovod's errors and warnings, layouts)."""
 
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -349,6 +351,37 @@ def test_each_bucket_starts_as_soon_as_its_own_gradients_are_ready():
     assert link.gathered == []  # bucket 0 (unused) holds the others back
     opt.step()
     assert link.gathered == [f"{opt._prefix}.bucket{i}" for i in range(3)]
+
+
+def test_the_means_buckets_reach_grad_during_backward_as_horovods_in_place_allreduce():
+    """With the exchange's worker thread, each bucket's mean is written into its gradients as soon as it is
+    taken (while backward could go on), not at synchronize(), which leaves them as they are."""
+
+    class Threaded(LoopbackTransport):
+        waits_from_any_thread = True
+
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"body": nn.Linear(64, 64), "head": nn.Linear(64, 64)})
+    opt = fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), aggregator="mean",
+                                      bucket_bytes=64 * 65 * 4, transport=Threaded(size=2))
+    assert len(opt._buckets) == 2
+    x = torch.randn(4, 64)
+    named = list(model.named_parameters())
+    loss = model["head"](torch.tanh(model["body"](x))).sum()
+    local = dict(zip((name for name, _ in named), torch.autograd.grad(loss, [p for _, p in named])))  # no hooks
+    opt.zero_grad()
+    model["head"](torch.tanh(model["body"](x))).sum().backward()
+
+    def aggregated():  # rows g and 2g: their mean
+        return all(torch.equal(p.grad, 1.5 * local[name]) for name, p in model.named_parameters())
+
+    for _ in range(600):  # until the worker has written both buckets (a hang guard, not a timing)
+        if aggregated():
+            break
+        threading.Event().wait(0.1)
+    assert aggregated() and opt._written == {0, 1}
+    opt.synchronize()
+    assert aggregated()
 
 
 def test_default_buckets_split_a_small_model_so_communication_overlaps():

@@ -162,6 +162,37 @@ def test_the_worker_works_on_the_buckets_before_finish_is_called(name, params):
     assert {count for _, count in transport.threads} == {1}
 
 
+@pytest.mark.parametrize("digest", [False, True])
+def test_the_mean_hands_each_buckets_aggregate_over_as_it_is_taken(digest):
+    """bucket_final: the worker hands each bucket's mean over (its index and its final values, for the
+    optimizer to write into .grad as Horovod's in-place allreduce does) before finish() is called; not with
+    the in-step digest, whose check of the whole aggregate comes first."""
+    sizes = [1_000, 3, 5_001, 70]
+    G = rows(seed=4, n=sum(sizes))
+    last, handed = len(sizes) - 1, []
+    transport = Buckets(G, sizes, threaded=True)
+    transport.held = {last: threading.Event()}
+    exchange = AllgatherExchange(transport, get("mean"), NoCompression, "t", digest=digest)
+    exchange.bucket_final = lambda index, values: handed.append((index, values.clone()))
+    exchange.plan(sizes, torch.float32, torch.device("cpu"))
+    for index, size in enumerate(sizes):
+        exchange.start(index, torch.zeros(size))
+    for _ in range(600):  # until the worker waits for the held last bucket (a hang guard, not a timing)
+        if ("held", last) in transport.events:
+            break
+        threading.Event().wait(0.1)
+    assert [index for index, _ in handed] == ([] if digest else list(range(last)))
+    transport.held[last].set()
+    assert exchange._step.finished.wait(60)  # every bucket worked on (a hang guard)
+    if digest:  # finish() checks the whole aggregate against the other ranks' first
+        assert handed == []
+        return
+    update = exchange.finish(len(sizes), torch.device("cpu"), 0)
+    assert [index for index, _ in handed] == list(range(len(sizes)))
+    assert torch.equal(torch.cat([values for _, values in handed]), update)
+    assert torch.equal(update, get("mean")(G.clone()))
+
+
 def test_a_failed_wait_on_the_worker_fails_finish_and_the_next_step_runs():
     G = rows(seed=4)
     exchange, transport = exchange_of(G, "flag", {"f": 1}, threaded=True)

@@ -12,7 +12,10 @@ optimizer's hooks), and each bucket is worked on as it arrives, while the later 
 still on the wire: it is copied into the ``(p, n)`` matrix and, for the plain Gram rules
 (:func:`_gram_as_it_arrives`), its column blocks of the Gram product are added
 (``K = sum_b G_b G_b^T`` in :func:`~fa_hvd.aggregators.geometry.gram`'s fixed blocks; its
-diagonal then tells whether every row is finite); for the mean (:func:`_mean_as_it_arrives`) its columns' mean is taken. Only
+diagonal then tells whether every row is finite); for the mean (:func:`_mean_as_it_arrives`) its
+columns' mean is taken and handed to the optimizer (``bucket_final``), which writes it into the
+bucket's gradients then, as Horovod's in-place allreduce does, so that only the last bucket's
+write-back follows backward. Only
 the ``p x p`` solve and ``c^T G`` wait for the last bucket. The result is the same, bit for
 bit, as the rule on the whole matrix after the last bucket (the same blocks of the same
 matrix, the same arithmetic, in the same order; only when it runs differs).
@@ -223,7 +226,9 @@ class _Assembly:
     def _take(self, gathered: torch.Tensor, ctx, numel: int) -> None:
         rows = self.exchange.compression.decompress(gathered, ctx).to(self.device)
         if isinstance(self.work, _MeanAsItArrives):
-            self.work.add(rows, self.offset)
+            values = self.work.add(rows, self.offset)
+            if self.exchange.bucket_final is not None and not self.exchange.digest:  # the in-step check first
+                self.exchange.bucket_final(self.next, values)
         elif self.count == 1:
             self.G = rows
         else:
@@ -263,10 +268,13 @@ class _MeanAsItArrives:
         self.rule, self.out = rule, out  # (n,): this step's buffer (Outputs.take)
         self.p = 0
 
-    def add(self, rows: torch.Tensor, start: int) -> None:
-        """A bucket's gathered ``(p, w)`` rows, columns ``[start, start + w)`` of the whole."""
+    def add(self, rows: torch.Tensor, start: int) -> torch.Tensor:
+        """A bucket's gathered ``(p, w)`` rows, columns ``[start, start + w)`` of the whole; returns their mean
+        (a view of the step's buffer: final)."""
         self.p = rows.shape[0]
-        self.rule.columns(rows.to(self.out.dtype), self.out[start: start + rows.shape[1]])
+        values = self.out[start: start + rows.shape[1]]
+        self.rule.columns(rows.to(self.out.dtype), values)
+        return values
 
     def result(self, G=None) -> torch.Tensor:
         """What ``rule(G)`` gives (:meth:`~fa_hvd.aggregators.base.Aggregator.__call__`)."""

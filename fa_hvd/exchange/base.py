@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 import torch
 
@@ -32,6 +32,11 @@ class GradientExchange:
 
     timings: dict
     lies = None  # fault injection: fa_hvd.faults.roles.RoleLies (only the sharded exchange asks it)
+    bucket_final: Callable[[int, torch.Tensor], None] | None = None
+    """Set by the optimizer: called with a bucket's index and its values of the aggregate as soon as they are
+    final, before :meth:`finish`, by an exchange that knows them bucket by bucket (the allgather exchange's
+    mean on its worker thread; every call is made before :meth:`finish` returns). :meth:`finish` still
+    returns the whole aggregate."""
 
     def plan(self, sizes: list[int], dtype: torch.dtype, device: torch.device) -> None:
         """Told once, before any step: every step's buckets have these sizes (elements), are of
