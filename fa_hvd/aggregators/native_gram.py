@@ -56,6 +56,8 @@ tile (AVX-512: 25 vectors of 16-lane accumulators and the rows in 32 registers; 
 8-lane half, 3 rows and a product in 16 registers)."""
 SUB_COLUMNS = 1024
 """Columns of a sub-block (``(p + 1)`` centred rows of them stay in L2 while every tile reads them)."""
+LINE = 16
+"""fp32 values in a 64-byte cache line (what :func:`tiled_source` prefetches at a time)."""
 GRAM_FLAGS = ("-fno-tree-slp-vectorize",)
 """Compiler flags of :func:`gram_source`'s kernel beyond :mod:`.native`'s. GCC 12's straight-line (SLP)
 vectoriser takes time that grows steeply with the kernel's ``(p + 1)(p + 2) / 2`` accumulators: at ``-O3
@@ -122,9 +124,9 @@ def tiled_source(p: int, layout: tuple[int, int] | None = None) -> str:
     """C code of :func:`block_products` for ``MAX_ROWS < p``: register tiles over cached sub-blocks.
 
     ``layout``: ``(vector bytes, rows per tile side)``, by default :func:`register_layout`'s; each
-    :data:`LANES`-lane accumulator is held as ``4 LANES / vector bytes`` vectors, taken one after the other
-    (the same sums, the same bits). The rows ``[X; r]`` are padded with zero rows to a multiple of the tile (their entries
-    are computed and never read). A column of the tail (``w mod LANES``) goes to lane 0, as in
+    :data:`LANES`-lane accumulator is held as ``4 LANES / vector bytes`` vectors, taken one after the
+    other (the same sums, the same bits). The rows ``[X; r]`` are padded with zero rows to a multiple of
+    the tile (their entries are computed and never read). A column of the tail (``w mod LANES``) goes to lane 0, as in
     :func:`gram_source`. Should the buffers not be allocated, every entry is NaN, which makes
     :mod:`.geometry` redo every row in fp64.
     """
@@ -135,8 +137,9 @@ def tiled_source(p: int, layout: tuple[int, int] | None = None) -> str:
     cells = [(u, v) for u in range(tile) for v in range(tile)]
     width, accumulators = SUB_COLUMNS, len(tiles) * tile * tile * LANES
     span = width // parts  # a row's columns of one part, contiguous in the buffer
-    lines_next = (p + 1) * width // 16
-    per = -(-lines_next // (len(tiles) * parts))
+    row_lines = width // LINE  # cache lines of one row of a sub-block
+    next_lines = (p + 1) * row_lines  # the next sub-block's, prefetched a few per tile and part
+    per = -(-next_lines // (len(tiles) * parts))
 
     def table(name: str, values) -> str:
         return f"static const int32_t {name}[{len(values)}] = {{{', '.join(map(str, values))}}};"
@@ -179,14 +182,17 @@ def tiled_source(p: int, layout: tuple[int, int] | None = None) -> str:
         f"          memcpy(xi + h * {span} + k * {part}, &v, sizeof(lanes));",
         "        }",
         "    }",
-        f"    for (int64_t j = 0; j < sw; ++j) {{ const float xr = r[s0 + j]; q[j % {LANES}] += (double)xr * (double)xr; }}",
+        "    for (int64_t j = 0; j < sw; ++j) {",
+        f"      const float xr = r[s0 + j]; q[j % {LANES}] += (double)xr * (double)xr;",
+        "    }",
         f"    for (int t = 0; t < {len(tiles)}; ++t)",
         f"      for (int h = 0; h < {parts}; ++h) {{",
         f"        const float *restrict A = x + ta[t] * {tile * width} + h * {span};",
         f"        const float *restrict B = x + tb[t] * {tile * width} + h * {span};",
         f"        float *restrict c = acc + t * {tile * tile * LANES} + h * {part};",
-        f"        for (int64_t k = (t * {parts} + h) * {per}; k < (t * {parts} + h + 1) * {per} && k < {lines_next}; ++k) {{",
-        f"          const int64_t row = k / {width // 16}, col = s0 + {width} + k % {width // 16} * 16;",
+        f"        const int64_t first = (t * {parts} + h) * {per};",
+        f"        for (int64_t k = first; k < first + {per} && k < {next_lines}; ++k) {{",
+        f"          const int64_t row = k / {row_lines}, col = s0 + {width} + k % {row_lines} * {LINE};",
         f"          if (col < full) __builtin_prefetch((row < {p} ? rows[row] : rows[m]) + start + col, 0, 1);",
         "        }",
         f"        lanes {', '.join(f'c{u}{v}' for u, v in cells)};",
