@@ -513,8 +513,9 @@ def run(args: argparse.Namespace) -> int:
     profile_rows = gather_profiles(transport, names, profiles, parts) if args.profile else {}
 
     def round_ratios(name: str, other: str, key: str) -> list[float] | None:
-        """This variant's round medians over ``other``'s in the same rounds: ``[min, median, max]``."""
-        pairs = list(zip(per_round[name][key], per_round[other][key]))
+        """This variant's round medians over ``other``'s in the same rounds: ``[min, median, max]`` (None when
+        either was not timed so)."""
+        pairs = list(zip(per_round[name].get(key, []), per_round[other].get(key, [])))
         return spread([a / b for a, b in pairs]) if len(pairs) == args.rounds else None
 
     if rank == 0:
@@ -540,8 +541,7 @@ def run(args: argparse.Namespace) -> int:
                 "exposed_job_s": m.get("exposed_job_s"),
                 f"exposed_job_{ratio}": m["exposed_job_s"] / base["exposed_job_s"]
                 if "exposed_job_s" in m and "exposed_job_s" in base else None,
-                f"exposed_job_{ratio}_spread": round_ratios(name, baseline, "exposed_job_s")
-                if "exposed_job_s" in m and "exposed_job_s" in base else None,
+                f"exposed_job_{ratio}_spread": round_ratios(name, baseline, "exposed_job_s"),
                 "rounds": args.rounds, "steps_per_round": args.steps, "threads": args.threads, **machine,
                 "bytes_sent_per_rank_per_step": int(most[name][0]),
                 "bytes_received_per_rank_per_step": int(most[name][1]),
