@@ -285,6 +285,21 @@ def test_cli_config_errors(capsys, tmp_path):
                                   "momentum, nesterov, weight_decay, betas, eps, grad_clip, backward_passes_per_step)\n"
 
 
+@pytest.mark.parametrize("environ,overrides,needle", [
+    ({"HOROVOD_RANK": "1"}, ["optim.learning_rate=0.1"], "optim.learning_rate: unknown key"),
+    ({"RANK": "1", "TORCHELASTIC_RUN_ID": "x"}, [], "launched by torchrun, but robust.transport is horovod"),
+])
+def test_a_rank_other_than_0_says_an_error_found_before_the_ranks_can_talk(capsys, tmp_path, monkeypatch,
+                                                                        environ, overrides, needle):
+    """The launcher may end rank 0 when this rank exits, before rank 0 has said why: each rank says it."""
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    config = tmp_path / "c.yaml"
+    config.write_text("robust: {aggregator: median, aggregator_params: {f: 0}, transport: horovod}\n")
+    status, err = _cli(capsys, tmp_path, "--config", str(config), *[a for o in overrides for a in ("--set", o)])
+    assert status == trainer.EXIT_USAGE and err.startswith("fa-hvd-train: error: ") and needle in err, err
+
+
 def test_fp16_overflow_on_every_rank_backs_the_scale_off_once(tmp_path):
     """Three simulated ranks overflow: the median drops every row (a zero aggregate, so GradScaler sees
     nothing wrong), and the ranks' agreement halves the scale once; a finite step leaves it alone."""

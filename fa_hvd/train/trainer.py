@@ -82,15 +82,6 @@ EXCLUDE_FILE_VARIABLE = "FA_HVD_EXCLUDE_FILE"  # the exclusion file, when not RU
 # Elastic: at the last step, how often and how many times to commit while Horovod has not yet dropped a
 # host evicted this run (its discovery runs each second; the host-update notice reaches rank 0 at a commit).
 DROP_POLL_S, DROP_POLLS = 1.0, 60
-RANK_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "RANK", "SLURM_PROCID")
-
-
-def launcher_rank(environ=os.environ) -> int | None:
-    """This process's rank as the launcher tells it (before any collective library starts)."""
-    for name in RANK_VARIABLES:
-        if environ.get(name, "").isdigit():
-            return int(environ[name])
-    return None
 
 
 def exclusion_file(run_dir: Path, environ=os.environ) -> Path:
@@ -748,6 +739,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def usage_error(message: str, rank: int | None) -> int:
+    """Print the error on rank 0, or on every rank when ``rank`` is None (before the ranks can talk)."""
     if rank in (None, 0):
         say(f"{PROG}: error: {message}", file=sys.stderr)
     return EXIT_USAGE
@@ -832,16 +824,17 @@ def main(argv=None) -> int:
 
 
 def _main(args, signals: control.StopSignals) -> int:
-    rank = launcher_rank()
+    # Until the transport starts, each rank finds an error alone, so each says it: a launcher that sees
+    # one rank fail ends the others (torchrun, horovodrun), perhaps before rank 0 has said anything.
     try:
         overrides = args.set + ([f"log.tensorboard={args.tensorboard}"] if args.tensorboard else [])
         conf, conf_data = train_config.load(args.config, overrides)
     except ConfigError as exc:
-        return usage_error(str(exc), rank)
+        return usage_error(str(exc), None)
     run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
     if "TORCHELASTIC_RUN_ID" in os.environ and conf.robust.transport != "torch":
         return usage_error(f"launched by torchrun, but robust.transport is {conf.robust.transport}: "
-                           f"set robust.transport torch (--set robust.transport=torch)", rank)
+                           f"set robust.transport torch (--set robust.transport=torch)", None)
     transport = get_transport(conf.robust.transport)
     trainer = None
     try:
