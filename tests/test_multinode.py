@@ -329,9 +329,12 @@ class Slurm:
     def __init__(self, cluster, tmp: Path):
         self.cluster, self.tmp = cluster, tmp
 
-    def run(self, *argv: str, env: dict | None = None) -> str:
-        proc = subprocess.run(self.cluster.on("node1", list(argv)), cwd=ROOT, env=job_env(env),
+    def call(self, *argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(self.cluster.on("node1", list(argv)), cwd=ROOT, env=job_env(env),
                               capture_output=True, text=True, timeout=60)
+
+    def run(self, *argv: str, env: dict | None = None) -> str:
+        proc = self.call(*argv, env=env)
         assert proc.returncode == 0, output(proc)
         return proc.stdout
 
@@ -340,8 +343,12 @@ class Slurm:
                         "slurm/train.sbatch", *args, env=env).strip()
 
     def job(self, job: str) -> dict:
-        text = self.run("scontrol", "show", "job", "-o", job)
-        return dict(field.split("=", 1) for field in text.split() if "=" in field)
+        for _ in range(10):  # a controller busy on a loaded machine may drop a query (scontrol died of SIGPIPE)
+            proc = self.call("scontrol", "show", "job", "-o", job)
+            if proc.returncode == 0:
+                return dict(field.split("=", 1) for field in proc.stdout.split() if "=" in field)
+            time.sleep(1)
+        raise AssertionError(f"scontrol show job {job}: status {proc.returncode}\n{output(proc)}")
 
     def wait(self, job: str, until=lambda info: info["JobState"] in SLURM_END, timeout: float = 300) -> dict:
         deadline = time.monotonic() + timeout
