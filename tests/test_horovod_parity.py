@@ -1,0 +1,87 @@
+"""``tools/horovod_parity.py`` on a stand-in for Horovod's source tree that the test writes: which tests
+it selects, that it runs them with both optimizers under horovodrun, and that a test whose outcome
+differs makes it fail naming the test (Horovod's real test file is not in CI)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import ROOT, job_env
+
+TOOL = ROOT / "tools" / "horovod_parity.py"
+
+STAND_IN = '''
+import os
+import sys
+import unittest
+
+import torch
+import horovod.torch as hvd
+
+sys.path.append(os.path.join(os.path.dirname(__file__), os.pardir, "utils"))
+from common import sentinel  # as Horovod's tests import theirs
+
+
+class TorchTests(unittest.TestCase):
+    def test_gradients_are_averaged(self):
+        hvd.init()
+        w = torch.nn.Parameter(torch.zeros(3))
+        opt = hvd.DistributedOptimizer(torch.optim.SGD([w], lr=1.0), named_parameters=[("w", w)])
+        (w * (hvd.rank() + 1.0)).sum().backward()
+        opt.step()
+        assert torch.equal(w.detach(), torch.full((3,), -(hvd.size() + 1) / 2))
+
+    def test_the_optimizer_class_comes_from_horovod(self):
+        hvd.init()
+        opt = hvd.DistributedOptimizer(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0))
+        assert type(opt).__module__.startswith("horovod"), type(opt).__module__
+
+    def test_the_optimizers_looped_over_leave_out_the_hidden_one(self):
+        names = {c.__name__ for c in torch.optim.Optimizer.__subclasses__()}
+        assert "Adam" not in names and "SGD" in names and hvd.broadcast_parameters, names
+
+    def test_an_allreduce_alone_is_not_selected(self):
+        hvd.init()
+        raise AssertionError("selected, but it uses none of the substituted functions")
+'''
+
+
+@pytest.fixture
+def horovod_src(tmp_path):
+    (tmp_path / "test" / "parallel").mkdir(parents=True)
+    (tmp_path / "test" / "utils").mkdir()
+    (tmp_path / "test" / "parallel" / "test_torch.py").write_text(textwrap.dedent(STAND_IN))
+    (tmp_path / "test" / "utils" / "common.py").write_text("import mock\nsentinel = mock.sentinel.horovod\n")
+    return tmp_path
+
+
+def run_tool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(TOOL), *args], env=job_env(), capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.slow
+def test_the_parity_tool_runs_horovods_optimizer_tests_both_ways_and_names_a_difference(horovod_src):
+    proc = run_tool(str(horovod_src), "--skip-optimizer", "Adam")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    table = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("test_")}
+    assert table == {"test_gradients_are_averaged": ["passed", "passed"],
+                     "test_the_optimizer_class_comes_from_horovod": ["passed", "failed", "<-", "differs"],
+                     "test_the_optimizers_looped_over_leave_out_the_hidden_one": ["passed", "passed"]}, proc.stdout
+    assert "3 tests of test/parallel/test_torch.py selected" in proc.stdout
+    assert "AssertionError: fa_hvd.optimizer" in proc.stdout  # the reason, as the failing rank gave it
+    assert "2 of 3 tests have the same outcome" in proc.stdout
+    assert "differing: test_the_optimizer_class_comes_from_horovod" in proc.stdout
+
+    proc = run_tool(str(horovod_src), "-k", "averaged")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1 of 1 tests have the same outcome" in proc.stdout, proc.stdout
+
+
+def test_the_parity_tool_refuses_a_tree_without_horovods_test_file(tmp_path):
+    proc = run_tool(str(tmp_path))
+    assert proc.returncode == 2 and "HOROVOD_SRC must be a Horovod source tree" in proc.stderr, proc.stderr
