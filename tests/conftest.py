@@ -8,6 +8,7 @@ import random
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +138,24 @@ class NetCluster:
                                f"v-{node}"], capture_output=True, text=True, check=True)
         stats = json.loads(proc.stdout)[0]["stats64"]
         return stats["rx"]["bytes"] + stats["tx"]["bytes"]
+
+
+def slurm_job(query, job: str) -> dict:
+    """``scontrol show job -o JOB``'s fields, where ``query()`` runs that command and returns the
+    CompletedProcess; asked up to 10 times, 1 s apart, since a controller busy on a loaded machine may
+    drop a query (``scontrol`` then dies of SIGPIPE, status 141, with no output)."""
+    for _ in range(10):
+        proc = query()
+        if proc.returncode == 0:
+            return dict(field.split("=", 1) for field in proc.stdout.split() if "=" in field)
+        time.sleep(1)
+    raise AssertionError(f"scontrol show job {job}: status {proc.returncode}\n{output(proc)}")
+
+
+def slurm_log(directory: Path, job: str) -> str:
+    """The output file of ``job`` in ``directory`` (``*-JOBID.out``)."""
+    files = list(directory.glob(f"*-{job}.out"))
+    return files[0].read_text() if files else "(no output file)"
 
 
 def cluster_env(owner: str) -> dict:

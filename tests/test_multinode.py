@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BIN, ROOT, job_env, output, untagged
+from conftest import BIN, ROOT, job_env, output, slurm_job, slurm_log, untagged
 from train_helpers import hash_seed_putting_first, kill_tree, last_step, wait_for
 
 pytestmark = pytest.mark.slow
@@ -343,12 +343,7 @@ class Slurm:
                         "slurm/train.sbatch", *args, env=env).strip()
 
     def job(self, job: str) -> dict:
-        for _ in range(10):  # a controller busy on a loaded machine may drop a query (scontrol died of SIGPIPE)
-            proc = self.call("scontrol", "show", "job", "-o", job)
-            if proc.returncode == 0:
-                return dict(field.split("=", 1) for field in proc.stdout.split() if "=" in field)
-            time.sleep(1)
-        raise AssertionError(f"scontrol show job {job}: status {proc.returncode}\n{output(proc)}")
+        return slurm_job(lambda: self.call("scontrol", "show", "job", "-o", job), job)
 
     def wait(self, job: str, until=lambda info: info["JobState"] in SLURM_END, timeout: float = 300) -> dict:
         deadline = time.monotonic() + timeout
@@ -358,8 +353,7 @@ class Slurm:
         return info
 
     def log(self, job: str) -> str:
-        files = list(self.tmp.glob(f"*-{job}.out"))
-        return files[0].read_text() if files else "(no output file)"
+        return slurm_log(self.tmp, job)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, job_env
+from conftest import ROOT, job_env, slurm_job, slurm_log
 
 pytestmark = pytest.mark.slow
 
@@ -58,12 +58,8 @@ class Cluster:
         return proc.stdout.strip().split(";")[0]
 
     def info(self, job: str) -> dict:
-        for _ in range(10):  # a controller busy on a loaded machine may drop a query
-            proc = subprocess.run(["scontrol", "show", "job", "-o", job], env=self.env, capture_output=True, text=True)
-            if proc.returncode == 0:
-                return dict(field.split("=", 1) for field in proc.stdout.split() if "=" in field)
-            time.sleep(1)
-        raise AssertionError(f"scontrol show job {job}: status {proc.returncode}: {proc.stderr}")
+        return slurm_job(lambda: subprocess.run(["scontrol", "show", "job", "-o", job], env=self.env,
+                                                capture_output=True, text=True), job)
 
     def wait(self, job: str, timeout: float = 600) -> dict:
         deadline = time.monotonic() + timeout
@@ -76,8 +72,7 @@ class Cluster:
         subprocess.run(["scontrol", *args], env=self.env, check=True, capture_output=True)
 
     def log(self, job: str) -> str:
-        files = list(self.tmp.glob(f"*-{job}.out"))
-        return files[0].read_text() if files else "(no output file)"
+        return slurm_log(self.tmp, job)
 
     def run_dir(self, name: str) -> Path:
         return self.tmp / "runs" / name
