@@ -1,6 +1,7 @@
 """``tools/horovod_parity.py`` on a stand-in for Horovod's source tree that the test writes: which tests
-it selects, that it runs them with both optimizers under horovodrun, and that a test whose outcome
-differs makes it fail naming the test (Horovod's real test file is not in CI)."""
+it selects, that it runs them with both optimizers under horovodrun (ranks that the tool starts, and
+ranks that a test starts, as Horovod's elastic tests do), and that a test whose outcome differs makes it
+fail naming the test (Horovod's real tests are not in CI)."""
 
 from __future__ import annotations
 
@@ -50,12 +51,45 @@ class TorchTests(unittest.TestCase):
 '''
 
 
+ELASTIC_STAND_IN = '''
+import os
+import subprocess
+import unittest
+
+import mock  # as Horovod's elastic tests import it
+
+
+class ElasticTorchTests(unittest.TestCase):
+    def test_hosts_added_and_removed(self):
+        script = os.path.join(os.path.dirname(__file__), "data", "elastic_torch_main.py")
+        proc = subprocess.run(["horovodrun", "--gloo", "-np", "2", "-H", "localhost:2", "python", script],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "averaged, optimizer from horovod" in proc.stdout, proc.stdout[-300:]
+'''
+
+ELASTIC_SCRIPT = '''
+import torch
+import horovod.torch as hvd
+
+hvd.init()
+w = torch.nn.Parameter(torch.zeros(2))
+opt = hvd.DistributedOptimizer(torch.optim.SGD([w], lr=1.0), named_parameters=[("w", w)])
+(w * (hvd.rank() + 1.0)).sum().backward()
+opt.step()
+assert torch.equal(w.detach(), torch.full((2,), -(hvd.size() + 1) / 2))
+print("averaged, optimizer from", type(opt).__module__.split(".")[0])
+'''
+
+
 @pytest.fixture
 def horovod_src(tmp_path):
-    (tmp_path / "test" / "parallel").mkdir(parents=True)
-    (tmp_path / "test" / "utils").mkdir()
+    for directory in ("parallel", "utils", "integration/data"):
+        (tmp_path / "test" / directory).mkdir(parents=True)
     (tmp_path / "test" / "parallel" / "test_torch.py").write_text(textwrap.dedent(STAND_IN))
     (tmp_path / "test" / "utils" / "common.py").write_text("import mock\nsentinel = mock.sentinel.horovod\n")
+    (tmp_path / "test" / "integration" / "test_elastic_torch.py").write_text(textwrap.dedent(ELASTIC_STAND_IN))
+    (tmp_path / "test" / "integration" / "data" / "elastic_torch_main.py").write_text(textwrap.dedent(ELASTIC_SCRIPT))
     return tmp_path
 
 
@@ -71,13 +105,14 @@ def test_the_parity_tool_runs_horovods_optimizer_tests_both_ways_and_names_a_dif
     table = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("test_")}
     assert table == {"test_gradients_are_averaged": ["passed", "passed"],
                      "test_the_optimizer_class_comes_from_horovod": ["passed", "failed", "<-", "differs"],
-                     "test_the_optimizers_looped_over_leave_out_the_hidden_one": ["passed", "passed"]}, proc.stdout
-    assert "3 tests of test/parallel/test_torch.py selected" in proc.stdout
+                     "test_the_optimizers_looped_over_leave_out_the_hidden_one": ["passed", "passed"],
+                     "test_hosts_added_and_removed": ["passed", "failed", "<-", "differs"]}, proc.stdout
     assert "AssertionError: fa_hvd.optimizer" in proc.stdout  # the reason, as the failing rank gave it
-    assert "2 of 3 tests have the same outcome" in proc.stdout
-    assert "differing: test_the_optimizer_class_comes_from_horovod" in proc.stdout
+    assert "averaged, optimizer from fa_hvd" in proc.stdout  # the ranks the elastic test started had fa_hvd's
+    assert "2 of 4 tests have the same outcome" in proc.stdout
+    assert "differing: test_hosts_added_and_removed, test_the_optimizer_class_comes_from_horovod" in proc.stdout
 
-    proc = run_tool(str(horovod_src), "-k", "averaged")
+    proc = run_tool(str(horovod_src), "--suites", "torch", "-k", "averaged")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "1 of 1 tests have the same outcome" in proc.stdout, proc.stdout
 
