@@ -97,6 +97,51 @@ class _Bucket:
         self.ready = 0  # parameters whose passes are complete this step
         self.started = False
         self.sparse_dims: dict[int, int] = {}  # id(param) -> sparse_dim of a sparse gradient sent this step
+        self.shared: torch.Tensor | None = None  # (numel,): the one buffer of the gradients (share_gradients)
+        self.written: list[weakref.ref] = []  # the .grad tensors the last write-back wrote
+        self.kept = False  # this step's gradients are those tensors: they outlived the step
+
+    def gradients_kept(self) -> bool:
+        """Whether every ``.grad`` is the tensor the last write-back wrote (zeroed in place by
+        ``zero_grad(set_to_none=False)``, or not zeroed): the gradients outlive the steps."""
+        return bool(self.written) and all(p.grad is not None and p.grad is ref()
+                                          for p, ref in zip(self.params, self.written))
+
+    def share_gradients(self) -> None:
+        """Put the parameters' ``.grad`` into one buffer that the bucket keeps, in order: the same
+        tensors with their values, their storage moved (``Tensor.set_``, as Horovod sets ``.grad`` to
+        its allreduce's output). Backward then accumulates there and the bucket is sent as it is, with
+        no copy (:meth:`sends_shared`). Only where every gradient is dense, contiguous, of the
+        parameters' one dtype (fp16, fp32 or fp64) and not part of a graph; otherwise nothing changes."""
+        if self.sends_shared():
+            return
+        dtype = self.params[0].dtype
+        if dtype not in (torch.float16, torch.float32, torch.float64) or not all(
+                p.grad is not None and not p.grad.is_sparse and p.grad.dtype == dtype and p.is_contiguous()
+                and p.grad.is_contiguous() and not p.grad.requires_grad for p in self.params):
+            return
+        if self.shared is None:
+            self.shared = torch.empty(self.numel, dtype=dtype, device=self.device)
+        offset = 0
+        for p in self.params:
+            part = self.shared[offset: offset + p.numel()].view_as(p)
+            offset += p.numel()
+            part.copy_(p.grad)
+            p.grad.set_(part)
+
+    def sends_shared(self) -> bool:
+        """Whether every parameter's ``.grad`` lies in :attr:`shared`, in order (:meth:`share_gradients`,
+        then backward accumulated in place): the bucket's gradients are that buffer."""
+        if self.shared is None:
+            return False
+        address, width, offset = self.shared.data_ptr(), self.shared.element_size(), 0
+        for p in self.params:
+            grad = p.grad
+            if (grad is None or grad.is_sparse or grad.dtype != self.shared.dtype or not grad.is_contiguous()
+                    or grad.requires_grad or grad.data_ptr() != address + offset * width):
+                return False
+            offset += p.numel()
+        return True
 
 
 class _DistributedOptimizer(torch.optim.Optimizer):
@@ -238,16 +283,20 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         began = time.perf_counter()
         self._marks.setdefault("first_start", began)
         bucket.started = True
-        pieces = []
-        for p in bucket.params:
-            grad = p.grad
-            if grad is None:
-                grad = torch.zeros_like(p)
-            elif grad.is_sparse:
-                bucket.sparse_dims[id(p)] = grad.sparse_dim()
-                grad = grad.to_dense()
-            pieces.append(grad.reshape(-1))
-        flat = torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
+        bucket.kept = bucket.gradients_kept()
+        if bucket.sends_shared():
+            flat = bucket.shared  # its values are the gradients'; written again only with the aggregate
+        else:
+            pieces = []
+            for p in bucket.params:
+                grad = p.grad
+                if grad is None:
+                    grad = torch.zeros_like(p)
+                elif grad.is_sparse:
+                    bucket.sparse_dims[id(p)] = grad.sparse_dim()
+                    grad = grad.to_dense()
+                pieces.append(grad.reshape(-1))
+            flat = torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
         if flat.dtype == torch.bfloat16:
             flat = flat.float()  # Horovod's allgather has no bf16
         if self._gradient_transform is not None:
@@ -301,7 +350,10 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _write_bucket(bucket: _Bucket, values: torch.Tensor) -> None:
-        """``values`` (the bucket's part of the aggregate) into its parameters' ``.grad``."""
+        """``values`` (the bucket's part of the aggregate) into its parameters' ``.grad``. Gradients that
+        outlived the last step (:meth:`_Bucket.gradients_kept`) are then put into one buffer
+        (:meth:`_Bucket.share_gradients`), so that the next step sends them with no copy; gradients
+        set to None each step are written as they are, with no buffer kept beside them."""
         offset = 0
         for p in bucket.params:
             piece = values[offset: offset + p.numel()].view_as(p).to(device=p.device, dtype=p.dtype)
@@ -312,6 +364,9 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 p.grad = piece.clone()
             else:
                 p.grad.copy_(piece)
+        if bucket.kept:
+            bucket.share_gradients()
+        bucket.written = [weakref.ref(p.grad) for p in bucket.params]
 
     @contextlib.contextmanager
     def skip_synchronize(self):

@@ -384,6 +384,62 @@ def test_the_means_buckets_reach_grad_during_backward_as_horovods_in_place_allre
     assert aggregated()
 
 
+def test_gradients_kept_by_zero_grad_share_their_buckets_buffer_and_are_sent_without_a_copy():
+    """Gradients that outlive a step (``zero_grad(set_to_none=False)``) are put into one buffer per bucket
+    at the next write-back (the same tensors, their storage moved, values kept); backward accumulates
+    there and the step after sends that buffer itself. Gradients set to None each step get no buffer.
+    The parameters are bit for bit those of the copying path (``set_to_none=True``)."""
+
+    class Recording(LoopbackTransport):
+        def allgather_async(self, tensor, name, out=None):
+            self.sent.append(tensor.data_ptr())
+            return super().allgather_async(tensor, name, out)
+
+    def train(set_to_none: bool):
+        model, x, y = model_and_batch()
+        link = Recording(size=2)
+        link.sent = []
+        opt = fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                                          aggregator="mean", bucket_bytes=48, transport=link)
+        assert len(opt._buckets) == 3
+        for step in range(4):
+            before = [(p.grad, None if p.grad is None else p.grad.clone()) for p in model.parameters()]
+            opt.zero_grad(set_to_none=set_to_none)
+            if step > 1 and not set_to_none:  # kept through step 0, shared from step 1's write-back on
+                assert [p.grad for p in model.parameters()] == [g for g, _ in before]  # the same tensors
+                assert all(b.sends_shared() and b.shared.eq(0).all() for b in opt._buckets)
+                assert all(p.grad._base is None for p in model.parameters())
+            sent = len(link.sent)
+            F.cross_entropy(model(x), y).backward()
+            shared = [b.shared.data_ptr() if b.sends_shared() else None for b in opt._buckets]
+            opt.step()
+            if step > 1 and not set_to_none:
+                assert sorted(link.sent[sent:]) == sorted(shared) and None not in shared  # no copy sent
+            assert all(b.shared is None for b in opt._buckets) or not set_to_none  # no buffer beside fresh ones
+        return model, link
+
+    kept, kept_link = train(set_to_none=False)
+    fresh, fresh_link = train(set_to_none=True)
+    assert len(kept_link.sent) == len(fresh_link.sent) == 12
+    for a, b in zip(kept.parameters(), fresh.parameters()):
+        assert torch.equal(a, b) and torch.equal(a.grad, b.grad)
+
+
+def test_a_bucket_whose_gradients_cannot_share_a_buffer_is_copied_as_before():
+    """Gradients of mixed dtypes in a bucket keep their own storage: the bucket is flattened into a copy
+    each step."""
+    model = nn.Linear(3, 2)
+    model.bias.data = model.bias.data.double()
+    opt = fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), aggregator="mean",
+                                      transport=LoopbackTransport(size=2))
+    for _ in range(2):
+        opt.zero_grad(set_to_none=False)
+        (model.weight.sum() + model.bias.sum()).backward()
+        opt.step()
+    assert opt._buckets[0].shared is None and not opt._buckets[0].sends_shared()
+    assert model.bias.grad.dtype == torch.float64
+
+
 def test_default_buckets_split_a_small_model_so_communication_overlaps():
     from torchvision.models import resnet18
 

@@ -56,6 +56,7 @@ def test_mean_matches_horovod_average(report):
     r = report["mean_vs_horovod"]
     assert r["moved"] > 1e-3  # the parameters really trained
     assert r["max_abs_diff"] < 1e-6
+    assert r["kept_buckets"] > 1 and r["kept_sent_shared"] and r["kept_identical"], r  # no-copy path, same bits
 
 
 @pytest.mark.parametrize("report", jobs_with("rules"), indirect=True)

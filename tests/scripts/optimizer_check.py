@@ -33,9 +33,12 @@ def model_and_data(rank, seed=0):
     return model, x, y
 
 
-def train(model, opt, x, y, steps=4):
+def train(model, opt, x, y, steps=4, keep_grads=False):
     for _ in range(steps):
-        opt.zero_grad()
+        if keep_grads:  # as a script that zeroes its gradients in place would
+            model.zero_grad(set_to_none=False)
+        else:
+            opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
 
@@ -71,7 +74,14 @@ def check_mean_vs_horovod(transport, rank):
     train(theirs_model, theirs, x, y)
     diff = max(float((a - b).abs().max()) for a, b in zip(model.parameters(), theirs_model.parameters()))
     moved = max(float((a - b).abs().max()) for a, b in zip(model.parameters(), model_and_data(rank)[0].parameters()))
-    return {"max_abs_diff": diff, "moved": moved}
+    kept_model, _, _ = model_and_data(rank)  # gradients zeroed in place: buckets sent from the gradients' buffer
+    kept = fa_hvd.DistributedOptimizer(torch.optim.SGD(kept_model.parameters(), lr=0.1), bucket_bytes=256,
+                                       named_parameters=kept_model.named_parameters(), aggregator="mean",
+                                       transport=transport)
+    train(kept_model, kept, x, y, keep_grads=True)
+    return {"max_abs_diff": diff, "moved": moved, "kept_buckets": len(kept._buckets),
+            "kept_sent_shared": all(b.sends_shared() for b in kept._buckets),
+            "kept_identical": all(torch.equal(a, b) for a, b in zip(kept_model.parameters(), model.parameters()))}
 
 
 def check_rules(transport, rank):
