@@ -74,14 +74,28 @@ def check_mean_vs_horovod(transport, rank):
     train(theirs_model, theirs, x, y)
     diff = max(float((a - b).abs().max()) for a, b in zip(model.parameters(), theirs_model.parameters()))
     moved = max(float((a - b).abs().max()) for a, b in zip(model.parameters(), model_and_data(rank)[0].parameters()))
-    kept_model, _, _ = model_and_data(rank)  # gradients zeroed in place: buckets sent from the gradients' buffer
-    kept = fa_hvd.DistributedOptimizer(torch.optim.SGD(kept_model.parameters(), lr=0.1), bucket_bytes=256,
-                                       named_parameters=kept_model.named_parameters(), aggregator="mean",
-                                       transport=transport)
-    train(kept_model, kept, x, y, keep_grads=True)
-    return {"max_abs_diff": diff, "moved": moved, "kept_buckets": len(kept._buckets),
-            "kept_sent_shared": all(b.sends_shared() for b in kept._buckets),
-            "kept_identical": all(torch.equal(a, b) for a, b in zip(kept_model.parameters(), model.parameters()))}
+    return {"max_abs_diff": diff, "moved": moved, "kept_gradients": kept_gradients(transport, rank, x, y)}
+
+
+def kept_gradients(transport, rank, x, y) -> dict:
+    """Gradients zeroed in place (``model.zero_grad(set_to_none=False)``) against ``zero_grad()``, for each
+    exchange with the mean and FA: {"exchange/rule": (buckets, all sent from the gradients' buffer, the same
+    parameters bit for bit)}."""
+    report = {}
+    for exchange in ("allgather", "sharded"):
+        for rule, params in (("mean", {}), ("flag", {"f": 1})):
+            runs = []
+            for keep in (False, True):
+                model, _, _ = model_and_data(rank)
+                opt = fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), bucket_bytes=256,
+                                                  named_parameters=model.named_parameters(), aggregator=rule,
+                                                  aggregator_params=params, exchange=exchange, transport=transport)
+                train(model, opt, x, y, keep_grads=keep)
+                runs.append((model, opt))
+            (fresh, _), (kept, opt) = runs
+            report[f"{exchange}/{rule}"] = (len(opt._buckets), all(b.sends_shared() for b in opt._buckets),
+                                            all(torch.equal(a, b) for a, b in zip(kept.parameters(), fresh.parameters())))
+    return report
 
 
 def check_rules(transport, rank):
