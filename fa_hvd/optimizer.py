@@ -366,6 +366,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 p.grad.copy_(piece)
         if bucket.kept:
             bucket.share_gradients()
+        elif not bucket.sends_shared():
+            bucket.shared = None  # the gradients left the buffer (set to None, replaced): none kept beside them
         bucket.written = [weakref.ref(p.grad) for p in bucket.params]
 
     @contextlib.contextmanager

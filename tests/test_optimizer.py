@@ -420,6 +420,14 @@ def test_gradients_kept_by_zero_grad_share_their_buckets_buffer_and_are_sent_wit
 
     kept, kept_link = train(set_to_none=False)
     fresh, fresh_link = train(set_to_none=True)
+    model, x, y = model_and_batch()  # kept, then set to None: the buffers are let go
+    opt = fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), aggregator="mean",
+                                      bucket_bytes=48, transport=LoopbackTransport(size=2))
+    for set_to_none, buffered in ((False, False), (False, True), (False, True), (True, False)):
+        opt.zero_grad(set_to_none=set_to_none)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        assert all((b.shared is not None) == buffered for b in opt._buckets)
     assert len(kept_link.sent) == len(fresh_link.sent) == 12
     for a, b in zip(kept.parameters(), fresh.parameters()):
         assert torch.equal(a, b) and torch.equal(a.grad, b.grad)
