@@ -262,6 +262,10 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._start_step()
         if self._allreduce_delay[param] <= 0:
             raise AssertionError(f"{TOO_MANY_PASSES} (fa_hvd: parameter {self._parameter_names[param]!r})")
+        if param.grad is not None and param.grad.requires_grad:  # Horovod's hook asserts the same, silently
+            raise AssertionError(f"fa_hvd: parameter {self._parameter_names[param]!r}: its gradient is part of a "
+                                 f"graph (backward(create_graph=True)); the exchange carries gradient values, not "
+                                 f"graphs (Horovod's optimizer refuses it too)")
         self._allreduce_delay[param] -= 1
         if self._allreduce_delay[param] == 0:
             bucket = self._bucket_of[param]

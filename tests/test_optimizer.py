@@ -448,6 +448,18 @@ def test_a_bucket_whose_gradients_cannot_share_a_buffer_is_copied_as_before():
     assert model.bias.grad.dtype == torch.float64
 
 
+def test_a_gradient_that_is_part_of_a_graph_is_refused_naming_the_parameter_as_horovod_refuses_it():
+    """backward(create_graph=True): Horovod's hook asserts ``not p.grad.requires_grad``; fa_hvd raises the
+    same AssertionError, saying why and naming the parameter, before any bucket starts."""
+    model, x, y = model_and_batch()
+    link = LoopbackTransport(size=2)
+    opt = fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                      named_parameters=model.named_parameters(), aggregator="mean", transport=link)
+    with pytest.raises(AssertionError, match=r"parameter '2.bias': its gradient is part of a graph"):
+        F.cross_entropy(model(x), y).backward(create_graph=True)
+    assert link.gathered == [] and not opt._handles
+
+
 def test_default_buckets_split_a_small_model_so_communication_overlaps():
     from torchvision.models import resnet18
 
