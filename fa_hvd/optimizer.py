@@ -99,7 +99,6 @@ class _Bucket:
         self.sparse_dims: dict[int, int] = {}  # id(param) -> sparse_dim of a sparse gradient sent this step
         self.shared: torch.Tensor | None = None  # (numel,): the one buffer of the gradients (share_gradients)
         self.written: list[weakref.ref] = []  # the .grad tensors the last write-back wrote
-        self.kept = False  # this step's gradients are those tensors: they outlived the step
 
     def gradients_kept(self) -> bool:
         """Whether every ``.grad`` is the tensor the last write-back wrote (zeroed in place by
@@ -287,7 +286,6 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         began = time.perf_counter()
         self._marks.setdefault("first_start", began)
         bucket.started = True
-        bucket.kept = bucket.gradients_kept()
         if bucket.sends_shared():
             flat = bucket.shared  # its values are the gradients'; written again only with the aggregate
         else:
@@ -358,6 +356,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         outlived the last step (:meth:`_Bucket.gradients_kept`) are then put into one buffer
         (:meth:`_Bucket.share_gradients`), so that the next step sends them with no copy; gradients
         set to None each step are written as they are, with no buffer kept beside them."""
+        kept = bucket.gradients_kept()  # before the write: it keeps a dense gradient's tensor, replaces the rest
         offset = 0
         for p in bucket.params:
             piece = values[offset: offset + p.numel()].view_as(p).to(device=p.device, dtype=p.dtype)
@@ -368,7 +367,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 p.grad = piece.clone()
             else:
                 p.grad.copy_(piece)
-        if bucket.kept:
+        if kept:
             bucket.share_gradients()
         elif not bucket.sends_shared():
             bucket.shared = None  # the gradients left the buffer (set to None, replaced): none kept beside them
