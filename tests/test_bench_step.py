@@ -82,14 +82,21 @@ def test_step_benchmark_reports_every_variant_with_exposed_communication():
     assert all(p["rule_parts"]["gram"] > 0 and p["rule_parts"]["solve"] > 0 for p in flag)
 
 
-def test_step_benchmark_prices_the_deferred_digest_against_its_twin():
+def test_step_benchmark_prices_the_deferred_digest_and_kept_gradients_against_their_twins():
     proc = launch("gloo", 2, ["fa-hvd-bench", "step", "--model", "cnn", "--rounds", "2", "--steps", "2",
-                              "--warmup", "1", "--digest-cost"], env=QUIET_CYCLE)
+                              "--warmup", "1", "--digest-cost", "--kept-grads"], env=QUIET_CYCLE)
     assert proc.returncode == 0, output(proc)
     rows = {r["variant"]: r for r in (json.loads(line) for line in untagged(proc.stdout).splitlines()
                                       if '"variant"' in line)}
-    assert list(rows) == ["horovod_allreduce", "fa_hvd_mean", "fa_hvd_mean_one_bucket", "fa_hvd_flag",
-                          "fa_hvd_flag_digest"]
+    assert list(rows) == ["horovod_allreduce", "fa_hvd_mean", "fa_hvd_mean_kept", "fa_hvd_mean_one_bucket",
+                          "fa_hvd_flag", "fa_hvd_flag_kept", "fa_hvd_flag_digest"]
+    for name in ("fa_hvd_mean", "fa_hvd_flag"):  # zero_grad(set_to_none=False): every bucket sent as it is
+        kept, copied = rows[name + "_kept"], rows[name]
+        assert kept["buckets_sent_without_copy"] == kept["buckets"] > 0 and copied["buckets_sent_without_copy"] == 0
+        assert kept["kept_cost"] == pytest.approx(kept["median_s"] / copied["median_s"] - 1)
+        assert len(kept["kept_cost_per_round"]) == 2 and "kept_cost" not in copied
+    assert rows["fa_hvd_mean_one_bucket"]["buckets_sent_without_copy"] == 0
+    assert "buckets_sent_without_copy" not in rows["horovod_allreduce"]
     base, twin = rows["fa_hvd_flag"], rows["fa_hvd_flag_digest"]
     assert twin["digest_cost"] == pytest.approx(twin["median_s"] / base["median_s"] - 1)
     assert len(twin["digest_cost_per_round"]) == 2 and twin["fingerprint_s"] > 0 and twin["fingerprint_wait_s"] >= 0

@@ -11,6 +11,13 @@ Run under ``horovodrun -np 4 fa-hvd-bench step``, or ``torchrun --nproc-per-node
 * ``fa_hvd_flag``: FA with its default buckets;
 * with ``--exchange allgather,sharded``, also ``fa_hvd_mean_sharded`` and
   ``fa_hvd_flag_sharded``: the same rules with ``exchange="sharded"``;
+* with ``--kept-grads``, also ``..._kept`` twins of fa_hvd's variants (not the one-bucket
+  baseline) that zero with ``zero_grad(set_to_none=False)``: the gradients outlive the step,
+  so each bucket keeps them in one buffer that is sent as it is, with no copy
+  (:meth:`fa_hvd.optimizer._Bucket.share_gradients`); the twin's row carries the cost against
+  the variant that copies (``kept_cost``: the ratio of the medians minus 1, and per round,
+  ``kept_cost_per_round``), and every fa_hvd row says how many of its buckets were sent with
+  no copy (``buckets_sent_without_copy``); ``--profile``'s ``flatten`` is the copy itself;
 * with ``--digest-cost``, also ``..._digest`` twins of the FA variants with the
   deferred digest of the aggregate (:mod:`fa_hvd.exchange.digest`, the trainer's
   default), and every FA variant then ends its step as the trainer does, with the
@@ -127,22 +134,32 @@ TORCH_VARIANTS = ("ddp_hook_mean", "ddp_hook_flag", "fa_hvd_mean", "fa_hvd_flag"
 EXCHANGES = ("allgather", "sharded")
 BASELINES = {"horovod": ("horovod_allreduce", "vs_horovod"), "torch": ("ddp_allreduce", "vs_ddp")}
 POLLED = "horovod_allreduce_polled"
+KEPT = "_kept"
 
 
 def variants_for(exchanges: list[str], transport: str = "horovod", digest_cost: bool = False,
-                 horovod_poll: bool = False) -> tuple[str, ...]:
+                 horovod_poll: bool = False, kept_grads: bool = False) -> tuple[str, ...]:
     """The transport's own allreduce (and, with ``horovod_poll``, Horovod's waited for as fa_hvd
-    waits), then fa_hvd's variants for each exchange asked for."""
+    waits), then fa_hvd's variants for each exchange asked for (with ``kept_grads``, each with
+    buckets of its own followed by its ``_kept`` twin)."""
     names = (BASELINES[transport][0],) + ((POLLED,) if horovod_poll and transport == "horovod" else ())
-    if transport == "torch":
-        for exchange in exchanges:
-            names += tuple(v + ("_sharded" if exchange == "sharded" else "") for v in TORCH_VARIANTS)
-        return names
-    if "allgather" in exchanges:
-        names += ALLGATHER_VARIANTS + (("fa_hvd_flag_digest",) if digest_cost else ())
-    if "sharded" in exchanges:
-        names += SHARDED_VARIANTS + (("fa_hvd_flag_sharded_digest",) if digest_cost else ())
+    for exchange in exchanges:
+        suffix = "_sharded" if exchange == "sharded" else ""
+        if transport == "torch":
+            group = tuple(v + suffix for v in TORCH_VARIANTS)
+        else:
+            group = ALLGATHER_VARIANTS if exchange == "allgather" else SHARDED_VARIANTS
+        for name in group:
+            names += (name,) + ((name + KEPT,) if kept_grads and keeps_gradients(name + KEPT) else ())
+        if transport == "horovod" and digest_cost:
+            names += (f"fa_hvd_flag{suffix}_digest",)
     return names
+
+
+def keeps_gradients(name: str) -> bool:
+    """Whether the variant zeroes with ``zero_grad(set_to_none=False)`` (``--kept-grads``): fa_hvd's
+    optimizer with buckets of its own (not the one-bucket baseline, not DDP, whose buckets are DDP's)."""
+    return name.endswith(KEPT) and name.startswith("fa_hvd_") and "one_bucket" not in name
 
 
 def _exchanges(text: str) -> list[str]:
@@ -168,6 +185,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--digest-cost", action="store_true",
                         help="also time FA with the deferred digest of the aggregate (variants ..._digest); FA "
                              "and its twin then end each step with the trainer's control row, which carries it")
+    parser.add_argument("--kept-grads", action="store_true",
+                        help="also time fa_hvd's variants zeroing with zero_grad(set_to_none=False) (variants "
+                             "..._kept): their buckets are sent with no copy; kept_cost is the ratio to the twin "
+                             "that copies")
     parser.add_argument("--transport", choices=tuple(BASELINES), default="horovod",
                         help="horovod (under horovodrun; baseline Horovod's allreduce) or torch (under torchrun; "
                              "baseline plain DDP)")
@@ -357,7 +378,7 @@ def run(args: argparse.Namespace) -> int:
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(args.batch_size, 3, args.image, args.image, generator=gen).to(device)
     y = torch.randint(0, args.num_classes, (args.batch_size,), generator=gen).to(device)
-    names = variants_for(args.exchange, args.transport, args.digest_cost, args.horovod_poll)
+    names = variants_for(args.exchange, args.transport, args.digest_cost, args.horovod_poll, args.kept_grads)
     baseline, ratio = BASELINES[args.transport]
     with_control_row = {n for name in names if name.endswith("_digest") for n in (name, name.removesuffix("_digest"))}
     flag = {"f": min(1, (size - 1) // 2) if args.f is None else args.f,
@@ -410,7 +431,10 @@ def run(args: argparse.Namespace) -> int:
         model, opt = variants[name]
         for _ in range(count):
             start, cpu = clock(), time.process_time()
-            opt.zero_grad()
+            if keeps_gradients(name):
+                opt.zero_grad(set_to_none=False)
+            else:
+                opt.zero_grad()  # Horovod's takes no argument
             loss = F.cross_entropy(model(x), y)
             forward_done = clock()
             loss.backward()
@@ -553,6 +577,13 @@ def run(args: argparse.Namespace) -> int:
             if kind == "sharded":
                 record["bytes_vs_allreduce"] = vs_allreduce(most[name], most[baseline])
             record.update({k: m[k] for k in ("wait_s", "aggregate_s") if k in m})
+            if name.startswith("fa_hvd_"):
+                record["buckets_sent_without_copy"] = sum(b.sends_shared() for b in buckets)
+            if keeps_gradients(name):  # no copy into the buckets: this median over its twin's that copies
+                twin = name.removesuffix(KEPT)
+                record["kept_cost"] = m["step_s"] / medians[twin]["step_s"] - 1
+                record["kept_cost_per_round"] = per_round_cost(samples[name]["step_s"], samples[twin]["step_s"],
+                                                               args.steps)
             if POLLED in names and name.startswith("fa_hvd"):
                 record["vs_horovod_polled"] = m["step_s"] / medians[POLLED]["step_s"]
                 record["vs_horovod_polled_spread"] = round_ratios(name, POLLED, "step_s")
