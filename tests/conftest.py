@@ -6,6 +6,7 @@ import json
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -29,6 +30,18 @@ LAUNCHERS = {
     "mpi4py": lambda np: ["mpirun", "--oversubscribe", "-np", str(np)],
     "torchrun": lambda np: [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", str(np), "--no-python"],
 }
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config):
+    """SIGTERM ends the run as Ctrl-C does, with every fixture's teardown (the network cluster's
+    ``down`` stops its sshd, SLURM and the jobs on it) instead of a process that dies and leaves
+    them running. ``make test`` stops its side process (tests/test_multinode.py) with SIGTERM when
+    it is interrupted, and so does a CI runner's timeout."""
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 def job_env(extra: dict | None = None) -> dict:
