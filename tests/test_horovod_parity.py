@@ -66,6 +66,9 @@ class ElasticTorchTests(unittest.TestCase):
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "averaged, optimizer from horovod" in proc.stdout, proc.stdout[-300:]
+
+    def test_the_optimizer_class_comes_from_horovod(self):  # a name the torch suite has too
+        pass
 '''
 
 ELASTIC_SCRIPT = '''
@@ -103,14 +106,18 @@ def test_the_parity_tool_runs_horovods_optimizer_tests_both_ways_and_names_a_dif
     proc = run_tool(str(horovod_src), "--skip-optimizer", "Adam")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     table = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("test_")}
-    assert table == {"test_gradients_are_averaged": ["passed", "passed"],
-                     "test_the_optimizer_class_comes_from_horovod": ["passed", "failed", "<-", "differs"],
-                     "test_the_optimizers_looped_over_leave_out_the_hidden_one": ["passed", "passed"],
-                     "test_hosts_added_and_removed": ["passed", "failed", "<-", "differs"]}, proc.stdout
+    torch_tests, elastic_tests = "test_torch.TorchTests::", "test_elastic_torch.ElasticTorchTests::"
+    assert table == {  # keyed by module and class: a name in both suites is two tests
+        torch_tests + "test_gradients_are_averaged": ["passed", "passed"],
+        torch_tests + "test_the_optimizer_class_comes_from_horovod": ["passed", "failed", "<-", "differs"],
+        torch_tests + "test_the_optimizers_looped_over_leave_out_the_hidden_one": ["passed", "passed"],
+        elastic_tests + "test_hosts_added_and_removed": ["passed", "failed", "<-", "differs"],
+        elastic_tests + "test_the_optimizer_class_comes_from_horovod": ["passed", "passed"]}, proc.stdout
     assert "AssertionError: fa_hvd.optimizer" in proc.stdout  # the reason, as the failing rank gave it
     assert "averaged, optimizer from fa_hvd" in proc.stdout  # the ranks the elastic test started had fa_hvd's
-    assert "2 of 4 tests have the same outcome" in proc.stdout
-    assert "differing: test_hosts_added_and_removed, test_the_optimizer_class_comes_from_horovod" in proc.stdout
+    assert "3 of 5 tests have the same outcome" in proc.stdout
+    assert (f"differing: {elastic_tests}test_hosts_added_and_removed, "
+            f"{torch_tests}test_the_optimizer_class_comes_from_horovod") in proc.stdout
 
     proc = run_tool(str(horovod_src), "--suites", "torch", "-k", "averaged")
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -112,8 +112,9 @@ def selected_tests(source: str) -> list[str]:
 
 
 def outcomes(directory: Path, mode: str) -> dict[str, tuple[str, str]]:
-    """Each test's outcome in ``mode`` and the first line of its failure or skip message: its worst over
-    the JUnit reports (one per rank)."""
+    """Each test's outcome in ``mode`` (keyed ``module.Class::test``, so that suites may share test
+    names) and the first line of its failure or skip message: its worst over the JUnit reports (one per
+    rank)."""
     result: dict[str, tuple[str, str]] = {}
     for report in sorted(directory.glob(f"{mode}-*.xml")):
         for case in ElementTree.parse(report).getroot().iter("testcase"):
@@ -122,7 +123,8 @@ def outcomes(directory: Path, mode: str) -> dict[str, tuple[str, str]]:
             outcome = {"error": "error", "failure": "failed", "skipped": "skipped", None: "passed"}[tag]
             message = "" if tag is None else (found[tag].get("message") or "").strip()
             why = message.splitlines()[0][:160] if message else ""
-            name, previous = case.get("name"), result.get(case.get("name"))
+            name = f"{case.get('classname')}::{case.get('name')}"
+            previous = result.get(name)
             if previous is None or SEVERITY.index(outcome) > SEVERITY.index(previous[0]):
                 result[name] = (outcome, why)
     return result
