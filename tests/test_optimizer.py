@@ -448,6 +448,7 @@ def test_a_bucket_whose_gradients_cannot_share_a_buffer_is_copied_as_before():
     assert model.bias.grad.dtype == torch.float64
 
 
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True:UserWarning")  # torch's, on purpose
 def test_a_gradient_that_is_part_of_a_graph_is_refused_naming_the_parameter_as_horovod_refuses_it():
     """backward(create_graph=True): Horovod's hook asserts ``not p.grad.requires_grad``; fa_hvd raises the
     same AssertionError, saying why and naming the parameter, before any bucket starts."""
