@@ -11,7 +11,9 @@ to hm and sigma their coordinate-wise standard deviation:
   byz, byz13  the Byzantine rows' share of FA's coefficients c after step 4 and after steps 1-3;
   honest      the smallest and largest honest coefficient of c over the steps;
   gate        step 4's separation gate.
-Prints medians over steps 1-30, 31-70 and 71-100. Measurement only: it wraps Flag.aggregate.
+Prints medians over steps 1-30, 31-70 and 71-100 (of a 100-step cell; the same fractions of a longer
+one). Measurement only: it wraps Flag._combine, in which default mode's aggregate() and
+aggregate_if_finite() (the path a call takes first) both end.
 """
 import statistics as st
 import sys
@@ -26,13 +28,11 @@ p, f = cell.p, cell.f
 rules = {n: get(n, f=f) for n in ("mean", "median", "geomed", "nmean")}
 rules["flag-ref"] = get("flag", f=f, mode="reference")
 log = []
-aggregate = flagmod.Flag.aggregate
+combine = flagmod.Flag._combine
 
 
-def recorded(self, G, f_):
-    out = aggregate(self, G, f_)
-    if self.mode != "default":
-        return out
+def recorded(self, G, K, f_):
+    out = combine(self, G, K, f_)
     H = G.double()[: p - f]
     hm, sd = H.mean(0), -H.std(0)
     var = float(((H - hm) ** 2).sum(1).mean())
@@ -49,7 +49,7 @@ def recorded(self, G, f_):
     return out
 
 
-flagmod.Flag.aggregate = recorded
+flagmod.Flag._combine = recorded
 result = sim.simulate(cell, curve=True)
 print(f"{key} ({grid_path}): accuracy {100 * result['test_accuracy']:.1f} %, final train loss "
       f"{result['train_loss']:.3f}, loss at steps 25/50/75/100 "
@@ -57,7 +57,8 @@ print(f"{key} ({grid_path}): accuracy {100 * result['test_accuracy']:.1f} %, fin
 print(f"  honest coefficients over all steps: {min(r['honest'][0] for r in log):.3f} to "
       f"{max(r['honest'][1] for r in log):.3f} (1/p {1 / p:.3f})")
 names = ["flag"] + list(rules)
-for lo, hi in ((0, 30), (30, 70), (70, 100)):
+scale = len(log) / 100  # the windows of a 100-step cell, stretched to the cell's steps
+for lo, hi in ((round(scale * a), round(scale * b)) for a, b in ((0, 30), (30, 70), (70, 100))):
     part = log[lo:hi]
     print(f"  steps {lo + 1}-{hi}: byz {st.median(r['byz'] for r in part):.3f} (f/p {f / p:.3f}), "
           f"byz13 {st.median(r['byz13'] for r in part):.3f}, gate {st.median(r['gate'] for r in part):.2f}")
