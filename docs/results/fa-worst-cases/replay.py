@@ -52,7 +52,7 @@ def recorded(self, G, K, f_):
 flagmod.Flag._combine = recorded
 result = sim.simulate(cell, curve=True)
 print(f"{key} ({grid_path}): accuracy {100 * result['test_accuracy']:.1f} %, final train loss "
-      f"{result['train_loss']:.3f}, loss at steps 25/50/75/100 "
+      f"{result['train_loss']:.3f}, loss at steps 25/50/75/{len(result['losses'])} "
       f"{[round(result['losses'][i], 3) for i in (24, 49, 74, len(result['losses']) - 1)]}")
 print(f"  honest coefficients over all steps: {min(r['honest'][0] for r in log):.3f} to "
       f"{max(r['honest'][1] for r in log):.3f} (1/p {1 / p:.3f})")
