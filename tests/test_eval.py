@@ -12,7 +12,7 @@ import yaml
 
 from conftest import ROOT
 from fa_hvd.aggregators import get as get_aggregator
-from fa_hvd.eval import cli, report
+from fa_hvd.eval import cli, report, runner
 from fa_hvd.eval.grid import load_grid
 from fa_hvd.eval.simulate import simulate
 from fa_hvd.faults import FaultInjector, parse_faults, poison_for_rank
@@ -158,6 +158,41 @@ def test_runs_resume_and_rerun_only_changed_cells(tmp_path, capsys):
     assert "4 cells, 2 already done, 2 to run" in rerun and rerun.count(" flag ") == 2
     table = (out / "table.md").read_text()
     assert "| flag |" in table and (out / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_each_result_names_its_machine_and_cells_of_another_are_named_and_rerun_on_request(tmp_path, capsys):
+    """A cell's accuracy depends on the machine, so each result line names it; a run that reuses cells
+    of another machine (or of a line that names none) says how many, the report lists the machines,
+    and --rerun-other-machines runs those cells here (in a whole run and in --cell mode)."""
+    out = tmp_path / "out"
+    path = write_grid(tmp_path, seeds=1, splits={"iid": None})
+    assert cli.main(["--grid", str(path), "--out", str(out)]) == 0
+    here = runner.machine()
+    assert "torch " in here and f"({torch.backends.cpu.get_cpu_capability()})" in here
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["machine"] for r in records] == [here] * 4
+    assert f"Machine: {here} (4 cells)." in (out / "table.md").read_text()
+    by_key = {r["key"]: r for r in records}
+    by_key["iid/p5f1/flag/none/s0"]["machine"] = "Another CPU (AVX512), torch 2.14.1"
+    del by_key["iid/p5f1/mean/alie-1/s0"]["machine"]  # a line from before machines were recorded
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in by_key.values()))
+    capsys.readouterr()
+    assert cli.main(["--grid", str(path), "--out", str(out)]) == 0
+    said = capsys.readouterr()
+    assert "4 cells, 4 already done, 0 to run" in said.out
+    assert ("note: 2 of the 4 cells already done were computed on another machine (Another CPU (AVX512), torch "
+            f"2.14.1: 1, not recorded: 1; this one: {here})") in said.err, said.err
+    table = (out / "table.md").read_text()
+    assert f"Machines: {here} (2 cells); Another CPU (AVX512), torch 2.14.1 (1 cells); not recorded (1 cells)." \
+        in table, table
+    assert cli.main(["--grid", str(path), "--out", str(out), "--cell", "1", "--rerun-other-machines"]) == 0
+    assert "accuracy" in capsys.readouterr().out  # cell 1 (flag/none) ran again, into a --cell file
+    assert cli.main(["--grid", str(path), "--out", str(out), "--cell", "0", "--rerun-other-machines"]) == 0
+    assert "already done" in capsys.readouterr().out
+    assert cli.main(["--grid", str(path), "--out", str(out), "--rerun-other-machines"]) == 0
+    said = capsys.readouterr()
+    assert "4 cells, 3 already done, 1 to run" in said.out and "note:" not in said.err, said
+    assert f"Machine: {here} (4 cells)." in (out / "table.md").read_text()
 
 
 def test_cell_mode_writes_a_file_that_report_collects(tmp_path, capsys):

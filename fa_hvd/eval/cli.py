@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--match", action="append", default=[], metavar="GLOB",
                         help="run only the cells whose key matches GLOB (split/pPfF/rule/fault/sSEED, "
                         "e.g. 'iid/p15f3/*/alie*/*'); repeatable")
+    parser.add_argument("--rerun-other-machines", action="store_true",
+                        help="run again the cells whose result another machine computed (or one not recorded): a "
+                        "cell's accuracy can differ between machines, and each result line names its machine")
     parser.add_argument("--list", action="store_true", help="print the number of cells and one line per cell")
     parser.add_argument("--report", action="store_true", help="collect --cell results and write the report only")
     return parser
@@ -77,8 +80,9 @@ def main(argv=None) -> int:
         if not cells:
             print(f"fa-hvd-eval: error: no cell key matches {args.match}", file=sys.stderr)
             return 2
+    here = runner.machine() if args.rerun_other_machines else None
     if args.list:
-        done = runner.valid_records(grid, out)
+        done = runner.valid_records(grid, out, here)
         listing = [f"{len(cells)} cells"] + [f"{c.index} {c.key}{'  (done)' if c.index in done else ''}" for c in cells]
         try:
             print("\n".join(listing), flush=True)
@@ -91,7 +95,7 @@ def main(argv=None) -> int:
                   f"(0..{len(grid.cells) - 1})", file=sys.stderr)
             return 2
         cell = grid.cells[args.cell]
-        if runner.cell_done(grid, out, cell, args.engine):
+        if runner.cell_done(grid, out, cell, args.engine, here):
             print(f"fa-hvd-eval: cell {cell.index} {cell.key}: already done", flush=True)
             return 0
         try:
@@ -106,7 +110,7 @@ def main(argv=None) -> int:
     runner.collect(out)
     failures = 0
     if not args.report:
-        failures = runner.run_grid(grid, out, args.engine, args.jobs, cells)
+        failures = runner.run_grid(grid, out, args.engine, args.jobs, cells, args.rerun_other_machines)
     table, heatmap = runner.write_report(grid, out)
     print(f"fa-hvd-eval: report: {table}, {heatmap}", flush=True)
     return 1 if failures else 0

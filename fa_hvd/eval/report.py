@@ -128,7 +128,16 @@ def _timing_line(timing: dict) -> str:
     return (f"Time: {timing['cells']} cells, {timing['per_cell_s']:.2f} s per cell on average "
             f"(one core each; slowest rule {timing['slowest_rule']} at {timing['slowest_rule_s']:.2f} s), "
             f"{timing['cell_s'] / 3600:.2f} core-hours in all; the {timing['sessions']} run(s) that filled this "
-            f"directory took {timing['wall_s'] / 3600:.2f} h wall-clock with {jobs} job(s).")
+            f"directory took {timing['wall_s'] / 3600:.2f} h wall-clock with {jobs} job(s). "
+            + _machines_text(timing["machines"]))
+
+
+def _machines_text(machines) -> str:
+    names = "; ".join(f"{name} ({count} cells)" for name, count in machines.most_common())
+    if len(machines) == 1:
+        return f"Machine: {names}."
+    return (f"Machines: {names}. A cell's accuracy can differ between machines: compare rules on one machine's "
+            "cells (fa-hvd-eval --rerun-other-machines reruns the others on the machine that runs it).")
 
 
 def bar_checks(grid: Grid, table: dict) -> dict:

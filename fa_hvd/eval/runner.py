@@ -9,15 +9,20 @@ Layout of an output directory::
     sessions.jsonl    one line per run that ran cells: cells, failures, wall time, jobs, engine
 
 A line is valid for a cell when its ``key`` is the cell's and its ``digest`` is the cell's
-digest under the line's ``engine``: a cell whose definition changed is run again.
+digest under the line's ``engine``: a cell whose definition changed is run again. Each line also
+names the ``machine`` that ran it (:func:`machine`): a cell's accuracy depends on it (training
+turns a last-bit difference of a kernel into another trajectory), so a run says how many of the
+cells it reuses came from another machine, and ``--rerun-other-machines`` runs those again.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import json
 import multiprocessing
 import os
+import platform
 import statistics
 import sys
 import time
@@ -34,6 +39,25 @@ HEATMAP = "heatmap.png"
 SESSIONS = "sessions.jsonl"
 
 
+NOT_RECORDED = "not recorded"
+
+
+def machine() -> str:
+    """This machine as a cell's result depends on it: the CPU's model, the instruction set torch's CPU
+    kernels use here, torch's version, and the GPU when one is visible (for ``--engine distributed``:
+    the machine that launched the jobs)."""
+    import torch
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), model)
+    except OSError:
+        pass
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{model} ({torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}{gpu}"
+
+
 def run_cell(cell: Cell, engine: str, run_root: Path | None = None) -> dict:
     """Run one cell and return its record (what goes into results.jsonl)."""
     if engine == "simulation":
@@ -47,7 +71,7 @@ def run_cell(cell: Cell, engine: str, run_root: Path | None = None) -> dict:
     return {
         "index": cell.index, "key": cell.key, "digest": cell.digest(engine), "engine": engine,
         "split": cell.split, "alpha": cell.alpha, "p": cell.p, "f": cell.f, "rule": cell.rule,
-        "fault": cell.fault, "seed": cell.seed, **result,
+        "fault": cell.fault, "seed": cell.seed, "machine": machine(), **result,
     }
 
 
@@ -78,24 +102,36 @@ def collect(out: Path) -> None:
         path.unlink()
 
 
-def valid_records(grid: Grid, out: Path) -> dict[int, dict]:
-    """``{cell index: record}`` for the cells whose current definition has a result."""
+def valid_records(grid: Grid, out: Path, here: str | None = None) -> dict[int, dict]:
+    """``{cell index: record}`` for the cells whose current definition has a result (computed on
+    machine ``here`` only, when given)."""
     by_key = {cell.key: cell for cell in grid.cells}
     found = {}
     for record in _read_lines(out / RESULTS):
         cell = by_key.get(record.get("key"))
-        if cell is not None and record.get("digest") == cell.digest(record.get("engine", "")):
+        if cell is not None and record.get("digest") == cell.digest(record.get("engine", "")) and \
+                (here is None or record.get("machine") == here):
             found[cell.index] = record
     return found
+
+
+def machines(records) -> collections.Counter:
+    """How many of ``records`` each machine computed (:data:`NOT_RECORDED` for lines written before
+    fa_hvd recorded it)."""
+    return collections.Counter(record.get("machine", NOT_RECORDED) for record in records)
 
 
 def _cell_file(out: Path, index: int, digest: str) -> Path:
     return out / CELLS / f"{index:06d}-{digest}.json"
 
 
-def cell_done(grid: Grid, out: Path, cell: Cell, engine: str) -> bool:
-    """Whether ``cell`` has a result: in results.jsonl, or in its ``--cell`` file not yet collected."""
-    return cell.index in valid_records(grid, out) or _cell_file(out, cell.index, cell.digest(engine)).exists()
+def cell_done(grid: Grid, out: Path, cell: Cell, engine: str, here: str | None = None) -> bool:
+    """Whether ``cell`` has a result (from machine ``here``, when given): in results.jsonl, or in its
+    ``--cell`` file not yet collected."""
+    if cell.index in valid_records(grid, out, here):
+        return True
+    path = _cell_file(out, cell.index, cell.digest(engine))
+    return path.exists() and (here is None or json.loads(path.read_text()).get("machine") == here)
 
 
 def write_cell_file(out: Path, record: dict) -> Path:
@@ -144,14 +180,24 @@ def _outcomes(cells: list[Cell], engine: str, jobs: int, run_root: Path):
             yield futures[future], exc if exc is not None else future.result()
 
 
-def run_grid(grid: Grid, out: Path, engine: str, jobs: int, cells: list[Cell]) -> int:
-    """Run ``cells`` (those without a valid result), ``jobs`` at a time; returns the failure count."""
+def run_grid(grid: Grid, out: Path, engine: str, jobs: int, cells: list[Cell],
+             rerun_other_machines: bool = False) -> int:
+    """Run ``cells`` (those without a valid result; with ``rerun_other_machines``, also those another
+    machine computed), ``jobs`` at a time; returns the failure count."""
     out.mkdir(parents=True, exist_ok=True)
-    done = valid_records(grid, out)
+    here = machine()
+    done = valid_records(grid, out, here if rerun_other_machines else None)
     todo = [cell for cell in cells if cell.index not in done]
     skipped = len(cells) - len(todo)
     print(f"fa-hvd-eval: {grid.path}: {len(cells)} cells, {skipped} already done, {len(todo)} to run "
           f"({engine}, {jobs} job(s)) -> {out}", flush=True)
+    elsewhere = machines(done[cell.index] for cell in cells if cell.index in done)
+    elsewhere.pop(here, None)
+    if elsewhere:
+        print(f"fa-hvd-eval: note: {sum(elsewhere.values())} of the {skipped} cells already done were computed on "
+              f"another machine ({_counts(elsewhere)}; this one: {here}); a cell's accuracy can differ between "
+              "machines, so compare rules on one machine's cells: --rerun-other-machines runs them here",
+              file=sys.stderr, flush=True)
     failures = 0
     if not todo:
         return failures
@@ -182,6 +228,10 @@ def run_grid(grid: Grid, out: Path, engine: str, jobs: int, cells: list[Cell]) -
     return failures
 
 
+def _counts(counter: collections.Counter) -> str:
+    return ", ".join(f"{name}: {count}" for name, count in counter.most_common())
+
+
 def timing(grid: Grid, records: dict, out: Path) -> dict | None:
     """Per-cell times from the records, and the wall time of the sessions that ran cells here."""
     if not records:
@@ -197,7 +247,7 @@ def timing(grid: Grid, records: dict, out: Path) -> dict | None:
     return {"cells": len(times), "per_cell_s": statistics.fmean(times), "cell_s": sum(times),
             "slowest_rule": slowest, "slowest_rule_s": statistics.fmean(by_rule[slowest]),
             "sessions": len(sessions), "wall_s": sum(s["wall_s"] for s in sessions),
-            "jobs": sorted({s["jobs"] for s in sessions})}
+            "jobs": sorted({s["jobs"] for s in sessions}), "machines": machines(records.values())}
 
 
 def write_report(grid: Grid, out: Path) -> tuple[Path, Path]:
