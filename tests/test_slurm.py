@@ -93,9 +93,7 @@ def cluster(tmp_path_factory):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     print(f"\n[test_slurm] cluster up in {time.perf_counter() - start:.1f} s")
     env = {k: v for k, v in job_env().items() if not k.startswith(("SLURM_", "SBATCH_"))}
-    env.update(SLURM_CONF=str(state / "slurm.conf"), SBATCH_PARTITION="debug", FA_HVD_ROOT=str(ROOT),
-               # more ranks than cores: ranks waiting in a collective yield the CPU instead of spinning
-               OMPI_MCA_mpi_yield_when_idle="1")
+    env.update(SLURM_CONF=str(state / "slurm.conf"), SBATCH_PARTITION="debug", FA_HVD_ROOT=str(ROOT))
     yield Cluster(env, tmp_path_factory.mktemp("slurm-jobs"))
     subprocess.run(["tools/slurm/cluster.sh", "down", str(state)], cwd=ROOT, capture_output=True, text=True)
 
