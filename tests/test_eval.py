@@ -183,7 +183,7 @@ def test_each_result_names_its_machine_and_cells_of_another_are_named_and_rerun_
     assert ("note: 2 of the 4 cells already done were computed on another machine (Another CPU (AVX512), torch "
             f"2.14.1: 1, not recorded: 1; this one: {here})") in said.err, said.err
     table = (out / "table.md").read_text()
-    assert f"Machines: {here} (2 cells); Another CPU (AVX512), torch 2.14.1 (1 cells); not recorded (1 cells)." \
+    assert f"Machines: {here} (2 cells); Another CPU (AVX512), torch 2.14.1 (1 cell); not recorded (1 cell)." \
         in table, table
     assert cli.main(["--grid", str(path), "--out", str(out), "--cell", "1", "--rerun-other-machines"]) == 0
     assert "accuracy" in capsys.readouterr().out  # cell 1 (flag/none) ran again, into a --cell file

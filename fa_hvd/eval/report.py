@@ -133,7 +133,7 @@ def _timing_line(timing: dict) -> str:
 
 
 def _machines_text(machines) -> str:
-    names = "; ".join(f"{name} ({count} cells)" for name, count in machines.most_common())
+    names = "; ".join(f"{name} ({count} cell{'s' if count != 1 else ''})" for name, count in machines.most_common())
     if len(machines) == 1:
         return f"Machine: {names}."
     return (f"Machines: {names}. A cell's accuracy can differ between machines: compare rules on one machine's "
