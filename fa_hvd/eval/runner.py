@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import json
 import multiprocessing
 import os
@@ -42,10 +43,11 @@ SESSIONS = "sessions.jsonl"
 NOT_RECORDED = "not recorded"
 
 
+@functools.cache
 def machine() -> str:
     """This machine as a cell's result depends on it: the CPU's model, the instruction set torch's CPU
     kernels use here, torch's version, and the GPU when one is visible (for ``--engine distributed``:
-    the machine that launched the jobs)."""
+    the machine that launched the jobs). Read once per process."""
     import torch
 
     model = platform.processor() or platform.machine()
