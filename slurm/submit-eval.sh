@@ -16,7 +16,18 @@ shift
 export PATH="$PWD/.venv/bin:$PATH"
 
 # The cells to run: --list prints "N cells", then "INDEX KEY" per cell, "(done)" after finished ones.
-todo="$(fa-hvd-eval --grid "$grid" --list "$@" | awk 'NR > 1 && !/\(done\)$/ { print $1 }')"
+# With --rerun-other-machines "done" means done on the listing machine, and this login node is not the
+# compute nodes' machine: then every listed cell is submitted, and each task skips a cell that its
+# own node's machine has already computed ("already done" in its log, a second or two).
+every_cell=0
+for arg in "$@"; do
+  if [ "$arg" = --rerun-other-machines ]; then
+    every_cell=1
+    say "--rerun-other-machines: this node cannot tell which cells the compute nodes' machine has computed:" \
+      "every cell is submitted (or every cell --match selects), and each task skips a cell its own machine has done"
+  fi
+done
+todo="$(fa-hvd-eval --grid "$grid" --list "$@" | awk -v every="$every_cell" 'NR > 1 && (every || !/\(done\)$/) { print $1 }')"
 [ -n "$todo" ] || { say "every cell of $grid is done: nothing to submit"; exit 0; }
 # SLURM refuses array indices >= MaxArraySize: one array per block of that many cells.
 block="$(scontrol show config | awk '$1 == "MaxArraySize" { print $3 }')"

@@ -287,3 +287,50 @@ def test_train_sbatch_owns_the_resume_policy_on_requeue(recorder, tmp_path, rest
     train = call[call.index("fa-hvd-train"):]
     assert train == ["fa-hvd-train", "--config", "configs/demo.yaml", "--resume", expected, "--set", "optim.lr=0.05",
                      "--run-dir", "runs/demo-77"], proc.stderr
+
+
+def test_submit_eval_sends_the_cells_not_done_in_arrays_of_at_most_max_array_size(recorder, tmp_path):
+    """slurm/submit-eval.sh: one array task per cell not done, in arrays of at most SLURM's MaxArraySize
+    (task T of the array at offset O runs cell O + T), then a report job after them all. With
+    --rerun-other-machines "done" would mean done on the login node's machine, not the compute nodes':
+    every cell is submitted, and each task's ``--cell`` skips a cell that its own machine computed."""
+    import yaml
+
+    from fa_hvd.eval.grid import load_grid
+    from fa_hvd.eval.runner import machine
+
+    grid_path, out, log = tmp_path / "grid.yaml", tmp_path / "eval", tmp_path / "calls"
+    grid_path.write_text(yaml.safe_dump({"seeds": 2, "splits": {"iid": None}, "workers": [[4, 1]],
+                                         "rules": {"mean": "mean", "flag": "flag"}, "faults": {"none": []}}))
+    cells = load_grid(grid_path).cells
+    assert len(cells) == 4
+    out.mkdir()
+    done = {0: "Another CPU (AVX512), torch 2.14.1", 1: machine()}
+    (out / "results.jsonl").write_text("".join(
+        json.dumps({"key": cells[i].key, "digest": cells[i].digest("simulation"), "engine": "simulation",
+                    "machine": name, "test_accuracy": 0.9}) + "\n" for i, name in done.items()))
+    # scontrol is the first call; sbatch answers its call's number as the job id (2, 3, ...);
+    # MaxArraySize 3 splits the 4 cells into arrays at offsets 0 and 3
+    for name, answer in {"sbatch": f'wc -l < "{log}"', "scontrol": 'echo "MaxArraySize            = 3"'}.items():
+        stub = tmp_path / "bin" / name
+        stub.write_text(f'#!/bin/sh\nprintf "%s\\0" {name} "$@" >> "{log}"\nprintf "\\n" >> "{log}"\n{answer}\n')
+        stub.chmod(0o755)
+
+    def jobs(*args):
+        proc, calls = recorder(["slurm/submit-eval.sh", str(grid_path), "--out", str(out), *args])
+        assert proc.returncode == 0, proc.stderr
+        assert [call[:2] for call in calls] == [["scontrol", "show"]] + [["sbatch", "--parsable"]] * (len(calls) - 1)
+        *arrays, report = [call[2:] for call in calls[1:]]
+        for array in arrays:
+            assert array[2:] == ["slurm/eval.sbatch", str(grid_path), "--out", str(out), *args], array
+        array_ids = ":".join(str(job) for job in range(2, len(arrays) + 2))
+        assert report[:2] == ["--job-name=fa_hvd_eval_report", f"--dependency=afterany:{array_ids}"], report
+        assert report[2].startswith(f"--wrap=fa-hvd-eval --grid {grid_path} --report"), report
+        return proc.stderr, [tuple(array[:2]) for array in arrays]
+
+    _, arrays = jobs()
+    assert arrays == [("--array=2", "--export=ALL,FA_HVD_CELL_OFFSET=0"), ("--array=0", "--export=ALL,FA_HVD_CELL_OFFSET=3")]
+    said, arrays = jobs("--rerun-other-machines")
+    assert arrays == [("--array=0,1,2", "--export=ALL,FA_HVD_CELL_OFFSET=0"),
+                      ("--array=0", "--export=ALL,FA_HVD_CELL_OFFSET=3")]
+    assert "every cell is submitted" in said, said
