@@ -205,6 +205,10 @@ def test_cell_mode_writes_a_file_that_report_collects(tmp_path, capsys):
     assert len(list((out / "cells").glob("*.json"))) == 1
     assert cli.main(["--grid", str(path), "--out", str(out), "--cell", "2"]) == 0
     assert "already done" in capsys.readouterr().out
+    # not yet collected, the cell is done for --list too (slurm/submit-eval.sh does not send it again)
+    assert cli.main(["--grid", str(path), "--out", str(out), "--list"]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert [line for line in listing if line.endswith("(done)")] == ["2 iid/p5f1/mean/alie-1/s0  (done)"], listing
     assert cli.main(["--grid", str(path), "--out", str(out), "--cell", "4"]) == 2
     assert cli.main(["--grid", str(path), "--out", str(out), "--report"]) == 0
     assert not list((out / "cells").glob("*.json"))

@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rerun-other-machines", action="store_true",
                         help="run again the cells whose result another machine computed (or one not recorded): a "
                         "cell's accuracy can differ between machines, and each result line names its machine")
-    parser.add_argument("--list", action="store_true", help="print the number of cells and one line per cell")
+    parser.add_argument("--list", action="store_true",
+                        help="print the number of cells and one line per cell, '(done)' after a cell with a result "
+                        "(in results.jsonl or a --cell file not yet collected)")
     parser.add_argument("--report", action="store_true", help="collect --cell results and write the report only")
     return parser
 
@@ -95,7 +97,7 @@ def main(argv=None) -> int:
                   f"(0..{len(grid.cells) - 1})", file=sys.stderr)
             return 2
         cell = grid.cells[args.cell]
-        if runner.cell_done(grid, out, cell, args.engine, here):
+        if cell.index in runner.valid_records(grid, out, here):
             print(f"fa-hvd-eval: cell {cell.index} {cell.key}: already done", flush=True)
             return 0
         try:

@@ -106,10 +106,16 @@ def collect(out: Path) -> None:
 
 def valid_records(grid: Grid, out: Path, here: str | None = None) -> dict[int, dict]:
     """``{cell index: record}`` for the cells whose current definition has a result (computed on
-    machine ``here`` only, when given)."""
+    machine ``here`` only, when given): in results.jsonl, or in a ``--cell`` file not yet collected."""
     by_key = {cell.key: cell for cell in grid.cells}
     found = {}
-    for record in _read_lines(out / RESULTS):
+    pending = []  # read before results.jsonl: a file that collect() removes meanwhile is in it by then
+    for path in sorted((out / CELLS).glob("*.json")):
+        try:
+            pending += _read_lines(path)
+        except FileNotFoundError:
+            continue
+    for record in [*pending, *_read_lines(out / RESULTS)]:
         cell = by_key.get(record.get("key"))
         if cell is not None and record.get("digest") == cell.digest(record.get("engine", "")) and \
                 (here is None or record.get("machine") == here):
@@ -123,22 +129,9 @@ def machines(records) -> collections.Counter:
     return collections.Counter(record.get("machine", NOT_RECORDED) for record in records)
 
 
-def _cell_file(out: Path, index: int, digest: str) -> Path:
-    return out / CELLS / f"{index:06d}-{digest}.json"
-
-
-def cell_done(grid: Grid, out: Path, cell: Cell, engine: str, here: str | None = None) -> bool:
-    """Whether ``cell`` has a result (from machine ``here``, when given): in results.jsonl, or in its
-    ``--cell`` file not yet collected."""
-    if cell.index in valid_records(grid, out, here):
-        return True
-    path = _cell_file(out, cell.index, cell.digest(engine))
-    return path.exists() and (here is None or json.loads(path.read_text()).get("machine") == here)
-
-
 def write_cell_file(out: Path, record: dict) -> Path:
     """A ``--cell`` result, written atomically (a SLURM array task per cell writes its own file)."""
-    path = _cell_file(out, record["index"], record["digest"])
+    path = out / CELLS / f"{record['index']:06d}-{record['digest']}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(record) + "\n")
