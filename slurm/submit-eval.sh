@@ -21,11 +21,12 @@ export PATH="$PWD/.venv/bin:$PATH"
 # own node's machine has already computed ("already done" in its log, a second or two).
 every_cell=0
 for arg in "$@"; do
-  if [ "$arg" = --rerun-other-machines ]; then
-    every_cell=1
-    say "--rerun-other-machines: this node cannot tell which cells the compute nodes' machine has computed:" \
-      "every cell is submitted (or every cell --match selects), and each task skips a cell its own machine has done"
-  fi
+  case "$arg" in
+    --rer*)  # the flag, or an abbreviation of it that fa-hvd-eval's argparse accepts
+      every_cell=1
+      say "--rerun-other-machines: this node cannot tell which cells the compute nodes' machine has computed:" \
+        "every cell is submitted (or every cell --match selects), and each task skips a cell its own machine has done";;
+  esac
 done
 todo="$(fa-hvd-eval --grid "$grid" --list "$@" | awk -v every="$every_cell" 'NR > 1 && (every || !/\(done\)$/) { print $1 }')"
 [ -n "$todo" ] || { say "every cell of $grid is done: nothing to submit"; exit 0; }

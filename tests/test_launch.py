@@ -330,7 +330,8 @@ def test_submit_eval_sends_the_cells_not_done_in_arrays_of_at_most_max_array_siz
 
     _, arrays = jobs()
     assert arrays == [("--array=2", "--export=ALL,FA_HVD_CELL_OFFSET=0"), ("--array=0", "--export=ALL,FA_HVD_CELL_OFFSET=3")]
-    said, arrays = jobs("--rerun-other-machines")
-    assert arrays == [("--array=0,1,2", "--export=ALL,FA_HVD_CELL_OFFSET=0"),
-                      ("--array=0", "--export=ALL,FA_HVD_CELL_OFFSET=3")]
-    assert "every cell is submitted" in said, said
+    for flag in ("--rerun-other-machines", "--rerun"):  # argparse takes the abbreviation too
+        said, arrays = jobs(flag)
+        assert arrays == [("--array=0,1,2", "--export=ALL,FA_HVD_CELL_OFFSET=0"),
+                          ("--array=0", "--export=ALL,FA_HVD_CELL_OFFSET=3")], flag
+        assert "every cell is submitted" in said, said

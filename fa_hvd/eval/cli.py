@@ -97,7 +97,7 @@ def main(argv=None) -> int:
                   f"(0..{len(grid.cells) - 1})", file=sys.stderr)
             return 2
         cell = grid.cells[args.cell]
-        if cell.index in runner.valid_records(grid, out, here):
+        if cell.index in runner.valid_records(grid, out, here, cell.index):
             print(f"fa-hvd-eval: cell {cell.index} {cell.key}: already done", flush=True)
             return 0
         try:

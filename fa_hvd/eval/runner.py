@@ -104,13 +104,14 @@ def collect(out: Path) -> None:
         path.unlink()
 
 
-def valid_records(grid: Grid, out: Path, here: str | None = None) -> dict[int, dict]:
+def valid_records(grid: Grid, out: Path, here: str | None = None, index: int | None = None) -> dict[int, dict]:
     """``{cell index: record}`` for the cells whose current definition has a result (computed on
-    machine ``here`` only, when given): in results.jsonl, or in a ``--cell`` file not yet collected."""
+    machine ``here`` only, when given): in results.jsonl, or in a ``--cell`` file not yet collected
+    (only cell ``index``'s file, when given: an array task need not read every other task's)."""
     by_key = {cell.key: cell for cell in grid.cells}
     found = {}
     pending = []  # read before results.jsonl: a file that collect() removes meanwhile is in it by then
-    for path in sorted((out / CELLS).glob("*.json")):
+    for path in sorted((out / CELLS).glob("*.json" if index is None else _cell_name(index, "*"))):
         try:
             pending += _read_lines(path)
         except FileNotFoundError:
@@ -129,9 +130,13 @@ def machines(records) -> collections.Counter:
     return collections.Counter(record.get("machine", NOT_RECORDED) for record in records)
 
 
+def _cell_name(index: int, digest: str) -> str:
+    return f"{index:06d}-{digest}.json"
+
+
 def write_cell_file(out: Path, record: dict) -> Path:
     """A ``--cell`` result, written atomically (a SLURM array task per cell writes its own file)."""
-    path = out / CELLS / f"{record['index']:06d}-{record['digest']}.json"
+    path = out / CELLS / _cell_name(record["index"], record["digest"])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(record) + "\n")
