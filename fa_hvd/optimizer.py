@@ -65,6 +65,7 @@ from .aggregators import Aggregator, get as get_aggregator
 from .comm import NoCompression, Transport, get_transport
 from .exchange import EXCHANGES, GradientExchange, agree_on_compiled_kernels, rule_name
 from .exchange.digest import DeferredDigest
+from .worker_momentum import WorkerMomentum, check_beta
 
 MIN_BUCKET_BYTES = 1 << 20  # automatic bucket sizes: total / TARGET_BUCKETS, within these bounds
 MAX_BUCKET_BYTES = 25 << 20
@@ -150,7 +151,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                  gradient_predivide_factor: float, groups, sparse_as_dense: bool, process_set,
                  aggregator: Callable[[torch.Tensor], torch.Tensor], transport: Transport, exchange,
                  bucket_bytes: int | None, gradient_transform: Callable[[torch.Tensor, int, int], torch.Tensor] | None,
-                 digest: bool | str):
+                 digest: bool | str, worker_momentum: float):
         super(self.__class__, self).__init__(params)
         # Horovod's attributes, with Horovod's meaning.
         self._compression = compression
@@ -172,6 +173,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._scale = float(transport.size) if op_name == "Sum" else 1.0
         self._prefix = f"fa_hvd.opt{next(_instances)}"
         self._gradient_transform = gradient_transform
+        self.worker_momentum = WorkerMomentum(worker_momentum) if worker_momentum else None
         self._ordered = bool(getattr(getattr(gradient_transform, "__self__", gradient_transform),
                                      "uses_collectives", False))
         self._exchange = (EXCHANGES[exchange] if isinstance(exchange, str) else exchange)(
@@ -301,6 +303,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             flat = torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
         if flat.dtype == torch.bfloat16:
             flat = flat.float()  # Horovod's allgather has no bf16
+        if self.worker_momentum is not None:
+            flat = self.worker_momentum(flat, bucket.index)
         if self._gradient_transform is not None:
             flat = self._gradient_transform(flat, bucket.index, self.step_count)
         flattened = time.perf_counter()
@@ -642,6 +646,7 @@ def DistributedOptimizer(
     bucket_bytes: int | None = None,
     gradient_transform: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
     digest: bool | str = False,
+    worker_momentum: float = 0.0,
 ):
     """Wrap ``optimizer`` so that gradients are all-gathered and robustly aggregated.
 
@@ -680,7 +685,11 @@ def DistributedOptimizer(
     factory then gets ``digest=True``); ``"deferred"`` keeps each aggregate in
     ``optimizer.digest`` (a :class:`~fa_hvd.exchange.digest.DeferredDigest`) for the
     caller's per-step control row to check one step later, with no collective of its
-    own (:func:`fa_hvd.train.control.agree`; the trainer's default). An
+    own (:func:`fa_hvd.train.control.agree`; the trainer's default), ``worker_momentum``
+    (``beta``, 0 by default: each rank sends ``m_t = beta m_(t-1) + g_t`` instead of its gradient,
+    before ``gradient_transform``, :mod:`fa_hvd.worker_momentum`; give the wrapped optimizer no
+    momentum of its own; ``optimizer.worker_momentum`` holds this rank's buffers, whose
+    ``state_dict()`` a per-rank checkpoint saves: they are not in the optimizer's). An
     aggregator that cannot work with the world size fails here, before training
     starts.
 
@@ -721,6 +730,7 @@ def DistributedOptimizer(
                          "(a transport object carries its own process set)")
     if digest not in (False, True, "deferred"):
         raise ValueError(f"fa_hvd: digest must be False, True or 'deferred', got {digest!r}")
+    worker_momentum = check_beta(worker_momentum)
     if isinstance(exchange, str) and exchange not in EXCHANGES:
         raise ValueError(f"fa_hvd: unknown exchange {exchange!r}; known: {', '.join(EXCHANGES)}")
     op, op_name = _resolve_op(op, gradient_predivide_factor)
@@ -737,7 +747,7 @@ def DistributedOptimizer(
     return cls(optimizer.param_groups, named_parameters,
                compression if compression is not None else NoCompression, backward_passes_per_step, op, op_name,
                gradient_predivide_factor, groups, sparse_as_dense, getattr(transport, "process_set", None),
-               aggregator, transport, exchange, bucket_bytes, gradient_transform, digest)
+               aggregator, transport, exchange, bucket_bytes, gradient_transform, digest, worker_momentum)
 
 
 def _register_elastic_state_handler() -> None:

@@ -1,7 +1,7 @@
 """Run an unchanged Horovod script with fa_hvd's robust aggregation.
 
     horovodrun -np 4 python -m fa_hvd.wrap [--aggregator NAME] [--f F]
-        [--param key=value ...] [--transport horovod|mpi] script.py [script args]
+        [--param key=value ...] [--transport horovod|mpi] [--worker-momentum BETA] script.py [script args]
 
 Before the script runs, ``horovod.torch.DistributedOptimizer`` becomes
 :func:`fa_hvd.DistributedOptimizer` with the chosen aggregator (and
@@ -12,6 +12,9 @@ environment instead, which is how a batch system passes it:
 
 * ``FA_HVD_AGGREGATOR`` (default ``flag``), ``FA_HVD_F`` (default 0),
   ``FA_HVD_PARAMS`` (``key=value,key=value``), ``FA_HVD_TRANSPORT``;
+* ``FA_HVD_WORKER_MOMENTUM`` (default 0): each rank sends its momentum ``m_t = beta m_(t-1) + g_t``
+  (:mod:`fa_hvd.worker_momentum`); the script's optimizer keeps no momentum of its own: an SGD
+  momentum it sets is set to 0 in every parameter group, and rank 0 says so;
 * ``FA_HVD_FAULTS`` (a YAML list of faults, or ``@file.yaml``), ``FA_HVD_FAULT_SEED``
   and ``FA_HVD_ALLOW_EXCEEDING_F``: fault injection (:mod:`fa_hvd.faults`): gradient
   and process faults. Data faults (labelflip, lotka_volterra, catmap) are refused
@@ -32,13 +35,14 @@ import sys
 
 from .aggregators import get as get_aggregator
 from .config import parse_key_values, parse_value
+from .worker_momentum import check_beta
 
 
 def parse_args(argv, environ=os.environ):
     parser = argparse.ArgumentParser(
         prog="python -m fa_hvd.wrap", description=__doc__.split("\n\n")[0],
         epilog="Environment: FA_HVD_AGGREGATOR, FA_HVD_F, FA_HVD_PARAMS, FA_HVD_TRANSPORT, "
-               "FA_HVD_FAULTS, FA_HVD_FAULT_SEED, FA_HVD_ALLOW_EXCEEDING_F.",
+               "FA_HVD_WORKER_MOMENTUM, FA_HVD_FAULTS, FA_HVD_FAULT_SEED, FA_HVD_ALLOW_EXCEEDING_F.",
     )
     parser.add_argument("--aggregator", default=environ.get("FA_HVD_AGGREGATOR", "flag"))
     parser.add_argument("--f", type=int, default=None, help="Byzantine workers tolerated")
@@ -46,6 +50,10 @@ def parse_args(argv, environ=os.environ):
                         help="an aggregator parameter (repeatable), e.g. --param r=8")
     parser.add_argument("--transport", default=environ.get("FA_HVD_TRANSPORT", "horovod"),
                         choices=("horovod", "mpi"))
+    parser.add_argument("--worker-momentum", type=float, metavar="BETA",
+                        default=environ.get("FA_HVD_WORKER_MOMENTUM", "0"),
+                        help="each rank sends its momentum with this beta (0 <= beta < 1; default 0: its "
+                             "gradient); the script's SGD momentum is set to 0")
     parser.add_argument("script", help="the Horovod training script")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments")
     args = parser.parse_args(argv)
@@ -56,6 +64,7 @@ def parse_args(argv, environ=os.environ):
         if f is not None:
             params["f"] = parse_value(str(f))
         get_aggregator(args.aggregator, **params)  # fail here, not inside the script
+        check_beta(args.worker_momentum)
         _refuse_data_faults(environ)
     except ValueError as exc:
         parser.error(str(exc))
@@ -74,8 +83,10 @@ def _refuse_data_faults(environ) -> None:
             f"with fa_hvd.faults.poison_for_rank, or run fa-hvd-train with the faults in its config")
 
 
-def robust_optimizer(aggregator: str, params: dict, transport: str, environ=os.environ):
-    """``hvd.DistributedOptimizer``'s replacement, with faults from the environment."""
+def robust_optimizer(aggregator: str, params: dict, transport: str, worker_momentum: float = 0.0,
+                     environ=os.environ):
+    """``hvd.DistributedOptimizer``'s replacement, with faults from the environment; with
+    ``worker_momentum`` the wrapped optimizer's own SGD momentum is set to 0."""
     from . import optimizer as fa_optimizer
     from .comm import get_transport
 
@@ -90,9 +101,18 @@ def robust_optimizer(aggregator: str, params: dict, transport: str, environ=os.e
         kwargs["transport"] = link
         if link.included:
             kwargs.setdefault("gradient_transform", _fault_transform(link, kwargs["aggregator_params"], environ))
+        moved = []
+        if worker_momentum:
+            kwargs.setdefault("worker_momentum", worker_momentum)
+            for group in optimizer.param_groups:
+                if group.get("momentum"):
+                    moved.append(group["momentum"])
+                    group["momentum"] = 0.0
         if link.rank == 0:
             print(f"fa_hvd.wrap: hvd.DistributedOptimizer -> fa_hvd ({aggregator}, {params}) "
-                  f"on {link.size} ranks", file=sys.stderr, flush=True)
+                  f"on {link.size} ranks" + (f", worker momentum {worker_momentum}" if worker_momentum else "")
+                  + (f" (the script's SGD momentum {', '.join(map(str, sorted(set(moved))))} set to 0)"
+                     if moved else ""), file=sys.stderr, flush=True)
         robust = fa_optimizer.DistributedOptimizer(**kwargs)
         if link.included and environ.get("HOROVOD_ELASTIC") != "1":  # collective, as the optimizer's model check
             link.start_roll_call()  # a stalled exchange names the ranks that do not answer
@@ -119,7 +139,7 @@ def main(argv=None) -> None:
 
     from . import broadcast_optimizer_state
 
-    hvd.DistributedOptimizer = robust_optimizer(args.aggregator, params, args.transport)
+    hvd.DistributedOptimizer = robust_optimizer(args.aggregator, params, args.transport, args.worker_momentum)
     hvd.broadcast_optimizer_state = broadcast_optimizer_state
     sys.argv = [args.script, *args.args]
     sys.path.insert(0, os.path.dirname(os.path.abspath(args.script)))

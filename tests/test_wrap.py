@@ -23,7 +23,32 @@ def test_arguments_and_environment():
     assert args.aggregator == "flag" and params == {"r": 4, "mode": "reference", "f": 2}
 
 
+def test_worker_momentum_from_the_command_line_or_the_environment_moves_the_scripts_sgd_momentum(monkeypatch,
+                                                                                                 capsys):
+    import torch
+    from torch import nn
+
+    import fa_hvd.comm
+    from loopback import LoopbackTransport
+
+    assert wrap.parse_args(["t.py"], environ={})[0].worker_momentum == 0
+    assert wrap.parse_args(["t.py"], environ={"FA_HVD_WORKER_MOMENTUM": "0.9"})[0].worker_momentum == 0.9
+    args, _ = wrap.parse_args(["--worker-momentum", "0.5", "t.py"], environ={"FA_HVD_WORKER_MOMENTUM": "0.9"})
+    assert args.worker_momentum == 0.5
+    monkeypatch.setattr(fa_hvd.comm, "get_transport", lambda name, process_set=None: LoopbackTransport(2))
+    model = nn.Linear(3, 2)
+    sgd = torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias], "momentum": 0.5}], lr=0.1,
+                          momentum=0.9)
+    opt = wrap.robust_optimizer("mean", {}, "horovod", 0.9, environ={})(sgd)
+    assert opt.worker_momentum.beta == 0.9 and [g["momentum"] for g in opt.param_groups] == [0.0, 0.0]
+    assert "worker momentum 0.9 (the script's SGD momentum 0.5, 0.9 set to 0)" in capsys.readouterr().err
+    assert wrap.robust_optimizer("mean", {}, "horovod", environ={})(torch.optim.SGD(
+        model.parameters(), lr=0.1, momentum=0.9)).worker_momentum is None
+
+
 @pytest.mark.parametrize("argv,needle", [
+    (["--worker-momentum", "1", "t.py"], "worker_momentum must be a number with 0 <= beta < 1, got 1.0"),
+    (["--worker-momentum", "x", "t.py"], "argument --worker-momentum: invalid float value: 'x'"),
     (["--aggregator", "nosuch", "t.py"], "unknown aggregation rule"),
     (["--param", "r", "t.py"], "key=value"),
     (["--aggregator", "flag", "--param", "r=0", "t.py"], "r must"),

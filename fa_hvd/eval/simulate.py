@@ -15,7 +15,8 @@ schedule, shards, faults, aggregators); each step ``t``:
    to copy ``r`` is worker ``r``'s gradient; micro-batches are averaged as the
    trainer's ``loss / k`` backward accumulates them;
 3. each worker's gradient is flattened into the optimizer's own buckets (the layout
-   of :func:`fa_hvd.optimizer._make_buckets`) and sent through the worker's own
+   of :func:`fa_hvd.optimizer._make_buckets`), folded into the worker's own momentum
+   with ``robust.worker_momentum`` (:class:`~fa_hvd.worker_momentum.WorkerMomentum`), and sent through the worker's own
    :class:`~fa_hvd.faults.FaultInjector` at step ``t``; the honest view that
    omniscient attacks gather is the bucket's matrix before any fault, which is
    what the trainer's extra allgather returns;
@@ -55,6 +56,7 @@ from fa_hvd.train import config as train_config
 from fa_hvd.train import data, models, optim
 from fa_hvd.train.control import median_loss
 from fa_hvd.train.sharding import ShardStream, partition, steps_per_epoch
+from fa_hvd.worker_momentum import WorkerMomentum
 
 from .grid import Cell
 
@@ -187,6 +189,7 @@ def simulate(cell: Cell, curve: bool = False, observe=None) -> dict:
     injectors = {rank: FaultInjector(specs, rank, p, seed=seed, transport=_HonestBoard(rank, p, board), log=_QUIET)
                  for rank in sorted({r for spec in specs if spec.category == "gradient" for r in spec.ranks})}
     per_worker = PerWorkerGradients(model, p)
+    momenta = [WorkerMomentum(conf.robust.worker_momentum) for _ in range(p)]
     losses: list[float] = []
     diverged = False
     for step in range(steps):
@@ -201,6 +204,8 @@ def simulate(cell: Cell, curve: bool = False, observe=None) -> dict:
         rows = []
         for index, bucket in enumerate(layout):
             G = torch.cat([grads[name].reshape(p, -1) for name, _ in bucket], dim=1)
+            if conf.robust.worker_momentum:
+                G = torch.stack([momenta[rank](G[rank], index) for rank in range(p)])
             if injectors:
                 board["rows"] = G
                 G = G.clone()

@@ -27,6 +27,7 @@ from fa_hvd.aggregators import get as get_aggregator
 from fa_hvd.faults import parse_faults
 from fa_hvd.faults.roles import SHARDED_ROLE_KINDS
 from fa_hvd.train import trust
+from fa_hvd.worker_momentum import check_beta
 
 DATA_SOURCES = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic", "dir")
 BOOKKEEPING_SECTIONS = ("checkpoint", "log")
@@ -214,12 +215,17 @@ class RobustConfig:
     digest: bool = True                # compare the ranks' aggregates, one step late in the control row
     allow_exceeding_f: bool = False    # more faulty ranks than f: a warning, not an error
     evict: Optional[EvictConfig] = None  # {window, threshold}: drain a distrusted rank's host (elastic: go on)
+    worker_momentum: float = 0.0       # beta: each rank sends its momentum (fa_hvd/worker_momentum.py)
 
     def validate(self) -> None:
         try:
             rule = get_aggregator(self.aggregator, **self.aggregator_params)
         except (TypeError, ValueError) as exc:
             raise cfg.ConfigError(f"robust.aggregator / robust.aggregator_params: {exc}") from None
+        try:
+            check_beta(self.worker_momentum)
+        except ValueError as exc:
+            raise cfg.ConfigError(f"robust.{exc}") from None
         _positive("robust.replicas", self.replicas, integer=True)
         if self.replicas > 1 and self.exchange != "sharded":
             raise cfg.ConfigError(f"robust.replicas: {self.replicas} needs robust.exchange sharded")
@@ -342,6 +348,10 @@ class RunConfig:
                                       f"set robust.exchange sharded")
         if self.elastic.enabled and self.robust.transport != "horovod":
             raise cfg.ConfigError("elastic.enabled: elastic mode needs robust.transport horovod")
+        if self.robust.worker_momentum and self.optim.name == "sgd" and self.optim.momentum:
+            raise cfg.ConfigError(f"robust.worker_momentum: {self.robust.worker_momentum} with optim.momentum "
+                                  f"{self.optim.momentum} applies momentum twice (the ranks' and then the "
+                                  f"optimizer's); set optim.momentum 0")
 
 
 def _world_for_checks(entries) -> int:
@@ -370,10 +380,12 @@ def parse(raw: dict, overrides=()) -> tuple[RunConfig, dict]:
 
 
 def identity(data: dict) -> dict:
-    """The part of a config's plain data that a resumed run must share with its checkpoint."""
+    """The part of a config's plain data that a resumed run must share with its checkpoint
+    (``robust.worker_momentum`` only when not 0: checkpoints from before the key resume as they did)."""
     kept = {k: v for k, v in data.items() if k not in BOOKKEEPING_SECTIONS}
     if isinstance(kept.get("robust"), dict):
-        kept["robust"] = {k: v for k, v in kept["robust"].items() if k != "digest"}
+        kept["robust"] = {k: v for k, v in kept["robust"].items()
+                          if k != "digest" and not (k == "worker_momentum" and not v)}
     return kept
 
 

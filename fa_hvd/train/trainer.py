@@ -74,6 +74,7 @@ from fa_hvd.train import config as train_config
 from fa_hvd.train import control, data, eviction, metrics, models, optim, resume, tensorboard, trust
 from fa_hvd.train.resume import CHECKPOINT_FORMAT, UsageError
 from fa_hvd.train.sharding import ShardStream, partition, steps_per_epoch
+from fa_hvd.worker_momentum import WorkerMomentum
 
 PROG = "fa-hvd-train"
 EXIT_OK, EXIT_USAGE, EXIT_PREEMPTED, EXIT_EVICTED = 0, 2, 75, 76
@@ -220,6 +221,7 @@ class Trainer:
                                                self.steps_per_epoch)
         self._overflowed = False
         self._scale = 1.0
+        self.worker_momentum = WorkerMomentum(conf.robust.worker_momentum)
         self.join_world()
 
     def join_world(self) -> None:
@@ -290,12 +292,14 @@ class Trainer:
     # -- one step ---------------------------------------------------------------------------
     def _outgoing(self, flat: torch.Tensor, bucket: int, step: int) -> torch.Tensor:
         """What this rank sends: under fp16 the unscaled gradient (exact: the scale is a power of 2),
-        so every rule sees true gradients; then this rank's faults."""
+        so every rule sees true gradients; with ``robust.worker_momentum`` its momentum; then this
+        rank's faults."""
         if self.scaler is not None:
             if bucket == 0:
                 self._overflowed = False
             self._overflowed |= not bool(torch.isfinite(flat).all())
             flat = flat / self._scale
+        flat = self.worker_momentum(flat, bucket)
         if self.injector.specs:
             flat = self.injector.gradient_transform(flat, bucket, step)
         return flat
@@ -369,12 +373,14 @@ class Trainer:
 
     # -- state: checkpoints and elastic commits -------------------------------------------
     def rank_state(self) -> dict:
-        """What only this rank knows: its random generators, stream position, buffers, fault counts."""
+        """What only this rank knows: its random generators, stream position, buffers, fault counts,
+        worker momentum."""
         return {
             "rng": checkpoint.rng_state(),
             "stream": self.stream.state_dict(),
             "buffers": {name: b.detach().cpu().clone() for name, b in self.model.named_buffers()},
             "faults": dict(self.injector.counts),
+            "worker_momentum": self.worker_momentum.state_dict(),
         }
 
     def shared_state(self) -> dict:
@@ -422,6 +428,8 @@ class Trainer:
             for name, value in mine["buffers"].items():
                 buffers[name].copy_(value)
         self.injector.counts = dict(mine["faults"])
+        if "worker_momentum" in mine:  # absent from checkpoints written before worker momentum existed
+            self.worker_momentum.load_state_dict(mine["worker_momentum"])
 
     def load_shared(self, state: dict) -> None:
         """Model, optimizer, schedule, scaler, step and progress from ``state``."""
@@ -441,7 +449,9 @@ class Trainer:
         self.trust = None  # opened again from trust_state by the next train()
 
     def reseed(self) -> None:
-        """This rank's stream and generators for a new world, from the step alone."""
+        """This rank's stream and generators for a new world, from the step alone; its worker momentum
+        starts afresh (the history it holds may be of steps the new world does again)."""
+        self.worker_momentum.reset()
         self.stream.position = self.step * self.conf.train.batch_size * self.passes
         seed = derive_seed(self.conf.seed, 0x5EED, self.rank, self.step)
         random.seed(seed)
