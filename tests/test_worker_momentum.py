@@ -54,6 +54,8 @@ def test_state_round_trips_and_a_buffer_of_another_beta_or_size_is_refused():
     again = WorkerMomentum(0.9)
     again.load_state_dict(momentum.state_dict())
     assert torch.equal(again(torch.ones(2), 0), momentum(torch.ones(2), 0))
+    wider = again(torch.ones(2, dtype=torch.float64), 0)  # loaded buffers follow the gradients' device and dtype
+    assert wider.dtype == torch.float64 and torch.allclose(wider, torch.tensor([2.71, 3.52], dtype=torch.float64))
     with pytest.raises(ValueError, match="saved buffers are for beta=0.9, this run has beta=0.5"):
         WorkerMomentum(0.5).load_state_dict(momentum.state_dict())
     with pytest.raises(ValueError, match="bucket 0 has 3 elements, its buffer 2"):
