@@ -46,6 +46,7 @@ from .aggregators import get as get_aggregator
 from .comm import NoCompression
 from .comm.torchdist import TorchDistTransport
 from .exchange import EXCHANGES, agree_on_compiled_kernels
+from .worker_momentum import WorkerMomentum
 
 _instances = itertools.count()  # same creation order on every rank -> same collective names
 
@@ -61,11 +62,18 @@ class RobustHookState:
     ``dropped``, ``weights``); ``timings`` its ``time.perf_counter()`` stamps from the last
     bucket on (``last_bucket``, the exchange's own, ``handed``: every future completed) and
     ``hook_s`` the seconds its hook calls took before the last bucket (starting each bucket's
-    exchange), for ``fa-hvd-bench step --profile``.
+    exchange), for ``fa-hvd-bench step --profile``. ``worker_momentum`` (``beta``, 0 by default):
+    this rank sends its momentum instead of its gradient (:mod:`fa_hvd.worker_momentum`; give the
+    optimizer no momentum of its own), kept per parameter because DDP rebuilds its buckets after the
+    first step; the buffers are in ``state.worker_momentum``, keyed by the order in which the
+    parameters first reached the hook.
     """
 
     def __init__(self, aggregator="flag", aggregator_params: dict | None = None, *, process_group=None,
-                 exchange="allgather", compression=None, gradient_transform=None, **params):
+                 exchange="allgather", compression=None, gradient_transform=None, worker_momentum: float = 0.0,
+                 **params):
+        self.worker_momentum = WorkerMomentum(worker_momentum) if worker_momentum else None
+        self._parameter_keys: dict[int, int] = {}
         self.transport = TorchDistTransport(process_group)
         params = {**(aggregator_params or {}), **params}
         if isinstance(aggregator, str):
@@ -92,6 +100,19 @@ class RobustHookState:
         self.timings: dict = {}
         self.hook_s = 0.0
         self._pending: dict[int, tuple[torch.futures.Future, torch.Tensor]] = {}
+
+    def momentum(self, bucket: dist.GradBucket, flat: torch.Tensor) -> torch.Tensor:
+        """This rank's momentum of the bucket's gradient ``flat``, parameter by parameter."""
+        params = bucket.parameters()
+        if sum(p.numel() for p in params) != flat.numel():
+            raise RuntimeError(f"fa_hvd.ddp: bucket {bucket.index()} holds {flat.numel()} elements, its "
+                               f"parameters {sum(p.numel() for p in params)}; worker momentum needs them to match")
+        pieces, offset = [], 0
+        for param in params:
+            key = self._parameter_keys.setdefault(id(param), len(self._parameter_keys))
+            pieces.append(self.worker_momentum(flat[offset: offset + param.numel()], key))
+            offset += param.numel()
+        return torch.cat(pieces)
 
     def _finish(self) -> None:
         """The last bucket is in: aggregate, and complete every bucket's future with its part."""
@@ -126,6 +147,8 @@ def robust_hook(state: RobustHookState, bucket: dist.GradBucket) -> torch.future
     buffer = bucket.buffer()
     flat = buffer.float() if buffer.dtype == torch.bfloat16 else buffer
     index = bucket.index()
+    if state.worker_momentum is not None:
+        flat = state.momentum(bucket, flat)
     if state.gradient_transform is not None:
         flat = state.gradient_transform(flat, index, state.step)
     # A CUDA-aware future for a GPU bucket: it records the stream the aggregate was written on.
@@ -146,13 +169,15 @@ def robust_hook(state: RobustHookState, bucket: dist.GradBucket) -> torch.future
 
 
 def wrap(model: torch.nn.Module, aggregator="flag", aggregator_params: dict | None = None, *,
-         exchange="allgather", compression=None, gradient_transform=None, **params) -> DistributedDataParallel:
+         exchange="allgather", compression=None, gradient_transform=None, worker_momentum: float = 0.0,
+         **params) -> DistributedDataParallel:
     """Register :func:`robust_hook` on ``model`` (a ``DistributedDataParallel``, or a module that is
     wrapped in one first) over its process group; returns the DDP model. Its state is
     ``model.fa_hvd_state``."""
     ddp = model if isinstance(model, DistributedDataParallel) else DistributedDataParallel(model)
     state = RobustHookState(aggregator, aggregator_params, process_group=ddp.process_group, exchange=exchange,
-                            compression=compression, gradient_transform=gradient_transform, **params)
+                            compression=compression, gradient_transform=gradient_transform,
+                            worker_momentum=worker_momentum, **params)
     ddp.register_comm_hook(state, robust_hook)
     ddp.fa_hvd_state = state
     return ddp

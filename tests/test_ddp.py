@@ -6,6 +6,8 @@
   is exact; over four ranks within fp32 rounding (G.mean(0) against Gloo's ring sum of g / 4
   add in different orders) and, for bf16 parameters, within one bf16 step (DDP sums bf16
   buckets in bf16, the hook aggregates in fp32 and rounds once).
+* worker_momentum=0.9 with "mean" and SGD without momentum trains as plain DDP with SGD momentum 0.9
+  (within fp32 rounding), its buffers kept per parameter across DDP's rebuild of the buckets.
 * a rank sending -8 times its gradient: plain DDP's loss blows up, the hook with flag (f = 1)
   trains, with either exchange, and every rank holds the same bits.
 """
@@ -21,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 @functools.cache
 def report():
-    proc = launch("torchrun", 4, ["python", str(SCRIPTS / "ddp_check.py"), "mean", "byzantine"], timeout=300)
+    proc = launch("torchrun", 4, ["python", str(SCRIPTS / "ddp_check.py"), "mean", "byzantine", "momentum"], timeout=300)
     found = results(proc)
     assert proc.returncode == 0 and len(found) == 1, output(proc)
     return found[0]
@@ -49,3 +51,8 @@ def test_flag_hook_trains_where_plain_ddp_diverges_under_a_byzantine_rank():
     for exchange in ("allgather", "sharded"):
         ours = r[f"flag/{exchange}"]
         assert ours["last_loss"] < 0.85 * ours["first_loss"] and ours["ranks_agree"], (exchange, ours)
+
+
+def test_worker_momentum_in_the_hook_is_the_optimizers_momentum_across_the_bucket_rebuild():
+    for exchange, r in report()["momentum"].items():
+        assert r["moved"] > 0.05 and r["max_abs_diff"] < 1e-6 and r["buffers"] == 6, (exchange, r)

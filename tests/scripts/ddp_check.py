@@ -1,6 +1,6 @@
 """fa_hvd.ddp's hook against plain DDP on a real torchrun job (4 ranks, Gloo); rank 0 prints RESULT {json}.
 
-torchrun --nproc-per-node 4 --no-python python ddp_check.py mean byzantine
+torchrun --nproc-per-node 4 --no-python python ddp_check.py mean byzantine momentum
 
 * mean: DDP with the hook and aggregator="mean" against plain DDP, k steps, with both exchanges:
   over pairs of ranks (process groups {0, 1} and {2, 3}) in every DDP mode (plain, static_graph,
@@ -8,6 +8,9 @@ torchrun --nproc-per-node 4 --no-python python ddp_check.py mean byzantine
   autocast), and over the
   whole world (4 ranks) plain and bf16: the largest parameter difference, whether the bits are
   equal, and how far the parameters moved.
+* momentum: over the whole world, plain DDP with SGD momentum 0.9 against the hook with "mean",
+  worker_momentum=0.9 and SGD without momentum (the same SGD, up to rounding), several buckets,
+  which DDP rebuilds after the first step, both exchanges.
 * byzantine: rank 3 sends -8 times its gradient every step: plain DDP (the same lie through
   an allreduce hook) against the hook with flag (f = 1), both exchanges; the loss at the start and
   the end, and whether the ranks hold the same bits.
@@ -54,7 +57,7 @@ def crc(model):
     return value
 
 
-def train(mode, group, hook_state, rank, steps=STEPS):
+def train(mode, group, hook_state, rank, steps=STEPS, momentum=0.9):
     torch.manual_seed(0)
     model = Net(unused=mode == "unused")
     if mode == "bf16":
@@ -67,7 +70,7 @@ def train(mode, group, hook_state, rank, steps=STEPS):
     ddp = DDP(model, process_group=group, bucket_cap_mb=0.01, **kwargs)  # several buckets
     if hook_state is not None:
         ddp.register_comm_hook(hook_state, fa_hvd.ddp.robust_hook)
-    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=momentum)
     x, y = data(rank)
     if mode == "bf16":
         x = x.to(torch.bfloat16)
@@ -102,6 +105,20 @@ def check_mean(rank, size):
                 out[f"{where}/{mode}/{exchange}"] = {
                     "max_abs_diff": float((a - b).abs().max()), "bits_equal": crc(plain) == crc(ours),
                     "moved": float((b[: start.numel()] - start).abs().max())}
+    return out
+
+
+def check_momentum(rank, size):
+    out = {}
+    for exchange in ("allgather", "sharded"):
+        plain = train("plain", None, None, rank)
+        state = fa_hvd.ddp.RobustHookState("mean", exchange=exchange, worker_momentum=0.9)
+        ours = train("plain", None, state, rank, momentum=0.0)
+        a = torch.cat([p.detach().reshape(-1) for p in plain.parameters()])
+        b = torch.cat([p.detach().reshape(-1) for p in ours.parameters()])
+        start = torch.cat([p.reshape(-1) for p in (torch.manual_seed(0), Net())[1].parameters()])
+        out[exchange] = {"max_abs_diff": float((a - b).abs().max()), "moved": float((b - start).abs().max()),
+                         "buffers": len(state.worker_momentum.buffers)}
     return out
 
 
@@ -140,7 +157,7 @@ def check_byzantine(rank, size, steps=40):
     return out
 
 
-CHECKS = {"mean": check_mean, "byzantine": check_byzantine}
+CHECKS = {"mean": check_mean, "byzantine": check_byzantine, "momentum": check_momentum}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
