@@ -147,6 +147,27 @@ def test_alie_sign_minus_one_goes_below_the_mean_by_the_z_of_n_and_f():
     torch.testing.assert_close(send(inj, rows[1]), rows[3:].mean(0) - z * rows[3:].std(0))
 
 
+def test_alie_spread_gives_each_faulty_rank_its_own_copy_around_the_same_point():
+    """``spread`` s: rank r sends mu - sigma + s sigma xi_r; two ranks' copies differ, each by about s sigma per
+    coordinate from the common point, and spread 0 is the plain attack bit for bit."""
+    rows = honest_world(n=15, dim=20_000)
+    honest = rows[3:]
+    point = honest.mean(0) - honest.std(0)
+
+    def sent(rank, spread):
+        params = {"z": 1.0, "sign": -1, **({"spread": spread} if spread is not None else {})}
+        inj = injector([{"kind": "alie", "ranks": [0, 1, 2], "params": params}], rank=rank, world=15,
+                       transport=FakeTransport(rank, rows))
+        return send(inj, rows[rank])
+
+    assert torch.equal(sent(1, 0.0), sent(1, None)) and torch.equal(sent(1, 0.0), sent(2, 0.0))
+    a, b = sent(1, 0.5), sent(2, 0.5)
+    assert not torch.equal(a, b)
+    for row in (a, b):
+        scaled = (row - point) / honest.std(0)
+        assert abs(float(scaled.mean())) < 0.03 and abs(float(scaled.std()) - 0.5) < 0.01
+
+
 def test_ipm_is_minus_eps_mu():
     rows = honest_world()
     inj = injector([{"kind": "ipm", "ranks": [0, 1, 2], "params": {"eps": 0.5}}], world=15,
@@ -330,7 +351,8 @@ def test_invalid_specs_name_the_entry(entries, needle):
 def test_alie_z_that_cannot_be_derived_asks_for_params_z():
     with pytest.raises(ValueError, match="give params.z"):
         parse_faults([{"kind": "alie", "ranks": [0]}], world_size=2)
-    assert parse_faults([{"kind": "alie", "ranks": [0], "params": {"z": 1.0}}], world_size=2)[0].params == {"z": 1.0, "sign": 1}
+    assert parse_faults([{"kind": "alie", "ranks": [0], "params": {"z": 1.0}}], world_size=2)[0].params == \
+        {"z": 1.0, "sign": 1, "spread": 0.0}
 
 
 def test_defaults_are_filled_in():

@@ -19,7 +19,9 @@ Gradient faults (what the faulty rank sends instead of ``g``):
 * ``bitflip``   -- each element, with probability ``rate`` (default 1e-3), gets one
   random bit of its binary representation flipped
 * ``alie``      -- mu + sign * z * sigma; z = Phi^-1((n - f - s) / (n - f)), s = floor(n/2) + 1 - f,
-  n = world size, f = the spec's number of ranks (or ``params.z``); ``sign`` +1 (default) or -1
+  n = world size, f = the spec's number of ranks (or ``params.z``); ``sign`` +1 (default) or -1;
+  ``spread`` (default 0): each faulty rank adds its own spread * sigma * N(0, I), so the copies
+  do not coincide
 * ``ipm``       -- -eps * mu (``eps``, default 0.1)
 * ``mimic``     -- a copy of honest rank ``target``'s g (default the lowest rank without
   gradient faults)

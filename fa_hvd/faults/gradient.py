@@ -80,10 +80,17 @@ def bitflip(g, honest, generator, params):
 def alie(g, honest, generator, params):
     """A little is enough: mu + sign * z * sigma (sigma with Bessel's correction when
     there are at least two honest rows; ``sign`` +1 or -1, so that both sides of the
-    mean are reachable with the z derived from n and f)."""
+    mean are reachable with the z derived from n and f); with ``spread`` > 0 each faulty
+    rank adds its own ``spread * sigma * xi`` (xi ~ N(0, I) from this rank's generator), so
+    that the copies no longer coincide: the adaptive form against a rule that counts
+    coinciding rows (at ``spread`` 1 they differ from each other as honest rows do)."""
     rows = honest.rows
     sigma = rows.std(dim=0, correction=1 if rows.shape[0] > 1 else 0)
-    return rows.mean(dim=0) + (params["sign"] * params["z"]) * sigma
+    row = rows.mean(dim=0) + (params["sign"] * params["z"]) * sigma
+    spread = params.get("spread", 0.0)
+    if spread:
+        row = row + spread * sigma * torch.randn(row.shape, generator=generator, dtype=row.dtype, device=row.device)
+    return row
 
 
 def ipm(g, honest, generator, params):
