@@ -57,6 +57,12 @@ def crc(model):
     return value
 
 
+def initial_parameters():
+    """Every run's parameters before training (train() seeds the model the same way), flattened."""
+    torch.manual_seed(0)
+    return torch.cat([p.detach().reshape(-1) for p in Net().parameters()])
+
+
 def train(mode, group, hook_state, rank, steps=STEPS, momentum=0.9):
     torch.manual_seed(0)
     model = Net(unused=mode == "unused")
@@ -90,7 +96,7 @@ def train(mode, group, hook_state, rank, steps=STEPS, momentum=0.9):
 
 def check_mean(rank, size):
     pair = [dist.new_group([0, 1]), dist.new_group([2, 3])][rank // 2]
-    start = torch.cat([p.reshape(-1) for p in (torch.manual_seed(0), Net())[1].parameters()])
+    start = initial_parameters()
     out = {}
     modes = {"world": ("plain", "bf16"), "pair": ("plain", "static_graph", "unused", "no_sync", "bucket_view", "bf16",
                                                  "autocast")}
@@ -109,14 +115,13 @@ def check_mean(rank, size):
 
 
 def check_momentum(rank, size):
-    out = {}
+    start, out = initial_parameters(), {}
     for exchange in ("allgather", "sharded"):
         plain = train("plain", None, None, rank)
         state = fa_hvd.ddp.RobustHookState("mean", exchange=exchange, worker_momentum=0.9)
         ours = train("plain", None, state, rank, momentum=0.0)
         a = torch.cat([p.detach().reshape(-1) for p in plain.parameters()])
         b = torch.cat([p.detach().reshape(-1) for p in ours.parameters()])
-        start = torch.cat([p.reshape(-1) for p in (torch.manual_seed(0), Net())[1].parameters()])
         out[exchange] = {"max_abs_diff": float((a - b).abs().max()), "moved": float((b - start).abs().max()),
                          "buffers": len(state.worker_momentum.buffers)}
     return out
