@@ -64,15 +64,16 @@ class RobustHookState:
     ``hook_s`` the seconds its hook calls took before the last bucket (starting each bucket's
     exchange), for ``fa-hvd-bench step --profile``. ``worker_momentum`` (``beta``, 0 by default):
     this rank sends its momentum instead of its gradient (:mod:`fa_hvd.worker_momentum`; give the
-    optimizer no momentum of its own), kept per parameter because DDP rebuilds its buckets after the
-    first step; the buffers are in ``state.worker_momentum``, keyed by the order in which the
-    parameters first reached the hook.
+    optimizer no momentum of its own; ``worker_nesterov=True``: Nesterov's ``g_t + beta m_t``), kept
+    per parameter because DDP rebuilds its buckets after the first step; the buffers are in
+    ``state.worker_momentum``, keyed by the order in which the parameters first reached the hook.
     """
 
     def __init__(self, aggregator="flag", aggregator_params: dict | None = None, *, process_group=None,
                  exchange="allgather", compression=None, gradient_transform=None, worker_momentum: float = 0.0,
-                 **params):
-        self.worker_momentum = WorkerMomentum(worker_momentum) if worker_momentum else None
+                 worker_nesterov: bool = False, **params):
+        momentum = WorkerMomentum(worker_momentum, worker_nesterov)
+        self.worker_momentum = momentum if momentum.beta else None
         self._parameter_keys: dict[int, int] = {}
         self.transport = TorchDistTransport(process_group)
         params = {**(aggregator_params or {}), **params}
@@ -170,14 +171,14 @@ def robust_hook(state: RobustHookState, bucket: dist.GradBucket) -> torch.future
 
 def wrap(model: torch.nn.Module, aggregator="flag", aggregator_params: dict | None = None, *,
          exchange="allgather", compression=None, gradient_transform=None, worker_momentum: float = 0.0,
-         **params) -> DistributedDataParallel:
+         worker_nesterov: bool = False, **params) -> DistributedDataParallel:
     """Register :func:`robust_hook` on ``model`` (a ``DistributedDataParallel``, or a module that is
     wrapped in one first) over its process group; returns the DDP model. Its state is
     ``model.fa_hvd_state``."""
     ddp = model if isinstance(model, DistributedDataParallel) else DistributedDataParallel(model)
     state = RobustHookState(aggregator, aggregator_params, process_group=ddp.process_group, exchange=exchange,
                             compression=compression, gradient_transform=gradient_transform,
-                            worker_momentum=worker_momentum, **params)
+                            worker_momentum=worker_momentum, worker_nesterov=worker_nesterov, **params)
     ddp.register_comm_hook(state, robust_hook)
     ddp.fa_hvd_state = state
     return ddp

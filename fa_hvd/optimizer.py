@@ -65,7 +65,7 @@ from .aggregators import Aggregator, get as get_aggregator
 from .comm import NoCompression, Transport, get_transport
 from .exchange import EXCHANGES, GradientExchange, agree_on_compiled_kernels, rule_name
 from .exchange.digest import DeferredDigest
-from .worker_momentum import WorkerMomentum, check_beta
+from .worker_momentum import WorkerMomentum
 
 MIN_BUCKET_BYTES = 1 << 20  # automatic bucket sizes: total / TARGET_BUCKETS, within these bounds
 MAX_BUCKET_BYTES = 25 << 20
@@ -151,7 +151,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                  gradient_predivide_factor: float, groups, sparse_as_dense: bool, process_set,
                  aggregator: Callable[[torch.Tensor], torch.Tensor], transport: Transport, exchange,
                  bucket_bytes: int | None, gradient_transform: Callable[[torch.Tensor, int, int], torch.Tensor] | None,
-                 digest: bool | str, worker_momentum: float):
+                 digest: bool | str, worker_momentum: WorkerMomentum | None):
         super(self.__class__, self).__init__(params)
         # Horovod's attributes, with Horovod's meaning.
         self._compression = compression
@@ -173,7 +173,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._scale = float(transport.size) if op_name == "Sum" else 1.0
         self._prefix = f"fa_hvd.opt{next(_instances)}"
         self._gradient_transform = gradient_transform
-        self.worker_momentum = WorkerMomentum(worker_momentum) if worker_momentum else None
+        self.worker_momentum = worker_momentum
         self._ordered = bool(getattr(getattr(gradient_transform, "__self__", gradient_transform),
                                      "uses_collectives", False))
         self._exchange = (EXCHANGES[exchange] if isinstance(exchange, str) else exchange)(
@@ -647,6 +647,7 @@ def DistributedOptimizer(
     gradient_transform: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
     digest: bool | str = False,
     worker_momentum: float = 0.0,
+    worker_nesterov: bool = False,
 ):
     """Wrap ``optimizer`` so that gradients are all-gathered and robustly aggregated.
 
@@ -688,7 +689,8 @@ def DistributedOptimizer(
     own (:func:`fa_hvd.train.control.agree`; the trainer's default), ``worker_momentum``
     (``beta``, 0 by default: each rank sends ``m_t = beta m_(t-1) + g_t`` instead of its gradient,
     before ``gradient_transform``, :mod:`fa_hvd.worker_momentum`; give the wrapped optimizer no
-    momentum of its own; ``optimizer.worker_momentum`` holds this rank's buffers, whose
+    momentum of its own; ``worker_nesterov=True`` sends Nesterov's ``g_t + beta m_t``;
+    ``optimizer.worker_momentum`` holds this rank's buffers, whose
     ``state_dict()`` a per-rank checkpoint saves: they are not in the optimizer's). An
     aggregator that cannot work with the world size fails here, before training
     starts.
@@ -730,7 +732,7 @@ def DistributedOptimizer(
                          "(a transport object carries its own process set)")
     if digest not in (False, True, "deferred"):
         raise ValueError(f"fa_hvd: digest must be False, True or 'deferred', got {digest!r}")
-    worker_momentum = check_beta(worker_momentum)
+    momentum = WorkerMomentum(worker_momentum, worker_nesterov)
     if isinstance(exchange, str) and exchange not in EXCHANGES:
         raise ValueError(f"fa_hvd: unknown exchange {exchange!r}; known: {', '.join(EXCHANGES)}")
     op, op_name = _resolve_op(op, gradient_predivide_factor)
@@ -747,7 +749,8 @@ def DistributedOptimizer(
     return cls(optimizer.param_groups, named_parameters,
                compression if compression is not None else NoCompression, backward_passes_per_step, op, op_name,
                gradient_predivide_factor, groups, sparse_as_dense, getattr(transport, "process_set", None),
-               aggregator, transport, exchange, bucket_bytes, gradient_transform, digest, worker_momentum)
+               aggregator, transport, exchange, bucket_bytes, gradient_transform, digest,
+               momentum if momentum.beta else None)
 
 
 def _register_elastic_state_handler() -> None:

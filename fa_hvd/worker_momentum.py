@@ -10,6 +10,8 @@ With ``mean`` this is SGD with momentum ``beta`` on the averaged gradient (``mea
 is the momentum of ``mean_r g_t``; on one rank bit for bit, the buffer rounded as torch's
 SGD rounds it), so the learning rate keeps its meaning. Weight decay and gradient clipping
 stay the optimizer's: they act on the aggregate, after the momentum, not inside it.
+With ``nesterov`` the rank sends ``g_t + beta m_t`` instead (torch SGD's Nesterov step; the
+buffer is the same ``m_t``), so with ``mean`` it is Nesterov SGD on the averaged gradient.
 
 What changes is the honest rows' spread beside their mean: over i.i.d. steps the
 momentum's mean grows as ``1 / (1 - beta)`` and its noise as ``1 / sqrt(1 - beta^2)``, so
@@ -42,10 +44,16 @@ def check_beta(beta) -> float:
 
 
 class WorkerMomentum:
-    """One rank's momentum buffers, keyed by bucket index: ``momentum(flat, index)`` -> what to send."""
+    """One rank's momentum buffers, keyed by an integer the caller picks (the optimizer's bucket
+    index, the DDP hook's parameter order): ``momentum(flat, index)`` -> what to send."""
 
-    def __init__(self, beta: float):
+    def __init__(self, beta: float, nesterov: bool = False):
         self.beta = check_beta(beta)
+        if not isinstance(nesterov, bool):
+            raise ValueError(f"worker_nesterov must be True or False, got {nesterov!r}")
+        if nesterov and self.beta == 0:
+            raise ValueError("worker_nesterov needs worker_momentum > 0")
+        self.nesterov = nesterov
         self.buffers: dict[int, torch.Tensor] = {}
 
     def __call__(self, flat: torch.Tensor, index: int) -> torch.Tensor:
@@ -59,10 +67,10 @@ class WorkerMomentum:
                              f"{previous.numel()}; the bucket layout must not change during a run")
         if previous is not None and (previous.device != flat.device or previous.dtype != flat.dtype):
             previous = previous.to(device=flat.device, dtype=flat.dtype)
-        sent = flat.clone() if previous is None else previous.mul(self.beta).add_(flat)  # torch SGD's rounding
-        if bool(torch.isfinite(sent).all()):
-            self.buffers[index] = sent.clone()
-        return sent
+        buffer = flat.clone() if previous is None else previous.mul(self.beta).add_(flat)  # torch SGD's rounding
+        if bool(torch.isfinite(buffer).all()):
+            self.buffers[index] = buffer.clone()
+        return flat.add(buffer, alpha=self.beta) if self.nesterov else buffer
 
     def state_dict(self) -> dict:
         return {"beta": self.beta, "buffers": {index: b.detach().cpu().clone() for index, b in self.buffers.items()}}

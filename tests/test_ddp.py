@@ -7,7 +7,8 @@
   add in different orders) and, for bf16 parameters, within one bf16 step (DDP sums bf16
   buckets in bf16, the hook aggregates in fp32 and rounds once).
 * worker_momentum=0.9 with "mean" and SGD without momentum trains as plain DDP with SGD momentum 0.9
-  (within fp32 rounding), its buffers kept per parameter across DDP's rebuild of the buckets.
+  (within fp32 rounding; Nesterov's with the sharded exchange), its buffers kept per parameter across
+  DDP's rebuild of the buckets.
 * a rank sending -8 times its gradient: plain DDP's loss blows up, the hook with flag (f = 1)
   trains, with either exchange, and every rank holds the same bits.
 """
@@ -56,3 +57,4 @@ def test_flag_hook_trains_where_plain_ddp_diverges_under_a_byzantine_rank():
 def test_worker_momentum_in_the_hook_is_the_optimizers_momentum_across_the_bucket_rebuild():
     for exchange, r in report()["momentum"].items():
         assert r["moved"] > 0.05 and r["max_abs_diff"] < 1e-6 and r["buffers"] == 6, (exchange, r)
+        assert r["nesterov"] == (exchange == "sharded"), (exchange, r)

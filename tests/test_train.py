@@ -49,12 +49,13 @@ def _train_to_the_end(t: trainer.Trainer, steps: int) -> list[dict]:
     return [json.loads(line) for line in (t.run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _hand_written(steps, batch, passes, clip, amp, lr=0.1, momentum=0.9, weight_decay=1e-3, warmup=3, total=10):
+def _hand_written(steps, batch, passes, clip, amp, lr=0.1, momentum=0.9, weight_decay=1e-3, warmup=3, total=10,
+                  nesterov=False):
     """The same training as the trainer's on one rank, written with plain torch."""
     split = data.load_dataset("digits", seed=SEED)
     torch.manual_seed(SEED)
     model = models.mlp(split.shape, split.num_classes, hidden=16)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
     stream = ShardStream(partition(split.labels(), 1, SEED)[0], SEED, 0)
     scaler = torch.amp.GradScaler("cpu") if amp == "fp16" else None
     dtype = torch.float16 if amp == "fp16" else torch.bfloat16

@@ -35,6 +35,18 @@ def test_each_step_sends_beta_times_the_last_sent_plus_the_gradient_and_keeps_it
     assert torch.equal(momentum(g[0], 1), g[0])  # each bucket its own buffer
 
 
+def test_nesterov_sends_the_gradient_plus_beta_times_the_momentum_and_keeps_the_same_buffer():
+    momentum = WorkerMomentum(0.5, nesterov=True)
+    g = [torch.tensor([1.0, -2.0]), torch.tensor([4.0, 0.0])]
+    assert torch.equal(momentum(g[0], 0), torch.tensor([1.5, -3.0]))
+    assert torch.equal(momentum(g[1], 0), torch.tensor([6.25, -0.5]))  # g + 0.5 (0.5 m_0 + g)
+    assert torch.equal(momentum.buffers[0], torch.tensor([4.5, -1.0]))
+    with pytest.raises(ValueError, match="worker_nesterov needs worker_momentum > 0"):
+        WorkerMomentum(0.0, nesterov=True)
+    with pytest.raises(ValueError, match="worker_nesterov must be True or False, got 1"):
+        WorkerMomentum(0.5, nesterov=1)
+
+
 def test_a_non_finite_gradient_is_sent_as_such_and_leaves_the_history_as_it_was():
     momentum = WorkerMomentum(0.5)
     momentum(torch.tensor([2.0, 2.0]), 0)
@@ -95,15 +107,19 @@ def test_the_optimizer_sends_the_momentum_before_the_gradient_transform():
                                     transport=LoopbackTransport(1), worker_momentum=1.0)
 
 
-def test_on_one_rank_the_trainer_with_worker_momentum_is_torch_sgd_with_momentum_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_on_one_rank_the_trainer_with_worker_momentum_is_torch_sgd_with_momentum_bit_for_bit(tmp_path, nesterov):
     """Worker momentum 0.9 and an optimizer without momentum, against a plain torch loop with SGD momentum
-    0.9 (no weight decay: torch's SGD puts it inside the momentum, worker momentum leaves it outside)."""
-    t = _trainer(tmp_path, ["robust.worker_momentum=0.9"], optim={"lr": 0.1, "momentum": 0.0, "weight_decay": 0.0},
+    0.9 (no weight decay: torch's SGD puts it inside the momentum, worker momentum leaves it outside);
+    with ``optim.nesterov`` the workers' momentum is Nesterov's."""
+    t = _trainer(tmp_path, ["robust.worker_momentum=0.9"],
+                 optim={"lr": 0.1, "momentum": 0.0, "weight_decay": 0.0, "nesterov": nesterov},
                  schedule={"name": "cosine", "warmup_steps": 3}, train={"steps": 10, "batch_size": 8})
+    assert t.worker_momentum.nesterov is nesterov and not t.optimizer.param_groups[0]["nesterov"]
     for _ in range(6):
         t.train_step()
         t.step += 1
-    expected = _hand_written(6, 8, 1, None, "none", momentum=0.9, weight_decay=0.0)
+    expected = _hand_written(6, 8, 1, None, "none", momentum=0.9, weight_decay=0.0, nesterov=nesterov)
     for mine, theirs in zip(t.model.parameters(), expected.parameters()):
         assert torch.equal(mine, theirs)
 
@@ -112,15 +128,20 @@ def test_on_one_rank_the_trainer_with_worker_momentum_is_torch_sgd_with_momentum
     ("robust.worker_momentum=1.0", "robust.worker_momentum must be a number with 0 <= beta < 1, got 1.0"),
     ("robust.worker_momentum=-0.5", "robust.worker_momentum must be a number with 0 <= beta < 1, got -0.5"),
     ("robust.worker_momentum=0.9", "robust.worker_momentum: 0.9 with optim.momentum 0.9 applies momentum twice"),
+    ("optim.nesterov=true optim.momentum=0", "optim.nesterov: needs optim.momentum > 0, or robust.worker_momentum > 0"),
+    ("optim.nesterov=true optim.name=adam", "optim.nesterov: needs optim.name sgd, got adam"),
 ])
 def test_config_errors_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=re.escape(needle)):
-        train_config.parse({}, [override])
+        train_config.parse({}, override.split())
 
 
 def test_worker_momentum_is_accepted_with_sgd_without_momentum_and_with_adam():
     assert train_config.parse({}, ["robust.worker_momentum=0.9", "optim.momentum=0"])[0].robust.worker_momentum == 0.9
     assert train_config.parse({"optim": {"name": "adam"}}, ["robust.worker_momentum=0.9"])[0].robust.worker_momentum == 0.9
+    conf = train_config.parse({}, ["robust.worker_momentum=0.9", "optim.momentum=0", "optim.nesterov=true"])[0]
+    assert conf.worker_nesterov
+    assert not train_config.parse({}, ["optim.nesterov=true"])[0].worker_nesterov  # the optimizer's own
 
 
 def test_a_resumed_run_continues_each_ranks_own_momentum_exactly(tmp_path):
@@ -164,9 +185,11 @@ def test_a_new_world_starts_the_momentum_afresh(tmp_path):
     assert t.worker_momentum.buffers == {}
 
 
-def test_the_simulation_sends_each_workers_momentum(tmp_path):
+@pytest.mark.parametrize("nesterov", ["false", "true"])
+def test_the_simulation_sends_each_workers_momentum(tmp_path, nesterov):
     """With ``mean`` and no fault, worker momentum 0.9 and no optimizer momentum trains as the optimizer's
-    momentum 0.9 does (the same SGD, up to the order of the sums); with ALIE the attack sees the momenta."""
+    momentum 0.9 does (the same SGD, up to the order of the sums; Nesterov's too); with ALIE the attack sees
+    the momenta."""
     def cells(extra):
         grid = tmp_path / f"grid{len(extra)}.yaml"
         grid.write_text(f"""out: {tmp_path / 'out'}
@@ -179,8 +202,9 @@ faults: {{none: [], alie: [{{kind: alie, params: {{z: 1.0, sign: -1}}}}]}}
 """)
         return load_grid(grid).cells
 
-    server = [simulate(c, curve=True) for c in cells("optim: {momentum: 0.9}")]
-    worker = [simulate(c, curve=True) for c in cells("optim: {momentum: 0.0}, robust: {worker_momentum: 0.9}")]
+    server = [simulate(c, curve=True) for c in cells(f"optim: {{momentum: 0.9, nesterov: {nesterov}}}")]
+    worker = [simulate(c, curve=True)
+              for c in cells(f"optim: {{momentum: 0.0, nesterov: {nesterov}}}, robust: {{worker_momentum: 0.9}}")]
     torch.testing.assert_close(torch.tensor(worker[0]["losses"]), torch.tensor(server[0]["losses"]),
                                rtol=1e-4, atol=1e-6)
     assert max(abs(a - b) for a, b in zip(worker[1]["losses"], server[1]["losses"])) > 1e-3

@@ -189,7 +189,7 @@ def simulate(cell: Cell, curve: bool = False, observe=None) -> dict:
     injectors = {rank: FaultInjector(specs, rank, p, seed=seed, transport=_HonestBoard(rank, p, board), log=_QUIET)
                  for rank in sorted({r for spec in specs if spec.category == "gradient" for r in spec.ranks})}
     per_worker = PerWorkerGradients(model, p)
-    momenta = [WorkerMomentum(conf.robust.worker_momentum) for _ in range(p)]
+    momenta = [WorkerMomentum(conf.robust.worker_momentum, conf.worker_nesterov) for _ in range(p)]
     losses: list[float] = []
     diverged = False
     for step in range(steps):

@@ -121,8 +121,8 @@ class OptimConfig:
         _positive("optim.lr", self.lr)
         if not 0 <= self.momentum < 1:
             raise cfg.ConfigError(f"optim.momentum: must be in [0, 1), got {self.momentum}")
-        if self.nesterov and (self.name != "sgd" or self.momentum == 0):
-            raise cfg.ConfigError("optim.nesterov: needs optim.name sgd and optim.momentum > 0")
+        if self.nesterov and self.name != "sgd":
+            raise cfg.ConfigError(f"optim.nesterov: needs optim.name sgd, got {self.name}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise cfg.ConfigError(f"optim.weight_decay: must be >= 0, got {self.weight_decay}")
         if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
@@ -328,6 +328,11 @@ class RunConfig:
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
+    @property
+    def worker_nesterov(self) -> bool:
+        """``optim.nesterov`` with ``robust.worker_momentum``: the workers' momentum is Nesterov's."""
+        return self.optim.nesterov and self.robust.worker_momentum > 0
+
     def validate(self) -> None:
         if self.seed < 0:
             raise cfg.ConfigError(f"seed: must be >= 0, got {self.seed}")
@@ -348,6 +353,9 @@ class RunConfig:
                                       f"set robust.exchange sharded")
         if self.elastic.enabled and self.robust.transport != "horovod":
             raise cfg.ConfigError("elastic.enabled: elastic mode needs robust.transport horovod")
+        if self.optim.nesterov and not (self.optim.momentum or self.robust.worker_momentum):
+            raise cfg.ConfigError("optim.nesterov: needs optim.momentum > 0, or robust.worker_momentum > 0 (the "
+                                  "workers' momentum is then Nesterov's)")
         if self.robust.worker_momentum and self.optim.name == "sgd" and self.optim.momentum:
             raise cfg.ConfigError(f"robust.worker_momentum: {self.robust.worker_momentum} with optim.momentum "
                                   f"{self.optim.momentum} applies momentum twice (the ranks' and then the "

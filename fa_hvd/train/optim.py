@@ -27,7 +27,8 @@ from fa_hvd.train.config import OptimConfig, ScheduleConfig
 def build_optimizer(conf: OptimConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     params = model.parameters()
     if conf.name == "sgd":
-        return torch.optim.SGD(params, lr=conf.lr, momentum=conf.momentum, nesterov=conf.nesterov,
+        return torch.optim.SGD(params, lr=conf.lr, momentum=conf.momentum,
+                               nesterov=conf.nesterov and conf.momentum > 0,  # else the workers' (worker momentum)
                                weight_decay=conf.weight_decay)
     cls = torch.optim.Adam if conf.name == "adam" else torch.optim.AdamW
     return cls(params, lr=conf.lr, betas=tuple(conf.betas), eps=conf.eps, weight_decay=conf.weight_decay)

@@ -221,7 +221,7 @@ class Trainer:
                                                self.steps_per_epoch)
         self._overflowed = False
         self._scale = 1.0
-        self.worker_momentum = WorkerMomentum(conf.robust.worker_momentum)
+        self.worker_momentum = WorkerMomentum(conf.robust.worker_momentum, conf.worker_nesterov)
         self.join_world()
 
     def join_world(self) -> None:

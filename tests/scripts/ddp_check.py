@@ -10,7 +10,7 @@ torchrun --nproc-per-node 4 --no-python python ddp_check.py mean byzantine momen
   equal, and how far the parameters moved.
 * momentum: over the whole world, plain DDP with SGD momentum 0.9 against the hook with "mean",
   worker_momentum=0.9 and SGD without momentum (the same SGD, up to rounding), several buckets,
-  which DDP rebuilds after the first step, both exchanges.
+  which DDP rebuilds after the first step, both exchanges (the sharded one with Nesterov's momentum).
 * byzantine: rank 3 sends -8 times its gradient every step: plain DDP (the same lie through
   an allreduce hook) against the hook with flag (f = 1), both exchanges; the loss at the start and
   the end, and whether the ranks hold the same bits.
@@ -63,7 +63,7 @@ def initial_parameters():
     return torch.cat([p.detach().reshape(-1) for p in Net().parameters()])
 
 
-def train(mode, group, hook_state, rank, steps=STEPS, momentum=0.9):
+def train(mode, group, hook_state, rank, steps=STEPS, momentum=0.9, nesterov=False):
     torch.manual_seed(0)
     model = Net(unused=mode == "unused")
     if mode == "bf16":
@@ -76,7 +76,7 @@ def train(mode, group, hook_state, rank, steps=STEPS, momentum=0.9):
     ddp = DDP(model, process_group=group, bucket_cap_mb=0.01, **kwargs)  # several buckets
     if hook_state is not None:
         ddp.register_comm_hook(hook_state, fa_hvd.ddp.robust_hook)
-    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=momentum)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=momentum, nesterov=nesterov and momentum > 0)
     x, y = data(rank)
     if mode == "bf16":
         x = x.to(torch.bfloat16)
@@ -116,14 +116,14 @@ def check_mean(rank, size):
 
 def check_momentum(rank, size):
     start, out = initial_parameters(), {}
-    for exchange in ("allgather", "sharded"):
-        plain = train("plain", None, None, rank)
-        state = fa_hvd.ddp.RobustHookState("mean", exchange=exchange, worker_momentum=0.9)
+    for exchange, nesterov in (("allgather", False), ("sharded", True)):
+        plain = train("plain", None, None, rank, nesterov=nesterov)
+        state = fa_hvd.ddp.RobustHookState("mean", exchange=exchange, worker_momentum=0.9, worker_nesterov=nesterov)
         ours = train("plain", None, state, rank, momentum=0.0)
         a = torch.cat([p.detach().reshape(-1) for p in plain.parameters()])
         b = torch.cat([p.detach().reshape(-1) for p in ours.parameters()])
         out[exchange] = {"max_abs_diff": float((a - b).abs().max()), "moved": float((b - start).abs().max()),
-                         "buffers": len(state.worker_momentum.buffers)}
+                         "buffers": len(state.worker_momentum.buffers), "nesterov": state.worker_momentum.nesterov}
     return out
 
 
