@@ -14,7 +14,9 @@ environment instead, which is how a batch system passes it:
   ``FA_HVD_PARAMS`` (``key=value,key=value``), ``FA_HVD_TRANSPORT``;
 * ``FA_HVD_WORKER_MOMENTUM`` (default 0): each rank sends its momentum ``m_t = beta m_(t-1) + g_t``
   (:mod:`fa_hvd.worker_momentum`); the script's optimizer keeps no momentum of its own: an SGD
-  momentum it sets is set to 0 in every parameter group, and rank 0 says so;
+  momentum it sets is set to 0 in every parameter group, and rank 0 says so; a Nesterov SGD's
+  Nesterov moves to the workers (they send ``g_t + beta m_t``); an SGD with dampening is refused
+  (worker momentum has none);
 * ``FA_HVD_FAULTS`` (a YAML list of faults, or ``@file.yaml``), ``FA_HVD_FAULT_SEED``
   and ``FA_HVD_ALLOW_EXCEEDING_F``: fault injection (:mod:`fa_hvd.faults`): gradient
   and process faults. Data faults (labelflip, lotka_volterra, catmap) are refused
@@ -101,16 +103,14 @@ def robust_optimizer(aggregator: str, params: dict, transport: str, worker_momen
         kwargs["transport"] = link
         if link.included:
             kwargs.setdefault("gradient_transform", _fault_transform(link, kwargs["aggregator_params"], environ))
-        moved = []
+        moved, nesterov = _move_momentum(optimizer) if worker_momentum else ([], False)
         if worker_momentum:
             kwargs.setdefault("worker_momentum", worker_momentum)
-            for group in optimizer.param_groups:
-                if group.get("momentum"):
-                    moved.append(group["momentum"])
-                    group["momentum"] = 0.0
+            kwargs.setdefault("worker_nesterov", nesterov)
         if link.rank == 0:
             print(f"fa_hvd.wrap: hvd.DistributedOptimizer -> fa_hvd ({aggregator}, {params}) "
                   f"on {link.size} ranks" + (f", worker momentum {worker_momentum}" if worker_momentum else "")
+                  + (" (Nesterov)" if nesterov else "")
                   + (f" (the script's SGD momentum {', '.join(map(str, sorted(set(moved))))} set to 0)"
                      if moved else ""), file=sys.stderr, flush=True)
         robust = fa_optimizer.DistributedOptimizer(**kwargs)
@@ -119,6 +119,23 @@ def robust_optimizer(aggregator: str, params: dict, transport: str, worker_momen
         return robust
 
     return DistributedOptimizer
+
+
+def _move_momentum(optimizer) -> tuple[list[float], bool]:
+    """Set the SGD momentum of ``optimizer``'s parameter groups to 0 (worker momentum replaces it);
+    returns the momenta it had and whether they were Nesterov's. Nesterov goes to the workers, so
+    the groups must agree on it; dampening, which worker momentum does not have, is refused."""
+    groups = [group for group in optimizer.param_groups if group.get("momentum")]
+    if any(group.get("dampening") for group in groups):
+        raise ValueError("fa_hvd.wrap: --worker-momentum with an SGD dampening: worker momentum has no "
+                         "dampening; set the script's dampening to 0")
+    if len({bool(group.get("nesterov")) for group in groups}) > 1:
+        raise ValueError("fa_hvd.wrap: --worker-momentum: the script's parameter groups differ in nesterov, and "
+                         "the workers' momentum is one")
+    moved, nesterov = [group["momentum"] for group in groups], any(group.get("nesterov") for group in groups)
+    for group in groups:
+        group["momentum"], group["nesterov"] = 0.0, False
+    return moved, nesterov
 
 
 def _fault_transform(transport, aggregator_params: dict, environ):

@@ -46,6 +46,42 @@ def test_worker_momentum_from_the_command_line_or_the_environment_moves_the_scri
         model.parameters(), lr=0.1, momentum=0.9)).worker_momentum is None
 
 
+def test_a_nesterov_sgd_under_worker_momentum_steps_as_it_did_alone(monkeypatch, capsys):
+    """One rank: the wrapped Nesterov SGD (its momentum moved to the worker) gives torch's Nesterov SGD's
+    parameters bit for bit; dampening, and groups that differ in nesterov, are refused."""
+    import torch
+    from torch import nn
+
+    import fa_hvd.comm
+    from loopback import LoopbackTransport
+
+    monkeypatch.setattr(fa_hvd.comm, "get_transport", lambda name, process_set=None: LoopbackTransport(1))
+    torch.manual_seed(0)
+    models = [nn.Linear(3, 2), nn.Linear(3, 2)]
+    models[1].load_state_dict(models[0].state_dict())
+    plain = torch.optim.SGD(models[0].parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    wrapped = wrap.robust_optimizer("mean", {}, "horovod", 0.9, environ={})(
+        torch.optim.SGD(models[1].parameters(), lr=0.1, momentum=0.9, nesterov=True))
+    assert wrapped.worker_momentum.nesterov and not wrapped.param_groups[0]["nesterov"]
+    assert "worker momentum 0.9 (Nesterov) (the script's SGD momentum 0.9 set to 0)" in capsys.readouterr().err
+    for step in range(5):
+        x = torch.randn(4, 3)
+        for model, opt in zip(models, (plain, wrapped)):
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            opt.step()
+    for mine, theirs in zip(models[1].parameters(), models[0].parameters()):
+        assert torch.equal(mine, theirs)
+    with pytest.raises(ValueError, match="worker momentum has no dampening"):
+        wrap.robust_optimizer("mean", {}, "horovod", 0.9, environ={})(
+            torch.optim.SGD(models[0].parameters(), lr=0.1, momentum=0.9, dampening=0.1))
+    mixed = torch.optim.SGD([{"params": [models[0].weight], "nesterov": False}, {"params": [models[0].bias]}],
+                            lr=0.1, momentum=0.9, nesterov=True)
+    with pytest.raises(ValueError, match="groups differ in nesterov"):
+        wrap.robust_optimizer("mean", {}, "horovod", 0.9, environ={})(mixed)
+    assert [g["momentum"] for g in mixed.param_groups] == [0.9, 0.9]  # a refusal changes nothing
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--worker-momentum", "1", "t.py"], "worker_momentum must be a number with 0 <= beta < 1, got 1.0"),
     (["--worker-momentum", "x", "t.py"], "argument --worker-momentum: invalid float value: 'x'"),
