@@ -28,12 +28,15 @@ def broadcast_optimizer_state(optimizer, root_rank, model=None):
     checkpoint on rank 0, broadcast" every rank aggregates alike. Over Horovod the
     optimizer's own state goes through Horovod's function (its state-initialising
     step makes no gradient exchange); over the mpi4py and torch.distributed transports
-    the whole ``state_dict()`` travels as one message. fa_hvd's messages are read back
+    the whole ``state_dict()`` travels as one message, of at most 1 GiB plus three fp64 copies of
+    the parameters (Adam's amsgrad keeps three tensors per parameter). fa_hvd's messages are read back
     weights-only (:meth:`~fa_hvd.comm.base.Transport.broadcast_state`): the root is
     trusted for the values, but cannot run code on the others. Any other optimizer:
     Horovod's function.
     """
     import torch
+
+    from .comm import messages
 
     if not isinstance(optimizer, RobustOptimizer):
         from horovod.torch.functions import broadcast_optimizer_state as horovod_broadcast_optimizer_state
@@ -43,8 +46,10 @@ def broadcast_optimizer_state(optimizer, root_rank, model=None):
     if transport.name != "horovod":
         if isinstance(optimizer, torch.optim.LBFGS):
             raise ValueError("cannot broadcast torch.optim.LBFGS state")  # as Horovod
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
         state = transport.broadcast_state(optimizer.state_dict() if transport.rank == root_rank else None,
-                                          root_rank, name="fa_hvd.optimizer_state")
+                                          root_rank, name="fa_hvd.optimizer_state",
+                                          limit=messages.model_state_limit(parameters, copies=3))
         if transport.rank != root_rank:
             optimizer.load_state_dict(state)
         return None

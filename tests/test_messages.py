@@ -92,6 +92,38 @@ def test_broadcast_state_from_the_root():
     assert all(torch.equal(g["w"], torch.full((2,), 7.0)) for g in got)
 
 
+def test_an_optimizer_state_larger_than_the_state_limit_travels_and_one_larger_than_its_model_is_refused(monkeypatch):
+    """broadcast_optimizer_state over a non-Horovod transport: Adam's state of a model whose state is over
+    ``MAX_STATE_BYTES`` (lowered here to 1 KiB) arrives, because the limit grows with the model; a root
+    that announces more than three fp64 copies of the parameters past it is refused."""
+    import fa_hvd
+    from fa_hvd.comm import messages
+
+    monkeypatch.setattr(messages, "MAX_STATE_BYTES", 1024)
+
+    def rank(t, padding=0):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(40, 20)  # 820 parameters: Adam's two fp32 buffers are 6.6 kB
+        opt = fa_hvd.DistributedOptimizer(torch.optim.Adam(model.parameters()), aggregator="mean", transport=t)
+        model(torch.full((2, 40), 1.0 + t.rank)).sum().backward()
+        opt.step()
+        if t.rank == 0 and padding:
+            opt.state[model.weight]["padding"] = torch.zeros(padding, dtype=torch.float64)
+        if t.rank == 1:
+            opt.state[model.weight]["exp_avg"].zero_()
+        try:
+            fa_hvd.broadcast_optimizer_state(opt, root_rank=0)
+        except MessageError as exc:
+            return str(exc)
+        return opt.state[model.weight]["exp_avg"].clone()
+
+    got = run_ranks(2, rank)
+    assert len(messages.encode_state(got)) > 1024 and torch.equal(got[0], got[1]) and got[1].abs().sum() > 0
+    errors = run_ranks(2, lambda t: rank(t, padding=3 * 820))
+    assert all(isinstance(e, str) and "rank 0 announced a fa_hvd.optimizer_state message of" in e and f"(the limit is {1024 + 24 * 820})" in e
+               for e in errors)
+
+
 @pytest.mark.parametrize("value,schema,ok", [
     (3, int, True), (True, int, False), (2, float, True), (None, Optional(str), True), ("x", Optional(str), True),
     ([["a", [1, 2], "f", True]], [(str, [int], str, bool)], True), ([["a", [1], "f"]], [(str, [int], str, bool)], False),

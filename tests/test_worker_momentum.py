@@ -168,6 +168,22 @@ def test_a_resumed_run_continues_each_ranks_own_momentum_exactly(tmp_path):
         assert mine.keys() == theirs.keys() and all(torch.equal(mine[i], theirs[i]) for i in mine)
 
 
+def test_a_checkpoint_holds_worker_momentum_past_the_state_limit(tmp_path, monkeypatch):
+    """The per-rank state's limit grows with the model: two in-process ranks checkpoint their worker
+    momentum with ``MAX_STATE_BYTES`` lowered to 1 kB above a rank's state without it."""
+    from fa_hvd.comm import messages
+
+    overrides = ["robust.worker_momentum=0.9", "optim.momentum=0"]
+    probe = _trainer(tmp_path / "probe", overrides)  # the same model as _resumable's
+    without = len(messages.encode_state(probe.rank_state()))
+    probe.train_step()
+    assert len(messages.encode_state(probe.rank_state())) > without + 4000  # 1,210 fp32 buffers
+    monkeypatch.setattr(messages, "MAX_STATE_BYTES", without + 1000)
+    assert run_ranks(2, lambda t: _run(_resumable(tmp_path / "run", overrides, transport=t))) == [0, 0]
+    state = checkpoint.read(checkpoint.path_for(tmp_path / "run" / "checkpoints", 6))
+    assert all(rank["worker_momentum"]["buffers"] for rank in state["ranks"])
+
+
 def test_a_config_without_the_key_has_the_hash_it_had_before_the_key_existed():
     _, data = train_config.parse({})
     before = {**data, "robust": {k: v for k, v in data["robust"].items() if k != "worker_momentum"}}

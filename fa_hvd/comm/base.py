@@ -235,16 +235,19 @@ class Transport:
         data = self.allgather_bytes(messages.encode_json(obj, limit), name, limit)
         return [messages.decode_json(d, schema, sender, name) for sender, d in enumerate(data)]
 
-    def allgather_state(self, state, name: str, limit: int = messages.MAX_STATE_BYTES) -> list:
-        """Every rank's tensor ``state`` (tensors, numbers, strings, containers), read back weights-only."""
-        data = self.allgather_bytes(messages.encode_state(state), name, limit)
+    def allgather_state(self, state, name: str, limit: int | None = None) -> list:
+        """Every rank's tensor ``state`` (tensors, numbers, strings, containers), read back weights-only;
+        at most ``limit`` bytes each (default ``messages.MAX_STATE_BYTES``)."""
+        data = self.allgather_bytes(messages.encode_state(state), name,
+                                    messages.MAX_STATE_BYTES if limit is None else limit)
         return [messages.decode_state(d, sender, name) for sender, d in enumerate(data)]
 
-    def broadcast_state(self, state, root: int, name: str, limit: int = messages.MAX_STATE_BYTES):
-        """``root``'s tensor ``state`` on every rank, read back weights-only (no code runs)."""
+    def broadcast_state(self, state, root: int, name: str, limit: int | None = None):
+        """``root``'s tensor ``state`` on every rank, read back weights-only (no code runs); at most
+        ``limit`` bytes (default ``messages.MAX_STATE_BYTES``)."""
         data = messages.encode_state(state) if self.rank == root else b""
         length = self.broadcast_(torch.tensor([len(data)], dtype=torch.int64), root, name=f"{name}.length")
-        messages.check_length(root, int(length), limit, name)
+        messages.check_length(root, int(length), messages.MAX_STATE_BYTES if limit is None else limit, name)
         payload = torch.zeros(int(length), dtype=torch.uint8)
         if self.rank == root and data:
             payload.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))

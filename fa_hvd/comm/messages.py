@@ -26,6 +26,13 @@ MAX_MESSAGE_BYTES = 16 << 20  # JSON messages: model signatures (a large model: 
 MAX_STATE_BYTES = 1 << 30  # tensor state: a rank's generators and buffers, an optimizer's state
 
 
+def model_state_limit(tensors, copies: int) -> int:
+    """The limit of a state message that carries per-parameter tensors (an optimizer's state, worker
+    momentum): ``MAX_STATE_BYTES`` plus ``copies`` fp64 copies of ``tensors``, so a model of any size
+    fits and a sender still cannot announce more than its model's worth."""
+    return MAX_STATE_BYTES + copies * 8 * sum(t.numel() for t in tensors)
+
+
 class MessageError(ValueError):
     """A rank sent a message that is too long, not what the format allows, or not of the expected shape."""
 

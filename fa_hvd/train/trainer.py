@@ -63,6 +63,7 @@ import fa_hvd
 from fa_hvd import checkpoint
 from fa_hvd.aggregators import get as get_aggregator
 from fa_hvd.comm import get_transport
+from fa_hvd.comm import messages
 from fa_hvd.comm.messages import Optional
 from fa_hvd.config import ConfigError
 from fa_hvd.exchange import replicated
@@ -405,7 +406,9 @@ class Trainer:
 
     def gather_state(self) -> dict | None:
         """The whole checkpoint on rank 0 (None elsewhere): shared state plus every rank's own (collective)."""
-        ranks = self.transport.allgather_state(self.rank_state(), name="fa_hvd.train.rank_state")
+        ranks = self.transport.allgather_state(  # room for a worker momentum buffer per parameter, and the buffers
+            self.rank_state(), name="fa_hvd.train.rank_state",
+            limit=messages.model_state_limit([*self.model.parameters(), *self.model.buffers()], copies=1))
         if self.rank != 0:
             return None
         state = self.shared_state()
