@@ -29,7 +29,8 @@ def broadcast_optimizer_state(optimizer, root_rank, model=None):
     optimizer's own state goes through Horovod's function (its state-initialising
     step makes no gradient exchange); over the mpi4py and torch.distributed transports
     the whole ``state_dict()`` travels as one message, of at most 1 GiB plus three fp64 copies of
-    the parameters (Adam's amsgrad keeps three tensors per parameter). fa_hvd's messages are read back
+    the parameters (Adam's amsgrad keeps three tensors per parameter; the aggregator's state, one).
+    fa_hvd's messages are read back
     weights-only (:meth:`~fa_hvd.comm.base.Transport.broadcast_state`): the root is
     trusted for the values, but cannot run code on the others. Any other optimizer:
     Horovod's function.
@@ -43,10 +44,10 @@ def broadcast_optimizer_state(optimizer, root_rank, model=None):
 
         return horovod_broadcast_optimizer_state(optimizer, root_rank, model)
     transport = optimizer.transport
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
     if transport.name != "horovod":
         if isinstance(optimizer, torch.optim.LBFGS):
             raise ValueError("cannot broadcast torch.optim.LBFGS state")  # as Horovod
-        parameters = [p for group in optimizer.param_groups for p in group["params"]]
         state = transport.broadcast_state(optimizer.state_dict() if transport.rank == root_rank else None,
                                           root_rank, name="fa_hvd.optimizer_state",
                                           limit=messages.model_state_limit(parameters, copies=3))
@@ -58,7 +59,8 @@ def broadcast_optimizer_state(optimizer, root_rank, model=None):
     horovod_broadcast_optimizer_state(optimizer, root_rank, model)
     aggregator = optimizer.aggregator
     if hasattr(aggregator, "state_dict"):
-        state = transport.broadcast_state(aggregator.state_dict(), root_rank, name="fa_hvd.aggregator_state")
+        state = transport.broadcast_state(aggregator.state_dict(), root_rank, name="fa_hvd.aggregator_state",
+                                          limit=messages.model_state_limit(parameters, copies=1))  # cclip's centre
         aggregator.load_state_dict(state)
     return None
 

@@ -124,6 +124,29 @@ def test_an_optimizer_state_larger_than_the_state_limit_travels_and_one_larger_t
                for e in errors)
 
 
+def test_over_horovod_the_aggregators_state_larger_than_the_state_limit_travels(monkeypatch):
+    """Centred clipping's centre (one fp32 value per parameter, 8 kB here) reaches the other rank with
+    ``MAX_STATE_BYTES`` lowered to 1 KiB (Horovod's own optimizer broadcast stubbed out)."""
+    import horovod.torch.functions
+
+    import fa_hvd
+    from fa_hvd.comm import messages
+
+    monkeypatch.setattr(messages, "MAX_STATE_BYTES", 1024)
+    monkeypatch.setattr(horovod.torch.functions, "broadcast_optimizer_state", lambda *args: None)
+
+    def rank(t):
+        model = torch.nn.Linear(100, 20)  # 2,020 parameters
+        opt = fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), aggregator="cclip",
+                                          transport=t)
+        opt.aggregator.center = torch.full((2020,), float(t.rank))
+        t.name = "horovod"
+        fa_hvd.broadcast_optimizer_state(opt, root_rank=1)
+        return opt.aggregator.center
+
+    assert all(torch.equal(center, torch.ones(2020)) for center in run_ranks(2, rank))
+
+
 @pytest.mark.parametrize("value,schema,ok", [
     (3, int, True), (True, int, False), (2, float, True), (None, Optional(str), True), ("x", Optional(str), True),
     ([["a", [1, 2], "f", True]], [(str, [int], str, bool)], True), ([["a", [1], "f"]], [(str, [int], str, bool)], False),
