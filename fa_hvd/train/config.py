@@ -110,7 +110,7 @@ class OptimConfig:
     name: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: float = 0.1
     momentum: float = 0.9              # sgd
-    nesterov: bool = False             # sgd
+    nesterov: bool = False             # sgd; with robust.worker_momentum the workers send Nesterov's momentum
     weight_decay: float = 0.0
     betas: list = field(default_factory=lambda: [0.9, 0.999])  # adam, adamw
     eps: float = 1e-8                  # adam, adamw
