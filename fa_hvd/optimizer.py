@@ -65,7 +65,7 @@ from .aggregators import Aggregator, get as get_aggregator
 from .comm import NoCompression, Transport, get_transport
 from .exchange import EXCHANGES, GradientExchange, agree_on_compiled_kernels, rule_name
 from .exchange.digest import DeferredDigest
-from .worker_momentum import WorkerMomentum
+from .worker_momentum import WorkerMomentum, check_single_momentum
 
 MIN_BUCKET_BYTES = 1 << 20  # automatic bucket sizes: total / TARGET_BUCKETS, within these bounds
 MAX_BUCKET_BYTES = 25 << 20
@@ -453,7 +453,10 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict):
         """Load the state (and the aggregator's); as Horovod, drop what is in flight (and the deferred
-        digest's last aggregate: the ranks restart its check alike)."""
+        digest's last aggregate: the ranks restart its check alike). With worker momentum, a state
+        whose parameter groups have SGD momentum is refused before anything changes."""
+        if self.worker_momentum is not None:
+            check_single_momentum(state_dict["param_groups"], self.worker_momentum.beta)
         state_dict = dict(state_dict)
         aggregator_state = state_dict.pop("fa_hvd_aggregator", None)
         self._exchange.abandon()
@@ -688,9 +691,10 @@ def DistributedOptimizer(
     caller's per-step control row to check one step later, with no collective of its
     own (:func:`fa_hvd.train.control.agree`; the trainer's default), ``worker_momentum``
     (``beta``, 0 by default: each rank sends ``m_t = beta m_(t-1) + g_t`` instead of its gradient,
-    before ``gradient_transform``, :mod:`fa_hvd.worker_momentum`; give the wrapped optimizer no
-    momentum of its own; ``worker_nesterov=True`` sends Nesterov's ``g_t + beta m_t``;
-    ``optimizer.worker_momentum`` holds this rank's buffers, whose
+    before ``gradient_transform``, :mod:`fa_hvd.worker_momentum`; the wrapped optimizer must have
+    no SGD momentum of its own, here and in a state it loads: ``ValueError`` otherwise;
+    ``worker_nesterov=True`` sends Nesterov's ``g_t + beta m_t``; ``optimizer.worker_momentum``
+    holds this rank's buffers, whose
     ``state_dict()`` a per-rank checkpoint saves: they are not in the optimizer's). An
     aggregator that cannot work with the world size fails here, before training
     starts.
@@ -733,6 +737,7 @@ def DistributedOptimizer(
     if digest not in (False, True, "deferred"):
         raise ValueError(f"fa_hvd: digest must be False, True or 'deferred', got {digest!r}")
     momentum = WorkerMomentum(worker_momentum, worker_nesterov)
+    check_single_momentum(optimizer.param_groups, momentum.beta)
     if isinstance(exchange, str) and exchange not in EXCHANGES:
         raise ValueError(f"fa_hvd: unknown exchange {exchange!r}; known: {', '.join(EXCHANGES)}")
     op, op_name = _resolve_op(op, gradient_predivide_factor)

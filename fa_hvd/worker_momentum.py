@@ -43,6 +43,16 @@ def check_beta(beta) -> float:
     return float(beta)
 
 
+def check_single_momentum(param_groups, beta: float) -> None:
+    """``ValueError`` when worker momentum ``beta`` is on and a parameter group (of an optimizer, or of
+    a state it is about to load) has SGD momentum of its own: momentum applied twice."""
+    own = sorted({group["momentum"] for group in param_groups if group.get("momentum")})
+    if beta and own:
+        raise ValueError(f"worker_momentum={beta} with the optimizer's own momentum {', '.join(map(str, own))} "
+                         f"applies momentum twice (the ranks' and then the optimizer's); give the optimizer "
+                         f"momentum 0")
+
+
 class WorkerMomentum:
     """One rank's momentum buffers, keyed by an integer the caller picks (the optimizer's bucket
     index, the DDP hook's parameter order): ``momentum(flat, index)`` -> what to send."""

@@ -107,6 +107,22 @@ def test_the_optimizer_sends_the_momentum_before_the_gradient_transform():
                                     transport=LoopbackTransport(1), worker_momentum=1.0)
 
 
+def test_the_optimizers_own_momentum_beside_worker_momentum_is_refused_at_construction_and_on_load():
+    model = nn.Linear(3, 1)
+    with pytest.raises(ValueError, match=re.escape("worker_momentum=0.9 with the optimizer's own momentum 0.5 "
+                                                   "applies momentum twice")):
+        fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5), aggregator="mean",
+                                    transport=LoopbackTransport(1), worker_momentum=0.9)
+    plain = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # a checkpoint of a run without it
+    opt = fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.2), aggregator="mean",
+                                      transport=LoopbackTransport(1), worker_momentum=0.9)
+    with pytest.raises(ValueError, match="own momentum 0.9 applies momentum twice"):
+        opt.load_state_dict(plain.state_dict())
+    assert (opt.param_groups[0]["momentum"], opt.param_groups[0]["lr"]) == (0, 0.2)
+    opt.load_state_dict(torch.optim.SGD(model.parameters(), lr=0.3).state_dict())
+    assert opt.param_groups[0]["lr"] == 0.3
+
+
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_on_one_rank_the_trainer_with_worker_momentum_is_torch_sgd_with_momentum_bit_for_bit(tmp_path, nesterov):
     """Worker momentum 0.9 and an optimizer without momentum, against a plain torch loop with SGD momentum
