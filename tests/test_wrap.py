@@ -96,16 +96,17 @@ def test_bad_choices_fail_before_the_script(argv, needle, capsys):
 
 
 @pytest.mark.slow
-def test_mnist_style_script_unchanged_with_fp16_and_predivide():
+def test_mnist_style_script_unchanged_with_fp16_predivide_and_worker_momentum():
+    """The script's SGD momentum 0.5 moves to the ranks, through its hvd.broadcast_optimizer_state."""
     proc = launch("gloo", 4, ["python", "-m", "fa_hvd.wrap", "--aggregator", "flag", "--f", "1", "--param", "r=2",
-                              str(SCRIPTS / "hvd_mnist_style.py"), "--epochs", "5", "--fp16-allreduce",
-                              "--gradient-predivide-factor", "2.0"])
+                              "--worker-momentum", "0.5", str(SCRIPTS / "hvd_mnist_style.py"), "--epochs", "5",
+                              "--fp16-allreduce", "--gradient-predivide-factor", "2.0"])
     found = results(proc)
     assert proc.returncode == 0 and found, output(proc)
     assert found[0]["optimizer"] == "fa_hvd.optimizer"
     assert found[0]["ranks_agree"]
     assert found[0]["accuracy"] > 0.6  # plain Horovod with mean reaches 0.64 after 2 epochs
-    assert "hvd.DistributedOptimizer -> fa_hvd" in proc.stderr + proc.stdout
+    assert "worker momentum 0.5 (the script's SGD momentum 0.5 set to 0)" in proc.stderr + proc.stdout
 
 
 @pytest.mark.slow
