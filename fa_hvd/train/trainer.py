@@ -62,8 +62,7 @@ import yaml
 import fa_hvd
 from fa_hvd import checkpoint
 from fa_hvd.aggregators import get as get_aggregator
-from fa_hvd.comm import get_transport
-from fa_hvd.comm import messages
+from fa_hvd.comm import get_transport, messages
 from fa_hvd.comm.messages import Optional
 from fa_hvd.config import ConfigError
 from fa_hvd.exchange import replicated
