@@ -57,10 +57,15 @@ def crc(model):
     return value
 
 
+def flat_parameters(model):
+    """``model``'s parameters as one fp32 vector."""
+    return torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
+
+
 def initial_parameters():
     """Every run's parameters before training (train() seeds the model the same way), flattened."""
     torch.manual_seed(0)
-    return torch.cat([p.detach().reshape(-1) for p in Net().parameters()])
+    return flat_parameters(Net())
 
 
 def train(mode, group, hook_state, rank, steps=STEPS, momentum=0.9, nesterov=False):
@@ -106,8 +111,7 @@ def check_mean(rank, size):
                 plain = train(mode, group, None, rank)
                 ours = train(mode, group, fa_hvd.ddp.RobustHookState("mean", process_group=group, exchange=exchange),
                              rank)
-                a = torch.cat([p.detach().float().reshape(-1) for p in plain.parameters()])
-                b = torch.cat([p.detach().float().reshape(-1) for p in ours.parameters()])
+                a, b = flat_parameters(plain), flat_parameters(ours)
                 out[f"{where}/{mode}/{exchange}"] = {
                     "max_abs_diff": float((a - b).abs().max()), "bits_equal": crc(plain) == crc(ours),
                     "moved": float((b[: start.numel()] - start).abs().max())}
@@ -120,8 +124,7 @@ def check_momentum(rank, size):
         plain = train("plain", None, None, rank, nesterov=nesterov)
         state = fa_hvd.ddp.RobustHookState("mean", exchange=exchange, worker_momentum=0.9, worker_nesterov=nesterov)
         ours = train("plain", None, state, rank, momentum=0.0)
-        a = torch.cat([p.detach().reshape(-1) for p in plain.parameters()])
-        b = torch.cat([p.detach().reshape(-1) for p in ours.parameters()])
+        a, b = flat_parameters(plain), flat_parameters(ours)
         out[exchange] = {"max_abs_diff": float((a - b).abs().max()), "moved": float((b - start).abs().max()),
                          "buffers": len(state.worker_momentum.buffers), "nesterov": state.worker_momentum.nesterov}
     return out
