@@ -103,8 +103,9 @@ def robust_optimizer(aggregator: str, params: dict, transport: str, worker_momen
         kwargs["transport"] = link
         if link.included:
             kwargs.setdefault("gradient_transform", _fault_transform(link, kwargs["aggregator_params"], environ))
-        moved, nesterov = _move_momentum(optimizer) if worker_momentum else ([], False)
+        moved, nesterov = [], False
         if worker_momentum:
+            moved, nesterov = _move_momentum(optimizer)
             kwargs.setdefault("worker_momentum", worker_momentum)
             kwargs.setdefault("worker_nesterov", nesterov)
         if link.rank == 0:
