@@ -29,7 +29,8 @@ def broadcast_optimizer_state(optimizer, root_rank, model=None):
     optimizer's own state goes through Horovod's function (its state-initialising
     step makes no gradient exchange); over the mpi4py and torch.distributed transports
     the whole ``state_dict()`` travels as one message, of at most 1 GiB plus three fp64 copies of
-    the parameters (Adam's amsgrad keeps three tensors per parameter; the aggregator's state, one).
+    the parameters (room for Adam with amsgrad, three fp32 tensors per parameter, and the aggregator's
+    state inside it; over Horovod the aggregator's state goes alone, within 1 GiB plus one copy).
     fa_hvd's messages are read back
     weights-only (:meth:`~fa_hvd.comm.base.Transport.broadcast_state`): the root is
     trusted for the values, but cannot run code on the others. Any other optimizer:
