@@ -51,5 +51,8 @@ class LoopbackTransport(Transport):
     def allgather_bytes(self, data, name, limit=None):
         return [data] * self.size
 
+    def gather_bytes(self, data, root, name, limit=None):
+        return [data] * self.size if root == self.rank else None
+
     def broadcast_object(self, obj, root, name):
         return obj

@@ -1,5 +1,6 @@
 """Object messages between ranks: no pickle, bounded, validated; a malformed one names its sender on every rank."""
 
+import io
 import pickle
 
 import pytest
@@ -85,6 +86,67 @@ def test_tensor_state_travels_weights_only_and_a_pickled_object_is_refused():
     RAN.clear()
     assert "rank 1 sent a malformed s message" in run_ranks(2, rank)[0]
     assert not RAN
+
+
+@pytest.mark.parametrize("root", [0, 2])
+def test_gather_state_gives_the_root_every_ranks_state_and_the_others_nothing(monkeypatch, root):
+    """Rows 5 bytes wide (the 1 MiB lowered): states of different lengths cross row boundaries and come
+    back whole, in rank order, on ``root`` alone; no other rank receives a byte of them."""
+    from fa_hvd.comm import base
+    from local_world import LocalTransport
+
+    monkeypatch.setattr(base, "GATHER_ROW_BYTES", 5)
+    rows = {}
+    alltoall = LocalTransport.alltoall_async
+
+    def recording(self, tensor, splits, name, received=None):
+        handle = alltoall(self, tensor, splits, name, received)
+        result = handle.result
+        handle.result = lambda everyone: rows.setdefault(self.rank, result(everyone))
+        return handle
+
+    monkeypatch.setattr(LocalTransport, "alltoall_async", recording)
+    states = [{"w": torch.arange(3 * r + 1, dtype=torch.float32), "rank": r} for r in range(4)]
+    got = run_ranks(4, lambda t: t.gather_state(states[t.rank], root, "s"))
+    assert [g is None for g in got] == [r != root for r in range(4)]
+    assert [s["rank"] for s in got[root]] == [0, 1, 2, 3]
+    assert all(torch.equal(s["w"], e["w"]) for s, e in zip(got[root], states))
+    assert all(rows[r].numel() == 0 for r in range(4) if r != root)
+    assert rows[root].shape[1] == 5
+
+
+@pytest.mark.parametrize("root", [0, 2])
+def test_a_malformed_gathered_state_raises_on_every_rank_naming_its_sender_and_runs_nothing(root):
+    """The root alone reads the states; its verdict reaches the others, so every rank raises alike."""
+    buffer = io.BytesIO()
+    torch.save({"x": _Runs()}, buffer)
+
+    class Lies:  # what a lying rank 2 makes of its message: a pickle that would run code when loaded
+        message = staticmethod(lambda data: buffer.getvalue())
+
+    def rank(t):
+        t.lies = Lies() if t.rank == 2 else None
+        try:
+            t.gather_state({"x": torch.zeros(2)}, root, "s")
+        except MessageError as exc:
+            return str(exc)
+        return "no error"
+
+    RAN.clear()
+    errors = run_ranks(4, rank)
+    assert all("rank 2 sent a malformed s message" in e for e in errors), errors
+    assert not RAN
+
+
+def test_a_gathered_length_over_the_limit_is_refused_on_every_rank():
+    def rank(t):
+        try:
+            t.gather_state({"x": torch.zeros(1 if t.rank != 1 else 200)}, 0, "s", limit=2000)
+        except MessageError as exc:
+            return str(exc)
+
+    errors = run_ranks(3, rank)
+    assert all(e is not None and "rank 1 announced a s message of" in e and "(the limit is 2000)" in e for e in errors)
 
 
 def test_broadcast_state_from_the_root():

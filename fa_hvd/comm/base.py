@@ -22,6 +22,7 @@ from .traffic import SocketTraffic
 TIMEOUT_ENV = "FA_HVD_COLLECTIVE_TIMEOUT_SECONDS"
 STALL_SHUTDOWN_ENV = "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"
 FIRST_NOTICE_SECONDS = 60.0  # Horovod's stall inspector warns after 60 s too
+GATHER_ROW_BYTES = 1 << 20  # gather_bytes sends rows this wide: split counts in rows stay far below 2**31
 _log = logging.getLogger("fa_hvd")
 
 
@@ -217,17 +218,43 @@ class Transport:
         (two tensor allgathers of equal shapes, so every transport carries them). A length over
         ``limit`` raises :class:`~fa_hvd.comm.messages.MessageError` naming its rank, before
         anything of that size is allocated."""
+        data, lengths = self._announce(data, name, limit)
+        row = torch.zeros(1, max(1, *lengths), dtype=torch.uint8)
+        if data:
+            row[0, : len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        rows = self.allgather(row, name=name)
+        return [bytes(rows[r, :length].numpy().tobytes()) for r, length in enumerate(lengths)]
+
+    def _announce(self, data: bytes, name: str, limit: int) -> tuple[bytes, list[int]]:
+        """This rank's ``data`` as it goes out (what fault injection makes of it) and every rank's length,
+        each checked against ``limit`` on every rank alike (collective)."""
         if self.lies is not None:
             data = self.lies.message(data)
         lengths = self.allgather(torch.tensor([[len(data)]], dtype=torch.int64), name=f"{name}.lengths")
         lengths = lengths.reshape(-1).tolist()
         for sender, length in enumerate(lengths):
             messages.check_length(sender, length, limit, name)
-        row = torch.zeros(1, max(1, *lengths), dtype=torch.uint8)
+        return data, lengths
+
+    def gather_bytes(self, data: bytes, root: int, name: str, limit: int = messages.MAX_MESSAGE_BYTES) -> list[bytes] | None:
+        """Every rank's ``data`` on ``root``, in rank order (``None`` elsewhere): the lengths are
+        allgathered and checked on every rank, as :meth:`allgather_bytes` does, then each rank's bytes
+        travel to ``root`` alone (an alltoall of rows ``GATHER_ROW_BYTES`` wide, so no split count
+        overflows), and no other rank holds more than its own."""
+        data, lengths = self._announce(data, name, limit)
+        width = max(1, min(max(lengths), GATHER_ROW_BYTES))
+        rows = [-(-length // width) for length in lengths]
+        mine = torch.zeros(rows[self.rank], width, dtype=torch.uint8)
         if data:
-            row[0, : len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        rows = self.allgather(row, name=name)
-        return [bytes(rows[r, :length].numpy().tobytes()) for r, length in enumerate(lengths)]
+            mine.view(-1)[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        splits = [rows[self.rank] if r == root else 0 for r in range(self.size)]
+        received = rows if self.rank == root else [0] * self.size
+        got = self.wait(self.alltoall_async(mine, splits, name=name, received=received))
+        if self.rank != root:
+            return None
+        starts = [sum(rows[:r]) for r in range(self.size)]
+        return [bytes(got[start:start + count].reshape(-1)[:length].numpy().tobytes())
+                for start, count, length in zip(starts, rows, lengths)]
 
     def allgather_json(self, obj, name: str, schema, limit: int = messages.MAX_MESSAGE_BYTES) -> list:
         """Every rank's JSON-able ``obj``, in rank order, each checked against ``schema``
@@ -241,6 +268,27 @@ class Transport:
         data = self.allgather_bytes(messages.encode_state(state), name,
                                     messages.MAX_STATE_BYTES if limit is None else limit)
         return [messages.decode_state(d, sender, name) for sender, d in enumerate(data)]
+
+    def gather_state(self, state, root: int, name: str, limit: int | None = None) -> list | None:
+        """Every rank's tensor ``state`` on ``root``, read back weights-only (``None`` elsewhere): a
+        checkpoint's per-rank state without every rank holding ``p`` copies (:meth:`gather_bytes`). A
+        malformed state raises :class:`~fa_hvd.comm.messages.MessageError` naming its sender on every
+        rank alike: ``root`` reads them and broadcasts which one failed."""
+        data = self.gather_bytes(messages.encode_state(state), root, name,
+                                 messages.MAX_STATE_BYTES if limit is None else limit)
+        states, failed, error = [], -1, None
+        for sender, item in enumerate(data or []):
+            try:
+                states.append(messages.decode_state(item, sender, name))
+            except messages.MessageError as exc:
+                failed, error = sender, exc
+                break
+        failed = int(self.broadcast_(torch.tensor([failed], dtype=torch.int64), root, name=f"{name}.verdict"))
+        if error is not None:
+            raise error
+        if failed >= 0:
+            raise messages.MessageError(f"fa_hvd: rank {failed} sent a malformed {name} message (read by rank {root})")
+        return states if data is not None else None
 
     def broadcast_state(self, state, root: int, name: str, limit: int | None = None):
         """``root``'s tensor ``state`` on every rank, read back weights-only (no code runs); at most

@@ -405,8 +405,8 @@ class Trainer:
 
     def gather_state(self) -> dict | None:
         """The whole checkpoint on rank 0 (None elsewhere): shared state plus every rank's own (collective)."""
-        ranks = self.transport.allgather_state(  # room for a worker momentum buffer per parameter, and the buffers
-            self.rank_state(), name="fa_hvd.train.rank_state",
+        ranks = self.transport.gather_state(  # room for a worker momentum buffer per parameter, and the buffers
+            self.rank_state(), root=0, name="fa_hvd.train.rank_state",
             limit=messages.model_state_limit([*self.model.parameters(), *self.model.buffers()], copies=1))
         if self.rank != 0:
             return None
