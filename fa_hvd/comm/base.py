@@ -262,13 +262,6 @@ class Transport:
         data = self.allgather_bytes(messages.encode_json(obj, limit), name, limit)
         return [messages.decode_json(d, schema, sender, name) for sender, d in enumerate(data)]
 
-    def allgather_state(self, state, name: str, limit: int | None = None) -> list:
-        """Every rank's tensor ``state`` (tensors, numbers, strings, containers), read back weights-only;
-        at most ``limit`` bytes each (default ``messages.MAX_STATE_BYTES``)."""
-        data = self.allgather_bytes(messages.encode_state(state), name,
-                                    messages.MAX_STATE_BYTES if limit is None else limit)
-        return [messages.decode_state(d, sender, name) for sender, d in enumerate(data)]
-
     def gather_state(self, state, root: int, name: str, limit: int | None = None) -> list | None:
         """Every rank's tensor ``state`` on ``root``, read back weights-only (``None`` elsewhere): a
         checkpoint's per-rank state without every rank holding ``p`` copies (:meth:`gather_bytes`). A
