@@ -55,7 +55,7 @@ def parse_args(argv, environ=os.environ):
     parser.add_argument("--worker-momentum", type=float, metavar="BETA",
                         default=environ.get("FA_HVD_WORKER_MOMENTUM", "0"),
                         help="each rank sends its momentum with this beta (0 <= beta < 1; default 0: its "
-                             "gradient); the script's SGD momentum is set to 0")
+                             "gradient); the script's SGD momentum is set to 0 (another optimizer's momentum is refused)")
     parser.add_argument("script", help="the Horovod training script")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments")
     args = parser.parse_args(argv)
@@ -125,8 +125,15 @@ def robust_optimizer(aggregator: str, params: dict, transport: str, worker_momen
 def _move_momentum(optimizer) -> tuple[list[float], bool]:
     """Set the SGD momentum of ``optimizer``'s parameter groups to 0 (worker momentum replaces it);
     returns the momenta it had and whether they were Nesterov's. Nesterov goes to the workers, so
-    the groups must agree on it; dampening, which worker momentum does not have, is refused."""
+    the groups must agree on it; dampening, which worker momentum does not have, is refused, and so is
+    another optimizer's momentum (RMSprop's acts on its scaled step: moving it would change the method)."""
+    import torch
+
     groups = [group for group in optimizer.param_groups if group.get("momentum")]
+    if groups and not isinstance(optimizer, torch.optim.SGD):
+        raise ValueError(f"fa_hvd.wrap: --worker-momentum moves an SGD's momentum to the ranks; the script's "
+                         f"{type(optimizer).__name__} has momentum {groups[0]['momentum']} of its own, which acts "
+                         f"on its own step and cannot move: set it to 0, or leave out --worker-momentum")
     if any(group.get("dampening") for group in groups):
         raise ValueError("fa_hvd.wrap: --worker-momentum with an SGD dampening: worker momentum has no "
                          "dampening; set the script's dampening to 0")

@@ -82,6 +82,25 @@ def test_a_nesterov_sgd_under_worker_momentum_steps_as_it_did_alone(monkeypatch,
     assert [g["momentum"] for g in mixed.param_groups] == [0.9, 0.9]  # a refusal changes nothing
 
 
+def test_worker_momentum_moves_no_other_optimizers_momentum(monkeypatch):
+    """RMSprop's momentum acts on its scaled step: it is refused, not moved (the method would change);
+    an RMSprop without momentum is wrapped with the worker momentum."""
+    import torch
+
+    import fa_hvd.comm
+    from loopback import LoopbackTransport
+
+    monkeypatch.setattr(fa_hvd.comm, "get_transport", lambda name, process_set=None: LoopbackTransport(1))
+    model = torch.nn.Linear(3, 2)
+    script = torch.optim.RMSprop(model.parameters(), lr=0.01, momentum=0.9)
+    with pytest.raises(ValueError, match="the script's RMSprop has momentum 0.9 of its own"):
+        wrap.robust_optimizer("mean", {}, "horovod", 0.9, environ={})(script)
+    assert script.param_groups[0]["momentum"] == 0.9 and "nesterov" not in script.param_groups[0]
+    plain = wrap.robust_optimizer("mean", {}, "horovod", 0.9, environ={})(
+        torch.optim.RMSprop(model.parameters(), lr=0.01))
+    assert plain.worker_momentum.beta == 0.9
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--worker-momentum", "1", "t.py"], "worker_momentum must be a number with 0 <= beta < 1, got 1.0"),
     (["--worker-momentum", "x", "t.py"], "argument --worker-momentum: invalid float value: 'x'"),
