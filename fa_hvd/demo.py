@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from fa_hvd import plot
+from fa_hvd.cli_types import integer_at_least
 from fa_hvd.train import config as train_config
 
 
@@ -41,7 +42,7 @@ def suspects(summary: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fa-hvd-demo",
                                      description="The trainer on 4 ranks, FA against the plain mean.")
-    parser.add_argument("--np", type=int, default=4, help="ranks (default 4)")
+    parser.add_argument("--np", type=integer_at_least(1), default=4, help="ranks (default 4)")
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="where both runs and the plot go")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -47,6 +47,7 @@ from fa_hvd.aggregators import get, names
 from fa_hvd.aggregators.flag import default_rank
 from fa_hvd.aggregators.flag_direct import flag_direct
 from fa_hvd.aggregators.geometry import gram
+from fa_hvd.cli_types import integer_at_least
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -94,19 +95,19 @@ def add_parser(subparsers) -> None:
                         help="comma list of gradient lengths n, e.g. 1e5,1e6 (default: 1000000)")
     parser.add_argument("--p", type=_sizes, default=[15], metavar="LIST",
                         help="comma list of worker counts p (default: 15)")
-    parser.add_argument("--f", type=_count(0), default=3,
+    parser.add_argument("--f", type=integer_at_least(0), default=3,
                         help="Byzantine count f given to every rule; a rule whose precondition fails "
                         "for a p is skipped with a note on stderr (default: 3)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", metavar="DTYPE",
                         help="dtype of G: float32, float64, float16, bfloat16 or fp32, fp64, fp16, bf16 "
                         "(default: float32; the rules compute fp16 and bf16 in fp32)")
     parser.add_argument("--device", type=_device, default="cpu", help="cpu or cuda (default: cpu)")
-    parser.add_argument("--repeats", type=_count(1), default=5,
+    parser.add_argument("--repeats", type=integer_at_least(1), default=5,
                         help="timed calls per rule; rows report their median, minimum and maximum (default: 5)")
-    parser.add_argument("--threads", type=_count(1), default=1,
+    parser.add_argument("--threads", type=integer_at_least(1), default=1,
                         help="torch threads (default: 1; more threads on a shared machine wait on each "
                         "other at every barrier)")
-    parser.add_argument("--warmup", type=_count(0), default=1,
+    parser.add_argument("--warmup", type=integer_at_least(0), default=1,
                         help="untimed calls per rule before the timed ones (default: 1)")
     parser.add_argument("--direct", action="store_true",
                         help="also run the direct, slow formulation of the released FA (an SVD of the "
@@ -117,10 +118,10 @@ def add_parser(subparsers) -> None:
                         "rule); FA rows then report vs_gram (default: off)")
     parser.add_argument("--lambda", dest="lambda_", type=float, default=None, metavar="LAMBDA",
                         help="FA's pair weight lambda_ (default: 1.0 with --direct, else FA's own, 0)")
-    parser.add_argument("--iterations", type=_count(1), default=None, metavar="T",
+    parser.add_argument("--iterations", type=integer_at_least(1), default=None, metavar="T",
                         help="FA's IRLS step limit T (default: 4 with --direct, else FA's own: "
                         "1 in reference mode, 100 in default mode)")
-    parser.add_argument("--r", type=_count(1), default=None,
+    parser.add_argument("--r", type=integer_at_least(1), default=None,
                         help="FA's subspace rank r (default: FA's own, ceil(p/2) below p - f)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated gradients (default: 0)")
     parser.set_defaults(run=run)
@@ -144,19 +145,6 @@ def _sizes(text: str) -> list[int]:
     if not all(value >= 1 and value.is_integer() for value in values):
         raise argparse.ArgumentTypeError(f"expected a comma list of positive integers, got {text!r}")
     return [int(value) for value in values]
-
-
-def _count(low: int):
-    """An argparse type: an integer >= ``low``."""
-
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
-        return value
-
-    parse.__name__ = "integer"  # argparse names the type in its error messages
-    return parse
 
 
 def _device(text: str) -> str:

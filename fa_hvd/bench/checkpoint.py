@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from fa_hvd import checkpoint
+from fa_hvd.cli_types import integer_at_least, integers_at_least
 
 TENSOR_MIB = 64
 
@@ -34,8 +35,8 @@ TENSOR_MIB = 64
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("checkpoint", help="what a checkpoint costs the step loop, by size",
                                    description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mib", default="100,3072", help="comma-separated state sizes in MiB (default 100,3072)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--mib", type=integers_at_least(0), default=[100, 3072], help="comma-separated state sizes in MiB (default 100,3072)")
+    parser.add_argument("--rounds", type=integer_at_least(1), default=3)
     parser.add_argument("--dir", default=None, help="where to write (default: a temporary directory, removed after)")
     parser.set_defaults(run=run)
 
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     x = torch.randn(384, 384) / 20
     with tempfile.TemporaryDirectory(dir=args.dir) as where:
         directory = Path(where)
-        for mib in (int(m) for m in args.mib.split(",")):
+        for mib in args.mib:
             live = synthetic_state(mib)
             idle = [_step(x) for _ in range(10)]
             blocked, written, during = [], [], []

@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 
 from fa_hvd.aggregators import get
+from fa_hvd.cli_types import integer_at_least
 from fa_hvd.faults import alie_z
 from fa_hvd.faults.gradient import ATTACKS, HonestView, tailored_search
 from fa_hvd.faults.seeding import derive_seed
@@ -95,9 +96,9 @@ def add_parser(subparsers) -> None:
                         help="comma list of p/f (default: %s)" % ",".join(f"{p}/{f}" for p, f in SHAPES))
     parser.add_argument("--rules", type=_rules, default=list(RULES), metavar="LIST",
                         help="comma list of rule labels (default: all: %s)" % ",".join(RULES))
-    parser.add_argument("--n", type=int, default=256, help="coordinates per row (default 256)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every draw (default 0)")
-    parser.add_argument("--directions", type=int, default=2,
+    parser.add_argument("--n", type=integer_at_least(1), default=256, help="coordinates per row (default 256)")
+    parser.add_argument("--seed", type=integer_at_least(0), default=0, help="seed of every draw (default 0)")
+    parser.add_argument("--directions", type=integer_at_least(0), default=2,
                         help="random directions the tailored search adds (default 2)")
     parser.add_argument("--out", type=Path, default=None, metavar="PATH",
                         help="write PATH.md (tables) and PATH.png (heatmap)")

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from fa_hvd import config as cfg
+from fa_hvd.cli_types import integer_at_least
 
 from . import runner
 from .grid import ENGINES, load_grid
@@ -35,9 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--engine", choices=ENGINES, default="simulation",
                         help="simulation: p virtual workers in one process (seconds per cell); distributed: "
                         "each cell a horovodrun job of fa-hvd-train (default: simulation)")
-    parser.add_argument("--jobs", type=_positive, default=1,
+    parser.add_argument("--jobs", type=integer_at_least(1), default=1,
                         help="cells run at once, one process (one core) each (default: 1)")
-    parser.add_argument("--cell", type=_index, metavar="INDEX",
+    parser.add_argument("--cell", type=integer_at_least(0), metavar="INDEX",
                         help="run only cell INDEX (0-based, --list order) and write its result under "
                         "OUT/cells/ for a later run or --report to collect (one SLURM array task per cell)")
     parser.add_argument("--match", action="append", default=[], metavar="GLOB",
@@ -51,20 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "(in results.jsonl or a --cell file not yet collected)")
     parser.add_argument("--report", action="store_true", help="collect --cell results and write the report only")
     return parser
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
-
-
-def _index(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a cell index >= 0, got {text}")
-    return value
 
 
 def main(argv=None) -> int:

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from fa_hvd.cli_types import integer_at_least
 from fa_hvd.train.trust import Thresholds, TrustLedger, defaults
 
 from .grid import load_grid
@@ -349,7 +350,7 @@ def main(argv=None) -> int:
     parser.add_argument("--grid", required=True, nargs="+", help="one or more grid files, run in order")
     parser.add_argument("--out", help="default: the first grid's out:")
     parser.add_argument("--match", action="append", default=[], metavar="GLOB")
-    parser.add_argument("--window", type=int, default=Thresholds.window)
+    parser.add_argument("--window", type=integer_at_least(1), default=Thresholds.window)
     parser.add_argument("--margin", type=float, default=1.5,
                         help="how far beyond the calibration cells' honest extremes the thresholds are set")
     args = parser.parse_args(argv)
