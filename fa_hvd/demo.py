@@ -27,7 +27,9 @@ def launch(np: int, config: str, run_dir: Path, overrides: list[str]) -> subproc
                "fa-hvd-train", "--config", config, "--run-dir", str(run_dir), "--resume", "never"]
     for item in overrides:
         command += ["--set", item]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
+    tools = str(Path(sys.executable).parent)  # horovodrun and fa-hvd-train, also when the venv is not activated
+    env = dict(os.environ, PATH=os.pathsep.join([tools, os.environ.get("PATH", "")]),
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "job.log", "w") as log:
         return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -1,8 +1,10 @@
 """The set-up: Horovod's build, real multi-rank collectives, the demo, the embedded and local data."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,8 +38,11 @@ def test_four_rank_allgather(kind):
 
 @pytest.mark.slow
 def test_demo_fa_survives_the_byzantine_rank_and_mean_does_not(tmp_path):
-    """make demo: the trainer on 4 ranks with FA, then with mean, and the plot of both."""
-    proc = subprocess.run([str(BIN / "fa-hvd-demo"), "--out", str(tmp_path)], cwd=ROOT, env=job_env(),
+    """make demo: the trainer on 4 ranks with FA, then with mean, and the plot of both; run as
+    ``.venv/bin/fa-hvd-demo`` with the venv not on PATH (it finds horovodrun and fa-hvd-train beside itself)."""
+    env = job_env()
+    env["PATH"] = os.pathsep.join(d for d in env["PATH"].split(os.pathsep) if d and Path(d).resolve() != BIN.resolve())
+    proc = subprocess.run([str(BIN / "fa-hvd-demo"), "--out", str(tmp_path)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, output(proc)
     lines = proc.stdout.splitlines()
