@@ -4,6 +4,7 @@ never a traceback from the code that would have used it."""
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def integer_at_least(low: int):
@@ -33,4 +34,20 @@ def integers_at_least(low: int):
             raise argparse.ArgumentTypeError(f"expected a comma list of integers >= {low}, got {text!r}") from None
 
     parse.__name__ = "integer list"
+    return parse
+
+
+def number_at_least(low: float):
+    """An argparse type: a finite number >= ``low``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value >= low):
+            raise argparse.ArgumentTypeError(f"expected a number >= {low}, got {text!r}")
+        return value
+
+    parse.__name__ = "number"
     return parse

@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-from fa_hvd.cli_types import integer_at_least, integers_at_least
+from fa_hvd.cli_types import integer_at_least, integers_at_least, number_at_least
 
 
 def test_integer_at_least():
@@ -16,6 +16,10 @@ def test_integer_at_least():
     assert integers_at_least(0)("0,5") == [0, 5]
     with pytest.raises(argparse.ArgumentTypeError, match="expected a comma list of integers >= 0, got '1,-2'"):
         integers_at_least(0)("1,-2")
+    assert number_at_least(0.0)("0.5") == 0.5
+    for text in ("-1", "nan", "inf", "x"):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"expected a number >= 0.0, got {text!r}"):
+            number_at_least(0.0)(text)
 
 
 @pytest.mark.parametrize("module,argv,option", [
@@ -27,6 +31,7 @@ def test_integer_at_least():
     ("fa_hvd.bench.cli", ["step", "--steps", "0"], "--steps"),
     ("fa_hvd.bench.cli", ["step", "--rounds", "0"], "--rounds"),
     ("fa_hvd.bench.cli", ["aggregators", "--f", "-1"], "--f"),
+    ("fa_hvd.bench.cli", ["aggregators", "--lambda", "-1"], "--lambda"),
     ("fa_hvd.eval.cli", ["--grid", "configs/eval/standing.yaml", "--jobs", "0"], "--jobs"),
     ("fa_hvd.eval.suspects", ["--grid", "configs/eval/standing.yaml", "--window", "0"], "--window"),
     ("fa_hvd.demo", ["--np", "0"], "--np"),

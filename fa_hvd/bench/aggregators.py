@@ -44,10 +44,10 @@ import time
 import torch
 
 from fa_hvd.aggregators import get, names
-from fa_hvd.aggregators.flag import default_rank
+from fa_hvd.aggregators.flag import DEFAULT_ITERATIONS, default_rank
 from fa_hvd.aggregators.flag_direct import flag_direct
 from fa_hvd.aggregators.geometry import gram
-from fa_hvd.cli_types import integer_at_least
+from fa_hvd.cli_types import integer_at_least, number_at_least
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -116,11 +116,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--gram-floor", action="store_true",
                         help="also time the Gram product G G^T alone (the floor of FA and every Gram-space "
                         "rule); FA rows then report vs_gram (default: off)")
-    parser.add_argument("--lambda", dest="lambda_", type=float, default=None, metavar="LAMBDA",
+    parser.add_argument("--lambda", dest="lambda_", type=number_at_least(0.0), default=None, metavar="LAMBDA",
                         help="FA's pair weight lambda_ (default: 1.0 with --direct, else FA's own, 0)")
     parser.add_argument("--iterations", type=integer_at_least(1), default=None, metavar="T",
                         help="FA's IRLS step limit T (default: 4 with --direct, else FA's own: "
-                        "1 in reference mode, 100 in default mode)")
+                        f"1 in reference mode, {DEFAULT_ITERATIONS} in default mode)")
     parser.add_argument("--r", type=integer_at_least(1), default=None,
                         help="FA's subspace rank r (default: FA's own, ceil(p/2) below p - f)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated gradients (default: 0)")
