@@ -55,7 +55,8 @@ def parse_args(argv, environ=os.environ):
     parser.add_argument("--worker-momentum", type=float, metavar="BETA",
                         default=environ.get("FA_HVD_WORKER_MOMENTUM", "0"),
                         help="each rank sends its momentum with this beta (0 <= beta < 1; default 0: its "
-                             "gradient); the script's SGD momentum is set to 0 (another optimizer's momentum is refused)")
+                             "gradient); the script's SGD momentum is set to 0 (another optimizer's momentum "
+                             "is refused)")
     parser.add_argument("script", help="the Horovod training script")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments")
     args = parser.parse_args(argv)

@@ -236,7 +236,8 @@ class Transport:
             messages.check_length(sender, length, limit, name)
         return data, lengths
 
-    def gather_bytes(self, data: bytes, root: int, name: str, limit: int = messages.MAX_MESSAGE_BYTES) -> list[bytes] | None:
+    def gather_bytes(self, data: bytes, root: int, name: str,
+                     limit: int = messages.MAX_MESSAGE_BYTES) -> list[bytes] | None:
         """Every rank's ``data`` on ``root``, in rank order (``None`` elsewhere): the lengths are
         allgathered and checked on every rank, as :meth:`allgather_bytes` does, then each rank's bytes
         travel to ``root`` alone (an alltoall of rows ``GATHER_ROW_BYTES`` wide, so no split count
