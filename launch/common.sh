@@ -19,6 +19,14 @@ show() {
   printf '%s\n' "$line" >&2
 }
 
+# count NAME VALUE: exit with an error unless VALUE is a whole number >= 1.
+count() { [[ "$2" =~ ^[1-9][0-9]*$ ]] || die "$1 must be a whole number >= 1, got '$2'"; }
+
+# need COMMAND: exit with an error unless COMMAND is on PATH.
+need() {
+  command -v "$1" >/dev/null || die "$1 not found on PATH: activate the environment fa_hvd is installed in (in this repository: 'make setup', then 'source .venv/bin/activate')"
+}
+
 # run CMD ARGS...: print it, then run it.
 run() { show "$@"; "$@"; }
 

@@ -19,6 +19,11 @@ source "$(dirname "$0")/common.sh"
 [ $# -ge 4 ] || die "usage: $0 NP MIN_NP MAX_NP CONFIG [fa-hvd-train arguments]"
 np="$1" min_np="$2" max_np="$3" config="$4"
 shift 4
+count NP "$np"
+count MIN_NP "$min_np"
+count MAX_NP "$max_np"
+if [ "$min_np" -gt "$np" ] || [ "$np" -gt "$max_np" ]; then die "needs MIN_NP <= NP <= MAX_NP, got $min_np, $np, $max_np"; fi
+need python
 [ -f "$config" ] || die "config not found: $config"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 run_dir="runs/$(basename "${config%.*}")"

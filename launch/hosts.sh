@@ -16,6 +16,7 @@ shift 2
 np="$(awk '!/^[[:space:]]*(#|$)/ { s = 1; for (i = 2; i <= NF; i++) if ($i ~ /^slots=/) s = substr($i, 7); n += s }
            END { print n + 0 }' "$hostfile")"
 [ "$np" -gt 0 ] || die "no hosts in $hostfile"
+need horovodrun
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 # shellcheck disable=SC2086  # HOROVODRUN_ARGS is a list of options
 run horovodrun -np "$np" -hostfile "$hostfile" ${HOROVODRUN_ARGS:-} fa-hvd-train --config "$config" "$@"

@@ -9,6 +9,8 @@ source "$(dirname "$0")/common.sh"
 [ $# -ge 2 ] || die "usage: $0 NP CONFIG [fa-hvd-train arguments]"
 np="$1" config="$2"
 shift 2
+count NP "$np"
+need horovodrun
 [ -f "$config" ] || die "config not found: $config"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # one torch thread per rank
 # shellcheck disable=SC2086  # HOROVODRUN_ARGS is a list of options

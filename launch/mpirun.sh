@@ -13,6 +13,8 @@ source "$(dirname "$0")/common.sh"
 [ $# -ge 2 ] || die "usage: $0 NP CONFIG [fa-hvd-train arguments]"
 np="$1" config="$2"
 shift 2
+count NP "$np"
+need mpirun
 [ -f "$config" ] || die "config not found: $config"
 hosts=(-H "localhost:$np")  # this machine, or every machine of HOSTFILE
 [ -z "${HOSTFILE:-}" ] || hosts=(-hostfile "$HOSTFILE")

@@ -13,6 +13,9 @@ source "$(dirname "$0")/common.sh"
 [ $# -ge 2 ] || die "usage: $0 NPROC CONFIG [fa-hvd-train arguments]"
 nproc="$1" config="$2"
 shift 2
+count NPROC "$nproc"
+[ -z "${NNODES:-}" ] || count NNODES "$NNODES"
+need torchrun
 [ -f "$config" ] || die "config not found: $config"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # one torch thread per rank
 # By default torchrun's workers share its rendezvous store, and a restarted group reads the

@@ -208,6 +208,28 @@ def test_bad_input_is_refused_before_anything_runs(recorder, script, args):
     assert ("not found" in proc.stderr or "cannot read" in proc.stderr or "usage" in proc.stderr), proc.stderr
 
 
+@pytest.mark.parametrize("script,args,needle", [
+    ("launch/local.sh", ["x", "configs/demo.yaml"], "NP must be a whole number >= 1, got 'x'"),
+    ("launch/local.sh", ["0", "configs/demo.yaml"], "NP must be a whole number >= 1, got '0'"),
+    ("launch/mpirun.sh", ["2x", "configs/demo.yaml"], "NP must be a whole number >= 1, got '2x'"),
+    ("launch/mpi4py.sh", ["-1", "configs/demo.yaml"], "NP must be a whole number >= 1, got '-1'"),
+    ("launch/torchrun.sh", ["0", "configs/demo.yaml"], "NPROC must be a whole number >= 1, got '0'"),
+    ("launch/elastic.sh", ["4", "0", "6", "configs/demo.yaml"], "MIN_NP must be a whole number >= 1, got '0'"),
+    ("launch/elastic.sh", ["4", "5", "6", "configs/demo.yaml"], "needs MIN_NP <= NP <= MAX_NP, got 5, 4, 6"),
+])
+def test_a_bad_rank_count_is_refused_before_anything_runs(recorder, script, args, needle):
+    proc, calls = recorder([script, *args])
+    assert (proc.returncode, calls) == (2, []) and f"error: {needle}" in proc.stderr, proc.stderr
+
+
+def test_a_launcher_without_its_tool_on_path_says_how_to_get_it(tmp_path):
+    """horovodrun lives in fa_hvd's environment: without it on PATH, one line says to activate it."""
+    proc = subprocess.run(["launch/local.sh", "2", "configs/demo.yaml"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2 and "local.sh: error: horovodrun not found on PATH" in proc.stderr, proc.stderr
+    assert "source .venv/bin/activate" in proc.stderr
+
+
 @pytest.mark.parametrize("env,expected", [
     ({"SLURM_LOCALID": "2"}, "6"),
     ({"OMPI_COMM_WORLD_LOCAL_RANK": "1", "SLURM_LOCALID": "0"}, "5"),  # mpirun inside a SLURM batch step
