@@ -39,10 +39,13 @@ from .aggregators import get as get_aggregator
 from .config import parse_key_values, parse_value
 from .worker_momentum import check_beta
 
+PROG = "python -m fa_hvd.wrap"
+TRANSPORTS = ("horovod", "mpi")
+
 
 def parse_args(argv, environ=os.environ):
     parser = argparse.ArgumentParser(
-        prog="python -m fa_hvd.wrap", description=__doc__.split("\n\n")[0],
+        prog=PROG, description=__doc__.split("\n\n")[0],
         epilog="Environment: FA_HVD_AGGREGATOR, FA_HVD_F, FA_HVD_PARAMS, FA_HVD_TRANSPORT, "
                "FA_HVD_WORKER_MOMENTUM, FA_HVD_FAULTS, FA_HVD_FAULT_SEED, FA_HVD_ALLOW_EXCEEDING_F.",
     )
@@ -50,8 +53,7 @@ def parse_args(argv, environ=os.environ):
     parser.add_argument("--f", type=int, default=None, help="Byzantine workers tolerated")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                         help="an aggregator parameter (repeatable), e.g. --param r=8")
-    parser.add_argument("--transport", default=environ.get("FA_HVD_TRANSPORT", "horovod"),
-                        choices=("horovod", "mpi"))
+    parser.add_argument("--transport", default=environ.get("FA_HVD_TRANSPORT", "horovod"), choices=TRANSPORTS)
     parser.add_argument("--worker-momentum", type=float, metavar="BETA",
                         default=environ.get("FA_HVD_WORKER_MOMENTUM", "0"),
                         help="each rank sends its momentum with this beta (0 <= beta < 1; default 0: its "
@@ -60,6 +62,8 @@ def parse_args(argv, environ=os.environ):
     parser.add_argument("script", help="the Horovod training script")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments")
     args = parser.parse_args(argv)
+    if args.transport not in TRANSPORTS:  # argparse does not check a default, here FA_HVD_TRANSPORT's
+        parser.error(f"FA_HVD_TRANSPORT: expected one of {', '.join(TRANSPORTS)}, got {args.transport!r}")
     env_params = [p for p in environ.get("FA_HVD_PARAMS", "").split(",") if p.strip()]
     try:
         params = {**parse_key_values(env_params, "FA_HVD_PARAMS"), **parse_key_values(args.param, "--param")}
@@ -161,6 +165,9 @@ def _fault_transform(transport, aggregator_params: dict, environ):
 
 def main(argv=None) -> None:
     args, params = parse_args(sys.argv[1:] if argv is None else argv)
+    if not os.path.isfile(args.script):
+        print(f"{PROG}: error: script not found: {args.script}", file=sys.stderr)
+        raise SystemExit(2)
     import horovod.torch as hvd
 
     from . import broadcast_optimizer_state

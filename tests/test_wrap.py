@@ -192,6 +192,17 @@ def _wait_for_progress(pids, host, batches, timeout):
     raise AssertionError(f"the worker on {host} did not reach batch {batches} within {timeout} s")
 
 
+def test_a_bad_transport_from_the_environment_and_a_missing_script_are_usage_errors(capsys):
+    with pytest.raises(SystemExit) as stop:
+        wrap.parse_args(["t.py"], environ={"FA_HVD_TRANSPORT": "nccl"})
+    assert stop.value.code == 2
+    assert "error: FA_HVD_TRANSPORT: expected one of horovod, mpi, got 'nccl'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        wrap.main(["/nonexistent/train.py"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == "python -m fa_hvd.wrap: error: script not found: /nonexistent/train.py\n"
+
+
 def test_data_faults_are_refused_before_the_script(capsys):
     with pytest.raises(SystemExit):
         wrap.parse_args(["t.py"], environ={"FA_HVD_FAULTS": "[{kind: labelflip, ranks: [1], params: {num_classes: 10}}]"})
