@@ -13,6 +13,7 @@ import os
 import time
 from typing import Callable
 
+import numpy as np
 import torch
 
 from . import messages
@@ -220,8 +221,7 @@ class Transport:
         anything of that size is allocated."""
         data, lengths = self._announce(data, name, limit)
         row = torch.zeros(1, max(1, *lengths), dtype=torch.uint8)
-        if data:
-            row[0, : len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        _write_bytes(row, data)
         rows = self.allgather(row, name=name)
         return [bytes(rows[r, :length].numpy().tobytes()) for r, length in enumerate(lengths)]
 
@@ -246,8 +246,7 @@ class Transport:
         width = max(1, min(max(lengths), GATHER_ROW_BYTES))
         rows = [-(-length // width) for length in lengths]
         mine = torch.zeros(rows[self.rank], width, dtype=torch.uint8)
-        if data:
-            mine.view(-1)[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        _write_bytes(mine, data)
         splits = [rows[self.rank] if r == root else 0 for r in range(self.size)]
         received = rows if self.rank == root else [0] * self.size
         got = self.wait(self.alltoall_async(mine, splits, name=name, received=received))
@@ -291,8 +290,8 @@ class Transport:
         length = self.broadcast_(torch.tensor([len(data)], dtype=torch.int64), root, name=f"{name}.length")
         messages.check_length(root, int(length), messages.MAX_STATE_BYTES if limit is None else limit, name)
         payload = torch.zeros(int(length), dtype=torch.uint8)
-        if self.rank == root and data:
-            payload.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        if self.rank == root:
+            _write_bytes(payload, data)
         payload = self.broadcast_(payload, root, name=name)
         return messages.decode_state(payload.numpy().tobytes(), root, name)
 
@@ -323,6 +322,12 @@ class Transport:
     def bytes_received(self) -> int:
         """Bytes this process received over TCP since :attr:`traffic` was first used."""
         return self.traffic.totals()[1]
+
+
+def _write_bytes(tensor: torch.Tensor, data: bytes) -> None:
+    """``data`` into the start of the uint8 CPU ``tensor`` (contiguous, at least ``len(data)`` elements), with
+    no copy of ``data`` on the way (a torch view of immutable bytes would need one)."""
+    tensor.numpy().reshape(-1)[: len(data)] = np.frombuffer(data, dtype=np.uint8)
 
 
 class NoCompression:
