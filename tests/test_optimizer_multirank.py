@@ -18,9 +18,9 @@ pytestmark = pytest.mark.slow
 
 RANKS = 5
 CHECKS = ["mean_vs_horovod", "rules", "features", "mismatch", "bad_world", "process_sets", "slow_peer",
-          "broadcast_state", "unused_on_some_ranks", "sparse_vs_horovod", "zero_step"]
+          "broadcast_state", "unused_on_some_ranks", "sparse_vs_horovod", "zero_step", "gather_state"]
 TORCH_CHECKS = ["mean_vs_horovod", "rules", "features", "mismatch", "bad_world", "process_sets", "slow_peer",
-                "broadcast_state", "object_bound"]
+                "broadcast_state", "object_bound", "gather_state"]
 JOBS = {  # launcher -> (transport argument of the check script, checks)
     "gloo": ("horovod", CHECKS),
     "mpi": ("horovod", CHECKS),
@@ -155,6 +155,13 @@ def test_process_sets_of_every_size_behave_as_horovods(ranks):
         assert len(per_rank) == ranks
         for rank, r in enumerate(per_rank):
             assert r["max_abs_diff"] < 1e-6 and r["moved"] > 1e-3, (k, rank, r)
+
+
+@pytest.mark.parametrize("report", jobs_with("gather_state"), indirect=True)
+def test_a_checkpoints_rank_states_reach_the_root_alone_whole(report):
+    """Every transport's alltoall carries each rank's state to the root (rank 2 here) in rows narrower
+    than the states; the root reads every state back whole, the other ranks hold none."""
+    assert report["gather_state"]["held"] == [[r == 2, True if r == 2 else None] for r in range(RANKS)]
 
 
 @pytest.mark.parametrize("report", jobs_with("object_bound"), indirect=True)

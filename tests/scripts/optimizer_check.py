@@ -463,6 +463,23 @@ def check_broadcast_state(transport, rank):
     return out
 
 
+def check_gather_state(transport, rank):
+    """A checkpoint's per-rank state gathered to rank 2 in rows 7 bytes wide (states of different lengths
+    cross them): what rank 2 read back, and what every other rank holds (None)."""
+    from fa_hvd.comm import base
+
+    width, base.GATHER_ROW_BYTES = base.GATHER_ROW_BYTES, 7
+    try:
+        states = transport.gather_state({"w": torch.arange(10 * rank + 3, dtype=torch.float32), "rank": rank}, 2,
+                                        name="check.gather")
+    finally:
+        base.GATHER_ROW_BYTES = width
+    whole = None if states is None else (
+        [s["rank"] for s in states] == list(range(transport.size))
+        and all(torch.equal(s["w"], torch.arange(10 * r + 3, dtype=torch.float32)) for r, s in enumerate(states)))
+    return {"held": transport.allgather_json([states is not None, whole], name="check.gather.held", schema=object)}
+
+
 def check_object_bound(transport, rank):
     """torch.distributed: rank 1 announces a 1 TiB object message; every rank refuses it, naming rank 1,
     before allocating anything for it."""
@@ -483,7 +500,7 @@ def check_object_bound(transport, rank):
     return {"errors": transport.allgather_json(error, name="check.bound.errors", schema=object)}
 
 
-CHECKS = {"object_bound": check_object_bound,
+CHECKS = {"object_bound": check_object_bound, "gather_state": check_gather_state,
           "mean_vs_horovod": check_mean_vs_horovod, "rules": check_rules, "features": check_features,
           "mismatch": check_mismatch, "bad_world": check_bad_world,
           "process_sets": check_process_sets, "slow_peer": check_slow_peer,
