@@ -155,6 +155,24 @@ def test_the_trainer_judges_iid_shards_by_the_iid_defaults(tmp_path, alpha):
         assert evicting == dataclasses.replace(measured, max_loss_excess=0.9, min_weight=0.2)
 
 
+def test_the_measured_loss_excess_names_suspects_but_evicts_no_one(tmp_path):
+    """An attack that slows training lifts honest ranks' losses past the measured loss excess (the README,
+    "Eviction"): robust.evict judges it only where log.suspects sets it by number (the test above)."""
+    conf, conf_data = train_config.parse(_config(
+        faults=[], train={"steps": 2, "batch_size": 8, "device": "cpu"},
+        robust={"aggregator": "flag", "aggregator_params": {"f": 1}, "evict": {"window": 100, "threshold": 0.2}},
+        log={"suspects": {}}))
+    measured = trust.IID_DEFAULTS["flag"]
+
+    def rank(transport):
+        t = _trained(conf, conf_data, tmp_path, transport)
+        return t.trust.thresholds, t.evictor.thresholds
+
+    for judged, evicting in run_ranks(4, rank):
+        assert judged == measured and measured.max_loss_excess is not None
+        assert evicting == dataclasses.replace(measured, max_loss_excess=None, min_weight=0.2)
+
+
 @pytest.mark.slow
 def test_horovodrun_four_ranks_one_faulty_names_its_host_and_writes_tensorboard(tmp_path):
     """The bar: 4 ranks under horovodrun, rank 3 injecting a fault; the suspect is named with its host

@@ -189,8 +189,8 @@ class TrainConfig:
 class EvictConfig:
     """``robust.evict``: drain the host of a rank whose mean relative weight over ``window`` steps
     fell below ``threshold`` (or whose row was non-finite in more than ``log.suspects.max_nonfinite``
-    of them, or whose alignment gap below the median rank's or mean distance crossed ``log.suspects.min_alignment``,
-    ``min_distance`` or ``max_distance``):
+    of them, or whose alignment gap, mean distance, closest share or twin gap crossed ``log.suspects``'
+    threshold; its loss excess only where ``log.suspects.max_loss_excess`` is set by number):
     its host goes into the exclusion file and the run stops with a checkpoint, or under elastic goes on
     without that host; never more than ``f`` ranks over the run, never below the rule's need, ``f`` unchanged
     (:mod:`fa_hvd.train.eviction`, README "Eviction")."""
@@ -293,6 +293,16 @@ class SuspectsConfig:
         measured = trust.defaults(rule, self.window if window is None else window, iid=iid)
         chosen = {f.name: getattr(self, f.name) for f in dataclasses.fields(trust.Thresholds) if f.name != "window"}
         return dataclasses.replace(measured, **{key: value for key, value in chosen.items() if value != RULE})
+
+    def evicting(self, rule: str | None, evict: "EvictConfig", iid: bool = False) -> trust.Thresholds:
+        """``robust.evict``'s thresholds: these over its window, its threshold the weight's. The loss excess
+        evicts only where set here by number: its measured default names suspects but drains no host,
+        because an attack that slows training lifts honest ranks' losses past it (ALIE mu - sigma, z = 1:
+        an honest rank named in 50 of FA's 54 cells, before any attacker in 22;
+        ``docs/results/suspects/README.md``), and draining their hosts would hand the attackers a larger share."""
+        chosen = self.thresholds(rule, window=evict.window, iid=iid)
+        loss_excess = chosen.max_loss_excess if self.max_loss_excess != RULE else None
+        return dataclasses.replace(chosen, min_weight=evict.threshold, max_loss_excess=loss_excess)
 
     def validate(self) -> None:
         try:

@@ -46,7 +46,6 @@ the others go on (:mod:`fa_hvd.train.eviction`).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import os
 import random
@@ -248,8 +247,7 @@ class Trainer:
         self.trust = trust.TrustLedger(self.world, thresholds, identities)
         evict = self.conf.robust.evict
         if evict is not None:
-            chosen = s.thresholds(self.conf.robust.aggregator, window=evict.window, iid=iid)
-            self.evictor = trust.TrustLedger(self.world, dataclasses.replace(chosen, min_weight=evict.threshold),
+            self.evictor = trust.TrustLedger(self.world, s.evicting(self.conf.robust.aggregator, evict, iid=iid),
                                              identities)
         if self.trust_state is not None and self.trust_state["p"] == self.world:
             self.trust.load_state_dict(self.trust_state)
