@@ -35,7 +35,8 @@ TENSOR_MIB = 64
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("checkpoint", help="what a checkpoint costs the step loop, by size",
                                    description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mib", type=integers_at_least(0), default=[100, 3072], help="comma-separated state sizes in MiB (default 100,3072)")
+    parser.add_argument("--mib", type=integers_at_least(0), default=[100, 3072],
+                        help="comma-separated state sizes in MiB (default 100,3072)")
     parser.add_argument("--rounds", type=integer_at_least(1), default=3)
     parser.add_argument("--dir", default=None, help="where to write (default: a temporary directory, removed after)")
     parser.set_defaults(run=run)

@@ -181,7 +181,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--model", choices=("resnet18", "resnet50", "cnn"), default="resnet18",
                         help="torchvision's ResNet-18 (11.7M parameters), ResNet-50 (25.6M; with --image 224 "
                         "and --num-classes 1000 the ImageNet shape) or a small CNN")
-    parser.add_argument("--num-classes", type=integer_at_least(2), default=10, help="classes of the synthetic labels")
+    parser.add_argument("--num-classes", type=integer_at_least(2), default=10,
+                        help="classes of the synthetic labels")
     parser.add_argument("--exchange", type=_exchanges, default=["allgather"], metavar="LIST",
                         help="fa_hvd's exchanges to time, comma list of allgather, sharded (default: allgather)")
     parser.add_argument("--digest-cost", action="store_true",
@@ -196,11 +197,13 @@ def add_parser(subparsers) -> None:
                              "baseline plain DDP)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cpu, or cuda: one GPU per rank (its local rank), NCCL where Horovod has it")
-    parser.add_argument("--width", type=integer_at_least(1), default=32, help="the small CNN's width (channels of the first conv)")
+    parser.add_argument("--width", type=integer_at_least(1), default=32,
+                        help="the small CNN's width (channels of the first conv)")
     parser.add_argument("--image", type=integer_at_least(1), default=32, help="input images are 3 x IMAGE x IMAGE")
     parser.add_argument("--batch-size", type=integer_at_least(1), default=16, help="per rank")
     parser.add_argument("--steps", type=integer_at_least(1), default=3, help="steps per variant per round")
-    parser.add_argument("--rounds", type=integer_at_least(1), default=5, help="timed rounds (each runs every variant)")
+    parser.add_argument("--rounds", type=integer_at_least(1), default=5,
+                        help="timed rounds (each runs every variant)")
     parser.add_argument("--warmup", type=integer_at_least(0), default=2,
                         help="untimed rounds first (each runs every variant, one step each)")
     parser.add_argument("--profile", action="store_true",
@@ -210,7 +213,8 @@ def add_parser(subparsers) -> None:
                              "waits (polls and sleeps instead of spinning)")
     parser.add_argument("--f", type=integer_at_least(0), default=None,
                         help="FA's f (default: 1, or 0 below 3 ranks, where FA cannot tolerate one: p >= 2f + 1)")
-    parser.add_argument("--r", type=integer_at_least(1), default=None, help="FA's subspace dimension (default: FA's own, it follows p)")
+    parser.add_argument("--r", type=integer_at_least(1), default=None,
+                        help="FA's subspace dimension (default: FA's own, it follows p)")
     parser.add_argument("--threads", type=integer_at_least(1), default=1, help="torch threads per rank")
     parser.add_argument("--bucket-bytes", type=integer_at_least(1), default=None,
                         help="fa_hvd's bucket size (default: automatic, about 1/8 of the model within 1..25 MiB)")
