@@ -72,17 +72,24 @@ def parse_args(argv, environ=os.environ):
             params["f"] = parse_value(str(f))
         get_aggregator(args.aggregator, **params)  # fail here, not inside the script
         check_beta(args.worker_momentum)
-        _refuse_data_faults(environ)
+        _check_faults(environ, params.get("f"))
     except ValueError as exc:
         parser.error(str(exc))
     return args, params
 
 
-def _refuse_data_faults(environ) -> None:
-    from .faults import DATA_KINDS, faults_from_env
+def _check_faults(environ, f) -> None:
+    """Refuse bad ``FA_HVD_*`` fault settings before the script runs; the ranks' range is checked
+    once the world size is known (:func:`_fault_transform`)."""
+    from .faults import DATA_KINDS, allow_exceeding_f_from_env, check_faults, fault_seed_from_env, faults_from_env
 
-    kinds = sorted({entry.get("kind") for entry in faults_from_env(environ) if isinstance(entry, dict)}
-                   & set(DATA_KINDS))
+    entries, allow_exceeding_f = faults_from_env(environ), allow_exceeding_f_from_env(environ)
+    try:
+        check_faults(entries, f, allow_exceeding_f)
+    except ValueError as exc:
+        raise ValueError(f"FA_HVD_FAULTS: {exc}") from None
+    fault_seed_from_env(environ)
+    kinds = sorted({entry["kind"] for entry in entries} & set(DATA_KINDS))
     if kinds:
         raise ValueError(
             f"FA_HVD_FAULTS: data fault(s) {', '.join(kinds)} cannot be applied to an unchanged script "
@@ -152,15 +159,15 @@ def _move_momentum(optimizer) -> tuple[list[float], bool]:
 
 
 def _fault_transform(transport, aggregator_params: dict, environ):
-    from .faults import FaultInjector, allow_exceeding_f_from_env, faults_from_env, parse_faults
+    from .faults import FaultInjector, allow_exceeding_f_from_env, fault_seed_from_env, faults_from_env, parse_faults
 
     entries = faults_from_env(environ)
     if not entries:
         return None
     specs = parse_faults(entries, transport.size, f=aggregator_params.get("f"),
                          allow_exceeding_f=allow_exceeding_f_from_env(environ))
-    seed = int(environ.get("FA_HVD_FAULT_SEED", "0"))
-    return FaultInjector(specs, transport.rank, transport.size, seed=seed, transport=transport).gradient_transform
+    return FaultInjector(specs, transport.rank, transport.size, seed=fault_seed_from_env(environ),
+                         transport=transport).gradient_transform
 
 
 def main(argv=None) -> None:

@@ -16,6 +16,8 @@ from fa_hvd.faults import (
     PoisonedDataset,
     allow_exceeding_f_from_env,
     cat_map,
+    check_faults,
+    fault_seed_from_env,
     faults_from_env,
     label_flip,
     lotka_volterra,
@@ -410,6 +412,36 @@ def test_faults_from_env_inline_yaml_json_and_file(tmp_path):
         faults_from_env({"FA_HVD_FAULTS": f"@{tmp_path}/missing.yaml"})
     with pytest.raises(ValueError, match="list of faults"):
         faults_from_env({"FA_HVD_FAULTS": "kind: alie"})
+
+
+@pytest.mark.parametrize("entries, message", [
+    ([{"kind": "alie2", "ranks": [1]}], r"faults\[0\]: unknown kind 'alie2'"),
+    ([{"kind": "alie", "ranks": [-1]}], r"faults\[0\] \(kind 'alie'\): rank -1 is negative"),
+    ([{"kind": "slow", "ranks": [1], "params": {"delay": 0}}], r"params.delay must be a number > 0"),
+    ([{"kind": "zero", "ranks": [1], "start_step": 3, "stop_step": 2}], r"stop_step must be"),
+    ([{"kind": "zero", "hosts": ["n1"]}], r"'hosts' needs fa-hvd-train"),
+    ([{"kind": "zero", "ranks": [1]}, {"kind": "alie", "ranks": [2]}], r"faults make 2 ranks Byzantine \[1, 2\]"),
+    ({"kind": "zero"}, r"faults must be a list"),
+])
+def test_check_faults_refuses_what_needs_no_world_size(entries, message):
+    with pytest.raises(ValueError, match=message):
+        check_faults(entries, f=1)
+
+
+def test_check_faults_leaves_the_range_and_an_allowed_excess_to_parse_faults(recwarn):
+    entries = [{"kind": "zero", "ranks": [1]}, {"kind": "alie", "ranks": [9]}]
+    check_faults(entries, f=1, allow_exceeding_f=True)
+    check_faults(entries[1:], f=1)
+    assert not recwarn.list  # parse_faults warns once the world is known
+    with pytest.raises(ValueError, match="rank 9 is outside the world of 4 ranks"):
+        parse_faults(entries[1:], 4, f=1)
+
+
+def test_fault_seed_from_env():
+    assert fault_seed_from_env({}) == 0
+    assert fault_seed_from_env({"FA_HVD_FAULT_SEED": " 7 "}) == 7
+    with pytest.raises(ValueError, match="FA_HVD_FAULT_SEED must be an integer, got 'x'"):
+        fault_seed_from_env({"FA_HVD_FAULT_SEED": "x"})
 
 
 def test_faults_from_env_reads_os_environ_by_default(monkeypatch):

@@ -203,6 +203,21 @@ def test_a_bad_transport_from_the_environment_and_a_missing_script_are_usage_err
     assert capsys.readouterr().err == "python -m fa_hvd.wrap: error: script not found: /nonexistent/train.py\n"
 
 
+@pytest.mark.parametrize("environ, message", [
+    ({"FA_HVD_FAULTS": "[{kind: alie2, ranks: [1]}]"}, "error: FA_HVD_FAULTS: faults[0]: unknown kind 'alie2'"),
+    ({"FA_HVD_FAULTS": "[{kind: alie, ranks: [1, 2]}]"}, "error: FA_HVD_FAULTS: faults make 2 ranks Byzantine"),
+    ({"FA_HVD_FAULT_SEED": "x"}, "error: FA_HVD_FAULT_SEED must be an integer, got 'x'"),
+    ({"FA_HVD_ALLOW_EXCEEDING_F": "maybe"}, "error: FA_HVD_ALLOW_EXCEEDING_F must be 1/true or 0/false"),
+])
+def test_bad_fault_settings_are_usage_errors_before_the_script(environ, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        wrap.parse_args(["--f", "1", "t.py"], environ=environ)
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+    wrap.parse_args(["--f", "1", "t.py"], environ={**environ, "FA_HVD_FAULTS": "[{kind: alie, ranks: [1]}]",
+                                                   "FA_HVD_FAULT_SEED": "3", "FA_HVD_ALLOW_EXCEEDING_F": "0"})
+
+
 def test_data_faults_are_refused_before_the_script(capsys):
     with pytest.raises(SystemExit):
         wrap.parse_args(["t.py"], environ={"FA_HVD_FAULTS": "[{kind: labelflip, ranks: [1], params: {num_classes: 10}}]"})

@@ -159,7 +159,21 @@ def parse_faults(entries, world_size: int, f: int | None = None,
     return specs
 
 
-def _parse_entry(i: int, entry, world_size: int, rank_hosts: list[str] | None) -> FaultSpec:
+def check_faults(entries, f: int | None = None, allow_exceeding_f: bool = False) -> None:
+    """What :func:`parse_faults` checks before the world size is known: each entry's kind,
+    keys, params and schedule, its ranks as integers >= 0, and the count against ``f`` (with
+    ``allow_exceeding_f`` that count is left to :func:`parse_faults`, which warns).
+
+    For a caller that must refuse bad faults before the ranks meet (``fa_hvd.wrap``).
+    """
+    if not isinstance(entries, list):
+        raise ValueError(f"faults must be a list of mappings, got {type(entries).__name__}")
+    specs = [_parse_entry(i, entry, None, None) for i, entry in enumerate(entries)]
+    if not allow_exceeding_f:
+        _check_f(specs, f, allow_exceeding_f)
+
+
+def _parse_entry(i: int, entry, world_size: int | None, rank_hosts: list[str] | None) -> FaultSpec:
     where = f"faults[{i}]"
     if not isinstance(entry, dict):
         raise ValueError(f"{where}: must be a mapping with a 'kind', got {entry!r}")
@@ -198,12 +212,14 @@ def rank_list(ranks):
     return [ranks] if _is_int(ranks) else ranks
 
 
-def _parse_ranks(where: str, ranks, world_size: int) -> list[int]:
+def _parse_ranks(where: str, ranks, world_size: int | None) -> list[int]:
     ranks = rank_list(ranks)
     if not isinstance(ranks, list) or not ranks or not all(_is_int(r) for r in ranks):
         raise ValueError(f"{where}: 'ranks' must be an integer or a non-empty list of integers, got {ranks!r}")
     for r in ranks:
-        if not 0 <= r < world_size:
+        if r < 0:
+            raise ValueError(f"{where}: rank {r} is negative")
+        if world_size is not None and r >= world_size:
             raise ValueError(f"{where}: rank {r} is outside the world of {world_size} ranks")
     if len(set(ranks)) != len(ranks):
         raise ValueError(f"{where}: 'ranks' lists a rank twice: {ranks}")
@@ -336,3 +352,12 @@ def allow_exceeding_f_from_env(environ=os.environ) -> bool:
     if value in ("", "0", "false", "no", "off"):
         return False
     raise ValueError(f"FA_HVD_ALLOW_EXCEEDING_F must be 1/true or 0/false, got {value!r}")
+
+
+def fault_seed_from_env(environ=os.environ) -> int:
+    """``FA_HVD_FAULT_SEED``: an integer (default 0), the seed of the faults' randomness."""
+    value = environ.get("FA_HVD_FAULT_SEED", "").strip() or "0"
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"FA_HVD_FAULT_SEED must be an integer, got {value!r}") from None
