@@ -5,7 +5,8 @@
 Reads each run's ``metrics.jsonl`` (see :mod:`fa_hvd.train.metrics`): the first
 panel is the step loss (mean over ranks, log scale) against the optimizer step, the second
 the test accuracy at each evaluation. Losses that are not finite are drawn
-at the top edge of the panel with an ``x`` (a run that diverged stays visible).
+at the top edge of the panel with an ``x`` (a run that diverged stays visible); a record
+without the figure a panel draws (one written by hand) is left out of that panel.
 Then, for each run whose rule reported weights, a trust heatmap: steps x ranks, each
 cell the rank's relative weight ``p c_i / sum c`` (1: an equal share; 0: dropped;
 :func:`fa_hvd.train.trust.relative_weights`), non-finite rows black, and each suspect the
@@ -32,8 +33,8 @@ def _number(value) -> float:
 
 def curves(run_dir: Path) -> tuple[list, list, list, list]:
     records = metrics.read(run_dir)
-    steps = [r for r in records if r.get("kind") == "step"]
-    evals = [r for r in records if r.get("kind") == "eval"]
+    steps = [r for r in records if r.get("kind") == "step" and "loss" in r]
+    evals = [r for r in records if r.get("kind") == "eval" and "test_accuracy" in r]
     return ([r["step"] for r in steps], [_number(r["loss"]) for r in steps],
             [r["step"] for r in evals], [_number(r["test_accuracy"]) for r in evals])
 

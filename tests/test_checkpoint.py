@@ -230,9 +230,12 @@ def test_plot_draws_several_runs(tmp_path, capsys):
         for step, loss in enumerate(losses, 1):
             log.write({"kind": "step", "step": step, "epoch": step / 3, "loss": loss})
         log.write({"kind": "eval", "step": 3, "epoch": 1.0, "test_loss": 0.4, "test_accuracy": 0.8})
+        log.write({"kind": "step", "step": 4})  # hand-made records without the figures drawn
+        log.write({"kind": "eval", "step": 4})
         log.close()
-    losses = plot.curves(tmp_path / "b")[1]
-    assert losses[:2] == [2.0, float("inf")] and math.isnan(losses[2])
+    steps, losses, eval_steps, accuracies = plot.curves(tmp_path / "b")
+    assert steps == [1, 2, 3] and losses[:2] == [2.0, float("inf")] and math.isnan(losses[2])
+    assert eval_steps == [3] and accuracies == [0.8]
     assert plot.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert capsys.readouterr().out.strip() == str(tmp_path / "c.png")
