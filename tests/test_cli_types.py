@@ -32,6 +32,7 @@ def test_integer_at_least():
     ("fa_hvd.bench.cli", ["step", "--rounds", "0"], "--rounds"),
     ("fa_hvd.bench.cli", ["aggregators", "--f", "-1"], "--f"),
     ("fa_hvd.bench.cli", ["aggregators", "--lambda", "-1"], "--lambda"),
+    ("fa_hvd.bench.cli", ["gather", "--mib", "0"], "--mib"),
     ("fa_hvd.eval.cli", ["--grid", "configs/eval/standing.yaml", "--jobs", "0"], "--jobs"),
     ("fa_hvd.eval.suspects", ["--grid", "configs/eval/standing.yaml", "--window", "0"], "--window"),
     ("fa_hvd.demo", ["--np", "0"], "--np"),

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 
-from . import aggregators, checkpoint, robustness, step
+from . import aggregators, checkpoint, gather, robustness, step
 
-BENCHMARKS = (aggregators, robustness, step, checkpoint)
+BENCHMARKS = (aggregators, robustness, step, checkpoint, gather)
 
 
 def main(argv: list[str] | None = None) -> int:
