@@ -43,7 +43,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from .aggregators import get as get_aggregator
-from .comm import NoCompression
+from .comm import wire_format
 from .comm.torchdist import TorchDistTransport
 from .exchange import EXCHANGES, agree_on_compiled_kernels
 from .worker_momentum import WorkerMomentum
@@ -88,7 +88,7 @@ class RobustHookState:
         self.aggregator = aggregator
         name = f"fa_hvd.ddp{next(_instances)}"
         self.exchange = (EXCHANGES[exchange] if isinstance(exchange, str) else exchange)(
-            self.transport, aggregator, compression if compression is not None else NoCompression, name)
+            self.transport, aggregator, wire_format(compression), name)
         self.transport.prepare(self.exchange.channels())  # every rank builds its state at the same point
         agree_on_compiled_kernels(self.transport, f"{name}.kernels")
         if gradient_transform is None:

@@ -62,7 +62,7 @@ from typing import Callable, Iterable
 import torch
 
 from .aggregators import Aggregator, get as get_aggregator
-from .comm import NoCompression, Transport, get_transport
+from .comm import Transport, get_transport, wire_format
 from .exchange import EXCHANGES, GradientExchange, agree_on_compiled_kernels, rule_name
 from .exchange.digest import DeferredDigest
 from .worker_momentum import WorkerMomentum, check_single_momentum
@@ -741,6 +741,7 @@ def DistributedOptimizer(
     if isinstance(exchange, str) and exchange not in EXCHANGES:
         raise ValueError(f"fa_hvd: unknown exchange {exchange!r}; known: {', '.join(EXCHANGES)}")
     op, op_name = _resolve_op(op, gradient_predivide_factor)
+    compression = wire_format(compression)
     if isinstance(aggregator, str):
         aggregator = get_aggregator(aggregator, **(aggregator_params or {}))
     elif aggregator_params:
@@ -752,7 +753,7 @@ def DistributedOptimizer(
     cls = type(optimizer.__class__.__name__, (optimizer.__class__, RobustOptimizer),
                dict(_DistributedOptimizer.__dict__))
     return cls(optimizer.param_groups, named_parameters,
-               compression if compression is not None else NoCompression, backward_passes_per_step, op, op_name,
+               compression, backward_passes_per_step, op, op_name,
                gradient_predivide_factor, groups, sparse_as_dense, getattr(transport, "process_set", None),
                aggregator, transport, exchange, bucket_bytes, gradient_transform, digest,
                momentum if momentum.beta else None)

@@ -9,6 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import fa_hvd
+from fa_hvd.aggregators import get as get_aggregator
+from fa_hvd.comm import NoCompression
+from fa_hvd.exchange import EXCHANGES
 from loopback import LoopbackTransport
 
 
@@ -273,6 +276,24 @@ def test_named_parameters_are_checked_as_horovod(named, message):
     with pytest.raises(ValueError, match=message):
         fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), named_parameters=named,
                                     aggregator="mean", transport=LoopbackTransport(size=2))
+
+
+@pytest.mark.parametrize("exchange", ["allgather", "sharded"])
+def test_a_compression_without_compress_and_decompress_is_refused_when_built(exchange):
+    """A string such as "fp16" for hvd.Compression.fp16 was an AttributeError at the first step."""
+    model, _, _ = model_and_batch()
+    with pytest.raises(ValueError, match="compression must be hvd.Compression.none or hvd.Compression.fp16 .*'fp16'"):
+        fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), aggregator="mean",
+                                    compression="fp16", exchange=exchange, transport=LoopbackTransport(size=2))
+    with pytest.raises(ValueError, match="compression must be"):  # an exchange built on its own checks too
+        EXCHANGES[exchange](LoopbackTransport(size=2), get_aggregator("mean"), "fp16", "x")
+    import horovod.torch as hvd
+
+    opt = fa_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), aggregator="mean",
+                                      compression=hvd.Compression.fp16, exchange=exchange,
+                                      transport=LoopbackTransport(size=2))
+    assert opt._compression is hvd.Compression.fp16
+    assert EXCHANGES[exchange](LoopbackTransport(size=2), get_aggregator("mean"), None, "x").compression is NoCompression
 
 
 @pytest.mark.parametrize("sparse_as_dense", [False, True])

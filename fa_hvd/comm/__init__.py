@@ -8,7 +8,7 @@ All implement :class:`~fa_hvd.comm.base.Transport`.
 
 from __future__ import annotations
 
-from .base import Handle, NoCompression, Transport
+from .base import Handle, NoCompression, Transport, wire_format
 
 TRANSPORTS = ("horovod", "mpi", "torch")
 
@@ -38,4 +38,4 @@ def get_transport(name: str = "horovod", process_set=None) -> Transport:
     raise ValueError(f"unknown transport {name!r}; known: {', '.join(TRANSPORTS)}")
 
 
-__all__ = ["Transport", "Handle", "NoCompression", "get_transport", "TRANSPORTS"]
+__all__ = ["Transport", "Handle", "NoCompression", "get_transport", "wire_format", "TRANSPORTS"]

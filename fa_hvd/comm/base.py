@@ -340,3 +340,15 @@ class NoCompression:
     @staticmethod
     def decompress(tensor, ctx):
         return tensor
+
+
+def wire_format(compression):
+    """``compression`` (Horovod's ``hvd.Compression.none`` / ``.fp16``, or any object with ``compress(tensor)
+    -> (tensor, ctx)`` and ``decompress(tensor, ctx)``), or :class:`NoCompression` for None; anything else is a
+    ``ValueError`` here, not an ``AttributeError`` at the first step."""
+    if compression is None:
+        return NoCompression
+    if not all(callable(getattr(compression, name, None)) for name in ("compress", "decompress")):
+        raise ValueError(f"fa_hvd: compression must be hvd.Compression.none or hvd.Compression.fp16 (an object "
+                         f"with compress and decompress), got {compression!r}")
+    return compression

@@ -43,6 +43,7 @@ import torch
 from ..aggregators.base import Aggregator, Rows, describe
 from ..aggregators.geometry import CentredGram
 from ..aggregators.mean import Mean
+from ..comm import wire_format
 from .base import GradientExchange, Outputs, Worker, check_planned, fits, raise_failure
 from .digest import check_agreement
 
@@ -62,7 +63,8 @@ class AllgatherExchange(GradientExchange):
 
     def __init__(self, transport, aggregator: Callable[[torch.Tensor], torch.Tensor], compression, prefix: str,
                  digest: bool = False):
-        self.transport, self.aggregator, self.compression, self.prefix = transport, aggregator, compression, prefix
+        self.transport, self.aggregator, self.prefix = transport, aggregator, prefix
+        self.compression = wire_format(compression)
         self.digest = digest
         self.pending: dict[int, tuple] = {}
         self.timings: dict = {}

@@ -80,7 +80,7 @@ import time
 import torch
 
 from ..aggregators.base import Aggregator, Rows, anchored_gram, describe, finite_rows
-from ..comm import NoCompression
+from ..comm import wire_format
 from .base import GradientExchange, Outputs, Worker, check_planned, fits, raise_failure, rule_name, wait
 from .digest import check_agreement
 from .evidence import Verdict, majority, not_a_gram, verdict
@@ -134,7 +134,7 @@ class ShardedExchange(GradientExchange):
         self.transport, self.aggregator, self.prefix, self.replicas = transport, aggregator, prefix, replicas
         self.digest = digest  # compare the aggregates' digests every step (fa_hvd.exchange.digest)
         self.lies = lies  # fault injection: a rank lying in its roles (fa_hvd.faults.roles.RoleLies)
-        self.compression = compression if compression is not None else NoCompression
+        self.compression = wire_format(compression)
         self.timings: dict = {}
         self.stats: dict = {}
         self.p = self.rank = None
