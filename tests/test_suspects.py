@@ -68,7 +68,7 @@ def test_honest_ranks_with_unequal_weights_are_not_named():
 
 def test_thresholds_are_validated_naming_the_key():
     for key, value in (("window", 0), ("min_weight", 1.5), ("max_nonfinite", 1.0), ("min_alignment", 0.1),
-                       ("min_distance", 1.0), ("max_distance", 0.5)):
+                       ("min_distance", 1.0), ("max_distance", 0.5), ("max_loss_excess", 0), ("min_loss_z", -1)):
         with pytest.raises(train_config.cfg.ConfigError, match=f"log.suspects.{key}: must be"):
             train_config.parse({"log": {"suspects": {key: value}}})
 
@@ -679,9 +679,9 @@ def test_the_loss_excess_is_each_ranks_loss_above_the_median_of_the_finite_ones(
 def test_a_rank_whose_loss_stays_above_the_median_is_named_without_weights():
     """A label-flipped rank's batch loss stays above the others' (its data trains another loss): named by the
     window mean of its excess, even where the rule reports no weights (median); a rank a little above the median,
-    a non-finite loss and a step without losses are not."""
+    a non-finite loss and a step without losses are not. (The excess alone: no gate on the ranks' spread.)"""
     ledger = trust.TrustLedger(4, trust.Thresholds(window=3, min_alignment=None, max_distance=None,
-                                                   max_loss_excess=0.5))
+                                                   max_loss_excess=0.5, min_loss_z=None))
     bare = {"nonfinite": [], "dropped": []}
     assert ledger.observe(1, bare, [1.0, 1.1, 0.9, 2.0]) == []
     assert ledger.observe(2, bare, None) == []  # no losses: the window's mean is over the steps that had them
@@ -693,6 +693,34 @@ def test_a_rank_whose_loss_stays_above_the_median_is_named_without_weights():
     assert ledger.window_table()[1]["loss_excess"] is None  # one finite loss in a window of 3: not judged
     off = trust.TrustLedger(4, trust.Thresholds(window=1, min_alignment=None, max_distance=None, max_loss_excess=None))
     assert off.observe(1, bare, [1.0, 1.0, 1.0, 9.0]) == []
+
+
+def test_the_loss_spread_is_the_median_absolute_deviation_of_the_finite_losses():
+    assert trust.loss_spread(5, [1.0, float("nan"), 3.0, 2.5, 2.0]) == [0.5, None, 0.5, 0.5, 0.5]  # median 2.25
+    assert trust.loss_spread(2, [float("inf"), None]) is None and trust.loss_spread(3, [1.0, 2.0]) is None
+
+
+def test_a_loss_excess_that_the_ranks_spread_explains_names_no_one():
+    """An attack that slows training lifts every rank's loss and the gaps between them (ALIE): rank 3's excess
+    passes the nats threshold but is 2.1 spreads, so it is not named; a label-flipped rank's excess of 35 spreads
+    is, and the reason gives both figures. ``min_loss_z`` null judges the nats alone."""
+    bare = {"nonfinite": [], "dropped": []}
+    lifted = [[3.0, 3.5, 4.0, 5.0], [2.8, 3.6, 4.2, 5.2]]  # medians 3.75, 3.9; spreads 0.5, 0.7; rank 3 +1.25, +1.3
+    flipped = [[0.30, 0.35, 0.40, 2.40], [0.28, 0.36, 0.42, 2.60]]  # spreads 0.05, 0.07; rank 3 +2.025, +2.21
+    for losses, named in ((lifted, False), (flipped, True)):
+        ledger = trust.TrustLedger(4, trust.Thresholds(window=2, min_alignment=None, max_distance=None,
+                                                       max_loss_excess=1.0))
+        found = [s for step, batch in enumerate(losses, 1) for s in ledger.observe(step, bare, batch)]
+        row = ledger.window_table()[3]
+        assert row["loss_z"] == pytest.approx(row["loss_excess"] / row["loss_spread"])
+        assert row["loss_z"] == pytest.approx(1.275 / 0.6 if not named else 2.1175 / 0.06)
+        assert [s["rank"] for s in found] == ([3] if named else [])
+        if named:
+            assert f"{row['loss_z']:.1f} times the ranks' spread" in found[0]["reason"]
+            assert found[0]["window_loss_z"] == row["loss_z"]
+        ungated = trust.TrustLedger(4, trust.Thresholds(window=2, min_alignment=None, max_distance=None,
+                                                        max_loss_excess=1.0, min_loss_z=None))
+        assert [s["rank"] for step, batch in enumerate(losses, 1) for s in ungated.observe(step, bare, batch)] == [3]
 
 
 def test_the_signals_survive_a_checkpoint_and_an_old_state_still_loads():
@@ -708,8 +736,8 @@ def test_the_signals_survive_a_checkpoint_and_an_old_state_still_loads():
     legacy.load_state_dict(old)
     ranks = legacy.summary()["ranks"]
     assert ranks[3]["window_alignment"] is None and ranks[3]["window_weight"] == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="trust state version 5"):
-        legacy.load_state_dict({**old, "version": 5})
+    with pytest.raises(ValueError, match="trust state version 6"):
+        legacy.load_state_dict({**old, "version": 6})
     two = {**ledger.state_dict(), "version": 2, "window": [e[:4] for e in ledger.state_dict()["window"]]}
     before = trust.TrustLedger(4, trust.Thresholds(window=3))  # a version-2 state: no closest share, no twin gap
     before.load_state_dict(two)
@@ -724,6 +752,15 @@ def test_the_signals_survive_a_checkpoint_and_an_old_state_still_loads():
     before = trust.TrustLedger(4, trust.Thresholds(window=3))  # a version-3 state: no loss excess
     before.load_state_dict(three)
     assert before.window_table()[3]["twin"] is not None and before.window_table()[3]["loss_excess"] is None
+    state = ledger.state_dict()
+    four = {**state, "version": 4, "window": [e[:7] for e in state["window"]],
+            "window_sums": {**state["window_sums"], "signals": {k: v for k, v in state["window_sums"]["signals"].items()
+                                                                 if k != "loss_spread"}}}
+    before = trust.TrustLedger(4, trust.Thresholds(window=3))  # a version-4 state: no loss spread
+    before.load_state_dict(four)
+    assert before.window_table()[3]["loss_excess"] == pytest.approx(3.0)
+    assert before.window_table()[3]["loss_spread"] is None and before.window_table()[3]["loss_z"] is None
+    assert saved.window_table()[3]["loss_spread"] == 0.0 and saved.window_table()[3]["loss_z"] is None  # all equal
 
 
 def test_a_resumed_ledger_goes_on_with_the_same_bits():
@@ -858,6 +895,8 @@ def test_a_label_flipped_rank_is_named_by_its_loss_and_no_honest_rank_is(tmp_pat
     assert all(suspects.extreme(record, r, "loss_excess") < threshold / 2 for r in range(3))
     loss_only = trust.Thresholds(min_alignment=None, max_distance=None, max_loss_excess=threshold)
     assert suspects.named_at(record, 3, loss_only) == trust.CALIBRATION_WINDOW  # at the first full window
+    assert suspects.extreme(record, 3, "loss_z") > 2 * trust.LOSS_Z  # through the gate by far
+    assert all(suspects.extreme(record, r, "loss_z") < trust.LOSS_Z for r in range(3))
     assert [suspects.named_at(record, r, trust.defaults(rule)) for r in range(3)] == [None] * 3
 
 

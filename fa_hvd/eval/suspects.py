@@ -49,9 +49,17 @@ FIGURES = {"weight": ("weight", "min_weight", -1), "nonfinite": ("nonfinite", "m
            "alignment_gap": ("alignment_gap", "min_alignment", -1), "distance": ("distance", "min_distance", -1),
            "distance_far": ("distance", "max_distance", 1), "alignment": ("alignment", None, -1),
            "closest": ("closest", "max_closest", 1), "twin": ("twin", "min_twin", -1),
-           "loss_excess": ("loss_excess", "max_loss_excess", 1)}
+           "loss_excess": ("loss_excess", None, 1), "loss_z": ("loss_z", None, 1),
+           "loss_excess_gated": ("loss_excess_gated", "max_loss_excess", 1)}
 """Record -> (the window figure of :meth:`TrustLedger.window_table` it follows, its threshold in :class:`Thresholds`
-(None: recorded, not judged), the suspect direction: -1 below, +1 above)."""
+(None: recorded, not judged), the suspect direction: -1 below, +1 above). ``loss_excess_gated`` is the loss excess
+of the windows whose loss z passes :data:`~fa_hvd.train.trust.LOSS_Z` (:meth:`Thresholds.judged_loss_excess`), so
+the gate is the measured rules' and fixed in the records; its threshold is calibrated on ``loss_excess`` alone
+(:data:`CALIBRATED_ON`: the gate is set, not measured)."""
+CALIBRATED_ON = {"loss_excess_gated": "loss_excess"}
+"""Records whose threshold :func:`calibrate` sets from another record's honest extremes."""
+GATE = Thresholds()
+"""The loss z gate of the records (:data:`fa_hvd.train.trust.LOSS_Z`, every measured rule's)."""
 THRESHOLDS = [name for _, name, _ in FIGURES.values() if name is not None]
 """The :class:`Thresholds` fields the sweep judges, in :data:`FIGURES` order."""
 BAR_SPLITS = ("iid", "dirichlet0.5")  # the standing grid's splits (configs/eval/standing.yaml): calibrated and judged
@@ -74,6 +82,7 @@ class _Recorder:
         if self.ledger.steps < self.ledger.thresholds.window:
             return
         for r, row in enumerate(self.ledger.window_table()):
+            row["loss_excess_gated"] = GATE.judged_loss_excess(row)
             for key, (figure, _, sign) in FIGURES.items():
                 value, mine = row[figure], self.records[key][r]
                 if value is None:
@@ -126,17 +135,18 @@ def calibrate(cells: list[dict], margin: float) -> dict:
     window's steps bounded by 1, as ``1 - (1 - share) / margin`` (its complement, the steps at which the honest
     rank was not the closest, divided by the margin, as the figures that fall towards 0 are; an honest share of
     1: None, not judged). The non-finite fraction is kept: no honest row is ever non-finite. Per threshold:
-    ``(honest extreme, threshold)``."""
+    ``(honest extreme, threshold)``; a record of :data:`CALIBRATED_ON` from the other record's extremes."""
     out = {}
     for key, (_, name, sign) in FIGURES.items():
-        values = [v for c in cells for r in honest(c) if (v := extreme(c, r, key)) is not None]
+        source = CALIBRATED_ON.get(key, key)
+        values = [v for c in cells for r in honest(c) if (v := extreme(c, r, source)) is not None]
         if name in (None, "max_nonfinite") or not values:
             continue
         most = min(values) if sign < 0 else max(values)
         if key == "closest":  # a share, at most 1: the margin shrinks its complement (the steps it was not closest)
             beyond = 1 - (1 - most) / margin
         else:
-            beyond = most * margin if key in ("alignment_gap", "distance_far", "loss_excess") else most / margin
+            beyond = most * margin if key in ("alignment_gap", "distance_far", "loss_excess_gated") else most / margin
         threshold = (math.floor if sign < 0 else math.ceil)(round(beyond * 100, 6)) / 100
         out[name] = (most, None if key == "closest" and threshold >= 1 else threshold)  # a share of 1 names no one
     return out
@@ -295,7 +305,8 @@ def extremes(cells: list[dict]) -> str:
     groups = ("calibration", "held-out", "stress", "attacked")
     lines = ["| figure | rule | split | " + " | ".join(f"honest, {g}" for g in groups)
              + " | Byzantine, attacked: median / least suspect |", "|---" * 8 + "|"]
-    for key in ("weight", "alignment", "alignment_gap", "distance", "distance_far", "closest", "twin", "loss_excess"):
+    for key in ("weight", "alignment", "alignment_gap", "distance", "distance_far", "closest", "twin", "loss_excess",
+                "loss_z", "loss_excess_gated"):
         sign = FIGURES[key][2]
         for rule in sorted({c["rule"] for c in cells}):
             for split in dict.fromkeys(c["split"] for c in cells):
@@ -340,8 +351,8 @@ def report(cells: list[dict], margin: float) -> str:
             + "\n## Detected attacked cells per fault\n\n" + breakdown(cells, "fault")
             + "\n## Detected attacked cells per shape\n\n" + breakdown(cells, "shape")
             + "\n## Most suspect window figures (weight, alignment (not judged), alignment gap, distance, twin: "
-              "lowest; distance_far: the distance's highest; closest: the highest share; loss_excess: the "
-              "highest)\n\n"
+              "lowest; distance_far: the distance's highest; closest: the highest share; loss_excess, loss_z and "
+              "loss_excess_gated (the excess where the loss z is at least the gate): the highest)\n\n"
             + extremes(cells))
 
 

@@ -286,6 +286,8 @@ class SuspectsConfig:
     min_twin: Union[float, Literal["rule"], None] = RULE  # or mean gap to the nearest other rank's place below this
     max_loss_excess: Union[float, Literal["rule"], None] = RULE  # or mean batch loss minus the median rank's
     #                                                              above this (nats)
+    min_loss_z: Union[float, Literal["rule"], None] = RULE  # ... where that excess is at least this many times
+    #                                                         the ranks' spread of losses (null: at any spread)
 
     def thresholds(self, rule: str | None, window: int | None = None, iid: bool = False) -> trust.Thresholds:
         """The thresholds for a run of ``rule`` (None: the defaults of a rule not measured) over ``window``
@@ -297,9 +299,10 @@ class SuspectsConfig:
     def evicting(self, rule: str | None, evict: "EvictConfig", iid: bool = False) -> trust.Thresholds:
         """``robust.evict``'s thresholds: these over its window, its threshold the weight's. The loss excess
         evicts only where set here by number: its measured default names suspects but drains no host,
-        because an attack that slows training lifts honest ranks' losses past it (ALIE mu - sigma, z = 1:
-        an honest rank named in 50 of FA's 54 cells, before any attacker in 22;
-        ``docs/results/suspects/README.md``), and draining their hosts would hand the attackers a larger share."""
+        because an attack that slows training lifts honest ranks' losses past it in nats (ALIE mu - sigma,
+        z = 1: an honest rank named in 50 of FA's 54 cells, before any attacker in 22), and draining their
+        hosts would hand the attackers a larger share. The loss z gate spares all but one of them on that
+        sweep (``min_loss_z``; ``docs/results/suspects/README.md``); eviction waits for more attacks measured."""
         chosen = self.thresholds(rule, window=evict.window, iid=iid)
         loss_excess = chosen.max_loss_excess if self.max_loss_excess != RULE else None
         return dataclasses.replace(chosen, min_weight=evict.threshold, max_loss_excess=loss_excess)

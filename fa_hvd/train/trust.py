@@ -69,7 +69,12 @@ One more needs no rule at all, so every rule has it (the coordinate-wise ones in
   the others' falls (``max_loss_excess``, measured like the others). It names what a rank's data does to its own
   loss, not a rank that lies: a Byzantine rank can report any loss. Reported losses move the median no further than
   the honest ranks' range while fewer than half the ranks lie, so an honest rank's excess is at most its loss
-  minus the lowest honest rank's.
+  minus the lowest honest rank's. Nats grow with the loss's level: an attack that slows training (ALIE
+  ``mu - sigma``) lifts every rank's loss and the gaps between shards with it, past the threshold measured
+  without attack. So the excess names a rank only where it also stands out from the ranks' spread: its
+  *loss z* (:func:`loss_spread`), the window mean of the excess over the window mean of the ranks' median
+  absolute deviation from the median loss, is at least ``min_loss_z`` (:data:`LOSS_Z`). f ranks that report
+  losses at the median shrink that spread to the (ceil(p/2) - f)-th smallest honest deviation.
 
 All are means over the window's steps that reported them, judged only when at least half
 of the window's steps did; their thresholds are measured on 100-step windows
@@ -80,7 +85,8 @@ non-finite rows (:func:`defaults`); a threshold set by number is judged at any w
 A rank becomes a *suspect* once, over a full window, its mean relative weight is
 below ``min_weight``, its alignment gap below ``min_alignment``, its mean distance
 below ``min_distance`` or above ``max_distance``, its closest share above ``max_closest`` or its twin gap
-below ``min_twin`` (rules that report weights), or its loss excess above ``max_loss_excess`` or its row
+below ``min_twin`` (rules that report weights), or its loss excess above ``max_loss_excess`` (with a loss z of at
+least ``min_loss_z``) or its row
 non-finite in more than ``max_nonfinite`` of the window's steps (every robust rule). It is named
 once, at the step it crosses. Coordinate-wise rules (median, trimmed mean, Bulyan) and
 cclip report no weights: they can name only non-finite rows and losses. The default thresholds are per rule
@@ -142,6 +148,14 @@ is 1000x the median rank's (30x in norm) is grossly off: noise, a scaled or bit-
 threshold measured on short runs names honest ranks of long ones, and ``robust.evict`` would drain their hosts."""
 
 
+LOSS_Z = 12.0
+"""The measured rules' ``min_loss_z``: set, not measured, before the sweeps that judge it (2026-12-08), from 90 FA
+runs of seeds 100-102 (p/f 15/3, 8/1, 7/2; IID and Dirichlet(0.5); 300 steps): honest ranks' highest 100-step
+loss z 14.6 without attack and 8.0 under ALIE ``mu - sigma`` (z = 1), where their excess in nats was up to 13 (and
+1,100 in a run that diverged); label-flipped ranks 23 or more. A gate, not a threshold of its own: the measured
+``max_loss_excess`` still decides, so it can only spare ranks that the excess in nats would have named."""
+
+
 @dataclass(frozen=True)
 class Thresholds:
     """When a rank becomes a suspect (see the module docstring); measured on 100-step windows. These class
@@ -159,6 +173,7 @@ class Thresholds:
     max_closest: float | None = None  # the closest rank to the others' aggregate in more of the window's steps
     min_twin: float | None = None  # window mean gap to the nearest other rank's place below this; None: not judged
     max_loss_excess: float | None = 1.14  # window mean of the rank's loss minus the median rank's above this
+    min_loss_z: float | None = LOSS_Z  # ... judged only where the rank's loss z is at least this; None: always
 
     def check(self, where: str) -> None:
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
@@ -179,6 +194,16 @@ class Thresholds:
             raise ValueError(f"{where}.min_twin: must be > 0 or null, got {self.min_twin!r}")
         if self.max_loss_excess is not None and not self.max_loss_excess > 0:
             raise ValueError(f"{where}.max_loss_excess: must be > 0 or null, got {self.max_loss_excess!r}")
+        if self.min_loss_z is not None and not self.min_loss_z > 0:
+            raise ValueError(f"{where}.min_loss_z: must be > 0 or null, got {self.min_loss_z!r}")
+
+    def judged_loss_excess(self, row: dict) -> float | None:
+        """The window's loss excess of ``row`` (:meth:`TrustLedger.window_table`) where its loss z passes
+        ``min_loss_z`` (None where it does not: a loss above the median's that the ranks' spread explains)."""
+        excess, z = row["loss_excess"], row["loss_z"]
+        if excess is None or (self.min_loss_z is not None and (z is None or z < self.min_loss_z)):
+            return None
+        return excess
 
 
 TWIN_GAP = 1e-6
@@ -190,10 +215,11 @@ name honest ranks of a large model."""
 
 def _measured(min_weight: float, min_alignment: float, max_closest: float, max_loss_excess: float) -> Thresholds:
     """A measured rule's thresholds: the four figures the calibration sets, beside the ones set, not measured
-    (``max_distance`` :data:`GROSS_DISTANCE`, ``min_twin`` :data:`TWIN_GAP`, ``min_distance`` off)."""
+    (``max_distance`` :data:`GROSS_DISTANCE`, ``min_twin`` :data:`TWIN_GAP`, ``min_loss_z`` :data:`LOSS_Z`,
+    ``min_distance`` off)."""
     return Thresholds(min_weight=min_weight, min_alignment=min_alignment, min_distance=None,
                       max_distance=GROSS_DISTANCE, max_closest=max_closest, min_twin=TWIN_GAP,
-                      max_loss_excess=max_loss_excess)
+                      max_loss_excess=max_loss_excess, min_loss_z=LOSS_Z)
 
 
 DEFAULTS: dict[str, Thresholds] = {
@@ -312,7 +338,8 @@ class _Ranges:
 
 
 TIE = 1e-9  # relative: distances this close to the least are ties (the same row, up to rounding)
-SIGNALS = ("alignment", "distance", "closest", "twin", "loss_excess")  # per-rank figures beside the weights
+SIGNALS = ("alignment", "distance", "closest", "twin", "loss_excess", "loss_spread")  # per-rank figures beside
+#                                                                                      the weights
 #                                                                      (None: a step has none)
 
 
@@ -333,6 +360,21 @@ def loss_excess(p: int, losses) -> list | None:
         return None
     middle = statistics.median(finite)
     return [float(v) - middle if v is not None and math.isfinite(v) else None for v in losses]
+
+
+def loss_spread(p: int, losses) -> list | None:
+    """The ranks' spread of batch losses at this step: the median of ``|loss_j - m|`` over the finite losses, ``m``
+    their median (the median absolute deviation), given to each rank with a finite loss (None for the others; None
+    where the step passed no losses or none is finite). :meth:`TrustLedger.window_table`'s ``loss_z`` is a rank's
+    window mean :func:`loss_excess` over its window mean spread: how far its loss stands out, at any loss level."""
+    if losses is None or len(losses) != p:
+        return None
+    finite = [float(v) for v in losses if v is not None and math.isfinite(v)]
+    if not finite:
+        return None
+    middle = statistics.median(finite)
+    spread = statistics.median(abs(v - middle) for v in finite)
+    return [spread if v is not None and math.isfinite(v) else None for v in losses]
 
 
 def loo_distances(p: int, diagnostics: dict) -> list | None:
@@ -453,7 +495,7 @@ class TrustLedger:
         weights = relative_weights(p, diagnostics)
         distances = loo_distances(p, diagnostics)
         signals = [_signal(p, diagnostics, "alignment"), distances, closest(distances), twins(p, diagnostics),
-                   loss_excess(p, losses)]
+                   loss_excess(p, losses), loss_spread(p, losses)]
         nonfinite = {r for r in diagnostics.get("nonfinite", ()) if 0 <= r < p}
         dropped = {r for r in diagnostics.get("dropped", ()) if 0 <= r < p} | nonfinite
         self.steps += 1
@@ -509,8 +551,9 @@ class TrustLedger:
 
     def window_table(self) -> list[dict]:
         """Per rank, the figures judged over the window: ``weight``, ``nonfinite`` (:meth:`window_figures`),
-        the :data:`SIGNALS` (:meth:`window_signals`) and ``alignment_gap``, the rank's alignment
-        minus the median of the ranks' that have one (None without). O(p log p)."""
+        the :data:`SIGNALS` (:meth:`window_signals`), ``alignment_gap``, the rank's alignment
+        minus the median of the ranks' that have one (None without), and ``loss_z``, its loss excess over its
+        loss spread (None without either, or with a spread of 0). O(p log p)."""
         rows = []
         for r in range(self.p):
             weight, nonfinite = self.window_figures(r)
@@ -519,6 +562,8 @@ class TrustLedger:
         middle = statistics.median(known) if known else None
         for row in rows:
             row["alignment_gap"] = None if row["alignment"] is None else row["alignment"] - middle
+            excess, spread = row["loss_excess"], row["loss_spread"]
+            row["loss_z"] = excess / spread if excess is not None and spread else None
         return rows
 
     def _crossed(self, r: int, row: dict) -> dict | None:
@@ -543,17 +588,19 @@ class TrustLedger:
         if twin is not None and t.min_twin is not None and twin < t.min_twin:
             reasons.append(f"mean gap to the nearest other rank's place {twin:.4f} < {t.min_twin} over the last "
                            f"{t.window} steps (a copy of another rank's row)")
-        excess = row["loss_excess"]
+        excess, z = t.judged_loss_excess(row), row["loss_z"]
         if excess is not None and t.max_loss_excess is not None and excess > t.max_loss_excess:
-            reasons.append(f"mean batch loss {excess:.3f} above the median rank's (more than {t.max_loss_excess}) "
-                           f"over the last {t.window} steps (its data trains another loss)")
+            spreads = f", {z:.1f} times the ranks' spread," if z is not None else ""
+            reasons.append(f"mean batch loss {excess:.3f} above the median rank's (more than {t.max_loss_excess})"
+                           f"{spreads} over the last {t.window} steps (its data trains another loss)")
         if nonfinite > t.max_nonfinite:
             reasons.append(f"non-finite in {nonfinite:.0%} > {t.max_nonfinite:.0%} of the last {t.window} steps")
         if not reasons:
             return None
         return {"reason": "; ".join(reasons), "window": t.window, "window_weight": weight,
                 "window_alignment": row["alignment"], "window_alignment_gap": gap, "window_distance": distance,
-                "window_closest": closest_share, "window_twin": twin, "window_loss_excess": excess,
+                "window_closest": closest_share, "window_twin": twin, "window_loss_excess": row["loss_excess"],
+                "window_loss_z": z,
                 "window_nonfinite": nonfinite,
                 "dropped_steps": self._dropped[r].count,
                 "nonfinite_steps": self._nonfinite[r].count}
@@ -569,7 +616,7 @@ class TrustLedger:
             ranks.append({"rank": r, **self.identities[r], "run_weight": self.run_weight(r),
                           "window_weight": row["weight"], "window_nonfinite": row["nonfinite"],
                           **{f"run_{key}": self._run[key].mean(r) for key in SIGNALS},
-                          **{f"window_{key}": row[key] for key in (*SIGNALS, "alignment_gap")},
+                          **{f"window_{key}": row[key] for key in (*SIGNALS, "alignment_gap", "loss_z")},
                           "dropped_steps": self._dropped[r].count, "dropped": self._dropped[r].ranges[:MAX_RANGES],
                           "nonfinite_steps": self._nonfinite[r].count,
                           "nonfinite": self._nonfinite[r].ranges[:MAX_RANGES]})
@@ -580,12 +627,13 @@ class TrustLedger:
         """What a checkpoint keeps, so that a resumed run goes on with the same figures and names no one twice.
 
         Version 2 adds the signals: each window entry ``[weights, nonfinite, alignment, distance]`` and
-        ``run_signals``; version 3 appends ``closest`` and ``twin``, version 4 ``loss_excess`` (:data:`SIGNALS`) to
+        ``run_signals``; version 3 appends ``closest`` and ``twin``, version 4 ``loss_excess``, version 5
+        ``loss_spread`` (:data:`SIGNALS`) to
         each and keeps the window's running sums (``window_sums``: summed again from the entries, they could
         differ in the last bit from those kept step by step, and a figure at its threshold would name a rank at
         another step after a resume). An earlier state loads with no figures for the signals it lacks.
         ``earlier`` (:meth:`carry`) may be absent: none."""
-        return {"version": 4, "p": self.p, "steps": self.steps, "weight_sum": list(self._weight_sum),
+        return {"version": 5, "p": self.p, "steps": self.steps, "weight_sum": list(self._weight_sum),
                 "weight_steps": self._weight_steps,
                 "run_signals": {key: [m.sums, m.counts] for key, m in self._run.items()},
                 "window": [[w, sorted(bad), *signals] for w, bad, *signals in self._window],
@@ -598,8 +646,8 @@ class TrustLedger:
         if state["p"] != self.p:
             raise ValueError(f"trust state of {state['p']} ranks, this world has {self.p}")
         version = state.get("version", 1)
-        if version not in (1, 2, 3, 4):
-            raise ValueError(f"trust state version {version!r}: this fa_hvd reads versions 1 to 4")
+        if version not in (1, 2, 3, 4, 5):
+            raise ValueError(f"trust state version {version!r}: this fa_hvd reads versions 1 to 5")
         self.steps, self._weight_steps = int(state["steps"]), int(state["weight_steps"])
         self._weight_sum = [float(w) for w in state["weight_sum"]]
         run = state.get("run_signals", {})
