@@ -155,6 +155,13 @@ def test_the_trainer_judges_iid_shards_by_the_iid_defaults(tmp_path, alpha):
         assert evicting == dataclasses.replace(measured, max_loss_excess=0.9, min_weight=0.2)
 
 
+@pytest.mark.parametrize("value, expected", [("rule", trust.LOSS_Z), (None, None), (5, 5.0)])
+def test_the_loss_z_gate_is_the_measured_rules_unless_the_config_sets_it(value, expected):
+    conf, _ = train_config.parse({"log": {"suspects": {"min_loss_z": value}}})
+    for rule in ("flag", "median"):
+        assert conf.log.suspects.thresholds(rule).min_loss_z == expected
+
+
 def test_the_measured_loss_excess_names_suspects_but_evicts_no_one(tmp_path):
     """An attack that slows training lifts honest ranks' losses past the measured loss excess (the README,
     "Eviction"): robust.evict judges it only where log.suspects sets it by number (the test above)."""

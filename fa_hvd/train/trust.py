@@ -74,7 +74,7 @@ One more needs no rule at all, so every rule has it (the coordinate-wise ones in
   without attack. So the excess names a rank only where it also stands out from the ranks' spread: its
   *loss z* (:func:`loss_spread`), the window mean of the excess over the window mean of the ranks' median
   absolute deviation from the median loss, is at least ``min_loss_z`` (:data:`LOSS_Z`). f ranks that report
-  losses at the median shrink that spread to the (ceil(p/2) - f)-th smallest honest deviation.
+  losses at the median shrink that spread to about the (ceil(p/2) - f)-th smallest honest deviation.
 
 All are means over the window's steps that reported them, judged only when at least half
 of the window's steps did; their thresholds are measured on 100-step windows
