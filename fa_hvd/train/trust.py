@@ -153,7 +153,9 @@ LOSS_Z = 12.0
 runs of seeds 100-102 (p/f 15/3, 8/1, 7/2; IID and Dirichlet(0.5); 300 steps): honest ranks' highest 100-step
 loss z 14.6 without attack and 8.0 under ALIE ``mu - sigma`` (z = 1), where their excess in nats was up to 13 (and
 1,100 in a run that diverged); label-flipped ranks 23 or more. A gate, not a threshold of its own: the measured
-``max_loss_excess`` still decides, so it can only spare ranks that the excess in nats would have named."""
+``max_loss_excess`` still decides, so it can only spare ranks that the excess in nats would have named. On the
+sweeps (``docs/results/suspects/``): honest ranks under ALIE z = 1 reach 11.0 (FA), 10.7 (geomed), 14.0
+(Multi-Krum, one rank named); label-flipped ranks 36 or more; three FA sign flips at 5.5 to 11.6 are spared."""
 
 
 @dataclass(frozen=True)
