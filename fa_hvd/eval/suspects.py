@@ -6,11 +6,13 @@ Runs each cell of one or more grids in the simulation engine (:func:`fa_hvd.eval
 with a :class:`~fa_hvd.train.trust.TrustLedger` fed every step's diagnostics and batch losses, and records, per
 rank and per judged figure (:data:`FIGURES`: the window's mean relative weight, non-finite
 fraction, alignment gap, distance to the others' aggregate both ways, share of steps as the rank closest to
-the others' aggregate, gap to the nearest other rank's place, and loss excess), every step at which the
+the others' aggregate, gap to the nearest other rank's place, and loss excess, as is and gated by the loss z,
+beside the loss z itself), every step at which the
 figure, rounded to :data:`DIGITS` decimals, reached a new extreme in the suspect direction (a running
 minimum, or maximum for the non-finite fraction, the "too far" distance, the closest share and the loss excess). From
 these *records* the step at which any threshold (of at most :data:`DIGITS` decimals) would have named the
-rank is exact (:func:`named_at`), so one sweep judges every threshold. ``OUT/results.jsonl`` holds one
+rank is exact (:func:`named_at`), so one sweep judges every threshold (but the loss z gate, which the records
+fix at the measured rules' :data:`~fa_hvd.train.trust.LOSS_Z`). ``OUT/results.jsonl`` holds one
 line per cell (cells already there are skipped); ``OUT/table.md`` is the report:
 
 * per rule, the thresholds set from the honest ranks of its *calibration* cells (no attack, seeds below

@@ -88,6 +88,5 @@ __all__ = [
     "ATTACKS", "DATA_KINDS", "GRADIENT_KINDS", "KINDS", "OMNISCIENT_KINDS", "PROCESS_KINDS", "ROLE_KINDS",
     "SHARDED_ROLE_KINDS", "FaultInjector", "FaultSpec", "HonestView", "PoisonedDataset", "RoleLies",
     "alie_z", "allow_exceeding_f_from_env", "cat_map", "check_faults", "faults_from_env", "fault_seed_from_env",
-    "label_flip",
-    "lotka_volterra", "parse_faults", "poison_for_rank",
+    "label_flip", "lotka_volterra", "parse_faults", "poison_for_rank",
 ]

@@ -170,7 +170,7 @@ def check_faults(entries, f: int | None = None, allow_exceeding_f: bool = False)
         raise ValueError(f"faults must be a list of mappings, got {type(entries).__name__}")
     specs = [_parse_entry(i, entry, None, None) for i, entry in enumerate(entries)]
     if not allow_exceeding_f:
-        _check_f(specs, f, allow_exceeding_f)
+        _check_f(specs, f, allow_exceeding_f=False)
 
 
 def _parse_entry(i: int, entry, world_size: int | None, rank_hosts: list[str] | None) -> FaultSpec:
