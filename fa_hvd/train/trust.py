@@ -340,9 +340,8 @@ class _Ranges:
 
 
 TIE = 1e-9  # relative: distances this close to the least are ties (the same row, up to rounding)
-SIGNALS = ("alignment", "distance", "closest", "twin", "loss_excess", "loss_spread")  # per-rank figures beside
-#                                                                                      the weights
-#                                                                      (None: a step has none)
+# Per-rank figures beside the weights (None: a step has none).
+SIGNALS = ("alignment", "distance", "closest", "twin", "loss_excess", "loss_spread")
 
 
 def _signal(p: int, diagnostics: dict, key: str) -> list | None:
