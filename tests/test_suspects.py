@@ -703,8 +703,9 @@ def test_a_rank_whose_loss_stays_above_the_median_is_named_without_weights():
 
 
 def test_the_loss_spread_is_the_median_absolute_deviation_of_the_finite_losses():
-    assert trust.loss_spread(5, [1.0, float("nan"), 3.0, 2.5, 2.0]) == [0.5, None, 0.5, 0.5, 0.5]  # median 2.25
-    assert trust.loss_spread(2, [float("inf"), None]) is None and trust.loss_spread(3, [1.0, 2.0]) is None
+    excess = trust.loss_excess(5, [1.0, float("nan"), 3.0, 2.5, 2.0])  # median 2.25
+    assert trust.loss_spread(excess) == [0.5, None, 0.5, 0.5, 0.5]
+    assert trust.loss_spread(trust.loss_excess(2, [float("inf"), None])) is None and trust.loss_spread(None) is None
 
 
 def test_a_loss_excess_that_the_ranks_spread_explains_names_no_one():

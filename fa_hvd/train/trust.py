@@ -363,19 +363,15 @@ def loss_excess(p: int, losses) -> list | None:
     return [float(v) - middle if v is not None and math.isfinite(v) else None for v in losses]
 
 
-def loss_spread(p: int, losses) -> list | None:
-    """The ranks' spread of batch losses at this step: the median of ``|loss_j - m|`` over the finite losses, ``m``
-    their median (the median absolute deviation), given to each rank with a finite loss (None for the others; None
-    where the step passed no losses or none is finite). :meth:`TrustLedger.window_table`'s ``loss_z`` is a rank's
-    window mean :func:`loss_excess` over its window mean spread: how far its loss stands out, at any loss level."""
-    if losses is None or len(losses) != p:
+def loss_spread(excess: list | None) -> list | None:
+    """The ranks' spread of batch losses at a step, from its :func:`loss_excess`: the median of ``|loss_j - m|``
+    over the finite losses, ``m`` their median (the median absolute deviation), given to each rank with a finite
+    loss (None for the others; None where the step has no excess). :meth:`TrustLedger.window_table`'s ``loss_z``
+    is a rank's window mean excess over its window mean spread: how far its loss stands out, at any loss level."""
+    if excess is None:
         return None
-    finite = [float(v) for v in losses if v is not None and math.isfinite(v)]
-    if not finite:
-        return None
-    middle = statistics.median(finite)
-    spread = statistics.median(abs(v - middle) for v in finite)
-    return [spread if v is not None and math.isfinite(v) else None for v in losses]
+    spread = statistics.median(abs(e) for e in excess if e is not None)
+    return [spread if e is not None else None for e in excess]
 
 
 def loo_distances(p: int, diagnostics: dict) -> list | None:
@@ -495,8 +491,9 @@ class TrustLedger:
         p = self.p
         weights = relative_weights(p, diagnostics)
         distances = loo_distances(p, diagnostics)
+        excess = loss_excess(p, losses)
         signals = [_signal(p, diagnostics, "alignment"), distances, closest(distances), twins(p, diagnostics),
-                   loss_excess(p, losses), loss_spread(p, losses)]
+                   excess, loss_spread(excess)]
         nonfinite = {r for r in diagnostics.get("nonfinite", ()) if 0 <= r < p}
         dropped = {r for r in diagnostics.get("dropped", ()) if 0 <= r < p} | nonfinite
         self.steps += 1
