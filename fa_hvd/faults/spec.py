@@ -151,9 +151,7 @@ def parse_faults(entries, world_size: int, f: int | None = None,
     """
     if entries is None:
         return []
-    if not isinstance(entries, list):
-        raise ValueError(f"faults must be a list of mappings, got {type(entries).__name__}")
-    specs = [_parse_entry(i, entry, world_size, rank_hosts) for i, entry in enumerate(entries)]
+    specs = _parse_entries(entries, world_size, rank_hosts)
     specs = [_resolve(i, spec, specs, world_size) for i, spec in enumerate(specs)]
     _check_f(specs, f, allow_exceeding_f)
     return specs
@@ -166,11 +164,15 @@ def check_faults(entries, f: int | None = None, allow_exceeding_f: bool = False)
 
     For a caller that must refuse bad faults before the ranks meet (``fa_hvd.wrap``).
     """
-    if not isinstance(entries, list):
-        raise ValueError(f"faults must be a list of mappings, got {type(entries).__name__}")
-    specs = [_parse_entry(i, entry, None, None) for i, entry in enumerate(entries)]
+    specs = _parse_entries(entries, None, None)
     if not allow_exceeding_f:
         _check_f(specs, f, allow_exceeding_f=False)
+
+
+def _parse_entries(entries, world_size: int | None, rank_hosts: list[str] | None) -> list[FaultSpec]:
+    if not isinstance(entries, list):
+        raise ValueError(f"faults must be a list of mappings, got {type(entries).__name__}")
+    return [_parse_entry(i, entry, world_size, rank_hosts) for i, entry in enumerate(entries)]
 
 
 def _parse_entry(i: int, entry, world_size: int | None, rank_hosts: list[str] | None) -> FaultSpec:
